@@ -1,0 +1,120 @@
+"""The server's lifecycle, top to bottom: load models, serve, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from .config import ServerConfig
+from .frontend.servicer import InferenceServicer
+from .metrics import Metrics
+from .pb import grpc_service_pb2 as pb
+from .pb import grpc_service_pb2_grpc as pb_grpc
+from .pb._pool import POOL
+from .repository.manager import ModelRepository
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class ConvoyServer:
+    """Owns the gRPC server, the model repository and the metrics endpoint."""
+
+    def __init__(self, config: ServerConfig, repository_root: Path) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.repository = ModelRepository(repository_root, self.metrics)
+        self.servicer = InferenceServicer(self.repository)
+        self.health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: object | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        cfg = self.config
+        await self.repository.load_all()
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail loudly
+        ]
+        self._grpc = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        if cfg.reflection:
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, reflection.SERVICE_NAME], self._grpc, pool=POOL
+            )
+        self.grpc_port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
+        await self._grpc.start()
+        self._start_metrics()
+        self.servicer.accepting = True
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "convoy serving gRPC on %s:%d, metrics on port %s, models %s",
+            cfg.host,
+            self.grpc_port,
+            self.metrics_port if self.metrics_port else "off",
+            [m.spec.name for m in self.repository.ready_models()],
+        )
+
+    def _start_metrics(self) -> None:
+        if self.config.metrics_port < 0:
+            return
+        httpd, _thread = start_http_server(
+            self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
+        )
+        self._metrics_http = httpd
+        self.metrics_port = httpd.server_port
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, finish what is in flight, then release everything."""
+        self.servicer.accepting = False
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.grace_period_s)
+        await self.repository.close()
+        if self._metrics_http is not None:
+            httpd = self._metrics_http
+            await asyncio.to_thread(httpd.shutdown)  # type: ignore[attr-defined]
+            httpd.server_close()  # type: ignore[attr-defined]
+        log.info("convoy stopped")
+
+
+async def serve(config: ServerConfig, repository_root: Path) -> None:
+    """Run until SIGTERM or SIGINT, then drain within config.grace_period_s."""
+    server = ConvoyServer(config, repository_root)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+        log.info("signal received: draining for up to %.1f s", config.grace_period_s)
+    finally:
+        await server.stop()
+
+
+def run(config: ServerConfig) -> None:
+    """Blocking entry point: resolve the repository, then serve on uvloop."""
+    import uvloop
+
+    root = config.model_repository
+    if root is None:
+        from .repository.examples import default_examples_dir, ensure_examples
+
+        root = ensure_examples(default_examples_dir())
+    uvloop.run(serve(config, root))

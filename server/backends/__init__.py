@@ -1,0 +1,5 @@
+"""Runtimes behind one small protocol: load a model, run a batch, close."""
+
+from .base import Backend, BackendSignature, load_backend, probe_signature
+
+__all__ = ["Backend", "BackendSignature", "load_backend", "probe_signature"]

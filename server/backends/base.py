@@ -1,0 +1,98 @@
+"""The Backend protocol and the factory that picks a runtime for a model.
+
+A backend instance belongs to exactly one model instance and is only ever
+called from that instance's thread, so implementations need no locking.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..config import ModelSpec, TensorSpec
+from ..errors import ConfigError
+
+Array = npt.NDArray[np.generic]
+
+
+@dataclass(frozen=True)
+class BackendSignature:
+    """Inputs and outputs as the model file declares them (dims include any batch dim)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch_dim_dynamic: bool
+
+
+class Backend(Protocol):
+    device: str  # "cpu" or "cuda:N": the label on metrics
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        """Run one batch; blocking, called on the instance's own thread."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def default_threads(instances: int) -> int:
+    """Intra-op threads per instance so that all instances together fill the cores once."""
+    return max(1, (os.cpu_count() or 1) // max(1, instances))
+
+
+def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -> Backend:
+    """Construct the runtime for `spec` on `device`; blocking (run it off the event loop)."""
+    if not model_path.exists():
+        raise ConfigError(str(model_path), "default_model_filename", "model file not found")
+    backend: Backend
+    if spec.backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(model_path, device, _threads(spec, threads))
+    elif spec.backend == "pytorch":
+        from .pytorch import TorchScriptBackend
+
+        backend = TorchScriptBackend(model_path, device, spec)
+    elif spec.backend == "tensorrt":
+        try:
+            from .tensorrt import TensorRTBackend
+        except ImportError as exc:
+            raise ConfigError(
+                str(model_path), "backend", f"TensorRT is not available here ({exc})"
+            ) from None
+        backend = TensorRTBackend(model_path, device, spec)
+    else:
+        raise ConfigError(str(model_path), "backend", f"unsupported backend '{spec.backend}'")
+    if "tokenizer" in spec.parameters:
+        from .text import TokenizingBackend
+
+        backend = TokenizingBackend(backend, spec, model_path.parent)
+    return backend
+
+
+def probe_signature(backend_name: str, model_path: Path) -> BackendSignature | None:
+    """What the model file declares, for auto-completing a config; None if unknown."""
+    if backend_name == "onnxruntime" and model_path.exists():
+        from .onnxruntime import onnx_signature
+
+        return onnx_signature(model_path)
+    return None
+
+
+def _threads(spec: ModelSpec, fallback: int) -> int:
+    # Same parameter name as Triton's onnxruntime backend.
+    value = spec.parameters.get("intra_op_thread_count")
+    if value is None:
+        return fallback
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ConfigError(
+            spec.name, "parameters.intra_op_thread_count", f"'{value}' is not an integer"
+        ) from None
+    return threads if threads > 0 else fallback

@@ -1,0 +1,73 @@
+"""Tokenization in front of a text model, so clients can send strings.
+
+Configured in config.pbtxt `parameters`:
+  tokenizer             a tokenizer.json (Hugging Face `tokenizers`) in the version directory
+  tokenizer_max_length  truncation length (default 256)
+The model's single BYTES input is tokenized per batch, padded to the longest
+item, and fed to the runtime as input_ids / attention_mask (/ token_type_ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..config import ModelSpec
+from ..errors import ConfigError, InvalidInput
+from .base import Array, Backend
+
+
+class TokenizingBackend:
+    def __init__(self, inner: Backend, spec: ModelSpec, version_dir: Path) -> None:
+        self._inner = inner
+        self.device = inner.device
+        path = version_dir / spec.parameters["tokenizer"]
+        if not path.exists():
+            raise ConfigError(str(path), "parameters.tokenizer", "tokenizer file not found")
+        text_inputs = [t for t in spec.inputs if t.datatype == "BYTES"]
+        if len(text_inputs) != 1:
+            raise ConfigError(spec.name, "input", "a tokenized model needs exactly one BYTES input")
+        if text_inputs[0].dims not in ((1,), ()):
+            raise ConfigError(
+                spec.name, "input.dims", "the tokenized BYTES input must have dims [ 1 ]"
+            )
+        self._text_input = text_inputs[0].name
+        try:
+            max_length = int(spec.parameters.get("tokenizer_max_length", "256"))
+        except ValueError:
+            raise ConfigError(
+                spec.name, "parameters.tokenizer_max_length", "must be an integer"
+            ) from None
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer.enable_truncation(max_length=max_length)
+        self._tokenizer.enable_padding()
+        self._wants = set(getattr(inner, "input_names", ("input_ids", "attention_mask")))
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        texts = inputs[self._text_input]
+        try:
+            strings = [_text(t) for t in texts.reshape(-1)]
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"input '{self._text_input}': not UTF-8 text ({exc})") from None
+        encodings = self._tokenizer.encode_batch(strings)
+        feed: dict[str, Array] = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+        if "token_type_ids" in self._wants:
+            feed["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        return self._inner.run({k: v for k, v in feed.items() if k in self._wants}, output_names)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _text(item: object) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item).decode("utf-8")
+    raise InvalidInput(f"expected text, got {type(item).__name__}")

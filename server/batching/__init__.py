@@ -1,0 +1,1 @@
+"""Deciding what runs together and when. Knows nothing of gRPC or runtimes."""

@@ -1,0 +1,105 @@
+"""Command line: argument parsing -> ServerConfig -> run. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convoy",
+        description="Convoy: an inference server speaking Triton's KServe v2 gRPC protocol.",
+    )
+    parser.add_argument("--version", action="version", version=f"convoy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description="Serve the models of a Triton-style repository over gRPC, with "
+        "Prometheus metrics on a separate HTTP port. SIGTERM drains: new requests are "
+        "refused, those in flight finish within --grace-period.",
+    )
+    serve.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="directory of <model>/config.pbtxt and <model>/<version>/ folders; "
+        "omitted: build (once, cached) and serve the built-in example models",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    serve.add_argument(
+        "--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8002,
+        help="Prometheus /metrics HTTP port (default 8002; 0 picks a free one; -1 disables)",
+    )
+    serve.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may take to finish (default 30)",
+    )
+    serve.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=256,
+        help="largest gRPC message accepted or sent, in MiB (default 256)",
+    )
+    serve.add_argument(
+        "--no-reflection", action="store_true", help="turn gRPC server reflection off"
+    )
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    examples = commands.add_parser(
+        "build-examples",
+        help="write the built-in example repository to a directory",
+        description="Build the example models (MiniLM embedding, CNN classifier, tiny model) "
+        "into DIR, so they can be served with --model-repository DIR.",
+    )
+    examples.add_argument("directory", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "build-examples":
+        from .repository.examples import build_examples
+
+        build_examples(args.directory)
+        print(args.directory)
+        return 0
+
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = ServerConfig(
+        model_repository=args.model_repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        grace_period_s=args.grace_period,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        reflection=not args.no_reflection,
+    )
+    from .app import run
+
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Typed configuration: the server's own settings and each model's config.pbtxt.
+
+config.pbtxt is parsed with protobuf's text format into the Triton schema
+(protos/model_config.proto), then validated into frozen dataclasses that the
+rest of the server reads. Every validation error names the file and field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+
+from .errors import ConfigError
+from .pb import model_config_pb2 as mc
+from .tensors import CONFIG_TO_WIRE
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "config.pbtxt"
+
+# Triton's platform names and the backend each one means.
+PLATFORM_TO_BACKEND = {
+    "onnxruntime_onnx": "onnxruntime",
+    "pytorch_libtorch": "pytorch",
+    "tensorrt_plan": "tensorrt",
+}
+BACKEND_TO_PLATFORM = {backend: platform for platform, backend in PLATFORM_TO_BACKEND.items()}
+DEFAULT_MODEL_FILENAME = {
+    "onnxruntime": "model.onnx",
+    "pytorch": "model.pt",
+    "tensorrt": "model.plan",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one `convoy serve` process."""
+
+    model_repository: Path | None = None  # None: build and serve the built-in examples
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001  # 0: any free port (the log says which)
+    metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
+    grace_period_s: float = 30.0
+    max_message_bytes: int = 256 * 1024 * 1024
+    reflection: bool = True
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output, without the batch dimension."""
+
+    name: str
+    datatype: str  # wire datatype: FP32, BYTES, ...
+    dims: tuple[int, ...]  # -1 marks a variable dimension
+    optional: bool = False
+
+    def matches(self, shape: tuple[int, ...]) -> bool:
+        """Whether a concrete per-item shape fits these dims."""
+        return len(shape) == len(self.dims) and all(
+            d == -1 or d == s for d, s in zip(self.dims, shape, strict=True)
+        )
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    timeout_action: str = "REJECT"  # or "DELAY"
+    default_timeout_us: int = 0  # 0: no timeout
+    allow_timeout_override: bool = False
+    max_queue_size: int = 0  # 0: unbounded
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """config.pbtxt `dynamic_batching`."""
+
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    preserve_ordering: bool = False
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    default_queue_policy: QueuePolicy = QueuePolicy()
+    priority_queue_policies: dict[int, QueuePolicy] = field(default_factory=dict)
+
+    def policy_for(self, level: int) -> QueuePolicy:
+        return self.priority_queue_policies.get(level, self.default_queue_policy)
+
+
+@dataclass(frozen=True)
+class InstanceGroupSpec:
+    name: str
+    kind: str  # KIND_CPU, KIND_GPU, KIND_AUTO
+    count: int
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    kind: str = "latest"  # latest | all | specific
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of those present on disk, ascending."""
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-self.num_versions :] if ordered else []
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A validated model configuration."""
+
+    name: str
+    backend: str  # onnxruntime | pytorch | tensorrt
+    platform: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batching: BatchingConfig | None
+    instance_groups: tuple[InstanceGroupSpec, ...]
+    version_policy: VersionPolicy
+    default_model_filename: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def batched(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorSpec | None:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    def output(self, name: str) -> TensorSpec | None:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        return None
+
+
+def read_model_config(model_dir: Path) -> mc.ModelConfig:
+    """Parse <model_dir>/config.pbtxt; a missing file gives an empty config (auto-complete)."""
+    path = model_dir / CONFIG_FILENAME
+    config = mc.ModelConfig()
+    if path.exists():
+        try:
+            text_format.Parse(path.read_text(), config)
+        except text_format.ParseError as exc:
+            raise ConfigError(str(path), _parse_error_field(str(exc)), str(exc)) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(str(path), "<file>", f"not UTF-8 text: {exc}") from None
+    if not config.name:
+        config.name = model_dir.name
+    return config
+
+
+def _parse_error_field(message: str) -> str:
+    # protobuf's message reads: '3:5 : Message type "inference.ModelConfig" has no field named "x".'
+    if "field named" in message:
+        return message.rsplit("field named", 1)[1].strip(' ".')
+    return message.split(" ", 1)[0]
+
+
+def infer_backend(config: mc.ModelConfig, version_dirs: list[Path]) -> str | None:
+    """The backend a config asks for, or the one its model files imply."""
+    if config.backend:
+        return config.backend
+    if config.platform:
+        return PLATFORM_TO_BACKEND.get(config.platform)
+    for version_dir in version_dirs:
+        for backend, filename in DEFAULT_MODEL_FILENAME.items():
+            if (version_dir / filename).exists():
+                return backend
+    return None
+
+
+def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> ModelSpec:
+    """Check a parsed (and auto-completed) config; ConfigError names the field at fault."""
+    if config.name != dir_name:
+        raise ConfigError(
+            path, "name", f"'{config.name}' differs from the model directory '{dir_name}'"
+        )
+    backend = config.backend or PLATFORM_TO_BACKEND.get(config.platform, "")
+    if backend not in DEFAULT_MODEL_FILENAME:
+        raise ConfigError(
+            path,
+            "backend" if config.backend else "platform",
+            f"unsupported backend '{config.backend or config.platform}'; "
+            f"expected one of {sorted(DEFAULT_MODEL_FILENAME)} "
+            f"or platforms {sorted(PLATFORM_TO_BACKEND)}",
+        )
+    if config.max_batch_size < 0:
+        raise ConfigError(path, "max_batch_size", f"must be >= 0, got {config.max_batch_size}")
+    inputs = _tensor_specs(config.input, path, "input")
+    outputs = _tensor_specs(config.output, path, "output")
+    if not inputs:
+        raise ConfigError(path, "input", "the model declares no inputs")
+    if not outputs:
+        raise ConfigError(path, "output", "the model declares no outputs")
+    return ModelSpec(
+        name=config.name,
+        backend=backend,
+        platform=config.platform or BACKEND_TO_PLATFORM.get(backend, backend),
+        max_batch_size=config.max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        batching=_batching(config, path),
+        instance_groups=_instance_groups(config, path),
+        version_policy=version_policy_of(config, path),
+        default_model_filename=config.default_model_filename or DEFAULT_MODEL_FILENAME[backend],
+        parameters={key: value.string_value for key, value in config.parameters.items()},
+    )
+
+
+def _tensor_specs(tensors: Iterable[Any], path: str, kind: str) -> tuple[TensorSpec, ...]:
+    specs: list[TensorSpec] = []
+    seen: set[str] = set()
+    for index, tensor in enumerate(tensors):
+        where = f"{kind}[{index}]"
+        if not tensor.name:
+            raise ConfigError(path, f"{where}.name", "must not be empty")
+        if tensor.name in seen:
+            raise ConfigError(path, f"{where}.name", f"duplicate {kind} '{tensor.name}'")
+        seen.add(tensor.name)
+        type_name = mc.DataType.Name(tensor.data_type)
+        if type_name == "TYPE_INVALID":
+            raise ConfigError(path, f"{where}.data_type", f"missing for {kind} '{tensor.name}'")
+        if type_name == "TYPE_BF16":
+            raise ConfigError(
+                path, f"{where}.data_type", "TYPE_BF16 is not supported (numpy cannot hold it)"
+            )
+        dims = tuple(int(d) for d in tensor.dims)
+        if tensor.HasField("reshape"):
+            raise ConfigError(path, f"{where}.reshape", "reshape is not supported yet")
+        for d in dims:
+            if d == 0 or d < -1:
+                raise ConfigError(
+                    path, f"{where}.dims", f"{kind} '{tensor.name}' has invalid dim {d}"
+                )
+        specs.append(
+            TensorSpec(
+                name=tensor.name,
+                datatype=CONFIG_TO_WIRE[type_name],
+                dims=dims,
+                optional=bool(getattr(tensor, "optional", False)),
+            )
+        )
+    return tuple(specs)
+
+
+def _queue_policy(policy: mc.ModelQueuePolicy) -> QueuePolicy:
+    return QueuePolicy(
+        timeout_action=mc.ModelQueuePolicy.TimeoutAction.Name(policy.timeout_action),
+        default_timeout_us=policy.default_timeout_microseconds,
+        allow_timeout_override=policy.allow_timeout_override,
+        max_queue_size=policy.max_queue_size,
+    )
+
+
+def _batching(config: mc.ModelConfig, path: str) -> BatchingConfig | None:
+    if not config.HasField("dynamic_batching"):
+        return None
+    db = config.dynamic_batching
+    if config.max_batch_size == 0:
+        # Triton accepts this and runs requests one by one; so do we.
+        log.warning("%s: dynamic_batching ignored because max_batch_size is 0", path)
+    for i, size in enumerate(db.preferred_batch_size):
+        if size <= 0 or (config.max_batch_size and size > config.max_batch_size):
+            raise ConfigError(
+                path,
+                f"dynamic_batching.preferred_batch_size[{i}]",
+                f"{size} must be in 1..max_batch_size ({config.max_batch_size})",
+            )
+    levels = db.priority_levels
+    if levels and not 1 <= db.default_priority_level <= levels:
+        raise ConfigError(
+            path,
+            "dynamic_batching.default_priority_level",
+            f"{db.default_priority_level} must be in 1..priority_levels ({levels})",
+        )
+    for level in db.priority_queue_policy:
+        if not 1 <= level <= levels:
+            raise ConfigError(
+                path,
+                "dynamic_batching.priority_queue_policy",
+                f"level {level} must be in 1..priority_levels ({levels})",
+            )
+    return BatchingConfig(
+        max_queue_delay_us=db.max_queue_delay_microseconds,
+        preferred_batch_sizes=tuple(sorted(set(db.preferred_batch_size))),
+        preserve_ordering=db.preserve_ordering,
+        priority_levels=levels,
+        default_priority_level=db.default_priority_level,
+        default_queue_policy=_queue_policy(db.default_queue_policy),
+        priority_queue_policies={
+            int(level): _queue_policy(policy) for level, policy in db.priority_queue_policy.items()
+        },
+    )
+
+
+def _instance_groups(config: mc.ModelConfig, path: str) -> tuple[InstanceGroupSpec, ...]:
+    groups: list[InstanceGroupSpec] = []
+    for i, group in enumerate(config.instance_group):
+        if group.count < 0:
+            raise ConfigError(
+                path, f"instance_group[{i}].count", f"must be >= 0, got {group.count}"
+            )
+        groups.append(
+            InstanceGroupSpec(
+                name=group.name or f"{config.name}_{i}",
+                kind=mc.ModelInstanceGroup.Kind.Name(group.kind),
+                count=group.count or 1,
+                gpus=tuple(group.gpus),
+            )
+        )
+    if not groups:
+        groups.append(InstanceGroupSpec(name=f"{config.name}_0", kind="KIND_CPU", count=1))
+    return tuple(groups)
+
+
+def version_policy_of(config: mc.ModelConfig, path: str) -> VersionPolicy:
+    if not config.HasField("version_policy"):
+        return VersionPolicy()
+    choice = config.version_policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return VersionPolicy(kind="all")
+    if choice == "specific":
+        versions = tuple(config.version_policy.specific.versions)
+        if not versions:
+            raise ConfigError(path, "version_policy.specific.versions", "must list a version")
+        return VersionPolicy(kind="specific", versions=versions)
+    num = config.version_policy.latest.num_versions
+    if num < 1:
+        raise ConfigError(path, "version_policy.latest.num_versions", "must be >= 1")
+    return VersionPolicy(kind="latest", num_versions=num)

@@ -1,0 +1,61 @@
+"""One error hierarchy for the whole server.
+
+Core code raises these; the frontend maps each to a gRPC status in exactly one
+place (server/frontend/status.py). Messages name the field or model at fault.
+"""
+
+from __future__ import annotations
+
+
+class ConvoyError(Exception):
+    """Base of every error Convoy answers a client with."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ConvoyError):
+    """The request is malformed: wrong datatype, shape, size, name, parameter."""
+
+
+class ModelNotFound(ConvoyError):
+    """No such model, or no such version of it."""
+
+
+class ModelNotReady(ConvoyError):
+    """The model exists but is loading, unloading or failed to load."""
+
+
+class Overloaded(ConvoyError):
+    """A queue is full: the client should back off."""
+
+
+class Unavailable(ConvoyError):
+    """The server or model is shutting down, or an instance failed."""
+
+
+class DeadlineExceeded(ConvoyError):
+    """The request's deadline passed before it could run."""
+
+
+class Cancelled(ConvoyError):
+    """The client went away before the answer was ready."""
+
+
+class Unimplemented(ConvoyError):
+    """A protocol feature Convoy does not offer (yet)."""
+
+
+class InternalError(ConvoyError):
+    """A backend failed while running a batch."""
+
+
+class ConfigError(ConvoyError):
+    """A model configuration is invalid; the message names the file and field."""
+
+    def __init__(self, path: str, field: str, problem: str) -> None:
+        super().__init__(f"{path}: {field}: {problem}")
+        self.path = path
+        self.field = field
+        self.problem = problem

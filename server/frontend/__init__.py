@@ -1,0 +1,1 @@
+"""gRPC servicers: decode request -> call the core -> encode reply. No batching logic."""

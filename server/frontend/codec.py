@@ -1,0 +1,212 @@
+"""ModelInferRequest <-> InferRequest / InferResult.
+
+Validation happens here, before anything is queued; every error names the
+field at fault. raw_input_contents become numpy views without a copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..batching.request import Array, InferRequest, InferResult
+from ..config import ModelSpec
+from ..errors import InvalidInput
+from ..pb import grpc_service_pb2 as pb
+from ..tensors import CONTENTS_FIELD, deserialize_bytes, numpy_dtype, serialize_bytes
+
+# Refuse absurd shapes before multiplying them into an allocation.
+MAX_ELEMENTS = 1 << 31
+
+
+def decode_request(
+    request: pb.ModelInferRequest,
+    spec: ModelSpec,
+    loop: asyncio.AbstractEventLoop,
+    now_ns: int,
+    time_remaining_s: float | None,
+) -> InferRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries but the request has "
+            f"{len(request.inputs)} inputs; send one entry per input"
+        )
+    inputs: dict[str, Array] = {}
+    item_shapes: list[tuple[int, ...]] = []
+    rows: int | None = None
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        expected = spec.input(name)
+        if expected is None:
+            raise InvalidInput(
+                f"unexpected inference input '{name}' for model '{spec.name}'; "
+                f"expected one of {[t.name for t in spec.inputs]}"
+            )
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' appears more than once")
+        if tensor.datatype != expected.datatype:
+            raise InvalidInput(
+                f"input '{name}': datatype '{tensor.datatype}' does not match the model's "
+                f"'{expected.datatype}'"
+            )
+        shape = tuple(int(d) for d in tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+        if spec.batched:
+            if not shape:
+                raise InvalidInput(
+                    f"input '{name}': shape is empty; the first dimension is the batch size"
+                )
+            batch, item = shape[0], shape[1:]
+            if batch < 1 or batch > spec.max_batch_size:
+                raise InvalidInput(
+                    f"input '{name}': batch size {batch} is outside 1..{spec.max_batch_size} "
+                    f"(max_batch_size of model '{spec.name}')"
+                )
+            if rows is not None and batch != rows:
+                raise InvalidInput(
+                    f"input '{name}': batch size {batch} differs from the other inputs' {rows}"
+                )
+            rows = batch
+        else:
+            item = shape
+        if not expected.matches(item):
+            full = ([-1] if spec.batched else []) + list(expected.dims)
+            raise InvalidInput(
+                f"input '{name}': unexpected shape {list(shape)} for model '{spec.name}'; "
+                f"expected {full}"
+            )
+        count = math.prod(shape)
+        if count > MAX_ELEMENTS:
+            raise InvalidInput(f"input '{name}': {count} elements exceed the limit {MAX_ELEMENTS}")
+        if raw:
+            array = _from_raw(raw[index], tensor.datatype, shape, count, name, index)
+        else:
+            array = _from_contents(tensor, shape, count)
+        inputs[name] = array
+        item_shapes.append(item)
+    missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
+    if missing:
+        raise InvalidInput(f"model '{spec.name}' expects input(s) {missing}, missing from request")
+    outputs = _requested_outputs(request, spec)
+    return InferRequest(
+        id=request.id,
+        inputs=inputs,
+        outputs=outputs,
+        rows=rows if rows is not None else 1,
+        shape_key=tuple(item_shapes),
+        future=loop.create_future(),
+        arrival_ns=now_ns,
+        deadline_ns=_deadline(request.parameters, now_ns, time_remaining_s),
+        priority=_priority(request.parameters),
+    )
+
+
+def _from_raw(
+    data: bytes, datatype: str, shape: tuple[int, ...], count: int, name: str, index: int
+) -> Array:
+    if datatype == "BYTES":
+        return deserialize_bytes(data, count, f"input '{name}'").reshape(shape)
+    dtype = numpy_dtype(datatype)
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"input '{name}': raw_input_contents[{index}] holds {len(data)} bytes; "
+            f"shape {list(shape)} of {datatype} needs {expected}"
+        )
+    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def _from_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], count: int
+) -> Array:
+    name, datatype = tensor.name, tensor.datatype
+    dtype = numpy_dtype(datatype)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(
+            f"input '{name}': {datatype} has no typed contents field; send raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input '{name}': contents.{field} holds {len(values)} elements; "
+            f"shape {list(shape)} needs {count}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = list(values)
+        return array.reshape(shape)
+    try:
+        return np.array(values, dtype=dtype).reshape(shape)
+    except OverflowError:
+        raise InvalidInput(f"input '{name}': a value does not fit {datatype}") from None
+
+
+def _requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[str, ...]:
+    if not request.outputs:
+        return tuple(t.name for t in spec.outputs)
+    names: list[str] = []
+    for out in request.outputs:
+        if spec.output(out.name) is None:
+            raise InvalidInput(
+                f"unexpected inference output '{out.name}' for model '{spec.name}'; "
+                f"expected one of {[t.name for t in spec.outputs]}"
+            )
+        if out.name in names:
+            raise InvalidInput(f"output '{out.name}' is requested more than once")
+        names.append(out.name)
+    return tuple(names)
+
+
+def _int_param(params: Mapping[str, pb.InferParameter], key: str) -> int | None:
+    if key not in params:
+        return None
+    param = params[key]
+    choice = param.WhichOneof("parameter_choice")
+    if choice == "int64_param":
+        value = int(param.int64_param)
+    elif choice == "uint64_param":
+        value = int(param.uint64_param)
+    else:
+        raise InvalidInput(f"parameter '{key}' must be an integer, got {choice or 'nothing'}")
+    if value < 0:
+        raise InvalidInput(f"parameter '{key}' must be >= 0, got {value}")
+    return value
+
+
+def _deadline(
+    params: Mapping[str, pb.InferParameter], now_ns: int, time_remaining_s: float | None
+) -> int | None:
+    deadlines: list[int] = []
+    timeout_us = _int_param(params, "timeout")  # Triton's request timeout, in microseconds
+    if timeout_us:
+        deadlines.append(now_ns + timeout_us * 1000)
+    if time_remaining_s is not None:
+        deadlines.append(now_ns + int(time_remaining_s * 1e9))
+    return min(deadlines) if deadlines else None
+
+
+def _priority(params: Mapping[str, pb.InferParameter]) -> int:
+    return _int_param(params, "priority") or 0
+
+
+def encode_response(
+    request: pb.ModelInferRequest, spec: ModelSpec, version: int, result: InferResult
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=spec.name, model_version=str(version), id=request.id
+    )
+    for name, value in result.outputs.items():
+        datatype = spec.output(name).datatype  # type: ignore[union-attr]
+        response.outputs.add(name=name, datatype=datatype, shape=value.shape)
+        if datatype == "BYTES":
+            response.raw_output_contents.append(serialize_bytes(value))
+        else:
+            array = np.ascontiguousarray(value, dtype=numpy_dtype(datatype))
+            response.raw_output_contents.append(array.tobytes())
+    return response

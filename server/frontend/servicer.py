@@ -1,0 +1,285 @@
+"""The KServe v2 GRPCInferenceService, served on grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from .. import __version__
+from ..batching.request import InferRequest
+from ..errors import ConvoyError, InvalidInput, Unimplemented
+from ..pb import grpc_service_pb2 as pb
+from ..pb import grpc_service_pb2_grpc as pb_grpc
+from ..repository.manager import ModelRepository
+from ..repository.model import ServedModel
+from ..statistics import Duration, ModelStatistics
+from .codec import decode_request, encode_response
+from .status import status_code
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "schedule_policy"]
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ConvoyError) -> None:
+    await context.abort(status_code(error), error.message)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, repository: ModelRepository) -> None:
+        self._repo = repository
+        self.accepting = False  # flipped by the server's lifecycle
+
+    # -- health and metadata -------------------------------------------------
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.accepting)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        try:
+            self._repo.get(request.name, request.version)
+        except ConvoyError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.accepting)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="convoy", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            model = self._repo.get(request.name, request.version)
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        spec = model.spec
+        batch = [-1] if spec.batched else []
+        versions = [str(m.version) for m in self._repo.ready_models() if m.spec.name == spec.name]
+        response = pb.ModelMetadataResponse(
+            name=spec.name, versions=versions, platform=spec.platform
+        )
+        for t in spec.inputs:
+            response.inputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
+        for t in spec.outputs:
+            response.outputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
+        return response
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        try:
+            model = self._repo.get(request.name, request.version)
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(model.config)
+        return response
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        try:
+            if request.name:
+                if request.version:
+                    models = [self._repo.get(request.name, request.version)]
+                else:
+                    self._repo.get(request.name)
+                    models = [m for m in self._repo.ready_models() if m.spec.name == request.name]
+            else:
+                if request.version:
+                    raise InvalidInput("a statistics request with a version must name the model")
+                models = self._repo.ready_models()
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        response = pb.ModelStatisticsResponse()
+        for model in models:
+            _fill_statistics(response.model_stats.add(), model.stats)
+        return response
+
+    # -- repository ------------------------------------------------------------
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for row in self._repo.index(ready_only=request.ready):
+            response.models.add(
+                name=row.name, version=row.version, state=row.state, reason=row.reason
+            )
+        return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            _no_repository_parameters(request.parameters)
+            await self._repo.load(request.model_name)
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            _no_repository_parameters(request.parameters, allowed=("unload_dependents",))
+            await self._repo.unload(request.model_name)
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference ---------------------------------------------------------------
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        try:
+            return await self._infer(request, context.time_remaining())
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> pb.ModelInferResponse:
+        model = self._repo.get(request.model_name, request.model_version)
+        infer_request = _decode(model, request, time_remaining)
+        result = await model.infer(infer_request)
+        return encode_response(request, model.spec, model.version, result)
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests are served concurrently; answers stream back as each completes.
+
+        A failed request answers with error_message and the stream goes on.
+        """
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        inflight: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(request, context.time_remaining())
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except ConvoyError as exc:
+                failed = pb.ModelStreamInferResponse(error_message=exc.message)
+                failed.infer_response.model_name = request.model_name
+                failed.infer_response.model_version = request.model_version
+                failed.infer_response.id = request.id
+                answers.put_nowait(failed)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.get_running_loop().create_task(answer(request))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+                if inflight:
+                    await asyncio.gather(*inflight)
+            finally:
+                answers.put_nowait(None)
+
+        # This handler owns the reader and every per-request task: on exit
+        # (client gone, server stopping) it cancels whatever is still running.
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(inflight):
+                task.cancel()
+
+
+def _unimplemented(rpc: str) -> object:
+    async def handler(
+        self: InferenceServicer, request: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        await _abort(context, Unimplemented(f"{rpc} is not implemented by Convoy yet"))
+
+    handler.__name__ = rpc
+    return handler
+
+
+# Shared-memory, trace and log settings: answered UNIMPLEMENTED for now.
+for _rpc in (
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+):
+    setattr(InferenceServicer, _rpc, _unimplemented(_rpc))
+
+
+def _decode(
+    model: ServedModel, request: pb.ModelInferRequest, time_remaining: float | None
+) -> InferRequest:
+    try:
+        return decode_request(
+            request,
+            model.spec,
+            asyncio.get_running_loop(),
+            time.monotonic_ns(),
+            time_remaining,
+        )
+    except ConvoyError as exc:
+        model.record_rejection(exc)
+        raise
+
+
+def _no_repository_parameters(params: object, allowed: tuple[str, ...] = ()) -> None:
+    for key in params:  # type: ignore[attr-defined]
+        if key not in allowed:
+            raise InvalidInput(f"repository parameter '{key}' is not supported by Convoy")
+
+
+def _copy_duration(target: pb.StatisticDuration, source: Duration) -> None:
+    target.count = source.count
+    target.ns = source.ns
+
+
+def _fill_statistics(out: pb.ModelStatistics, stats: ModelStatistics) -> None:
+    out.name = stats.name
+    out.version = stats.version
+    out.last_inference = stats.last_inference_ms
+    out.inference_count = stats.inference_count
+    out.execution_count = stats.execution_count
+    s = out.inference_stats
+    _copy_duration(s.success, stats.success)
+    _copy_duration(s.fail, stats.fail)
+    _copy_duration(s.queue, stats.queue)
+    _copy_duration(s.compute_input, stats.compute_input)
+    _copy_duration(s.compute_infer, stats.compute_infer)
+    _copy_duration(s.compute_output, stats.compute_output)
+    for size in sorted(stats.batch_stats):
+        per = stats.batch_stats[size]
+        b = out.batch_stats.add(batch_size=size)
+        _copy_duration(b.compute_input, per.compute_input)
+        _copy_duration(b.compute_infer, per.compute_infer)
+        _copy_duration(b.compute_output, per.compute_output)

@@ -1,0 +1,85 @@
+"""Every Prometheus metric Convoy exports, defined in one place.
+
+Metrics live in a registry owned by the server (no global state). Hot paths
+use ModelMetrics, whose label children are resolved once per model version.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ("model", "version")
+        r = self.registry
+        self.request_success = Counter(
+            "convoy_request_success", "Inference requests answered with a result", labels,
+            registry=r,
+        )  # fmt: skip
+        self.request_failure = Counter(
+            "convoy_request_failure", "Inference requests answered with an error",
+            (*labels, "reason"), registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "convoy_batch_size", "Rows per executed batch", labels, buckets=_BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.queue_seconds = Histogram(
+            "convoy_queue_seconds", "Time requests wait in the model queue", labels,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_seconds = Histogram(
+            "convoy_compute_seconds", "Time to gather, run and split one batch",
+            (*labels, "device"), buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "convoy_request_seconds", "End-to-end request latency inside the server", labels,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "convoy_queue_depth", "Requests waiting in the model queue", labels, registry=r
+        )
+        self.inflight = Gauge(
+            "convoy_inflight_requests", "Requests accepted and not yet answered", labels,
+            registry=r,
+        )  # fmt: skip
+        self.model_ready = Gauge(
+            "convoy_model_ready", "1 while the model version serves", labels, registry=r
+        )
+
+    def for_model(self, model: str, version: str) -> ModelMetrics:
+        return ModelMetrics(self, model, version)
+
+
+class ModelMetrics:
+    """Label children bound once; cheap to update per request."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._metrics = metrics
+        self._labels = (model, version)
+        self.success = metrics.request_success.labels(model, version)
+        self.batch_size = metrics.batch_size.labels(model, version)
+        self.queue_seconds = metrics.queue_seconds.labels(model, version)
+        self.request_seconds = metrics.request_seconds.labels(model, version)
+        self.queue_depth = metrics.queue_depth.labels(model, version)
+        self.inflight = metrics.inflight.labels(model, version)
+        self.ready = metrics.model_ready.labels(model, version)
+        self._compute: dict[str, Histogram] = {}
+
+    def failure(self, reason: str) -> Counter:
+        return self._metrics.request_failure.labels(*self._labels, reason)
+
+    def compute_seconds(self, device: str) -> Histogram:
+        child = self._compute.get(device)
+        if child is None:
+            child = self._metrics.compute_seconds.labels(*self._labels, device)
+            self._compute[device] = child
+        return child

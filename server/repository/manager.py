@@ -1,0 +1,263 @@
+"""ModelRepository: the models under one directory, loaded, versioned and unloaded.
+
+Layout (Triton's): <root>/<model>/config.pbtxt and <root>/<model>/<version>/<model file>.
+One asyncio.Lock per model serialises its loads and unloads; building
+instances (file I/O, runtime start-up) runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backends import load_backend, probe_signature
+from ..backends.base import BackendSignature, default_threads
+from ..batching.queue import Clock
+from ..config import (
+    CONFIG_FILENAME,
+    ModelSpec,
+    infer_backend,
+    read_model_config,
+    validate_model_config,
+    version_policy_of,
+)
+from ..errors import ConfigError, ConvoyError, InvalidInput, ModelNotFound, ModelNotReady
+from ..metrics import Metrics
+from ..pb import model_config_pb2 as mc
+from ..scheduling.devices import place_group
+from ..scheduling.pool import InstancePool, ModelInstance
+from ..tensors import WIRE_TO_CONFIG
+from .model import ServedModel
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+LOADING = "LOADING"
+UNLOADING = "UNLOADING"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    state: str = UNAVAILABLE
+    reason: str = ""
+    versions: dict[int, ServedModel] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def latest(self) -> ServedModel | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+class ModelRepository:
+    def __init__(self, root: Path, metrics: Metrics, clock: Clock = time.monotonic_ns) -> None:
+        self.root = root.resolve()
+        self._metrics = metrics
+        self._clock = clock
+        self._models: dict[str, ModelEntry] = {}
+
+    # -- queries (event loop, no awaits) -------------------------------------
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        entry = self._models.get(name)
+        if entry is None or (entry.state != READY and not entry.versions):
+            if entry is not None and entry.state in (LOADING, UNAVAILABLE) and entry.reason:
+                raise ModelNotReady(f"model '{name}' is not ready: {entry.reason}")
+            if entry is not None and entry.state == LOADING:
+                raise ModelNotReady(f"model '{name}' is loading")
+            raise ModelNotFound(f"model '{name}' is not found")
+        if not version:
+            served = entry.latest()
+            if served is None:
+                raise ModelNotReady(f"model '{name}' has no ready version")
+            return served
+        try:
+            number = int(version)
+        except ValueError:
+            raise InvalidInput(f"model_version '{version}' is not an integer") from None
+        served = entry.versions.get(number)
+        if served is None:
+            raise ModelNotFound(f"model '{name}' version {version} is not found")
+        return served
+
+    def ready_models(self) -> list[ServedModel]:
+        return [m for e in self._models.values() for _, m in sorted(e.versions.items())]
+
+    def all_ready(self) -> bool:
+        return all(e.state == READY for e in self._models.values())
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        names = set(self._models) | set(self.on_disk())
+        rows: list[IndexEntry] = []
+        for name in sorted(names):
+            entry = self._models.get(name)
+            if entry is None:
+                if not ready_only:
+                    rows.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
+                continue
+            if entry.versions:
+                rows.extend(IndexEntry(name, str(v), READY, "") for v in sorted(entry.versions))
+            elif not ready_only:
+                rows.append(IndexEntry(name, "", entry.state, entry.reason))
+        return rows
+
+    def on_disk(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and _looks_like_model(p)
+        )
+
+    # -- load / unload ---------------------------------------------------------
+
+    async def load_all(self) -> None:
+        for name in self.on_disk():
+            try:
+                await self.load(name)
+            except ConvoyError as exc:
+                log.error("model '%s' failed to load: %s", name, exc.message)
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) a model; the old versions serve until the new ones are ready."""
+        model_dir = self._model_dir(name)
+        entry = self._models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            if not entry.versions:
+                entry.state, entry.reason = LOADING, ""
+            try:
+                new_versions = await asyncio.to_thread(self._build, model_dir)
+            except ConvoyError as exc:
+                if not entry.versions:
+                    entry.state, entry.reason = UNAVAILABLE, exc.message
+                raise
+            except Exception as exc:  # a runtime refusing the model file
+                message = f"{model_dir}: failed to load: {exc}"
+                if not entry.versions:
+                    entry.state, entry.reason = UNAVAILABLE, message
+                raise ConfigError(str(model_dir), "model file", str(exc)) from exc
+            old = entry.versions
+            for served in new_versions.values():
+                served.start()
+            entry.versions = new_versions
+            entry.state, entry.reason = READY, ""
+            log.info("model '%s' ready, versions %s", name, sorted(new_versions))
+            for served in old.values():
+                await served.close(drain=True)
+
+    async def unload(self, name: str) -> None:
+        """Stop routing to the model, finish its queued requests, free its instances."""
+        entry = self._models.get(name)
+        if entry is None:
+            self._model_dir(name)  # NOT_FOUND vs. merely not loaded
+            return
+        async with entry.lock:
+            old, entry.versions = entry.versions, {}
+            entry.state, entry.reason = UNLOADING, ""
+            for served in old.values():
+                await served.close(drain=True)
+            entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            log.info("model '%s' unloaded", name)
+
+    async def close(self) -> None:
+        for name in list(self._models):
+            await self.unload(name)
+
+    def _model_dir(self, name: str) -> Path:
+        # Model names come from clients: never let one point outside the repository.
+        if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+            raise InvalidInput(f"model_name '{name}' is not a valid model directory name")
+        path = (self.root / name).resolve()
+        if path.parent != self.root or not path.is_dir():
+            raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
+        return path
+
+    # -- building (worker thread) ----------------------------------------------
+
+    def _build(self, model_dir: Path) -> dict[int, ServedModel]:
+        config = read_model_config(model_dir)
+        config_path = str(model_dir / CONFIG_FILENAME)
+        versions_on_disk = sorted(
+            int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
+        )
+        backend = infer_backend(config, [model_dir / str(v) for v in versions_on_disk])
+        if backend and not config.backend and not config.platform:
+            config.backend = backend
+        versions = version_policy_of(config, config_path).select(versions_on_disk)
+        if not versions:
+            raise ConfigError(
+                config_path,
+                "version_policy",
+                f"no version directory to serve (found {versions_on_disk or 'none'})",
+            )
+        if not config.input or not config.output:
+            _autocomplete(config, backend or "", model_dir / str(versions[-1]))
+        spec = validate_model_config(config, config_path, model_dir.name)
+        served: dict[int, ServedModel] = {}
+        try:
+            for version in versions:
+                served[version] = self._build_version(spec, config, model_dir, version)
+        except BaseException:
+            for model in served.values():
+                model.pool.close()
+            raise
+        return served
+
+    def _build_version(
+        self, spec: ModelSpec, config: mc.ModelConfig, model_dir: Path, version: int
+    ) -> ServedModel:
+        model_path = model_dir / str(version) / spec.default_model_filename
+        devices = [d for g in spec.instance_groups for d in place_group(spec.name, g)]
+        threads = default_threads(len(devices))
+        instances: list[ModelInstance] = []
+        try:
+            for index, device in enumerate(devices):
+                backend = load_backend(spec, model_path, device, threads)
+                instances.append(ModelInstance(f"{spec.name}-v{version}-{index}", backend))
+        except BaseException:
+            for instance in instances:
+                instance.close()
+            raise
+        metrics = self._metrics.for_model(spec.name, str(version))
+        return ServedModel(spec, version, config, InstancePool(instances), metrics, self._clock)
+
+
+def _looks_like_model(path: Path) -> bool:
+    return (path / CONFIG_FILENAME).exists() or any(
+        p.is_dir() and p.name.isdigit() for p in path.iterdir()
+    )
+
+
+def _autocomplete(config: mc.ModelConfig, backend: str, version_dir: Path) -> None:
+    """Fill missing inputs/outputs from the model file, as Triton's auto-complete does."""
+    filename = config.default_model_filename or {"onnxruntime": "model.onnx"}.get(backend, "")
+    signature: BackendSignature | None = probe_signature(backend, version_dir / filename)
+    if signature is None:
+        return
+    skip = 1 if config.max_batch_size > 0 else 0
+    if not config.input:
+        for tensor in signature.inputs:
+            config.input.add(
+                name=tensor.name,
+                data_type=mc.DataType.Value(WIRE_TO_CONFIG[tensor.datatype]),
+                dims=list(tensor.dims[skip:]),
+            )
+    if not config.output:
+        for tensor in signature.outputs:
+            config.output.add(
+                name=tensor.name,
+                data_type=mc.DataType.Value(WIRE_TO_CONFIG[tensor.datatype]),
+                dims=list(tensor.dims[skip:]),
+            )

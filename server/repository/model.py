@@ -1,0 +1,104 @@
+"""ServedModel: one loaded model version, its queue, instances and statistics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..batching.batch import Batch
+from ..batching.queue import BatchOutcome, Clock, ModelQueue
+from ..batching.request import InferRequest, InferResult
+from ..config import ModelSpec
+from ..errors import ConvoyError
+from ..metrics import ModelMetrics
+from ..pb import model_config_pb2 as mc
+from ..scheduling.pool import InstancePool
+from ..statistics import ModelStatistics
+
+
+class ServedModel:
+    """Owns its ModelQueue (started in start(), stopped in close()) and its pool."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        version: int,
+        config: mc.ModelConfig,
+        pool: InstancePool,
+        metrics: ModelMetrics,
+        clock: Clock,
+    ) -> None:
+        self.spec = spec
+        self.version = version
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        self.stats = ModelStatistics(name=spec.name, version=str(version))
+        self._clock = clock
+        self.queue = ModelQueue(
+            name=f"{spec.name}:{version}",
+            max_batch_size=spec.max_batch_size,
+            batching=spec.batching,
+            runner=pool,
+            observer=self,
+            clock=clock,
+        )
+
+    @property
+    def devices(self) -> list[str]:
+        return [instance.device for instance in self.pool.instances]
+
+    def start(self) -> None:
+        self.queue.start()
+        self.metrics.ready.set(1)
+
+    async def close(self, drain: bool) -> None:
+        self.metrics.ready.set(0)
+        await self.queue.close(drain)
+        await asyncio.to_thread(self.pool.close)
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        """Queue the request and wait for its one answer."""
+        self.metrics.inflight.inc()
+        try:
+            try:
+                self.queue.submit(request)
+            except ConvoyError as exc:
+                self.record_rejection(exc)
+                raise
+            return await request.future
+        finally:
+            self.metrics.inflight.dec()
+
+    def record_rejection(self, error: ConvoyError) -> None:
+        """A request refused before it was queued (bad input, full queue)."""
+        self.metrics.failure(type(error).__name__).inc()
+        self.stats.record_request(False, 0, None)
+
+    # -- QueueObserver -------------------------------------------------------
+
+    def on_batch(self, batch: Batch, outcome: BatchOutcome, output_ns: int) -> None:
+        rows = batch.rows
+        self.stats.record_batch(
+            rows, len(batch.requests), outcome.input_ns, outcome.infer_ns, output_ns
+        )
+        self.metrics.batch_size.observe(rows)
+        self.metrics.compute_seconds(outcome.device).observe(
+            (outcome.input_ns + outcome.infer_ns + output_ns) / 1e9
+        )
+
+    def on_request_done(
+        self, request: InferRequest, error: ConvoyError | None, now_ns: int
+    ) -> None:
+        total = now_ns - request.arrival_ns
+        queued = request.dispatch_ns - request.arrival_ns if request.dispatch_ns else None
+        self.stats.record_request(error is None, total, queued)
+        if queued is not None:
+            self.metrics.queue_seconds.observe(queued / 1e9)
+        if error is None:
+            self.metrics.success.inc()
+            self.metrics.request_seconds.observe(total / 1e9)
+        else:
+            self.metrics.failure(type(error).__name__).inc()
+
+    def on_queue_depth(self, depth: int) -> None:
+        self.metrics.queue_depth.set(depth)

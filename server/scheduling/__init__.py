@@ -1,0 +1,1 @@
+"""Deciding where batches run: instances, their threads and devices."""
