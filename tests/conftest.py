@@ -48,7 +48,7 @@ class ServerProcess:
     proc: subprocess.Popen[str]
     grpc_port: int
     metrics_port: int | None
-    repository: Path
+    repository: Path | None
     log: list[str] = field(default_factory=list)
 
     @property
@@ -64,14 +64,21 @@ class ServerProcess:
         return "".join(self.log)
 
 
-def start_server(repository: Path, *extra: str, timeout: float = 120) -> ServerProcess:
+def start_server(
+    repository: Path | None,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> ServerProcess:
+    """Start `convoy serve` on free ports; None serves the built-in examples."""
     cmd = [
         sys.executable, "-m", "server.cli", "serve",
-        "--model-repository", str(repository),
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
         *extra,
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if repository is not None:
+        cmd += ["--model-repository", str(repository)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

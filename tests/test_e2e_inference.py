@@ -42,7 +42,9 @@ def test_model_metadata_and_config(client: grpcclient.InferenceServerClient) -> 
     meta = client.get_model_metadata("image_classifier", as_json=True)
     assert meta["platform"] == "onnxruntime_onnx"
     assert meta["versions"] == ["1"]
-    assert meta["inputs"] == [{"name": "INPUT", "datatype": "FP32", "shape": ["-1", "3", "64", "64"]}]
+    assert meta["inputs"] == [
+        {"name": "INPUT", "datatype": "FP32", "shape": ["-1", "3", "64", "64"]}
+    ]
     assert meta["outputs"] == [{"name": "LOGITS", "datatype": "FP32", "shape": ["-1", "1000"]}]
     config = client.get_model_config("minilm_embedding", as_json=True)["config"]
     assert config["max_batch_size"] == 64
@@ -66,7 +68,9 @@ def test_infer_async(client: grpcclient.InferenceServerClient) -> None:
     results: queue.Queue[tuple[object, object]] = queue.Queue()
     for i in range(8):
         client.async_infer(
-            "tiny", [tiny_input(1, start=i)], callback=lambda result, error: results.put((result, error))
+            "tiny",
+            [tiny_input(1, start=i)],
+            callback=lambda result, error: results.put((result, error)),
         )
     seen = set()
     for _ in range(8):
@@ -201,7 +205,9 @@ def test_reflection_lists_the_service(server: ServerProcess) -> None:
     assert "inference.GRPCInferenceService" in names
 
 
-def test_prometheus_metrics(server: ServerProcess, client: grpcclient.InferenceServerClient) -> None:
+def test_prometheus_metrics(
+    server: ServerProcess, client: grpcclient.InferenceServerClient
+) -> None:
     client.infer("tiny", [tiny_input(2)])
     with pytest.raises(InferenceServerException):
         client.infer("tiny", [grpcclient.InferInput("NOPE", [1, 16], "FP32")])

@@ -48,10 +48,12 @@ def plan_batch(pending: Iterable[InferRequest], now_ns: int, limits: BatchLimits
     take = [head]
     rows = head.rows
     prefix_rows = [rows]
+    full = False  # the next compatible request does not fit: waiting cannot help
     for request in iterator:
         if request.shape_key != head.shape_key:
             continue
         if rows + request.rows > limits.max_batch_size:
+            full = True
             break
         take.append(request)
         rows += request.rows
@@ -59,7 +61,7 @@ def plan_batch(pending: Iterable[InferRequest], now_ns: int, limits: BatchLimits
         if rows == limits.max_batch_size:
             break
 
-    if rows >= limits.max_batch_size:
+    if full or rows >= limits.max_batch_size:
         return BatchPlan(take=tuple(take))
     if limits.preferred and rows >= limits.preferred[-1]:
         # Cut at the largest preferred size the queue can fill exactly.

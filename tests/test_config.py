@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import VersionPolicy, read_model_config, validate_model_config
+from server.errors import ConfigError
+
+GOOD = """
+name: "m"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+output [ { name: "y" data_type: TYPE_INT64 dims: [ 2 ] } ]
+dynamic_batching {
+  preferred_batch_size: [ 4, 2 ]
+  max_queue_delay_microseconds: 100
+  priority_levels: 2
+  default_priority_level: 2
+  default_queue_policy { max_queue_size: 10 timeout_action: DELAY default_timeout_microseconds: 5 }
+  priority_queue_policy { key: 1 value: { max_queue_size: 3 } }
+}
+instance_group [ { count: 2 kind: KIND_CPU }, { kind: KIND_GPU gpus: [ 0 ] } ]
+parameters { key: "tokenizer" value { string_value: "t.json" } }
+"""
+
+
+def spec_of(tmp_path: Path, text: str, name: str = "m"):  # type: ignore[no-untyped-def]
+    model = tmp_path / name
+    model.mkdir(exist_ok=True)
+    (model / "config.pbtxt").write_text(text)
+    return validate_model_config(read_model_config(model), str(model / "config.pbtxt"), name)
+
+
+def test_full_config_parses(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, GOOD)
+    assert spec.backend == "onnxruntime"
+    assert spec.inputs[0].dims == (-1, 4) and spec.inputs[0].datatype == "FP32"
+    assert spec.outputs[0].datatype == "INT64"
+    assert spec.batching is not None
+    assert spec.batching.preferred_batch_sizes == (2, 4)
+    assert spec.batching.default_queue_policy.timeout_action == "DELAY"
+    assert spec.batching.policy_for(1).max_queue_size == 3
+    assert spec.batching.policy_for(2).max_queue_size == 10
+    assert [(g.kind, g.count) for g in spec.instance_groups] == [("KIND_CPU", 2), ("KIND_GPU", 1)]
+    assert spec.parameters == {"tokenizer": "t.json"}
+    assert spec.default_model_filename == "model.onnx"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (("max_batch_size: 8", "max_batch_size: 8 bogus_field: 1"), "bogus_field"),
+        (("max_batch_size: 8", "max_batch_size: -1"), "max_batch_size"),
+        (("TYPE_FP32", "TYPE_INVALID"), "input[0].data_type"),
+        (("dims: [ -1, 4 ]", "dims: [ 0, 4 ]"), "input[0].dims"),
+        (
+            ("dims: [ 2 ] } ]", 'dims: [ 2 ] }, { name: "y" data_type: TYPE_FP32 dims: [1] } ]'),
+            "output[1].name",
+        ),
+        (
+            ("preferred_batch_size: [ 4, 2 ]", "preferred_batch_size: [ 16 ]"),
+            "preferred_batch_size",
+        ),
+        (("default_priority_level: 2", "default_priority_level: 5"), "default_priority_level"),
+        (('platform: "onnxruntime_onnx"', 'platform: "caffe2"'), "platform"),
+        (('name: "m"', 'name: "other"'), "name"),
+        (("count: 2", "count: -2"), "instance_group[0].count"),
+    ],
+)
+def test_bad_configs_name_file_and_field(
+    tmp_path: Path, change: tuple[str, str], field: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        spec_of(tmp_path, GOOD.replace(*change))
+    assert "m/config.pbtxt" in str(info.value)
+    assert field in str(info.value)
+
+
+def test_version_policies() -> None:
+    assert VersionPolicy().select([3, 1, 2]) == [3]
+    assert VersionPolicy(kind="latest", num_versions=2).select([3, 1, 2]) == [2, 3]
+    assert VersionPolicy(kind="all").select([3, 1]) == [1, 3]
+    assert VersionPolicy(kind="specific", versions=(1, 9)).select([1, 2]) == [1]
+    assert VersionPolicy().select([]) == []

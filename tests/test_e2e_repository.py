@@ -1,0 +1,192 @@
+"""Model repository behaviour through the real client: load, unload, versions,
+bad configs, auto-complete, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from .conftest import ROOT, make_repository, start_server
+
+pytestmark = pytest.mark.e2e
+
+
+def add_version(repo: Path, model: str, version: int) -> None:
+    src = next(p for p in (repo / model).iterdir() if p.is_dir())
+    dst = repo / model / str(version)
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f.resolve())
+
+
+@pytest.fixture()
+def repo(tmp_path: Path, examples_dir: Path) -> Path:
+    return make_repository(tmp_path / "repo", examples_dir, ("tiny", "image_classifier"))
+
+
+def tiny_input() -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 16), np.float32))
+    return tensor
+
+
+def test_bad_config_names_file_and_field_and_others_load(repo: Path) -> None:
+    broken = repo / "broken"
+    broken.mkdir()
+    shutil.copytree(repo / "tiny" / "1", broken / "1", symlinks=True)
+    (broken / "config.pbtxt").write_text(
+        (repo / "tiny" / "config.pbtxt").read_text().replace('name: "tiny"', 'name: "broken"')
+        + "\nmax_queue_size: 4\n"
+    )
+    badtype = repo / "badtype"
+    badtype.mkdir()
+    shutil.copytree(repo / "tiny" / "1", badtype / "1", symlinks=True)
+    tiny_config = (repo / "tiny" / "config.pbtxt").read_text()
+    (badtype / "config.pbtxt").write_text(
+        tiny_config.replace('name: "tiny"', 'name: "badtype"').replace(
+            "max_batch_size: 256", "max_batch_size: -3"
+        )
+    )
+    server = start_server(repo)
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        assert client.is_model_ready("tiny")
+        assert client.is_model_ready("image_classifier")
+        assert not client.is_model_ready("broken")
+        index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+        assert index["broken"]["state"] == "UNAVAILABLE"
+        assert "broken/config.pbtxt" in index["broken"]["reason"]
+        assert "max_queue_size" in index["broken"]["reason"]
+        assert "badtype/config.pbtxt" in index["badtype"]["reason"]
+        assert "max_batch_size" in index["badtype"]["reason"]
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model("broken")
+        assert "max_queue_size" in info.value.message()
+        assert client.infer("tiny", [tiny_input()]).as_numpy("OUTPUT0") is not None
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_load_unload_and_versions(repo: Path) -> None:
+    add_version(repo, "tiny", 2)
+    add_version(repo, "tiny", 3)
+    server = start_server(repo)
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        # Default policy: the latest version only.
+        assert client.get_model_metadata("tiny", as_json=True)["versions"] == ["3"]
+        assert not client.is_model_ready("tiny", "1")
+        client.unload_model("tiny")
+        assert not client.is_model_ready("tiny")
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("tiny", [tiny_input()])
+        assert "tiny" in info.value.message()
+        states = {
+            m["name"]: m["state"] for m in client.get_model_repository_index(as_json=True)["models"]
+        }
+        assert states["tiny"] == "UNAVAILABLE"
+        # Switch to serving every version, then load again at run time.
+        config = repo / "tiny" / "config.pbtxt"
+        config.write_text(config.read_text() + "\nversion_policy: { all { } }\n")
+        client.load_model("tiny")
+        assert client.get_model_metadata("tiny", as_json=True)["versions"] == ["1", "2", "3"]
+        for version in ("1", "2", "3"):
+            result = client.infer("tiny", [tiny_input()], model_version=version)
+            assert result.get_response().model_version == version
+        config.write_text(config.read_text().replace("all { }", "specific { versions: [1, 3] }"))
+        client.load_model("tiny")
+        assert client.get_model_metadata("tiny", as_json=True)["versions"] == ["1", "3"]
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model("does_not_exist")
+        assert info.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model("../tiny")
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_onnx_model_without_config_is_autocompleted(tmp_path: Path, examples_dir: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "bare" / "1").mkdir(parents=True)
+    (repo / "bare" / "1" / "model.onnx").symlink_to(examples_dir / "image_classifier/1/model.onnx")
+    (repo / "bare" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 8\n')
+    server = start_server(repo)
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        meta = client.get_model_metadata("bare", as_json=True)
+        assert meta["inputs"][0]["name"] == "INPUT"
+        assert meta["inputs"][0]["shape"] == ["-1", "3", "64", "64"]
+        config = client.get_model_config("bare", as_json=True)["config"]
+        assert config["output"][0]["name"] == "LOGITS"
+        tensor = grpcclient.InferInput("INPUT", [2, 3, 64, 64], "FP32")
+        tensor.set_data_from_numpy(np.zeros((2, 3, 64, 64), np.float32))
+        assert client.infer("bare", [tensor]).as_numpy("LOGITS").shape == (2, 1000)
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_in_flight_requests(repo: Path) -> None:
+    server = start_server(repo, "--grace-period", "20")
+    results: list[object] = []
+    errors: list[Exception] = []
+
+    def call() -> None:
+        client = grpcclient.InferenceServerClient(server.url)
+        try:
+            tensor = grpcclient.InferInput("INPUT", [16, 3, 64, 64], "FP32")
+            tensor.set_data_from_numpy(np.ones((16, 3, 64, 64), np.float32))
+            results.append(client.infer("image_classifier", [tensor]).as_numpy("LOGITS"))
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    # Wait until the requests are accepted (queued or running), then ask for shutdown.
+    client = grpcclient.InferenceServerClient(server.url)
+    for _ in range(200):
+        stats = client.get_inference_statistics("image_classifier", as_json=True)
+        if int(stats["model_stats"][0].get("execution_count", 0)) >= 1:
+            break
+    client.close()
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert server.proc.wait(60) == 0, server.output()
+    assert not errors, errors
+    assert len(results) == 8
+    assert "convoy stopped" in server.output()
+
+
+def test_cli_help_and_builtin_examples(examples_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--help"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for flag in ("--model-repository", "--grpc-port", "--metrics-port", "--grace-period"):
+        assert flag in out
+    # No repository: the built-in examples, from the cache the fixture filled.
+    server = start_server(None, env={"CONVOY_CACHE_DIR": str(examples_dir.parent)})
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        index = client.get_model_repository_index(as_json=True)["models"]
+        ready = {m["name"] for m in index if m["state"] == "READY"}
+        assert ready == {"tiny", "image_classifier", "minilm_embedding"}
+        client.close()
+    finally:
+        assert server.stop() == 0

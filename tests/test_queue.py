@@ -1,0 +1,184 @@
+"""ModelQueue with a fake clock and a fake runner: answers, ordering, limits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import pytest
+
+from server.batching.queue import ModelQueue
+from server.config import BatchingConfig, QueuePolicy
+from server.errors import DeadlineExceeded, InternalError, Overloaded, Unavailable
+
+from .fakes import FakeClock, FakeRunner, RecordingObserver, make_request
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())  # type: ignore[arg-type]
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def make_queue(
+    runner: FakeRunner, batching: BatchingConfig | None, clock: FakeClock, max_batch: int = 8
+) -> tuple[ModelQueue, RecordingObserver]:
+    observer = RecordingObserver()
+    queue = ModelQueue("m", max_batch, batching, runner, observer, clock)
+    queue.start()
+    return queue, observer
+
+
+def test_every_request_gets_its_own_rows_back() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, observer = make_queue(runner, BatchingConfig(), clock)
+        first = make_request(value=0)
+        queue.submit(first)
+        await settle()  # the first batch is running (held by the gate)
+        rest = [make_request(rows=2, value=i) for i in range(1, 4)]
+        for r in rest:
+            queue.submit(r)
+        runner.gate.set()  # type: ignore[union-attr]
+        results = await asyncio.gather(*(r.future for r in [first, *rest]))
+        for i, result in enumerate(results):
+            np.testing.assert_array_equal(result.outputs["y"], np.full((max(1, i and 2), 4), i + 1))
+        assert runner.batches == [(0.0,), (1.0, 2.0, 3.0)]  # the queued three ran together
+        assert observer.batches == [1, 6]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_concurrency_is_bounded_by_instance_count() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(capacity=2, gate=asyncio.Event())
+        queue, _ = make_queue(runner, None, clock)  # no dynamic batching: one request a batch
+        requests = [make_request(value=i) for i in range(6)]
+        for r in requests:
+            queue.submit(r)
+        await settle()
+        assert runner.running == 2
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(*(r.future for r in requests))
+        assert runner.max_running == 2
+        assert len(runner.batches) == 6
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_full_queue_refuses_at_once() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        batching = BatchingConfig(default_queue_policy=QueuePolicy(max_queue_size=2))
+        queue, _ = make_queue(runner, batching, clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()  # running, not queued
+        queue.submit(make_request(value=1))
+        queue.submit(make_request(value=2))
+        with pytest.raises(Overloaded, match="full"):
+            queue.submit(make_request(value=3))
+        runner.gate.set()  # type: ignore[union-attr]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_expired_request_is_answered_without_running() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, _ = make_queue(runner, BatchingConfig(), clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()
+        late = make_request(value=1, deadline_ns=clock.now + 1000)
+        queue.submit(late)
+        clock.advance_us(5)
+        runner.gate.set()  # type: ignore[union-attr]
+        with pytest.raises(DeadlineExceeded):
+            await late.future
+        assert (1.0,) not in runner.batches
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_priorities_run_first() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        batching = BatchingConfig(priority_levels=2, default_priority_level=2)
+        queue, _ = make_queue(runner, batching, clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()
+        low = make_request(value=1)
+        high = make_request(value=2, priority=1)
+        queue.submit(low)
+        queue.submit(high)
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(low.future, high.future)
+        assert runner.batches == [(0.0,), (2.0,), (1.0,)]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_cancelled_request_is_dropped() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, _ = make_queue(runner, BatchingConfig(), clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()
+        gone = make_request(value=1)
+        kept = make_request(value=2)
+        queue.submit(gone)
+        queue.submit(kept)
+        gone.future.cancel()
+        runner.gate.set()  # type: ignore[union-attr]
+        await kept.future
+        assert (1.0,) not in runner.batches
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_backend_failure_answers_every_request_once() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        runner = FakeRunner(fail_with=RuntimeError("boom"))
+        queue, observer = make_queue(runner, BatchingConfig(), clock)
+        requests = [make_request(value=i) for i in range(3)]
+        for r in requests:
+            queue.submit(r)
+        for r in requests:
+            with pytest.raises(InternalError, match="boom"):
+                await r.future
+        assert sorted(observer.done) == sorted((r.id, "InternalError") for r in requests)
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_close_without_drain_answers_the_queued() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, _ = make_queue(runner, BatchingConfig(), clock, max_batch=1)
+        running = make_request(value=0)
+        queue.submit(running)
+        await settle()
+        waiting = make_request(value=1)
+        queue.submit(waiting)
+        closing = asyncio.ensure_future(queue.close(drain=False))
+        await settle()
+        with pytest.raises(Unavailable):
+            await waiting.future
+        runner.gate.set()  # type: ignore[union-attr]
+        await closing
+        assert (await running.future).outputs["y"][0, 0] == 1
+        with pytest.raises(Unavailable):
+            queue.submit(make_request(value=3))
+
+    run(body)

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.errors import InvalidInput
+from server.tensors import deserialize_bytes, numpy_dtype, serialize_bytes, wire_datatype
+
+
+@given(st.lists(st.binary(max_size=50), max_size=20))
+def test_bytes_round_trip(items: list[bytes]) -> None:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    wire = serialize_bytes(array)
+    back = deserialize_bytes(wire, len(items), "input 'X'")
+    assert list(back) == items
+
+
+def test_bytes_errors_name_the_field() -> None:
+    with pytest.raises(InvalidInput, match=r"input 'T'.*claims 9 bytes"):
+        deserialize_bytes(b"\x09\0\0\0abc", 1, "input 'T'")
+    with pytest.raises(InvalidInput, match=r"input 'T'.*holds 1 elements.*asks for 2"):
+        deserialize_bytes(b"\x01\0\0\0a", 2, "input 'T'")
+    with pytest.raises(InvalidInput, match="left over"):
+        deserialize_bytes(b"\x01\0\0\0ab", 1, "input 'T'")
+
+
+def test_datatypes() -> None:
+    assert numpy_dtype("FP16") == np.float16
+    assert wire_datatype(np.dtype(np.int8)) == "INT8"
+    assert wire_datatype(np.dtype(object)) == "BYTES"
+    with pytest.raises(InvalidInput, match="BF16"):
+        numpy_dtype("BF16")
