@@ -24,7 +24,7 @@ class TorchScriptBackend:
         self.device = device if use_cuda else "cpu"
         self._torch_device = torch.device(self.device)
         # TorchScript archives hold code and tensors, not pickles of arbitrary objects.
-        module = torch.jit.load(str(model_path), map_location=self._torch_device)  # type: ignore[no-untyped-call]
+        module = torch.jit.load(str(model_path), map_location=self._torch_device)
         self._module = module.eval()
         self._input_names = tuple(t.name for t in spec.inputs)
         self._output_names = tuple(t.name for t in spec.outputs)

@@ -104,7 +104,7 @@ def build_tiny(path: Path) -> None:
 
     version_dir = _model_dir(path, TINY_CONFIG)
     scripted = torch.jit.script(Tiny())
-    scripted.save(str(version_dir / "model.pt"))  # type: ignore[no-untyped-call]
+    scripted.save(str(version_dir / "model.pt"))
 
 
 def build_classifier(path: Path) -> None:
@@ -211,7 +211,7 @@ def _export_onnx(
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter: no onnxscript needed, deterministic output.
         torch.onnx.export(
-            model,  # type: ignore[arg-type]
+            model,
             args,
             str(out),
             input_names=inputs,

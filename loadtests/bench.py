@@ -1,0 +1,211 @@
+"""Closed-loop load generator for any KServe v2 gRPC server (Convoy, Triton, ...).
+
+    python -m loadtests.bench --url 127.0.0.1:8001 --model tiny --concurrency 1,32 --duration 10
+
+Several client processes (--procs), each an asyncio loop with pre-serialised
+requests on a raw grpc.aio channel, so the client costs as little as possible
+and the server is what is measured. Inputs are random data shaped from the
+model's metadata. Prints one line per concurrency; --json writes them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+_NUMPY = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}  # fmt: skip
+_SAMPLE_TEXT = b"Convoy batches concurrent requests into micro-batches under a latency budget."
+
+
+@dataclass
+class Result:
+    model: str
+    concurrency: int
+    rows_per_request: int
+    requests: int
+    errors: int
+    seconds: float
+    throughput_rps: float
+    rows_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    avg_batch_size: float  # from the server's statistics, 0 if unavailable
+
+    def line(self) -> str:
+        return (
+            f"{self.model:>18} c={self.concurrency:<4} {self.throughput_rps:9.1f} req/s "
+            f"{self.rows_per_s:9.1f} rows/s  p50 {self.p50_ms:7.2f} ms  p90 {self.p90_ms:7.2f}  "
+            f"p99 {self.p99_ms:7.2f}  p99.9 {self.p999_ms:7.2f}  batch {self.avg_batch_size:5.2f}"
+            f"  errors {self.errors}"
+        )
+
+
+def build_request(url: str, model: str, rows: int, seed: int = 0) -> bytes:
+    """A ModelInferRequest for `model` with random inputs, serialised once."""
+    with grpc.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        meta = stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=model), timeout=30)
+        config = stub.ModelConfig(service_pb2.ModelConfigRequest(name=model), timeout=30).config
+    rng = np.random.default_rng(seed)
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for tensor in meta.inputs:
+        shape = [int(d) for d in tensor.shape]
+        if config.max_batch_size > 0:
+            shape[0] = rows
+        shape = [8 if d < 0 else d for d in shape]  # variable dims: a fixed 8
+        request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+        count = int(np.prod(shape))
+        if tensor.datatype == "BYTES":
+            item = len(_SAMPLE_TEXT).to_bytes(4, "little") + _SAMPLE_TEXT
+            request.raw_input_contents.append(item * count)
+        else:
+            data = rng.random(count).astype(_NUMPY[tensor.datatype])
+            request.raw_input_contents.append(data.tobytes())
+    return request.SerializeToString()
+
+
+async def _client(
+    url: str, payload: bytes, concurrency: int, duration: float
+) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    options = [
+        ("grpc.max_receive_message_length", 1 << 30),
+        ("grpc.max_send_message_length", 1 << 30),
+    ]
+    async with grpc.aio.insecure_channel(url, options=options) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        stop_at = time.perf_counter() + duration
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                try:
+                    await call(payload, timeout=60)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+def _process(args: tuple[str, bytes, int, float], out: mp.Queue) -> None:  # type: ignore[type-arg]
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    out.put(asyncio.run(_client(*args)))
+
+
+def _server_batches(url: str, model: str) -> tuple[int, int]:
+    with grpc.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            stats = stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=model), timeout=10)
+        except grpc.RpcError:
+            return 0, 0
+    rows = sum(s.inference_count for s in stats.model_stats)
+    batches = sum(s.execution_count for s in stats.model_stats)
+    return rows, batches
+
+
+def run_closed_loop(
+    url: str, model: str, concurrency: int, duration: float, procs: int = 2, rows: int = 1,
+    warmup: float = 1.0,
+) -> Result:  # fmt: skip
+    payload = build_request(url, model, rows)
+    procs = max(1, min(procs, concurrency))
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    ctx = mp.get_context("spawn")
+    if warmup > 0:
+        _run_processes(ctx, url, payload, shares, warmup)
+    rows0, batches0 = _server_batches(url, model)
+    start = time.perf_counter()
+    latencies, errors = _run_processes(ctx, url, payload, shares, duration)
+    elapsed = time.perf_counter() - start
+    rows1, batches1 = _server_batches(url, model)
+    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    count = len(latencies)
+    return Result(
+        model=model,
+        concurrency=concurrency,
+        rows_per_request=rows,
+        requests=count,
+        errors=errors,
+        seconds=elapsed,
+        throughput_rps=count / duration,
+        rows_per_s=count * rows / duration,
+        p50_ms=float(np.percentile(lat, 50)),
+        p90_ms=float(np.percentile(lat, 90)),
+        p99_ms=float(np.percentile(lat, 99)),
+        p999_ms=float(np.percentile(lat, 99.9)),
+        avg_batch_size=(rows1 - rows0) / (batches1 - batches0) if batches1 > batches0 else 0.0,
+    )
+
+
+def _run_processes(ctx, url: str, payload: bytes, shares: list[int], duration: float):  # type: ignore[no-untyped-def]
+    out = ctx.Queue()
+    workers = [
+        ctx.Process(target=_process, args=((url, payload, share, duration), out))
+        for share in shares
+    ]
+    for w in workers:
+        w.start()
+    latencies: list[float] = []
+    errors = 0
+    for _ in workers:
+        lat, err = out.get(timeout=duration + 120)
+        latencies.extend(lat)
+        errors += err
+    for w in workers:
+        w.join()
+    return latencies, errors
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default="127.0.0.1:8001")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated sweep")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per point")
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--rows", type=int, default=1, help="batch rows per request")
+    parser.add_argument("--json", default=None, help="write results to this file")
+    args = parser.parse_args(argv)
+    results = []
+    for c in (int(x) for x in args.concurrency.split(",")):
+        result = run_closed_loop(args.url, args.model, c, args.duration, args.procs, args.rows)
+        print(result.line(), flush=True)
+        results.append(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
