@@ -134,9 +134,9 @@ def _server_batches(url: str, model: str) -> tuple[int, int]:
 
 def run_closed_loop(
     url: str, model: str, concurrency: int, duration: float, procs: int = 2, rows: int = 1,
-    warmup: float = 1.0,
+    warmup: float = 1.0, metadata_url: str | None = None,
 ) -> Result:  # fmt: skip
-    payload = build_request(url, model, rows)
+    payload = build_request(metadata_url or url, model, rows)
     procs = max(1, min(procs, concurrency))
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     ctx = mp.get_context("spawn")
@@ -196,10 +196,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--rows", type=int, default=1, help="batch rows per request")
     parser.add_argument("--json", default=None, help="write results to this file")
+    parser.add_argument(
+        "--metadata-url",
+        default=None,
+        help="read the model's metadata from this server instead (for the bare echo server)",
+    )
     args = parser.parse_args(argv)
     results = []
     for c in (int(x) for x in args.concurrency.split(",")):
-        result = run_closed_loop(args.url, args.model, c, args.duration, args.procs, args.rows)
+        result = run_closed_loop(
+            args.url, args.model, c, args.duration, args.procs, args.rows,
+            metadata_url=args.metadata_url,
+        )  # fmt: skip
         print(result.line(), flush=True)
         results.append(result)
     if args.json:

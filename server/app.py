@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -112,6 +113,10 @@ def run(config: ServerConfig) -> None:
     """Blocking entry point: resolve the repository, then serve on uvloop."""
     import uvloop
 
+    # Instance threads need the GIL back quickly after the loop has had it:
+    # with the default 5 ms switch interval a 20 us TorchScript call measured
+    # ~1 ms of compute_infer under load; 0.2 ms doubled tiny-model req/s at c=1.
+    sys.setswitchinterval(config.gil_switch_interval_s)
     root = config.model_repository
     if root is None:
         from .repository.examples import default_examples_dir, ensure_examples

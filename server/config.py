@@ -48,6 +48,7 @@ class ServerConfig:
     grace_period_s: float = 30.0
     max_message_bytes: int = 256 * 1024 * 1024
     reflection: bool = True
+    gil_switch_interval_s: float = 0.0002
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ use ModelMetrics, whose label children are resolved once per model version.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
@@ -69,10 +71,22 @@ class ModelMetrics:
         self.batch_size = metrics.batch_size.labels(model, version)
         self.queue_seconds = metrics.queue_seconds.labels(model, version)
         self.request_seconds = metrics.request_seconds.labels(model, version)
-        self.queue_depth = metrics.queue_depth.labels(model, version)
-        self.inflight = metrics.inflight.labels(model, version)
         self.ready = metrics.model_ready.labels(model, version)
         self._compute: dict[str, Histogram] = {}
+
+    def watch(self, queue_depth: Callable[[], float], inflight: Callable[[], float]) -> None:
+        """Gauges read when scraped, so the hot path never touches them."""
+        self._metrics.queue_depth.labels(*self._labels).set_function(queue_depth)
+        self._metrics.inflight.labels(*self._labels).set_function(inflight)
+
+    def release(self) -> None:
+        """Drop the gauges that point at an unloaded model."""
+        for gauge in (self._metrics.queue_depth, self._metrics.inflight):
+            try:
+                gauge.remove(*self._labels)
+            except KeyError:
+                pass
+        self.ready.set(0)
 
     def failure(self, reason: str) -> Counter:
         return self._metrics.request_failure.labels(*self._labels, reason)

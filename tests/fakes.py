@@ -59,7 +59,10 @@ class FakeRunner:
     gate: asyncio.Event | None = None
     fail_with: ConvoyError | Exception | None = None
 
-    async def run(self, batch: Batch) -> BatchOutcome:
+    def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
+        return asyncio.ensure_future(self._run(batch))
+
+    async def _run(self, batch: Batch) -> BatchOutcome:
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         try:
@@ -78,13 +81,9 @@ class FakeRunner:
 class RecordingObserver:
     done: list[tuple[str, str | None]] = field(default_factory=list)
     batches: list[int] = field(default_factory=list)
-    depth: int = 0
 
     def on_batch(self, batch: Batch, outcome: BatchOutcome, output_ns: int) -> None:
         self.batches.append(batch.rows)
 
     def on_request_done(self, request: InferRequest, error: ConvoyError | None, now: int) -> None:
         self.done.append((request.id, type(error).__name__ if error else None))
-
-    def on_queue_depth(self, depth: int) -> None:
-        self.depth = depth

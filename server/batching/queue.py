@@ -1,8 +1,11 @@
-"""ModelQueue: one per served model version. Owns its driver task.
+"""ModelQueue: one per served model version.
 
-Lifecycle: the owner (ServedModel) calls start() once and close() once.
-submit() is called on the event loop by the frontend; batches run on a
-BatchRunner (the instance pool) while the driver forms the next one.
+Driven by callbacks on the event loop, not by a task: a submit schedules one
+"pump" for the end of the current loop iteration (so requests that arrive
+together batch together), a finished batch pumps again, and a timer pumps when
+the oldest request has waited max_queue_delay. The pump forms batches while an
+instance is free. Lifecycle: the owner (ServedModel) calls start() once and
+close() once; close() cancels the timer and awaits the batches in flight.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ class BatchOutcome:
 class BatchRunner(Protocol):
     capacity: int  # batches that may run at once
 
-    async def run(self, batch: Batch) -> BatchOutcome: ...
+    def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
+        """Start the batch on a free instance; never called with none free."""
+        ...
 
 
 class QueueObserver(Protocol):
@@ -46,8 +51,6 @@ class QueueObserver(Protocol):
     def on_request_done(
         self, request: InferRequest, error: ConvoyError | None, now_ns: int
     ) -> None: ...
-
-    def on_queue_depth(self, depth: int) -> None: ...
 
 
 class ModelQueue:
@@ -76,18 +79,25 @@ class ModelQueue:
         # DELAY-policy requests whose timeout passed: they run after all others.
         self._levels: list[deque[InferRequest]] = [deque() for _ in range(levels + 1)]
         self._depth = 0
-        self._slots = asyncio.Semaphore(runner.capacity)
-        self._wakeup = asyncio.Event()
-        self._running: set[asyncio.Task[None]] = set()
-        self._driver: asyncio.Task[None] | None = None
+        self._busy = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Future[BatchOutcome]] = set()
+        self._idle: asyncio.Event | None = None
+        # preserve_ordering: answers are released in dispatch order.
+        self._ordered = self._batching.preserve_ordering and runner.capacity > 1
+        self._next_ticket = 0
+        self._release_ticket = 0
+        self._held: dict[int, Callable[[], None]] = {}
         self._closed = False
 
     # -- the frontend's side -------------------------------------------------
 
     def submit(self, request: InferRequest) -> None:
         """Queue an accepted request, or raise at once (Overloaded, Unavailable)."""
-        if self._closed:
-            raise Unavailable(f"model '{self.name}' is unloading")
+        if self._closed or self._loop is None:
+            raise Unavailable(f"model '{self.name}' is not accepting requests")
         level = self._level_of(request.priority)
         policy = self._batching.policy_for(level + 1)
         queue = self._levels[level]
@@ -102,12 +112,15 @@ class ModelQueue:
         request.deadline_ns = self._deadline(request, policy)
         queue.append(request)
         self._depth += 1
-        self._observer.on_queue_depth(self._depth)
-        self._wakeup.set()
+        self._schedule_pump()
 
     @property
     def depth(self) -> int:
         return self._depth
+
+    @property
+    def busy(self) -> int:
+        return self._busy
 
     def _level_of(self, priority: int) -> int:
         levels = self._batching.priority_levels
@@ -132,65 +145,53 @@ class ModelQueue:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        assert self._driver is None, "ModelQueue.start() called twice"
-        self._driver = asyncio.get_running_loop().create_task(
-            self._drive(), name=f"convoy-queue-{self.name}"
-        )
+        assert self._loop is None, "ModelQueue.start() called twice"
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
 
     async def close(self, drain: bool) -> None:
-        """Stop accepting; with drain, finish what is queued; then stop the driver."""
+        """Stop accepting; with drain, run what is queued; then await batches in flight."""
         self._closed = True
-        if drain:
-            while self._depth and self._driver is not None and not self._driver.done():
-                self._wakeup.set()
-                await asyncio.sleep(0.005)
+        if drain and self._idle is not None:
+            while self._depth or self._busy:
+                self._idle.clear()
+                self._schedule_pump()
+                await self._idle.wait()
+        if self._timer is not None:
+            self._timer.cancel()
         self._fail_pending(Unavailable(f"model '{self.name}' was unloaded before this ran"))
-        if self._driver is not None:
-            self._driver.cancel()
-            try:
-                await self._driver
-            except asyncio.CancelledError:
-                pass
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
-    # -- the driver ----------------------------------------------------------
+    # -- batch formation -------------------------------------------------------
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_pending and self._loop is not None:
+            self._pump_pending = True
+            self._loop.call_soon(self._pump)
 
     def _pending(self) -> Iterator[InferRequest]:
         for queue in self._levels:
             yield from queue
 
-    async def _drive(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._slots.acquire()
-            try:
-                batch = await self._next_batch(loop)
-            except BaseException:
-                self._slots.release()
-                raise
-            task = loop.create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> Batch:
-        while True:
-            self._wakeup.clear()
+    def _pump(self) -> None:
+        self._pump_pending = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._depth and self._busy < self._runner.capacity:
             now = self._clock()
             self._sweep(now)
             plan = plan_batch(self._pending(), now, self._limits)
-            if plan.take:
-                self._remove(plan.take, now)
-                return Batch(requests=plan.take, batched=self._limits.max_batch_size > 0)
-            timer = None
-            if plan.wake_at_ns is not None:
-                delay = max(0.0, (plan.wake_at_ns - now) / 1e9)
-                timer = loop.call_later(delay, self._wakeup.set)
-            try:
-                await self._wakeup.wait()
-            finally:
-                if timer is not None:
-                    timer.cancel()
+            if not plan.take:
+                if plan.wake_at_ns is not None and self._loop is not None:
+                    delay = max(0.0, (plan.wake_at_ns - now) / 1e9)
+                    self._timer = self._loop.call_later(delay, self._schedule_pump)
+                break
+            self._remove(plan.take, now)
+            self._dispatch(Batch(requests=plan.take, batched=self._limits.max_batch_size > 0))
+        if self._idle is not None and not self._depth and not self._busy:
+            self._idle.set()
 
     def _sweep(self, now: int) -> None:
         """Drop requests whose caller left; answer or demote those past their deadline."""
@@ -222,39 +223,75 @@ class ModelQueue:
                 keep.append(request)
             if changed:
                 self._levels[level] = keep
-        depth = sum(len(q) for q in self._levels)
-        if depth != self._depth:
-            self._depth = depth
-            self._observer.on_queue_depth(depth)
+        self._depth = sum(len(q) for q in self._levels)
 
     def _remove(self, taken: tuple[InferRequest, ...], now: int) -> None:
         ids = {id(r) for r in taken}
+        left = len(taken)
         for level, queue in enumerate(self._levels):
-            if any(id(r) in ids for r in queue):
-                self._levels[level] = deque(r for r in queue if id(r) not in ids)
+            # Usual case: the batch is a prefix of the queue.
+            while left and queue and id(queue[0]) in ids:
+                queue.popleft()
+                left -= 1
+            if left and any(id(r) in ids for r in queue):
+                kept = deque(r for r in queue if id(r) not in ids)
+                left -= len(queue) - len(kept)
+                self._levels[level] = kept
         for request in taken:
             request.dispatch_ns = now
         self._depth -= len(taken)
-        self._observer.on_queue_depth(self._depth)
 
-    async def _execute(self, batch: Batch) -> None:
+    # -- execution -------------------------------------------------------------
+
+    def _dispatch(self, batch: Batch) -> None:
+        self._busy += 1
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        future = self._runner.submit(batch)
+        self._running.add(future)
+        future.add_done_callback(lambda f: self._finished(batch, ticket, f))
+
+    def _finished(self, batch: Batch, ticket: int, future: asyncio.Future[BatchOutcome]) -> None:
+        self._running.discard(future)
+        self._busy -= 1
+        answer = self._answer_batch(batch, future)
+        if self._ordered:
+            self._held[ticket] = answer
+            while self._release_ticket in self._held:
+                self._held.pop(self._release_ticket)()
+                self._release_ticket += 1
+        else:
+            answer()
+        self._pump()
+
+    def _answer_batch(
+        self, batch: Batch, future: asyncio.Future[BatchOutcome]
+    ) -> Callable[[], None]:
+        """Split the outcome now; return the step that resolves the callers' futures."""
         try:
-            outcome = await self._runner.run(batch)
+            if future.cancelled():
+                raise Unavailable(f"model '{self.name}': batch cancelled")
+            outcome = future.result()
             start = self._clock()
             per_request = batch.split_outputs(outcome.outputs)
+            output_ns = self._clock() - start
+        except ConvoyError as exc:
+            error: ConvoyError = exc
+            return lambda: self._fail_batch(batch, error)
+        except Exception as exc:  # a backend bug must not lose the batch's answers
+            log.error("model '%s': batch of %d rows failed: %r", self.name, batch.rows, exc)
+            internal = InternalError(f"model '{self.name}' failed: {exc}")
+            return lambda: self._fail_batch(batch, internal)
+
+        def resolve() -> None:
             now = self._clock()
-            self._observer.on_batch(batch, outcome, now - start)
+            self._observer.on_batch(batch, outcome, output_ns)
             for request, outputs in zip(batch.requests, per_request, strict=True):
                 if not request.future.done():
                     request.future.set_result(InferResult(outputs))
                 self._observer.on_request_done(request, None, now)
-        except ConvoyError as exc:
-            self._fail_batch(batch, exc)
-        except Exception as exc:  # a backend bug must not lose the batch's answers
-            log.exception("model '%s': batch of %d failed", self.name, batch.rows)
-            self._fail_batch(batch, InternalError(f"model '{self.name}' failed: {exc}"))
-        finally:
-            self._slots.release()
+
+        return resolve
 
     def _fail_batch(self, batch: Batch, error: ConvoyError) -> None:
         now = self._clock()
@@ -272,4 +309,3 @@ class ModelQueue:
             while queue:
                 self._answer_error(queue.popleft(), error, now)
         self._depth = 0
-        self._observer.on_queue_depth(0)

@@ -34,6 +34,7 @@ class ServedModel:
         self.metrics = metrics
         self.stats = ModelStatistics(name=spec.name, version=str(version))
         self._clock = clock
+        self.inflight = 0
         self.queue = ModelQueue(
             name=f"{spec.name}:{version}",
             max_batch_size=spec.max_batch_size,
@@ -49,25 +50,27 @@ class ServedModel:
 
     def start(self) -> None:
         self.queue.start()
+        self.metrics.watch(lambda: self.queue.depth, lambda: self.inflight)
         self.metrics.ready.set(1)
 
     async def close(self, drain: bool) -> None:
         self.metrics.ready.set(0)
         await self.queue.close(drain)
         await asyncio.to_thread(self.pool.close)
+        self.metrics.release()
 
     async def infer(self, request: InferRequest) -> InferResult:
         """Queue the request and wait for its one answer."""
-        self.metrics.inflight.inc()
         try:
-            try:
-                self.queue.submit(request)
-            except ConvoyError as exc:
-                self.record_rejection(exc)
-                raise
+            self.queue.submit(request)
+        except ConvoyError as exc:
+            self.record_rejection(exc)
+            raise
+        self.inflight += 1
+        try:
             return await request.future
         finally:
-            self.metrics.inflight.dec()
+            self.inflight -= 1
 
     def record_rejection(self, error: ConvoyError) -> None:
         """A request refused before it was queued (bad input, full queue)."""
@@ -99,6 +102,3 @@ class ServedModel:
             self.metrics.request_seconds.observe(total / 1e9)
         else:
             self.metrics.failure(type(error).__name__).inc()
-
-    def on_queue_depth(self, depth: int) -> None:
-        self.metrics.queue_depth.set(depth)
