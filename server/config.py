@@ -22,6 +22,7 @@ from .tensors import CONFIG_TO_WIRE
 log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.pbtxt"
+SLO_PARAMETER = "latency_slo_p99_ms"
 
 # Triton's platform names and the backend each one means.
 PLATFORM_TO_BACKEND = {
@@ -135,6 +136,12 @@ class ModelSpec:
     def batched(self) -> bool:
         return self.max_batch_size > 0
 
+    @property
+    def latency_slo_ns(self) -> int | None:
+        """parameters { key: "latency_slo_p99_ms" }: validated at load time."""
+        value = self.parameters.get(SLO_PARAMETER)
+        return None if value is None else int(float(value) * 1e6)
+
     def input(self, name: str) -> TensorSpec | None:
         for spec in self.inputs:
             if spec.name == name:
@@ -207,6 +214,8 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         raise ConfigError(path, "input", "the model declares no inputs")
     if not outputs:
         raise ConfigError(path, "output", "the model declares no outputs")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    _check_slo(parameters, config, path)
     return ModelSpec(
         name=config.name,
         backend=backend,
@@ -218,8 +227,23 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         instance_groups=_instance_groups(config, path),
         version_policy=version_policy_of(config, path),
         default_model_filename=config.default_model_filename or DEFAULT_MODEL_FILENAME[backend],
-        parameters={key: value.string_value for key, value in config.parameters.items()},
+        parameters=parameters,
     )
+
+
+def _check_slo(parameters: dict[str, str], config: mc.ModelConfig, path: str) -> None:
+    value = parameters.get(SLO_PARAMETER)
+    if value is None:
+        return
+    field = f"parameters.{SLO_PARAMETER}"
+    try:
+        target = float(value)
+    except ValueError:
+        raise ConfigError(path, field, f"'{value}' is not a number of milliseconds") from None
+    if not target > 0:
+        raise ConfigError(path, field, f"must be > 0, got {value}")
+    if config.max_batch_size <= 0 or not config.HasField("dynamic_batching"):
+        raise ConfigError(path, field, "needs max_batch_size > 0 and dynamic_batching")
 
 
 def _tensor_specs(tensors: Iterable[Any], path: str, kind: str) -> tuple[TensorSpec, ...]:

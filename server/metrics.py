@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .batching.slo import SloController
+
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
@@ -53,6 +55,22 @@ class Metrics:
             "convoy_inflight_requests", "Requests accepted and not yet answered", labels,
             registry=r,
         )  # fmt: skip
+        self.slo_batch_limit = Gauge(
+            "convoy_slo_batch_limit", "Batch-size limit chosen by latency-SLO batching", labels,
+            registry=r,
+        )  # fmt: skip
+        self.slo_queue_delay = Gauge(
+            "convoy_slo_queue_delay_seconds", "Queue delay chosen by latency-SLO batching",
+            labels, registry=r,
+        )  # fmt: skip
+        self.slo_p99 = Gauge(
+            "convoy_slo_measured_p99_seconds", "p99 latency of the last SLO window", labels,
+            registry=r,
+        )  # fmt: skip
+        self.slo_target = Gauge(
+            "convoy_slo_target_p99_seconds", "The configured p99 latency target", labels,
+            registry=r,
+        )  # fmt: skip
         self.model_ready = Gauge(
             "convoy_model_ready", "1 while the model version serves", labels, registry=r
         )
@@ -79,9 +97,18 @@ class ModelMetrics:
         self._metrics.queue_depth.labels(*self._labels).set_function(queue_depth)
         self._metrics.inflight.labels(*self._labels).set_function(inflight)
 
+    def watch_slo(self, slo: SloController) -> None:
+        m = self._metrics
+        m.slo_batch_limit.labels(*self._labels).set_function(lambda: slo.batch_limit)
+        m.slo_queue_delay.labels(*self._labels).set_function(lambda: slo.delay_ns / 1e9)
+        m.slo_p99.labels(*self._labels).set_function(lambda: slo.last_p99_ns / 1e9)
+        m.slo_target.labels(*self._labels).set(slo.target_ns / 1e9)
+
     def release(self) -> None:
         """Drop the gauges that point at an unloaded model."""
-        for gauge in (self._metrics.queue_depth, self._metrics.inflight):
+        m = self._metrics
+        gauges = (m.queue_depth, m.inflight, m.slo_batch_limit, m.slo_queue_delay, m.slo_p99)
+        for gauge in (*gauges, m.slo_target):
             try:
                 gauge.remove(*self._labels)
             except KeyError:

@@ -67,6 +67,20 @@ def test_full_config_parses(tmp_path: Path) -> None:
         (('platform: "onnxruntime_onnx"', 'platform: "caffe2"'), "platform"),
         (('name: "m"', 'name: "other"'), "name"),
         (("count: 2", "count: -2"), "instance_group[0].count"),
+        (
+            (
+                'key: "tokenizer" value { string_value: "t.json" }',
+                'key: "latency_slo_p99_ms" value { string_value: "soon" }',
+            ),
+            "parameters.latency_slo_p99_ms",
+        ),
+        (
+            (
+                'key: "tokenizer" value { string_value: "t.json" }',
+                'key: "latency_slo_p99_ms" value { string_value: "-5" }',
+            ),
+            "parameters.latency_slo_p99_ms",
+        ),
     ],
 )
 def test_bad_configs_name_file_and_field(

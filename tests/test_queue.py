@@ -182,3 +182,119 @@ def test_close_without_drain_answers_the_queued() -> None:
             queue.submit(make_request(value=3))
 
     run(body)
+
+
+def test_preserve_ordering_releases_answers_in_dispatch_order() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        gates = [asyncio.Event(), asyncio.Event()]
+        order: list[str] = []
+
+        class TwoInstances(FakeRunner):
+            def submit(self, batch):  # type: ignore[no-untyped-def]
+                gate = gates[len(self.batches) % 2]
+                self.batches.append(tuple(float(r.inputs["x"].flat[0]) for r in batch.requests))
+
+                async def run():  # type: ignore[no-untyped-def]
+                    await gate.wait()
+                    x = batch.gather_inputs()["x"]
+                    from server.batching.queue import BatchOutcome
+
+                    return BatchOutcome({"y": x + 1}, input_ns=1, infer_ns=1, device="cpu")
+
+                return asyncio.ensure_future(run())
+
+        runner = TwoInstances(capacity=2)
+        queue, _ = make_queue(runner, BatchingConfig(preserve_ordering=True), clock, max_batch=1)
+        first, second = make_request(value=0), make_request(value=1)
+        for r in (first, second):
+            r.future.add_done_callback(lambda f, r=r: order.append(r.id))
+        queue.submit(first)
+        await settle()
+        queue.submit(second)
+        await settle()
+        gates[1].set()  # the second batch finishes first...
+        await settle()
+        assert order == []  # ...but its answer waits for the first
+        gates[0].set()
+        await asyncio.gather(first.future, second.future)
+        assert order == ["0", "1"]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_delay_action_runs_late_requests_after_the_rest() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        policy = QueuePolicy(timeout_action="DELAY", default_timeout_us=10)
+        queue, _ = make_queue(runner, BatchingConfig(default_queue_policy=policy), clock, 1)
+        queue.submit(make_request(value=0))
+        await settle()
+        late = make_request(value=1)
+        queue.submit(late)
+        clock.advance_us(50)  # `late` is past its timeout...
+        fresh = make_request(value=2)
+        queue.submit(fresh)
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(late.future, fresh.future)  # ...but is run, not rejected
+        assert runner.batches == [(0.0,), (2.0,), (1.0,)]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_timeout_override_only_where_allowed() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        strict = QueuePolicy(default_timeout_us=100)
+        loose = QueuePolicy(default_timeout_us=100, allow_timeout_override=True)
+        for policy, expected in ((strict, 100_000), (loose, 5_000_000)):
+            queue, _ = make_queue(
+                FakeRunner(gate=asyncio.Event()), BatchingConfig(default_queue_policy=policy), clock
+            )
+            request = make_request(deadline_ns=clock.now + 5_000_000)
+            queue.submit(request)
+            assert request.deadline_ns == clock.now + expected
+            await queue.close(drain=False)
+
+    run(body)
+
+
+def test_preferred_batch_size_through_the_queue() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        batching = BatchingConfig(preferred_batch_sizes=(2, 4), max_queue_delay_us=10**6)
+        queue, _ = make_queue(runner, batching, clock, max_batch=8)
+        requests = [make_request(value=i) for i in range(5)]
+        for r in requests:
+            queue.submit(r)
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(*(r.future for r in requests[:4]))
+        assert runner.batches[0] == (0.0, 1.0, 2.0, 3.0)  # cut at the preferred 4
+        assert queue.depth == 1  # the fifth waits for company or the delay
+        await queue.close(drain=False)
+        with pytest.raises(Unavailable):
+            await requests[4].future
+
+    run(body)
+
+
+def test_slo_limits_shape_batches() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        observer = RecordingObserver()
+        queue = ModelQueue("m", 8, BatchingConfig(), runner, observer, clock, slo_target_ns=10**6)
+        queue.start()
+        assert queue.slo is not None
+        queue.slo.batch_limit = 2
+        queue._apply_slo()
+        requests = [make_request(value=i) for i in range(4)]
+        for r in requests:
+            queue.submit(r)
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(*(r.future for r in requests))
+        assert all(len(b) <= 2 for b in runner.batches)
+        await queue.close(drain=True)
+
+    run(body)

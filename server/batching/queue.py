@@ -23,6 +23,7 @@ from ..errors import ConvoyError, DeadlineExceeded, InternalError, Overloaded, U
 from .batch import Batch
 from .policy import BatchLimits, plan_batch
 from .request import Array, InferRequest, InferResult
+from .slo import SloController
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class ModelQueue:
         runner: BatchRunner,
         observer: QueueObserver,
         clock: Clock = time.monotonic_ns,
+        slo_target_ns: int | None = None,
     ) -> None:
         self.name = name
         self._batching = batching or BatchingConfig()
@@ -74,6 +76,10 @@ class ModelQueue:
         self._runner = runner
         self._observer = observer
         self._clock = clock
+        self.slo: SloController | None = None
+        if slo_target_ns and batching is not None and max_batch_size > 0:
+            self.slo = SloController(slo_target_ns, max_batch_size, self._limits.max_delay_ns)
+            self._apply_slo()
         levels = max(1, self._batching.priority_levels)
         # Index 0..levels-1 hold priority 1..levels; the extra last deque holds
         # DELAY-policy requests whose timeout passed: they run after all others.
@@ -113,6 +119,21 @@ class ModelQueue:
         queue.append(request)
         self._depth += 1
         self._schedule_pump()
+
+    @property
+    def limits(self) -> BatchLimits:
+        return self._limits
+
+    def _apply_slo(self) -> None:
+        assert self.slo is not None
+        self._limits = BatchLimits(
+            max_batch_size=self.slo.batch_limit,
+            dynamic=True,
+            max_delay_ns=self.slo.delay_ns,
+            preferred=tuple(
+                p for p in self._batching.preferred_batch_sizes if p <= self.slo.batch_limit
+            ),
+        )
 
     @property
     def depth(self) -> int:
@@ -286,10 +307,15 @@ class ModelQueue:
         def resolve() -> None:
             now = self._clock()
             self._observer.on_batch(batch, outcome, output_ns)
+            slo_changed = False
             for request, outputs in zip(batch.requests, per_request, strict=True):
                 if not request.future.done():
                     request.future.set_result(InferResult(outputs))
                 self._observer.on_request_done(request, None, now)
+                if self.slo is not None:
+                    slo_changed |= self.slo.observe(now - request.arrival_ns)
+            if slo_changed:
+                self._apply_slo()
 
         return resolve
 

@@ -42,6 +42,7 @@ class ServedModel:
             runner=pool,
             observer=self,
             clock=clock,
+            slo_target_ns=spec.latency_slo_ns,
         )
 
     @property
@@ -51,6 +52,8 @@ class ServedModel:
     def start(self) -> None:
         self.queue.start()
         self.metrics.watch(lambda: self.queue.depth, lambda: self.inflight)
+        if self.queue.slo is not None:
+            self.metrics.watch_slo(self.queue.slo)
         self.metrics.ready.set(1)
 
     async def close(self, drain: bool) -> None:
