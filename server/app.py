@@ -14,6 +14,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from .config import ServerConfig
+from .errors import ConfigError
+from .frontend.auth import AccessInterceptor, AccessPolicy, load_tokens
 from .frontend.servicer import InferenceServicer
 from .metrics import Metrics
 from .pb import grpc_service_pb2 as pb
@@ -48,14 +50,19 @@ class ConvoyServer:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail loudly
         ]
-        self._grpc = grpc.aio.server(options=options)
+        self._grpc = grpc.aio.server(options=options, interceptors=self._interceptors())
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if cfg.reflection:
             reflection.enable_server_reflection(
                 [SERVICE_NAME, reflection.SERVICE_NAME], self._grpc, pool=POOL
             )
-        self.grpc_port = self._grpc.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        credentials = _server_credentials(cfg)
+        if credentials is None:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        else:
+            self.grpc_port = self._grpc.add_secure_port(address, credentials)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
         await self._grpc.start()
@@ -70,6 +77,12 @@ class ConvoyServer:
             self.metrics_port if self.metrics_port else "off",
             [m.spec.name for m in self.repository.ready_models()],
         )
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        cfg = self.config
+        tokens = load_tokens(cfg.auth_tokens) if cfg.auth_tokens else None
+        policy = AccessPolicy(tokens, cfg.rate_limit, cfg.rate_burst)
+        return [AccessInterceptor(policy)] if policy.active else []
 
     def _start_metrics(self) -> None:
         if self.config.metrics_port < 0:
@@ -92,6 +105,21 @@ class ConvoyServer:
             await asyncio.to_thread(httpd.shutdown)  # type: ignore[attr-defined]
             httpd.server_close()  # type: ignore[attr-defined]
         log.info("convoy stopped")
+
+
+def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    if cfg.tls_cert is None and cfg.tls_key is None:
+        if cfg.tls_ca is not None:
+            raise ConfigError("--tls-ca", "tls", "mutual TLS needs --tls-cert and --tls-key too")
+        return None
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        raise ConfigError("--tls-cert/--tls-key", "tls", "give both the certificate and the key")
+    ca = cfg.tls_ca.read_bytes() if cfg.tls_ca else None
+    return grpc.ssl_server_credentials(
+        [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 async def serve(config: ServerConfig, repository_root: Path) -> None:

@@ -61,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reflection", action="store_true", help="turn gRPC server reflection off"
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    security = serve.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS")
+    security.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--tls-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)"
+    )
+    security.add_argument(
+        "--auth-tokens",
+        type=Path,
+        metavar="FILE",
+        help="require 'authorization: Bearer TOKEN'; FILE has 'TOKEN ROLE' lines, ROLE "
+        "infer or admin (admin may also load/unload). Health and liveness stay open",
+    )
+    security.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="RPS",
+        help="requests per second allowed per client (per token with --auth-tokens)",
+    )
+    security.add_argument(
+        "--rate-burst", type=float, metavar="N", help="burst size for --rate-limit (default RPS)"
+    )
 
     examples = commands.add_parser(
         "build-examples",
@@ -94,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         grace_period_s=args.grace_period,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         reflection=not args.no_reflection,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        auth_tokens=args.auth_tokens,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
     )
     from .app import run
 

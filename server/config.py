@@ -50,6 +50,12 @@ class ServerConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     reflection: bool = True
     gil_switch_interval_s: float = 0.0002
+    tls_cert: Path | None = None  # PEM; with tls_key, serve TLS
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # PEM; given, clients must present a certificate it signed
+    auth_tokens: Path | None = None  # "TOKEN ROLE" lines; given, calls need a bearer token
+    rate_limit: float | None = None  # requests/s per client (token), None: unlimited
+    rate_burst: float | None = None
 
 
 @dataclass(frozen=True)
