@@ -34,8 +34,8 @@ class ConvoyServer:
     def __init__(self, config: ServerConfig, repository_root: Path) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.repository = ModelRepository(repository_root, self.metrics)
-        self.servicer = InferenceServicer(self.repository)
+        self.repository = ModelRepository(repository_root, self.metrics, limits=config.limits)
+        self.servicer = InferenceServicer(self.repository, config.limits)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: object | None = None

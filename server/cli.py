@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ServerConfig
+from .config import ServerConfig, ServingLimits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-reflection", action="store_true", help="turn gRPC server reflection off"
+    )
+    serve.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=1024,
+        help="requests queued per model and priority level where config.pbtxt sets no "
+        "max_queue_size (default 1024; 0: unbounded, as in Triton); beyond it, "
+        "RESOURCE_EXHAUSTED at once",
+    )
+    serve.add_argument(
+        "--max-elements",
+        type=int,
+        default=1 << 28,
+        help="largest element count of one request input (default 2^28)",
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     security = serve.add_argument_group("security")
@@ -122,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         auth_tokens=args.auth_tokens,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
+        limits=ServingLimits(max_queue_size=args.max_queue_size, max_elements=args.max_elements),
     )
     from .app import run
 

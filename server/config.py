@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.pbtxt"
 SLO_PARAMETER = "latency_slo_p99_ms"
+TIMEOUT_PARAMETER = "execution_timeout_ms"
 
 # Triton's platform names and the backend each one means.
 PLATFORM_TO_BACKEND = {
@@ -35,7 +36,19 @@ DEFAULT_MODEL_FILENAME = {
     "onnxruntime": "model.onnx",
     "pytorch": "model.pt",
     "tensorrt": "model.plan",
+    "convoy_python": "model.py",
 }
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Server-wide bounds that keep memory flat under overload."""
+
+    max_queue_size: int = 1024  # per model priority level, where config.pbtxt sets none
+    max_elements: int = 1 << 28  # tensor elements per request input
+
+
+DEFAULT_LIMITS = ServingLimits()
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class ServerConfig:
     auth_tokens: Path | None = None  # "TOKEN ROLE" lines; given, calls need a bearer token
     rate_limit: float | None = None  # requests/s per client (token), None: unlimited
     rate_burst: float | None = None
+    limits: ServingLimits = ServingLimits()
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,12 @@ class ModelSpec:
         return self.max_batch_size > 0
 
     @property
+    def execution_timeout_s(self) -> float | None:
+        """parameters { key: "execution_timeout_ms" }: validated at load time."""
+        value = self.parameters.get(TIMEOUT_PARAMETER)
+        return None if value is None else float(value) / 1000
+
+    @property
     def latency_slo_ns(self) -> int | None:
         """parameters { key: "latency_slo_p99_ms" }: validated at load time."""
         value = self.parameters.get(SLO_PARAMETER)
@@ -192,7 +212,8 @@ def infer_backend(config: mc.ModelConfig, version_dirs: list[Path]) -> str | Non
         return PLATFORM_TO_BACKEND.get(config.platform)
     for version_dir in version_dirs:
         for backend, filename in DEFAULT_MODEL_FILENAME.items():
-            if (version_dir / filename).exists():
+            # Executing model.py must be asked for by name, never inferred.
+            if backend != "convoy_python" and (version_dir / filename).exists():
                 return backend
     return None
 
@@ -222,6 +243,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         raise ConfigError(path, "output", "the model declares no outputs")
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     _check_slo(parameters, config, path)
+    _check_timeout(parameters, path)
     return ModelSpec(
         name=config.name,
         backend=backend,
@@ -235,6 +257,20 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         default_model_filename=config.default_model_filename or DEFAULT_MODEL_FILENAME[backend],
         parameters=parameters,
     )
+
+
+def _check_timeout(parameters: dict[str, str], path: str) -> None:
+    value = parameters.get(TIMEOUT_PARAMETER)
+    if value is None:
+        return
+    try:
+        ok = float(value) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            path, f"parameters.{TIMEOUT_PARAMETER}", f"'{value}' is not a positive number"
+        )
 
 
 def _check_slo(parameters: dict[str, str], config: mc.ModelConfig, path: str) -> None:

@@ -58,6 +58,10 @@ def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -
         from .pytorch import TorchScriptBackend
 
         backend = TorchScriptBackend(model_path, device, spec)
+    elif spec.backend == "convoy_python":
+        from .python import PythonBackend
+
+        backend = PythonBackend(model_path, device, spec)
     elif spec.backend == "tensorrt":
         try:
             from .tensorrt import TensorRTBackend

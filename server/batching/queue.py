@@ -64,6 +64,7 @@ class ModelQueue:
         observer: QueueObserver,
         clock: Clock = time.monotonic_ns,
         slo_target_ns: int | None = None,
+        default_max_queue_size: int = 0,
     ) -> None:
         self.name = name
         self._batching = batching or BatchingConfig()
@@ -73,6 +74,7 @@ class ModelQueue:
             max_delay_ns=self._batching.max_queue_delay_us * 1000,
             preferred=self._batching.preferred_batch_sizes,
         )
+        self._default_max_queue = default_max_queue_size
         self._runner = runner
         self._observer = observer
         self._clock = clock
@@ -107,10 +109,10 @@ class ModelQueue:
         level = self._level_of(request.priority)
         policy = self._batching.policy_for(level + 1)
         queue = self._levels[level]
-        if policy.max_queue_size and len(queue) >= policy.max_queue_size:
+        limit = policy.max_queue_size or self._default_max_queue
+        if limit and len(queue) >= limit:
             raise Overloaded(
-                f"model '{self.name}': queue for priority {level + 1} is full "
-                f"({policy.max_queue_size} requests)"
+                f"model '{self.name}': queue for priority {level + 1} is full ({limit} requests)"
             )
         request.queue_level = level
         if request.arrival_ns == 0:

@@ -18,9 +18,6 @@ from ..errors import InvalidInput
 from ..pb import grpc_service_pb2 as pb
 from ..tensors import CONTENTS_FIELD, deserialize_bytes, numpy_dtype, serialize_bytes
 
-# Refuse absurd shapes before multiplying them into an allocation.
-MAX_ELEMENTS = 1 << 31
-
 
 def decode_request(
     request: pb.ModelInferRequest,
@@ -28,6 +25,7 @@ def decode_request(
     loop: asyncio.AbstractEventLoop,
     now_ns: int,
     time_remaining_s: float | None,
+    max_elements: int = 1 << 28,
 ) -> InferRequest:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -80,9 +78,12 @@ def decode_request(
                 f"input '{name}': unexpected shape {list(shape)} for model '{spec.name}'; "
                 f"expected {full}"
             )
-        count = math.prod(shape)
-        if count > MAX_ELEMENTS:
-            raise InvalidInput(f"input '{name}': {count} elements exceed the limit {MAX_ELEMENTS}")
+        count = math.prod(shape)  # Python ints: no overflow before the check
+        if count > max_elements:
+            raise InvalidInput(
+                f"input '{name}': shape {list(shape)} has {count} elements, "
+                f"over the server's limit of {max_elements}"
+            )
         if raw:
             array = _from_raw(raw[index], tensor.datatype, shape, count, name, index)
         else:
@@ -102,7 +103,7 @@ def decode_request(
         future=loop.create_future(),
         arrival_ns=now_ns,
         deadline_ns=_deadline(request.parameters, now_ns, time_remaining_s),
-        priority=_priority(request.parameters),
+        priority=_priority(request.parameters, spec),
     )
 
 
@@ -191,8 +192,15 @@ def _deadline(
     return min(deadlines) if deadlines else None
 
 
-def _priority(params: Mapping[str, pb.InferParameter]) -> int:
-    return _int_param(params, "priority") or 0
+def _priority(params: Mapping[str, pb.InferParameter], spec: ModelSpec) -> int:
+    priority = _int_param(params, "priority") or 0
+    levels = spec.batching.priority_levels if spec.batching else 0
+    if priority and levels and priority > levels:
+        raise InvalidInput(
+            f"parameter 'priority' {priority} is outside 1..{levels} "
+            f"(priority_levels of model '{spec.name}')"
+        )
+    return priority
 
 
 def encode_response(

@@ -11,6 +11,7 @@ import grpc
 
 from .. import __version__
 from ..batching.request import InferRequest
+from ..config import DEFAULT_LIMITS, ServingLimits
 from ..errors import ConvoyError, InvalidInput, Unimplemented
 from ..pb import grpc_service_pb2 as pb
 from ..pb import grpc_service_pb2_grpc as pb_grpc
@@ -30,8 +31,9 @@ async def _abort(context: grpc.aio.ServicerContext, error: ConvoyError) -> None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, limits: ServingLimits = DEFAULT_LIMITS) -> None:
         self._repo = repository
+        self._limits = limits
         self.accepting = False  # flipped by the server's lifecycle
 
     # -- health and metadata -------------------------------------------------
@@ -163,7 +165,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelInferRequest, time_remaining: float | None
     ) -> pb.ModelInferResponse:
         model = self._repo.get(request.model_name, request.model_version)
-        infer_request = _decode(model, request, time_remaining)
+        infer_request = _decode(model, request, time_remaining, self._limits.max_elements)
         result = await model.infer(infer_request)
         return encode_response(request, model.spec, model.version, result)
 
@@ -238,7 +240,10 @@ for _rpc in (
 
 
 def _decode(
-    model: ServedModel, request: pb.ModelInferRequest, time_remaining: float | None
+    model: ServedModel,
+    request: pb.ModelInferRequest,
+    time_remaining: float | None,
+    max_elements: int,
 ) -> InferRequest:
     try:
         return decode_request(
@@ -247,6 +252,7 @@ def _decode(
             asyncio.get_running_loop(),
             time.monotonic_ns(),
             time_remaining,
+            max_elements,
         )
     except ConvoyError as exc:
         model.record_rejection(exc)

@@ -8,6 +8,7 @@ instances (file I/O, runtime start-up) runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from ..backends.base import BackendSignature, default_threads
 from ..batching.queue import Clock
 from ..config import (
     CONFIG_FILENAME,
+    DEFAULT_LIMITS,
     ModelSpec,
+    ServingLimits,
     infer_backend,
     read_model_config,
     validate_model_config,
@@ -61,8 +64,15 @@ class IndexEntry:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, metrics: Metrics, clock: Clock = time.monotonic_ns) -> None:
+    def __init__(
+        self,
+        root: Path,
+        metrics: Metrics,
+        clock: Clock = time.monotonic_ns,
+        limits: ServingLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.root = root.resolve()
+        self.limits = limits
         self._metrics = metrics
         self._clock = clock
         self._models: dict[str, ModelEntry] = {}
@@ -231,7 +241,14 @@ class ModelRepository:
                 instance.close()
             raise
         metrics = self._metrics.for_model(spec.name, str(version))
-        return ServedModel(spec, version, config, InstancePool(instances), metrics, self._clock)
+        replacements = itertools.count()
+
+        def replacement(device: str) -> ModelInstance:
+            name = f"{spec.name}-v{version}-r{next(replacements)}"
+            return ModelInstance(name, load_backend(spec, model_path, device, threads))
+
+        pool = InstancePool(instances, replacement, spec.execution_timeout_s)
+        return ServedModel(spec, version, config, pool, metrics, self._clock, self.limits)
 
 
 def _looks_like_model(path: Path) -> bool:

@@ -7,7 +7,7 @@ import asyncio
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome, Clock, ModelQueue
 from ..batching.request import InferRequest, InferResult
-from ..config import ModelSpec
+from ..config import DEFAULT_LIMITS, ModelSpec, ServingLimits
 from ..errors import ConvoyError
 from ..metrics import ModelMetrics
 from ..pb import model_config_pb2 as mc
@@ -26,6 +26,7 @@ class ServedModel:
         pool: InstancePool,
         metrics: ModelMetrics,
         clock: Clock,
+        limits: ServingLimits = DEFAULT_LIMITS,
     ) -> None:
         self.spec = spec
         self.version = version
@@ -43,6 +44,7 @@ class ServedModel:
             observer=self,
             clock=clock,
             slo_target_ns=spec.latency_slo_ns,
+            default_max_queue_size=limits.max_queue_size,
         )
 
     @property

@@ -8,13 +8,19 @@ they compute, so instances run in parallel while the event loop stays free.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 
 from ..backends import Backend
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome
+from ..errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 _STOP = None
 
@@ -30,6 +36,7 @@ class ModelInstance:
     def __init__(self, name: str, backend: Backend) -> None:
         self.name = name
         self.backend = backend
+        self.retired = False
         self._inbox: queue.SimpleQueue[
             tuple[Batch, asyncio.Future[BatchOutcome], asyncio.AbstractEventLoop] | None
         ] = queue.SimpleQueue()
@@ -70,6 +77,11 @@ class ModelInstance:
             else:
                 loop.call_soon_threadsafe(_succeed, future, outcome)
 
+    def retire(self) -> None:
+        """Abandon a stuck instance: its thread exits if its call ever returns."""
+        self.retired = True
+        self._inbox.put(_STOP)
+
     def close(self) -> None:
         """Blocking: finish the batch in hand, stop the thread, release the backend."""
         self._inbox.put(_STOP)
@@ -87,24 +99,131 @@ def _fail(future: asyncio.Future[BatchOutcome], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
+InstanceFactory = Callable[[str], ModelInstance]  # device -> a new instance (blocking)
+
+
 class InstancePool:
-    def __init__(self, instances: list[ModelInstance]) -> None:
+    """Hands batches to free instances; replaces an instance whose batch overruns.
+
+    With an execution timeout, a batch still running after it is answered
+    UNAVAILABLE, the stuck instance is retired (its thread cannot be killed;
+    it is abandoned) and a replacement is built off the event loop. Until the
+    replacement is ready, batches wait for the remaining instances.
+    """
+
+    def __init__(
+        self,
+        instances: list[ModelInstance],
+        factory: InstanceFactory | None = None,
+        execution_timeout_s: float | None = None,
+    ) -> None:
         if not instances:
             raise ValueError("an InstancePool needs at least one instance")
-        self.instances = instances
+        self.instances = list(instances)
         self.capacity = len(instances)
+        self.replaced = 0
         self._free: list[ModelInstance] = list(instances)
+        self._waiting: deque[tuple[Batch, asyncio.Future[BatchOutcome]]] = deque()
+        self._factory = factory
+        self._timeout = execution_timeout_s
+        self._replacements: set[asyncio.Future[ModelInstance]] = set()
+        self._closed = False
 
     def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
-        # The queue never dispatches more batches than `capacity`, so an
-        # instance is always free here. The instance is back in the free list
-        # before the queue's own done-callback runs (callbacks run in order).
-        instance = self._free.pop()
-        future = instance.submit(batch)
-        future.add_done_callback(lambda _: self._free.append(instance))
-        return future
+        outer: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+        if self._free:
+            self._start(self._free.pop(), batch, outer)
+        else:  # only while a replacement is being built
+            self._waiting.append((batch, outer))
+        return outer
+
+    def _start(
+        self, instance: ModelInstance, batch: Batch, outer: asyncio.Future[BatchOutcome]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        inner = instance.submit(batch)
+        timer = None
+        if self._timeout is not None:
+            timer = loop.call_later(self._timeout, self._overran, instance, inner, outer)
+        inner.add_done_callback(lambda f: self._finished(instance, f, outer, timer))
+
+    def _finished(
+        self,
+        instance: ModelInstance,
+        inner: asyncio.Future[BatchOutcome],
+        outer: asyncio.Future[BatchOutcome],
+        timer: asyncio.TimerHandle | None,
+    ) -> None:
+        if timer is not None:
+            timer.cancel()
+        if instance.retired:
+            return  # the overrun already answered this batch
+        if not outer.done():
+            if inner.cancelled():
+                outer.cancel()
+            elif inner.exception() is not None:
+                outer.set_exception(inner.exception())  # type: ignore[arg-type]
+            else:
+                outer.set_result(inner.result())
+        self._release(instance)
+
+    def _release(self, instance: ModelInstance) -> None:
+        while self._waiting:
+            batch, outer = self._waiting.popleft()
+            if not outer.done():
+                self._start(instance, batch, outer)
+                return
+        self._free.append(instance)
+
+    def _overran(
+        self,
+        instance: ModelInstance,
+        inner: asyncio.Future[BatchOutcome],
+        outer: asyncio.Future[BatchOutcome],
+    ) -> None:
+        if inner.done():
+            return
+        instance.retire()
+        self.instances.remove(instance)
+        log.error(
+            "instance %s ran past the execution timeout of %.3f s: batch failed, instance retired",
+            instance.name,
+            self._timeout,
+        )
+        if not outer.done():
+            outer.set_exception(
+                Unavailable(
+                    f"instance {instance.name} exceeded the execution timeout of "
+                    f"{self._timeout:g} s; the instance is being replaced"
+                )
+            )
+        if self._factory is not None and not self._closed:
+            loop = asyncio.get_running_loop()
+            building = loop.run_in_executor(None, self._factory, instance.device)
+            self._replacements.add(building)
+            building.add_done_callback(self._replaced)
+
+    def _replaced(self, building: asyncio.Future[ModelInstance]) -> None:
+        self._replacements.discard(building)
+        if building.cancelled() or building.exception() is not None:
+            log.error("building a replacement instance failed: %r", building.exception())
+            if not self.instances:  # nothing left to run the waiting batches
+                while self._waiting:
+                    _, outer = self._waiting.popleft()
+                    if not outer.done():
+                        outer.set_exception(Unavailable("no instance of the model is left"))
+            return
+        instance = building.result()
+        if self._closed:
+            instance.close()
+            return
+        self.replaced += 1
+        self.instances.append(instance)
+        log.info("replacement instance %s is serving", instance.name)
+        self._release(instance)
 
     def close(self) -> None:
-        """Blocking: waits for each instance's thread; call it off the event loop."""
+        """Blocking: waits for each live instance's thread; call it off the event loop."""
+        self._closed = True
         for instance in self.instances:
             instance.close()
