@@ -3,8 +3,8 @@
     python -m loadtests.soak --duration 300
 
 Starts its own `convoy serve` on a repository holding the built-in `tiny` model and
-a `faulty` convoy_python model (raises, runs out of memory or hangs past its
-execution timeout on chosen inputs). Client threads send a bounded mix for
+a `faulty` convoy_python model (loadtests/faulty_model.py: raises, runs out of
+memory or hangs past its execution timeout on chosen inputs). Client threads send a bounded mix for
 --duration seconds while another thread reloads models at random. Every request
 sent must come back exactly once (a result or an error status), and the server's
 own Prometheus counters must agree with what the clients saw. Reports memory
@@ -35,34 +35,14 @@ from tritonclient.utils import InferenceServerException
 
 from server.repository.examples import default_examples_dir, ensure_examples
 
-FAULTY = """
-import time
+from . import faulty_model
 
-
-class Model:
-    def __init__(self, config):
-        pass
-
-    def __call__(self, inputs):
-        x = inputs["X"]
-        if (x == -1).any():
-            raise RuntimeError("injected failure")
-        if (x == -2).any():
-            time.sleep(5)
-        if (x == -3).any():
-            raise MemoryError("injected out of memory")
-        return {"Y": x * 1}
-"""
-FAULTY_CONFIG = """
-name: "faulty"
-backend: "convoy_python"
-max_batch_size: 8
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
-dynamic_batching { max_queue_delay_microseconds: 1000 }
-instance_group [ { count: 2 kind: KIND_CPU } ]
-parameters { key: "execution_timeout_ms" value { string_value: "300" } }
-"""
+FAULTY_CONFIG = faulty_model.config(
+    "faulty",
+    "dynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+    'parameters { key: "execution_timeout_ms" value { string_value: "300" } }',
+    instances=2,
+)
 _READY = re.compile(r"convoy serving gRPC on \S+:(\d+), metrics on port (\d+)")
 
 
@@ -79,7 +59,7 @@ def build_repository(root: Path) -> None:
     examples = ensure_examples(default_examples_dir())
     shutil.copytree(examples / "tiny", root / "tiny")
     (root / "faulty" / "1").mkdir(parents=True)
-    (root / "faulty" / "1" / "model.py").write_text(FAULTY)
+    (root / "faulty" / "1" / "model.py").write_text(faulty_model.SOURCE)
     (root / "faulty" / "config.pbtxt").write_text(FAULTY_CONFIG)
 
 

@@ -13,51 +13,16 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from loadtests import faulty_model
+
 from .conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e
 
-FAULTY_MODEL = '''
-import time
-import numpy as np
-
-
-class Model:
-    """y = x, except: -1 raises, -2 hangs, -3 runs out of memory, -4 takes 0.4 s."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def __call__(self, inputs):
-        x = inputs["X"]
-        if (x == -1).any():
-            raise RuntimeError("injected failure")
-        if (x == -2).any():
-            time.sleep(30)
-        if (x == -3).any():
-            raise MemoryError("injected out of memory")
-        if (x == -4).any():
-            time.sleep(0.4)
-        time.sleep(float(self.config.get("sleep_s", "0")))
-        return {"Y": x.copy()}
-'''
-
-
-def model_config(name: str, extra: str = "", max_batch: int = 8) -> str:
-    return f"""
-name: "{name}"
-backend: "convoy_python"
-max_batch_size: {max_batch}
-input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-{extra}
-"""
-
 
 def write_model(repo: Path, name: str, config: str) -> None:
     (repo / name / "1").mkdir(parents=True)
-    (repo / name / "1" / "model.py").write_text(FAULTY_MODEL)
+    (repo / name / "1" / "model.py").write_text(faulty_model.SOURCE)
     (repo / name / "config.pbtxt").write_text(config)
 
 
@@ -67,7 +32,7 @@ def fault_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     write_model(
         repo,
         "faulty",
-        model_config(
+        faulty_model.config(
             "faulty",
             "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
             'parameters { key: "execution_timeout_ms" value { string_value: "700" } }',
@@ -76,7 +41,7 @@ def fault_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     write_model(
         repo,
         "slow",
-        model_config(
+        faulty_model.config(
             "slow",
             "dynamic_batching { default_queue_policy { max_queue_size: 16 } }\n"
             'parameters { key: "sleep_s" value { string_value: "0.02" } }',

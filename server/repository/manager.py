@@ -264,16 +264,11 @@ def _autocomplete(config: mc.ModelConfig, backend: str, version_dir: Path) -> No
     if signature is None:
         return
     skip = 1 if config.max_batch_size > 0 else 0
-    if not config.input:
-        for tensor in signature.inputs:
-            config.input.add(
-                name=tensor.name,
-                data_type=mc.DataType.Value(WIRE_TO_CONFIG[tensor.datatype]),
-                dims=list(tensor.dims[skip:]),
-            )
-    if not config.output:
-        for tensor in signature.outputs:
-            config.output.add(
+    for target, tensors in ((config.input, signature.inputs), (config.output, signature.outputs)):
+        if len(target):
+            continue
+        for tensor in tensors:
+            target.add(
                 name=tensor.name,
                 data_type=mc.DataType.Value(WIRE_TO_CONFIG[tensor.datatype]),
                 dims=list(tensor.dims[skip:]),
