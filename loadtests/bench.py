@@ -1,21 +1,27 @@
-"""Closed-loop load generator for any KServe v2 gRPC server (Convoy, Triton, ...).
+"""Load generator for any KServe v2 gRPC server (Convoy, Triton, ...).
 
     python -m loadtests.bench --url 127.0.0.1:8001 --model tiny --concurrency 1,32 --duration 10
+    python -m loadtests.bench --url 127.0.0.1:8001 --model tiny --rate 200,400,800 \\
+        --csv out.csv --json out.json --plot out.png
 
-Several client processes (--procs), each an asyncio loop with pre-serialised
-requests on a raw grpc.aio channel, so the client costs as little as possible
-and the server is what is measured. Inputs are random data shaped from the
-model's metadata. Prints one line per concurrency; --json writes them all.
+Closed loop (--concurrency: N callers back to back) or open loop (--rate:
+Poisson arrivals at a fixed offered rate; latency counts from the scheduled
+send time, so queueing delay is not hidden). Several client processes
+(--procs), each an asyncio loop with pre-serialised requests on a raw grpc.aio
+channel, so the client costs as little as possible and the server is what is
+measured. Inputs are random data shaped from the model's metadata.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import multiprocessing as mp
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,6 +32,10 @@ _NUMPY = {
     "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
     "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }  # fmt: skip
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 1 << 30),
+    ("grpc.max_send_message_length", 1 << 30),
+]
 _SAMPLE_TEXT = b"Convoy batches concurrent requests into micro-batches under a latency budget."
 
 
@@ -78,6 +88,50 @@ def build_request(url: str, model: str, rows: int, seed: int = 0) -> bytes:
     return request.SerializeToString()
 
 
+async def _open_loop_client(
+    url: str, payload: bytes, rate: float, duration: float, seed: int
+) -> tuple[list[float], int]:
+    rng = np.random.default_rng(seed)
+    latencies: list[float] = []
+    errors = 0
+    max_outstanding = 10_000  # bounded memory: beyond it, arrivals count as errors
+    async with grpc.aio.insecure_channel(url, options=_OPTIONS) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        outstanding: set[asyncio.Task[None]] = set()
+
+        async def one(scheduled: float) -> None:
+            nonlocal errors
+            try:
+                await call(payload, timeout=60)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                return
+            latencies.append(time.perf_counter() - scheduled)
+
+        start = time.perf_counter()
+        next_at = start
+        while True:
+            next_at += rng.exponential(1.0 / rate)
+            if next_at >= start + duration:
+                break
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(outstanding) >= max_outstanding:
+                errors += 1
+                continue
+            task = asyncio.get_running_loop().create_task(one(next_at))
+            outstanding.add(task)
+            task.add_done_callback(outstanding.discard)
+        if outstanding:
+            await asyncio.gather(*outstanding)
+    return latencies, errors
+
+
 async def _client(
     url: str, payload: bytes, concurrency: int, duration: float
 ) -> tuple[list[float], int]:
@@ -110,14 +164,17 @@ async def _client(
     return latencies, errors
 
 
-def _process(args: tuple[str, bytes, int, float], out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _process(args: tuple[Any, ...], out: mp.Queue) -> None:  # type: ignore[type-arg]
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    out.put(asyncio.run(_client(*args)))
+    if len(args) == 5:  # open loop: url, payload, rate, duration, seed
+        out.put(asyncio.run(_open_loop_client(*args)))
+    else:
+        out.put(asyncio.run(_client(*args)))
 
 
 def _server_batches(url: str, model: str) -> tuple[int, int]:
@@ -166,12 +223,14 @@ def run_closed_loop(
     )
 
 
-def _run_processes(ctx, url: str, payload: bytes, shares: list[int], duration: float):  # type: ignore[no-untyped-def]
+def _run_processes(  # type: ignore[no-untyped-def]
+    ctx, url: str, payload: bytes, shares: list[Any], duration: float, open_loop: bool = False
+):
     out = ctx.Queue()
-    workers = [
-        ctx.Process(target=_process, args=((url, payload, share, duration), out))
-        for share in shares
-    ]
+    workers = []
+    for i, share in enumerate(shares):
+        args = (url, payload, share, duration, i) if open_loop else (url, payload, share, duration)
+        workers.append(ctx.Process(target=_process, args=(args, out)))
     for w in workers:
         w.start()
     latencies: list[float] = []
@@ -185,17 +244,83 @@ def _run_processes(ctx, url: str, payload: bytes, shares: list[int], duration: f
     return latencies, errors
 
 
+def run_open_loop(
+    url: str, model: str, rate: float, duration: float, procs: int = 2, rows: int = 1,
+    metadata_url: str | None = None,
+) -> Result:  # fmt: skip
+    """Fixed offered load; the result's `concurrency` field holds the offered req/s."""
+    payload = build_request(metadata_url or url, model, rows)
+    ctx = mp.get_context("spawn")
+    rows0, batches0 = _server_batches(url, model)
+    start = time.perf_counter()
+    latencies, errors = _run_processes(
+        ctx, url, payload, [rate / procs] * procs, duration, open_loop=True
+    )
+    elapsed = time.perf_counter() - start
+    rows1, batches1 = _server_batches(url, model)
+    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return Result(
+        model=model,
+        concurrency=int(rate),
+        rows_per_request=rows,
+        requests=len(latencies),
+        errors=errors,
+        seconds=elapsed,
+        throughput_rps=len(latencies) / duration,
+        rows_per_s=len(latencies) * rows / duration,
+        p50_ms=float(np.percentile(lat, 50)),
+        p90_ms=float(np.percentile(lat, 90)),
+        p99_ms=float(np.percentile(lat, 99)),
+        p999_ms=float(np.percentile(lat, 99.9)),
+        avg_batch_size=(rows1 - rows0) / (batches1 - batches0) if batches1 > batches0 else 0.0,
+    )
+
+
+def write_csv(results: list[Result], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+
+
+def plot(results: list[Result], path: str, title: str) -> None:
+    """Latency against throughput, p50 and p99, one pair of lines per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in dict.fromkeys(r.model for r in results):
+        points = sorted((r for r in results if r.model == model), key=lambda r: r.throughput_rps)
+        x = [r.throughput_rps for r in points]
+        ax.plot(x, [r.p50_ms for r in points], marker="o", label=f"{model} p50")
+        ax.plot(x, [r.p99_ms for r in points], marker="x", linestyle="--", label=f"{model} p99")
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", default="127.0.0.1:8001")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated sweep")
+    parser.add_argument("--concurrency", default="1,8,32,64", help="closed loop sweep")
+    parser.add_argument("--rate", default=None, help="open loop instead: offered req/s sweep")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per point")
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--rows", type=int, default=1, help="batch rows per request")
-    parser.add_argument("--json", default=None, help="write results to this file")
+    parser.add_argument("--json", default=None, help="write results as JSON")
+    parser.add_argument("--csv", default=None, help="write results as CSV")
+    parser.add_argument("--plot", default=None, help="write a latency-throughput PNG")
     parser.add_argument(
         "--metadata-url",
         default=None,
@@ -203,16 +328,30 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     results = []
-    for c in (int(x) for x in args.concurrency.split(",")):
-        result = run_closed_loop(
-            args.url, args.model, c, args.duration, args.procs, args.rows,
-            metadata_url=args.metadata_url,
-        )  # fmt: skip
-        print(result.line(), flush=True)
-        results.append(result)
+    if args.rate:
+        for rate in (float(x) for x in args.rate.split(",")):
+            result = run_open_loop(
+                args.url, args.model, rate, args.duration, args.procs, args.rows,
+                metadata_url=args.metadata_url,
+            )  # fmt: skip
+            print(result.line().replace(" c=", " rate="), flush=True)
+            results.append(result)
+    else:
+        for c in (int(x) for x in args.concurrency.split(",")):
+            result = run_closed_loop(
+                args.url, args.model, c, args.duration, args.procs, args.rows,
+                metadata_url=args.metadata_url,
+            )  # fmt: skip
+            print(result.line(), flush=True)
+            results.append(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)
+    if args.csv:
+        write_csv(results, args.csv)
+    if args.plot:
+        mode = "open loop" if args.rate else "closed loop"
+        plot(results, args.plot, f"{args.model}, {mode}, {args.procs} client processes")
 
 
 if __name__ == "__main__":

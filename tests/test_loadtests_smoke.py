@@ -30,3 +30,36 @@ def test_bare_model_loop(examples_dir: Path) -> None:
 def test_batcher_overhead() -> None:
     us, batch = asyncio.run(overhead_us(2000, 8))
     assert us > 0 and 1.0 <= batch <= 8.0
+
+
+@pytest.mark.e2e
+def test_open_loop_bench_with_csv_and_plot(server: ServerProcess, tmp_path: Path) -> None:
+    from loadtests.bench import plot, run_open_loop, write_csv
+
+    result = run_open_loop(server.url, "tiny", rate=50, duration=1.0, procs=1)
+    assert result.requests > 10 and result.errors == 0
+    write_csv([result], str(tmp_path / "r.csv"))
+    assert (tmp_path / "r.csv").read_text().startswith("model,concurrency")
+    plot([result], str(tmp_path / "r.png"), "smoke")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.e2e
+def test_locustfile_headless(server: ServerProcess, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    csv = tmp_path / "locust"
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless",
+         "-u", "4", "-r", "4", "-t", "3s", "--host", server.url,
+         "--models", "tiny:3,image_classifier:1", "--csv", str(csv), "--only-summary"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    stats = (tmp_path / "locust_stats.csv").read_text().splitlines()
+    rows = {line.split(",")[1]: line.split(",") for line in stats[1:]}
+    assert int(rows["ModelInfer tiny"][2]) > 0  # requests
+    assert int(rows["Aggregated"][3]) == 0  # failures
