@@ -132,6 +132,56 @@ async def _open_loop_client(
     return latencies, errors
 
 
+async def _http_client(
+    url: str, body: bytes, concurrency: int, duration: float
+) -> tuple[list[float], int]:
+    """Closed loop over HTTP/1.1 keep-alive, one connection per caller: for peers that
+    speak only HTTP (Ray Serve, LitServe). `url` is http://host:port/path."""
+    rest = url.removeprefix("http://")
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    head = (
+        f"POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    ).encode()
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                writer.write(head + body)
+                status = await reader.readline()
+                length, chunked = 0, False
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    lower = line.lower()
+                    if lower.startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                    elif lower.startswith(b"transfer-encoding:") and b"chunked" in lower:
+                        chunked = True
+                if chunked:
+                    while size := int((await reader.readline()).strip() or b"0", 16):
+                        await reader.readexactly(size + 2)
+                    await reader.readline()
+                else:
+                    await reader.readexactly(length)
+                if b" 200 " not in status:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            errors += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
 async def _client(
     url: str, payload: bytes, concurrency: int, duration: float
 ) -> tuple[list[float], int]:
@@ -173,6 +223,8 @@ def _process(args: tuple[Any, ...], out: mp.Queue) -> None:  # type: ignore[type
         pass
     if len(args) == 5:  # open loop: url, payload, rate, duration, seed
         out.put(asyncio.run(_open_loop_client(*args)))
+    elif args[0].startswith("http://"):
+        out.put(asyncio.run(_http_client(*args)))
     else:
         out.put(asyncio.run(_client(*args)))
 
@@ -191,9 +243,10 @@ def _server_batches(url: str, model: str) -> tuple[int, int]:
 
 def run_closed_loop(
     url: str, model: str, concurrency: int, duration: float, procs: int = 2, rows: int = 1,
-    warmup: float = 1.0, metadata_url: str | None = None,
+    warmup: float = 1.0, metadata_url: str | None = None, payload: bytes | None = None,
 ) -> Result:  # fmt: skip
-    payload = build_request(metadata_url or url, model, rows)
+    if payload is None:
+        payload = build_request(metadata_url or url, model, rows)
     procs = max(1, min(procs, concurrency))
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     ctx = mp.get_context("spawn")
@@ -273,6 +326,35 @@ def run_open_loop(
         p99_ms=float(np.percentile(lat, 99)),
         p999_ms=float(np.percentile(lat, 99.9)),
         avg_batch_size=(rows1 - rows0) / (batches1 - batches0) if batches1 > batches0 else 0.0,
+    )
+
+
+def run_http_closed_loop(
+    url: str, body: bytes, name: str, concurrency: int, duration: float, procs: int = 2
+) -> Result:
+    """Closed loop against an HTTP JSON endpoint (http://host:port/path)."""
+    procs = max(1, min(procs, concurrency))
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    ctx = mp.get_context("spawn")
+    _run_processes(ctx, url, body, shares, 1.0)  # warm-up
+    start = time.perf_counter()
+    latencies, errors = _run_processes(ctx, url, body, shares, duration)
+    elapsed = time.perf_counter() - start
+    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return Result(
+        model=name,
+        concurrency=concurrency,
+        rows_per_request=1,
+        requests=len(latencies),
+        errors=errors,
+        seconds=elapsed,
+        throughput_rps=len(latencies) / duration,
+        rows_per_s=len(latencies) / duration,
+        p50_ms=float(np.percentile(lat, 50)),
+        p90_ms=float(np.percentile(lat, 90)),
+        p99_ms=float(np.percentile(lat, 99)),
+        p999_ms=float(np.percentile(lat, 99.9)),
+        avg_batch_size=0.0,
     )
 
 

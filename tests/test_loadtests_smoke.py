@@ -63,3 +63,16 @@ def test_locustfile_headless(server: ServerProcess, tmp_path: Path) -> None:
     rows = {line.split(",")[1]: line.split(",") for line in stats[1:]}
     assert int(rows["ModelInfer tiny"][2]) > 0  # requests
     assert int(rows["Aggregated"][3]) == 0  # failures
+
+
+@pytest.mark.e2e
+def test_side_by_side_harness_with_local_peers(tmp_path: Path) -> None:
+    """The comparison, cut to the peers that need no extra environment (CI has none)."""
+    from loadtests.compare import main
+
+    out = tmp_path / "compare.md"
+    main(["--duration", "0.5", "--concurrency", "1", "--procs", "1",
+          "--peers", "convoy,echo", "--out", str(out)])  # fmt: skip
+    table = out.read_text()
+    assert "| convoy |" in table and "| echo |" in table
+    assert "errors" not in table
