@@ -1,7 +1,8 @@
 """Side by side, one command, one machine: Convoy against real Triton, Ray Serve,
 LitServe and two ceilings.
 
-    python -m loadtests.compare --duration 10 --concurrency 1,8,32 --out docs/compare.md
+    python -m loadtests.compare --duration 10 --concurrency 1,8,32 \\
+        --out compare.md --csv compare.csv --json compare.json --plot compare.png
 
 Every server serves the same model function, y = 2x + 1 over FP32 [16] with
 dynamic batching: Convoy as a convoy_python model, Triton through the
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--peers", default=",".join(PEERS))
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument("--csv", type=Path, default=None, help="every point as CSV")
+    parser.add_argument("--json", type=Path, default=None, help="every point as JSON")
+    parser.add_argument("--plot", type=Path, default=None, help="latency-throughput PNG")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     payload = grpc_payload()
@@ -241,6 +245,13 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     if args.out:
         args.out.write_text(report)
+    points = [r for by_level in results.values() for r in by_level.values()]
+    if points and args.csv:
+        bench.write_csv(points, str(args.csv))
+    if points and args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in points], indent=2))
+    if points and args.plot:
+        bench.plot(points, str(args.plot), "y = 2x + 1, closed loop: latency against throughput")
 
 
 def render(

@@ -72,7 +72,10 @@ def test_side_by_side_harness_with_local_peers(tmp_path: Path) -> None:
 
     out = tmp_path / "compare.md"
     main(["--duration", "0.5", "--concurrency", "1", "--procs", "1",
-          "--peers", "convoy,echo", "--out", str(out)])  # fmt: skip
+          "--peers", "convoy,echo", "--out", str(out), "--csv", str(tmp_path / "c.csv"),
+          "--plot", str(tmp_path / "c.png")])  # fmt: skip
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "c.csv").read_text().count("\n") == 3  # header + two peers
     table = out.read_text()
     assert "| convoy |" in table and "| echo |" in table
     assert "errors" not in table
