@@ -80,6 +80,7 @@ class TensorSpec:
     datatype: str  # wire datatype: FP32, BYTES, ...
     dims: tuple[int, ...]  # -1 marks a variable dimension
     optional: bool = False
+    label_filename: str = ""  # outputs: labels for the classification extension
 
     def matches(self, shape: tuple[int, ...]) -> bool:
         """Whether a concrete per-item shape fits these dims."""
@@ -319,6 +320,7 @@ def _tensor_specs(tensors: Iterable[Any], path: str, kind: str) -> tuple[TensorS
                 datatype=CONFIG_TO_WIRE[type_name],
                 dims=dims,
                 optional=bool(getattr(tensor, "optional", False)),
+                label_filename=getattr(tensor, "label_filename", ""),
             )
         )
     return tuple(specs)

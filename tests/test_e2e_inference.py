@@ -231,3 +231,23 @@ def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> 
     with pytest.raises(InferenceServerException) as info:
         client.get_system_shared_memory_status()
     assert "UNIMPLEMENTED" in str(info.value.status())
+
+
+def test_classification_extension(client: grpcclient.InferenceServerClient) -> None:
+    images = np.random.default_rng(3).random((2, 3, 64, 64), dtype=np.float32)
+    tensor = grpcclient.InferInput("INPUT", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    logits = client.infer("image_classifier", [tensor]).as_numpy("LOGITS")
+    top = client.infer(
+        "image_classifier",
+        [tensor],
+        outputs=[grpcclient.InferRequestedOutput("LOGITS", class_count=3)],
+    ).as_numpy("LOGITS")
+    assert top.shape == (2, 3)
+    for row in range(2):
+        entries = [item.decode().split(":") for item in top[row]]
+        indices = [int(index) for _, index in entries]
+        values = [float(value) for value, _ in entries]
+        assert indices == list(np.argsort(-logits[row])[:3])
+        assert values == sorted(values, reverse=True)
+        np.testing.assert_allclose(values, logits[row][indices], atol=1e-6)  # "%f" text

@@ -190,3 +190,27 @@ def test_cli_help_and_builtin_examples(examples_dir: Path) -> None:
         client.close()
     finally:
         assert server.stop() == 0
+
+
+def test_classification_labels_from_label_filename(repo: Path) -> None:
+    (repo / "image_classifier" / "labels.txt").write_text(
+        "\n".join(f"class_{i}" for i in range(1000))
+    )
+    config = repo / "image_classifier" / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace(
+            "dims: [ 1000 ] }", 'dims: [ 1000 ] label_filename: "labels.txt" }'
+        )
+    )
+    server = start_server(repo)
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        tensor = grpcclient.InferInput("INPUT", [1, 3, 64, 64], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 3, 64, 64), np.float32))
+        wanted = [grpcclient.InferRequestedOutput("LOGITS", class_count=2)]
+        top = client.infer("image_classifier", [tensor], outputs=wanted).as_numpy("LOGITS")
+        _, index, label = top[0, 0].decode().split(":")
+        assert label == f"class_{index}"
+        client.close()
+    finally:
+        server.stop()

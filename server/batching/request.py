@@ -31,6 +31,7 @@ class InferRequest:
     priority: int = 0  # 1 is highest; 0 means the model's default
     queue_level: int = field(default=0, repr=False)  # set by the queue
     dispatch_ns: int = field(default=0, repr=False)  # set when its batch leaves the queue
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
 
     @property
     def abandoned(self) -> bool:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from kernels.classify import classify
+
 from ..batching.request import Array, InferRequest, InferResult
 from ..config import ModelSpec
 from ..errors import InvalidInput
@@ -93,7 +95,7 @@ def decode_request(
     missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
     if missing:
         raise InvalidInput(f"model '{spec.name}' expects input(s) {missing}, missing from request")
-    outputs = _requested_outputs(request, spec)
+    outputs, classification = _requested_outputs(request, spec)
     return InferRequest(
         id=request.id,
         inputs=inputs,
@@ -104,6 +106,7 @@ def decode_request(
         arrival_ns=now_ns,
         deadline_ns=_deadline(request.parameters, now_ns, time_remaining_s),
         priority=_priority(request.parameters, spec),
+        classification=classification,
     )
 
 
@@ -148,10 +151,13 @@ def _from_contents(
         raise InvalidInput(f"input '{name}': a value does not fit {datatype}") from None
 
 
-def _requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[str, ...]:
+def _requested_outputs(
+    request: pb.ModelInferRequest, spec: ModelSpec
+) -> tuple[tuple[str, ...], dict[str, int]]:
     if not request.outputs:
-        return tuple(t.name for t in spec.outputs)
+        return tuple(t.name for t in spec.outputs), {}
     names: list[str] = []
+    classification: dict[str, int] = {}
     for out in request.outputs:
         if spec.output(out.name) is None:
             raise InvalidInput(
@@ -161,7 +167,12 @@ def _requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[
         if out.name in names:
             raise InvalidInput(f"output '{out.name}' is requested more than once")
         names.append(out.name)
-    return tuple(names)
+        k = _int_param(out.parameters, "classification")
+        if k:
+            if spec.output(out.name).datatype == "BYTES":  # type: ignore[union-attr]
+                raise InvalidInput(f"output '{out.name}': BYTES outputs cannot be classified")
+            classification[out.name] = k
+    return tuple(names), classification
 
 
 def _int_param(params: Mapping[str, pb.InferParameter], key: str) -> int | None:
@@ -204,13 +215,22 @@ def _priority(params: Mapping[str, pb.InferParameter], spec: ModelSpec) -> int:
 
 
 def encode_response(
-    request: pb.ModelInferRequest, spec: ModelSpec, version: int, result: InferResult
+    request: pb.ModelInferRequest,
+    spec: ModelSpec,
+    version: int,
+    result: InferResult,
+    classification: Mapping[str, int] | None = None,
+    labels: Mapping[str, list[str]] | None = None,
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(version), id=request.id
     )
     for name, value in result.outputs.items():
         datatype = spec.output(name).datatype  # type: ignore[union-attr]
+        if classification and name in classification:
+            # Triton's classification extension: top-k "value:index[:label]" strings.
+            value = classify(value, classification[name], spec.batched, (labels or {}).get(name))
+            datatype = "BYTES"
         response.outputs.add(name=name, datatype=datatype, shape=value.shape)
         if datatype == "BYTES":
             response.raw_output_contents.append(serialize_bytes(value))

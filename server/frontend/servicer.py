@@ -167,7 +167,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         model = self._repo.get(request.model_name, request.model_version)
         infer_request = _decode(model, request, time_remaining, self._limits.max_elements)
         result = await model.infer(infer_request)
-        return encode_response(request, model.spec, model.version, result)
+        return encode_response(
+            request,
+            model.spec,
+            model.version,
+            result,
+            infer_request.classification,
+            model.labels,
+        )
 
     async def ModelStreamInfer(
         self,

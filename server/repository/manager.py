@@ -248,7 +248,25 @@ class ModelRepository:
             return ModelInstance(name, load_backend(spec, model_path, device, threads))
 
         pool = InstancePool(instances, replacement, spec.execution_timeout_s)
-        return ServedModel(spec, version, config, pool, metrics, self._clock, self.limits)
+        served = ServedModel(spec, version, config, pool, metrics, self._clock, self.limits)
+        served.labels = _read_labels(spec, model_dir)
+        return served
+
+
+def _read_labels(spec: ModelSpec, model_dir: Path) -> dict[str, list[str]]:
+    labels: dict[str, list[str]] = {}
+    for output in spec.outputs:
+        if not output.label_filename:
+            continue
+        path = (model_dir / output.label_filename).resolve()
+        if path.parent != model_dir.resolve() or not path.is_file():
+            raise ConfigError(
+                str(model_dir / CONFIG_FILENAME),
+                f"output '{output.name}'.label_filename",
+                f"'{output.label_filename}' is not a file in the model directory",
+            )
+        labels[output.name] = path.read_text().splitlines()
+    return labels
 
 
 def _looks_like_model(path: Path) -> bool:

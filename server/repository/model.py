@@ -36,6 +36,7 @@ class ServedModel:
         self.stats = ModelStatistics(name=spec.name, version=str(version))
         self._clock = clock
         self.inflight = 0
+        self.labels: dict[str, list[str]] = {}  # output -> class labels (label_filename)
         self.queue = ModelQueue(
             name=f"{spec.name}:{version}",
             max_batch_size=spec.max_batch_size,
