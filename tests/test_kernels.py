@@ -55,3 +55,47 @@ def test_topk_cuda_parity() -> None:
     ref_values, ref_indices = topk_reference(scores, 5)
     np.testing.assert_allclose(values.cpu().numpy(), ref_values, rtol=1e-6)  # type: ignore[attr-defined]
     np.testing.assert_array_equal(indices.cpu().numpy(), ref_indices)  # type: ignore[attr-defined]
+
+
+def test_image_reference_matches_the_formula() -> None:
+    from kernels.image import hwc_uint8_to_nchw_reference
+
+    images = np.random.default_rng(1).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    out = hwc_uint8_to_nchw_reference(images, mean, std)
+    assert out.shape == (2, 3, 5, 7) and out.dtype == np.float32
+    for c in range(3):
+        expected = (images[..., c] / 255.0 - mean[c]) / std[c]
+        np.testing.assert_allclose(out[:, c], expected, rtol=1e-5, atol=1e-5)
+    assert hwc_uint8_to_nchw_reference(images, dtype=np.float16).dtype == np.float16
+
+
+def test_pooling_reference_ignores_padding() -> None:
+    from kernels.pooling import mean_pool_l2_reference
+
+    hidden = np.random.default_rng(2).standard_normal((2, 4, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    out = mean_pool_l2_reference(hidden, mask)
+    expected0 = hidden[0, :2].mean(0)
+    np.testing.assert_allclose(out[0], expected0 / np.linalg.norm(expected0), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+    hidden[0, 2:] = 1e6  # padding positions never leak in
+    np.testing.assert_allclose(mean_pool_l2_reference(hidden, mask)[0], out[0], rtol=1e-6)
+
+
+@gpu
+def test_image_and_pooling_cuda_parity() -> None:
+    import torch
+
+    from kernels.image import hwc_uint8_to_nchw_cuda, hwc_uint8_to_nchw_reference
+    from kernels.pooling import mean_pool_l2_cuda, mean_pool_l2_reference
+
+    images = np.random.default_rng(4).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    gpu_out = hwc_uint8_to_nchw_cuda(torch.from_numpy(images).cuda()).cpu().numpy()
+    np.testing.assert_allclose(gpu_out, hwc_uint8_to_nchw_reference(images), rtol=1e-5, atol=1e-5)
+    hidden = np.random.default_rng(5).standard_normal((4, 16, 384)).astype(np.float32)
+    mask = (np.arange(16)[None, :] < np.array([[16], [9], [3], [1]])).astype(np.int64)
+    pooled = mean_pool_l2_cuda(torch.from_numpy(hidden).cuda(), torch.from_numpy(mask).cuda())
+    np.testing.assert_allclose(
+        pooled.cpu().numpy(), mean_pool_l2_reference(hidden, mask), atol=1e-5
+    )

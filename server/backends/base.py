@@ -72,6 +72,10 @@ def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -
         backend = TensorRTBackend(model_path, device, spec)
     else:
         raise ConfigError(str(model_path), "backend", f"unsupported backend '{spec.backend}'")
+    if "preprocess" in spec.parameters:
+        from .preprocess import ImagePreprocessingBackend
+
+        backend = ImagePreprocessingBackend(backend, spec)
     if "tokenizer" in spec.parameters:
         from .text import TokenizingBackend
 

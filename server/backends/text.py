@@ -3,6 +3,9 @@
 Configured in config.pbtxt `parameters`:
   tokenizer             a tokenizer.json (Hugging Face `tokenizers`) in the version directory
   tokenizer_max_length  truncation length (default 256)
+  postprocess           "mean_pool_l2": the runtime returns per-token hidden states
+                        [batch, tokens, dim]; they are mean-pooled over real tokens and
+                        L2-normalised here (kernels/pooling.py)
 The model's single BYTES input is tokenized per batch, padded to the longest
 item, and fed to the runtime as input_ids / attention_mask (/ token_type_ids).
 """
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from kernels.pooling import mean_pool_l2_reference
 
 from ..config import ModelSpec
 from ..errors import ConfigError, InvalidInput
@@ -45,6 +50,12 @@ class TokenizingBackend:
         self._tokenizer.enable_truncation(max_length=max_length)
         self._tokenizer.enable_padding()
         self._wants = set(getattr(inner, "input_names", ("input_ids", "attention_mask")))
+        post = spec.parameters.get("postprocess")
+        if post not in (None, "mean_pool_l2"):
+            raise ConfigError(
+                spec.name, "parameters.postprocess", f"'{post}' is not 'mean_pool_l2'"
+            )
+        self._pool = post == "mean_pool_l2"
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
         texts = inputs[self._text_input]
@@ -59,7 +70,11 @@ class TokenizingBackend:
         }
         if "token_type_ids" in self._wants:
             feed["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
-        return self._inner.run({k: v for k, v in feed.items() if k in self._wants}, output_names)
+        outputs = self._inner.run({k: v for k, v in feed.items() if k in self._wants}, output_names)
+        if self._pool:
+            mask = feed["attention_mask"]
+            outputs = {name: mean_pool_l2_reference(value, mask) for name, value in outputs.items()}
+        return outputs
 
     def close(self) -> None:
         self._inner.close()
