@@ -36,3 +36,29 @@ def place_group(model: str, group: InstanceGroupSpec) -> list[str]:
     indices = [g for g in group.gpus if 0 <= g < gpus] or list(range(gpus))
     # Triton places `count` instances on *each* listed GPU.
     return [f"cuda:{g}" for g in indices for _ in range(group.count)]
+
+
+_DEVICE_MARKERS = (
+    "cuda error",
+    "cuda out of memory",
+    "cudaerror",
+    "cuda failure",
+    "cublas_status",
+    "cudnn_status",
+    "device-side assert",
+    "an illegal memory access",
+    "cuda_error_",
+)
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """Whether an exception from a GPU instance means the device (not the input) failed.
+
+    Runtimes report device trouble as plain RuntimeErrors (torch, ONNX Runtime,
+    cuda-python); their messages carry the CUDA wording matched here.
+    """
+    name = type(error).__name__
+    if name in ("OutOfMemoryError", "CudaError", "CUDARuntimeError"):
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in _DEVICE_MARKERS)

@@ -14,11 +14,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..backends import Backend
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome
 from ..errors import Unavailable
+from .devices import is_device_fault
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ class ModelInstance:
     @property
     def device(self) -> str:
         return self.backend.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.backend.device.startswith("cuda")
 
     def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
         loop = asyncio.get_running_loop()
@@ -102,13 +108,39 @@ def _fail(future: asyncio.Future[BatchOutcome], exc: BaseException) -> None:
 InstanceFactory = Callable[[str], ModelInstance]  # device -> a new instance (blocking)
 
 
-class InstancePool:
-    """Hands batches to free instances; replaces an instance whose batch overruns.
+@dataclass
+class Breaker:
+    """Circuit breaker of one GPU instance: open after a device fault, probed after back-off."""
 
-    With an execution timeout, a batch still running after it is answered
-    UNAVAILABLE, the stuck instance is retired (its thread cannot be killed;
-    it is abandoned) and a replacement is built off the event loop. Until the
-    replacement is ready, batches wait for the remaining instances.
+    base_s: float
+    cap_s: float
+    failures: int = 0
+    open_until: float = 0.0  # monotonic seconds
+
+    def allows(self, now: float) -> bool:
+        return now >= self.open_until
+
+    def trip(self, now: float) -> float:
+        self.failures += 1
+        backoff = float(min(self.cap_s, self.base_s * 2.0 ** (self.failures - 1)))
+        self.open_until = now + backoff
+        return backoff
+
+    def reset(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+
+class InstancePool:
+    """Hands batches to free instances, GPU instances first.
+
+    Device faults: a GPU instance whose batch fails with a device error (CUDA
+    error, GPU out of memory) is taken out of service behind a circuit breaker
+    and its batch is retried once on a CPU instance; after a back-off (doubling
+    up to a cap) the instance gets the next batch as a probe, and a success puts
+    it back in service. Execution timeout: a batch still running after it is
+    answered UNAVAILABLE, the stuck instance is retired (its thread cannot be
+    killed; it is abandoned) and a replacement is built off the event loop.
     """
 
     def __init__(
@@ -116,6 +148,8 @@ class InstancePool:
         instances: list[ModelInstance],
         factory: InstanceFactory | None = None,
         execution_timeout_s: float | None = None,
+        backoff_s: float = 1.0,
+        backoff_cap_s: float = 60.0,
     ) -> None:
         if not instances:
             raise ValueError("an InstancePool needs at least one instance")
@@ -127,15 +161,51 @@ class InstancePool:
         self._factory = factory
         self._timeout = execution_timeout_s
         self._replacements: set[asyncio.Future[ModelInstance]] = set()
+        self._fallback: deque[tuple[Batch, asyncio.Future[BatchOutcome]]] = deque()
+        self._breakers: dict[int, Breaker] = {}
+        self._backoff = (backoff_s, backoff_cap_s)
+        self.fallbacks = 0  # batches retried on the CPU after a device fault
         self._closed = False
 
     def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
         outer: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
-        if self._free:
-            self._start(self._free.pop(), batch, outer)
-        else:  # only while a replacement is being built
-            self._waiting.append((batch, outer))
+        self._waiting.append((batch, outer))
+        self._pump()
         return outer
+
+    def breaker(self, instance: ModelInstance) -> Breaker:
+        breaker = self._breakers.get(id(instance))
+        if breaker is None:
+            breaker = self._breakers[id(instance)] = Breaker(*self._backoff)
+        return breaker
+
+    def _pick(self, now: float, cpu_only: bool = False) -> ModelInstance | None:
+        best: ModelInstance | None = None
+        for instance in self._free:
+            if instance.on_gpu:
+                if cpu_only or not self.breaker(instance).allows(now):
+                    continue
+                best = instance
+                break  # a healthy GPU instance wins
+            if best is None:
+                best = instance
+        if best is not None:
+            self._free.remove(best)
+        return best
+
+    def _pump(self) -> None:
+        """Match waiting batches with usable free instances (device retries first)."""
+        now = time.monotonic()
+        for pending, cpu_only in ((self._fallback, True), (self._waiting, False)):
+            while pending:
+                if pending[0][1].done():
+                    pending.popleft()
+                    continue
+                instance = self._pick(now, cpu_only)
+                if instance is None:
+                    break
+                batch, outer = pending.popleft()
+                self._start(instance, batch, outer)
 
     def _start(
         self, instance: ModelInstance, batch: Batch, outer: asyncio.Future[BatchOutcome]
@@ -145,12 +215,13 @@ class InstancePool:
         timer = None
         if self._timeout is not None:
             timer = loop.call_later(self._timeout, self._overran, instance, inner, outer)
-        inner.add_done_callback(lambda f: self._finished(instance, f, outer, timer))
+        inner.add_done_callback(lambda f: self._finished(instance, f, batch, outer, timer))
 
     def _finished(
         self,
         instance: ModelInstance,
         inner: asyncio.Future[BatchOutcome],
+        batch: Batch,
         outer: asyncio.Future[BatchOutcome],
         timer: asyncio.TimerHandle | None,
     ) -> None:
@@ -158,22 +229,46 @@ class InstancePool:
             timer.cancel()
         if instance.retired:
             return  # the overrun already answered this batch
-        if not outer.done():
+        error = None if inner.cancelled() else inner.exception()
+        if instance.on_gpu and error is not None and is_device_fault(error):
+            self._device_fault(instance, error, batch, outer)
+        elif not outer.done():
             if inner.cancelled():
                 outer.cancel()
-            elif inner.exception() is not None:
-                outer.set_exception(inner.exception())  # type: ignore[arg-type]
+            elif error is not None:
+                outer.set_exception(error)
             else:
+                if instance.on_gpu:
+                    self.breaker(instance).reset()
                 outer.set_result(inner.result())
-        self._release(instance)
-
-    def _release(self, instance: ModelInstance) -> None:
-        while self._waiting:
-            batch, outer = self._waiting.popleft()
-            if not outer.done():
-                self._start(instance, batch, outer)
-                return
         self._free.append(instance)
+        self._pump()
+
+    def _device_fault(
+        self,
+        instance: ModelInstance,
+        error: BaseException,
+        batch: Batch,
+        outer: asyncio.Future[BatchOutcome],
+    ) -> None:
+        backoff = self.breaker(instance).trip(time.monotonic())
+        log.error(
+            "instance %s on %s: device fault (%s); out of service for %.1f s",
+            instance.name,
+            instance.device,
+            error,
+            backoff,
+        )
+        asyncio.get_running_loop().call_later(backoff, self._pump)
+        if outer.done():
+            return
+        if any(not i.on_gpu for i in self.instances):
+            self.fallbacks += 1
+            self._fallback.append((batch, outer))
+        else:
+            outer.set_exception(
+                Unavailable(f"{instance.device} failed ({error}) and no CPU instance can take over")
+            )
 
     def _overran(
         self,
@@ -220,7 +315,8 @@ class InstancePool:
         self.replaced += 1
         self.instances.append(instance)
         log.info("replacement instance %s is serving", instance.name)
-        self._release(instance)
+        self._free.append(instance)
+        self._pump()
 
     def close(self) -> None:
         """Blocking: waits for each live instance's thread; call it off the event loop."""

@@ -1,0 +1,130 @@
+"""InstancePool with injected device faults: GPU-first placement, retry on the CPU,
+circuit breaker with back-off and probe. Every batch answered exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytest
+
+from server.batching.batch import Batch
+from server.errors import Unavailable
+from server.scheduling.devices import is_device_fault
+from server.scheduling.pool import InstancePool, ModelInstance
+
+from .fakes import make_request
+
+
+class FakeBackend:
+    """y = x + offset; a "GPU" one fails with a CUDA error while `broken` is set."""
+
+    def __init__(self, device: str, offset: float) -> None:
+        self.device = device
+        self.offset = offset
+        self.broken = threading.Event()
+        self.calls = 0
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        self.calls += 1
+        if self.broken.is_set():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return {"y": inputs["x"] + self.offset}
+
+    def close(self) -> None:
+        pass
+
+
+def batch_of(value: float, loop: asyncio.AbstractEventLoop) -> Batch:
+    return Batch(requests=(make_request(value=value, loop=loop),), batched=True)
+
+
+def test_device_fault_classification() -> None:
+    assert is_device_fault(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_device_fault(RuntimeError("shape mismatch"))
+    assert not is_device_fault(ValueError("bad input"))
+
+
+def test_gpu_first_then_cpu_retry_then_probe() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gpu_backend, cpu_backend = FakeBackend("cuda:0", 100.0), FakeBackend("cpu", 1.0)
+        gpu = ModelInstance("gpu", gpu_backend)
+        cpu = ModelInstance("cpu", cpu_backend)
+        pool = InstancePool([cpu, gpu], backoff_s=0.2, backoff_cap_s=1.0)
+
+        healthy = await pool.submit(batch_of(1.0, loop))
+        assert healthy.outputs["y"][0, 0] == 101.0 and healthy.device == "cuda:0"
+
+        gpu_backend.broken.set()
+        retried = await pool.submit(batch_of(2.0, loop))  # fails on the GPU, answered by the CPU
+        assert retried.outputs["y"][0, 0] == 3.0 and retried.device == "cpu"
+        assert pool.fallbacks == 1 and not pool.breaker(gpu).allows(time.monotonic())
+
+        calls = gpu_backend.calls
+        while_open = await pool.submit(batch_of(3.0, loop))  # breaker open: straight to the CPU
+        assert while_open.device == "cpu" and gpu_backend.calls == calls
+
+        gpu_backend.broken.clear()
+        await asyncio.sleep(0.3)  # back-off passes: the next batch probes the GPU
+        probe = await pool.submit(batch_of(4.0, loop))
+        assert probe.device == "cuda:0" and probe.outputs["y"][0, 0] == 104.0
+        assert pool.breaker(gpu).failures == 0
+        await asyncio.to_thread(pool.close)
+
+    asyncio.run(body())
+
+
+def test_no_cpu_instance_answers_unavailable() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        backend = FakeBackend("cuda:0", 0.0)
+        backend.broken.set()
+        pool = InstancePool([ModelInstance("gpu", backend)], backoff_s=0.05)
+        with pytest.raises(Unavailable, match="no CPU instance"):
+            await pool.submit(batch_of(1.0, loop))
+        await asyncio.to_thread(pool.close)
+
+    asyncio.run(body())
+
+
+def test_many_batches_under_faults_each_answered_once() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gpus = [FakeBackend(f"cuda:{i}", 100.0) for i in range(2)]
+        instances = [ModelInstance(f"gpu{i}", b) for i, b in enumerate(gpus)]
+        instances.append(ModelInstance("cpu", FakeBackend("cpu", 1.0)))
+        pool = InstancePool(instances, backoff_s=0.01, backoff_cap_s=0.05)
+        gpus[0].broken.set()
+        answers: dict[float, list[float]] = {}
+        in_flight: list[asyncio.Future[object]] = []
+        for i in range(200):
+            if i == 100:
+                gpus[1].broken.set()
+            if i == 150:
+                gpus[0].broken.clear()
+            # The queue never has more batches out than the pool's capacity.
+            pending = [f for f in in_flight if not f.done()]
+            if len(pending) >= pool.capacity:
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            future = pool.submit(batch_of(float(i), loop))
+            in_flight.append(future)  # type: ignore[arg-type]
+            future.add_done_callback(
+                lambda f, i=i: answers.setdefault(float(i), []).append(
+                    float(f.result().outputs["y"][0, 0]) - i
+                )
+            )
+        await asyncio.gather(*in_flight)
+        assert sorted(answers) == [float(i) for i in range(200)]
+        assert all(len(v) == 1 for v in answers.values())  # exactly once
+        assert all(v[0] in (1.0, 100.0) for v in answers.values())  # right result, any device
+        assert pool.fallbacks > 0
+        await asyncio.to_thread(pool.close)
+
+    asyncio.run(body())
