@@ -214,3 +214,32 @@ def test_classification_labels_from_label_filename(repo: Path) -> None:
         client.close()
     finally:
         server.stop()
+
+
+def test_gpu_instances_fall_back_to_the_cpu_here(repo: Path) -> None:
+    import urllib.request
+
+    from server.scheduling.devices import cuda_device_count
+
+    if cuda_device_count():
+        pytest.skip("a GPU is present: KIND_GPU really runs on it")
+    config = repo / "tiny" / "config.pbtxt"
+    config.write_text(config.read_text().replace("kind: KIND_CPU", "kind: KIND_GPU"))
+    server = start_server(repo)
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        assert (
+            client.get_model_config("tiny", as_json=True)["config"]["instance_group"][0]["kind"]
+            == "KIND_GPU"
+        )
+        assert client.infer("tiny", [tiny_input()]).as_numpy("OUTPUT0") is not None
+        client.close()
+        assert "asks for KIND_GPU but no GPU is usable here" in server.output()
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics")
+            .read()
+            .decode()
+        )
+        assert 'convoy_compute_seconds_count{device="cpu",model="tiny",version="1"}' in body
+    finally:
+        server.stop()
