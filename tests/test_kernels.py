@@ -19,7 +19,7 @@ def _cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-gpu = pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (none on this machine)")
+needs_gpu = pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (none on this machine)")
 
 
 @given(
@@ -46,7 +46,8 @@ def test_classify_formats_like_triton() -> None:
     assert single.tolist() == [b"5.000000:1"]
 
 
-@gpu
+@pytest.mark.gpu
+@needs_gpu
 def test_topk_cuda_parity() -> None:
     import torch
 
@@ -83,7 +84,8 @@ def test_pooling_reference_ignores_padding() -> None:
     np.testing.assert_allclose(mean_pool_l2_reference(hidden, mask)[0], out[0], rtol=1e-6)
 
 
-@gpu
+@pytest.mark.gpu
+@needs_gpu
 def test_image_and_pooling_cuda_parity() -> None:
     import torch
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def build_tiny(path: Path) -> None:
     scripted.save(str(version_dir / "model.pt"))
 
 
-def build_classifier(path: Path) -> None:
+def build_classifier_module() -> Any:
+    """The example CNN as a torch module (seeded random weights)."""
     import torch
     from torch import nn
 
@@ -134,7 +136,7 @@ def build_classifier(path: Path) -> None:
 
     torch.manual_seed(0)
     width = 4096
-    model = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(3, 32, 3, 2, 1, bias=False),
         nn.BatchNorm2d(32),
         nn.ReLU(),
@@ -149,9 +151,14 @@ def build_classifier(path: Path) -> None:
         nn.ReLU(),
         nn.Linear(width, 1000),
     ).eval()
+
+
+def build_classifier(path: Path) -> None:
+    import torch
+
     version_dir = _model_dir(path, CLASSIFIER_CONFIG)
     _export_onnx(
-        model,
+        build_classifier_module(),
         (torch.zeros(1, 3, 64, 64),),
         version_dir / "model.onnx",
         ["INPUT"],

@@ -1,0 +1,105 @@
+"""GPU benchmark: the example CNN on one GPU, against the GPU's roofline.
+
+    python -m loadtests.gpu_bench --seconds 5
+
+fp16 images/s at batch 64 through Convoy's TorchScript backend (pinned host
+memory, a CUDA stream per instance): without and with CUDA graphs, and with 1
+against 4 instances running concurrently on their own threads and streams. The
+model's FLOPs per image are counted with torch's FlopCounterMode and turned into
+achieved TFLOP/s, set against the dense fp16 peak given with --peak-tflops
+(H200: about 990 by the datasheet; ~790 bf16 measured on random data here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.backends.pytorch import TorchScriptBackend
+from server.config import validate_model_config
+from server.pb import model_config_pb2 as mc
+
+
+def cnn() -> torch.nn.Module:
+    from server.repository.examples import build_classifier_module
+
+    return build_classifier_module().eval()
+
+
+def flops_per_image(model: torch.nn.Module) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 64, 64))
+    return float(counter.get_total_flops())
+
+
+def spec(graphs: str) -> object:
+    config = mc.ModelConfig(name="cnn", backend="pytorch", max_batch_size=64)
+    config.input.add(name="INPUT", data_type=mc.TYPE_FP32, dims=[3, 64, 64])
+    config.output.add(name="LOGITS", data_type=mc.TYPE_FP32, dims=[1000])
+    config.parameters["precision"].string_value = "fp16"
+    if graphs:
+        config.parameters["cuda_graph_batch_sizes"].string_value = graphs
+    return validate_model_config(config, "gpu_bench", "cnn")
+
+
+def images_per_s(path: Path, graphs: str, instances: int, seconds: float, batch: int) -> float:
+    backends = [TorchScriptBackend(path, "cuda:0", spec(graphs)) for _ in range(instances)]  # type: ignore[arg-type]
+    x = np.random.default_rng(0).random((batch, 3, 64, 64), dtype=np.float32)
+    for b in backends:
+        for _ in range(3):
+            b.run({"INPUT": x}, ["LOGITS"])
+    counts = [0] * instances
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            backends[i].run({"INPUT": x}, ["LOGITS"])
+            counts[i] += batch
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = sum(counts) / (time.perf_counter() - start)
+    for b in backends:
+        b.close()
+    return rate
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--peak-tflops", type=float, default=990.0)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here")
+    model = cnn()
+    flops = flops_per_image(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.jit.script(model).save(str(path))
+        print(f"GPU: {torch.cuda.get_device_name(0)}; {flops / 1e9:.3f} GFLOP per image")
+        for graphs, instances in (("", 1), (str(args.batch), 1), ("", 4), (str(args.batch), 4)):
+            rate = images_per_s(path, graphs, instances, args.seconds, args.batch)
+            tflops = rate * flops / 1e12
+            print(
+                f"fp16 batch {args.batch} graphs={'on ' if graphs else 'off'} "
+                f"instances={instances}: {rate:10.0f} images/s  {tflops:7.2f} TFLOP/s  "
+                f"{100 * tflops / args.peak_tflops:5.1f}% of peak",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
