@@ -105,11 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
         "into DIR, so they can be served with --model-repository DIR.",
     )
     examples.add_argument("directory", type=Path)
+
+    engine = commands.add_parser(
+        "build-engine",
+        help="build (or find cached) the TensorRT engine of a model",
+        description="Build the TensorRT engine for MODEL_DIR's latest version model.onnx, "
+        "with the precision and profiles its config.pbtxt implies, into the engine cache "
+        "that `convoy serve` reads. Shows progress; takes minutes. Needs a GPU and the "
+        "gpu extra.",
+    )
+    engine.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    engine.add_argument("--gpu", type=int, default=0, help="GPU index (default 0)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "build-engine":
+        return build_engine_command(args.model_dir, args.gpu)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 
@@ -142,6 +155,40 @@ def main(argv: list[str] | None = None) -> int:
 
     run(config)
     return 0
+
+
+def build_engine_command(model_dir: Path, gpu: int) -> int:
+    from .config import CONFIG_FILENAME, read_model_config, validate_model_config
+    from .errors import ConvoyError
+
+    try:
+        config = read_model_config(model_dir)
+        if not config.backend and not config.platform:
+            config.backend = "tensorrt"
+        spec = validate_model_config(config, str(model_dir / CONFIG_FILENAME), model_dir.name)
+        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+        if not versions:
+            print(f"{model_dir}: no version directory", file=sys.stderr)
+            return 2
+        try:
+            from .backends.tensorrt import build_engine
+        except ImportError as exc:
+            print(f"TensorRT is not available here ({exc}); install the gpu extra", file=sys.stderr)
+            return 2
+        plan = build_engine(model_dir / str(versions[-1]) / "model.onnx", spec, gpu, _progress_bar)
+    except ConvoyError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+    print(plan)
+    return 0
+
+
+def _progress_bar(phase: str, step: int, total: int) -> None:
+    width = 30
+    filled = width * step // max(total, 1)
+    end = "\n" if step >= total else ""
+    print(f"\r{phase[:40]:<40} [{'#' * filled}{'.' * (width - filled)}] {step}/{total}",
+          end=end, file=sys.stderr, flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def default_threads(instances: int) -> int:
 
 def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -> Backend:
     """Construct the runtime for `spec` on `device`; blocking (run it off the event loop)."""
-    if not model_path.exists():
+    # TensorRT may build its engine from a model.onnx beside the missing model.plan.
+    onnx_source = spec.backend == "tensorrt" and model_path.with_name("model.onnx").exists()
+    if not model_path.exists() and not onnx_source:
         raise ConfigError(str(model_path), "default_model_filename", "model file not found")
     backend: Backend
     if spec.backend == "onnxruntime":

@@ -1,0 +1,230 @@
+"""TensorRT backend (gpu extra: tensorrt, cuda-python; torch for device memory and streams).
+
+A version directory holds `model.plan` (a serialised engine), or `model.onnx`
+that Convoy builds into an engine on first load: FP16 (INT8 with a calibration
+set), one optimization profile derived from max_batch_size and the -1 dims,
+cached under $CONVOY_CACHE_DIR/engines keyed by the ONNX bytes, the GPU, the
+TensorRT version and the build options, so a restart never rebuilds.
+
+Each instance owns an execution context, a CUDA stream and device buffers for
+the largest profile shape; inputs go through pinned host memory, copies and
+`execute_async_v3` are enqueued on the stream, and the instance's thread waits
+on the stream (the event loop never does; completion reaches it through
+call_soon_threadsafe, as for every instance).
+
+The import of this module fails where TensorRT is absent; load_backend turns
+that into a clear configuration error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorrt as trt
+import torch
+
+from ..config import ModelSpec
+from ..errors import ConfigError, InternalError
+from .base import Array
+from .tensorrt_plan import Shape, engine_cache_dir, engine_cache_key, optimization_profiles
+
+log = logging.getLogger(__name__)
+
+_LOGGER = trt.Logger(trt.Logger.WARNING)
+_TORCH_DTYPES = {
+    trt.DataType.FLOAT: torch.float32,
+    trt.DataType.HALF: torch.float16,
+    trt.DataType.INT32: torch.int32,
+    trt.DataType.INT64: torch.int64,
+    trt.DataType.INT8: torch.int8,
+    trt.DataType.UINT8: torch.uint8,
+    trt.DataType.BOOL: torch.bool,
+    trt.DataType.BF16: torch.bfloat16,
+}
+
+
+class _Progress(trt.IProgressMonitor):  # type: ignore[misc]
+    """Reports build phases to a callback (the CLI draws a bar; the server logs)."""
+
+    def __init__(self, report: Callable[[str, int, int], None]) -> None:
+        trt.IProgressMonitor.__init__(self)
+        self._report = report
+        self._steps: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        with self._lock:
+            self._steps[phase_name] = num_steps
+        self._report(phase_name, 0, num_steps)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        self._report(phase_name, step + 1, self._steps.get(phase_name, step + 1))
+        return True  # never cancel
+
+    def phase_finish(self, phase_name: str) -> None:
+        total = self._steps.get(phase_name, 1)
+        self._report(phase_name, total, total)
+
+
+class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+    """INT8 calibration from .npz files (one array per input name) in a directory."""
+
+    def __init__(self, directory: Path, cache: Path) -> None:
+        trt.IInt8EntropyCalibrator2.__init__(self)
+        self._files = sorted(directory.glob("*.npz"))
+        if not self._files:
+            raise ConfigError(str(directory), "parameters.trt_calibration_dir", "no .npz batches")
+        self._cache = cache
+        self._index = 0
+        self._held: list[torch.Tensor] = []
+        first = np.load(self._files[0])
+        self._batch = int(next(iter(first.values())).shape[0])
+
+    def get_batch_size(self) -> int:
+        return self._batch
+
+    def get_batch(self, names: list[str]) -> list[int] | None:
+        if self._index >= len(self._files):
+            return None
+        arrays = np.load(self._files[self._index])
+        self._index += 1
+        self._held = [torch.from_numpy(arrays[n]).cuda() for n in names]
+        return [int(t.data_ptr()) for t in self._held]
+
+    def read_calibration_cache(self) -> bytes | None:
+        return self._cache.read_bytes() if self._cache.exists() else None
+
+    def write_calibration_cache(self, cache: bytes) -> None:
+        self._cache.write_bytes(cache)
+
+
+def build_engine(
+    onnx_path: Path,
+    spec: ModelSpec,
+    gpu: int = 0,
+    report: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """The engine for onnx_path on this GPU: from the cache, else built (minutes) and cached."""
+    precision = spec.parameters.get("trt_precision", "fp16")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ConfigError(spec.name, "parameters.trt_precision", "fp32, fp16 or int8")
+    onnx = onnx_path.read_bytes()
+    profiles = optimization_profiles(spec)
+    gpu_name = torch.cuda.get_device_name(gpu) + str(torch.cuda.get_device_capability(gpu))
+    key = engine_cache_key(onnx, gpu_name, trt.__version__, precision, profiles)
+    plan = engine_cache_dir() / f"{spec.name}-{key}.plan"
+    if plan.exists():
+        return plan
+    log.info("building a TensorRT engine for %s (%s); this takes minutes", spec.name, precision)
+    torch.cuda.set_device(gpu)
+    builder = trt.Builder(_LOGGER)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, _LOGGER)
+    if not parser.parse(onnx):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ConfigError(str(onnx_path), "model.onnx", f"TensorRT cannot parse it: {errors}")
+    config = builder.create_builder_config()
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        directory = spec.parameters.get("trt_calibration_dir")
+        if directory is None:
+            raise ConfigError(
+                spec.name, "parameters.trt_calibration_dir", "int8 needs a calibration set"
+            )
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = _Calibrator(
+            onnx_path.parent / directory, plan.with_suffix(".calib")
+        )
+    profile = builder.create_optimization_profile()
+    for name, p in profiles.items():
+        profile.set_shape(name, p.min, p.opt, p.max)
+    config.add_optimization_profile(profile)
+    monitor = _Progress(report or _log_progress)
+    config.progress_monitor = monitor
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise InternalError(f"TensorRT failed to build an engine for {spec.name}")
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    tmp = plan.with_suffix(".partial")
+    tmp.write_bytes(bytes(serialized))
+    tmp.rename(plan)
+    return plan
+
+
+def _log_progress(phase: str, step: int, total: int) -> None:
+    if step in (0, total):
+        log.info("TensorRT build: %s %d/%d", phase, step, total)
+
+
+class TensorRTBackend:
+    def __init__(self, model_path: Path, device: str, spec: ModelSpec) -> None:
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise ConfigError(spec.name, "instance_group", "TensorRT instances need a GPU")
+        self.device = device
+        self._torch_device = torch.device(device)
+        gpu = self._torch_device.index or 0
+        if model_path.suffix == ".onnx" or not model_path.exists():
+            onnx = model_path.with_name("model.onnx")
+            if not onnx.exists():
+                raise ConfigError(
+                    str(model_path), "default_model_filename", "no model.plan or model.onnx"
+                )
+            model_path = build_engine(onnx, spec, gpu)
+        runtime = trt.Runtime(_LOGGER)
+        self._engine = runtime.deserialize_cuda_engine(model_path.read_bytes())
+        if self._engine is None:
+            raise ConfigError(str(model_path), "model.plan", "not an engine for this GPU/TensorRT")
+        self._context = self._engine.create_execution_context()
+        self._stream = torch.cuda.Stream(self._torch_device)
+        self._inputs: list[str] = []
+        self._outputs: list[str] = []
+        for i in range(self._engine.num_io_tensors):
+            name = self._engine.get_tensor_name(i)
+            mode = self._engine.get_tensor_mode(name)
+            (self._inputs if mode == trt.TensorIOMode.INPUT else self._outputs).append(name)
+        # Device buffers sized for the largest profile shape, allocated once per instance.
+        self._buffers: dict[str, torch.Tensor] = {}
+        for name in self._inputs:
+            _, _, largest = self._engine.get_tensor_profile_shape(name, 0)
+            self._buffers[name] = self._alloc(name, tuple(largest))
+
+    def _alloc(self, name: str, shape: Shape) -> torch.Tensor:
+        dtype = _TORCH_DTYPES[self._engine.get_tensor_dtype(name)]
+        return torch.empty(shape, dtype=dtype, device=self._torch_device)
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        stream = self._stream
+        with torch.cuda.stream(stream):
+            for name in self._inputs:
+                host = torch.from_numpy(np.ascontiguousarray(inputs[name])).pin_memory()
+                view = self._buffers[name].view(-1)[: host.numel()].view(host.shape)
+                view.copy_(host.to(view.dtype), non_blocking=True)
+                self._context.set_input_shape(name, tuple(host.shape))
+                self._context.set_tensor_address(name, view.data_ptr())
+            outputs: dict[str, torch.Tensor] = {}
+            for name in self._outputs:
+                shape = tuple(self._context.get_tensor_shape(name))
+                outputs[name] = self._alloc(name, shape)
+                self._context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self._context.execute_async_v3(stream.cuda_stream):
+                raise InternalError("TensorRT execute_async_v3 failed")
+            host_out = {}
+            for name in output_names:
+                value = outputs[name]
+                if value.dtype in (torch.float16, torch.bfloat16):
+                    value = value.float()
+                pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                pinned.copy_(value, non_blocking=True)
+                host_out[name] = pinned
+        stream.synchronize()
+        return {name: tensor.numpy() for name, tensor in host_out.items()}
+
+    def close(self) -> None:
+        self._buffers.clear()
+        del self._context
+        del self._engine
