@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILENAME = "config.pbtxt"
 SLO_PARAMETER = "latency_slo_p99_ms"
 TIMEOUT_PARAMETER = "execution_timeout_ms"
+SPILL_PARAMETER = "cpu_spill_after_ms"
 
 # Triton's platform names and the backend each one means.
 PLATFORM_TO_BACKEND = {
@@ -164,6 +165,12 @@ class ModelSpec:
         return None if value is None else float(value) / 1000
 
     @property
+    def cpu_spill_after_s(self) -> float | None:
+        """parameters { key: "cpu_spill_after_ms" }: validated at load time."""
+        value = self.parameters.get(SPILL_PARAMETER)
+        return None if value is None else float(value) / 1000
+
+    @property
     def latency_slo_ns(self) -> int | None:
         """parameters { key: "latency_slo_p99_ms" }: validated at load time."""
         value = self.parameters.get(SLO_PARAMETER)
@@ -244,7 +251,8 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         raise ConfigError(path, "output", "the model declares no outputs")
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     _check_slo(parameters, config, path)
-    _check_timeout(parameters, path)
+    _check_positive(parameters, path, TIMEOUT_PARAMETER)
+    _check_positive(parameters, path, SPILL_PARAMETER)
     return ModelSpec(
         name=config.name,
         backend=backend,
@@ -260,8 +268,8 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
     )
 
 
-def _check_timeout(parameters: dict[str, str], path: str) -> None:
-    value = parameters.get(TIMEOUT_PARAMETER)
+def _check_positive(parameters: dict[str, str], path: str, key: str) -> None:
+    value = parameters.get(key)
     if value is None:
         return
     try:
@@ -269,9 +277,7 @@ def _check_timeout(parameters: dict[str, str], path: str) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise ConfigError(
-            path, f"parameters.{TIMEOUT_PARAMETER}", f"'{value}' is not a positive number"
-        )
+        raise ConfigError(path, f"parameters.{key}", f"'{value}' is not a positive number")
 
 
 def _check_slo(parameters: dict[str, str], config: mc.ModelConfig, path: str) -> None:

@@ -40,6 +40,20 @@ class FakeBackend:
         pass
 
 
+class GatedBackend(FakeBackend):
+    """Holds each batch until the test opens the gate."""
+
+    def __init__(self, device: str, offset: float, gate: threading.Event) -> None:
+        super().__init__(device, offset)
+        self.gate = gate
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        self.gate.wait(5)
+        return super().run(inputs, output_names)
+
+
 def batch_of(value: float, loop: asyncio.AbstractEventLoop) -> Batch:
     return Batch(requests=(make_request(value=value, loop=loop),), batched=True)
 
@@ -126,5 +140,29 @@ def test_many_batches_under_faults_each_answered_once() -> None:
         assert all(v[0] in (1.0, 100.0) for v in answers.values())  # right result, any device
         assert pool.fallbacks > 0
         await asyncio.to_thread(pool.close)
+
+    asyncio.run(body())
+
+
+def test_cpu_takes_ordinary_batches_only_after_the_spill_bound() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        for spill in (None, 0.05):
+            gate = threading.Event()
+
+            gpu = ModelInstance("gpu", GatedBackend("cuda:0", 100.0, gate))
+            cpu = ModelInstance("cpu", FakeBackend("cpu", 1.0))
+            pool = InstancePool([gpu, cpu], cpu_spill_after_s=spill)
+            first = pool.submit(batch_of(1.0, loop))  # occupies the GPU
+            second = pool.submit(batch_of(2.0, loop))  # GPU busy, CPU free
+            await asyncio.sleep(0.2)
+            if spill is None:
+                assert not second.done()  # waits for the GPU: CPU is the fallback only
+            else:
+                assert second.done() and second.result().device == "cpu" and pool.spills == 1
+            gate.set()
+            await asyncio.gather(first, second)
+            assert first.result().device == "cuda:0"
+            await asyncio.to_thread(pool.close)
 
     asyncio.run(body())

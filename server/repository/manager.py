@@ -247,7 +247,12 @@ class ModelRepository:
             name = f"{spec.name}-v{version}-r{next(replacements)}"
             return ModelInstance(name, load_backend(spec, model_path, device, threads))
 
-        pool = InstancePool(instances, replacement, spec.execution_timeout_s)
+        pool = InstancePool(
+            instances,
+            replacement,
+            spec.execution_timeout_s,
+            cpu_spill_after_s=spec.cpu_spill_after_s,
+        )
         served = ServedModel(spec, version, config, pool, metrics, self._clock, self.limits)
         served.labels = _read_labels(spec, model_dir)
         return served

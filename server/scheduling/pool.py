@@ -150,6 +150,7 @@ class InstancePool:
         execution_timeout_s: float | None = None,
         backoff_s: float = 1.0,
         backoff_cap_s: float = 60.0,
+        cpu_spill_after_s: float | None = None,
     ) -> None:
         if not instances:
             raise ValueError("an InstancePool needs at least one instance")
@@ -157,7 +158,7 @@ class InstancePool:
         self.capacity = len(instances)
         self.replaced = 0
         self._free: list[ModelInstance] = list(instances)
-        self._waiting: deque[tuple[Batch, asyncio.Future[BatchOutcome]]] = deque()
+        self._waiting: deque[tuple[Batch, asyncio.Future[BatchOutcome], float]] = deque()
         self._factory = factory
         self._timeout = execution_timeout_s
         self._replacements: set[asyncio.Future[ModelInstance]] = set()
@@ -165,11 +166,14 @@ class InstancePool:
         self._breakers: dict[int, Breaker] = {}
         self._backoff = (backoff_s, backoff_cap_s)
         self.fallbacks = 0  # batches retried on the CPU after a device fault
+        self.spills = 0  # batches sent to the CPU because the GPUs stayed busy
+        self._spill_after = cpu_spill_after_s
+        self._spill_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
         outer: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
-        self._waiting.append((batch, outer))
+        self._waiting.append((batch, outer, time.monotonic()))
         self._pump()
         return outer
 
@@ -179,33 +183,61 @@ class InstancePool:
             breaker = self._breakers[id(instance)] = Breaker(*self._backoff)
         return breaker
 
-    def _pick(self, now: float, cpu_only: bool = False) -> ModelInstance | None:
-        best: ModelInstance | None = None
+    def _pick(self, now: float, cpu: bool, gpu: bool) -> ModelInstance | None:
+        """A free instance: a healthy GPU one first (if `gpu`), else a CPU one (if `cpu`)."""
+        chosen: ModelInstance | None = None
         for instance in self._free:
             if instance.on_gpu:
-                if cpu_only or not self.breaker(instance).allows(now):
-                    continue
-                best = instance
-                break  # a healthy GPU instance wins
-            if best is None:
-                best = instance
-        if best is not None:
-            self._free.remove(best)
-        return best
+                if gpu and self.breaker(instance).allows(now):
+                    chosen = instance
+                    break
+            elif cpu and chosen is None:
+                chosen = instance
+        if chosen is not None:
+            self._free.remove(chosen)
+        return chosen
+
+    def _cpu_may_serve(self, now: float, enqueued: float) -> bool:
+        """CPU instances of a model with GPU instances are its fallback: they take
+        ordinary batches only while no GPU instance is healthy, or once a batch has
+        waited longer than the spill bound (parameter cpu_spill_after_ms)."""
+        gpus = [i for i in self.instances if i.on_gpu]
+        if not gpus or not any(self.breaker(i).allows(now) for i in gpus):
+            return True
+        return self._spill_after is not None and now - enqueued >= self._spill_after
 
     def _pump(self) -> None:
         """Match waiting batches with usable free instances (device retries first)."""
         now = time.monotonic()
-        for pending, cpu_only in ((self._fallback, True), (self._waiting, False)):
-            while pending:
-                if pending[0][1].done():
-                    pending.popleft()
-                    continue
-                instance = self._pick(now, cpu_only)
-                if instance is None:
-                    break
-                batch, outer = pending.popleft()
-                self._start(instance, batch, outer)
+        while self._fallback:
+            if self._fallback[0][1].done():
+                self._fallback.popleft()
+                continue
+            instance = self._pick(now, cpu=True, gpu=False)
+            if instance is None:
+                break
+            batch, outer = self._fallback.popleft()
+            self._start(instance, batch, outer)
+        while self._waiting:
+            batch, outer, enqueued = self._waiting[0]
+            if outer.done():
+                self._waiting.popleft()
+                continue
+            cpu = self._cpu_may_serve(now, enqueued)
+            instance = self._pick(now, cpu=cpu, gpu=True)
+            if instance is None:
+                if not cpu and self._spill_after is not None and self._spill_timer is None:
+                    delay = max(0.0, enqueued + self._spill_after - now)
+                    self._spill_timer = asyncio.get_running_loop().call_later(delay, self._spill)
+                break
+            self._waiting.popleft()
+            if not instance.on_gpu and any(i.on_gpu for i in self.instances):
+                self.spills += 1
+            self._start(instance, batch, outer)
+
+    def _spill(self) -> None:
+        self._spill_timer = None
+        self._pump()
 
     def _start(
         self, instance: ModelInstance, batch: Batch, outer: asyncio.Future[BatchOutcome]
@@ -304,7 +336,7 @@ class InstancePool:
             log.error("building a replacement instance failed: %r", building.exception())
             if not self.instances:  # nothing left to run the waiting batches
                 while self._waiting:
-                    _, outer = self._waiting.popleft()
+                    _, outer, _ = self._waiting.popleft()
                     if not outer.done():
                         outer.set_exception(Unavailable("no instance of the model is left"))
             return
