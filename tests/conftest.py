@@ -17,6 +17,12 @@ from pathlib import Path
 import pytest
 
 from server.repository.examples import default_examples_dir, ensure_examples
+from server.scheduling.devices import cuda_device_count
+
+# Without a GPU, OpenAI Triton kernels run in Triton's interpreter on CPU tensors;
+# it must be chosen before triton is first imported.
+if cuda_device_count() == 0:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 _READY = re.compile(r"convoy serving gRPC on \S+:(\d+), metrics on port (\d+|off)")

@@ -101,3 +101,43 @@ def test_image_and_pooling_cuda_parity() -> None:
     np.testing.assert_allclose(
         pooled.cpu().numpy(), mean_pool_l2_reference(hidden, mask), atol=1e-5
     )
+
+
+def _triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+needs_triton = pytest.mark.skipif(not _triton(), reason="OpenAI Triton is not installed")
+
+
+@needs_triton
+def test_triton_image_kernel_matches_reference() -> None:
+    import torch
+
+    from kernels.image import hwc_uint8_to_nchw_reference
+    from kernels.triton_kernels import hwc_uint8_to_nchw_triton
+
+    device = "cuda" if _cuda() else "cpu"  # cpu: Triton's interpreter (conftest sets it)
+    images = np.random.default_rng(6).integers(0, 256, (3, 17, 9, 3), dtype=np.uint8)
+    out = hwc_uint8_to_nchw_triton(torch.from_numpy(images).to(device)).cpu().numpy()
+    np.testing.assert_allclose(out, hwc_uint8_to_nchw_reference(images), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_triton_pooling_kernel_matches_reference() -> None:
+    import torch
+
+    from kernels.pooling import mean_pool_l2_reference
+    from kernels.triton_kernels import mean_pool_l2_triton
+
+    device = "cuda" if _cuda() else "cpu"
+    hidden = np.random.default_rng(7).standard_normal((3, 6, 20)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]], dtype=np.int64)
+    out = mean_pool_l2_triton(
+        torch.from_numpy(hidden).to(device), torch.from_numpy(mask).to(device)
+    )
+    np.testing.assert_allclose(
+        out.cpu().numpy(), mean_pool_l2_reference(hidden, mask), rtol=1e-5, atol=1e-6
+    )
