@@ -232,6 +232,10 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         raise ConfigError(
             path, "name", f"'{config.name}' differs from the model directory '{dir_name}'"
         )
+    for unsupported in ("sequence_batching", "ensemble_scheduling"):
+        if config.HasField(unsupported):
+            # Serving these with the plain batcher would silently break their semantics.
+            raise ConfigError(path, unsupported, "is not supported by Convoy yet")
     backend = config.backend or PLATFORM_TO_BACKEND.get(config.platform, "")
     if backend not in DEFAULT_MODEL_FILENAME:
         raise ConfigError(

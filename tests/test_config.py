@@ -98,3 +98,10 @@ def test_version_policies() -> None:
     assert VersionPolicy(kind="all").select([3, 1]) == [1, 3]
     assert VersionPolicy(kind="specific", versions=(1, 9)).select([1, 2]) == [1]
     assert VersionPolicy().select([]) == []
+
+
+@pytest.mark.parametrize("block", ["sequence_batching { }", "ensemble_scheduling { }"])
+def test_unsupported_schedulers_are_refused_not_ignored(tmp_path: Path, block: str) -> None:
+    text = GOOD[: GOOD.index("dynamic_batching")] + block + "\n"
+    with pytest.raises(ConfigError, match=block.split()[0]):
+        spec_of(tmp_path, text)
