@@ -7,6 +7,7 @@ rest of the server reads. Every validation error names the file and field.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -176,17 +177,23 @@ class ModelSpec:
         value = self.parameters.get(SLO_PARAMETER)
         return None if value is None else int(float(value) * 1e6)
 
+    @functools.cached_property
+    def _inputs_by_name(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.inputs}
+
+    @functools.cached_property
+    def _outputs_by_name(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.outputs}
+
+    @functools.cached_property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
     def input(self, name: str) -> TensorSpec | None:
-        for spec in self.inputs:
-            if spec.name == name:
-                return spec
-        return None
+        return self._inputs_by_name.get(name)
 
     def output(self, name: str) -> TensorSpec | None:
-        for spec in self.outputs:
-            if spec.name == name:
-                return spec
-        return None
+        return self._outputs_by_name.get(name)
 
 
 def read_model_config(model_dir: Path) -> mc.ModelConfig:

@@ -68,6 +68,11 @@ CONTENTS_FIELD: dict[str, str] = {
 
 _LEN = struct.Struct("<I")
 
+# The wire is little-endian; these are the dtypes raw contents are read with.
+WIRE_DTYPES: dict[str, np.dtype[np.generic]] = {
+    name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"
+}
+
 
 def numpy_dtype(datatype: str) -> np.dtype[np.generic]:
     """The numpy dtype for a wire datatype; InvalidInput if numpy cannot hold it."""

@@ -18,7 +18,13 @@ from ..batching.request import Array, InferRequest, InferResult
 from ..config import ModelSpec
 from ..errors import InvalidInput
 from ..pb import grpc_service_pb2 as pb
-from ..tensors import CONTENTS_FIELD, deserialize_bytes, numpy_dtype, serialize_bytes
+from ..tensors import (
+    CONTENTS_FIELD,
+    WIRE_DTYPES,
+    deserialize_bytes,
+    numpy_dtype,
+    serialize_bytes,
+)
 
 
 def decode_request(
@@ -53,8 +59,8 @@ def decode_request(
                 f"input '{name}': datatype '{tensor.datatype}' does not match the model's "
                 f"'{expected.datatype}'"
             )
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d < 0 for d in shape):
+        shape = tuple(tensor.shape)
+        if shape and min(shape) < 0:
             raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
         if spec.batched:
             if not shape:
@@ -115,14 +121,16 @@ def _from_raw(
 ) -> Array:
     if datatype == "BYTES":
         return deserialize_bytes(data, count, f"input '{name}'").reshape(shape)
-    dtype = numpy_dtype(datatype)
+    dtype = WIRE_DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(f"input '{name}': unsupported datatype '{datatype}'")
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
             f"input '{name}': raw_input_contents[{index}] holds {len(data)} bytes; "
             f"shape {list(shape)} of {datatype} needs {expected}"
         )
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _from_contents(
@@ -155,7 +163,7 @@ def _requested_outputs(
     request: pb.ModelInferRequest, spec: ModelSpec
 ) -> tuple[tuple[str, ...], dict[str, int]]:
     if not request.outputs:
-        return tuple(t.name for t in spec.outputs), {}
+        return spec.output_names, {}
     names: list[str] = []
     classification: dict[str, int] = {}
     for out in request.outputs:
@@ -195,7 +203,9 @@ def _deadline(
     params: Mapping[str, pb.InferParameter], now_ns: int, time_remaining_s: float | None
 ) -> int | None:
     deadlines: list[int] = []
-    timeout_us = _int_param(params, "timeout")  # Triton's request timeout, in microseconds
+    timeout_us = (
+        _int_param(params, "timeout") if params else None
+    )  # Triton's request timeout, in microseconds
     if timeout_us:
         deadlines.append(now_ns + timeout_us * 1000)
     if time_remaining_s is not None:
@@ -204,6 +214,8 @@ def _deadline(
 
 
 def _priority(params: Mapping[str, pb.InferParameter], spec: ModelSpec) -> int:
+    if not params:
+        return 0
     priority = _int_param(params, "priority") or 0
     levels = spec.batching.priority_levels if spec.batching else 0
     if priority and levels and priority > levels:
