@@ -88,6 +88,15 @@ def build_request(url: str, model: str, rows: int, seed: int = 0) -> bytes:
     return request.SerializeToString()
 
 
+def _model_infer(channel: grpc.aio.Channel) -> Any:
+    """ModelInfer on raw bytes: requests are serialised once, responses never parsed."""
+    return channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+
+
 async def _open_loop_client(
     url: str, payload: bytes, rate: float, duration: float, seed: int
 ) -> tuple[list[float], int]:
@@ -96,11 +105,7 @@ async def _open_loop_client(
     errors = 0
     max_outstanding = 10_000  # bounded memory: beyond it, arrivals count as errors
     async with grpc.aio.insecure_channel(url, options=_OPTIONS) as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=None,
-            response_deserializer=None,
-        )
+        call = _model_infer(channel)
         outstanding: set[asyncio.Task[None]] = set()
 
         async def one(scheduled: float) -> None:
@@ -187,16 +192,8 @@ async def _client(
 ) -> tuple[list[float], int]:
     latencies: list[float] = []
     errors = 0
-    options = [
-        ("grpc.max_receive_message_length", 1 << 30),
-        ("grpc.max_send_message_length", 1 << 30),
-    ]
-    async with grpc.aio.insecure_channel(url, options=options) as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=None,
-            response_deserializer=None,
-        )
+    async with grpc.aio.insecure_channel(url, options=_OPTIONS) as channel:
+        call = _model_infer(channel)
         stop_at = time.perf_counter() + duration
 
         async def worker() -> None:
@@ -241,27 +238,25 @@ def _server_batches(url: str, model: str) -> tuple[int, int]:
     return rows, batches
 
 
-def run_closed_loop(
-    url: str, model: str, concurrency: int, duration: float, procs: int = 2, rows: int = 1,
-    warmup: float = 1.0, metadata_url: str | None = None, payload: bytes | None = None,
-) -> Result:  # fmt: skip
-    if payload is None:
-        payload = build_request(metadata_url or url, model, rows)
+def _shares(concurrency: int, procs: int) -> list[int]:
+    """Concurrency split over client processes as evenly as possible."""
     procs = max(1, min(procs, concurrency))
-    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
-    ctx = mp.get_context("spawn")
-    if warmup > 0:
-        _run_processes(ctx, url, payload, shares, warmup)
-    rows0, batches0 = _server_batches(url, model)
-    start = time.perf_counter()
-    latencies, errors = _run_processes(ctx, url, payload, shares, duration)
-    elapsed = time.perf_counter() - start
-    rows1, batches1 = _server_batches(url, model)
+    return [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+
+
+def _mean_batch(rows0: int, batches0: int, rows1: int, batches1: int) -> float:
+    return (rows1 - rows0) / (batches1 - batches0) if batches1 > batches0 else 0.0
+
+
+def _summarise(
+    name: str, level: int, rows: int, latencies: list[float], errors: int, duration: float,
+    elapsed: float, mean_batch: float,
+) -> Result:  # fmt: skip
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
     count = len(latencies)
     return Result(
-        model=model,
-        concurrency=concurrency,
+        model=name,
+        concurrency=level,
         rows_per_request=rows,
         requests=count,
         errors=errors,
@@ -272,8 +267,27 @@ def run_closed_loop(
         p90_ms=float(np.percentile(lat, 90)),
         p99_ms=float(np.percentile(lat, 99)),
         p999_ms=float(np.percentile(lat, 99.9)),
-        avg_batch_size=(rows1 - rows0) / (batches1 - batches0) if batches1 > batches0 else 0.0,
+        avg_batch_size=mean_batch,
     )
+
+
+def run_closed_loop(
+    url: str, model: str, concurrency: int, duration: float, procs: int = 2, rows: int = 1,
+    warmup: float = 1.0, metadata_url: str | None = None, payload: bytes | None = None,
+) -> Result:  # fmt: skip
+    if payload is None:
+        payload = build_request(metadata_url or url, model, rows)
+    shares = _shares(concurrency, procs)
+    ctx = mp.get_context("spawn")
+    if warmup > 0:
+        _run_processes(ctx, url, payload, shares, warmup)
+    rows0, batches0 = _server_batches(url, model)
+    start = time.perf_counter()
+    latencies, errors = _run_processes(ctx, url, payload, shares, duration)
+    elapsed = time.perf_counter() - start
+    rows1, batches1 = _server_batches(url, model)
+    return _summarise(model, concurrency, rows, latencies, errors, duration, elapsed,
+                      _mean_batch(rows0, batches0, rows1, batches1))  # fmt: skip
 
 
 def _run_processes(  # type: ignore[no-untyped-def]
@@ -311,51 +325,21 @@ def run_open_loop(
     )
     elapsed = time.perf_counter() - start
     rows1, batches1 = _server_batches(url, model)
-    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
-    return Result(
-        model=model,
-        concurrency=int(rate),
-        rows_per_request=rows,
-        requests=len(latencies),
-        errors=errors,
-        seconds=elapsed,
-        throughput_rps=len(latencies) / duration,
-        rows_per_s=len(latencies) * rows / duration,
-        p50_ms=float(np.percentile(lat, 50)),
-        p90_ms=float(np.percentile(lat, 90)),
-        p99_ms=float(np.percentile(lat, 99)),
-        p999_ms=float(np.percentile(lat, 99.9)),
-        avg_batch_size=(rows1 - rows0) / (batches1 - batches0) if batches1 > batches0 else 0.0,
-    )
+    return _summarise(model, int(rate), rows, latencies, errors, duration, elapsed,
+                      _mean_batch(rows0, batches0, rows1, batches1))  # fmt: skip
 
 
 def run_http_closed_loop(
     url: str, body: bytes, name: str, concurrency: int, duration: float, procs: int = 2
 ) -> Result:
     """Closed loop against an HTTP JSON endpoint (http://host:port/path)."""
-    procs = max(1, min(procs, concurrency))
-    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    shares = _shares(concurrency, procs)
     ctx = mp.get_context("spawn")
     _run_processes(ctx, url, body, shares, 1.0)  # warm-up
     start = time.perf_counter()
     latencies, errors = _run_processes(ctx, url, body, shares, duration)
     elapsed = time.perf_counter() - start
-    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
-    return Result(
-        model=name,
-        concurrency=concurrency,
-        rows_per_request=1,
-        requests=len(latencies),
-        errors=errors,
-        seconds=elapsed,
-        throughput_rps=len(latencies) / duration,
-        rows_per_s=len(latencies) / duration,
-        p50_ms=float(np.percentile(lat, 50)),
-        p90_ms=float(np.percentile(lat, 90)),
-        p99_ms=float(np.percentile(lat, 99)),
-        p999_ms=float(np.percentile(lat, 99.9)),
-        avg_batch_size=0.0,
-    )
+    return _summarise(name, concurrency, 1, latencies, errors, duration, elapsed, 0.0)
 
 
 def write_csv(results: list[Result], path: str) -> None:
