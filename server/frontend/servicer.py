@@ -12,7 +12,7 @@ import grpc
 from .. import __version__
 from ..batching.request import InferRequest
 from ..config import DEFAULT_LIMITS, ServingLimits
-from ..errors import ConvoyError, InvalidInput, Unimplemented
+from ..errors import ConvoyError, InternalError, InvalidInput, Unimplemented
 from ..pb import grpc_service_pb2 as pb
 from ..pb import grpc_service_pb2_grpc as pb_grpc
 from ..repository.manager import ModelRepository
@@ -23,7 +23,13 @@ from .status import status_code
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["model_repository", "statistics", "binary_tensor_data", "schedule_policy"]
+EXTENSIONS = [
+    "classification",
+    "model_repository",
+    "statistics",
+    "binary_tensor_data",
+    "schedule_policy",
+]
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ConvoyError) -> None:
@@ -160,6 +166,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         except ConvoyError as exc:
             await _abort(context, exc)
             raise
+        except Exception as exc:  # a bug must still answer, with INTERNAL, and be logged
+            log.exception("ModelInfer for model '%s' failed", request.model_name)
+            await _abort(context, InternalError(f"internal error: {exc!r}"))
+            raise
 
     async def _infer(
         self, request: pb.ModelInferRequest, time_remaining: float | None
@@ -192,7 +202,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             try:
                 response = await self._infer(request, context.time_remaining())
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            except ConvoyError as exc:
+            except Exception as exc:
+                if not isinstance(exc, ConvoyError):
+                    log.exception("stream request for model '%s' failed", request.model_name)
+                    exc = InternalError(f"internal error: {exc!r}")
                 failed = pb.ModelStreamInferResponse(error_message=exc.message)
                 failed.infer_response.model_name = request.model_name
                 failed.infer_response.model_version = request.model_version
