@@ -17,21 +17,16 @@ import asyncio
 import datetime
 import os
 import platform
-import re
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 from server.repository.examples import default_examples_dir, ensure_examples
 
 from .bare import measure
 from .bench import Result, run_closed_loop
+from .launch import start_convoy
 from .overhead import overhead_us
 
 MODELS = ("image_classifier", "tiny")
-_READY = re.compile(r"convoy serving gRPC on \S+:(\d+)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,18 +39,17 @@ def main(argv: list[str] | None = None) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     examples = ensure_examples(default_examples_dir())
 
-    proc, port = start_server(examples)
+    server = start_convoy(examples, "--metrics-port", "-1")
     served: dict[str, list[Result]] = {}
     try:
         for model in MODELS:
             served[model] = []
             for c in levels:
-                r = run_closed_loop(f"127.0.0.1:{port}", model, c, args.duration, args.procs)
+                r = run_closed_loop(server.url, model, c, args.duration, args.procs)
                 print(r.line(), flush=True)
                 served[model].append(r)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        server.stop()
 
     bare: dict[str, dict[int, float]] = {}
     for model in MODELS:
@@ -71,29 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     if args.out:
         args.out.write_text(report)
-
-
-def start_server(repository: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repository),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        match = _READY.search(line)
-        if match:
-            # Keep draining the pipe so the server never blocks on a full one.
-            threading.Thread(target=_drain, args=(proc,), daemon=True).start()
-            return proc, int(match.group(1))
-    raise RuntimeError("convoy did not start")
-
-
-def _drain(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdout is not None
-    for _ in proc.stdout:
-        pass
 
 
 def render(

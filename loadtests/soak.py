@@ -18,8 +18,6 @@ import json
 import random
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +34,7 @@ from tritonclient.utils import InferenceServerException
 from server.repository.examples import default_examples_dir, ensure_examples
 
 from . import faulty_model
+from .launch import start_convoy
 
 FAULTY_CONFIG = faulty_model.config(
     "faulty",
@@ -43,7 +42,6 @@ FAULTY_CONFIG = faulty_model.config(
     'parameters { key: "execution_timeout_ms" value { string_value: "300" } }',
     instances=2,
 )
-_READY = re.compile(r"convoy serving gRPC on \S+:(\d+), metrics on port (\d+)")
 
 
 @dataclass
@@ -61,21 +59,6 @@ def build_repository(root: Path) -> None:
     (root / "faulty" / "1").mkdir(parents=True)
     (root / "faulty" / "1" / "model.py").write_text(faulty_model.SOURCE)
     (root / "faulty" / "config.pbtxt").write_text(FAULTY_CONFIG)
-
-
-def start(root: Path) -> tuple[subprocess.Popen[str], int, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(root),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        match = _READY.search(line)
-        if match:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-            return proc, int(match.group(1)), int(match.group(2))
-    raise RuntimeError("convoy did not start")
 
 
 def client_loop(url: str, stop: float, tally: Tally, seed: int) -> None:
@@ -142,8 +125,9 @@ def soak(duration: float, clients: int, seed: int = 0) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_repository(root)
-        proc, port, metrics_port = start(root)
-        url = f"127.0.0.1:{port}"
+        server = start_convoy(root)
+        proc, url, metrics_port = server.proc, server.url, server.metrics_port
+        assert metrics_port is not None
         tally = Tally()
         stop = time.monotonic() + duration
         memory: list[tuple[float, float]] = []
@@ -164,8 +148,7 @@ def soak(duration: float, clients: int, seed: int = 0) -> dict[str, object]:
         for t in threads:
             t.join()
         success, failure = server_counters(metrics_port)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
+        code = server.stop()
     answered = {
         m: tally.ok[m] + sum(n for (mm, _), n in tally.errors.items() if mm == m)
         for m in tally.sent

@@ -1,0 +1,92 @@
+"""Start `convoy serve` in a subprocess on free ports and wait until it serves.
+
+Shared by the tests, the soak run and the batching benchmark. The server's
+output is read by a thread for its whole life (so it never blocks on a full
+pipe) and kept in `log`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_READY = re.compile(r"convoy serving gRPC on \S+:(\d+), metrics on port (\d+|off)")
+
+
+@dataclass
+class ConvoyProcess:
+    proc: subprocess.Popen[str]
+    grpc_port: int
+    metrics_port: int | None
+    repository: Path | None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return "".join(self.log)
+
+
+def start_convoy(
+    repository: Path | None,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> ConvoyProcess:
+    """Start `convoy serve` on free ports; None serves the built-in examples."""
+    cmd = [
+        sys.executable, "-m", "server.cli", "serve",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        *extra,
+    ]  # fmt: skip
+    if repository is not None:
+        cmd += ["--model-repository", str(repository)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    found: list[re.Match[str]] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            match = _READY.search(line)
+            if match and not found:
+                found.append(match)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.1):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(lines))
+    if not found:
+        raise RuntimeError("server exited during start-up:\n" + "".join(lines))
+    metrics = found[0].group(2)
+    return ConvoyProcess(
+        proc=proc,
+        grpc_port=int(found[0].group(1)),
+        metrics_port=None if metrics == "off" else int(metrics),
+        repository=repository,
+        log=lines,
+    )
