@@ -78,7 +78,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             raise
         spec = model.spec
         batch = [-1] if spec.batched else []
-        versions = [str(m.version) for m in self._repo.ready_models() if m.spec.name == spec.name]
+        versions = [str(m.version) for m in self._repo.versions_of(spec.name)]
         response = pb.ModelMetadataResponse(
             name=spec.name, versions=versions, platform=spec.platform
         )
@@ -109,7 +109,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                     models = [self._repo.get(request.name, request.version)]
                 else:
                     self._repo.get(request.name)
-                    models = [m for m in self._repo.ready_models() if m.spec.name == request.name]
+                    models = self._repo.versions_of(request.name)
             else:
                 if request.version:
                     raise InvalidInput("a statistics request with a version must name the model")

@@ -101,11 +101,13 @@ class ModelRepository:
             raise ModelNotFound(f"model '{name}' version {version} is not found")
         return served
 
+    def versions_of(self, name: str) -> list[ServedModel]:
+        """The served versions of one model, ascending."""
+        entry = self._models.get(name)
+        return [] if entry is None else [m for _, m in sorted(entry.versions.items())]
+
     def ready_models(self) -> list[ServedModel]:
         return [m for e in self._models.values() for _, m in sorted(e.versions.items())]
-
-    def all_ready(self) -> bool:
-        return all(e.state == READY for e in self._models.values())
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         names = set(self._models) | set(self.on_disk())
