@@ -25,16 +25,17 @@ def hwc_uint8_to_nchw_reference(
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2)).astype(dtype, copy=False)
 
 
-def hwc_uint8_to_nchw_cuda(
+def hwc_uint8_to_nchw_torch(
     images: Any,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     half: bool = False,
 ) -> Any:
-    """The same on a torch CUDA uint8 tensor: one fused elementwise pass and a permute."""
+    """The same in torch ops on a uint8 tensor on any device (where OpenAI Triton is
+    missing): one elementwise pass and a permute."""
     import torch
 
-    assert isinstance(images, torch.Tensor) and images.is_cuda
+    assert isinstance(images, torch.Tensor)
     scale = torch.tensor(std, device=images.device) * 255.0
     shift = torch.tensor(mean, device=images.device) * 255.0
     out = ((images.float() - shift) / scale).permute(0, 3, 1, 2).contiguous()

@@ -22,8 +22,8 @@ def mean_pool_l2_reference(
     return unit
 
 
-def mean_pool_l2_cuda(hidden: Any, mask: Any, eps: float = 1e-12) -> Any:
-    """The same on torch CUDA tensors."""
+def mean_pool_l2_torch(hidden: Any, mask: Any, eps: float = 1e-12) -> Any:
+    """The same in torch ops on tensors on any device (where OpenAI Triton is missing)."""
     import torch
 
     weights = mask.to(hidden.dtype).unsqueeze(-1)

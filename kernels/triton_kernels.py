@@ -1,6 +1,7 @@
 """GPU kernels written in OpenAI Triton, each checked against the numpy reference
-beside it (kernels/image.py, kernels/pooling.py). On a machine without a GPU the
-tests run them in Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors."""
+beside it (kernels/image.py, kernels/pooling.py, kernels/classify.py). On a machine
+without a GPU the tests run them in Triton's interpreter (TRITON_INTERPRET=1) on
+CPU tensors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .classify import topk_torch
 from .image import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -83,3 +85,48 @@ def mean_pool_l2_triton(hidden: torch.Tensor, mask: torch.Tensor, eps: float = 1
     block = triton.next_power_of_2(dim)
     _mean_pool_l2_kernel[(batch,)](hidden, mask, out, tokens, dim, eps, BLOCK_D=block)
     return out
+
+
+# One program holds a whole row in registers; wider rows (LLM vocabularies) take torch's path.
+MAX_FUSED_WIDTH = 16384
+
+
+@triton.jit
+def _softmax_topk_kernel(
+    scores, values, indices, width, k,
+    SOFTMAX: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One program per row: one read of the row, k passes of max/argmax over registers;
+    # with SOFTMAX only the k chosen values are turned into probabilities.
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(scores + row * width + cols, mask=cols < width, other=float("-inf"))
+    x = x.to(tl.float32)
+    top = tl.max(x, axis=0)
+    total = 1.0
+    if SOFTMAX:
+        total = tl.sum(tl.exp(x - top), axis=0)  # padding lanes are exp(-inf) = 0
+    for j in range(0, k):
+        best = tl.max(x, axis=0)
+        where = tl.argmax(x, axis=0, tie_break_left=True)
+        value = best
+        if SOFTMAX:
+            value = tl.exp(best - top) / total
+        tl.store(values + row * k + j, value)
+        tl.store(indices + row * k + j, where.to(tl.int64))
+        x = tl.where(cols == where, float("-inf"), x)
+
+
+def softmax_topk_triton(scores: torch.Tensor, k: int, softmax: bool = False) -> Any:
+    """Rows of scores [..., N] -> (values [rows, k] float32, indices [rows, k] int64),
+    highest first, ties to the lower index; values are probabilities with `softmax`."""
+    flat = scores.reshape(-1, scores.shape[-1]).contiguous()
+    rows, width = flat.shape
+    k = min(k, width)
+    if width > MAX_FUSED_WIDTH:
+        return topk_torch(flat, k, softmax)
+    values = torch.empty((rows, k), dtype=torch.float32, device=flat.device)
+    indices = torch.empty((rows, k), dtype=torch.int64, device=flat.device)
+    block = triton.next_power_of_2(width)
+    _softmax_topk_kernel[(rows,)](flat, values, indices, width, k, SOFTMAX=softmax, BLOCK=block)
+    return values, indices

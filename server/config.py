@@ -26,6 +26,7 @@ CONFIG_FILENAME = "config.pbtxt"
 SLO_PARAMETER = "latency_slo_p99_ms"
 TIMEOUT_PARAMETER = "execution_timeout_ms"
 SPILL_PARAMETER = "cpu_spill_after_ms"
+SOFTMAX_PARAMETER = "classification_softmax"
 
 # Triton's platform names and the backend each one means.
 PLATFORM_TO_BACKEND = {
@@ -177,6 +178,12 @@ class ModelSpec:
         value = self.parameters.get(SLO_PARAMETER)
         return None if value is None else int(float(value) * 1e6)
 
+    @property
+    def softmax_outputs(self) -> frozenset[str]:
+        """parameters { key: "classification_softmax" value { string_value: "LOGITS" } }:
+        outputs whose classification values are softmax probabilities, not raw scores."""
+        return _names(self.parameters.get(SOFTMAX_PARAMETER, ""))
+
     @functools.cached_property
     def _inputs_by_name(self) -> dict[str, TensorSpec]:
         return {t.name: t for t in self.inputs}
@@ -264,6 +271,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
     _check_slo(parameters, config, path)
     _check_positive(parameters, path, TIMEOUT_PARAMETER)
     _check_positive(parameters, path, SPILL_PARAMETER)
+    _check_softmax(parameters, outputs, path)
     return ModelSpec(
         name=config.name,
         backend=backend,
@@ -289,6 +297,23 @@ def _check_positive(parameters: dict[str, str], path: str, key: str) -> None:
         ok = False
     if not ok:
         raise ConfigError(path, f"parameters.{key}", f"'{value}' is not a positive number")
+
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(name.strip() for name in text.split(",") if name.strip())
+
+
+def _check_softmax(parameters: dict[str, str], outputs: tuple[TensorSpec, ...], path: str) -> None:
+    field = f"parameters.{SOFTMAX_PARAMETER}"
+    names = _names(parameters.get(SOFTMAX_PARAMETER, ""))
+    if SOFTMAX_PARAMETER in parameters and not names:
+        raise ConfigError(path, field, "list the outputs to rank by softmax, e.g. 'LOGITS'")
+    by_name = {t.name: t for t in outputs}
+    for name in sorted(names):
+        if name not in by_name:
+            raise ConfigError(path, field, f"'{name}' is not an output of the model")
+        if by_name[name].datatype == "BYTES":
+            raise ConfigError(path, field, f"output '{name}' is BYTES; softmax needs numbers")
 
 
 def _check_slo(parameters: dict[str, str], config: mc.ModelConfig, path: str) -> None:

@@ -81,6 +81,20 @@ def test_full_config_parses(tmp_path: Path) -> None:
             ),
             "parameters.latency_slo_p99_ms",
         ),
+        (
+            (
+                'key: "tokenizer" value { string_value: "t.json" }',
+                'key: "classification_softmax" value { string_value: "y,z" }',
+            ),
+            "parameters.classification_softmax",
+        ),
+        (
+            (
+                'key: "tokenizer" value { string_value: "t.json" }',
+                'key: "classification_softmax" value { string_value: " , " }',
+            ),
+            "parameters.classification_softmax",
+        ),
     ],
 )
 def test_bad_configs_name_file_and_field(
@@ -90,6 +104,13 @@ def test_bad_configs_name_file_and_field(
         spec_of(tmp_path, GOOD.replace(*change))
     assert "m/config.pbtxt" in str(info.value)
     assert field in str(info.value)
+
+
+def test_classification_softmax_lists_outputs(tmp_path: Path) -> None:
+    text = GOOD.replace('"tokenizer" value { string_value: "t.json" }',
+                        '"classification_softmax" value { string_value: " y " }')  # fmt: skip
+    assert spec_of(tmp_path, text).softmax_outputs == frozenset({"y"})
+    assert spec_of(tmp_path, GOOD).softmax_outputs == frozenset()
 
 
 def test_version_policies() -> None:

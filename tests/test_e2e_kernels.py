@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tokenizers import Tokenizer
 
+from kernels.classify import softmax_reference
 from kernels.image import hwc_uint8_to_nchw_reference
 from kernels.pooling import mean_pool_l2_reference
 
@@ -25,6 +27,15 @@ input [ { name: "INPUT" data_type: TYPE_UINT8 dims: [ 64, 64, 3 ] } ]
 output [ { name: "LOGITS" data_type: TYPE_FP32 dims: [ 1000 ] } ]
 parameters { key: "preprocess" value { string_value: "image_hwc_uint8" } }
 dynamic_batching { }
+"""
+SOFTMAX_CONFIG = """
+name: "image_softmax"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "INPUT" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]
+output [ { name: "LOGITS" data_type: TYPE_FP32 dims: [ 1000 ] } ]
+parameters { key: "classification_softmax" value { string_value: "LOGITS" } }
+dynamic_batching { max_queue_delay_microseconds: 20000 }
 """
 POOLED_CONFIG = """
 name: "pooled"
@@ -58,6 +69,11 @@ def kernel_server(examples_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         examples_dir / "image_classifier/1/model.onnx"
     )
     (repo / "image_raw" / "config.pbtxt").write_text(RAW_IMAGE_CONFIG)
+    (repo / "image_softmax" / "1").mkdir(parents=True)
+    (repo / "image_softmax" / "1" / "model.onnx").symlink_to(
+        examples_dir / "image_classifier/1/model.onnx"
+    )
+    (repo / "image_softmax" / "config.pbtxt").write_text(SOFTMAX_CONFIG)
     (repo / "pooled" / "1").mkdir(parents=True)
     (repo / "pooled" / "1" / "model.py").write_text(HIDDEN_MODEL)
     shutil.copy(
@@ -97,3 +113,45 @@ def test_mean_pool_postprocess(kernel_server: ServerProcess, examples_dir: Path)
     mask = np.array([e.attention_mask for e in encodings])
     hidden = np.stack([ids, ids % 7, np.ones_like(ids)], axis=-1)
     np.testing.assert_allclose(served, mean_pool_l2_reference(hidden, mask), rtol=1e-5)
+
+
+def test_classification_by_softmax_in_a_batch_of_mixed_asks(kernel_server: ServerProcess) -> None:
+    """Concurrent requests batched together: some want top-k probabilities (k differs),
+    one wants the raw logits; each gets exactly what it asked for."""
+    images = np.random.default_rng(8).random((4, 3, 64, 64), dtype=np.float32)
+    results: list[object] = [None] * 4
+    answers: queue.Queue[int] = queue.Queue()
+    client = grpcclient.InferenceServerClient(kernel_server.url)
+
+    def ask(i: int) -> None:
+        tensor = grpcclient.InferInput("INPUT", [1, 3, 64, 64], "FP32")
+        tensor.set_data_from_numpy(images[i : i + 1])
+        outputs = [grpcclient.InferRequestedOutput("LOGITS", class_count=i)] if i else None
+
+        def answered(result: object, error: object) -> None:
+            results[i] = error or result
+            answers.put(i)
+
+        client.async_infer("image_softmax", [tensor], answered, outputs=outputs)
+
+    for i in range(4):
+        ask(i)
+    assert sorted(answers.get(timeout=30) for _ in range(4)) == [0, 1, 2, 3]
+    client.close()
+    logits = results[0].as_numpy("LOGITS")  # type: ignore[union-attr]
+    assert logits.shape == (1, 1000)
+    raw = grpcclient.InferenceServerClient(kernel_server.url)
+    for i in (1, 2, 3):
+        top = results[i].as_numpy("LOGITS")  # type: ignore[union-attr]
+        assert top.shape == (1, i)
+        tensor = grpcclient.InferInput("INPUT", [1, 3, 64, 64], "FP32")
+        tensor.set_data_from_numpy(images[i : i + 1])
+        row = raw.infer("image_softmax", [tensor]).as_numpy("LOGITS")[0]
+        probabilities = softmax_reference(row)
+        entries = [item.decode().split(":") for item in top[0]]
+        indices = [int(index) for _, index in entries]
+        assert indices == list(np.argsort(-row, kind="stable")[:i])
+        np.testing.assert_allclose(
+            [float(v) for v, _ in entries], probabilities[indices], atol=1e-6
+        )
+    raw.close()

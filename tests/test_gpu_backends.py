@@ -55,3 +55,46 @@ def test_onnxruntime_cuda_provider_where_installed(examples_dir: Path) -> None:
     np.testing.assert_allclose(
         gpu, cpu.run({"INPUT": x}, ["LOGITS"])["LOGITS"], rtol=1e-3, atol=1e-3
     )
+
+
+def test_batches_are_gathered_in_pinned_staging_buffers(examples_dir: Path) -> None:
+    import asyncio
+
+    from server.batching.batch import Batch
+    from server.batching.request import InferRequest
+    from server.scheduling.pool import ModelInstance
+
+    spec = tiny_spec(examples_dir, precision="fp16")
+    backend = TorchScriptBackend(examples_dir / "tiny/1/model.pt", "cuda:0", spec)
+    instance = ModelInstance("tiny-gpu", backend, frozenset({"OUTPUT0"}))
+    loop = asyncio.new_event_loop()
+    rng = np.random.default_rng(9)
+    parts = [rng.standard_normal((n, 16)).astype(np.float32) for n in (1, 5, 2)]
+    requests = tuple(
+        InferRequest(
+            id=str(i),
+            inputs={"INPUT0": x},
+            outputs=("OUTPUT0",),
+            rows=len(x),
+            shape_key=((16,),),
+            future=loop.create_future(),
+            classification={"OUTPUT0": 3} if i == 1 else {},
+        )
+        for i, x in enumerate(parts)
+    )
+    staged = backend.input_buffer("INPUT0", (8, 16), np.dtype(np.float32))
+    assert staged is not None
+    import torch
+
+    assert torch.from_numpy(staged).is_pinned()
+    batch = Batch(requests, batched=True)
+    outcome = instance.execute(batch)
+    results = batch.split_outputs(outcome.outputs, outcome.ranked)
+    for x, result in zip(parts, results, strict=True):
+        if "OUTPUT0" in result.outputs:
+            np.testing.assert_allclose(result.outputs["OUTPUT0"], x * 2 + 1, rtol=2e-2, atol=2e-2)
+    expected = np.argsort(-(parts[1] * 2 + 1), axis=1)[:, :3]
+    assert results[1].ranked["OUTPUT0"].indices.shape == (5, 3)
+    assert (results[1].ranked["OUTPUT0"].indices[:, 0] == expected[:, 0]).all()
+    instance.close()
+    loop.close()

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kernels.classify import classify, topk_cuda, topk_reference
+from kernels.classify import format_classes, softmax_reference, topk_reference, topk_torch
 
 
 def _cuda() -> bool:
@@ -36,26 +36,39 @@ def test_topk_matches_a_full_sort(scores: np.ndarray, k: int) -> None:
     np.testing.assert_array_equal(np.take_along_axis(scores, indices, axis=1), values)
 
 
-def test_classify_formats_like_triton() -> None:
-    scores = np.array([[0.1, 0.7, 0.2], [3.0, -1.0, 2.0]], np.float32)
-    out = classify(scores, 2, batched=True, labels=["cat", "dog", "eel"])
+def test_topk_ties_go_to_the_lower_index_and_softmax_keeps_the_order() -> None:
+    scores = np.array([[1.0, 3.0, 3.0, 0.0, 3.0]], np.float32)
+    values, indices = topk_reference(scores, 3)
+    assert indices.tolist() == [[1, 2, 4]] and values.tolist() == [[3.0, 3.0, 3.0]]
+    logits = np.random.default_rng(3).standard_normal((4, 10)).astype(np.float32) * 50
+    probs, order = topk_reference(logits, 4, softmax=True)
+    _, same_order = topk_reference(logits, 4)
+    np.testing.assert_array_equal(order, same_order)
+    expected = np.take_along_axis(softmax_reference(logits), order, axis=1)
+    np.testing.assert_allclose(probs, expected, rtol=1e-6)
+    np.testing.assert_allclose(softmax_reference(logits).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_format_classes_like_triton() -> None:
+    values = np.array([[0.7, 0.2], [3.0, 2.0]], np.float32)
+    indices = np.array([[1, 2], [0, 2]])
+    out = format_classes(values, indices, labels=["cat", "dog", "eel"])
     assert out.shape == (2, 2)
     assert out[0, 0] == b"0.700000:1:dog" and out[0, 1] == b"0.200000:2:eel"
     assert out[1, 0] == b"3.000000:0:cat"
-    single = classify(np.array([1.0, 5.0], np.float32), 1, batched=False)
-    assert single.tolist() == [b"5.000000:1"]
+    assert format_classes(values[0], indices[0]).tolist() == [b"0.700000:1", b"0.200000:2"]
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_topk_cuda_parity() -> None:
+@pytest.mark.parametrize("softmax", [False, True])
+def test_topk_torch_matches_reference(softmax: bool) -> None:
     import torch
 
+    device = "cuda" if _cuda() else "cpu"
     scores = np.random.default_rng(0).standard_normal((64, 1000)).astype(np.float32)
-    values, indices = topk_cuda(torch.from_numpy(scores).cuda(), 5)
-    ref_values, ref_indices = topk_reference(scores, 5)
-    np.testing.assert_allclose(values.cpu().numpy(), ref_values, rtol=1e-6)  # type: ignore[attr-defined]
-    np.testing.assert_array_equal(indices.cpu().numpy(), ref_indices)  # type: ignore[attr-defined]
+    values, indices = topk_torch(torch.from_numpy(scores).to(device), 5, softmax)
+    ref_values, ref_indices = topk_reference(scores, 5, softmax)
+    np.testing.assert_allclose(values.cpu().numpy(), ref_values, rtol=1e-5)
+    np.testing.assert_array_equal(indices.cpu().numpy(), ref_indices)
 
 
 def test_image_reference_matches_the_formula() -> None:
@@ -86,18 +99,18 @@ def test_pooling_reference_ignores_padding() -> None:
 
 @pytest.mark.gpu
 @needs_gpu
-def test_image_and_pooling_cuda_parity() -> None:
+def test_torch_image_and_pooling_on_cuda_match_references() -> None:
     import torch
 
-    from kernels.image import hwc_uint8_to_nchw_cuda, hwc_uint8_to_nchw_reference
-    from kernels.pooling import mean_pool_l2_cuda, mean_pool_l2_reference
+    from kernels.image import hwc_uint8_to_nchw_reference, hwc_uint8_to_nchw_torch
+    from kernels.pooling import mean_pool_l2_reference, mean_pool_l2_torch
 
     images = np.random.default_rng(4).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
-    gpu_out = hwc_uint8_to_nchw_cuda(torch.from_numpy(images).cuda()).cpu().numpy()
+    gpu_out = hwc_uint8_to_nchw_torch(torch.from_numpy(images).cuda()).cpu().numpy()
     np.testing.assert_allclose(gpu_out, hwc_uint8_to_nchw_reference(images), rtol=1e-5, atol=1e-5)
     hidden = np.random.default_rng(5).standard_normal((4, 16, 384)).astype(np.float32)
     mask = (np.arange(16)[None, :] < np.array([[16], [9], [3], [1]])).astype(np.int64)
-    pooled = mean_pool_l2_cuda(torch.from_numpy(hidden).cuda(), torch.from_numpy(mask).cuda())
+    pooled = mean_pool_l2_torch(torch.from_numpy(hidden).cuda(), torch.from_numpy(mask).cuda())
     np.testing.assert_allclose(
         pooled.cpu().numpy(), mean_pool_l2_reference(hidden, mask), atol=1e-5
     )
@@ -141,3 +154,23 @@ def test_triton_pooling_kernel_matches_reference() -> None:
     np.testing.assert_allclose(
         out.cpu().numpy(), mean_pool_l2_reference(hidden, mask), rtol=1e-5, atol=1e-6
     )
+
+
+@needs_triton
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("width", [7, 1000])
+def test_triton_softmax_topk_kernel_matches_reference(softmax: bool, width: int) -> None:
+    import torch
+
+    from kernels.triton_kernels import softmax_topk_triton
+
+    device = "cuda" if _cuda() else "cpu"
+    scores = np.random.default_rng(width).standard_normal((5, width)).astype(np.float32) * 4
+    scores[0, :3] = scores[0].max() + 1  # a three-way tie at the top
+    values, indices = softmax_topk_triton(torch.from_numpy(scores).to(device), 5, softmax)
+    ref_values, ref_indices = topk_reference(scores, 5, softmax)
+    np.testing.assert_array_equal(indices.cpu().numpy(), ref_indices)
+    np.testing.assert_allclose(values.cpu().numpy(), ref_values, rtol=1e-5, atol=1e-7)
+    half = torch.from_numpy(scores).to(device).half()  # fp16 logits are ranked in fp32
+    _, half_indices = softmax_topk_triton(half, 3, softmax)
+    assert half_indices.shape == (5, 3)

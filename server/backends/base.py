@@ -10,13 +10,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec, TensorSpec
 from ..errors import ConfigError
+from .stages import device_stages
 
 Array = npt.NDArray[np.generic]
 
@@ -38,6 +40,30 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class StagesInputs(Protocol):
+    """A GPU backend with per-instance pinned buffers that batches are gathered in."""
+
+    def input_buffer(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]
+    ) -> Array | None: ...
+
+
+@runtime_checkable
+class RanksOnDevice(Protocol):
+    """A GPU backend that ranks outputs for classification before copying them back,
+    so only the top-k of an output asked for nothing else crosses the bus."""
+
+    def run_ranked(
+        self,
+        inputs: Mapping[str, Array],
+        output_names: Sequence[str],
+        rankings: Mapping[str, Ranking],
+    ) -> tuple[dict[str, Array], dict[str, Ranked]]:
+        """Like run, plus the rankings; `output_names` are those wanted in full."""
+        ...
 
 
 def default_threads(instances: int) -> int:
@@ -74,14 +100,17 @@ def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -
         backend = TensorRTBackend(model_path, device, spec)
     else:
         raise ConfigError(str(model_path), "backend", f"unsupported backend '{spec.backend}'")
+    # Work around the model: GPU kernels on the runtime's stream where it keeps
+    # tensors on a GPU, the numpy references on the instance's thread elsewhere.
+    stages = device_stages(backend)
     if "preprocess" in spec.parameters:
-        from .preprocess import ImagePreprocessingBackend
+        from .preprocess import with_image_preprocessing
 
-        backend = ImagePreprocessingBackend(backend, spec)
+        backend = with_image_preprocessing(backend, spec, stages)
     if "tokenizer" in spec.parameters:
         from .text import TokenizingBackend
 
-        backend = TokenizingBackend(backend, spec, model_path.parent)
+        backend = TokenizingBackend(backend, spec, model_path.parent, stages)
     return backend
 
 

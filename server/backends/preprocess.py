@@ -6,20 +6,25 @@
     parameters { key: "preprocess_std" value { string_value: "0.229,0.224,0.225" } }
 
 Clients send raw pixels, uint8 [batch, H, W, C]; the runtime receives the same
-input name as float32 [batch, C, H, W] of (x / 255 - mean) / std. The conversion
-is kernels/image.py (its numpy reference on the CPU) and runs on the instance's
-thread, never on the event loop.
+input name as float32 [batch, C, H, W] of (x / 255 - mean) / std. On a GPU
+instance of a runtime that keeps tensors on the device (PyTorch, TensorRT) the
+uint8 pixels are uploaded and converted there by the fused kernel
+(kernels/triton_kernels.py); elsewhere the numpy reference (kernels/image.py)
+runs on the instance's thread. Never on the event loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from kernels.image import IMAGENET_MEAN, IMAGENET_STD, hwc_uint8_to_nchw_reference
 
 from ..config import ModelSpec
 from ..errors import ConfigError
 from .base import Array, Backend
+from .stages import DeviceStages
 
 PREPROCESSORS = ("image_hwc_uint8",)
 
@@ -39,32 +44,68 @@ def _floats(spec: ModelSpec, key: str, default: tuple[float, ...]) -> tuple[floa
     return values
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    input: str  # the UINT8 [H, W, 3] input
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def image_settings(spec: ModelSpec) -> ImageSettings:
+    kind = spec.parameters["preprocess"]
+    if kind not in PREPROCESSORS:
+        raise ConfigError(
+            spec.name, "parameters.preprocess", f"'{kind}' is not one of {PREPROCESSORS}"
+        )
+    images = [t for t in spec.inputs if t.datatype == "UINT8" and len(t.dims) == 3]
+    if len(images) != 1 or images[0].dims[-1] != 3:
+        raise ConfigError(
+            spec.name,
+            "input",
+            "image_hwc_uint8 needs exactly one UINT8 input with dims [H, W, 3]",
+        )
+    return ImageSettings(
+        images[0].name,
+        _floats(spec, "preprocess_mean", IMAGENET_MEAN),
+        _floats(spec, "preprocess_std", IMAGENET_STD),
+    )
+
+
+def with_image_preprocessing(
+    inner: Backend, spec: ModelSpec, stages: DeviceStages | None
+) -> Backend:
+    """`inner` with the conversion registered on its device stages, or wrapped."""
+    settings = image_settings(spec)
+    if stages is None:
+        return ImagePreprocessingBackend(inner, settings)
+    kernel = _device_kernel()
+    stages.inputs[settings.input] = lambda images: kernel(images, settings.mean, settings.std)
+    return inner
+
+
+def _device_kernel() -> Any:
+    try:
+        from kernels.triton_kernels import hwc_uint8_to_nchw_triton
+    except ImportError:  # a torch build without OpenAI Triton: the same in torch ops
+        from kernels.image import hwc_uint8_to_nchw_torch
+
+        return hwc_uint8_to_nchw_torch
+    return hwc_uint8_to_nchw_triton
+
+
 class ImagePreprocessingBackend:
-    def __init__(self, inner: Backend, spec: ModelSpec) -> None:
-        kind = spec.parameters["preprocess"]
-        if kind not in PREPROCESSORS:
-            raise ConfigError(
-                spec.name, "parameters.preprocess", f"'{kind}' is not one of {PREPROCESSORS}"
-            )
-        images = [t for t in spec.inputs if t.datatype == "UINT8" and len(t.dims) == 3]
-        if len(images) != 1 or images[0].dims[-1] != 3:
-            raise ConfigError(
-                spec.name,
-                "input",
-                "image_hwc_uint8 needs exactly one UINT8 input with dims [H, W, 3]",
-            )
+    def __init__(self, inner: Backend, settings: ImageSettings) -> None:
         self._inner = inner
         self.device = inner.device
-        self._name = images[0].name
-        self._mean = _floats(spec, "preprocess_mean", IMAGENET_MEAN)
-        self._std = _floats(spec, "preprocess_std", IMAGENET_STD)
+        self._settings = settings
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
         feed = dict(inputs)
-        feed[self._name] = hwc_uint8_to_nchw_reference(
-            feed[self._name],  # type: ignore[arg-type]
-            self._mean,
-            self._std,
+        name = self._settings.input
+        feed[name] = hwc_uint8_to_nchw_reference(
+            feed[name],  # type: ignore[arg-type]
+            self._settings.mean,
+            self._settings.std,
         )
         return self._inner.run(feed, output_names)
 

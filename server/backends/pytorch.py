@@ -1,8 +1,12 @@
-"""TorchScript backend. Inputs bind to forward() in config order; outputs likewise.
+"""TorchScript backend. Inputs bind to forward() by name or config order (_bound_inputs);
+outputs in config order.
 
-On a GPU each instance owns a CUDA stream: inputs go through pinned host memory
-with non-blocking copies, the model runs on the instance's stream, outputs come
-back the same way, and only the instance's own thread waits for the stream.
+On a GPU each instance owns a CUDA stream: batches are gathered straight into
+the instance's pinned staging buffers and copied up without blocking, any
+device stages (pre-processing kernels, pooling) and the model run on the
+instance's stream, classification is ranked there, outputs come back through
+pinned memory, and only the instance's own thread waits, on a CUDA event
+recorded after the last copy.
 config.pbtxt `parameters` (GPU only):
   precision                fp32 (default) | fp16 | bf16: weights and floating inputs
   cuda_graph_batch_sizes   e.g. "1,8,32,64": capture a CUDA graph per batch size
@@ -21,9 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import ConfigError, InternalError
 from .base import Array
+from .ranking import rank_on_device, rank_on_host
+from .stages import DeviceStages
+from .staging import StagingBuffers, to_pinned_host
 
 # Request tensors are read-only views of the request bytes (zero copy); the
 # model never writes to its inputs, so torch's warning about it is noise.
@@ -50,6 +58,17 @@ def _graph_buckets(spec: ModelSpec) -> tuple[int, ...]:
     return sizes
 
 
+def _bound_inputs(module: Any, spec: ModelSpec) -> tuple[str, ...]:
+    """The feed names for forward()'s parameters, in order. By name where the config
+    names them (or a tokenizer feeds the model its own input_ids/attention_mask);
+    otherwise by position in config order, as Triton binds INPUT__0-style names."""
+    arguments = tuple(a.name for a in module.forward.schema.arguments[1:])  # past self
+    configured = tuple(t.name for t in spec.inputs)
+    if "tokenizer" in spec.parameters or set(configured) == set(arguments):
+        return arguments
+    return configured
+
+
 class TorchScriptBackend:
     def __init__(self, model_path: Path, device: str, spec: ModelSpec) -> None:
         use_cuda = device.startswith("cuda") and torch.cuda.is_available()
@@ -67,19 +86,46 @@ class TorchScriptBackend:
         if self._dtype is not None:
             module = module.to(self._dtype)
         self._module = module.eval()
-        self._input_names = tuple(t.name for t in spec.inputs)
+        self.input_names = _bound_inputs(self._module, spec)
         self._output_names = tuple(t.name for t in spec.outputs)
         self._stream = torch.cuda.Stream(self._torch_device) if use_cuda else None
+        self._staging = StagingBuffers(pinned=use_cuda)
+        self.stages = DeviceStages()  # filled by load_backend where the model opts in
         self._buckets = buckets if use_cuda else ()
         self._graphs: dict[int, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = {}
 
+    def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array | None:
+        if self._stream is None or dtype.hasobject:
+            return None
+        return self._staging.view(name, shape, dtype)
+
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        return self.run_ranked(inputs, output_names, {})[0]
+
+    def run_ranked(
+        self,
+        inputs: Mapping[str, Array],
+        output_names: Sequence[str],
+        rankings: Mapping[str, Ranking],
+    ) -> tuple[dict[str, Array], dict[str, Ranked]]:
         if self._stream is None:
-            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self._input_names]
-            with torch.inference_mode():
-                tensors = self._outputs(self._module(*args))
-            return {name: tensors[name].numpy() for name in output_names}
-        return self._run_cuda(inputs, output_names)
+            return self._run_cpu(inputs, output_names, rankings)
+        return self._run_cuda(inputs, output_names, rankings)
+
+    def _run_cpu(
+        self,
+        inputs: Mapping[str, Array],
+        output_names: Sequence[str],
+        rankings: Mapping[str, Ranking],
+    ) -> tuple[dict[str, Array], dict[str, Ranked]]:
+        feed = {n: torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names}
+        with torch.inference_mode():
+            feed = self.stages.apply_inputs(feed)
+            tensors = self._outputs(self._module(*(feed[n] for n in self.input_names)))
+            tensors = self.stages.apply_outputs(tensors, feed)
+            outputs = {name: tensors[name].numpy() for name in (*output_names, *rankings)}
+        ranked = rank_on_host(outputs, rankings)
+        return {name: outputs[name] for name in output_names}, ranked
 
     def _outputs(self, result: Any) -> dict[str, torch.Tensor]:
         tensors = [result] if isinstance(result, torch.Tensor) else list(result)
@@ -89,35 +135,50 @@ class TorchScriptBackend:
             )
         return dict(zip(self._output_names, tensors, strict=True))
 
-    def _to_device(self, array: Array) -> torch.Tensor:
-        host = torch.from_numpy(np.ascontiguousarray(array)).pin_memory()
-        tensor = host.to(self._torch_device, non_blocking=True)
+    def _upload(self, array: Array) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if not self._staging.holds(array):
+            host = host.pin_memory()  # from torch's caching host allocator
+        return host.to(self._torch_device, non_blocking=True)
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self._dtype)
+            return tensor.to(self._dtype)
         return tensor
 
     def _run_cuda(
-        self, inputs: Mapping[str, Array], output_names: Sequence[str]
-    ) -> dict[str, Array]:
+        self,
+        inputs: Mapping[str, Array],
+        output_names: Sequence[str],
+        rankings: Mapping[str, Ranking],
+    ) -> tuple[dict[str, Array], dict[str, Ranked]]:
         assert self._stream is not None
         with torch.inference_mode(), torch.cuda.stream(self._stream):
-            args = [self._to_device(inputs[n]) for n in self._input_names]
-            rows = int(args[0].shape[0])
+            feed = self.stages.apply_inputs({n: self._upload(inputs[n]) for n in self.input_names})
+            args = [self._cast(feed[n]) for n in self.input_names]
+            rows = int(args[0].shape[0]) if args[0].dim() else 1
             bucket = next((b for b in self._buckets if b >= rows), None)
             if bucket is None:
                 outputs = self._outputs(self._module(*args))
             else:
                 outputs = {k: v[:rows] for k, v in self._replay(bucket, args).items()}
-            host = {}
-            for name in output_names:
-                value = outputs[name]
-                if value.is_floating_point() and value.dtype != torch.float32:
-                    value = value.float()
-                pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-                pinned.copy_(value, non_blocking=True)
-                host[name] = pinned
-        self._stream.synchronize()  # this instance's thread waits; the event loop never does
-        return {name: tensor.numpy() for name, tensor in host.items()}
+            outputs = self.stages.apply_outputs(outputs, feed)
+            on_device = rank_on_device(outputs, rankings)
+            host = {name: to_pinned_host(outputs[name]) for name in output_names}
+            host_ranked = {
+                name: (to_pinned_host(values), to_pinned_host(indices))
+                for name, (values, indices) in on_device.items()
+            }
+            done = torch.cuda.Event(blocking=True)
+            done.record(self._stream)
+        # Only this instance's thread waits, and only for this batch's work; a blocking
+        # event sleeps instead of spinning on a core the event loop needs.
+        done.synchronize()
+        ranked = {
+            name: Ranked(values.numpy(), indices.numpy())
+            for name, (values, indices) in host_ranked.items()
+        }
+        return {name: tensor.numpy() for name, tensor in host.items()}, ranked
 
     def _replay(self, bucket: int, args: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         graph = self._graphs.get(bucket)
@@ -148,4 +209,5 @@ class TorchScriptBackend:
 
     def close(self) -> None:
         self._graphs.clear()
+        self._staging.clear()
         del self._module

@@ -6,11 +6,13 @@ set), one optimization profile derived from max_batch_size and the -1 dims,
 cached under $CONVOY_CACHE_DIR/engines keyed by the ONNX bytes, the GPU, the
 TensorRT version and the build options, so a restart never rebuilds.
 
-Each instance owns an execution context, a CUDA stream and device buffers for
-the largest profile shape; inputs go through pinned host memory, copies and
-`execute_async_v3` are enqueued on the stream, and the instance's thread waits
-on the stream (the event loop never does; completion reaches it through
-call_soon_threadsafe, as for every instance).
+Each instance owns an execution context, a CUDA stream, pinned host staging
+buffers that batches are gathered in, and device buffers for the largest
+profile shape; copies, device stages (pre-processing kernels, pooling),
+`execute_async_v3` and classification ranking are enqueued on the stream; the
+instance's thread sleeps on a CUDA event recorded after the last copy (the
+event loop never waits; completion reaches it through call_soon_threadsafe, as
+for every instance).
 
 The import of this module fails where TensorRT is absent; load_backend turns
 that into a clear configuration error.
@@ -22,14 +24,19 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorrt as trt
 import torch
 
+from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import ConfigError, InternalError
 from .base import Array
+from .ranking import rank_on_device
+from .stages import DeviceStages
+from .staging import StagingBuffers, to_pinned_host
 from .tensorrt_plan import Shape, engine_cache_dir, engine_cache_key, optimization_profiles
 
 log = logging.getLogger(__name__)
@@ -181,50 +188,82 @@ class TensorRTBackend:
             raise ConfigError(str(model_path), "model.plan", "not an engine for this GPU/TensorRT")
         self._context = self._engine.create_execution_context()
         self._stream = torch.cuda.Stream(self._torch_device)
+        self._staging = StagingBuffers(pinned=True)
+        self.stages = DeviceStages()  # filled by load_backend where the model opts in
         self._inputs: list[str] = []
         self._outputs: list[str] = []
         for i in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(i)
             mode = self._engine.get_tensor_mode(name)
             (self._inputs if mode == trt.TensorIOMode.INPUT else self._outputs).append(name)
-        # Device buffers sized for the largest profile shape, allocated once per instance.
+        # Device buffers, allocated once per instance: inputs for the largest profile
+        # shape; outputs for the output shapes that the largest input shapes give.
         self._buffers: dict[str, torch.Tensor] = {}
         for name in self._inputs:
             _, _, largest = self._engine.get_tensor_profile_shape(name, 0)
+            self._context.set_input_shape(name, tuple(largest))
             self._buffers[name] = self._alloc(name, tuple(largest))
+        for name in self._outputs:
+            self._buffers[name] = self._alloc(name, tuple(self._context.get_tensor_shape(name)))
 
     def _alloc(self, name: str, shape: Shape) -> torch.Tensor:
         dtype = _TORCH_DTYPES[self._engine.get_tensor_dtype(name)]
         return torch.empty(shape, dtype=dtype, device=self._torch_device)
 
+    def _bound(self, name: str, shape: Shape) -> torch.Tensor:
+        """This tensor's buffer, viewed at `shape` (grown if a dynamic output outgrows it)."""
+        buffer = self._buffers[name]
+        count = int(np.prod(shape))
+        if count > buffer.numel():
+            buffer = self._buffers[name] = self._alloc(name, shape)
+        return buffer.view(-1)[:count].view(shape)
+
+    def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array | None:
+        return None if dtype.hasobject else self._staging.view(name, shape, dtype)
+
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        return self.run_ranked(inputs, output_names, {})[0]
+
+    def run_ranked(
+        self,
+        inputs: Mapping[str, Array],
+        output_names: Sequence[str],
+        rankings: Mapping[str, Ranking],
+    ) -> tuple[dict[str, Array], dict[str, Ranked]]:
         stream = self._stream
         with torch.cuda.stream(stream):
+            uploaded = {}
             for name in self._inputs:
-                host = torch.from_numpy(np.ascontiguousarray(inputs[name])).pin_memory()
-                view = self._buffers[name].view(-1)[: host.numel()].view(host.shape)
-                view.copy_(host.to(view.dtype), non_blocking=True)
-                self._context.set_input_shape(name, tuple(host.shape))
+                host = torch.from_numpy(np.ascontiguousarray(inputs[name]))
+                if not self._staging.holds(inputs[name]):
+                    host = host.pin_memory()
+                uploaded[name] = host.to(self._torch_device, non_blocking=True)
+            feed = self.stages.apply_inputs(uploaded)
+            for name in self._inputs:
+                view = self._bound(name, tuple(feed[name].shape))
+                view.copy_(feed[name], non_blocking=True)  # also casts to the engine's type
+                self._context.set_input_shape(name, tuple(view.shape))
                 self._context.set_tensor_address(name, view.data_ptr())
             outputs: dict[str, torch.Tensor] = {}
             for name in self._outputs:
-                shape = tuple(self._context.get_tensor_shape(name))
-                outputs[name] = self._alloc(name, shape)
+                outputs[name] = self._bound(name, tuple(self._context.get_tensor_shape(name)))
                 self._context.set_tensor_address(name, outputs[name].data_ptr())
             if not self._context.execute_async_v3(stream.cuda_stream):
                 raise InternalError("TensorRT execute_async_v3 failed")
-            host_out = {}
-            for name in output_names:
-                value = outputs[name]
-                if value.dtype in (torch.float16, torch.bfloat16):
-                    value = value.float()
-                pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-                pinned.copy_(value, non_blocking=True)
-                host_out[name] = pinned
-        stream.synchronize()
-        return {name: tensor.numpy() for name, tensor in host_out.items()}
+            outputs = self.stages.apply_outputs(outputs, feed)
+            on_device = rank_on_device(outputs, rankings)
+            host = {name: to_pinned_host(outputs[name]) for name in output_names}
+            host_ranked = {
+                n: (to_pinned_host(v), to_pinned_host(i)) for n, (v, i) in on_device.items()
+            }
+            done = torch.cuda.Event(blocking=True)
+            done.record(stream)
+        done.synchronize()  # this instance's thread sleeps until this batch's copies are done
+        ranked = {n: Ranked(v.numpy(), i.numpy()) for n, (v, i) in host_ranked.items()}
+        return {name: tensor.numpy() for name, tensor in host.items()}, ranked
 
     def close(self) -> None:
         self._buffers.clear()
+        self._staging.clear()
         del self._context
         del self._engine

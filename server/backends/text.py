@@ -5,7 +5,9 @@ Configured in config.pbtxt `parameters`:
   tokenizer_max_length  truncation length (default 256)
   postprocess           "mean_pool_l2": the runtime returns per-token hidden states
                         [batch, tokens, dim]; they are mean-pooled over real tokens and
-                        L2-normalised here (kernels/pooling.py)
+                        L2-normalised: by the fused kernel on the runtime's GPU stream
+                        where it keeps tensors on a GPU (PyTorch, TensorRT), so only
+                        the pooled vectors come back; else here (kernels/pooling.py)
 The model's single BYTES input is tokenized per batch, padded to the longest
 item, and fed to the runtime as input_ids / attention_mask (/ token_type_ids).
 """
@@ -23,10 +25,17 @@ from kernels.pooling import mean_pool_l2_reference
 from ..config import ModelSpec
 from ..errors import ConfigError, InvalidInput
 from .base import Array, Backend
+from .stages import DeviceStages, Tensor
 
 
 class TokenizingBackend:
-    def __init__(self, inner: Backend, spec: ModelSpec, version_dir: Path) -> None:
+    def __init__(
+        self,
+        inner: Backend,
+        spec: ModelSpec,
+        version_dir: Path,
+        stages: DeviceStages | None = None,
+    ) -> None:
         self._inner = inner
         self.device = inner.device
         path = version_dir / spec.parameters["tokenizer"]
@@ -56,6 +65,10 @@ class TokenizingBackend:
                 spec.name, "parameters.postprocess", f"'{post}' is not 'mean_pool_l2'"
             )
         self._pool = post == "mean_pool_l2"
+        if self._pool and stages is not None:
+            for output in spec.outputs:
+                stages.outputs[output.name] = _pool_on_device
+            self._pool = False
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
         texts = inputs[self._text_input]
@@ -86,3 +99,11 @@ def _text(item: object) -> str:
     if isinstance(item, bytes | bytearray | memoryview):
         return bytes(item).decode("utf-8")
     raise InvalidInput(f"expected text, got {type(item).__name__}")
+
+
+def _pool_on_device(hidden: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
+    try:
+        from kernels.triton_kernels import mean_pool_l2_triton as pool
+    except ImportError:  # a torch build without OpenAI Triton: the same in torch ops
+        from kernels.pooling import mean_pool_l2_torch as pool
+    return pool(hidden, inputs["attention_mask"])

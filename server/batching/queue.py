@@ -15,14 +15,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import BatchingConfig, QueuePolicy
 from ..errors import ConvoyError, DeadlineExceeded, InternalError, Overloaded, Unavailable
 from .batch import Batch
 from .policy import BatchLimits, plan_batch
-from .request import Array, InferRequest, InferResult
+from .request import Array, InferRequest, Ranked
 from .slo import SloController
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ Clock = Callable[[], int]
 class BatchOutcome:
     outputs: dict[str, Array]
     input_ns: int  # gathering inputs
-    infer_ns: int  # the runtime itself
+    infer_ns: int  # the runtime itself (and ranking for classification)
     device: str
+    ranked: dict[str, Ranked] = field(default_factory=dict)
 
 
 class BatchRunner(Protocol):
@@ -296,7 +297,7 @@ class ModelQueue:
                 raise Unavailable(f"model '{self.name}': batch cancelled")
             outcome = future.result()
             start = self._clock()
-            per_request = batch.split_outputs(outcome.outputs)
+            per_request = batch.split_outputs(outcome.outputs, outcome.ranked)
             output_ns = self._clock() - start
         except ConvoyError as exc:
             error: ConvoyError = exc
@@ -310,9 +311,9 @@ class ModelQueue:
             now = self._clock()
             self._observer.on_batch(batch, outcome, output_ns)
             slo_changed = False
-            for request, outputs in zip(batch.requests, per_request, strict=True):
+            for request, result in zip(batch.requests, per_request, strict=True):
                 if not request.future.done():
-                    request.future.set_result(InferResult(outputs))
+                    request.future.set_result(result)
                 self._observer.on_request_done(request, None, now)
                 if self.slo is not None:
                     slo_changed |= self.slo.observe(now - request.arrival_ns)

@@ -12,8 +12,31 @@ Array = npt.NDArray[np.generic]
 
 
 @dataclass(frozen=True)
+class Ranking:
+    """What to rank of one output for a batch: its top `k` values per row (the whole
+    tensor as one row for a model without a batch dimension), by softmax if asked."""
+
+    k: int
+    softmax: bool
+    per_row: bool
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The top values of one output, highest first: values float32 and indices int64,
+    both [rows, k]."""
+
+    values: Array
+    indices: Array
+
+    def rows(self, start: int, end: int) -> Ranked:
+        return Ranked(self.values[start:end], self.indices[start:end])
+
+
+@dataclass(frozen=True)
 class InferResult:
-    outputs: dict[str, Array]
+    outputs: dict[str, Array]  # the outputs asked for in full
+    ranked: dict[str, Ranked] = field(default_factory=dict)  # those asked for classification
 
 
 @dataclass(eq=False)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from kernels.classify import classify
+from kernels.classify import format_classes
 
 from ..batching.request import Array, InferRequest, InferResult
 from ..config import ModelSpec
@@ -230,18 +230,26 @@ def encode_response(
     request: pb.ModelInferRequest,
     spec: ModelSpec,
     version: int,
+    asked: InferRequest,
     result: InferResult,
-    classification: Mapping[str, int] | None = None,
     labels: Mapping[str, list[str]] | None = None,
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(version), id=request.id
     )
-    for name, value in result.outputs.items():
-        datatype = spec.output(name).datatype  # type: ignore[union-attr]
-        if classification and name in classification:
-            # Triton's classification extension: top-k "value:index[:label]" strings.
-            value = classify(value, classification[name], spec.batched, (labels or {}).get(name))
+    for name in asked.outputs:
+        k = asked.classification.get(name)
+        if k is None:
+            value = result.outputs[name]
+            datatype = spec.output(name).datatype  # type: ignore[union-attr]
+        else:
+            # Triton's classification extension: top-k "value:index[:label]" strings,
+            # ranked on the instance; only the formatting is left for here.
+            ranked = result.ranked[name]
+            values, indices = ranked.values[:, :k], ranked.indices[:, :k]
+            if not spec.batched:
+                values, indices = values[0], indices[0]
+            value = format_classes(values, indices, (labels or {}).get(name))
             datatype = "BYTES"
         response.outputs.add(name=name, datatype=datatype, shape=value.shape)
         if datatype == "BYTES":

@@ -178,12 +178,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         infer_request = _decode(model, request, time_remaining, self._limits.max_elements)
         result = await model.infer(infer_request)
         return encode_response(
-            request,
-            model.spec,
-            model.version,
-            result,
-            infer_request.classification,
-            model.labels,
+            request, model.spec, model.version, infer_request, result, model.labels
         )
 
     async def ModelStreamInfer(

@@ -237,7 +237,8 @@ class ModelRepository:
         try:
             for index, device in enumerate(devices):
                 backend = load_backend(spec, model_path, device, threads)
-                instances.append(ModelInstance(f"{spec.name}-v{version}-{index}", backend))
+                name = f"{spec.name}-v{version}-{index}"
+                instances.append(ModelInstance(name, backend, spec.softmax_outputs))
         except BaseException:
             for instance in instances:
                 instance.close()
@@ -247,7 +248,8 @@ class ModelRepository:
 
         def replacement(device: str) -> ModelInstance:
             name = f"{spec.name}-v{version}-r{next(replacements)}"
-            return ModelInstance(name, load_backend(spec, model_path, device, threads))
+            backend = load_backend(spec, model_path, device, threads)
+            return ModelInstance(name, backend, spec.softmax_outputs)
 
         pool = InstancePool(
             instances,

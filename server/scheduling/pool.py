@@ -17,8 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..backends import Backend
+from ..backends.base import RanksOnDevice, StagesInputs
+from ..backends.ranking import rank_on_host
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome
+from ..batching.request import Ranked, Ranking
 from ..errors import Unavailable
 from .devices import is_device_fault
 
@@ -35,9 +38,12 @@ class ModelInstance:
     the model itself takes microseconds.
     """
 
-    def __init__(self, name: str, backend: Backend) -> None:
+    def __init__(
+        self, name: str, backend: Backend, softmax_outputs: frozenset[str] = frozenset()
+    ) -> None:
         self.name = name
         self.backend = backend
+        self.softmax_outputs = softmax_outputs  # classification by probability, not score
         self.retired = False
         self._inbox: queue.SimpleQueue[
             tuple[Batch, asyncio.Future[BatchOutcome], asyncio.AbstractEventLoop] | None
@@ -60,17 +66,32 @@ class ModelInstance:
         return future
 
     def execute(self, batch: Batch) -> BatchOutcome:
-        """Gather, run, time. Runs on this instance's thread."""
+        """Gather, run, rank, time. Runs on this instance's thread."""
         start = time.monotonic_ns()
-        inputs = batch.gather_inputs()
+        staging = self.backend if isinstance(self.backend, StagesInputs) else None
+        inputs = batch.gather_inputs(staging.input_buffer if staging is not None else None)
         gathered = time.monotonic_ns()
-        outputs = self.backend.run(inputs, batch.output_names)
+        rankings = {
+            name: Ranking(k, name in self.softmax_outputs, batch.batched)
+            for name, k in batch.classification.items()
+        }
+        if not rankings:
+            outputs = self.backend.run(inputs, batch.output_names)
+            ranked: dict[str, Ranked] = {}
+        elif self.on_gpu and isinstance(self.backend, RanksOnDevice):
+            outputs, ranked = self.backend.run_ranked(inputs, batch.output_names, rankings)
+        else:
+            names = (*batch.output_names, *(n for n in rankings if n not in batch.output_names))
+            outputs = self.backend.run(inputs, names)
+            ranked = rank_on_host(outputs, rankings)
+            outputs = {n: outputs[n] for n in batch.output_names}
         done = time.monotonic_ns()
         return BatchOutcome(
             outputs=outputs,
             input_ns=gathered - start,
             infer_ns=done - gathered,
             device=self.device,
+            ranked=ranked,
         )
 
     def _serve(self) -> None:

@@ -1,0 +1,44 @@
+"""Work around the model that a GPU backend runs on its device, on its stream.
+
+Models opt into pre- and post-processing through config.pbtxt (see
+preprocess.py and text.py). Where the runtime keeps tensors on a GPU (PyTorch,
+TensorRT), that work is registered here and runs as GPU kernels between the
+upload and the model, or between the model and the download: raw uint8 images
+cross the bus at a quarter of the float size, and a pooled embedding instead of
+every token's hidden state comes back. Elsewhere the numpy references run on
+the instance's thread instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Tensor = Any  # torch.Tensor; torch is not type-checked here
+
+InputStage = Callable[[Tensor], Tensor]
+OutputStage = Callable[[Tensor, Mapping[str, Tensor]], Tensor]  # (output, the batch's inputs)
+
+
+@dataclass
+class DeviceStages:
+    inputs: dict[str, InputStage] = field(default_factory=dict)
+    outputs: dict[str, OutputStage] = field(default_factory=dict)
+
+    def apply_inputs(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: self.inputs[n](t) if n in self.inputs else t for n, t in tensors.items()}
+
+    def apply_outputs(
+        self, outputs: Mapping[str, Tensor], inputs: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return {
+            n: self.outputs[n](t, inputs) if n in self.outputs else t for n, t in outputs.items()
+        }
+
+
+def device_stages(backend: object) -> DeviceStages | None:
+    """The stages of a backend that keeps its tensors on a GPU; None for any other."""
+    stages = getattr(backend, "stages", None)
+    device = str(getattr(backend, "device", "cpu"))
+    return stages if isinstance(stages, DeviceStages) and device.startswith("cuda") else None

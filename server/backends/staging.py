@@ -1,0 +1,59 @@
+"""Per-instance host staging buffers for GPU backends (DESIGN §3: one copy).
+
+The batcher concatenates the requests of a batch straight into an instance's
+staging buffer, which is page-locked on a GPU instance, so the copy to the
+device is a true asynchronous DMA with no second, hidden copy by the driver.
+A backend only ever runs one batch at a time and waits for its copies before
+it returns, so one buffer per input is enough: it is never rewritten while a
+copy from it is in flight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import Array
+
+
+class StagingBuffers:
+    """One growable byte buffer per input name; views of it are handed out shaped."""
+
+    def __init__(self, pinned: bool) -> None:
+        self._pinned = pinned
+        self._buffers: dict[str, Any] = {}  # name -> torch uint8 tensor (pinned on a GPU host)
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
+        """A writable array of `shape` and `dtype` over this input's buffer."""
+        import torch
+
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < nbytes:
+            # Grow geometrically: a batch size seen once is likely to be seen again.
+            size = max(nbytes, 2 * buffer.numel() if buffer is not None else 0, 4096)
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self._pinned)
+            self._buffers[name] = buffer
+        flat: Array = buffer.numpy()[:nbytes]
+        return flat.view(dtype).reshape(shape)
+
+    def holds(self, array: Array) -> bool:
+        """Whether `array` lies in one of these buffers (then it is already staged)."""
+        return any(np.may_share_memory(array, b.numpy()) for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def to_pinned_host(tensor: Any) -> Any:
+    """Enqueue, on the current stream, a copy of a device tensor into fresh pinned
+    host memory (floats as float32). It comes from torch's caching host allocator,
+    and the numpy view handed on keeps the block alive until the reply is sent."""
+    import torch
+
+    if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        tensor = tensor.float()
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    pinned.copy_(tensor, non_blocking=True)
+    return pinned

@@ -1,0 +1,144 @@
+"""A model instance's own work, without threads: gathering a batch (into a GPU
+backend's staging buffers where it offers them) and ranking outputs for the
+classification extension once per batch, on the device where the backend can."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from kernels.classify import topk_reference
+from server.backends.base import RanksOnDevice, StagesInputs
+from server.backends.staging import StagingBuffers
+from server.batching.batch import Batch
+from server.batching.request import InferRequest, Ranked, Ranking
+from server.scheduling.pool import ModelInstance
+
+
+def request(
+    loop: asyncio.AbstractEventLoop, scores: np.ndarray, classification: dict[str, int]
+) -> InferRequest:
+    return InferRequest(
+        id="",
+        inputs={"x": scores},
+        outputs=("y",),
+        rows=scores.shape[0],
+        shape_key=(scores.shape[1:],),
+        future=loop.create_future(),
+        classification=classification,
+    )
+
+
+class Identity:
+    """y = x, on the CPU: classification is ranked by the instance, on the host."""
+
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, ...]] = []
+
+    def run(self, inputs: Mapping[str, Any], output_names: Sequence[str]) -> dict[str, Any]:
+        self.asked.append(tuple(output_names))
+        return {"y": inputs["x"].copy()}
+
+    def close(self) -> None:
+        pass
+
+
+class DeviceIdentity(Identity):
+    """Pretends to be a GPU backend: stages inputs and ranks "on the device"."""
+
+    device = "cuda:0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.staging = StagingBuffers(pinned=False)
+        self.rankings: list[dict[str, Ranking]] = []
+
+    def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        return self.staging.view(name, shape, dtype)
+
+    def run_ranked(
+        self,
+        inputs: Mapping[str, Any],
+        output_names: Sequence[str],
+        rankings: Mapping[str, Ranking],
+    ) -> tuple[dict[str, Any], dict[str, Ranked]]:
+        assert self.staging.holds(inputs["x"])  # gathered straight into the staging buffer
+        self.rankings.append(dict(rankings))
+        outputs = self.run(inputs, output_names)
+        values, indices = topk_reference(inputs["x"], rankings["y"].k, rankings["y"].softmax)
+        return {n: outputs[n] for n in output_names}, {"y": Ranked(values, indices)}
+
+
+def instance_without_thread(backend: Any, softmax: frozenset[str] = frozenset()) -> ModelInstance:
+    instance = ModelInstance.__new__(ModelInstance)  # execute() only: no thread needed
+    instance.name, instance.backend, instance.softmax_outputs = "m", backend, softmax
+    return instance
+
+
+def test_host_ranking_once_per_batch_with_the_largest_k() -> None:
+    loop = asyncio.new_event_loop()
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 10)).astype(np.float32), rng.standard_normal((1, 10))
+    batch = Batch(
+        (request(loop, a, {"y": 2}), request(loop, b.astype(np.float32), {})), batched=True
+    )
+    assert batch.classification == {"y": 2} and batch.output_names == ("y",)
+    backend = Identity()
+    outcome = instance_without_thread(backend, frozenset({"y"})).execute(batch)
+    assert backend.asked == [("y",)]
+    first, second = batch.split_outputs(outcome.outputs, outcome.ranked)
+    assert first.outputs == {} and set(first.ranked) == {"y"}
+    values, indices = topk_reference(a, 2, softmax=True)
+    np.testing.assert_array_equal(first.ranked["y"].indices, indices)
+    np.testing.assert_allclose(first.ranked["y"].values, values, rtol=1e-6)
+    assert second.ranked == {} and second.outputs["y"].shape == (1, 10)
+    loop.close()
+
+
+def test_classification_only_batch_asks_the_runtime_for_the_ranked_output() -> None:
+    loop = asyncio.new_event_loop()
+    scores = np.arange(12, dtype=np.float32).reshape(3, 4)
+    batch = Batch((request(loop, scores[:1], {"y": 1}), request(loop, scores[1:], {"y": 3})), True)
+    assert batch.output_names == () and batch.classification == {"y": 3}
+    backend = Identity()
+    outcome = instance_without_thread(backend).execute(batch)
+    assert backend.asked == [("y",)] and outcome.outputs == {}
+    first, second = batch.split_outputs(outcome.outputs, outcome.ranked)
+    assert first.ranked["y"].indices.tolist() == [[3, 2, 1]]
+    assert second.ranked["y"].values.tolist() == [[7, 6, 5], [11, 10, 9]]
+    loop.close()
+
+
+def test_gpu_backend_gathers_into_staging_and_ranks_on_device() -> None:
+    loop = asyncio.new_event_loop()
+    backend = DeviceIdentity()
+    assert isinstance(backend, StagesInputs) and isinstance(backend, RanksOnDevice)
+    assert not isinstance(Identity(), RanksOnDevice)
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 6)).astype(np.float32) for n in (1, 3)]
+    batch = Batch((request(loop, parts[0], {"y": 2}), request(loop, parts[1], {"y": 1})), True)
+    outcome = instance_without_thread(backend, frozenset({"y"})).execute(batch)
+    assert backend.rankings == [{"y": Ranking(k=2, softmax=True, per_row=True)}]
+    assert backend.asked == [()]  # nothing wanted in full: only the ranking comes back
+    _, second = batch.split_outputs(outcome.outputs, outcome.ranked)
+    np.testing.assert_array_equal(second.ranked["y"].indices, topk_reference(parts[1], 2)[1])
+    single = Batch((request(loop, parts[1], {}),), True)  # one request is staged too
+    out = instance_without_thread(backend).execute(single).outputs["y"]
+    np.testing.assert_array_equal(out, parts[1])
+    loop.close()
+
+
+def test_staging_buffers_grow_and_are_reused() -> None:
+    staging = StagingBuffers(pinned=False)
+    small = staging.view("x", (2, 3), np.dtype(np.float32))
+    small[:] = 1
+    again = staging.view("x", (1, 3), np.dtype(np.float32))
+    assert np.shares_memory(small, again) and staging.holds(again)
+    big = staging.view("x", (4096, 3), np.dtype(np.float32))
+    assert big.shape == (4096, 3) and not np.shares_memory(big, small)
+    assert not staging.holds(np.zeros(3, np.float32))
