@@ -125,6 +125,15 @@ class InstanceGroupSpec:
 
 
 @dataclass(frozen=True)
+class CudaOptions:
+    """config.pbtxt `optimization { cuda { ... } }`, as Triton spells it."""
+
+    graphs: bool = False
+    graph_batch_sizes: tuple[int, ...] = ()  # from graph_spec[].batch_size
+    busy_wait_events: bool = False  # spin on completion: lower latency, a core kept busy
+
+
+@dataclass(frozen=True)
 class VersionPolicy:
     kind: str = "latest"  # latest | all | specific
     num_versions: int = 1
@@ -155,6 +164,7 @@ class ModelSpec:
     version_policy: VersionPolicy
     default_model_filename: str
     parameters: dict[str, str] = field(default_factory=dict)
+    cuda: CudaOptions = CudaOptions()
 
     @property
     def batched(self) -> bool:
@@ -284,6 +294,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         version_policy=version_policy_of(config, path),
         default_model_filename=config.default_model_filename or DEFAULT_MODEL_FILENAME[backend],
         parameters=parameters,
+        cuda=_cuda_options(config, path),
     )
 
 
@@ -331,6 +342,14 @@ def _check_slo(parameters: dict[str, str], config: mc.ModelConfig, path: str) ->
         raise ConfigError(path, field, "needs max_batch_size > 0 and dynamic_batching")
 
 
+def _enum_name(enum: Any, number: int, path: str, field: str) -> str:
+    # Text-format protobuf accepts any number for an (open) enum: name it or refuse it.
+    try:
+        return str(enum.Name(number))
+    except ValueError:
+        raise ConfigError(path, field, f"{number} is not one of {list(enum.keys())}") from None
+
+
 def _tensor_specs(tensors: Iterable[Any], path: str, kind: str) -> tuple[TensorSpec, ...]:
     specs: list[TensorSpec] = []
     seen: set[str] = set()
@@ -341,7 +360,7 @@ def _tensor_specs(tensors: Iterable[Any], path: str, kind: str) -> tuple[TensorS
         if tensor.name in seen:
             raise ConfigError(path, f"{where}.name", f"duplicate {kind} '{tensor.name}'")
         seen.add(tensor.name)
-        type_name = mc.DataType.Name(tensor.data_type)
+        type_name = _enum_name(mc.DataType, tensor.data_type, path, f"{where}.data_type")
         if type_name == "TYPE_INVALID":
             raise ConfigError(path, f"{where}.data_type", f"missing for {kind} '{tensor.name}'")
         if type_name == "TYPE_BF16":
@@ -368,9 +387,14 @@ def _tensor_specs(tensors: Iterable[Any], path: str, kind: str) -> tuple[TensorS
     return tuple(specs)
 
 
-def _queue_policy(policy: mc.ModelQueuePolicy) -> QueuePolicy:
+def _queue_policy(policy: mc.ModelQueuePolicy, path: str, field: str) -> QueuePolicy:
     return QueuePolicy(
-        timeout_action=mc.ModelQueuePolicy.TimeoutAction.Name(policy.timeout_action),
+        timeout_action=_enum_name(
+            mc.ModelQueuePolicy.TimeoutAction,
+            policy.timeout_action,
+            path,
+            f"dynamic_batching.{field}.timeout_action",
+        ),
         default_timeout_us=policy.default_timeout_microseconds,
         allow_timeout_override=policy.allow_timeout_override,
         max_queue_size=policy.max_queue_size,
@@ -411,10 +435,30 @@ def _batching(config: mc.ModelConfig, path: str) -> BatchingConfig | None:
         preserve_ordering=db.preserve_ordering,
         priority_levels=levels,
         default_priority_level=db.default_priority_level,
-        default_queue_policy=_queue_policy(db.default_queue_policy),
+        default_queue_policy=_queue_policy(db.default_queue_policy, path, "default_queue_policy"),
         priority_queue_policies={
-            int(level): _queue_policy(policy) for level, policy in db.priority_queue_policy.items()
+            int(level): _queue_policy(policy, path, f"priority_queue_policy[{level}]")
+            for level, policy in db.priority_queue_policy.items()
         },
+    )
+
+
+def _cuda_options(config: mc.ModelConfig, path: str) -> CudaOptions:
+    cuda = config.optimization.cuda
+    sizes = tuple(sorted({spec.batch_size for spec in cuda.graph_spec}))
+    for i, spec in enumerate(cuda.graph_spec):
+        if spec.batch_size < 0 or (
+            config.max_batch_size and spec.batch_size > config.max_batch_size
+        ):
+            raise ConfigError(
+                path,
+                f"optimization.cuda.graph_spec[{i}].batch_size",
+                f"must lie in 0..max_batch_size ({config.max_batch_size}), got {spec.batch_size}",
+            )
+    return CudaOptions(
+        graphs=cuda.graphs,
+        graph_batch_sizes=tuple(b for b in sizes if b > 0),
+        busy_wait_events=cuda.busy_wait_events,
     )
 
 
@@ -428,13 +472,16 @@ def _instance_groups(config: mc.ModelConfig, path: str) -> tuple[InstanceGroupSp
         groups.append(
             InstanceGroupSpec(
                 name=group.name or f"{config.name}_{i}",
-                kind=mc.ModelInstanceGroup.Kind.Name(group.kind),
+                kind=_enum_name(
+                    mc.ModelInstanceGroup.Kind, group.kind, path, f"instance_group[{i}].kind"
+                ),
                 count=group.count or 1,
                 gpus=tuple(group.gpus),
             )
         )
     if not groups:
-        groups.append(InstanceGroupSpec(name=f"{config.name}_0", kind="KIND_CPU", count=1))
+        # As Triton: one instance on each GPU where there are GPUs, else one on the CPU.
+        groups.append(InstanceGroupSpec(name=f"{config.name}_0", kind="KIND_AUTO", count=1))
     return tuple(groups)
 
 

@@ -67,6 +67,13 @@ def test_full_config_parses(tmp_path: Path) -> None:
         (('platform: "onnxruntime_onnx"', 'platform: "caffe2"'), "platform"),
         (('name: "m"', 'name: "other"'), "name"),
         (("count: 2", "count: -2"), "instance_group[0].count"),
+        # Text format takes any number for an enum; unknown ones are named, not crashed on.
+        (("data_type: TYPE_INT64", "data_type: 64"), "output[0].data_type"),
+        (("kind: KIND_CPU", "kind: 9"), "instance_group[0].kind"),
+        (
+            ("timeout_action: DELAY", "timeout_action: 7"),
+            "dynamic_batching.default_queue_policy.timeout_action",
+        ),
         (
             (
                 'key: "tokenizer" value { string_value: "t.json" }',
@@ -126,3 +133,49 @@ def test_unsupported_schedulers_are_refused_not_ignored(tmp_path: Path, block: s
     text = GOOD[: GOOD.index("dynamic_batching")] + block + "\n"
     with pytest.raises(ConfigError, match=block.split()[0]):
         spec_of(tmp_path, text)
+
+
+CUDA_CONFIG = """
+name: "m"
+platform: "pytorch_libtorch"
+max_batch_size: 32
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { preferred_batch_size: [ 8, 16 ] }
+"""
+
+
+@pytest.mark.parametrize(
+    ("optimization", "parameters", "buckets"),
+    [
+        ("", "", ()),
+        ("optimization { cuda { graphs: true } }", "", (8, 16, 32)),
+        (
+            "optimization { cuda { graphs: true graph_spec [ { batch_size: 4 }, "
+            "{ batch_size: 1 } ] } }",
+            "",
+            (1, 4),
+        ),
+        ("", 'parameters { key: "cuda_graph_batch_sizes" value { string_value: "2,1" } }', (1, 2)),
+    ],
+)
+def test_cuda_graph_buckets_from_triton_optimization_or_parameters(
+    tmp_path: Path, optimization: str, parameters: str, buckets: tuple[int, ...]
+) -> None:
+    from server.backends.pytorch import graph_buckets
+
+    spec = spec_of(tmp_path, CUDA_CONFIG + optimization + parameters)
+    assert graph_buckets(spec) == buckets
+    assert spec.cuda.graphs == ("graphs: true" in optimization)
+
+
+def test_cuda_options_are_checked(tmp_path: Path) -> None:
+    from server.backends.pytorch import graph_buckets
+
+    text = CUDA_CONFIG + "optimization { cuda { busy_wait_events: true } }"
+    assert spec_of(tmp_path, text).cuda.busy_wait_events
+    with pytest.raises(ConfigError, match=r"optimization.cuda.graph_spec\[0\].batch_size"):
+        spec_of(tmp_path, CUDA_CONFIG + "optimization { cuda { graph_spec { batch_size: 64 } } }")
+    variable = CUDA_CONFIG.replace("dims: [ 4 ] } ]\noutput", "dims: [ -1 ] } ]\noutput")
+    with pytest.raises(ConfigError, match="fixed input dims"):
+        graph_buckets(spec_of(tmp_path, variable + "optimization { cuda { graphs: true } }"))

@@ -7,12 +7,17 @@ device stages (pre-processing kernels, pooling) and the model run on the
 instance's stream, classification is ranked there, outputs come back through
 pinned memory, and only the instance's own thread waits, on a CUDA event
 recorded after the last copy.
-config.pbtxt `parameters` (GPU only):
-  precision                fp32 (default) | fp16 | bf16: weights and floating inputs
-  cuda_graph_batch_sizes   e.g. "1,8,32,64": capture a CUDA graph per batch size
-                           bucket on first use; a batch is padded up to its bucket
-                           and the padding sliced off the outputs. Needs fixed
-                           dims past the batch dimension.
+config.pbtxt (GPU only):
+  parameters precision               fp32 (default) | fp16 | bf16: weights and floating inputs
+  parameters cuda_graph_batch_sizes  e.g. "1,8,32,64": capture a CUDA graph per batch size
+                                     bucket on first use; a batch is padded up to its
+                                     bucket and the padding sliced off the outputs. Needs
+                                     fixed dims past the batch dimension.
+  optimization { cuda { graphs: true graph_spec [ { batch_size: 8 } ] } }
+                                     the same in Triton's spelling (graph_buckets)
+  optimization { cuda { busy_wait_events: true } }
+                                     spin for completion instead of sleeping: lower
+                                     latency for a core kept busy
 """
 
 from __future__ import annotations
@@ -40,16 +45,26 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _graph_buckets(spec: ModelSpec) -> tuple[int, ...]:
-    text = spec.parameters.get("cuda_graph_batch_sizes")
-    if not text:
-        return ()
+def graph_buckets(spec: ModelSpec) -> tuple[int, ...]:
+    """The batch sizes to capture CUDA graphs for: parameter cuda_graph_batch_sizes,
+    or Triton's optimization { cuda { graphs: true } } with its graph_spec batch
+    sizes (without graph_spec: the preferred batch sizes and max_batch_size)."""
     field = "parameters.cuda_graph_batch_sizes"
-    try:
-        sizes = tuple(sorted({int(v) for v in text.split(",")}))
-    except ValueError:
-        raise ConfigError(spec.name, field, f"'{text}' is not a list of integers") from None
-    if not spec.batched or sizes[0] < 1 or sizes[-1] > spec.max_batch_size:
+    text = spec.parameters.get("cuda_graph_batch_sizes")
+    if text:
+        try:
+            sizes = tuple(sorted({int(v) for v in text.split(",")}))
+        except ValueError:
+            raise ConfigError(spec.name, field, f"'{text}' is not a list of integers") from None
+    elif spec.cuda.graphs:
+        field = "optimization.cuda.graphs"
+        preferred = spec.batching.preferred_batch_sizes if spec.batching else ()
+        sizes = spec.cuda.graph_batch_sizes or tuple(
+            sorted({*preferred, spec.max_batch_size} - {0})
+        )
+    else:
+        return ()
+    if not spec.batched or not sizes or sizes[0] < 1 or sizes[-1] > spec.max_batch_size:
         raise ConfigError(
             spec.name, field, f"sizes must lie in 1..max_batch_size ({spec.max_batch_size})"
         )
@@ -80,7 +95,7 @@ class TorchScriptBackend:
                 spec.name, "parameters.precision", f"'{precision}' is not one of {list(PRECISIONS)}"
             )
         self._dtype = PRECISIONS[precision] if use_cuda else None
-        buckets = _graph_buckets(spec)
+        buckets = graph_buckets(spec)
         # TorchScript archives hold code and tensors, not pickles of arbitrary objects.
         module = torch.jit.load(str(model_path), map_location=self._torch_device)
         if self._dtype is not None:
@@ -92,6 +107,7 @@ class TorchScriptBackend:
         self._staging = StagingBuffers(pinned=use_cuda)
         self.stages = DeviceStages()  # filled by load_backend where the model opts in
         self._buckets = buckets if use_cuda else ()
+        self._blocking_wait = not spec.cuda.busy_wait_events
         self._graphs: dict[int, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array | None:
@@ -169,10 +185,10 @@ class TorchScriptBackend:
                 name: (to_pinned_host(values), to_pinned_host(indices))
                 for name, (values, indices) in on_device.items()
             }
-            done = torch.cuda.Event(blocking=True)
+            done = torch.cuda.Event(blocking=self._blocking_wait)
             done.record(self._stream)
-        # Only this instance's thread waits, and only for this batch's work; a blocking
-        # event sleeps instead of spinning on a core the event loop needs.
+        # Only this instance's thread waits, and only for this batch's work; by default
+        # a blocking event sleeps instead of spinning on a core the event loop needs.
         done.synchronize()
         ranked = {
             name: Ranked(values.numpy(), indices.numpy())

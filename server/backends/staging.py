@@ -24,18 +24,23 @@ class StagingBuffers:
         self._pinned = pinned
         self._buffers: dict[str, Any] = {}  # name -> torch uint8 tensor (pinned on a GPU host)
 
-    def view(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
-        """A writable array of `shape` and `dtype` over this input's buffer."""
+    def reserve(self, name: str, nbytes: int) -> Any:
+        """This input's buffer, at least `nbytes` long (allocated up front where the
+        largest batch is known, so no batch pays for pinning memory)."""
         import torch
 
-        nbytes = int(np.prod(shape)) * dtype.itemsize
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < nbytes:
             # Grow geometrically: a batch size seen once is likely to be seen again.
             size = max(nbytes, 2 * buffer.numel() if buffer is not None else 0, 4096)
             buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self._pinned)
             self._buffers[name] = buffer
-        flat: Array = buffer.numpy()[:nbytes]
+        return buffer
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array:
+        """A writable array of `shape` and `dtype` over this input's buffer."""
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        flat: Array = self.reserve(name, nbytes).numpy()[:nbytes]
         return flat.view(dtype).reshape(shape)
 
     def holds(self, array: Array) -> bool:

@@ -190,6 +190,9 @@ class TensorRTBackend:
         self._stream = torch.cuda.Stream(self._torch_device)
         self._staging = StagingBuffers(pinned=True)
         self.stages = DeviceStages()  # filled by load_backend where the model opts in
+        self._blocking_wait = not spec.cuda.busy_wait_events
+        if spec.cuda.graphs:
+            log.warning("%s: CUDA graphs are not used for TensorRT instances", spec.name)
         self._inputs: list[str] = []
         self._outputs: list[str] = []
         for i in range(self._engine.num_io_tensors):
@@ -203,6 +206,8 @@ class TensorRTBackend:
             _, _, largest = self._engine.get_tensor_profile_shape(name, 0)
             self._context.set_input_shape(name, tuple(largest))
             self._buffers[name] = self._alloc(name, tuple(largest))
+            buffer = self._buffers[name]
+            self._staging.reserve(name, buffer.numel() * buffer.element_size())
         for name in self._outputs:
             self._buffers[name] = self._alloc(name, tuple(self._context.get_tensor_shape(name)))
 
@@ -256,7 +261,7 @@ class TensorRTBackend:
             host_ranked = {
                 n: (to_pinned_host(v), to_pinned_host(i)) for n, (v, i) in on_device.items()
             }
-            done = torch.cuda.Event(blocking=True)
+            done = torch.cuda.Event(blocking=self._blocking_wait)
             done.record(stream)
         done.synchronize()  # this instance's thread sleeps until this batch's copies are done
         ranked = {n: Ranked(v.numpy(), i.numpy()) for n, (v, i) in host_ranked.items()}
