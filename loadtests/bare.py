@@ -1,6 +1,6 @@
 """The compute ceiling: a model's own throughput, called in a loop without a server.
 
-    python -m loadtests.bare --model-dir ~/.cache/convoy/examples-v2/tiny --batch 1,8,32
+    python -m loadtests.bare --model-dir ~/.cache/convoy/examples-v3/tiny --batch 1,8,32
 
 Loads the model exactly as Convoy serves it (same backend class, same thread
 count for one instance) and runs random batches for --duration seconds each.

@@ -13,6 +13,8 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from server.scheduling.devices import cuda_device_count
+
 from .conftest import ServerProcess
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +53,10 @@ def test_model_metadata_and_config(client: grpcclient.InferenceServerClient) -> 
     assert config["input"][0]["data_type"] == "TYPE_STRING"
     assert config["output"][0]["dims"] == ["384"]
     assert "dynamic_batching" in config
-    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    # KIND_AUTO is shown resolved, as Triton shows it.
+    expected = "KIND_GPU" if cuda_device_count() else "KIND_CPU"
+    assert config["instance_group"][0]["kind"] == expected
+    assert config["instance_group"][0]["count"] == 1
 
 
 def test_infer_sync_matches_model(client: grpcclient.InferenceServerClient) -> None:

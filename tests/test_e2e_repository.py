@@ -3,6 +3,7 @@ bad configs, auto-complete, and draining on SIGTERM."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
+
+from server.scheduling.devices import cuda_device_count
 
 from .conftest import ROOT, make_repository, start_server
 
@@ -130,6 +133,10 @@ def test_onnx_model_without_config_is_autocompleted(tmp_path: Path, examples_dir
         assert meta["inputs"][0]["shape"] == ["-1", "3", "64", "64"]
         config = client.get_model_config("bare", as_json=True)["config"]
         assert config["output"][0]["name"] == "LOGITS"
+        # No instance_group: one instance per GPU, else one on the CPU, shown as Triton does.
+        group = config["instance_group"][0]
+        assert group["count"] == 1 and group["name"] == "bare_0"
+        assert group["kind"] == ("KIND_GPU" if cuda_device_count() else "KIND_CPU")
         tensor = grpcclient.InferInput("INPUT", [2, 3, 64, 64], "FP32")
         tensor.set_data_from_numpy(np.zeros((2, 3, 64, 64), np.float32))
         assert client.infer("bare", [tensor]).as_numpy("LOGITS").shape == (2, 1000)
@@ -219,12 +226,10 @@ def test_classification_labels_from_label_filename(repo: Path) -> None:
 def test_gpu_instances_fall_back_to_the_cpu_here(repo: Path) -> None:
     import urllib.request
 
-    from server.scheduling.devices import cuda_device_count
-
     if cuda_device_count():
         pytest.skip("a GPU is present: KIND_GPU really runs on it")
     config = repo / "tiny" / "config.pbtxt"
-    config.write_text(config.read_text().replace("kind: KIND_CPU", "kind: KIND_GPU"))
+    config.write_text(re.sub(r"kind: KIND_\w+", "kind: KIND_GPU", config.read_text()))
     server = start_server(repo)
     try:
         client = grpcclient.InferenceServerClient(server.url)

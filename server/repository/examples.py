@@ -25,7 +25,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-EXAMPLES_VERSION = "2"  # bump when a model or config below changes
+EXAMPLES_VERSION = "3"  # bump when a model or config below changes
 _MARKER = ".convoy-examples"
 
 EMBEDDING_CONFIG = """\
@@ -37,7 +37,7 @@ output [ { name: "EMBEDDING" data_type: TYPE_FP32 dims: [ 384 ] } ]
 parameters { key: "tokenizer" value { string_value: "tokenizer.json" } }
 parameters { key: "tokenizer_max_length" value { string_value: "256" } }
 dynamic_batching { max_queue_delay_microseconds: 2000 }
-instance_group [ { count: 1 kind: KIND_CPU } ]
+instance_group [ { count: 1 kind: KIND_AUTO } ]
 """
 
 CLASSIFIER_CONFIG = """\
@@ -47,7 +47,7 @@ max_batch_size: 64
 input [ { name: "INPUT" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ 3, 64, 64 ] } ]
 output [ { name: "LOGITS" data_type: TYPE_FP32 dims: [ 1000 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 2000 }
-instance_group [ { count: 1 kind: KIND_CPU } ]
+instance_group [ { count: 1 kind: KIND_AUTO } ]
 """
 
 TINY_CONFIG = """\
@@ -57,7 +57,7 @@ max_batch_size: 256
 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
 output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
 dynamic_batching { }
-instance_group [ { count: 1 kind: KIND_CPU } ]
+instance_group [ { count: 1 kind: KIND_AUTO } ]
 """
 
 

@@ -30,7 +30,7 @@ from ..config import (
 from ..errors import ConfigError, ConvoyError, InvalidInput, ModelNotFound, ModelNotReady
 from ..metrics import Metrics
 from ..pb import model_config_pb2 as mc
-from ..scheduling.devices import place_group
+from ..scheduling.devices import place_group, resolved_kind
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
 from .model import ServedModel
@@ -217,6 +217,7 @@ class ModelRepository:
         if not config.input or not config.output:
             _autocomplete(config, backend or "", model_dir / str(versions[-1]))
         spec = validate_model_config(config, config_path, model_dir.name)
+        _show_instance_groups(config, spec)
         served: dict[int, ServedModel] = {}
         try:
             for version in versions:
@@ -260,6 +261,20 @@ class ModelRepository:
         served = ServedModel(spec, version, config, pool, metrics, self._clock, self.limits)
         served.labels = _read_labels(spec, model_dir)
         return served
+
+
+def _show_instance_groups(config: mc.ModelConfig, spec: ModelSpec) -> None:
+    """The served config says where instances run, as Triton's does: a missing
+    instance_group filled in, KIND_AUTO resolved."""
+    del config.instance_group[:]
+    for group in spec.instance_groups:
+        kind, gpus = resolved_kind(group)
+        config.instance_group.add(
+            name=group.name,
+            kind=mc.ModelInstanceGroup.Kind.Value(kind),
+            count=group.count,
+            gpus=gpus,
+        )
 
 
 def _read_labels(spec: ModelSpec, model_dir: Path) -> dict[str, list[str]]:

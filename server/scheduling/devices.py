@@ -19,6 +19,18 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def resolved_kind(group: InstanceGroupSpec) -> tuple[str, tuple[int, ...]]:
+    """KIND_AUTO made concrete, as Triton shows it in a served config: the kind and
+    the GPUs the group runs on (KIND_GPU without a GPU stays what it asked for)."""
+    gpus = cuda_device_count()
+    kind = group.kind
+    if kind == "KIND_AUTO":
+        kind = "KIND_GPU" if gpus else "KIND_CPU"
+    if kind == "KIND_GPU" and gpus and not group.gpus:
+        return kind, tuple(range(gpus))
+    return kind, group.gpus
+
+
 def place_group(model: str, group: InstanceGroupSpec) -> list[str]:
     """One device string per instance of the group ("cpu" or "cuda:N")."""
     gpus = cuda_device_count()
