@@ -8,15 +8,22 @@ against 4 instances running concurrently on their own threads and streams. The
 model's FLOPs per image are counted with torch's FlopCounterMode and turned into
 achieved TFLOP/s, set against the dense fp16 peak given with --peak-tflops
 (H200: about 990 by the datasheet; ~790 bf16 measured on random data here).
+
+Then served against bare, at the same batch size: the CNN taking raw uint8
+images (converted on the GPU by the pre-processing kernel), 4 GPU instances,
+once called directly on 4 threads and once through `convoy serve` driven by
+--procs client processes sending whole batches. The ratio is the server's cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,27 +60,84 @@ def spec(graphs: str) -> object:
 def images_per_s(path: Path, graphs: str, instances: int, seconds: float, batch: int) -> float:
     backends = [TorchScriptBackend(path, "cuda:0", spec(graphs)) for _ in range(instances)]  # type: ignore[arg-type]
     x = np.random.default_rng(0).random((batch, 3, 64, 64), dtype=np.float32)
+    rate = drive(backends, {"INPUT": x}, seconds)
+    for b in backends:
+        b.close()
+    return rate
+
+
+def drive(backends: list[Any], inputs: dict[str, np.ndarray], seconds: float) -> float:
+    """Rows/s of `backends` each called in a loop on its own thread."""
+    batch = len(next(iter(inputs.values())))
     for b in backends:
         for _ in range(3):
-            b.run({"INPUT": x}, ["LOGITS"])
-    counts = [0] * instances
+            b.run(inputs, ["LOGITS"])
+    counts = [0] * len(backends)
     stop = time.perf_counter() + seconds
 
     def loop(i: int) -> None:
         while time.perf_counter() < stop:
-            backends[i].run({"INPUT": x}, ["LOGITS"])
+            backends[i].run(inputs, ["LOGITS"])
             counts[i] += batch
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(backends))]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    rate = sum(counts) / (time.perf_counter() - start)
-    for b in backends:
-        b.close()
-    return rate
+    return sum(counts) / (time.perf_counter() - start)
+
+
+SERVED_CONFIG = """
+name: "cnn_gpu"
+platform: "pytorch_libtorch"
+max_batch_size: {batch}
+input [ {{ name: "INPUT" data_type: TYPE_UINT8 dims: [ 64, 64, 3 ] }} ]
+output [ {{ name: "LOGITS" data_type: TYPE_FP32 dims: [ 1000 ] }} ]
+parameters {{ key: "preprocess" value {{ string_value: "image_hwc_uint8" }} }}
+parameters {{ key: "precision" value {{ string_value: "fp16" }} }}
+dynamic_batching {{ }}
+instance_group [ {{ count: {instances} kind: {kind} }} ]
+"""
+
+
+def served_against_bare(
+    path: Path, seconds: float, batch: int, instances: int, procs: int, device: str = "cuda:0"
+) -> tuple[float, float, float]:
+    """(served images/s, bare images/s, served p99 ms) for raw uint8 images
+    (device "cpu" runs the same on the CPU: a check of this script without a GPU)."""
+    from server.backends import load_backend
+
+    from .bare import load_spec
+    from .bench import run_closed_loop
+    from .launch import start_convoy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "cnn_gpu"
+        (model_dir / "1").mkdir(parents=True)
+        shutil.copy(path, model_dir / "1/model.pt")
+        (model_dir / "config.pbtxt").write_text(
+            SERVED_CONFIG.format(
+                batch=batch, instances=instances, kind="KIND_CPU" if device == "cpu" else "KIND_GPU"
+            )
+        )
+        model_spec = load_spec(model_dir)
+        backends = [
+            load_backend(model_spec, model_dir / "1/model.pt", device, 1) for _ in range(instances)
+        ]
+        images = np.random.default_rng(0).integers(0, 256, (batch, 64, 64, 3), dtype=np.uint8)
+        bare = drive(backends, {"INPUT": images}, seconds)
+        for b in backends:
+            b.close()
+        server = start_convoy(Path(tmp), "--metrics-port", "-1")
+        try:
+            result = run_closed_loop(
+                server.url, "cnn_gpu", 2 * instances, seconds, procs=procs, rows=batch
+            )
+        finally:
+            server.stop()
+    return result.rows_per_s, bare, result.p99_ms
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=990.0)
+    parser.add_argument("--procs", type=int, default=8, help="client processes (served)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here")
@@ -99,6 +164,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"{100 * tflops / args.peak_tflops:5.1f}% of peak",
                 flush=True,
             )
+        served, bare, p99 = served_against_bare(path, args.seconds, args.batch, 4, args.procs)
+        print(
+            f"uint8 images, fp16, batch {args.batch}, 4 instances: served {served:10.0f} images/s"
+            f"  bare {bare:10.0f} images/s  served/bare {served / bare:5.2f}  p99 {p99:.1f} ms",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -79,3 +79,16 @@ def test_side_by_side_harness_with_local_peers(tmp_path: Path) -> None:
     table = out.read_text()
     assert "| convoy |" in table and "| echo |" in table
     assert "errors" not in table
+
+
+def test_gpu_bench_served_against_bare_runs_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU benchmark's served-vs-bare step, run on the CPU so that the script a
+    lent GPU's few minutes depend on is known to work before it gets there."""
+    import torch
+
+    from loadtests.gpu_bench import cnn, served_against_bare
+
+    path = tmp_path / "model.pt"
+    torch.jit.script(cnn()).save(str(path))
+    served, bare, p99 = served_against_bare(path, 1.0, 4, 1, 1, device="cpu")
+    assert served > 0 and bare > 0 and p99 > 0
