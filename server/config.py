@@ -134,6 +134,24 @@ class CudaOptions:
 
 
 @dataclass(frozen=True)
+class Accelerator:
+    """One `optimization.execution_accelerators` entry, as Triton spells it."""
+
+    name: str  # gpu: "tensorrt" | "cuda"; cpu: "openvino"
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """config.pbtxt `optimization`, the parts Convoy's runtimes read."""
+
+    cuda: CudaOptions = CudaOptions()
+    gpu_accelerators: tuple[Accelerator, ...] = ()
+    cpu_accelerators: tuple[Accelerator, ...] = ()
+    graph_level: int = 0  # ONNX Runtime: 0 all, -1 basic, 1 extended, 2 none (Triton's)
+
+
+@dataclass(frozen=True)
 class VersionPolicy:
     kind: str = "latest"  # latest | all | specific
     num_versions: int = 1
@@ -164,7 +182,11 @@ class ModelSpec:
     version_policy: VersionPolicy
     default_model_filename: str
     parameters: dict[str, str] = field(default_factory=dict)
-    cuda: CudaOptions = CudaOptions()
+    optimization: Optimization = Optimization()
+
+    @property
+    def cuda(self) -> CudaOptions:
+        return self.optimization.cuda
 
     @property
     def batched(self) -> bool:
@@ -294,7 +316,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         version_policy=version_policy_of(config, path),
         default_model_filename=config.default_model_filename or DEFAULT_MODEL_FILENAME[backend],
         parameters=parameters,
-        cuda=_cuda_options(config, path),
+        optimization=_optimization(config, path),
     )
 
 
@@ -440,6 +462,23 @@ def _batching(config: mc.ModelConfig, path: str) -> BatchingConfig | None:
             int(level): _queue_policy(policy, path, f"priority_queue_policy[{level}]")
             for level, policy in db.priority_queue_policy.items()
         },
+    )
+
+
+def _optimization(config: mc.ModelConfig, path: str) -> Optimization:
+    accelerators = config.optimization.execution_accelerators
+    level = config.optimization.graph.level
+    if level not in (-1, 0, 1, 2):
+        raise ConfigError(path, "optimization.graph.level", f"must be -1, 0, 1 or 2, got {level}")
+    return Optimization(
+        cuda=_cuda_options(config, path),
+        gpu_accelerators=tuple(
+            Accelerator(a.name, dict(a.parameters)) for a in accelerators.gpu_execution_accelerator
+        ),
+        cpu_accelerators=tuple(
+            Accelerator(a.name, dict(a.parameters)) for a in accelerators.cpu_execution_accelerator
+        ),
+        graph_level=level,
     )
 
 

@@ -81,7 +81,7 @@ def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -
     if spec.backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(model_path, device, _threads(spec, threads))
+        backend = OnnxRuntimeBackend(model_path, device, _threads(spec, threads), spec)
     elif spec.backend == "pytorch":
         from .pytorch import TorchScriptBackend
 
