@@ -169,7 +169,12 @@ class TorchScriptBackend:
         rankings: Mapping[str, Ranking],
     ) -> tuple[dict[str, Array], dict[str, Ranked]]:
         assert self._stream is not None
-        with torch.inference_mode(), torch.cuda.stream(self._stream):
+        # The device too, not only the stream: Triton kernels launch on the current device.
+        with (
+            torch.inference_mode(),
+            torch.cuda.device(self._torch_device),
+            torch.cuda.stream(self._stream),
+        ):
             feed = self.stages.apply_inputs({n: self._upload(inputs[n]) for n in self.input_names})
             args = [self._cast(feed[n]) for n in self.input_names]
             rows = int(args[0].shape[0]) if args[0].dim() else 1

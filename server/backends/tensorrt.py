@@ -236,7 +236,7 @@ class TensorRTBackend:
         rankings: Mapping[str, Ranking],
     ) -> tuple[dict[str, Array], dict[str, Ranked]]:
         stream = self._stream
-        with torch.cuda.stream(stream):
+        with torch.cuda.device(self._torch_device), torch.cuda.stream(stream):
             uploaded = {}
             for name in self._inputs:
                 host = torch.from_numpy(np.ascontiguousarray(inputs[name]))
