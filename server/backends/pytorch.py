@@ -34,9 +34,9 @@ from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import ConfigError, InternalError
 from .base import Array
-from .ranking import rank_on_device, rank_on_host
+from .ranking import rank_on_host
 from .stages import DeviceStages
-from .staging import StagingBuffers, to_pinned_host
+from .staging import StagingBuffers, bring_back
 
 # Request tensors are read-only views of the request bytes (zero copy); the
 # model never writes to its inputs, so torch's warning about it is noise.
@@ -184,22 +184,7 @@ class TorchScriptBackend:
             else:
                 outputs = {k: v[:rows] for k, v in self._replay(bucket, args).items()}
             outputs = self.stages.apply_outputs(outputs, feed)
-            on_device = rank_on_device(outputs, rankings)
-            host = {name: to_pinned_host(outputs[name]) for name in output_names}
-            host_ranked = {
-                name: (to_pinned_host(values), to_pinned_host(indices))
-                for name, (values, indices) in on_device.items()
-            }
-            done = torch.cuda.Event(blocking=self._blocking_wait)
-            done.record(self._stream)
-        # Only this instance's thread waits, and only for this batch's work; by default
-        # a blocking event sleeps instead of spinning on a core the event loop needs.
-        done.synchronize()
-        ranked = {
-            name: Ranked(values.numpy(), indices.numpy())
-            for name, (values, indices) in host_ranked.items()
-        }
-        return {name: tensor.numpy() for name, tensor in host.items()}, ranked
+            return bring_back(outputs, output_names, rankings, self._stream, self._blocking_wait)
 
     def _replay(self, bucket: int, args: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         graph = self._graphs.get(bucket)

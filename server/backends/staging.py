@@ -1,20 +1,26 @@
-"""Per-instance host staging buffers for GPU backends (DESIGN §3: one copy).
+"""Host memory on the way to and from a GPU backend (DESIGN §3: one copy).
 
-The batcher concatenates the requests of a batch straight into an instance's
-staging buffer, which is page-locked on a GPU instance, so the copy to the
-device is a true asynchronous DMA with no second, hidden copy by the driver.
-A backend only ever runs one batch at a time and waits for its copies before
-it returns, so one buffer per input is enough: it is never rewritten while a
-copy from it is in flight.
+Up: the batcher concatenates the requests of a batch straight into an
+instance's staging buffer, which is page-locked on a GPU instance, so the copy
+to the device is a true asynchronous DMA with no second, hidden copy by the
+driver. A backend only ever runs one batch at a time and waits for its copies
+before it returns, so one buffer per input is enough: it is never rewritten
+while a copy from it is in flight.
+
+Down: bring_back() ranks on the device, copies into fresh pinned memory and
+waits for this batch's CUDA event on the instance's thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ..batching.request import Ranked, Ranking
 from .base import Array
+from .ranking import rank_on_device
 
 
 class StagingBuffers:
@@ -62,3 +68,26 @@ def to_pinned_host(tensor: Any) -> Any:
     pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     pinned.copy_(tensor, non_blocking=True)
     return pinned
+
+
+def bring_back(
+    outputs: Mapping[str, Any],
+    output_names: Sequence[str],
+    rankings: Mapping[str, Ranking],
+    stream: Any,
+    blocking: bool,
+) -> tuple[dict[str, Array], dict[str, Ranked]]:
+    """Rank on the device, enqueue the copies back on `stream`, then wait for them on
+    a CUDA event recorded after the last one: this batch's work only, on the calling
+    instance's thread. A blocking event sleeps; a spinning one (busy_wait_events)
+    answers sooner for a core kept busy."""
+    import torch
+
+    on_device = rank_on_device(outputs, rankings)
+    host = {name: to_pinned_host(outputs[name]) for name in output_names}
+    host_ranked = {n: (to_pinned_host(v), to_pinned_host(i)) for n, (v, i) in on_device.items()}
+    done = torch.cuda.Event(blocking=blocking)
+    done.record(stream)
+    done.synchronize()
+    ranked = {n: Ranked(v.numpy(), i.numpy()) for n, (v, i) in host_ranked.items()}
+    return {name: tensor.numpy() for name, tensor in host.items()}, ranked

@@ -34,9 +34,8 @@ from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import ConfigError, InternalError
 from .base import Array
-from .ranking import rank_on_device
 from .stages import DeviceStages
-from .staging import StagingBuffers, to_pinned_host
+from .staging import StagingBuffers, bring_back
 from .tensorrt_plan import Shape, engine_cache_dir, engine_cache_key, optimization_profiles
 
 log = logging.getLogger(__name__)
@@ -256,16 +255,7 @@ class TensorRTBackend:
             if not self._context.execute_async_v3(stream.cuda_stream):
                 raise InternalError("TensorRT execute_async_v3 failed")
             outputs = self.stages.apply_outputs(outputs, feed)
-            on_device = rank_on_device(outputs, rankings)
-            host = {name: to_pinned_host(outputs[name]) for name in output_names}
-            host_ranked = {
-                n: (to_pinned_host(v), to_pinned_host(i)) for n, (v, i) in on_device.items()
-            }
-            done = torch.cuda.Event(blocking=self._blocking_wait)
-            done.record(stream)
-        done.synchronize()  # this instance's thread sleeps until this batch's copies are done
-        ranked = {n: Ranked(v.numpy(), i.numpy()) for n, (v, i) in host_ranked.items()}
-        return {name: tensor.numpy() for name, tensor in host.items()}, ranked
+            return bring_back(outputs, output_names, rankings, stream, self._blocking_wait)
 
     def close(self) -> None:
         self._buffers.clear()
