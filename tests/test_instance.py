@@ -142,3 +142,27 @@ def test_staging_buffers_grow_and_are_reused() -> None:
     big = staging.view("x", (4096, 3), np.dtype(np.float32))
     assert big.shape == (4096, 3) and not np.shares_memory(big, small)
     assert not staging.holds(np.zeros(3, np.float32))
+
+
+def test_a_model_without_batch_dimension_ranks_its_whole_output() -> None:
+    from server.config import ModelSpec, TensorSpec
+    from server.config import VersionPolicy as Policy
+    from server.frontend.codec import encode_response
+    from server.pb import grpc_service_pb2 as pb
+
+    loop = asyncio.new_event_loop()
+    scores = np.array([[0.1, 0.9], [0.5, 0.2]], np.float32)  # one item, ranked as a whole
+    asked = request(loop, scores, {"y": 3})
+    batch = Batch((asked,), batched=False)
+    outcome = instance_without_thread(Identity()).execute(batch)
+    (result,) = batch.split_outputs(outcome.outputs, outcome.ranked)
+    assert result.ranked["y"].indices.tolist() == [[1, 2, 3]]
+    spec = ModelSpec(
+        name="m", backend="onnxruntime", platform="onnxruntime_onnx", max_batch_size=0,
+        inputs=(TensorSpec("x", "FP32", (2, 2)),), outputs=(TensorSpec("y", "FP32", (2, 2)),),
+        batching=None, instance_groups=(), version_policy=Policy(),
+        default_model_filename="model.onnx",
+    )  # fmt: skip
+    reply = encode_response(pb.ModelInferRequest(), spec, 1, asked, result)
+    assert list(reply.outputs[0].shape) == [3] and reply.outputs[0].datatype == "BYTES"
+    loop.close()
