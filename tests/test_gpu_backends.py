@@ -17,8 +17,8 @@ pytestmark = [
 ]
 
 
-def tiny_spec(examples_dir: Path, **parameters: str):  # type: ignore[no-untyped-def]
-    config = read_model_config(examples_dir / "tiny")
+def tiny_spec(small_examples: Path, **parameters: str):  # type: ignore[no-untyped-def]
+    config = read_model_config(small_examples / "tiny")
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return validate_model_config(config, "tiny/config.pbtxt", "tiny")
@@ -26,10 +26,10 @@ def tiny_spec(examples_dir: Path, **parameters: str):  # type: ignore[no-untyped
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("graphs", ["", "1,4,8"])
-def test_torchscript_on_a_cuda_stream(examples_dir: Path, precision: str, graphs: str) -> None:
+def test_torchscript_on_a_cuda_stream(small_examples: Path, precision: str, graphs: str) -> None:
     params = {"precision": precision} | ({"cuda_graph_batch_sizes": graphs} if graphs else {})
-    spec = tiny_spec(examples_dir, **params)
-    backend = TorchScriptBackend(examples_dir / "tiny/1/model.pt", "cuda:0", spec)
+    spec = tiny_spec(small_examples, **params)
+    backend = TorchScriptBackend(small_examples / "tiny/1/model.pt", "cuda:0", spec)
     assert backend.device == "cuda:0"
     for rows in (1, 3, 8, 20):  # 3 pads to the 4 bucket; 20 runs without a graph
         x = np.random.default_rng(rows).standard_normal((rows, 16)).astype(np.float32)
@@ -40,32 +40,32 @@ def test_torchscript_on_a_cuda_stream(examples_dir: Path, precision: str, graphs
     backend.close()
 
 
-def test_onnxruntime_cuda_provider_where_installed(examples_dir: Path) -> None:
+def test_onnxruntime_cuda_provider_where_installed(small_examples: Path) -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed")
     from server.backends.onnxruntime import OnnxRuntimeBackend
 
-    backend = OnnxRuntimeBackend(examples_dir / "image_classifier/1/model.onnx", "cuda:0", 4)
+    backend = OnnxRuntimeBackend(small_examples / "image_classifier/1/model.onnx", "cuda:0", 4)
     assert backend.device == "cuda:0"
     x = np.random.default_rng(0).random((4, 3, 64, 64), dtype=np.float32)
     gpu = backend.run({"INPUT": x}, ["LOGITS"])["LOGITS"]
-    cpu = OnnxRuntimeBackend(examples_dir / "image_classifier/1/model.onnx", "cpu", 4)
+    cpu = OnnxRuntimeBackend(small_examples / "image_classifier/1/model.onnx", "cpu", 4)
     np.testing.assert_allclose(
         gpu, cpu.run({"INPUT": x}, ["LOGITS"])["LOGITS"], rtol=1e-3, atol=1e-3
     )
 
 
-def test_batches_are_gathered_in_pinned_staging_buffers(examples_dir: Path) -> None:
+def test_batches_are_gathered_in_pinned_staging_buffers(small_examples: Path) -> None:
     import asyncio
 
     from server.batching.batch import Batch
     from server.batching.request import InferRequest
     from server.scheduling.pool import ModelInstance
 
-    spec = tiny_spec(examples_dir, precision="fp16")
-    backend = TorchScriptBackend(examples_dir / "tiny/1/model.pt", "cuda:0", spec)
+    spec = tiny_spec(small_examples, precision="fp16")
+    backend = TorchScriptBackend(small_examples / "tiny/1/model.pt", "cuda:0", spec)
     instance = ModelInstance("tiny-gpu", backend, frozenset({"OUTPUT0"}))
     loop = asyncio.new_event_loop()
     rng = np.random.default_rng(9)
