@@ -198,6 +198,7 @@ class TensorRTBackend:
             name = self._engine.get_tensor_name(i)
             mode = self._engine.get_tensor_mode(name)
             (self._inputs if mode == trt.TensorIOMode.INPUT else self._outputs).append(name)
+        self.input_names = tuple(self._inputs)  # what a tokenizer in front must feed
         # Device buffers, allocated once per instance: inputs for the largest profile
         # shape; outputs for the output shapes that the largest input shapes give.
         self._buffers: dict[str, torch.Tensor] = {}
