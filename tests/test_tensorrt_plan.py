@@ -75,3 +75,57 @@ def test_without_tensorrt_the_cli_and_loader_say_so(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="TensorRT is not available"):
         load_backend(spec_of(tmp_path), tmp_path / "bert/1/model.plan", "cuda:0", 1)
+
+
+def _with(tmp_path: Path, **parameters: str):  # type: ignore[no-untyped-def]
+    extra = "".join(
+        f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n'
+        for k, v in parameters.items()
+    )
+    return spec_of(tmp_path, CONFIG + extra)
+
+
+def test_precision_plan_on_tensorrt_10_uses_builder_flags(tmp_path: Path) -> None:
+    from server.backends.tensorrt_plan import PrecisionPlan, precision_plan
+
+    assert precision_plan(_with(tmp_path), 10, False, False) == PrecisionPlan(flags=("FP16",))
+    fp32 = _with(tmp_path, trt_precision="fp32")
+    assert precision_plan(fp32, 10, False, False) == PrecisionPlan()
+    int8 = _with(tmp_path, trt_precision="int8", trt_calibration_dir="calib")
+    assert precision_plan(int8, 10, False, True) == PrecisionPlan(("FP16", "INT8"), True)
+    assert precision_plan(int8, 10, True, True).calibrate is False  # Q/DQ carry the scales
+    with pytest.raises(ConfigError, match="trt_calibration_dir"):
+        precision_plan(_with(tmp_path, trt_precision="int8"), 10, False, False)
+    with pytest.raises(ConfigError, match="trt_precision"):
+        precision_plan(_with(tmp_path, trt_precision="fp8"), 10, False, False)
+
+
+def test_precision_plan_on_tensorrt_11_puts_the_precision_in_the_graph(tmp_path: Path) -> None:
+    from server.backends.tensorrt_plan import PrecisionPlan, precision_plan
+
+    # TensorRT 11 builds strongly typed networks: no FP16/INT8 flags, no calibrators.
+    assert precision_plan(_with(tmp_path), 11, False, False) == PrecisionPlan(convert_to_fp16=True)
+    int8 = _with(tmp_path, trt_precision="int8", trt_calibration_dir="calib")
+    assert precision_plan(int8, 11, True, True) == PrecisionPlan()
+    with pytest.raises(ConfigError, match="QuantizeLinear"):
+        precision_plan(int8, 11, False, True)
+
+
+def test_fp16_conversion_keeps_fp32_io_and_the_model(examples_dir: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from server.backends.tensorrt_plan import has_qdq, to_fp16
+
+    original = (examples_dir / "image_classifier/1/model.onnx").read_bytes()
+    half = to_fp16(original)
+    assert not has_qdq(original) and not has_qdq(half)
+    x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    outputs = []
+    for model in (original, half):
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].type == "tensor(float)"  # clients still send FP32
+        outputs.append(session.run(["LOGITS"], {"INPUT": x})[0])
+    assert outputs[1].dtype == np.float32
+    scale = np.abs(outputs[0]).max()
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-2 * scale)

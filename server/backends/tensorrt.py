@@ -2,7 +2,9 @@
 
 A version directory holds `model.plan` (a serialised engine), or `model.onnx`
 that Convoy builds into an engine on first load: FP16 (INT8 with a calibration
-set), one optimization profile derived from max_batch_size and the -1 dims,
+set or Q/DQ nodes; on TensorRT 11, which builds strongly typed networks only,
+FP16 by converting the graph and INT8 from Q/DQ nodes: tensorrt_plan.py), one
+optimization profile derived from max_batch_size and the -1 dims,
 cached under $CONVOY_CACHE_DIR/engines keyed by the ONNX bytes, the GPU, the
 TensorRT version and the build options, so a restart never rebuilds.
 
@@ -36,20 +38,33 @@ from ..errors import ConfigError, InternalError
 from .base import Array
 from .stages import DeviceStages
 from .staging import StagingBuffers, bring_back
-from .tensorrt_plan import Shape, engine_cache_dir, engine_cache_key, optimization_profiles
+from .tensorrt_plan import (
+    Shape,
+    engine_cache_dir,
+    engine_cache_key,
+    has_qdq,
+    optimization_profiles,
+    precision_plan,
+    to_fp16,
+)
 
 log = logging.getLogger(__name__)
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
+# TensorRT's tensor types -> torch's; looked up by name, as the set differs by release.
 _TORCH_DTYPES = {
-    trt.DataType.FLOAT: torch.float32,
-    trt.DataType.HALF: torch.float16,
-    trt.DataType.INT32: torch.int32,
-    trt.DataType.INT64: torch.int64,
-    trt.DataType.INT8: torch.int8,
-    trt.DataType.UINT8: torch.uint8,
-    trt.DataType.BOOL: torch.bool,
-    trt.DataType.BF16: torch.bfloat16,
+    getattr(trt.DataType, name): dtype
+    for name, dtype in (
+        ("FLOAT", torch.float32),
+        ("HALF", torch.float16),
+        ("BF16", torch.bfloat16),
+        ("INT32", torch.int32),
+        ("INT64", torch.int64),
+        ("INT8", torch.int8),
+        ("UINT8", torch.uint8),
+        ("BOOL", torch.bool),
+    )
+    if hasattr(trt.DataType, name)
 }
 
 
@@ -76,36 +91,41 @@ class _Progress(trt.IProgressMonitor):  # type: ignore[misc]
         self._report(phase_name, total, total)
 
 
-class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
-    """INT8 calibration from .npz files (one array per input name) in a directory."""
+def _calibrator(directory: Path, cache: Path) -> object:
+    """INT8 calibration from .npz files (one array per input name) in a directory.
+    TensorRT 10 only (11 dropped implicit quantization): defined when first needed."""
 
-    def __init__(self, directory: Path, cache: Path) -> None:
-        trt.IInt8EntropyCalibrator2.__init__(self)
-        self._files = sorted(directory.glob("*.npz"))
-        if not self._files:
-            raise ConfigError(str(directory), "parameters.trt_calibration_dir", "no .npz batches")
-        self._cache = cache
-        self._index = 0
-        self._held: list[torch.Tensor] = []
-        first = np.load(self._files[0])
-        self._batch = int(next(iter(first.values())).shape[0])
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._files = sorted(directory.glob("*.npz"))
+            if not self._files:
+                raise ConfigError(
+                    str(directory), "parameters.trt_calibration_dir", "no .npz batches"
+                )
+            self._index = 0
+            self._held: list[torch.Tensor] = []
+            first = np.load(self._files[0])
+            self._batch = int(next(iter(first.values())).shape[0])
 
-    def get_batch_size(self) -> int:
-        return self._batch
+        def get_batch_size(self) -> int:
+            return self._batch
 
-    def get_batch(self, names: list[str]) -> list[int] | None:
-        if self._index >= len(self._files):
-            return None
-        arrays = np.load(self._files[self._index])
-        self._index += 1
-        self._held = [torch.from_numpy(arrays[n]).cuda() for n in names]
-        return [int(t.data_ptr()) for t in self._held]
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            if self._index >= len(self._files):
+                return None
+            arrays = np.load(self._files[self._index])
+            self._index += 1
+            self._held = [torch.from_numpy(arrays[n]).cuda() for n in names]
+            return [int(t.data_ptr()) for t in self._held]
 
-    def read_calibration_cache(self) -> bytes | None:
-        return self._cache.read_bytes() if self._cache.exists() else None
+        def read_calibration_cache(self) -> bytes | None:
+            return cache.read_bytes() if cache.exists() else None
 
-    def write_calibration_cache(self, cache: bytes) -> None:
-        self._cache.write_bytes(cache)
+        def write_calibration_cache(self, data: bytes) -> None:
+            cache.write_bytes(data)
+
+    return Calibrator()
 
 
 def build_engine(
@@ -115,10 +135,11 @@ def build_engine(
     report: Callable[[str, int, int], None] | None = None,
 ) -> Path:
     """The engine for onnx_path on this GPU: from the cache, else built (minutes) and cached."""
-    precision = spec.parameters.get("trt_precision", "fp16")
-    if precision not in ("fp32", "fp16", "int8"):
-        raise ConfigError(spec.name, "parameters.trt_precision", "fp32, fp16 or int8")
     onnx = onnx_path.read_bytes()
+    calibration = spec.parameters.get("trt_calibration_dir")
+    major = int(trt.__version__.split(".")[0])
+    plan_of_precision = precision_plan(spec, major, has_qdq(onnx), calibration is not None)
+    precision = spec.parameters.get("trt_precision", "fp16")
     profiles = optimization_profiles(spec)
     gpu_name = torch.cuda.get_device_name(gpu) + str(torch.cuda.get_device_capability(gpu))
     key = engine_cache_key(onnx, gpu_name, trt.__version__, precision, profiles)
@@ -126,6 +147,8 @@ def build_engine(
     if plan.exists():
         return plan
     log.info("building a TensorRT engine for %s (%s); this takes minutes", spec.name, precision)
+    if plan_of_precision.convert_to_fp16:
+        onnx = to_fp16(onnx)  # strongly typed TensorRT: the graph carries the precision
     torch.cuda.set_device(gpu)
     builder = trt.Builder(_LOGGER)
     network = builder.create_network(0)
@@ -134,17 +157,12 @@ def build_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ConfigError(str(onnx_path), "model.onnx", f"TensorRT cannot parse it: {errors}")
     config = builder.create_builder_config()
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        directory = spec.parameters.get("trt_calibration_dir")
-        if directory is None:
-            raise ConfigError(
-                spec.name, "parameters.trt_calibration_dir", "int8 needs a calibration set"
-            )
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = _Calibrator(
-            onnx_path.parent / directory, plan.with_suffix(".calib")
+    for flag in plan_of_precision.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if plan_of_precision.calibrate:
+        assert calibration is not None  # precision_plan refuses int8 without one
+        config.int8_calibrator = _calibrator(
+            onnx_path.parent / calibration, plan.with_suffix(".calib")
         )
     profile = builder.create_optimization_profile()
     for name, p in profiles.items():
@@ -212,7 +230,10 @@ class TensorRTBackend:
             self._buffers[name] = self._alloc(name, tuple(self._context.get_tensor_shape(name)))
 
     def _alloc(self, name: str, shape: Shape) -> torch.Tensor:
-        dtype = _TORCH_DTYPES[self._engine.get_tensor_dtype(name)]
+        trt_type = self._engine.get_tensor_dtype(name)
+        dtype = _TORCH_DTYPES.get(trt_type)
+        if dtype is None:
+            raise ConfigError(name, "model.plan", f"tensor type {trt_type} is not supported")
         return torch.empty(shape, dtype=dtype, device=self._torch_device)
 
     def _bound(self, name: str, shape: Shape) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """TensorRT build plans, kept free of TensorRT so they are testable on any machine:
-the optimization profile a config implies and the key of the engine cache."""
+the optimization profile a config implies, how the asked-for precision is reached
+on the installed TensorRT, and the key of the engine cache."""
 
 from __future__ import annotations
 
@@ -47,6 +48,72 @@ def optimization_profiles(spec: ModelSpec) -> dict[str, Profile]:
             max=shape(top, dyn["max"]),
         )
     return profiles
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How an engine gets `trt_precision`. TensorRT 10 takes builder flags (FP16;
+    INT8 with a calibrator). TensorRT 11 builds strongly typed networks only: its
+    FP16/INT8 flags and calibrators are gone, so the ONNX graph itself must carry
+    the precision (converted to fp16 here, I/O kept fp32; int8 from Q/DQ nodes)."""
+
+    flags: tuple[str, ...] = ()  # BuilderFlag names to set
+    calibrate: bool = False  # an INT8 calibrator over trt_calibration_dir
+    convert_to_fp16: bool = False  # rewrite the ONNX graph to fp16 before parsing
+
+
+def precision_plan(
+    spec: ModelSpec, trt_major: int, has_qdq: bool, has_calibration: bool
+) -> PrecisionPlan:
+    field = "parameters.trt_precision"
+    precision = spec.parameters.get("trt_precision", "fp16")
+    if precision not in PRECISIONS:
+        raise ConfigError(spec.name, field, f"'{precision}' is not one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return PrecisionPlan()
+    if trt_major < 11:
+        if precision == "fp16":
+            return PrecisionPlan(flags=("FP16",))
+        if not has_calibration and not has_qdq:
+            raise ConfigError(
+                spec.name,
+                "parameters.trt_calibration_dir",
+                "int8 needs a calibration set or a model with Q/DQ nodes",
+            )
+        return PrecisionPlan(flags=("FP16", "INT8"), calibrate=not has_qdq)
+    if precision == "fp16":
+        return PrecisionPlan(convert_to_fp16=True)
+    if not has_qdq:
+        raise ConfigError(
+            spec.name,
+            field,
+            f"int8 on TensorRT {trt_major} needs an explicitly quantized model.onnx "
+            "(QuantizeLinear/DequantizeLinear nodes, e.g. from TensorRT Model Optimizer); "
+            "calibration sets serve TensorRT 10 only",
+        )
+    return PrecisionPlan()
+
+
+def to_fp16(onnx: bytes) -> bytes:
+    """The model with fp16 weights and compute, inputs and outputs kept fp32: how a
+    strongly typed TensorRT builds fp16 from an fp32 export."""
+    import onnx as onnx_lib
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx_lib.load_from_string(onnx)
+    half = convert_float_to_float16(model, keep_io_types=True)
+    return bytes(half.SerializeToString())
+
+
+def has_qdq(onnx: bytes) -> bool:
+    """Whether the graph is explicitly quantized (QuantizeLinear/DequantizeLinear)."""
+    import onnx as onnx_lib
+
+    model = onnx_lib.load_from_string(onnx)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
 def engine_cache_key(
