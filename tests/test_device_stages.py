@@ -136,3 +136,27 @@ def test_ranking_beside_the_full_outputs(tmp_path: Path, device: str) -> None:
     probabilities = np.exp(full - full.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
     np.testing.assert_allclose(ranked["OUT"].values, -np.sort(-probabilities)[:, :3], rtol=1e-5)
+
+
+def test_a_triton_kernel_that_cannot_run_here_gives_way_to_torch_ops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from server.backends.stages import working_kernel
+
+    def triton_kernel(x: object) -> object:
+        return x
+
+    def torch_ops(x: object) -> object:
+        return x
+
+    def fails_to_compile(kernel: object) -> None:
+        raise RuntimeError("Failed to find C compiler")
+
+    def missing() -> object:
+        raise ImportError("no module named triton")
+
+    assert working_kernel("k", lambda: triton_kernel, torch_ops, lambda k: None) is triton_kernel
+    with caplog.at_level("WARNING"):
+        assert working_kernel("k", lambda: triton_kernel, torch_ops, fails_to_compile) is torch_ops
+        assert working_kernel("k", missing, torch_ops, lambda k: None) is torch_ops
+    assert "C compiler" in caplog.text and "no module named triton" in caplog.text

@@ -24,7 +24,7 @@ from kernels.image import IMAGENET_MEAN, IMAGENET_STD, hwc_uint8_to_nchw_referen
 from ..config import ModelSpec
 from ..errors import ConfigError
 from .base import Array, Backend
-from .stages import DeviceStages
+from .stages import DeviceStages, synchronize, working_kernel
 
 PREPROCESSORS = ("image_hwc_uint8",)
 
@@ -78,19 +78,26 @@ def with_image_preprocessing(
     settings = image_settings(spec)
     if stages is None:
         return ImagePreprocessingBackend(inner, settings)
-    kernel = _device_kernel()
+    kernel = _device_kernel(stages.device)
     stages.inputs[settings.input] = lambda images: kernel(images, settings.mean, settings.std)
     return inner
 
 
-def _device_kernel() -> Any:
-    try:
-        from kernels.triton_kernels import hwc_uint8_to_nchw_triton
-    except ImportError:  # a torch build without OpenAI Triton: the same in torch ops
-        from kernels.image import hwc_uint8_to_nchw_torch
+def _device_kernel(device: str) -> Any:
+    import torch
 
-        return hwc_uint8_to_nchw_torch
-    return hwc_uint8_to_nchw_triton
+    from kernels.image import hwc_uint8_to_nchw_torch
+
+    def load() -> Any:
+        from kernels.triton_kernels import hwc_uint8_to_nchw_triton
+
+        return hwc_uint8_to_nchw_triton
+
+    def probe(kernel: Any) -> None:
+        kernel(torch.zeros((1, 2, 2, 3), dtype=torch.uint8, device=device))
+        synchronize(device)
+
+    return working_kernel("image_hwc_uint8", load, hwc_uint8_to_nchw_torch, probe)
 
 
 class ImagePreprocessingBackend:

@@ -30,11 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels.classify import topk_torch
+
 from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import ConfigError, InternalError
 from .base import Array
-from .ranking import rank_on_host
+from .ranking import device_topk, rank_on_host
 from .stages import DeviceStages
 from .staging import StagingBuffers, bring_back
 
@@ -105,7 +107,8 @@ class TorchScriptBackend:
         self._output_names = tuple(t.name for t in spec.outputs)
         self._stream = torch.cuda.Stream(self._torch_device) if use_cuda else None
         self._staging = StagingBuffers(pinned=use_cuda)
-        self.stages = DeviceStages()  # filled by load_backend where the model opts in
+        self.stages = DeviceStages(self.device)  # filled by load_backend where models opt in
+        self._topk = device_topk(self.device) if use_cuda else topk_torch
         self._buckets = buckets if use_cuda else ()
         self._blocking_wait = not spec.cuda.busy_wait_events
         self._graphs: dict[int, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -184,7 +187,9 @@ class TorchScriptBackend:
             else:
                 outputs = {k: v[:rows] for k, v in self._replay(bucket, args).items()}
             outputs = self.stages.apply_outputs(outputs, feed)
-            return bring_back(outputs, output_names, rankings, self._stream, self._blocking_wait)
+            return bring_back(
+                outputs, output_names, rankings, self._topk, self._stream, self._blocking_wait
+            )
 
     def _replay(self, bucket: int, args: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         graph = self._graphs.get(bucket)

@@ -7,7 +7,7 @@ where its backend keeps outputs there (the fused softmax + top-k kernel).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,10 @@ import numpy as np
 from kernels.classify import topk_reference, topk_torch
 
 from ..batching.request import Array, Ranked, Ranking
+from .stages import synchronize, working_kernel
+
+# (rows [R, N] tensor, k, softmax) -> (values [R, k] float32, indices [R, k] int64)
+TopK = Callable[[Any, int, bool], tuple[Any, Any]]
 
 
 def rows_of(shape: tuple[int, ...], ask: Ranking) -> tuple[int, int]:
@@ -39,7 +43,9 @@ def rank_on_host(
     return ranked
 
 
-def rank_on_device(outputs: Mapping[str, Any], rankings: Mapping[str, Ranking]) -> dict[str, Any]:
+def rank_on_device(
+    outputs: Mapping[str, Any], rankings: Mapping[str, Ranking], topk: TopK = topk_torch
+) -> dict[str, Any]:
     """torch tensors -> (values, indices) tensors on the same device, enqueued on the
     current stream; the caller copies them back with the other outputs."""
     ranked = {}
@@ -47,13 +53,24 @@ def rank_on_device(outputs: Mapping[str, Any], rankings: Mapping[str, Ranking]) 
         value = outputs[name]
         rows, columns = rows_of(tuple(value.shape), ask)
         flat = value.reshape(rows, columns)
-        if value.is_cuda and columns > 0:
-            from kernels.triton_kernels import softmax_topk_triton
-
-            ranked[name] = softmax_topk_triton(flat, ask.k, ask.softmax)
-        else:
-            ranked[name] = topk_torch(flat, ask.k, ask.softmax)
+        ranked[name] = topk(flat, ask.k, ask.softmax) if columns else topk_torch(flat, 0)
     return ranked
+
+
+def device_topk(device: str) -> TopK:
+    """The fused softmax + top-k Triton kernel where it works on `device`, else torch."""
+    import torch
+
+    def load() -> TopK:
+        from kernels.triton_kernels import softmax_topk_triton
+
+        return softmax_topk_triton
+
+    def probe(kernel: TopK) -> None:
+        kernel(torch.zeros((1, 4), device=device), 2, True)
+        synchronize(device)
+
+    return working_kernel("softmax_topk", load, topk_torch, probe)
 
 
 def _empty(rows: int) -> Ranked:

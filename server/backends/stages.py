@@ -11,11 +11,15 @@ the instance's thread instead.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 Tensor = Any  # torch.Tensor; torch is not type-checked here
+Kernel = Callable[..., Any]
 
 InputStage = Callable[[Tensor], Tensor]
 OutputStage = Callable[[Tensor, Mapping[str, Tensor]], Tensor]  # (output, the batch's inputs)
@@ -23,6 +27,7 @@ OutputStage = Callable[[Tensor, Mapping[str, Tensor]], Tensor]  # (output, the b
 
 @dataclass
 class DeviceStages:
+    device: str = "cpu"  # where the owning backend keeps its tensors
     inputs: dict[str, InputStage] = field(default_factory=dict)
     outputs: dict[str, OutputStage] = field(default_factory=dict)
 
@@ -42,3 +47,30 @@ def device_stages(backend: object) -> DeviceStages | None:
     stages = getattr(backend, "stages", None)
     device = str(getattr(backend, "device", "cpu"))
     return stages if isinstance(stages, DeviceStages) and device.startswith("cuda") else None
+
+
+def working_kernel(
+    name: str,
+    load: Callable[[], Kernel],
+    fallback: Kernel,
+    probe: Callable[[Kernel], object],
+) -> Kernel:
+    """The OpenAI Triton kernel where it imports, compiles and runs here, else the
+    same in torch ops. Tried once, at model load: on a machine where Triton cannot
+    build (no C compiler for its launcher, a GPU it does not support) the model then
+    serves from torch ops instead of failing every batch."""
+    try:
+        kernel = load()
+        probe(kernel)
+    except Exception as exc:  # ImportError, compile errors, launch failures alike
+        log.warning("%s: the Triton kernel is unusable here (%s); using torch ops", name, exc)
+        return fallback
+    return kernel
+
+
+def synchronize(device: str) -> None:
+    """Wait for a probe's kernels (a launch failure surfaces here)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..batching.request import Ranked, Ranking
 from .base import Array
-from .ranking import rank_on_device
+from .ranking import TopK, rank_on_device
 
 
 class StagingBuffers:
@@ -74,6 +74,7 @@ def bring_back(
     outputs: Mapping[str, Any],
     output_names: Sequence[str],
     rankings: Mapping[str, Ranking],
+    topk: TopK,
     stream: Any,
     blocking: bool,
 ) -> tuple[dict[str, Array], dict[str, Ranked]]:
@@ -83,7 +84,7 @@ def bring_back(
     answers sooner for a core kept busy."""
     import torch
 
-    on_device = rank_on_device(outputs, rankings)
+    on_device = rank_on_device(outputs, rankings, topk)
     host = {name: to_pinned_host(outputs[name]) for name in output_names}
     host_ranked = {n: (to_pinned_host(v), to_pinned_host(i)) for n, (v, i) in on_device.items()}
     done = torch.cuda.Event(blocking=blocking)

@@ -36,6 +36,7 @@ from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import ConfigError, InternalError
 from .base import Array
+from .ranking import device_topk
 from .stages import DeviceStages
 from .staging import StagingBuffers, bring_back
 from .tensorrt_plan import (
@@ -206,7 +207,8 @@ class TensorRTBackend:
         self._context = self._engine.create_execution_context()
         self._stream = torch.cuda.Stream(self._torch_device)
         self._staging = StagingBuffers(pinned=True)
-        self.stages = DeviceStages()  # filled by load_backend where the model opts in
+        self.stages = DeviceStages(device)  # filled by load_backend where models opt in
+        self._topk = device_topk(device)
         self._blocking_wait = not spec.cuda.busy_wait_events
         if spec.cuda.graphs:
             log.warning("%s: CUDA graphs are not used for TensorRT instances", spec.name)
@@ -277,7 +279,9 @@ class TensorRTBackend:
             if not self._context.execute_async_v3(stream.cuda_stream):
                 raise InternalError("TensorRT execute_async_v3 failed")
             outputs = self.stages.apply_outputs(outputs, feed)
-            return bring_back(outputs, output_names, rankings, stream, self._blocking_wait)
+            return bring_back(
+                outputs, output_names, rankings, self._topk, stream, self._blocking_wait
+            )
 
     def close(self) -> None:
         self._buffers.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -25,7 +26,7 @@ from kernels.pooling import mean_pool_l2_reference
 from ..config import ModelSpec
 from ..errors import ConfigError, InvalidInput
 from .base import Array, Backend
-from .stages import DeviceStages, Tensor
+from .stages import DeviceStages, synchronize, working_kernel
 
 
 class TokenizingBackend:
@@ -66,8 +67,11 @@ class TokenizingBackend:
             )
         self._pool = post == "mean_pool_l2"
         if self._pool and stages is not None:
+            pool = _device_pooling(stages.device)
             for output in spec.outputs:
-                stages.outputs[output.name] = _pool_on_device
+                stages.outputs[output.name] = lambda hidden, feed: pool(
+                    hidden, feed["attention_mask"]
+                )
             self._pool = False
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
@@ -101,9 +105,18 @@ def _text(item: object) -> str:
     raise InvalidInput(f"expected text, got {type(item).__name__}")
 
 
-def _pool_on_device(hidden: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
-    try:
-        from kernels.triton_kernels import mean_pool_l2_triton as pool
-    except ImportError:  # a torch build without OpenAI Triton: the same in torch ops
-        from kernels.pooling import mean_pool_l2_torch as pool
-    return pool(hidden, inputs["attention_mask"])
+def _device_pooling(device: str) -> Any:
+    import torch
+
+    from kernels.pooling import mean_pool_l2_torch
+
+    def load() -> Any:
+        from kernels.triton_kernels import mean_pool_l2_triton
+
+        return mean_pool_l2_triton
+
+    def probe(kernel: Any) -> None:
+        kernel(torch.ones((1, 2, 4), device=device), torch.ones((1, 2), device=device))
+        synchronize(device)
+
+    return working_kernel("mean_pool_l2", load, mean_pool_l2_torch, probe)
