@@ -155,8 +155,14 @@ def test_a_triton_kernel_that_cannot_run_here_gives_way_to_torch_ops(
     def missing() -> object:
         raise ImportError("no module named triton")
 
-    assert working_kernel("k", lambda: triton_kernel, torch_ops, lambda k: None) is triton_kernel
+    assert (
+        working_kernel("k", "cpu", lambda: triton_kernel, torch_ops, lambda k: None)
+        is triton_kernel
+    )
     with caplog.at_level("WARNING"):
-        assert working_kernel("k", lambda: triton_kernel, torch_ops, fails_to_compile) is torch_ops
-        assert working_kernel("k", missing, torch_ops, lambda k: None) is torch_ops
+        assert (
+            working_kernel("k", "cpu", lambda: triton_kernel, torch_ops, fails_to_compile)
+            is torch_ops
+        )
+        assert working_kernel("k", "cpu", missing, torch_ops, lambda k: None) is torch_ops
     assert "C compiler" in caplog.text and "no module named triton" in caplog.text

@@ -24,7 +24,7 @@ from kernels.image import IMAGENET_MEAN, IMAGENET_STD, hwc_uint8_to_nchw_referen
 from ..config import ModelSpec
 from ..errors import ConfigError
 from .base import Array, Backend
-from .stages import DeviceStages, synchronize, working_kernel
+from .stages import DeviceStages, working_kernel
 
 PREPROCESSORS = ("image_hwc_uint8",)
 
@@ -95,9 +95,8 @@ def _device_kernel(device: str) -> Any:
 
     def probe(kernel: Any) -> None:
         kernel(torch.zeros((1, 2, 2, 3), dtype=torch.uint8, device=device))
-        synchronize(device)
 
-    return working_kernel("image_hwc_uint8", load, hwc_uint8_to_nchw_torch, probe)
+    return working_kernel("image_hwc_uint8", device, load, hwc_uint8_to_nchw_torch, probe)
 
 
 class ImagePreprocessingBackend:

@@ -15,7 +15,7 @@ import numpy as np
 from kernels.classify import topk_reference, topk_torch
 
 from ..batching.request import Array, Ranked, Ranking
-from .stages import synchronize, working_kernel
+from .stages import working_kernel
 
 # (rows [R, N] tensor, k, softmax) -> (values [R, k] float32, indices [R, k] int64)
 TopK = Callable[[Any, int, bool], tuple[Any, Any]]
@@ -68,9 +68,8 @@ def device_topk(device: str) -> TopK:
 
     def probe(kernel: TopK) -> None:
         kernel(torch.zeros((1, 4), device=device), 2, True)
-        synchronize(device)
 
-    return working_kernel("softmax_topk", load, topk_torch, probe)
+    return working_kernel("softmax_topk", device, load, topk_torch, probe)
 
 
 def _empty(rows: int) -> Ranked:

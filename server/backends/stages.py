@@ -11,6 +11,7 @@ the instance's thread instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,26 +52,26 @@ def device_stages(backend: object) -> DeviceStages | None:
 
 def working_kernel(
     name: str,
+    device: str,
     load: Callable[[], Kernel],
     fallback: Kernel,
     probe: Callable[[Kernel], object],
 ) -> Kernel:
-    """The OpenAI Triton kernel where it imports, compiles and runs here, else the
-    same in torch ops. Tried once, at model load: on a machine where Triton cannot
-    build (no C compiler for its launcher, a GPU it does not support) the model then
-    serves from torch ops instead of failing every batch."""
+    """The OpenAI Triton kernel where it imports, compiles and runs on `device`, else
+    the same in torch ops. Tried once, at model load: on a machine where Triton
+    cannot build (no C compiler for its launcher, a GPU it does not support) the
+    model then serves from torch ops instead of failing every batch."""
+    import torch
+
+    gpu = device.startswith("cuda")
     try:
         kernel = load()
-        probe(kernel)
+        # On the instance's device: Triton launches on the current one.
+        with torch.cuda.device(torch.device(device)) if gpu else contextlib.nullcontext():
+            probe(kernel)
+            if gpu:
+                torch.cuda.synchronize()  # a launch failure surfaces here
     except Exception as exc:  # ImportError, compile errors, launch failures alike
         log.warning("%s: the Triton kernel is unusable here (%s); using torch ops", name, exc)
         return fallback
     return kernel
-
-
-def synchronize(device: str) -> None:
-    """Wait for a probe's kernels (a launch failure surfaces here)."""
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))

@@ -26,7 +26,7 @@ from kernels.pooling import mean_pool_l2_reference
 from ..config import ModelSpec
 from ..errors import ConfigError, InvalidInput
 from .base import Array, Backend
-from .stages import DeviceStages, synchronize, working_kernel
+from .stages import DeviceStages, working_kernel
 
 
 class TokenizingBackend:
@@ -117,6 +117,5 @@ def _device_pooling(device: str) -> Any:
 
     def probe(kernel: Any) -> None:
         kernel(torch.ones((1, 2, 4), device=device), torch.ones((1, 2), device=device))
-        synchronize(device)
 
-    return working_kernel("mean_pool_l2", load, mean_pool_l2_torch, probe)
+    return working_kernel("mean_pool_l2", device, load, mean_pool_l2_torch, probe)
