@@ -198,8 +198,9 @@ class TorchScriptBackend:
             self._graphs[bucket] = graph
         cuda_graph, static_inputs, static_outputs = graph
         for static, arg in zip(static_inputs, args, strict=True):
-            static.zero_()
-            static[: arg.shape[0]].copy_(arg)
+            rows = arg.shape[0]
+            static[:rows].copy_(arg)
+            static[rows:].zero_()  # the padding rows only
         cuda_graph.replay()
         return dict(zip(self._output_names, static_outputs, strict=True))
 
