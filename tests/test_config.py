@@ -179,3 +179,6 @@ def test_cuda_options_are_checked(tmp_path: Path) -> None:
     variable = CUDA_CONFIG.replace("dims: [ 4 ] } ]\noutput", "dims: [ -1 ] } ]\noutput")
     with pytest.raises(ConfigError, match="fixed input dims"):
         graph_buckets(spec_of(tmp_path, variable + "optimization { cuda { graphs: true } }"))
+    tokenized = CUDA_CONFIG + 'parameters { key: "tokenizer" value { string_value: "t.json" } }'
+    with pytest.raises(ConfigError, match="text varies in length"):
+        graph_buckets(spec_of(tmp_path, tokenized + "optimization { cuda { graphs: true } }"))

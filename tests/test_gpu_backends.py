@@ -98,3 +98,14 @@ def test_batches_are_gathered_in_pinned_staging_buffers(small_examples: Path) ->
     assert (results[1].ranked["OUTPUT0"].indices[:, 0] == expected[:, 0]).all()
     instance.close()
     loop.close()
+
+
+def test_cuda_graphs_are_captured_at_load(small_examples: Path) -> None:
+    from server.backends import load_backend
+
+    spec = tiny_spec(small_examples, cuda_graph_batch_sizes="1,4,16")
+    backend = load_backend(spec, small_examples / "tiny/1/model.pt", "cuda:0", 1)
+    assert sorted(backend._graphs) == [1, 4, 16]  # type: ignore[attr-defined]
+    x = np.ones((3, 16), np.float32)
+    np.testing.assert_allclose(backend.run({"INPUT0": x}, ["OUTPUT0"])["OUTPUT0"], x * 2 + 1)
+    backend.close()

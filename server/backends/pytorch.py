@@ -12,7 +12,7 @@ config.pbtxt (GPU only):
   parameters cuda_graph_batch_sizes  e.g. "1,8,32,64": capture a CUDA graph per batch size
                                      bucket on first use; a batch is padded up to its
                                      bucket and the padding sliced off the outputs. Needs
-                                     fixed dims past the batch dimension.
+                                     fixed dims past the batch dimension; captured at load.
   optimization { cuda { graphs: true graph_spec [ { batch_size: 8 } ] } }
                                      the same in Triton's spelling (graph_buckets)
   optimization { cuda { busy_wait_events: true } }
@@ -35,6 +35,7 @@ from kernels.classify import topk_torch
 from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import ConfigError, InternalError
+from ..tensors import numpy_dtype
 from .base import Array
 from .ranking import device_topk, rank_on_host
 from .stages import DeviceStages
@@ -72,6 +73,8 @@ def graph_buckets(spec: ModelSpec) -> tuple[int, ...]:
         )
     if any(-1 in t.dims for t in spec.inputs):
         raise ConfigError(spec.name, field, "CUDA graphs need fixed input dims past the batch")
+    if "tokenizer" in spec.parameters or any(t.datatype == "BYTES" for t in spec.inputs):
+        raise ConfigError(spec.name, field, "CUDA graphs need fixed shapes; text varies in length")
     return sizes
 
 
@@ -110,8 +113,19 @@ class TorchScriptBackend:
         self.stages = DeviceStages(self.device)  # filled by load_backend where models opt in
         self._topk = device_topk(self.device) if use_cuda else topk_torch
         self._buckets = buckets if use_cuda else ()
+        self._spec_inputs = spec.inputs
         self._blocking_wait = not spec.cuda.busy_wait_events
         self._graphs: dict[int, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def warm_up(self) -> None:
+        """Capture every CUDA graph bucket now, at load, not in some request's path.
+        Called once the device stages are registered (the graphs hold what follows them)."""
+        for bucket in self._buckets:
+            zeros = {
+                t.name: np.zeros((bucket, *t.dims), dtype=numpy_dtype(t.datatype))
+                for t in self._spec_inputs
+            }
+            self.run(zeros, ())
 
     def input_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Array | None:
         if self._stream is None or dtype.hasobject:
