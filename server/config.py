@@ -152,6 +152,26 @@ class Optimization:
 
 
 @dataclass(frozen=True)
+class WarmupInput:
+    """One input of a `model_warmup` sample."""
+
+    datatype: str  # wire datatype
+    dims: tuple[int, ...]  # without the batch dimension
+    source: str  # "zero" | "random" | "file"
+    file: str = ""  # with source "file": a file in the model's warmup/ directory
+
+
+@dataclass(frozen=True)
+class WarmupSample:
+    """config.pbtxt `model_warmup`: run at load, before the model is marked ready."""
+
+    name: str
+    batch_size: int
+    inputs: dict[str, WarmupInput]
+    count: int
+
+
+@dataclass(frozen=True)
 class VersionPolicy:
     kind: str = "latest"  # latest | all | specific
     num_versions: int = 1
@@ -183,6 +203,7 @@ class ModelSpec:
     default_model_filename: str
     parameters: dict[str, str] = field(default_factory=dict)
     optimization: Optimization = Optimization()
+    warmup: tuple[WarmupSample, ...] = ()
 
     @property
     def cuda(self) -> CudaOptions:
@@ -317,6 +338,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         default_model_filename=config.default_model_filename or DEFAULT_MODEL_FILENAME[backend],
         parameters=parameters,
         optimization=_optimization(config, path),
+        warmup=_warmup(config, inputs, path),
     )
 
 
@@ -463,6 +485,58 @@ def _batching(config: mc.ModelConfig, path: str) -> BatchingConfig | None:
             for level, policy in db.priority_queue_policy.items()
         },
     )
+
+
+def _warmup(
+    config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], path: str
+) -> tuple[WarmupSample, ...]:
+    by_name = {t.name: t for t in inputs}
+    samples = []
+    for i, sample in enumerate(config.model_warmup):
+        where = f"model_warmup[{i}]"
+        batched = config.max_batch_size > 0
+        if batched and not 1 <= sample.batch_size <= config.max_batch_size:
+            raise ConfigError(
+                path,
+                f"{where}.batch_size",
+                f"must lie in 1..max_batch_size ({config.max_batch_size}), got {sample.batch_size}",
+            )
+        if not batched and sample.batch_size > 1:
+            raise ConfigError(path, f"{where}.batch_size", "a model without batching takes 1")
+        missing = [t.name for t in inputs if not t.optional and t.name not in sample.inputs]
+        if missing:
+            raise ConfigError(path, f"{where}.inputs", f"missing the model's inputs {missing}")
+        warm: dict[str, WarmupInput] = {}
+        for name, given in sample.inputs.items():
+            field = f"{where}.inputs[{name}]"
+            model_input = by_name.get(name)
+            if model_input is None:
+                raise ConfigError(path, field, f"'{name}' is not an input of the model")
+            type_name = _enum_name(mc.DataType, given.data_type, path, f"{field}.data_type")
+            datatype = CONFIG_TO_WIRE.get(type_name)
+            if datatype != model_input.datatype:
+                raise ConfigError(
+                    path, f"{field}.data_type", f"{type_name} differs from the input's type"
+                )
+            dims = tuple(int(d) for d in given.dims)
+            if -1 in dims or not model_input.matches(dims):
+                raise ConfigError(
+                    path, f"{field}.dims", f"{list(dims)} does not fit {list(model_input.dims)}"
+                )
+            choice = given.WhichOneof("input_data_type")
+            if choice is None:
+                raise ConfigError(path, field, "needs zero_data, random_data or input_data_file")
+            file = given.input_data_file
+            if choice == "input_data_file" and (not file or "/" in file or file.startswith(".")):
+                raise ConfigError(
+                    path, f"{field}.input_data_file", "must name a file in warmup/, no path"
+                )
+            source = {"zero_data": "zero", "random_data": "random"}.get(choice, "file")
+            warm[name] = WarmupInput(datatype, dims, source, file)
+        samples.append(
+            WarmupSample(sample.name or where, sample.batch_size, warm, max(1, sample.count))
+        )
+    return tuple(samples)
 
 
 def _optimization(config: mc.ModelConfig, path: str) -> Optimization:

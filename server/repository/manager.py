@@ -34,6 +34,7 @@ from ..scheduling.devices import place_group, resolved_kind
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
 from .model import ServedModel
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class ModelRepository:
                 backend = load_backend(spec, model_path, device, threads)
                 name = f"{spec.name}-v{version}-{index}"
                 instances.append(ModelInstance(name, backend, spec.softmax_outputs))
+            warm_up([i.backend for i in instances], spec, model_dir)
         except BaseException:
             for instance in instances:
                 instance.close()
@@ -250,6 +252,7 @@ class ModelRepository:
         def replacement(device: str) -> ModelInstance:
             name = f"{spec.name}-v{version}-r{next(replacements)}"
             backend = load_backend(spec, model_path, device, threads)
+            warm_up([backend], spec, model_dir)
             return ModelInstance(name, backend, spec.softmax_outputs)
 
         pool = InstancePool(
