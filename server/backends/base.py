@@ -111,9 +111,9 @@ def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -
         from .text import TokenizingBackend
 
         backend = TokenizingBackend(backend, spec, model_path.parent, stages)
-    warm_up = getattr(backend, "warm_up", None)
-    if callable(warm_up):
-        warm_up()  # e.g. capture CUDA graphs, with the stages above in place
+    prepare = getattr(backend, "prepare", None)
+    if callable(prepare):
+        prepare()  # e.g. capture CUDA graphs, with the stages above in place
     return backend
 
 

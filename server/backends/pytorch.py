@@ -117,7 +117,7 @@ class TorchScriptBackend:
         self._blocking_wait = not spec.cuda.busy_wait_events
         self._graphs: dict[int, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def warm_up(self) -> None:
+    def prepare(self) -> None:
         """Capture every CUDA graph bucket now, at load, not in some request's path.
         Called once the device stages are registered (the graphs hold what follows them)."""
         for bucket in self._buckets:
