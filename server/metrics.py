@@ -6,11 +6,14 @@ use ModelMetrics, whose label children are resolved once per model version.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .batching.slo import SloController
+from .scheduling.devices import GpuReading, gpu_readings
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -20,8 +23,13 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        gpus: Callable[[], list[GpuReading]] = gpu_readings,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self.registry.register(GpuCollector(gpus))
         labels = ("model", "version")
         r = self.registry
         self.request_success = Counter(
@@ -77,6 +85,40 @@ class Metrics:
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
+
+
+class GpuCollector(Collector):
+    """Per-GPU memory and utilisation, read at scrape time (never on a hot path),
+    labelled by GPU index as Triton's nv_gpu_* series are."""
+
+    def __init__(self, read: Callable[[], list[GpuReading]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # read only when scraped, not when registered
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["gpu", "name"]
+        used = GaugeMetricFamily(
+            "convoy_gpu_memory_used_bytes", "GPU memory in use, all processes", labels=labels
+        )
+        total = GaugeMetricFamily(
+            "convoy_gpu_memory_total_bytes", "GPU memory on the device", labels=labels
+        )
+        reserved = GaugeMetricFamily(
+            "convoy_gpu_memory_reserved_bytes", "GPU memory held by this server", labels=labels
+        )
+        busy = GaugeMetricFamily(
+            "convoy_gpu_utilization", "GPU busy fraction (NVML's last sample)", labels=labels
+        )
+        for gpu in self._read():
+            key = [str(gpu.index), gpu.name]
+            used.add_metric(key, gpu.used_bytes)
+            total.add_metric(key, gpu.total_bytes)
+            reserved.add_metric(key, gpu.reserved_bytes)
+            if gpu.utilization is not None:
+                busy.add_metric(key, gpu.utilization)
+        yield from (used, total, reserved, busy)
 
 
 class ModelMetrics:

@@ -97,6 +97,11 @@ def test_raw_images_and_softmax_classification_in_one_batch(
 
 def test_metrics_say_where_the_batches_ran(vision: tuple[ServerProcess, Vision]) -> None:
     server, _ = vision
+    client = grpcclient.InferenceServerClient(server.url)
+    tensor = grpcclient.InferInput("IMAGE", [1, 16, 16, 3], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, 16, 16, 3), np.uint8))
+    client.infer("vision", [tensor])
+    client.close()
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read()
     device = "cuda:0" if cuda_device_count() else "cpu"
     assert f'convoy_compute_seconds_count{{device="{device}",model="vision"' in body.decode()

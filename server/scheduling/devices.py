@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 from ..config import InstanceGroupSpec
 
@@ -17,6 +18,45 @@ def cuda_device_count() -> int:
     except ImportError:
         return 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU as this process sees it, read when metrics are scraped."""
+
+    index: int
+    name: str
+    used_bytes: int  # by every process on the device
+    total_bytes: int
+    reserved_bytes: int  # by this process's torch allocator
+    utilization: float | None  # 0..1 over NVML's last sample; None without NVML
+
+
+def gpu_readings() -> list[GpuReading]:
+    """The GPUs this process already computes on. Others are left alone: asking
+    them would create a CUDA context (hundreds of MB) on each."""
+    if cuda_device_count() == 0:
+        return []
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return []
+    readings = []
+    for index in range(torch.cuda.device_count()):
+        reserved = int(torch.cuda.memory_reserved(index))
+        if reserved == 0:
+            continue
+        free, total = torch.cuda.mem_get_info(index)
+        try:
+            utilization: float | None = torch.cuda.utilization(index) / 100
+        except Exception:  # NVML (nvidia-ml-py) absent or not answering
+            utilization = None
+        readings.append(
+            GpuReading(
+                index, torch.cuda.get_device_name(index), total - free, total, reserved, utilization
+            )
+        )
+    return readings
 
 
 def resolved_kind(group: InstanceGroupSpec) -> tuple[str, tuple[int, ...]]:
