@@ -9,7 +9,9 @@ model's FLOPs per image are counted with torch's FlopCounterMode and turned into
 achieved TFLOP/s, set against the dense fp16 peak given with --peak-tflops
 (H200: about 990 by the datasheet; ~790 bf16 measured on random data here).
 
-Then served against bare, at the same batch size: the CNN taking raw uint8
+First the model alone at a large batch with its input already on the GPU (the
+ceiling), then Convoy's backend at that batch (the copies' cost). Then served
+against bare, at the same batch size: the CNN taking raw uint8
 images (converted on the GPU by the pre-processing kernel), 4 GPU instances,
 once called directly on 4 threads and once through `convoy serve` driven by
 --procs client processes sending whole batches. The ratio is the server's cost.
@@ -47,8 +49,8 @@ def flops_per_image(model: torch.nn.Module) -> float:
     return float(counter.get_total_flops())
 
 
-def spec(graphs: str) -> object:
-    config = mc.ModelConfig(name="cnn", backend="pytorch", max_batch_size=64)
+def spec(graphs: str, batch: int = 64) -> object:
+    config = mc.ModelConfig(name="cnn", backend="pytorch", max_batch_size=batch)
     config.input.add(name="INPUT", data_type=mc.TYPE_FP32, dims=[3, 64, 64])
     config.output.add(name="LOGITS", data_type=mc.TYPE_FP32, dims=[1000])
     config.parameters["precision"].string_value = "fp16"
@@ -58,7 +60,10 @@ def spec(graphs: str) -> object:
 
 
 def images_per_s(path: Path, graphs: str, instances: int, seconds: float, batch: int) -> float:
-    backends = [TorchScriptBackend(path, "cuda:0", spec(graphs)) for _ in range(instances)]  # type: ignore[arg-type]
+    backends = [
+        TorchScriptBackend(path, "cuda:0", spec(graphs, batch))  # type: ignore[arg-type]
+        for _ in range(instances)
+    ]
     x = np.random.default_rng(0).random((batch, 3, 64, 64), dtype=np.float32)
     rate = drive(backends, {"INPUT": x}, seconds)
     for b in backends:
@@ -87,6 +92,30 @@ def drive(backends: list[Any], inputs: dict[str, np.ndarray], seconds: float) ->
     for t in threads:
         t.join()
     return sum(counts) / (time.perf_counter() - start)
+
+
+def device_resident(model: torch.nn.Module, batch: int, seconds: float) -> float:
+    """Images/s of the model alone: fp16, input already on the GPU, one CUDA graph
+    replayed. The ceiling that copies and serving are measured against."""
+    model = model.half().cuda()
+    x = torch.randn(batch, 3, 64, 64, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            model(x)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            model(x)
+        replays = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in range(10):
+                graph.replay()
+            replays += 10
+            stream.synchronize()
+        elapsed = time.perf_counter() - start
+    return replays * batch / elapsed
 
 
 SERVED_CONFIG = """
@@ -146,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=990.0)
     parser.add_argument("--procs", type=int, default=8, help="client processes (served)")
+    parser.add_argument(
+        "--large-batch", type=int, default=2048, help="batch for the compute-bound lines"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here")
@@ -155,14 +187,30 @@ def main(argv: list[str] | None = None) -> None:
         path = Path(tmp) / "model.pt"
         torch.jit.script(model).save(str(path))
         print(f"GPU: {torch.cuda.get_device_name(0)}; {flops / 1e9:.3f} GFLOP per image")
-        for graphs, instances in (("", 1), (str(args.batch), 1), ("", 4), (str(args.batch), 4)):
-            rate = images_per_s(path, graphs, instances, args.seconds, args.batch)
+
+        def report(what: str, rate: float) -> None:
             tflops = rate * flops / 1e12
             print(
-                f"fp16 batch {args.batch} graphs={'on ' if graphs else 'off'} "
-                f"instances={instances}: {rate:10.0f} images/s  {tflops:7.2f} TFLOP/s  "
+                f"{what:<52} {rate:10.0f} images/s  {tflops:7.2f} TFLOP/s  "
                 f"{100 * tflops / args.peak_tflops:5.1f}% of peak",
                 flush=True,
+            )
+
+        big = args.large_batch
+        report(
+            f"model alone, fp16, batch {big}, on-device input",
+            device_resident(cnn(), big, args.seconds),
+        )
+        report(
+            f"backend, fp16, batch {big}, graphs on, 1 instance",
+            images_per_s(path, str(big), 1, args.seconds, big),
+        )
+        for graphs, instances in (("", 1), (str(args.batch), 1), ("", 4), (str(args.batch), 4)):
+            rate = images_per_s(path, graphs, instances, args.seconds, args.batch)
+            report(
+                f"backend, fp16, batch {args.batch}, graphs {'on' if graphs else 'off'}, "
+                f"{instances} instance(s)",
+                rate,
             )
         served, bare, p99 = served_against_bare(path, args.seconds, args.batch, 4, args.procs)
         print(
