@@ -166,3 +166,42 @@ def test_cpu_takes_ordinary_batches_only_after_the_spill_bound() -> None:
             await asyncio.to_thread(pool.close)
 
     asyncio.run(body())
+
+
+class RankingGpuBackend(FakeBackend):
+    """A "GPU" backend that ranks on its device, and fails there with a CUDA error."""
+
+    def run_ranked(self, inputs, output_names, rankings):  # type: ignore[no-untyped-def]
+        from kernels.classify import topk_reference
+        from server.batching.request import Ranked
+
+        outputs = self.run(inputs, ("y",))
+        ranked = {
+            name: Ranked(*topk_reference(outputs[name], ask.k, ask.softmax))
+            for name, ask in rankings.items()
+        }
+        return {n: outputs[n] for n in output_names}, ranked
+
+
+def test_a_classification_batch_that_fails_on_the_gpu_is_ranked_on_the_cpu() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gpu_backend = RankingGpuBackend("cuda:0", 100.0)
+        gpu_backend.broken.set()  # its run_ranked raises "CUDA error: an illegal memory access"
+        pool = InstancePool(
+            [ModelInstance("gpu", gpu_backend), ModelInstance("cpu", FakeBackend("cpu", 1.0))],
+            backoff_s=5.0,
+        )
+        request = make_request(rows=2, shape=(4,), value=0.0, loop=loop)
+        request.inputs["x"] = np.array([[0, 3, 1, 2], [5, 4, 7, 6]], np.float32)
+        request.classification["y"] = 2
+        batch = Batch(requests=(request,), batched=True)
+        outcome = await pool.submit(batch)
+        assert outcome.device == "cpu" and pool.fallbacks == 1 and gpu_backend.calls == 1
+        (result,) = batch.split_outputs(outcome.outputs, outcome.ranked)
+        assert result.outputs == {}  # only the ranking was asked for
+        assert result.ranked["y"].indices.tolist() == [[1, 3], [2, 3]]
+        np.testing.assert_allclose(result.ranked["y"].values, [[4.0, 3.0], [8.0, 7.0]])
+        await asyncio.to_thread(pool.close)
+
+    asyncio.run(body())
