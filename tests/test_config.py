@@ -182,3 +182,18 @@ def test_cuda_options_are_checked(tmp_path: Path) -> None:
     tokenized = CUDA_CONFIG + 'parameters { key: "tokenizer" value { string_value: "t.json" } }'
     with pytest.raises(ConfigError, match="text varies in length"):
         graph_buckets(spec_of(tmp_path, tokenized + "optimization { cuda { graphs: true } }"))
+
+
+def test_the_gpu_example_in_the_docs_is_valid(tmp_path: Path) -> None:
+    from server.backends.pytorch import graph_buckets
+
+    docs = (Path(__file__).parent.parent / "docs/models.md").read_text()
+    text = docs.split('```\nname: "resnet_gpu"', 1)[1].split("```", 1)[0]
+    model = tmp_path / "resnet_gpu"
+    model.mkdir()
+    (model / "config.pbtxt").write_text('name: "resnet_gpu"' + text)
+    spec = validate_model_config(read_model_config(model), str(model), "resnet_gpu")
+    assert graph_buckets(spec) == (16, 64)
+    assert spec.softmax_outputs == frozenset({"LOGITS"}) and spec.cpu_spill_after_s == 0.05
+    assert [(g.kind, g.count) for g in spec.instance_groups] == [("KIND_GPU", 2), ("KIND_CPU", 1)]
+    assert spec.warmup[0].batch_size == 64
