@@ -74,10 +74,13 @@ class DeviceIdentity(Identity):
         return {n: outputs[n] for n in output_names}, {"y": Ranked(values, indices)}
 
 
-def instance_without_thread(backend: Any, softmax: frozenset[str] = frozenset()) -> ModelInstance:
-    instance = ModelInstance.__new__(ModelInstance)  # execute() only: no thread needed
-    instance.name, instance.backend, instance.softmax_outputs = "m", backend, softmax
-    return instance
+def execute(backend: Any, batch: Batch, softmax: frozenset[str] = frozenset()) -> Any:
+    """One batch through ModelInstance.execute, called here rather than on its thread."""
+    instance = ModelInstance("m", backend, softmax)
+    try:
+        return instance.execute(batch)
+    finally:
+        instance.close()
 
 
 def test_host_ranking_once_per_batch_with_the_largest_k() -> None:
@@ -89,7 +92,7 @@ def test_host_ranking_once_per_batch_with_the_largest_k() -> None:
     )
     assert batch.classification == {"y": 2} and batch.output_names == ("y",)
     backend = Identity()
-    outcome = instance_without_thread(backend, frozenset({"y"})).execute(batch)
+    outcome = execute(backend, batch, frozenset({"y"}))
     assert backend.asked == [("y",)]
     first, second = batch.split_outputs(outcome.outputs, outcome.ranked)
     assert first.outputs == {} and set(first.ranked) == {"y"}
@@ -106,7 +109,7 @@ def test_classification_only_batch_asks_the_runtime_for_the_ranked_output() -> N
     batch = Batch((request(loop, scores[:1], {"y": 1}), request(loop, scores[1:], {"y": 3})), True)
     assert batch.output_names == () and batch.classification == {"y": 3}
     backend = Identity()
-    outcome = instance_without_thread(backend).execute(batch)
+    outcome = execute(backend, batch)
     assert backend.asked == [("y",)] and outcome.outputs == {}
     first, second = batch.split_outputs(outcome.outputs, outcome.ranked)
     assert first.ranked["y"].indices.tolist() == [[3, 2, 1]]
@@ -122,13 +125,13 @@ def test_gpu_backend_gathers_into_staging_and_ranks_on_device() -> None:
     rng = np.random.default_rng(1)
     parts = [rng.standard_normal((n, 6)).astype(np.float32) for n in (1, 3)]
     batch = Batch((request(loop, parts[0], {"y": 2}), request(loop, parts[1], {"y": 1})), True)
-    outcome = instance_without_thread(backend, frozenset({"y"})).execute(batch)
+    outcome = execute(backend, batch, frozenset({"y"}))
     assert backend.rankings == [{"y": Ranking(k=2, softmax=True, per_row=True)}]
     assert backend.asked == [()]  # nothing wanted in full: only the ranking comes back
     _, second = batch.split_outputs(outcome.outputs, outcome.ranked)
     np.testing.assert_array_equal(second.ranked["y"].indices, topk_reference(parts[1], 2)[1])
     single = Batch((request(loop, parts[1], {}),), True)  # one request is staged too
-    out = instance_without_thread(backend).execute(single).outputs["y"]
+    out = execute(backend, single).outputs["y"]
     np.testing.assert_array_equal(out, parts[1])
     loop.close()
 
@@ -154,7 +157,7 @@ def test_a_model_without_batch_dimension_ranks_its_whole_output() -> None:
     scores = np.array([[0.1, 0.9], [0.5, 0.2]], np.float32)  # one item, ranked as a whole
     asked = request(loop, scores, {"y": 3})
     batch = Batch((asked,), batched=False)
-    outcome = instance_without_thread(Identity()).execute(batch)
+    outcome = execute(Identity(), batch)
     (result,) = batch.split_outputs(outcome.outputs, outcome.ranked)
     assert result.ranked["y"].indices.tolist() == [[1, 2, 3]]
     spec = ModelSpec(
