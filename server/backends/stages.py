@@ -46,8 +46,8 @@ class DeviceStages:
 def device_stages(backend: object) -> DeviceStages | None:
     """The stages of a backend that keeps its tensors on a GPU; None for any other."""
     stages = getattr(backend, "stages", None)
-    device = str(getattr(backend, "device", "cpu"))
-    return stages if isinstance(stages, DeviceStages) and device.startswith("cuda") else None
+    on_gpu = isinstance(stages, DeviceStages) and stages.device.startswith("cuda")
+    return stages if on_gpu else None
 
 
 def working_kernel(
