@@ -145,6 +145,9 @@ def test_staging_buffers_grow_and_are_reused() -> None:
     big = staging.view("x", (4096, 3), np.dtype(np.float32))
     assert big.shape == (4096, 3) and not np.shares_memory(big, small)
     assert not staging.holds(np.zeros(3, np.float32))
+    staged = staging.view("x", (2, 3), np.dtype(np.float32))
+    staged[:] = np.arange(6).reshape(2, 3)
+    np.testing.assert_array_equal(staging.upload(staged, "cpu").numpy(), staged)
 
 
 def test_a_model_without_batch_dimension_ranks_its_whole_output() -> None:

@@ -168,12 +168,6 @@ class TorchScriptBackend:
             )
         return dict(zip(self._output_names, tensors, strict=True))
 
-    def _upload(self, array: Array) -> torch.Tensor:
-        host = torch.from_numpy(np.ascontiguousarray(array))
-        if not self._staging.holds(array):
-            host = host.pin_memory()  # from torch's caching host allocator
-        return host.to(self._torch_device, non_blocking=True)
-
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._dtype is not None and tensor.is_floating_point():
             return tensor.to(self._dtype)
@@ -192,7 +186,10 @@ class TorchScriptBackend:
             torch.cuda.device(self._torch_device),
             torch.cuda.stream(self._stream),
         ):
-            feed = self.stages.apply_inputs({n: self._upload(inputs[n]) for n in self.input_names})
+            uploaded = {
+                n: self._staging.upload(inputs[n], self._torch_device) for n in self.input_names
+            }
+            feed = self.stages.apply_inputs(uploaded)
             args = [self._cast(feed[n]) for n in self.input_names]
             rows = int(args[0].shape[0]) if args[0].dim() else 1
             bucket = next((b for b in self._buckets if b >= rows), None)

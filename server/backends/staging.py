@@ -53,6 +53,17 @@ class StagingBuffers:
         """Whether `array` lies in one of these buffers (then it is already staged)."""
         return any(np.may_share_memory(array, b.numpy()) for b in self._buffers.values())
 
+    def upload(self, array: Array, device: Any) -> Any:
+        """Enqueue the copy of `array` to `device` on the current stream, without
+        blocking: straight from a staging buffer, else through pinned memory from
+        torch's caching host allocator."""
+        import torch
+
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if not self.holds(array):
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
     def clear(self) -> None:
         self._buffers.clear()
 

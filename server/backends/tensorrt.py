@@ -260,12 +260,9 @@ class TensorRTBackend:
     ) -> tuple[dict[str, Array], dict[str, Ranked]]:
         stream = self._stream
         with torch.cuda.device(self._torch_device), torch.cuda.stream(stream):
-            uploaded = {}
-            for name in self._inputs:
-                host = torch.from_numpy(np.ascontiguousarray(inputs[name]))
-                if not self._staging.holds(inputs[name]):
-                    host = host.pin_memory()
-                uploaded[name] = host.to(self._torch_device, non_blocking=True)
+            uploaded = {
+                n: self._staging.upload(inputs[n], self._torch_device) for n in self._inputs
+            }
             feed = self.stages.apply_inputs(uploaded)
             for name in self._inputs:
                 view = self._bound(name, tuple(feed[name].shape))
