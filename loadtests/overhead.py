@@ -59,7 +59,7 @@ async def overhead_us(requests: int, concurrency: int, max_batch: int = 64) -> t
         while done < requests:
             done += 1
             request = InferRequest(
-                id="", inputs={"x": data}, outputs=("y",), rows=1, shape_key=((16,),),
+                id="", inputs={"x": data}, outputs=("y",), rows=1, shape_key=(("x", (16,)),),
                 future=loop.create_future(),
             )  # fmt: skip
             queue.submit(request)

@@ -82,6 +82,10 @@ class Metrics:
         self.model_ready = Gauge(
             "convoy_model_ready", "1 while the model version serves", labels, registry=r
         )
+        # (model, version) -> the ModelMetrics whose model currently serves those labels.
+        # A reload builds the new version before closing the old one, and both share
+        # the label children: only the current owner may switch them off.
+        self._owners: dict[tuple[str, str], ModelMetrics] = {}
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
@@ -134,10 +138,23 @@ class ModelMetrics:
         self.ready = metrics.model_ready.labels(model, version)
         self._compute: dict[str, Histogram] = {}
 
+    @property
+    def owns_labels(self) -> bool:
+        """True while this model version is the one its labels report on."""
+        return self._metrics._owners.get(self._labels) is self
+
     def watch(self, queue_depth: Callable[[], float], inflight: Callable[[], float]) -> None:
-        """Gauges read when scraped, so the hot path never touches them."""
+        """Take the labels over and point the gauges at this model version; they are
+        read when scraped, so the hot path never touches them."""
+        self._metrics._owners[self._labels] = self
         self._metrics.queue_depth.labels(*self._labels).set_function(queue_depth)
         self._metrics.inflight.labels(*self._labels).set_function(inflight)
+        self.ready.set(1)
+
+    def serving(self, ready: bool) -> None:
+        """convoy_model_ready for this version, if it still owns the labels."""
+        if self.owns_labels:
+            self.ready.set(1 if ready else 0)
 
     def watch_slo(self, slo: SloController) -> None:
         m = self._metrics
@@ -147,8 +164,12 @@ class ModelMetrics:
         m.slo_target.labels(*self._labels).set(slo.target_ns / 1e9)
 
     def release(self) -> None:
-        """Drop the gauges that point at an unloaded model."""
+        """Drop the gauges that point at an unloaded model, unless a reload has
+        already handed the labels to its successor."""
         m = self._metrics
+        if m._owners.get(self._labels) is not self:
+            return
+        del m._owners[self._labels]
         gauges = (m.queue_depth, m.inflight, m.slo_batch_limit, m.slo_queue_delay, m.slo_p99)
         for gauge in (*gauges, m.slo_target):
             try:

@@ -95,9 +95,17 @@ def wire_datatype(dtype: np.dtype[np.generic]) -> str:
 def deserialize_bytes(buf: bytes | memoryview, count: int, field: str) -> npt.NDArray[np.object_]:
     """Parse `count` length-prefixed elements; InvalidInput naming `field` if malformed."""
     view = memoryview(buf)
+    end = len(view)
+    # Every element carries a 4-byte length: a shape that asks for more elements than
+    # the bytes can hold is refused before anything is allocated (a 5-byte payload
+    # declaring 2^28 elements must not cost 2 GB of object pointers).
+    if count * _LEN.size > end:
+        raise InvalidInput(
+            f"{field}: shape asks for {count} BYTES elements but the data holds {end} bytes, "
+            f"too few for even their 4-byte lengths"
+        )
     out = np.empty(count, dtype=np.object_)
     offset = 0
-    end = len(view)
     for i in range(count):
         if offset + 4 > end:
             raise InvalidInput(

@@ -40,7 +40,7 @@ def make_request(
         inputs={"x": np.full((rows, *shape), value, dtype=np.float32)},
         outputs=("y",),
         rows=rows,
-        shape_key=(shape,),
+        shape_key=(("x", shape),),
         future=loop.create_future(),
         arrival_ns=arrival_ns,
         deadline_ns=deadline_ns,

@@ -22,7 +22,7 @@ def test_bytes_errors_name_the_field() -> None:
     with pytest.raises(InvalidInput, match=r"input 'T'.*claims 9 bytes"):
         deserialize_bytes(b"\x09\0\0\0abc", 1, "input 'T'")
     with pytest.raises(InvalidInput, match=r"input 'T'.*holds 1 elements.*asks for 2"):
-        deserialize_bytes(b"\x01\0\0\0a", 2, "input 'T'")
+        deserialize_bytes(b"\x01\0\0\0abcd", 2, "input 'T'")
     with pytest.raises(InvalidInput, match="left over"):
         deserialize_bytes(b"\x01\0\0\0ab", 1, "input 'T'")
 
@@ -33,3 +33,15 @@ def test_datatypes() -> None:
     assert wire_datatype(np.dtype(object)) == "BYTES"
     with pytest.raises(InvalidInput, match="BF16"):
         numpy_dtype("BF16")
+
+
+def test_declared_bytes_count_is_checked_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 2: 2^28 elements declared over 5 bytes: refused, nothing allocated."""
+    import server.tensors as tensors
+
+    def no_allocation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("allocated before checking the payload")
+
+    monkeypatch.setattr(tensors.np, "empty", no_allocation)
+    with pytest.raises(InvalidInput, match=r"input 'T'.*268435455 BYTES elements.*5 bytes"):
+        deserialize_bytes(b"\x01\0\0\0a", 268_435_455, "input 'T'")

@@ -47,7 +47,8 @@ class InferRequest:
     inputs: dict[str, Array]  # batch dimension first when the model batches
     outputs: tuple[str, ...]  # output names the client wants
     rows: int  # this request's batch size (1 for models that do not batch)
-    shape_key: tuple[tuple[int, ...], ...]  # per-input shapes past the batch dim
+    # (input name, shape past the batch dim) in the config's input order
+    shape_key: tuple[tuple[str, tuple[int, ...]], ...]
     future: asyncio.Future[InferResult]
     arrival_ns: int = 0
     deadline_ns: int | None = None  # monotonic; None: no deadline
@@ -55,6 +56,7 @@ class InferRequest:
     queue_level: int = field(default=0, repr=False)  # set by the queue
     dispatch_ns: int = field(default=0, repr=False)  # set when its batch leaves the queue
     classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
+    settled: bool = field(default=False, repr=False)  # answered and counted (by the queue)
 
     @property
     def abandoned(self) -> bool:

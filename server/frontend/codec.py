@@ -41,8 +41,9 @@ def decode_request(
             f"raw_input_contents has {len(raw)} entries but the request has "
             f"{len(request.inputs)} inputs; send one entry per input"
         )
+    tokenized = "tokenizer" in spec.parameters
     inputs: dict[str, Array] = {}
-    item_shapes: list[tuple[int, ...]] = []
+    item_shapes: dict[str, tuple[int, ...]] = {}
     rows: int | None = None
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
@@ -96,8 +97,10 @@ def decode_request(
             array = _from_raw(raw[index], tensor.datatype, shape, count, name, index)
         else:
             array = _from_contents(tensor, shape, count)
+        if tokenized and tensor.datatype == "BYTES":
+            _decode_text(array, name)
         inputs[name] = array
-        item_shapes.append(item)
+        item_shapes[name] = item
     missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
     if missing:
         raise InvalidInput(f"model '{spec.name}' expects input(s) {missing}, missing from request")
@@ -107,13 +110,37 @@ def decode_request(
         inputs=inputs,
         outputs=outputs,
         rows=rows if rows is not None else 1,
-        shape_key=tuple(item_shapes),
+        shape_key=_shape_key(spec, item_shapes),
         future=loop.create_future(),
         arrival_ns=now_ns,
         deadline_ns=_deadline(request.parameters, now_ns, time_remaining_s),
         priority=_priority(request.parameters, spec),
         classification=classification,
     )
+
+
+def _shape_key(
+    spec: ModelSpec, item_shapes: dict[str, tuple[int, ...]]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Names and per-item shapes in the config's input order: requests batch together
+    only if they send the same inputs with the same shapes, whatever order they list
+    them in and whichever optional inputs they leave out."""
+    return tuple((t.name, item_shapes[t.name]) for t in spec.inputs if t.name in item_shapes)
+
+
+def _decode_text(array: Array, name: str) -> None:
+    """Text for a tokenizer is decoded here, per request, so one request's bad bytes
+    are its own INVALID_ARGUMENT and never fail the batch it would have joined."""
+    flat = array.reshape(-1)
+    for i, item in enumerate(flat):
+        if isinstance(item, bytes):
+            try:
+                flat[i] = item.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"input '{name}': element {i} is not UTF-8 text ({exc.reason} at byte "
+                    f"{exc.start})"
+                ) from None
 
 
 def _from_raw(
