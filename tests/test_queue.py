@@ -298,3 +298,107 @@ def test_slo_limits_shape_batches() -> None:
         await queue.close(drain=True)
 
     run(body)
+
+
+def test_deadline_in_a_busy_queue_is_answered_on_time() -> None:
+    """Issue 10 item 8: the instance stays busy, no batch forms, yet the expired
+    request is answered at its deadline rather than when a batch would have formed."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, observer = make_queue(runner, BatchingConfig(), clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()  # the instance is busy, held by the gate
+        late = make_request(value=1, deadline_ns=clock.now + 1_000)
+        queue.submit(late)
+        clock.advance_us(5)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(late.future, 2)
+        assert ("1", "DeadlineExceeded") in observer.done
+        assert queue.depth == 0
+        runner.gate.set()  # type: ignore[union-attr]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_cancelled_requests_do_not_hold_queue_places() -> None:
+    """Issue 10 item 8: a full queue of callers that left is no reason to refuse."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        batching = BatchingConfig(default_queue_policy=QueuePolicy(max_queue_size=2))
+        queue, observer = make_queue(runner, batching, clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()
+        gone = [make_request(value=v) for v in (1, 2)]
+        for r in gone:
+            queue.submit(r)
+        for r in gone:
+            r.future.cancel()
+        kept = make_request(value=3)
+        queue.submit(kept)  # accepted: the two cancelled ones gave their places up
+        runner.gate.set()  # type: ignore[union-attr]
+        assert (await kept.future).outputs["y"][0, 0] == 4
+        assert sorted(e for i, e in observer.done if i in ("1", "2")) == [
+            "Cancelled",
+            "Cancelled",
+        ]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_cancelled_while_running_is_counted_as_cancelled() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, observer = make_queue(runner, BatchingConfig(), clock)
+        request = make_request(value=7)
+        queue.submit(request)
+        await settle()  # its batch is running
+        request.future.cancel()
+        runner.gate.set()  # type: ignore[union-attr]
+        await queue.close(drain=True)
+        assert observer.done == [("7", "Cancelled")]
+
+    run(body)
+
+
+def test_drain_is_bounded_and_answers_what_is_stuck() -> None:
+    """Issue 10 item 6: a batch that never finishes must not hang unload or SIGTERM."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, observer = make_queue(runner, BatchingConfig(), clock, max_batch=1)
+        stuck, waiting = make_request(value=0), make_request(value=1)
+        queue.submit(stuck)
+        await settle()
+        queue.submit(waiting)
+        await asyncio.wait_for(queue.close(drain=True, timeout_s=0.05), 5)
+        for r in (stuck, waiting):
+            with pytest.raises(Unavailable):
+                await r.future
+        runner.gate.set()  # type: ignore[union-attr]
+        await settle()  # the stuck batch ends late: nobody is answered or counted twice
+        assert sorted(observer.done) == [("0", "Unavailable"), ("1", "Unavailable")]
+
+    run(body)
+
+
+def test_stop_accepting_answers_the_queued_and_refuses_at_once() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, _ = make_queue(runner, BatchingConfig(), clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()
+        waiting = make_request(value=1)
+        queue.submit(waiting)
+        queue.stop_accepting(Unavailable("no instance of model 'm' is left"))
+        with pytest.raises(Unavailable, match="no instance"):
+            await waiting.future
+        with pytest.raises(Unavailable, match="no instance"):
+            queue.submit(make_request(value=2))
+        runner.gate.set()  # type: ignore[union-attr]
+        await queue.close(drain=True)
+
+    run(body)

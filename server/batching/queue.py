@@ -19,10 +19,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import BatchingConfig, QueuePolicy
-from ..errors import ConvoyError, DeadlineExceeded, InternalError, Overloaded, Unavailable
+from ..errors import (
+    Cancelled,
+    ConvoyError,
+    DeadlineExceeded,
+    InternalError,
+    Overloaded,
+    Unavailable,
+)
 from .batch import Batch
 from .policy import BatchLimits, plan_batch
-from .request import Array, InferRequest, Ranked
+from .request import Array, InferRequest, InferResult, Ranked
 from .slo import SloController
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,10 @@ class BatchOutcome:
 
 
 class BatchRunner(Protocol):
-    capacity: int  # batches that may run at once
+    @property
+    def capacity(self) -> int:
+        """Batches that may run at once now (read at every batch formed)."""
+        ...
 
     def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
         """Start the batch on a free instance; never called with none free."""
@@ -92,7 +102,11 @@ class ModelQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pump_pending = False
         self._timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Future[BatchOutcome]] = set()
+        # One timer for the earliest queued deadline, so an expired request is answered
+        # on time even while every instance is busy and no batch forms.
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at: int | None = None
+        self._running: dict[asyncio.Future[BatchOutcome], Batch] = {}
         self._idle: asyncio.Event | None = None
         # preserve_ordering: answers are released in dispatch order.
         self._ordered = self._batching.preserve_ordering and runner.capacity > 1
@@ -100,17 +114,23 @@ class ModelQueue:
         self._release_ticket = 0
         self._held: dict[int, Callable[[], None]] = {}
         self._closed = False
+        self._refusal: ConvoyError | None = None  # set by stop_accepting()
 
     # -- the frontend's side -------------------------------------------------
 
     def submit(self, request: InferRequest) -> None:
         """Queue an accepted request, or raise at once (Overloaded, Unavailable)."""
+        if self._refusal is not None:
+            raise self._refusal
         if self._closed or self._loop is None:
             raise Unavailable(f"model '{self.name}' is not accepting requests")
         level = self._level_of(request.priority)
         policy = self._batching.policy_for(level + 1)
-        queue = self._levels[level]
         limit = policy.max_queue_size or self._default_max_queue
+        if limit and len(self._levels[level]) >= limit:
+            # Callers that left and requests past their deadline must not hold places.
+            self._sweep(self._clock())
+        queue = self._levels[level]
         if limit and len(queue) >= limit:
             raise Overloaded(
                 f"model '{self.name}': queue for priority {level + 1} is full ({limit} requests)"
@@ -121,6 +141,19 @@ class ModelQueue:
         request.deadline_ns = self._deadline(request, policy)
         queue.append(request)
         self._depth += 1
+        if request.deadline_ns is not None:
+            self._arm_deadline(request.deadline_ns)
+        self._schedule_pump()
+
+    def stop_accepting(self, error: ConvoyError) -> None:
+        """Nothing can run this model any more: answer everything queued with `error`
+        and refuse new requests with it at once, instead of letting them wait."""
+        self._refusal = error
+        self._fail_pending(error)
+        self.wake()
+
+    def wake(self) -> None:
+        """The runner's capacity may have grown: form batches again."""
         self._schedule_pump()
 
     @property
@@ -173,19 +206,40 @@ class ModelQueue:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
 
-    async def close(self, drain: bool) -> None:
-        """Stop accepting; with drain, run what is queued; then await batches in flight."""
+    async def close(self, drain: bool, timeout_s: float | None = None) -> None:
+        """Stop accepting; with drain, run what is queued; then await batches in flight.
+
+        Bounded by timeout_s (the server's grace period): what has not finished by
+        then is answered UNAVAILABLE, so an unload or SIGTERM never hangs on a stuck
+        instance.
+        """
         self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         if drain and self._idle is not None:
-            while self._depth or self._busy:
-                self._idle.clear()
-                self._schedule_pump()
-                await self._idle.wait()
-        if self._timer is not None:
-            self._timer.cancel()
+            try:
+                await asyncio.wait_for(self._drained(), timeout_s)
+            except TimeoutError:
+                log.warning(
+                    "model '%s': drain passed %.1f s; failing the rest", self.name, timeout_s
+                )
+        for timer in (self._timer, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
         self._fail_pending(Unavailable(f"model '{self.name}' was unloaded before this ran"))
         if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            await asyncio.wait(list(self._running), timeout=left)
+        stuck = Unavailable(f"model '{self.name}' was unloaded while this batch was running")
+        for batch in list(self._running.values()):
+            self._fail_batch(batch, stuck)
+
+    async def _drained(self) -> None:
+        assert self._idle is not None
+        while self._depth or self._busy:
+            self._idle.clear()
+            self._schedule_pump()
+            await self._idle.wait()
 
     # -- batch formation -------------------------------------------------------
 
@@ -217,6 +271,26 @@ class ModelQueue:
         if self._idle is not None and not self._depth and not self._busy:
             self._idle.set()
 
+    def _arm_deadline(self, deadline_ns: int) -> None:
+        if self._loop is None or (
+            self._deadline_at is not None and self._deadline_at <= deadline_ns
+        ):
+            return
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_at = deadline_ns
+        delay = max(0.0, (deadline_ns - self._clock()) / 1e9)
+        self._deadline_timer = self._loop.call_later(delay, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        self._deadline_at = None
+        self._sweep(self._clock())
+        upcoming = [r.deadline_ns for r in self._pending() if r.deadline_ns is not None]
+        if upcoming:
+            self._arm_deadline(min(upcoming))
+        self._schedule_pump()
+
     def _sweep(self, now: int) -> None:
         """Drop requests whose caller left; answer or demote those past their deadline."""
         for level, queue in enumerate(self._levels):
@@ -227,6 +301,7 @@ class ModelQueue:
             for request in queue:
                 if request.abandoned:
                     changed = True
+                    self._settle(request, self._cancelled(), now)
                     continue
                 if request.deadline_ns is not None and now >= request.deadline_ns:
                     changed = True
@@ -235,7 +310,7 @@ class ModelQueue:
                         request.deadline_ns = None
                         self._levels[-1].append(request)
                         continue
-                    self._answer_error(
+                    self._settle(
                         request,
                         DeadlineExceeded(
                             f"model '{self.name}': request timed out in the queue "
@@ -272,11 +347,11 @@ class ModelQueue:
         ticket = self._next_ticket
         self._next_ticket += 1
         future = self._runner.submit(batch)
-        self._running.add(future)
+        self._running[future] = batch
         future.add_done_callback(lambda f: self._finished(batch, ticket, f))
 
     def _finished(self, batch: Batch, ticket: int, future: asyncio.Future[BatchOutcome]) -> None:
-        self._running.discard(future)
+        self._running.pop(future, None)
         self._busy -= 1
         answer = self._answer_batch(batch, future)
         if self._ordered:
@@ -312,9 +387,11 @@ class ModelQueue:
             self._observer.on_batch(batch, outcome, output_ns)
             slo_changed = False
             for request, result in zip(batch.requests, per_request, strict=True):
-                if not request.future.done():
-                    request.future.set_result(result)
-                self._observer.on_request_done(request, None, now)
+                if request.future.cancelled():
+                    # The caller left while its batch ran: a cancellation, not a success.
+                    self._settle(request, self._cancelled(), now)
+                    continue
+                self._settle(request, result, now)
                 if self.slo is not None:
                     slo_changed |= self.slo.observe(now - request.arrival_ns)
             if slo_changed:
@@ -325,16 +402,31 @@ class ModelQueue:
     def _fail_batch(self, batch: Batch, error: ConvoyError) -> None:
         now = self._clock()
         for request in batch.requests:
-            self._answer_error(request, error, now)
+            self._settle(request, error, now)
 
-    def _answer_error(self, request: InferRequest, error: ConvoyError, now: int) -> None:
-        if not request.future.done():
-            request.future.set_exception(error)
-        self._observer.on_request_done(request, error, now)
+    def _cancelled(self) -> Cancelled:
+        return Cancelled(f"model '{self.name}': the caller cancelled the request")
+
+    def _settle(self, request: InferRequest, answer: InferResult | ConvoyError, now: int) -> None:
+        """The one place a request is answered and counted: at most once each, however
+        many paths (drain timeout, late batch, cancellation) reach it."""
+        if request.settled:
+            return
+        request.settled = True
+        future = request.future
+        if isinstance(answer, ConvoyError):
+            if not future.done():
+                future.set_exception(answer)
+            self._observer.on_request_done(request, answer, now)
+        else:
+            if not future.done():
+                future.set_result(answer)
+            self._observer.on_request_done(request, None, now)
 
     def _fail_pending(self, error: ConvoyError) -> None:
         now = self._clock()
         for queue in self._levels:
             while queue:
-                self._answer_error(queue.popleft(), error, now)
+                request = queue.popleft()
+                self._settle(request, self._cancelled() if request.abandoned else error, now)
         self._depth = 0
