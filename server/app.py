@@ -34,7 +34,12 @@ class ConvoyServer:
     def __init__(self, config: ServerConfig, repository_root: Path) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.repository = ModelRepository(repository_root, self.metrics, limits=config.limits)
+        self.repository = ModelRepository(
+            repository_root,
+            self.metrics,
+            limits=config.limits,
+            drain_timeout_s=config.grace_period_s,
+        )
         self.servicer = InferenceServicer(self.repository, config.limits)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None

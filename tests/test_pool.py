@@ -14,6 +14,7 @@ import pytest
 from server.batching.batch import Batch
 from server.errors import Unavailable
 from server.scheduling.devices import is_device_fault
+from server.scheduling.health import DeviceHealth
 from server.scheduling.pool import InstancePool, ModelInstance
 
 from .fakes import make_request
@@ -27,17 +28,20 @@ class FakeBackend:
         self.offset = offset
         self.broken = threading.Event()
         self.calls = 0
+        self.closed = 0
+        # Recoverable by default: the breaker probes the device again after a back-off.
+        self.fault = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
     def run(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
     ) -> dict[str, np.ndarray]:
         self.calls += 1
         if self.broken.is_set():
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            raise RuntimeError(self.fault)
         return {"y": inputs["x"] + self.offset}
 
     def close(self) -> None:
-        pass
+        self.closed += 1
 
 
 class GatedBackend(FakeBackend):
@@ -187,7 +191,7 @@ def test_a_classification_batch_that_fails_on_the_gpu_is_ranked_on_the_cpu() -> 
     async def body() -> None:
         loop = asyncio.get_running_loop()
         gpu_backend = RankingGpuBackend("cuda:0", 100.0)
-        gpu_backend.broken.set()  # its run_ranked raises "CUDA error: an illegal memory access"
+        gpu_backend.broken.set()  # its run_ranked raises a CUDA error
         pool = InstancePool(
             [ModelInstance("gpu", gpu_backend), ModelInstance("cpu", FakeBackend("cpu", 1.0))],
             backoff_s=5.0,
@@ -202,6 +206,127 @@ def test_a_classification_batch_that_fails_on_the_gpu_is_ranked_on_the_cpu() -> 
         assert result.outputs == {}  # only the ranking was asked for
         assert result.ranked["y"].indices.tolist() == [[1, 3], [2, 3]]
         np.testing.assert_allclose(result.ranked["y"].values, [[4.0, 3.0], [8.0, 7.0]])
+        await asyncio.to_thread(pool.close)
+
+    asyncio.run(body())
+
+
+def test_capacity_counts_only_instances_that_take_ordinary_batches() -> None:
+    """Issue 10 item 9: a CPU fallback instance does not let the queue send a second
+    batch early to wait inside the pool, unseen by deadlines and the SLO controller."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gpu_backend = FakeBackend("cuda:0", 100.0)
+        gpu, cpu = ModelInstance("gpu", gpu_backend), ModelInstance("cpu", FakeBackend("cpu", 1))
+        pool = InstancePool([gpu, cpu], backoff_s=5.0)
+        assert pool.capacity == 1  # the GPU only: the CPU instance is its fallback
+        gpu_backend.broken.set()
+        assert (await pool.submit(batch_of(1.0, loop))).device == "cpu"
+        assert pool.capacity == 1  # the GPU is out of service: now the CPU serves
+        spilling = InstancePool(
+            [
+                ModelInstance("g", FakeBackend("cuda:1", 0)),
+                ModelInstance("c", FakeBackend("cpu", 0)),
+            ],
+            cpu_spill_after_s=0.05,
+        )
+        assert spilling.capacity == 2  # a spill bound makes the CPU take ordinary batches
+        cpu_only = InstancePool([ModelInstance(f"c{i}", FakeBackend("cpu", 0)) for i in range(3)])
+        assert cpu_only.capacity == 3
+        for p in (pool, spilling, cpu_only):
+            await asyncio.to_thread(p.close)
+
+    asyncio.run(body())
+
+
+def test_fatal_device_fault_fails_the_device_for_good() -> None:
+    """Issue 10 item 11: an illegal address poisons the CUDA context: no more probes,
+    every model's instances on that device stop, and a GPU-only model is lost."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        health = DeviceHealth()
+        gpu_backend = FakeBackend("cuda:0", 100.0)
+        gpu_backend.fault = "CUDA error: an illegal memory access was encountered"
+        gpu_backend.broken.set()
+        mixed = InstancePool(
+            [ModelInstance("gpu", gpu_backend), ModelInstance("cpu", FakeBackend("cpu", 1.0))],
+            backoff_s=0.01,
+            health=health,
+        )
+        other_backend = FakeBackend("cuda:0", 5.0)
+        other = InstancePool([ModelInstance("other", other_backend)], health=health)
+        lost: list[str] = []
+        other.on_lost = lambda error: lost.append(error.message)
+
+        assert (await mixed.submit(batch_of(1.0, loop))).device == "cpu"
+        assert health.is_failed("cuda:0") and "illegal memory access" in health.failed["cuda:0"]
+        gpu_backend.broken.clear()
+        await asyncio.sleep(0.05)  # long past the back-off: still no probe
+        assert (await mixed.submit(batch_of(2.0, loop))).device == "cpu"
+        assert gpu_backend.calls == 1 and mixed.capacity == 1
+
+        # The other model has only instances on the failed device: lost, refused at once.
+        assert lost and "cuda:0" in lost[0] and other.capacity == 0
+        with pytest.raises(Unavailable, match="devices failed"):
+            await other.submit(batch_of(3.0, loop))
+        assert other_backend.calls == 0
+        for p in (mixed, other):
+            await asyncio.to_thread(p.close)
+
+    asyncio.run(body())
+
+
+def test_a_retired_instance_closes_its_backend_when_its_call_returns() -> None:
+    """Issue 10 item 11: a timed-out instance must not keep its memory for ever."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gate = threading.Event()
+        stuck = GatedBackend("cpu", 0.0, gate)
+        pool = InstancePool([ModelInstance("stuck", stuck)], execution_timeout_s=0.05)
+        with pytest.raises(Unavailable, match="execution timeout"):
+            await pool.submit(batch_of(1.0, loop))
+        assert stuck.closed == 0  # still inside its call
+        gate.set()
+        for _ in range(100):
+            if stuck.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert stuck.closed == 1
+
+    asyncio.run(body())
+
+
+def test_last_instance_gone_and_no_replacement_fails_at_once() -> None:
+    """Issue 10 item 6: the last instance retires and its replacement fails to
+    build: the model is lost, and later batches are answered at once, not never."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gate = threading.Event()
+
+        def broken_factory(device: str) -> ModelInstance:
+            raise RuntimeError("cannot build a replacement")
+
+        pool = InstancePool(
+            [ModelInstance("stuck", GatedBackend("cpu", 0.0, gate))],
+            broken_factory,
+            execution_timeout_s=0.05,
+        )
+        lost: list[str] = []
+        pool.on_lost = lambda error: lost.append(error.message)
+        with pytest.raises(Unavailable, match="execution timeout"):
+            await pool.submit(batch_of(1.0, loop))
+        for _ in range(100):
+            if lost:
+                break
+            await asyncio.sleep(0.01)
+        assert lost and "no instance" in lost[0]
+        with pytest.raises(Unavailable, match="no instance"):
+            await asyncio.wait_for(pool.submit(batch_of(2.0, loop)), 1)
+        gate.set()
         await asyncio.to_thread(pool.close)
 
     asyncio.run(body())

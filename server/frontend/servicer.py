@@ -23,6 +23,9 @@ from .status import status_code
 
 log = logging.getLogger(__name__)
 
+# Requests of one ModelStreamInfer stream between read and written, at most.
+STREAM_WINDOW = 64
+
 EXTENSIONS = [
     "classification",
     "model_repository",
@@ -58,10 +61,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         try:
-            self._repo.get(request.name, request.version)
+            model = self._repo.get(request.name, request.version)
         except ConvoyError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.accepting)
+        return pb.ModelReadyResponse(ready=self.accepting and model.ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -188,9 +191,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests are served concurrently; answers stream back as each completes.
 
-        A failed request answers with error_message and the stream goes on.
+        A failed request answers with error_message and the stream goes on. At most
+        STREAM_WINDOW requests of a stream are between read and written: a client that
+        writes and never reads stops being read (gRPC flow control then holds it back)
+        instead of growing the server. A failure reading the stream ends it with that
+        error as its status, after the answers to what was read.
         """
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(STREAM_WINDOW)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None]
+        answers = asyncio.Queue()
         inflight: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
@@ -208,22 +218,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 answers.put_nowait(failed)
 
         async def read() -> None:
+            end: BaseException | None = None
             try:
                 async for request in request_iterator:
-                    task = asyncio.get_running_loop().create_task(answer(request))
+                    await slots.acquire()  # released when its answer has been written
+                    task = loop.create_task(answer(request))
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
-                if inflight:
-                    await asyncio.gather(*inflight)
-            finally:
-                answers.put_nowait(None)
+            except Exception as exc:
+                end = exc
+            if inflight:
+                await asyncio.gather(*inflight)
+            answers.put_nowait(end)
 
         # This handler owns the reader and every per-request task: on exit
         # (client gone, server stopping) it cancels whatever is still running.
-        reader = asyncio.get_running_loop().create_task(read())
+        reader = loop.create_task(read())
         try:
             while (item := await answers.get()) is not None:
+                if isinstance(item, BaseException):
+                    log.warning("request stream failed while reading: %r", item)
+                    error = item if isinstance(item, ConvoyError) else None
+                    code = status_code(error) if error else grpc.StatusCode.INTERNAL
+                    await context.abort(code, f"reading the request stream failed: {item!r}")
+                    return
                 yield item
+                slots.release()
         finally:
             reader.cancel()
             for task in list(inflight):

@@ -11,8 +11,10 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..backends import load_backend, probe_signature
 from ..backends.base import BackendSignature, default_threads
@@ -31,6 +33,7 @@ from ..errors import ConfigError, ConvoyError, InvalidInput, ModelNotFound, Mode
 from ..metrics import Metrics
 from ..pb import model_config_pb2 as mc
 from ..scheduling.devices import place_group, resolved_kind
+from ..scheduling.health import DeviceHealth
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
 from .model import ServedModel
@@ -71,12 +74,17 @@ class ModelRepository:
         metrics: Metrics,
         clock: Clock = time.monotonic_ns,
         limits: ServingLimits = DEFAULT_LIMITS,
+        drain_timeout_s: float | None = None,
+        health: DeviceHealth | None = None,
     ) -> None:
         self.root = root.resolve()
         self.limits = limits
+        self.health = health or DeviceHealth()
         self._metrics = metrics
         self._clock = clock
+        self._drain_timeout = drain_timeout_s  # the grace period bounds every drain
         self._models: dict[str, ModelEntry] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- queries (event loop, no awaits) -------------------------------------
 
@@ -144,7 +152,29 @@ class ModelRepository:
                 log.error("model '%s' failed to load: %s", name, exc.message)
 
     async def load(self, name: str) -> None:
-        """Load (or reload) a model; the old versions serve until the new ones are ready."""
+        """Load (or reload) a model; the old versions serve until the new ones are ready.
+
+        The load runs as a task the repository owns: a caller that leaves (deadline,
+        disconnect) stops waiting, not loading; nothing is left half-built.
+        """
+        await self._owned(self._load(name))
+
+    async def unload(self, name: str) -> None:
+        """Stop routing to the model, finish its queued requests, free its instances."""
+        await self._owned(self._unload(name))
+
+    async def _owned(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        await asyncio.shield(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that left was told nothing, the log was
+
+    async def _load(self, name: str) -> None:
         model_dir = self._model_dir(name)
         entry = self._models.setdefault(name, ModelEntry(name))
         async with entry.lock:
@@ -168,10 +198,9 @@ class ModelRepository:
             entry.state, entry.reason = READY, ""
             log.info("model '%s' ready, versions %s", name, sorted(new_versions))
             for served in old.values():
-                await served.close(drain=True)
+                await served.close(drain=True, timeout_s=self._drain_timeout)
 
-    async def unload(self, name: str) -> None:
-        """Stop routing to the model, finish its queued requests, free its instances."""
+    async def _unload(self, name: str) -> None:
         entry = self._models.get(name)
         if entry is None:
             self._model_dir(name)  # NOT_FOUND vs. merely not loaded
@@ -180,11 +209,13 @@ class ModelRepository:
             old, entry.versions = entry.versions, {}
             entry.state, entry.reason = UNLOADING, ""
             for served in old.values():
-                await served.close(drain=True)
+                await served.close(drain=True, timeout_s=self._drain_timeout)
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
             log.info("model '%s' unloaded", name)
 
     async def close(self) -> None:
+        if self._tasks:  # loads and unloads in progress finish first
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for name in list(self._models):
             await self.unload(name)
 
@@ -260,6 +291,7 @@ class ModelRepository:
             replacement,
             spec.execution_timeout_s,
             cpu_spill_after_s=spec.cpu_spill_after_s,
+            health=self.health,
         )
         served = ServedModel(spec, version, config, pool, metrics, self._clock, self.limits)
         served.labels = _read_labels(spec, model_dir)

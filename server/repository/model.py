@@ -36,6 +36,7 @@ class ServedModel:
         self.stats = ModelStatistics(name=spec.name, version=str(version))
         self._clock = clock
         self.inflight = 0
+        self.ready = True  # false once nothing can serve it (lost instances or devices)
         self.labels: dict[str, list[str]] = {}  # output -> class labels (label_filename)
         self.queue = ModelQueue(
             name=f"{spec.name}:{version}",
@@ -54,15 +55,25 @@ class ServedModel:
 
     def start(self) -> None:
         self.queue.start()
+        self.pool.on_change = self.queue.wake
+        self.pool.on_lost = self._lost
         self.metrics.watch(lambda: self.queue.depth, lambda: self.inflight)
         if self.queue.slo is not None:
             self.metrics.watch_slo(self.queue.slo)
-        self.metrics.ready.set(1)
 
-    async def close(self, drain: bool) -> None:
-        self.metrics.ready.set(0)
-        await self.queue.close(drain)
-        await asyncio.to_thread(self.pool.close)
+    def _lost(self, error: ConvoyError) -> None:
+        """Nothing can run this version any more: fail fast instead of queueing."""
+        self.ready = False
+        self.metrics.serving(False)
+        self.queue.stop_accepting(error)
+
+    async def close(self, drain: bool, timeout_s: float | None = None) -> None:
+        """Stop serving; bounded by timeout_s (the grace period) for the queue's drain
+        and again for the instances' threads to stop."""
+        self.ready = False
+        self.metrics.serving(False)
+        await self.queue.close(drain, timeout_s)
+        await asyncio.to_thread(self.pool.close, timeout_s)
         self.metrics.release()
 
     async def infer(self, request: InferRequest) -> InferResult:

@@ -22,8 +22,9 @@ from ..backends.ranking import rank_on_host
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome
 from ..batching.request import Ranked, Ranking
-from ..errors import Unavailable
-from .devices import is_device_fault
+from ..errors import ConvoyError, Unavailable
+from .devices import is_device_fault, is_fatal_device_fault
+from .health import DeviceHealth
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +106,29 @@ class ModelInstance:
                 loop.call_soon_threadsafe(_fail, future, exc)
             else:
                 loop.call_soon_threadsafe(_succeed, future, outcome)
+        # The thread that ran the backend releases it, also when the instance was
+        # retired mid-batch: its memory (GPU memory too) is freed once the call returns.
+        try:
+            self.backend.close()
+        except Exception:
+            log.exception("instance %s: closing its backend failed", self.name)
 
     def retire(self) -> None:
-        """Abandon a stuck instance: its thread exits if its call ever returns."""
+        """Abandon a stuck instance: its thread exits, closing the backend, if its
+        call ever returns."""
         self.retired = True
         self._inbox.put(_STOP)
 
-    def close(self) -> None:
-        """Blocking: finish the batch in hand, stop the thread, release the backend."""
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Blocking: finish the batch in hand, stop the thread, release the backend.
+        False if the thread is still in a call after timeout_s: it is abandoned and
+        releases the backend when (if) the call returns."""
         self._inbox.put(_STOP)
-        self._thread.join()
-        self.backend.close()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("instance %s still running after %.1f s; abandoned", self.name, timeout_s)
+            return False
+        return True
 
 
 def _succeed(future: asyncio.Future[BatchOutcome], outcome: BatchOutcome) -> None:
@@ -157,6 +170,13 @@ class Breaker:
 class InstancePool:
     """Hands batches to free instances, GPU instances first.
 
+    capacity is what the model's queue may dispatch at once: the instances that
+    take ordinary batches now (healthy GPU instances; CPU ones only where they are
+    not merely the GPUs' fallback), so batches wait in the queue, visible to
+    deadlines and the SLO controller, not inside the pool. on_change tells the
+    queue when capacity grows; on_lost when nothing can serve the model any more
+    (no instance left, or only instances on failed devices).
+
     Device faults: a GPU instance whose batch fails with a device error (CUDA
     error, GPU out of memory) is taken out of service behind a circuit breaker
     and its batch is retried once on a CPU instance; after a back-off (doubling
@@ -174,12 +194,17 @@ class InstancePool:
         backoff_s: float = 1.0,
         backoff_cap_s: float = 60.0,
         cpu_spill_after_s: float | None = None,
+        health: DeviceHealth | None = None,
     ) -> None:
         if not instances:
             raise ValueError("an InstancePool needs at least one instance")
         self.instances = list(instances)
-        self.capacity = len(instances)
         self.replaced = 0
+        self.on_change: Callable[[], None] | None = None
+        self.on_lost: Callable[[ConvoyError], None] | None = None
+        self.lost: ConvoyError | None = None
+        self._health = health or DeviceHealth()
+        self._health.subscribe(self._device_failed)
         self._free: list[ModelInstance] = list(instances)
         self._waiting: deque[tuple[Batch, asyncio.Future[BatchOutcome], float]] = deque()
         self._factory = factory
@@ -194,11 +219,28 @@ class InstancePool:
         self._spill_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
+    @property
+    def capacity(self) -> int:
+        if not any(i.on_gpu for i in self.instances):
+            return len(self.instances)
+        now = time.monotonic()
+        healthy = sum(1 for i in self.instances if i.on_gpu and self._gpu_usable(i, now))
+        cpus = sum(1 for i in self.instances if not i.on_gpu)
+        if healthy == 0 or self._spill_after is not None:
+            return healthy + cpus
+        return healthy
+
     def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
         outer: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+        if self.lost is not None:
+            outer.set_exception(self.lost)
+            return outer
         self._waiting.append((batch, outer, time.monotonic()))
         self._pump()
         return outer
+
+    def _gpu_usable(self, instance: ModelInstance, now: float) -> bool:
+        return not self._health.is_failed(instance.device) and self.breaker(instance).allows(now)
 
     def breaker(self, instance: ModelInstance) -> Breaker:
         breaker = self._breakers.get(id(instance))
@@ -211,7 +253,7 @@ class InstancePool:
         chosen: ModelInstance | None = None
         for instance in self._free:
             if instance.on_gpu:
-                if gpu and self.breaker(instance).allows(now):
+                if gpu and self._gpu_usable(instance, now):
                     chosen = instance
                     break
             elif cpu and chosen is None:
@@ -225,7 +267,7 @@ class InstancePool:
         ordinary batches only while no GPU instance is healthy, or once a batch has
         waited longer than the spill bound (parameter cpu_spill_after_ms)."""
         gpus = [i for i in self.instances if i.on_gpu]
-        if not gpus or not any(self.breaker(i).allows(now) for i in gpus):
+        if not gpus or not any(self._gpu_usable(i, now) for i in gpus):
             return True
         return self._spill_after is not None and now - enqueued >= self._spill_after
 
@@ -261,6 +303,40 @@ class InstancePool:
     def _spill(self) -> None:
         self._spill_timer = None
         self._pump()
+
+    def _capacity_changed(self) -> None:
+        self._pump()
+        if self.on_change is not None:
+            self.on_change()
+
+    def _device_failed(self) -> None:
+        """Some device failed for good (maybe in another model): lose the pool if
+        nothing it has can serve any more."""
+        self._check_alive()
+        self._capacity_changed()
+
+    def _check_alive(self) -> None:
+        if self.lost is not None or self._closed or self._replacements:
+            return
+        if any(not self._health.is_failed(i.device) for i in self.instances):
+            return
+        if self.instances:
+            devices = sorted({i.device for i in self.instances})
+            reason = f"its devices failed ({', '.join(devices)})"
+        else:
+            reason = "no instance of the model is left"
+        self.lost = Unavailable(f"model cannot be served: {reason}")
+        log.error("instance pool lost: %s", reason)
+        for _, outer, _ in self._waiting:
+            if not outer.done():
+                outer.set_exception(self.lost)
+        self._waiting.clear()
+        for _, outer in self._fallback:
+            if not outer.done():
+                outer.set_exception(self.lost)
+        self._fallback.clear()
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
 
     def _start(
         self, instance: ModelInstance, batch: Batch, outer: asyncio.Future[BatchOutcome]
@@ -306,15 +382,18 @@ class InstancePool:
         batch: Batch,
         outer: asyncio.Future[BatchOutcome],
     ) -> None:
-        backoff = self.breaker(instance).trip(time.monotonic())
-        log.error(
-            "instance %s on %s: device fault (%s); out of service for %.1f s",
-            instance.name,
-            instance.device,
-            error,
-            backoff,
-        )
-        asyncio.get_running_loop().call_later(backoff, self._pump)
+        if is_fatal_device_fault(error):
+            self._health.mark_failed(instance.device, str(error))
+        else:
+            backoff = self.breaker(instance).trip(time.monotonic())
+            log.error(
+                "instance %s on %s: device fault (%s); out of service for %.1f s",
+                instance.name,
+                instance.device,
+                error,
+                backoff,
+            )
+            asyncio.get_running_loop().call_later(backoff, self._capacity_changed)
         if outer.done():
             return
         if any(not i.on_gpu for i in self.instances):
@@ -352,16 +431,15 @@ class InstancePool:
             building = loop.run_in_executor(None, self._factory, instance.device)
             self._replacements.add(building)
             building.add_done_callback(self._replaced)
+        else:
+            self._check_alive()
 
     def _replaced(self, building: asyncio.Future[ModelInstance]) -> None:
         self._replacements.discard(building)
         if building.cancelled() or building.exception() is not None:
-            log.error("building a replacement instance failed: %r", building.exception())
-            if not self.instances:  # nothing left to run the waiting batches
-                while self._waiting:
-                    _, outer, _ = self._waiting.popleft()
-                    if not outer.done():
-                        outer.set_exception(Unavailable("no instance of the model is left"))
+            error = None if building.cancelled() else building.exception()
+            log.error("building a replacement instance failed: %r", error)
+            self._check_alive()
             return
         instance = building.result()
         if self._closed:
@@ -371,10 +449,12 @@ class InstancePool:
         self.instances.append(instance)
         log.info("replacement instance %s is serving", instance.name)
         self._free.append(instance)
-        self._pump()
+        self._capacity_changed()
 
-    def close(self) -> None:
-        """Blocking: waits for each live instance's thread; call it off the event loop."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Blocking: waits for each live instance's thread (each at most timeout_s);
+        call it off the event loop."""
         self._closed = True
+        self._health.unsubscribe(self._device_failed)
         for instance in self.instances:
-            instance.close()
+            instance.close(timeout_s)
