@@ -26,7 +26,7 @@ def request(
         inputs={"x": scores},
         outputs=("y",),
         rows=scores.shape[0],
-        shape_key=(scores.shape[1:],),
+        shape_key=(("x", scores.shape[1:]),),
         future=loop.create_future(),
         classification=classification,
     )
@@ -172,3 +172,24 @@ def test_a_model_without_batch_dimension_ranks_its_whole_output() -> None:
     reply = encode_response(pb.ModelInferRequest(), spec, 1, asked, result)
     assert list(reply.outputs[0].shape) == [3] and reply.outputs[0].datatype == "BYTES"
     loop.close()
+
+
+def test_classification_strings_are_formatted_on_the_instance() -> None:
+    """Issue 10 item 10: the "value:index:label" strings are made once per batch on the
+    instance's thread; the event loop only slices them per request."""
+    loop = asyncio.new_event_loop()
+    scores = np.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]], np.float32)
+    batch = Batch((request(loop, scores, {"y": 2}),), batched=True)
+    instance = ModelInstance("m", Identity(), labels={"y": ["cat", "dog", "eel"]})
+    try:
+        outcome = instance.execute(batch)
+    finally:
+        instance.close()
+    text = outcome.ranked["y"].text
+    assert text is not None
+    assert text.tolist() == [
+        [b"0.900000:1:dog", b"0.500000:2:eel"],
+        [b"0.700000:0:cat", b"0.300000:2:eel"],
+    ]
+    (result,) = batch.split_outputs(outcome.outputs, outcome.ranked)
+    assert result.ranked["y"].text is not None and result.ranked["y"].text.shape == (2, 2)

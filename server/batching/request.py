@@ -24,13 +24,16 @@ class Ranking:
 @dataclass(frozen=True)
 class Ranked:
     """The top values of one output, highest first: values float32 and indices int64,
-    both [rows, k]."""
+    both [rows, k]; text, where the instance has formatted them, the BYTES answer of
+    Triton's classification extension ("value:index[:label]", [rows, k])."""
 
     values: Array
     indices: Array
+    text: Array | None = None
 
     def rows(self, start: int, end: int) -> Ranked:
-        return Ranked(self.values[start:end], self.indices[start:end])
+        text = None if self.text is None else self.text[start:end]
+        return Ranked(self.values[start:end], self.indices[start:end], text)
 
 
 @dataclass(frozen=True)

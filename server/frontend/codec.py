@@ -271,12 +271,17 @@ def encode_response(
             datatype = spec.output(name).datatype  # type: ignore[union-attr]
         else:
             # Triton's classification extension: top-k "value:index[:label]" strings,
-            # ranked on the instance; only the formatting is left for here.
+            # ranked and formatted on the instance; only slicing is left for here.
             ranked = result.ranked[name]
-            values, indices = ranked.values[:, :k], ranked.indices[:, :k]
-            if not spec.batched:
-                values, indices = values[0], indices[0]
-            value = format_classes(values, indices, (labels or {}).get(name))
+            if ranked.text is not None:
+                value = ranked.text[:, :k]
+                if not spec.batched:
+                    value = value[0]
+            else:
+                values, indices = ranked.values[:, :k], ranked.indices[:, :k]
+                if not spec.batched:
+                    values, indices = values[0], indices[0]
+                value = format_classes(values, indices, (labels or {}).get(name))
             datatype = "BYTES"
         response.outputs.add(name=name, datatype=datatype, shape=value.shape)
         if datatype == "BYTES":

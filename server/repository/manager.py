@@ -266,12 +266,13 @@ class ModelRepository:
         model_path = model_dir / str(version) / spec.default_model_filename
         devices = [d for g in spec.instance_groups for d in place_group(spec.name, g)]
         threads = default_threads(len(devices))
+        labels = _read_labels(spec, model_dir)
         instances: list[ModelInstance] = []
         try:
             for index, device in enumerate(devices):
                 backend = load_backend(spec, model_path, device, threads)
                 name = f"{spec.name}-v{version}-{index}"
-                instances.append(ModelInstance(name, backend, spec.softmax_outputs))
+                instances.append(ModelInstance(name, backend, spec.softmax_outputs, labels))
             warm_up([i.backend for i in instances], spec, model_dir)
         except BaseException:
             for instance in instances:
@@ -284,7 +285,7 @@ class ModelRepository:
             name = f"{spec.name}-v{version}-r{next(replacements)}"
             backend = load_backend(spec, model_path, device, threads)
             warm_up([backend], spec, model_dir)
-            return ModelInstance(name, backend, spec.softmax_outputs)
+            return ModelInstance(name, backend, spec.softmax_outputs, labels)
 
         pool = InstancePool(
             instances,
@@ -294,7 +295,7 @@ class ModelRepository:
             health=self.health,
         )
         served = ServedModel(spec, version, config, pool, metrics, self._clock, self.limits)
-        served.labels = _read_labels(spec, model_dir)
+        served.labels = labels
         return served
 
 

@@ -13,8 +13,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from kernels.classify import format_classes
 
 from ..backends import Backend
 from ..backends.base import RanksOnDevice, StagesInputs
@@ -40,11 +42,16 @@ class ModelInstance:
     """
 
     def __init__(
-        self, name: str, backend: Backend, softmax_outputs: frozenset[str] = frozenset()
+        self,
+        name: str,
+        backend: Backend,
+        softmax_outputs: frozenset[str] = frozenset(),
+        labels: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.name = name
         self.backend = backend
         self.softmax_outputs = softmax_outputs  # classification by probability, not score
+        self.labels = labels or {}  # output -> class labels (label_filename)
         # Resolved once: a runtime-checkable isinstance costs ~15 µs, too much per batch.
         self._buffers = backend.input_buffer if isinstance(backend, StagesInputs) else None
         self._ranker = backend if isinstance(backend, RanksOnDevice) and self.on_gpu else None
@@ -88,6 +95,14 @@ class ModelInstance:
             outputs = self.backend.run(inputs, (*full, *(n for n in rankings if n not in full)))
             ranked = rank_on_host(outputs, rankings)
             outputs = {n: outputs[n] for n in full}
+        if ranked:
+            # Formatted here, once per batch, so the event loop only slices strings.
+            ranked = {
+                name: Ranked(
+                    r.values, r.indices, format_classes(r.values, r.indices, self.labels.get(name))
+                )
+                for name, r in ranked.items()
+            }
         done = time.monotonic_ns()
         return BatchOutcome(
             outputs=outputs,
