@@ -17,7 +17,7 @@ from .config import ServerConfig
 from .errors import ConfigError
 from .frontend.auth import AccessInterceptor, AccessPolicy, load_tokens
 from .frontend.servicer import InferenceServicer
-from .metrics import Metrics
+from .metrics import Metrics, PoolReading
 from .pb import grpc_service_pb2 as pb
 from .pb import grpc_service_pb2_grpc as pb_grpc
 from .pb._pool import POOL
@@ -40,6 +40,7 @@ class ConvoyServer:
             limits=config.limits,
             drain_timeout_s=config.grace_period_s,
         )
+        self.metrics.watch_serving(self._pool_readings, lambda: self.repository.health.failed)
         self.servicer = InferenceServicer(self.repository, config.limits)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -82,6 +83,14 @@ class ConvoyServer:
             self.metrics_port if self.metrics_port else "off",
             [m.spec.name for m in self.repository.ready_models()],
         )
+
+    def _pool_readings(self) -> list[PoolReading]:
+        return [
+            PoolReading(
+                m.spec.name, str(m.version), m.pool.fallbacks, m.pool.spills, m.pool.replaced
+            )
+            for m in self.repository.ready_models()
+        ]
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         cfg = self.config

@@ -6,10 +6,11 @@ use ModelMetrics, whose label children are resolved once per model version.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .batching.slo import SloController
@@ -89,6 +90,70 @@ class Metrics:
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
+
+    def watch_serving(
+        self,
+        pools: Callable[[], Iterable[PoolReading]],
+        failed_devices: Callable[[], Mapping[str, str]],
+    ) -> None:
+        """Instance-pool counters and failed devices, read at scrape time."""
+        self.registry.register(ServingCollector(pools, failed_devices))
+
+
+@dataclass(frozen=True)
+class PoolReading:
+    model: str
+    version: str
+    fallbacks: int  # batches retried on a CPU instance after a device fault
+    spills: int  # batches a CPU instance took because the GPUs stayed busy
+    replaced: int  # instances rebuilt after an execution timeout
+
+
+class ServingCollector(Collector):
+    """Counters the instance pools keep anyway, exported when scraped rather than
+    counted twice on the hot path. A reload starts a version's counters again at
+    zero, which rate() reads as a counter reset."""
+
+    def __init__(
+        self,
+        pools: Callable[[], Iterable[PoolReading]],
+        failed_devices: Callable[[], Mapping[str, str]],
+    ) -> None:
+        self._pools = pools
+        self._failed = failed_devices
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        fallbacks = CounterMetricFamily(
+            "convoy_gpu_fallbacks",
+            "Batches retried on a CPU instance after a GPU device fault",
+            labels=labels,
+        )
+        spills = CounterMetricFamily(
+            "convoy_cpu_spills", "Batches sent to a CPU instance while the GPUs were busy",
+            labels=labels,
+        )  # fmt: skip
+        replaced = CounterMetricFamily(
+            "convoy_instance_replacements",
+            "Instances rebuilt after running past the execution timeout",
+            labels=labels,
+        )
+        for pool in self._pools():
+            key = [pool.model, pool.version]
+            fallbacks.add_metric(key, pool.fallbacks)
+            spills.add_metric(key, pool.spills)
+            replaced.add_metric(key, pool.replaced)
+        failed = GaugeMetricFamily(
+            "convoy_device_failed",
+            "1 for a GPU failed for good by an unrecoverable CUDA error (until restart)",
+            labels=["device"],
+        )
+        for device in sorted(self._failed()):
+            failed.add_metric([device], 1)
+        yield from (fallbacks, spills, replaced, failed)
 
 
 class GpuCollector(Collector):
