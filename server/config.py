@@ -73,6 +73,8 @@ class ServerConfig:
     rate_limit: float | None = None  # requests/s per client (token), None: unlimited
     rate_burst: float | None = None
     limits: ServingLimits = ServingLimits()
+    repository_poll_s: float | None = None  # None: load at start-up and on request only
+    rollout_state_dir: Path | None = None  # None: <repository>/.convoy/rollouts
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,493 @@
+"""RolloutController: owns every rollout, applies their transitions, answers the hot path.
+
+The hot path sees two calls: route() (one dict lookup for a model without a
+rollout; a bucket and a comparison with one) and record() (counters and a ring
+write). Control calls (start, promote, rollback, pause, resume, set_weight) and
+tick() make the decisions; their side effects on the repository go through the
+small RolloutRepository protocol, so this module knows nothing of how models load.
+
+Default pinning: from the moment a rollout starts, the controller tells the
+repository which version is the default (set_default), and keeps telling it
+after the rollout has ended (the winner), across restarts too. Without that a
+reload or a restart would apply Triton's "latest version" rule and could put
+a rolled-back candidate in front of every caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import ConvoyError, InvalidInput, ModelNotFound
+from .analysis import Rollout, Transition
+from .compare import Array, OutputDivergence, compare_outputs, divergence_score
+from .policy import TrafficPolicy
+from .spec import Phase, RolloutSpec, Strategy
+from .store import RolloutStore
+from .window import BucketCounts, WindowStats
+
+log = logging.getLogger(__name__)
+
+SHADOW_INFLIGHT = 8  # mirrored runs in flight per model; past it, shadow work is shed
+_COMPARES_BOTH_WAYS = (Strategy.CANARY, Strategy.BLUE_GREEN)
+
+
+class RolloutRepository(Protocol):
+    """What the controller needs from the model repository. Versions are strings."""
+
+    def versions_on_disk(self, model: str) -> list[str]:
+        """Versions present in the repository; ModelNotFound for an unknown model."""
+        ...
+
+    def loaded_versions(self, model: str) -> list[str]:
+        """Versions loaded and serving now."""
+        ...
+
+    def default_version(self, model: str) -> str:
+        """The version an unversioned request gets now (the pin if set, else Triton's rule)."""
+        ...
+
+    def set_default(self, model: str, version: str | None) -> None:
+        """Pin the default version; None: back to Triton's rule. Never blocks."""
+        ...
+
+    async def ensure_loaded(self, model: str, version: str) -> None:
+        """Load and warm up one version, whatever version_policy says; ConvoyError on failure."""
+        ...
+
+    async def unload_version(self, model: str, version: str) -> None:
+        """Stop routing to one version, drain its queue, free it."""
+        ...
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    model: str
+    strategy: str
+    phase: str
+    stable: str
+    candidate: str
+    weights: dict[str, float]  # version -> percent of unversioned requests
+    reason: str  # why the phase last changed, naming the gate and figure
+    analysis: str  # the last verdict of the gates
+    step: int  # 1-based; 0 for strategies without steps
+    steps: tuple[float, ...]
+    shadow_fraction: float
+    windows: dict[str, WindowStats]  # version -> its figures in the current window
+
+
+class RolloutController:
+    def __init__(
+        self,
+        repository: RolloutRepository,
+        store: RolloutStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        shadow_inflight: int = SHADOW_INFLIGHT,
+    ) -> None:
+        self._repo = repository
+        self._store = store
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._shadow_limit = shadow_inflight
+        self._rollouts: dict[str, Rollout] = {}
+        self._routes: dict[str, TrafficPolicy] = {}  # active rollouts only: the hot path's map
+        self._shadow_inflight: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # per model: control calls await loads
+        self.events: dict[tuple[str, str], int] = {}  # (model, event) -> count
+        self.shadow_shed: dict[tuple[str, str], int] = {}  # (model, version) -> count
+        self.divergence: dict[tuple[str, str, str], BucketCounts] = {}  # model, version, output
+
+    # -- hot path (event loop, no awaits) --------------------------------------------
+
+    def route(self, model: str, key: str | None = None) -> str | None:
+        """The version for a request that names none; None: the repository's default."""
+        policy = self._routes.get(model)
+        return None if policy is None else policy.choose(key, self._rng)
+
+    def needs_key(self, model: str) -> bool:
+        """True while the model runs an A/B rollout: only then is the key worth reading."""
+        policy = self._routes.get(model)
+        return policy is not None and policy.sticky
+
+    def versions_in_use(self, model: str) -> set[str]:
+        """Versions a reload of the model must keep loaded, whatever its version_policy:
+        both arms while active, the winner and a still-warm loser once ended."""
+        rollout = self._rollouts.get(model)
+        if rollout is None:
+            return set()
+        if rollout.phase.active or not rollout.retired:
+            return {rollout.stable, rollout.candidate}
+        return {rollout.winner}
+
+    def record(
+        self,
+        model: str,
+        version: str,
+        error: BaseException | None,
+        queue_ns: int = 0,
+        compute_ns: int = 0,
+    ) -> None:
+        """One finished run of a version: routed, pinned or mirrored; result or error."""
+        rollout = self._rollouts.get(model)
+        if rollout is None or not rollout.phase.active:
+            return
+        window = rollout.windows.get(version)
+        if window is not None:
+            window.record(error, queue_ns, compute_ns)
+
+    def mirror(self, model: str, served: str) -> str | None:
+        """The version to also run this request on, off the caller's path, or None.
+
+        Bounded: past `shadow_inflight` mirrored runs in flight, shadow work is
+        shed (counted), so it can never queue up behind callers. Every non-None
+        answer must be followed by exactly one mirror_done() (ShadowRunner does).
+        """
+        rollout = self._rollouts.get(model)
+        if rollout is None or not rollout.phase.active or rollout.spec.shadow_fraction <= 0:
+            return None
+        if served == rollout.stable:
+            other = rollout.candidate
+        elif served == rollout.candidate and rollout.spec.strategy in _COMPARES_BOTH_WAYS:
+            other = rollout.stable  # stable is kept warm: it can answer for comparison
+        else:
+            return None
+        if self._rng.random() >= rollout.spec.shadow_fraction:
+            return None
+        inflight = self._shadow_inflight.get(model, 0)
+        if inflight >= self._shadow_limit:
+            rollout.windows[other].shadow_shed += 1
+            key = (model, other)
+            self.shadow_shed[key] = self.shadow_shed.get(key, 0) + 1
+            return None
+        self._shadow_inflight[model] = inflight + 1
+        return other
+
+    def mirror_done(self, model: str) -> None:
+        """A mirrored run finished, failed or was cancelled: free its budget.
+
+        Its outcome is counted like any run's, by record() from the same hook.
+        """
+        self._shadow_inflight[model] = max(0, self._shadow_inflight.get(model, 0) - 1)
+
+    def record_comparison(
+        self, model: str, outputs: Mapping[str, Mapping[str, Array]]
+    ) -> dict[str, OutputDivergence]:
+        """Compare two versions' outputs for one request (version -> outputs).
+
+        numpy over whole outputs: for large ones run compare_outputs() in a worker
+        thread and pass its result to record_divergences() on the loop.
+        """
+        rollout = self._rollouts.get(model)
+        if rollout is None or rollout.stable not in outputs or rollout.candidate not in outputs:
+            return {}
+        divergences = compare_outputs(outputs[rollout.stable], outputs[rollout.candidate])
+        self.record_divergences(model, divergences)
+        return divergences
+
+    def compared_versions(self, model: str) -> tuple[str, str]:
+        """(stable, candidate) of the model's rollout: reference first; ("", "") if none."""
+        rollout = self._rollouts.get(model)
+        return ("", "") if rollout is None else (rollout.stable, rollout.candidate)
+
+    def record_divergences(self, model: str, divergences: Mapping[str, OutputDivergence]) -> None:
+        rollout = self._rollouts.get(model)
+        if rollout is None or not rollout.phase.active or not divergences:
+            return
+        candidate = rollout.candidate
+        rows = sum(d.top1_rows for d in divergences.values())
+        agreed = sum(d.top1_agreed for d in divergences.values())
+        rollout.windows[candidate].record_divergence(divergence_score(divergences), rows, agreed)
+        for output, divergence in divergences.items():
+            key = (model, candidate, output)
+            counts = self.divergence.get(key)
+            if counts is None:
+                counts = self.divergence[key] = BucketCounts()
+            counts.observe(divergence.max_abs_diff)
+
+    # -- control ---------------------------------------------------------------------
+
+    async def start(self, model: str, version: str, spec: RolloutSpec) -> RolloutStatus:
+        async with self._lock(model):
+            on_disk = self._repo.versions_on_disk(model)  # ModelNotFound for an unknown model
+            if version not in on_disk:
+                raise ModelNotFound(
+                    f"model '{model}' has no version {version} (in the repository: "
+                    f"{', '.join(on_disk) or 'none'})"
+                )
+            existing = self._rollouts.get(model)
+            if existing is not None and existing.phase.active:
+                raise InvalidInput(
+                    f"model '{model}' already has a {existing.spec.strategy.value} rollout of "
+                    f"version {existing.candidate} ({existing.phase.value}); promote or roll "
+                    "it back first"
+                )
+            stable = self._repo.default_version(model)
+            if stable == version:
+                raise InvalidInput(
+                    f"version {version} of model '{model}' already serves by default"
+                )
+            was_loaded = version in self._repo.loaded_versions(model)
+            # Pin first: loading the candidate must not make it "the latest" for anyone.
+            self._repo.set_default(model, stable)
+            try:
+                await self._repo.ensure_loaded(model, version)
+            except ConvoyError:
+                self._repo.set_default(model, existing.winner if existing else None)
+                raise
+            if existing is not None and not existing.retired:
+                await self._retire_early(existing, keep=(stable, version))
+            now = self._clock()
+            rollout = Rollout(model, stable, version, spec, started_at=now)
+            rollout.candidate_was_loaded = was_loaded
+            self._rollouts[model] = rollout
+            weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
+            reason = f"started {spec.strategy.value} of version {version} over {stable}: {weights}"
+            rollout.reason = reason
+            self._apply(rollout, [Transition("started", rollout.phase, reason)])
+            return self._status(rollout)
+
+    async def promote(self, model: str) -> RolloutStatus:
+        async with self._lock(model):
+            rollout = self._active(model, "promote")
+            self._apply(rollout, [rollout.promote(self._clock(), "promoted by the operator")])
+            return self._status(rollout)
+
+    async def rollback(self, model: str) -> RolloutStatus:
+        """Back to stable: at once while active; after promotion too (instant while the
+        old version is kept warm, a reload once it has been retired)."""
+        async with self._lock(model):
+            rollout = self._get(model)
+            if rollout.phase is Phase.ROLLED_BACK:
+                raise InvalidInput(f"model '{model}' rollout is already rolled back")
+            if rollout.phase is Phase.PROMOTED and rollout.retired:
+                await self._repo.ensure_loaded(model, rollout.stable)
+            self._apply(rollout, [rollout.rollback(self._clock(), "rolled back by the operator")])
+            return self._status(rollout)
+
+    async def pause(self, model: str) -> RolloutStatus:
+        async with self._lock(model):
+            rollout = self._active(model, "pause")
+            if rollout.phase is Phase.PAUSED:
+                raise InvalidInput(f"model '{model}' rollout is already paused")
+            weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
+            reason = f"paused by the operator at {weights}"
+            self._apply(rollout, [rollout.pause(self._clock(), reason)])
+            return self._status(rollout)
+
+    async def resume(self, model: str) -> RolloutStatus:
+        async with self._lock(model):
+            rollout = self._active(model, "resume")
+            if rollout.phase is not Phase.PAUSED:
+                raise InvalidInput(f"model '{model}' rollout is not paused")
+            self._apply(rollout, [rollout.resume(self._clock(), "resumed by the operator")])
+            return self._status(rollout)
+
+    async def set_weight(self, model: str, percent: float) -> RolloutStatus:
+        """A/B only: change the candidate's share; sticky keys move only at the margin."""
+        async with self._lock(model):
+            rollout = self._active(model, "set the weight of")
+            if rollout.spec.strategy is not Strategy.AB:
+                raise InvalidInput(
+                    f"model '{model}' runs a {rollout.spec.strategy.value} rollout: its weights "
+                    "follow its steps; only an ab rollout takes a weight"
+                )
+            if not 0.0 <= percent <= 100.0:
+                raise InvalidInput(f"weight: {percent:g} is out of range 0..100")
+            rollout.weight_override = percent
+            reason = f"weights set by the operator: candidate {percent:g}%"
+            self._apply(rollout, [Transition("weights_changed", rollout.phase, reason)])
+            return self._status(rollout)
+
+    def status(self, model: str | None = None) -> list[RolloutStatus]:
+        """One entry per model with a rollout (active or ended); [] for a model without."""
+        if model:
+            rollout = self._rollouts.get(model)
+            if rollout is None:
+                self._repo.versions_on_disk(model)  # ModelNotFound for an unknown model
+                return []
+            return [self._status(rollout)]
+        return [self._status(r) for _, r in sorted(self._rollouts.items())]
+
+    # -- clock -----------------------------------------------------------------------
+
+    async def tick(self, now: float | None = None) -> None:
+        """Advance every rollout's analysis; retire versions whose keep-warm ended.
+
+        Call it every second or so from a task the server owns.
+        """
+        now = self._clock() if now is None else now
+        for rollout in list(self._rollouts.values()):
+            # No await before a rollback: a failed gate takes effect in this call.
+            transitions = rollout.tick(now)
+            if transitions:
+                self._apply(rollout, transitions)
+        for rollout in list(self._rollouts.values()):
+            lock = self._lock(rollout.model)
+            if (
+                rollout.finished_at is not None
+                and not rollout.retired
+                and now - rollout.finished_at >= rollout.spec.keep_warm_s
+                and not lock.locked()  # a control call is under way: retire on a later tick
+            ):
+                async with lock:
+                    await self._retire(rollout)
+
+    async def start_declared(
+        self, model: str, version: str, spec: RolloutSpec
+    ) -> RolloutStatus | None:
+        """A new version appeared in a model that declares a rollout (rollout.json).
+
+        Idempotent, for a repository poll: no-op (None) when the version already
+        serves by default, is an older one, was already rolled out (whatever the
+        outcome: a rolled-back candidate is not retried), or another rollout runs.
+        """
+        existing = self._rollouts.get(model)
+        if existing is not None and (existing.phase.active or existing.candidate == version):
+            return None
+        try:
+            default = self._repo.default_version(model)
+        except ConvoyError:
+            default = None  # nothing serves yet: the first version is not a rollout
+        if default is None or not _newer(version, default):
+            return None
+        return await self.start(model, version, spec)
+
+    async def _retire_early(self, rollout: Rollout, keep: tuple[str, ...]) -> None:
+        """A new rollout replaces an ended one still keeping its loser warm."""
+        rollout.retired = True
+        if rollout.loser in keep or (
+            rollout.phase is Phase.ROLLED_BACK and rollout.candidate_was_loaded
+        ):
+            return
+        try:
+            await self._repo.unload_version(rollout.model, rollout.loser)
+        except ConvoyError as exc:
+            log.error("model '%s': unloading version %s failed: %s",
+                      rollout.model, rollout.loser, exc)  # fmt: skip
+
+    async def _retire(self, rollout: Rollout) -> None:
+        loser = rollout.loser
+        rollout.retired = True
+        if rollout.phase is Phase.ROLLED_BACK and rollout.candidate_was_loaded:
+            # The repository served it before the rollout: leave it as it was found.
+            self._apply(rollout, [])
+            return
+        try:
+            await self._repo.unload_version(rollout.model, loser)
+        except ConvoyError as exc:
+            log.error("model '%s': unloading version %s failed: %s", rollout.model, loser, exc)
+        reason = f"keep-warm of {rollout.spec.keep_warm_s:g} s over: version {loser} unloaded"
+        self._apply(rollout, [Transition("retired", rollout.phase, reason)])
+
+    # -- restart ---------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """At start-up, after the repository has loaded: resume every saved rollout.
+
+        An active rollout resumes at its saved step with fresh windows and timers
+        (its weight was vetted by the steps before it); if its candidate no longer
+        loads it rolls back. An ended one re-pins its winner as the default.
+        """
+        if self._store is None:
+            return
+        for record in self._store.load_all():
+            try:
+                rollout = Rollout.from_record(record, self._clock())
+            except (KeyError, ValueError, TypeError) as exc:
+                log.error("rollout state for %s is unusable: %r", record.get("model"), exc)
+                continue
+            async with self._lock(rollout.model):
+                await self._restore_one(rollout)
+
+    async def _restore_one(self, rollout: Rollout) -> None:
+        model = rollout.model
+        self._rollouts[model] = rollout
+        try:
+            self._repo.set_default(model, rollout.winner)
+            await self._repo.ensure_loaded(model, rollout.winner)
+        except ConvoyError as exc:
+            log.error("model '%s': version %s does not load after restart: %s",
+                      model, rollout.winner, exc.message)  # fmt: skip
+        if not rollout.phase.active:
+            self._apply(rollout, [])
+            return
+        try:
+            await self._repo.ensure_loaded(model, rollout.candidate)
+        except ConvoyError as exc:
+            reason = f"candidate version {rollout.candidate} failed to load after restart: {exc}"
+            self._apply(rollout, [rollout.rollback(self._clock(), reason)])
+            return
+        weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
+        reason = f"restored after restart: {rollout.phase.value} at {weights}"
+        self._apply(rollout, [Transition("restored", rollout.phase, reason)])
+
+    # -- internals -------------------------------------------------------------------
+
+    def _lock(self, model: str) -> asyncio.Lock:
+        lock = self._locks.get(model)
+        if lock is None:
+            lock = self._locks[model] = asyncio.Lock()
+        return lock
+
+    def _get(self, model: str) -> Rollout:
+        rollout = self._rollouts.get(model)
+        if rollout is None:
+            self._repo.versions_on_disk(model)  # ModelNotFound for an unknown model
+            raise InvalidInput(f"model '{model}' has no rollout")
+        return rollout
+
+    def _active(self, model: str, action: str) -> Rollout:
+        rollout = self._get(model)
+        if not rollout.phase.active:
+            raise InvalidInput(
+                f"cannot {action} model '{model}': its rollout has ended ({rollout.phase.value})"
+            )
+        return rollout
+
+    def _apply(self, rollout: Rollout, transitions: list[Transition]) -> None:
+        """Make routing, the repository's default, the store and the counters agree."""
+        model = rollout.model
+        if rollout.phase.active:
+            self._routes[model] = rollout.policy()
+        else:
+            # The pin first: no request may fall back to Triton's "latest" rule in between.
+            self._repo.set_default(model, rollout.winner)
+            self._routes.pop(model, None)
+        for transition in transitions:
+            key = (model, transition.event)
+            self.events[key] = self.events.get(key, 0) + 1
+            log.info("rollout of model '%s' version %s: %s (%s): %s", model, rollout.candidate,
+                     transition.event, transition.phase.value, transition.reason)  # fmt: skip
+        if self._store is not None:
+            self._store.save(rollout.to_record())
+
+    def _status(self, rollout: Rollout) -> RolloutStatus:
+        steps = rollout.spec.steps
+        stepped = rollout.spec.strategy in (Strategy.CANARY, Strategy.BLUE_GREEN)
+        return RolloutStatus(
+            model=rollout.model,
+            strategy=rollout.spec.strategy.value,
+            phase=rollout.phase.value,
+            stable=rollout.stable,
+            candidate=rollout.candidate,
+            weights=rollout.weights(),
+            reason=rollout.reason,
+            analysis=rollout.analysis,
+            step=rollout.step + 1 if stepped else 0,
+            steps=steps,
+            shadow_fraction=rollout.spec.shadow_fraction,
+            windows=rollout.stats(),
+        )
+
+
+def _newer(version: str, than: str) -> bool:
+    try:
+        return int(version) > int(than)
+    except ValueError:
+        return version > than
