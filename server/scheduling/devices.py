@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..config import InstanceGroupSpec
@@ -71,8 +72,10 @@ def resolved_kind(group: InstanceGroupSpec) -> tuple[str, tuple[int, ...]]:
     return kind, group.gpus
 
 
-def place_group(model: str, group: InstanceGroupSpec) -> list[str]:
-    """One device string per instance of the group ("cpu" or "cuda:N")."""
+def place_group(model: str, group: InstanceGroupSpec, failed: Collection[str] = ()) -> list[str]:
+    """One device string per instance of the group ("cpu" or "cuda:N"). GPUs in
+    `failed` (lost to a fatal fault: their CUDA context is poisoned) are skipped;
+    where that leaves none, the group serves on the CPU, as without a GPU."""
     gpus = cuda_device_count()
     if group.kind == "KIND_CPU":
         return ["cpu"] * group.count
@@ -85,7 +88,16 @@ def place_group(model: str, group: InstanceGroupSpec) -> list[str]:
                 group.name,
             )
         return ["cpu"] * group.count
-    indices = [g for g in group.gpus if 0 <= g < gpus] or list(range(gpus))
+    listed = [g for g in group.gpus if 0 <= g < gpus] or list(range(gpus))
+    indices = [g for g in listed if f"cuda:{g}" not in failed]
+    if not indices:
+        log.warning(
+            "model '%s' instance group '%s': its GPUs failed (%s): serving on the CPU",
+            model,
+            group.name,
+            ", ".join(f"cuda:{g}" for g in listed),
+        )
+        return ["cpu"] * group.count
     # Triton places `count` instances on *each* listed GPU.
     return [f"cuda:{g}" for g in indices for _ in range(group.count)]
 
@@ -110,7 +122,67 @@ def is_device_fault(error: BaseException) -> bool:
     cuda-python); their messages carry the CUDA wording matched here.
     """
     name = type(error).__name__
-    if name in ("OutOfMemoryError", "CudaError", "CUDARuntimeError"):
+    if name in ("OutOfMemoryError", "CudaError", "CUDARuntimeError", "AcceleratorError"):
         return True
     text = str(error).lower()
-    return any(marker in text for marker in _DEVICE_MARKERS)
+    return any(marker in text for marker in _DEVICE_MARKERS) or is_fatal_device_fault(error)
+
+
+# CUDA's "sticky" errors: after one, every later call in the process's context fails
+# the same way, so only a new process recovers. Runtime wording (torch, ONNX Runtime,
+# TensorRT quote cudaGetErrorString), then the driver's and runtime's enum names
+# (cuda-python, some TensorRT logs). Out of memory and invalid arguments are absent
+# on purpose: the context survives them.
+_FATAL_MARKERS = (
+    "an illegal memory access was encountered",  # 700 cudaErrorIllegalAddress
+    "device-side assert triggered",  # 710 cudaErrorAssert
+    "unspecified launch failure",  # 719 cudaErrorLaunchFailure
+    "an illegal instruction was encountered",  # 715 cudaErrorIllegalInstruction
+    "misaligned address",  # 716 cudaErrorMisalignedAddress
+    "invalid program counter",  # 718 cudaErrorInvalidPc
+    "operation not supported on global/shared address space",  # 717
+    "hardware stack error",  # 714 cudaErrorHardwareStackError
+    "the launch timed out and was terminated",  # 702 cudaErrorLaunchTimeout
+    "uncorrectable ecc error encountered",  # 214 cudaErrorECCUncorrectable
+    "uncorrectable nvlink error",  # 220 cudaErrorNvlinkUncorrectable
+    "cuda_error_illegal_address",
+    "cuda_error_assert",
+    "cuda_error_launch_failed",
+    "cuda_error_illegal_instruction",
+    "cuda_error_misaligned_address",
+    "cuda_error_invalid_pc",
+    "cuda_error_invalid_address_space",
+    "cuda_error_hardware_stack_error",
+    "cuda_error_launch_timeout",
+    "cuda_error_ecc_uncorrectable",
+    "cuda_error_nvlink_uncorrectable",
+    "cudaerrorillegaladdress",
+    "cudaerrorassert",
+    "cudaerrorlaunchfailure",
+    "cudaerrorillegalinstruction",
+    "cudaerrormisalignedaddress",
+    "cudaerrorinvalidpc",
+    "cudaerrorinvalidaddressspace",
+    "cudaerrorhardwarestackerror",
+    "cudaerrorlaunchtimeout",
+    "cudaerroreccuncorrectable",
+    "cudaerrornvlinkuncorrectable",
+)
+
+
+def is_fatal_device_fault(error: BaseException) -> bool:
+    """Whether an exception from a GPU instance means its device is lost to this process.
+
+    These errors poison the process's CUDA context on that device: every later
+    launch there fails too, so probing it again only fails real batches. The
+    exception's causes are searched as well, since wrappers re-raise with `from`.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).lower()
+        if any(marker in text for marker in _FATAL_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
