@@ -14,7 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROTO_FILES = ("model_config.proto", "grpc_service.proto")
+PROTO_FILES = (
+    "model_config.proto",
+    "grpc_service.proto",
+    "convoy_admin.proto",
+    "convoy_monitoring.proto",
+)
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "protos"
 OUT_DIR = Path(__file__).resolve().parent
