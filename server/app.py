@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -15,6 +16,8 @@ from prometheus_client import start_http_server
 
 from .config import ServerConfig
 from .errors import ConfigError
+from .frontend.admin import SERVICE_NAME as ROLLOUT_SERVICE
+from .frontend.admin import add_rollout_service
 from .frontend.auth import AccessInterceptor, AccessPolicy, load_tokens
 from .frontend.servicer import InferenceServicer
 from .metrics import Metrics, PoolReading
@@ -22,6 +25,12 @@ from .pb import grpc_service_pb2 as pb
 from .pb import grpc_service_pb2_grpc as pb_grpc
 from .pb._pool import POOL
 from .repository.manager import ModelRepository
+from .repository.poll import RepositoryPoller
+from .rollouts.autostart import DeclaredRollouts
+from .rollouts.controller import RolloutController
+from .rollouts.exporter import RolloutCollector
+from .rollouts.shadow import ShadowRunner
+from .rollouts.store import RolloutStore
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +50,20 @@ class ConvoyServer:
             drain_timeout_s=config.grace_period_s,
         )
         self.metrics.watch_serving(self._pool_readings, lambda: self.repository.health.failed)
-        self.servicer = InferenceServicer(self.repository, config.limits)
+        state_dir = config.rollout_state_dir or repository_root / ".convoy" / "rollouts"
+        self.rollouts = RolloutController(self.repository, RolloutStore(state_dir))
+        self.repository.outcomes = self.rollouts.record
+        self.repository.keep_loaded = self.rollouts.versions_in_use
+        self.metrics.registry.register(RolloutCollector(self.rollouts))
+        self.shadow = ShadowRunner(self.rollouts)
+        self.declared = DeclaredRollouts(self.repository, self.rollouts)
+        self.servicer = InferenceServicer(
+            self.repository, config.limits, self.rollouts, self.shadow, self.declared.load
+        )
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._poller: RepositoryPoller | None = None
         self._metrics_http: object | None = None
         self.grpc_port = 0
         self.metrics_port = 0
@@ -51,6 +71,7 @@ class ConvoyServer:
     async def start(self) -> None:
         cfg = self.config
         await self.repository.load_all()
+        await self.rollouts.restore()  # before serving: never 100% of an unvetted version
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -58,10 +79,11 @@ class ConvoyServer:
         ]
         self._grpc = grpc.aio.server(options=options, interceptors=self._interceptors())
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
+        add_rollout_service(self._grpc, self.rollouts)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if cfg.reflection:
             reflection.enable_server_reflection(
-                [SERVICE_NAME, reflection.SERVICE_NAME], self._grpc, pool=POOL
+                [SERVICE_NAME, ROLLOUT_SERVICE, reflection.SERVICE_NAME], self._grpc, pool=POOL
             )
         address = f"{cfg.host}:{cfg.grpc_port}"
         credentials = _server_credentials(cfg)
@@ -73,6 +95,12 @@ class ConvoyServer:
             raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
         await self._grpc.start()
         self._start_metrics()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_rollouts())
+        if cfg.repository_poll_s:
+            self._poller = RepositoryPoller(
+                self.repository, self.declared.load, cfg.repository_poll_s
+            )
+            await self._poller.start()
         self.servicer.accepting = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -83,6 +111,16 @@ class ConvoyServer:
             self.metrics_port if self.metrics_port else "off",
             [m.spec.name for m in self.repository.ready_models()],
         )
+
+    async def _tick_rollouts(self) -> None:
+        """Advance every rollout's analysis once a second (a failed gate rolls back
+        within a second of the window that shows it)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.rollouts.tick()
+            except Exception:
+                log.exception("rollout analysis failed")
 
     def _pool_readings(self) -> list[PoolReading]:
         return [
@@ -111,8 +149,15 @@ class ConvoyServer:
         """Drain: refuse new work, finish what is in flight, then release everything."""
         self.servicer.accepting = False
         await self.health.enter_graceful_shutdown()
+        if self._poller is not None:
+            await self._poller.stop()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         if self._grpc is not None:
             await self._grpc.stop(self.config.grace_period_s)
+        await self.shadow.close()
         await self.repository.close()
         if self._metrics_http is not None:
             httpd = self._metrics_http

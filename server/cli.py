@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ServerConfig, ServingLimits
+from .rollouts.cli import add_rollout_parser, run_rollout_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=1 << 28,
         help="largest element count of one request input (default 2^28)",
     )
+    serve.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="scan the repository this often and load models whose versions or config "
+        "changed (Triton's poll mode); a model with a rollout.json gets its declared rollout "
+        "(default: off)",
+    )
+    serve.add_argument(
+        "--rollout-state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where rollout state is kept across restarts (default: <repository>/.convoy/rollouts)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     security = serve.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS")
@@ -116,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     engine.add_argument("--gpu", type=int, default=0, help="GPU index (default 0)")
+    add_rollout_parser(commands)
     return parser
 
 
@@ -123,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build-engine":
         return build_engine_command(args.model_dir, args.gpu)
+    if args.command == "rollout":
+        return run_rollout_command(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 
@@ -150,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         limits=ServingLimits(max_queue_size=args.max_queue_size, max_elements=args.max_elements),
+        repository_poll_s=args.repository_poll_secs,
+        rollout_state_dir=args.rollout_state_dir,
     )
     from .app import run
 

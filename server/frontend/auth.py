@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from ..errors import ConfigError
+from .admin import ADMIN_METHODS as ROLLOUT_METHODS
 
 ROLES = ("infer", "admin")
 OPEN_METHODS = frozenset(
@@ -30,18 +31,21 @@ OPEN_METHODS = frozenset(
         "/inference.GRPCInferenceService/ServerReady",
     }
 )
-ADMIN_METHODS = frozenset(
-    {
-        "/inference.GRPCInferenceService/RepositoryModelLoad",
-        "/inference.GRPCInferenceService/RepositoryModelUnload",
-        "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
-        "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
-        "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
-        "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
-        "/inference.GRPCInferenceService/TraceSetting",
-        "/inference.GRPCInferenceService/LogSettings",
-    }
-)
+ADMIN_METHODS = (
+    frozenset(
+        {
+            "/inference.GRPCInferenceService/RepositoryModelLoad",
+            "/inference.GRPCInferenceService/RepositoryModelUnload",
+            "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+            "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
+            "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
+            "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
+            "/inference.GRPCInferenceService/TraceSetting",
+            "/inference.GRPCInferenceService/LogSettings",
+        }
+    )
+    | ROLLOUT_METHODS
+)  # Convoy's own admin service: every call needs the admin role
 
 
 def load_tokens(path: Path) -> dict[str, str]:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 
 from .. import __version__
-from ..batching.request import InferRequest
+from ..batching.request import Array, InferRequest
 from ..config import DEFAULT_LIMITS, ServingLimits
 from ..errors import ConvoyError, InternalError, InvalidInput, Unimplemented
 from ..pb import grpc_service_pb2 as pb
 from ..pb import grpc_service_pb2_grpc as pb_grpc
 from ..repository.manager import ModelRepository
 from ..repository.model import ServedModel
+from ..rollouts.controller import RolloutController
+from ..rollouts.policy import AB_KEY_HEADER, AB_KEY_PARAMETER
+from ..rollouts.shadow import ShadowRunner
 from ..statistics import Duration, ModelStatistics
 from .codec import decode_request, encode_response
 from .status import status_code
@@ -40,9 +43,19 @@ async def _abort(context: grpc.aio.ServicerContext, error: ConvoyError) -> None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, repository: ModelRepository, limits: ServingLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        limits: ServingLimits = DEFAULT_LIMITS,
+        rollouts: RolloutController | None = None,
+        shadow: ShadowRunner | None = None,
+        load: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._repo = repository
         self._limits = limits
+        self._rollouts = rollouts
+        self._shadow = shadow
+        self._load = load or repository.load  # the declared-rollout path where there is one
         self.accepting = False  # flipped by the server's lifecycle
 
     # -- health and metadata -------------------------------------------------
@@ -142,7 +155,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> pb.RepositoryModelLoadResponse:
         try:
             _no_repository_parameters(request.parameters)
-            await self._repo.load(request.model_name)
+            await self._load(request.model_name)
         except ConvoyError as exc:
             await _abort(context, exc)
             raise
@@ -153,6 +166,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> pb.RepositoryModelUnloadResponse:
         try:
             _no_repository_parameters(request.parameters, allowed=("unload_dependents",))
+            if self._rollouts is not None and self._rollouts.versions_in_use(request.model_name):
+                for status in self._rollouts.status(request.model_name):
+                    if status.phase in ("progressing", "paused"):
+                        raise InvalidInput(
+                            f"model '{request.model_name}' has a {status.strategy} rollout in "
+                            "progress; promote or roll it back before unloading"
+                        )
             await self._repo.unload(request.model_name)
         except ConvoyError as exc:
             await _abort(context, exc)
@@ -165,7 +185,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            return await self._infer(request, context.time_remaining())
+            return await self._infer(request, context)
         except ConvoyError as exc:
             await _abort(context, exc)
             raise
@@ -175,14 +195,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             raise
 
     async def _infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        model = self._repo.get(request.model_name, request.model_version)
-        infer_request = _decode(model, request, time_remaining, self._limits.max_elements)
+        name, version = request.model_name, request.model_version
+        rollouts = self._rollouts
+        if not version and rollouts is not None:
+            # A request that names no version follows the model's traffic policy.
+            key = _ab_key(request, context) if rollouts.needs_key(name) else None
+            version = rollouts.route(name, key) or ""
+        model = self._repo.get(name, version)
+        infer_request = _decode(model, request, context.time_remaining(), self._limits.max_elements)
         result = await model.infer(infer_request)
+        if self._shadow is not None and result.outputs:
+            self._shadow.after_answer(
+                name,
+                model.version_label,
+                result.outputs,
+                lambda other: self._mirror(name, other, infer_request, tuple(result.outputs)),
+            )
         return encode_response(
             request, model.spec, model.version, infer_request, result, model.labels
         )
+
+    async def _mirror(
+        self, name: str, version: str, asked: InferRequest, outputs: tuple[str, ...]
+    ) -> Mapping[str, Array]:
+        """The same inputs on another version, at its lowest priority, off the caller's
+        path (the shadow's and the canary's output comparison)."""
+        model = self._repo.get(name, version)
+        levels = model.spec.batching.priority_levels if model.spec.batching else 0
+        mirrored = InferRequest(
+            id=asked.id,
+            inputs=asked.inputs,
+            outputs=outputs,
+            rows=asked.rows,
+            shape_key=asked.shape_key,
+            future=asyncio.get_running_loop().create_future(),
+            priority=levels,
+        )
+        return (await model.infer(mirrored)).outputs
 
     async def ModelStreamInfer(
         self,
@@ -205,7 +256,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                response = await self._infer(request, context.time_remaining())
+                response = await self._infer(request, context)
                 answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:
                 if not isinstance(exc, ConvoyError):
@@ -292,6 +343,17 @@ def _decode(
     except ConvoyError as exc:
         model.record_rejection(exc)
         raise
+
+
+def _ab_key(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> str | None:
+    """The A/B assignment key: the request parameter, else the gRPC metadata header."""
+    param = request.parameters.get(AB_KEY_PARAMETER)
+    if param is not None and param.WhichOneof("parameter_choice") == "string_param":
+        return str(param.string_param)
+    for key, value in context.invocation_metadata() or ():
+        if key == AB_KEY_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return None
 
 
 def _no_repository_parameters(params: object, allowed: tuple[str, ...] = ()) -> None:

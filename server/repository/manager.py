@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from ..scheduling.devices import place_group, resolved_kind
 from ..scheduling.health import DeviceHealth
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
-from .model import ServedModel
+from .model import OutcomeSink, ServedModel
 from .warmup import warm_up
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,20 @@ class ModelEntry:
     reason: str = ""
     versions: dict[int, ServedModel] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # A rollout's choices, kept across reloads: the version unversioned requests get
+    # (None: Triton's rule, the latest), and versions loaded beyond the version_policy.
+    pinned: int | None = None
+    extra: set[int] = field(default_factory=set)
 
     def latest(self) -> ServedModel | None:
         return self.versions[max(self.versions)] if self.versions else None
+
+    def default(self) -> ServedModel | None:
+        if self.pinned is not None:
+            served = self.versions.get(self.pinned)
+            if served is not None:
+                return served
+        return self.latest()
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,9 @@ class ModelRepository:
         self._drain_timeout = drain_timeout_s  # the grace period bounds every drain
         self._models: dict[str, ModelEntry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.outcomes: OutcomeSink | None = None  # every request's outcome (rollout analysis)
+        # Versions a reload must keep whatever the version_policy (a rollout's arms).
+        self.keep_loaded: Callable[[str], Iterable[str]] | None = None
 
     # -- queries (event loop, no awaits) -------------------------------------
 
@@ -97,7 +111,7 @@ class ModelRepository:
                 raise ModelNotReady(f"model '{name}' is loading")
             raise ModelNotFound(f"model '{name}' is not found")
         if not version:
-            served = entry.latest()
+            served = entry.default()
             if served is None:
                 raise ModelNotReady(f"model '{name}' has no ready version")
             return served
@@ -181,7 +195,10 @@ class ModelRepository:
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
             try:
-                new_versions = await asyncio.to_thread(self._build, model_dir)
+                keep = set(entry.extra) | ({entry.pinned} if entry.pinned is not None else set())
+                if self.keep_loaded is not None:
+                    keep |= {_version_number(v) for v in self.keep_loaded(name)}
+                new_versions = await asyncio.to_thread(self._build, model_dir, keep)
             except ConvoyError as exc:
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, exc.message
@@ -213,6 +230,77 @@ class ModelRepository:
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
             log.info("model '%s' unloaded", name)
 
+    # -- single versions, for rollouts -------------------------------------------------
+
+    def versions_on_disk(self, name: str) -> list[str]:
+        return [str(v) for v in _versions_on_disk(self._model_dir(name))]
+
+    def loaded_versions(self, name: str) -> list[str]:
+        entry = self._models.get(name)
+        return [] if entry is None else [str(v) for v in sorted(entry.versions)]
+
+    def default_version(self, name: str) -> str:
+        """The version an unversioned request gets; ModelNotReady when none serves."""
+        entry = self._models.get(name)
+        served = None if entry is None else entry.default()
+        if served is None:
+            self._model_dir(name)  # NOT_FOUND for a model not in the repository
+            raise ModelNotReady(f"model '{name}' has no version serving")
+        return str(served.version)
+
+    def model_dir(self, name: str) -> Path:
+        return self._model_dir(name)
+
+    def set_default(self, name: str, version: str | None) -> None:
+        """Pin the version unversioned requests get; None: the latest, as Triton."""
+        entry = self._models.setdefault(name, ModelEntry(name))
+        entry.pinned = None if version is None else _version_number(version)
+
+    async def ensure_loaded(self, name: str, version: str) -> None:
+        """Load one version beside those serving, whatever the version_policy says;
+        it stays loaded across reloads until unload_version."""
+        await self._owned(self._add_version(name, _version_number(version)))
+
+    async def unload_version(self, name: str, version: str) -> None:
+        await self._owned(self._remove_version(name, _version_number(version)))
+
+    async def _add_version(self, name: str, number: int) -> None:
+        model_dir = self._model_dir(name)
+        if number not in _versions_on_disk(model_dir):
+            raise ModelNotFound(f"model '{name}' has no version {number} in {model_dir}")
+        entry = self._models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            entry.extra.add(number)
+            if number in entry.versions:
+                return
+            try:
+                built = await asyncio.to_thread(self._build, model_dir, set(), number)
+            except ConvoyError:
+                entry.extra.discard(number)
+                raise
+            except Exception as exc:  # a runtime refusing the model file
+                entry.extra.discard(number)
+                raise ConfigError(str(model_dir), "model file", str(exc)) from exc
+            served = built[number]
+            served.start()
+            entry.versions[number] = served
+            entry.state, entry.reason = READY, ""
+            log.info("model '%s' version %d loaded beside %s", name, number, sorted(entry.versions))
+
+    async def _remove_version(self, name: str, number: int) -> None:
+        entry = self._models.get(name)
+        if entry is None:
+            return
+        async with entry.lock:
+            entry.extra.discard(number)
+            served = entry.versions.pop(number, None)
+            if served is None:
+                return
+            if not entry.versions:
+                entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            await served.close(drain=True, timeout_s=self._drain_timeout)
+            log.info("model '%s' version %d unloaded", name, number)
+
     async def close(self) -> None:
         if self._tasks:  # loads and unloads in progress finish first
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -230,16 +318,22 @@ class ModelRepository:
 
     # -- building (worker thread) ----------------------------------------------
 
-    def _build(self, model_dir: Path) -> dict[int, ServedModel]:
+    def _build(
+        self, model_dir: Path, extra: set[int], only: int | None = None
+    ) -> dict[int, ServedModel]:
+        """Build the versions the version_policy selects plus `extra` (those on disk),
+        or just version `only`."""
         config = read_model_config(model_dir)
         config_path = str(model_dir / CONFIG_FILENAME)
-        versions_on_disk = sorted(
-            int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
-        )
+        versions_on_disk = _versions_on_disk(model_dir)
         backend = infer_backend(config, [model_dir / str(v) for v in versions_on_disk])
         if backend and not config.backend and not config.platform:
             config.backend = backend
-        versions = version_policy_of(config, config_path).select(versions_on_disk)
+        if only is not None:
+            versions = [only] if only in versions_on_disk else []
+        else:
+            selected = version_policy_of(config, config_path).select(versions_on_disk)
+            versions = sorted(set(selected) | (extra & set(versions_on_disk)))
         if not versions:
             raise ConfigError(
                 config_path,
@@ -294,7 +388,9 @@ class ModelRepository:
             cpu_spill_after_s=spec.cpu_spill_after_s,
             health=self.health,
         )
-        served = ServedModel(spec, version, config, pool, metrics, self._clock, self.limits)
+        served = ServedModel(
+            spec, version, config, pool, metrics, self._clock, self.limits, self.outcomes
+        )
         served.labels = labels
         return served
 
@@ -327,6 +423,17 @@ def _read_labels(spec: ModelSpec, model_dir: Path) -> dict[str, list[str]]:
             )
         labels[output.name] = path.read_text().splitlines()
     return labels
+
+
+def _versions_on_disk(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _version_number(version: str) -> int:
+    try:
+        return int(version)
+    except ValueError:
+        raise InvalidInput(f"model version '{version}' is not an integer") from None
 
 
 def _looks_like_model(path: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome, Clock, ModelQueue
@@ -13,6 +14,9 @@ from ..metrics import ModelMetrics
 from ..pb import model_config_pb2 as mc
 from ..scheduling.pool import InstancePool
 from ..statistics import ModelStatistics
+
+# (model, version, error or None, queue ns, compute ns): told of every request's outcome.
+OutcomeSink = Callable[[str, str, ConvoyError | None, int, int], None]
 
 
 class ServedModel:
@@ -27,9 +31,12 @@ class ServedModel:
         metrics: ModelMetrics,
         clock: Clock,
         limits: ServingLimits = DEFAULT_LIMITS,
+        outcomes: OutcomeSink | None = None,
     ) -> None:
         self.spec = spec
         self.version = version
+        self.version_label = str(version)
+        self._outcomes = outcomes
         self.config = config
         self.pool = pool
         self.metrics = metrics
@@ -93,6 +100,8 @@ class ServedModel:
         """A request refused before it was queued (bad input, full queue)."""
         self.metrics.failure(type(error).__name__).inc()
         self.stats.record_request(False, 0, None)
+        if self._outcomes is not None:
+            self._outcomes(self.spec.name, self.version_label, error, 0, 0)
 
     # -- QueueObserver -------------------------------------------------------
 
@@ -119,3 +128,6 @@ class ServedModel:
             self.metrics.request_seconds.observe(total / 1e9)
         else:
             self.metrics.failure(type(error).__name__).inc()
+        if self._outcomes is not None:
+            compute = now_ns - request.dispatch_ns if request.dispatch_ns else 0
+            self._outcomes(self.spec.name, self.version_label, error, queued or 0, compute)
