@@ -325,7 +325,9 @@ def test_a_new_version_starts_the_declared_rollout_on_the_poll(tmp_path: Path) -
     one keeps Triton's behaviour (its new version serves after the poll)."""
     repo = write_repository(tmp_path / "repo")
     config = repo / "lin" / "config.pbtxt"
-    config.write_text(config.read_text().replace("specific { versions: [ 1 ] }", "latest { num_versions: 1 }"))
+    config.write_text(
+        config.read_text().replace("specific { versions: [ 1 ] }", "latest { num_versions: 1 }")
+    )
     for version in ("2", "3", "4", "5", "9"):
         (repo / "lin" / version / "model.py").rename(tmp_path / f"model{version}.py")
         (repo / "lin" / version).rmdir()
