@@ -12,6 +12,7 @@ one: kernels/triton_kernels.py), the formatting per request in the frontend.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -62,14 +63,30 @@ def topk_torch(scores: Any, k: int, softmax: bool = False) -> tuple[Any, Any]:
 def format_classes(
     values: npt.NDArray[Any],
     indices: npt.NDArray[Any],
-    labels: list[str] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> npt.NDArray[np.object_]:
-    """BYTES elements "value:index[:label]", shaped like `values`."""
-    out = np.empty(values.shape, dtype=np.object_)
-    for pos in np.ndindex(values.shape):
-        index = int(indices[pos])
-        text = f"{float(values[pos]):f}:{index}"
-        if labels is not None and 0 <= index < len(labels):
-            text += f":{labels[index]}"
-        out[pos] = text.encode()
-    return out
+    """BYTES elements "value:index[:label]", shaped like `values`, the value as
+    Python's f"{value:f}" writes it. This runs on the event loop for rows x k
+    elements: the elements are formatted into one string, encoded once and split
+    once (measured 2x faster than an encode per element; numpy's string ufuncs were
+    slower still, their int-to-str cast and encode cost more than Python's)."""
+    floats = np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+    ints = np.asarray(indices).reshape(-1).astype(np.int64).tolist()
+    out = np.empty(len(floats), dtype=np.object_)
+    texts = _texts(floats, ints, labels)
+    parts = "\n".join(texts).encode().split(b"\n") if texts else []
+    if len(parts) != len(texts):  # a label holds the separator itself
+        parts = [text.encode() for text in texts]
+    out[:] = parts
+    shaped: npt.NDArray[np.object_] = out.reshape(np.shape(values))
+    return shaped
+
+
+def _texts(floats: list[float], ints: list[int], labels: Sequence[str] | None) -> list[str]:
+    if labels is None:
+        return list(map("%f:%d".__mod__, zip(floats, ints, strict=True)))
+    n = len(labels)
+    return [
+        f"{v:f}:{i}:{labels[i]}" if 0 <= i < n else f"{v:f}:{i}"
+        for v, i in zip(floats, ints, strict=True)
+    ]

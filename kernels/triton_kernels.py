@@ -91,7 +91,11 @@ def mean_pool_l2_triton(hidden: torch.Tensor, mask: torch.Tensor, eps: float = 1
 MAX_FUSED_WIDTH = 16384
 
 
-@triton.jit
+# k is the client's choice per request: left unspecialised, or a first request with
+# k == 1 (or a multiple of 16) would compile a new variant on the request path.
+# BLOCK, SOFTMAX, the scores' dtype and `width` are fixed per output: model load
+# compiles those (server/backends/ranking.py, device_topk).
+@triton.jit(do_not_specialize=["k"])
 def _softmax_topk_kernel(
     scores, values, indices, width, k,
     SOFTMAX: tl.constexpr, BLOCK: tl.constexpr,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
+
+from kernels.image import IMAGENET_MEAN, IMAGENET_STD
 
 from .errors import ConfigError
 from .pb import model_config_pb2 as mc
@@ -189,6 +191,57 @@ class VersionPolicy:
         return ordered[-self.num_versions :] if ordered else []
 
 
+PYTORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
+PREPROCESSORS = ("image_hwc_uint8",)
+POSTPROCESSORS = ("mean_pool_l2",)
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """parameters preprocess / preprocess_mean / preprocess_std (backends/preprocess.py)."""
+
+    input: str  # the one UINT8 [H, W, 3] input
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """parameters tokenizer / tokenizer_max_length / postprocess (backends/text.py)."""
+
+    input: str  # the one BYTES [1] input
+    tokenizer: str  # a file in the version directory
+    max_length: int = 256
+    postprocess: str | None = None  # "mean_pool_l2"
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """parameters trt_* (backends/tensorrt.py, tensorrt_plan.py)."""
+
+    precision: str = "fp16"
+    calibration_dir: str | None = None  # .npz batches in the version directory
+    dynamic_min: int = 1  # range of every -1 dim past the batch in the profile
+    dynamic_opt: int = 128
+    dynamic_max: int = 512
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The `parameters` that Convoy's runtimes read, typed and checked with the
+    config, so a typo fails the load naming the key, before any engine build.
+    Other keys are left alone: other features and Triton users put their own there."""
+
+    precision: str = "fp32"  # PyTorch on a GPU: weights and floating inputs
+    cuda_graph_batch_sizes: tuple[int, ...] = ()  # PyTorch: buckets to capture
+    intra_op_thread_count: int | None = None  # ONNX Runtime; None: the server's share
+    image: ImageOptions | None = None
+    text: TextOptions | None = None
+    tensorrt: TensorRTOptions = TensorRTOptions()
+    softmax_outputs: frozenset[str] = frozenset()  # classification by probability
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A validated model configuration."""
@@ -206,6 +259,7 @@ class ModelSpec:
     parameters: dict[str, str] = field(default_factory=dict)
     optimization: Optimization = Optimization()
     warmup: tuple[WarmupSample, ...] = ()
+    options: BackendOptions = BackendOptions()
 
     @property
     def cuda(self) -> CudaOptions:
@@ -237,7 +291,7 @@ class ModelSpec:
     def softmax_outputs(self) -> frozenset[str]:
         """parameters { key: "classification_softmax" value { string_value: "LOGITS" } }:
         outputs whose classification values are softmax probabilities, not raw scores."""
-        return _names(self.parameters.get(SOFTMAX_PARAMETER, ""))
+        return self.options.softmax_outputs
 
     @functools.cached_property
     def _inputs_by_name(self) -> dict[str, TensorSpec]:
@@ -327,6 +381,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
     _check_positive(parameters, path, TIMEOUT_PARAMETER)
     _check_positive(parameters, path, SPILL_PARAMETER)
     _check_softmax(parameters, outputs, path)
+    options = backend_options(parameters, backend, config, inputs, path)
     return ModelSpec(
         name=config.name,
         backend=backend,
@@ -341,6 +396,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         parameters=parameters,
         optimization=_optimization(config, path),
         warmup=_warmup(config, inputs, path),
+        options=options,
     )
 
 
@@ -371,6 +427,162 @@ def _check_softmax(parameters: dict[str, str], outputs: tuple[TensorSpec, ...], 
             raise ConfigError(path, field, f"'{name}' is not an output of the model")
         if by_name[name].datatype == "BYTES":
             raise ConfigError(path, field, f"output '{name}' is BYTES; softmax needs numbers")
+
+
+def backend_options(
+    parameters: dict[str, str],
+    backend: str,
+    config: mc.ModelConfig,
+    inputs: tuple[TensorSpec, ...],
+    path: str,
+) -> BackendOptions:
+    """The runtimes' parameters of one config, typed; ConfigError names `parameters.<key>`.
+    Keys a backend does not read are not checked for it (a "precision" meant for
+    PyTorch means nothing to ONNX Runtime, and Triton users may use the name)."""
+    read = _ParameterReader(parameters, path)
+    options = BackendOptions(
+        image=_image_options(read, inputs),
+        text=_text_options(read, inputs),
+        softmax_outputs=_names(parameters.get(SOFTMAX_PARAMETER, "")),
+    )
+    if backend == "pytorch":
+        options = replace(
+            options,
+            precision=read.choice("precision", PYTORCH_PRECISIONS, "fp32"),
+            cuda_graph_batch_sizes=_graph_sizes(read, config, inputs, options.text is not None),
+        )
+    elif backend == "onnxruntime":
+        threads = read.integer("intra_op_thread_count", 0, minimum=None)
+        options = replace(options, intra_op_thread_count=threads if threads > 0 else None)
+    elif backend == "tensorrt":
+        options = replace(options, tensorrt=_tensorrt_options(read))
+    return options
+
+
+@dataclass(frozen=True)
+class _ParameterReader:
+    parameters: dict[str, str]
+    path: str
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.path, f"parameters.{key}", message)
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.parameters.get(key, default)
+        if value not in allowed:
+            raise self.error(key, f"'{value}' is not one of {list(allowed)}")
+        return value
+
+    def integer(self, key: str, default: int, minimum: int | None = 1) -> int:
+        text = self.parameters.get(key)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise self.error(key, f"'{text}' is not an integer") from None
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def numbers(self, key: str, kind: type[float] | type[int]) -> tuple[Any, ...] | None:
+        text = self.parameters.get(key)
+        if text is None:
+            return None
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            message = f"'{text}' is not a comma-separated list of {kind.__name__}s"
+            raise self.error(key, message) from None
+
+    def path_in_version(self, key: str) -> str | None:
+        text = self.parameters.get(key)
+        if text is None:
+            return None
+        if not text or text.startswith("/") or ".." in Path(text).parts:
+            raise self.error(key, f"'{text}' must name a path inside the version directory")
+        return text
+
+
+def _image_options(read: _ParameterReader, inputs: tuple[TensorSpec, ...]) -> ImageOptions | None:
+    if "preprocess" not in read.parameters:
+        for key in ("preprocess_mean", "preprocess_std"):
+            if key in read.parameters:
+                raise read.error(key, "has no effect without parameters.preprocess")
+        return None
+    read.choice("preprocess", PREPROCESSORS, "")
+    images = [t for t in inputs if t.datatype == "UINT8" and len(t.dims) == 3]
+    if len(images) != 1 or images[0].dims[-1] != 3:
+        raise read.error("preprocess", "image_hwc_uint8 needs one UINT8 input of dims [H, W, 3]")
+    mean = read.numbers("preprocess_mean", float) or IMAGENET_MEAN
+    std = read.numbers("preprocess_std", float) or IMAGENET_STD
+    for key, values in (("preprocess_mean", mean), ("preprocess_std", std)):
+        if len(values) != 3:
+            raise read.error(key, f"needs 3 values (one per channel), got {len(values)}")
+    if min(std) <= 0:
+        raise read.error("preprocess_std", "every value must be > 0")
+    return ImageOptions(images[0].name, mean, std)
+
+
+def _text_options(read: _ParameterReader, inputs: tuple[TensorSpec, ...]) -> TextOptions | None:
+    tokenizer = read.path_in_version("tokenizer")
+    if tokenizer is None:
+        for key in ("tokenizer_max_length", "postprocess"):
+            if key in read.parameters:
+                raise read.error(key, "has no effect without parameters.tokenizer")
+        return None
+    texts = [t for t in inputs if t.datatype == "BYTES"]
+    if len(texts) != 1 or texts[0].dims not in ((1,), ()):
+        raise read.error("tokenizer", "a tokenized model needs exactly one BYTES input, dims [1]")
+    post = read.parameters.get("postprocess")
+    if post is not None:
+        read.choice("postprocess", POSTPROCESSORS, "")
+    return TextOptions(texts[0].name, tokenizer, read.integer("tokenizer_max_length", 256), post)
+
+
+def _graph_sizes(
+    read: _ParameterReader, config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], text: bool
+) -> tuple[int, ...]:
+    """PyTorch's CUDA graph buckets: parameters cuda_graph_batch_sizes, or Triton's
+    optimization { cuda { graphs: true } } with its graph_spec batch sizes (without
+    graph_spec: the preferred batch sizes and max_batch_size)."""
+    field = "parameters.cuda_graph_batch_sizes"
+    sizes = read.numbers("cuda_graph_batch_sizes", int)
+    if sizes is None and config.optimization.cuda.graphs:
+        field = "optimization.cuda.graphs"
+        top = config.max_batch_size
+        sizes = tuple(g.batch_size for g in config.optimization.cuda.graph_spec) or (
+            *config.dynamic_batching.preferred_batch_size,
+            top,
+        )
+        sizes = tuple(b for b in sizes if b > 0)
+    if sizes is None:
+        return ()
+    top = config.max_batch_size
+    if top < 1 or not sizes or min(sizes) < 1 or max(sizes) > top:
+        raise ConfigError(read.path, field, f"sizes must lie in 1..max_batch_size ({top})")
+    if any(-1 in t.dims for t in inputs):
+        raise ConfigError(read.path, field, "CUDA graphs need fixed input dims past the batch")
+    if text or any(t.datatype == "BYTES" for t in inputs):
+        raise ConfigError(read.path, field, "CUDA graphs need fixed shapes; text varies in length")
+    return tuple(sorted(set(sizes)))
+
+
+def _tensorrt_options(read: _ParameterReader) -> TensorRTOptions:
+    options = TensorRTOptions(
+        precision=read.choice("trt_precision", TENSORRT_PRECISIONS, "fp16"),
+        calibration_dir=read.path_in_version("trt_calibration_dir"),
+        dynamic_min=read.integer("trt_dynamic_min", 1),
+        dynamic_opt=read.integer("trt_dynamic_opt", 128),
+        dynamic_max=read.integer("trt_dynamic_max", 512),
+    )
+    if not options.dynamic_min <= options.dynamic_opt <= options.dynamic_max:
+        raise read.error(
+            "trt_dynamic_*",
+            f"need trt_dynamic_min <= trt_dynamic_opt <= trt_dynamic_max, got "
+            f"{options.dynamic_min} <= {options.dynamic_opt} <= {options.dynamic_max}",
+        )
+    return options
 
 
 def _check_slo(parameters: dict[str, str], config: mc.ModelConfig, path: str) -> None:

@@ -22,7 +22,7 @@ dynamic_batching {
   priority_queue_policy { key: 1 value: { max_queue_size: 3 } }
 }
 instance_group [ { count: 2 kind: KIND_CPU }, { kind: KIND_GPU gpus: [ 0 ] } ]
-parameters { key: "tokenizer" value { string_value: "t.json" } }
+parameters { key: "team_owner" value { string_value: "search" } }
 """
 
 
@@ -44,7 +44,7 @@ def test_full_config_parses(tmp_path: Path) -> None:
     assert spec.batching.policy_for(1).max_queue_size == 3
     assert spec.batching.policy_for(2).max_queue_size == 10
     assert [(g.kind, g.count) for g in spec.instance_groups] == [("KIND_CPU", 2), ("KIND_GPU", 1)]
-    assert spec.parameters == {"tokenizer": "t.json"}
+    assert spec.parameters == {"team_owner": "search"}  # unknown keys are kept, not refused
     assert spec.default_model_filename == "model.onnx"
 
 
@@ -76,28 +76,28 @@ def test_full_config_parses(tmp_path: Path) -> None:
         ),
         (
             (
-                'key: "tokenizer" value { string_value: "t.json" }',
+                'key: "team_owner" value { string_value: "search" }',
                 'key: "latency_slo_p99_ms" value { string_value: "soon" }',
             ),
             "parameters.latency_slo_p99_ms",
         ),
         (
             (
-                'key: "tokenizer" value { string_value: "t.json" }',
+                'key: "team_owner" value { string_value: "search" }',
                 'key: "latency_slo_p99_ms" value { string_value: "-5" }',
             ),
             "parameters.latency_slo_p99_ms",
         ),
         (
             (
-                'key: "tokenizer" value { string_value: "t.json" }',
+                'key: "team_owner" value { string_value: "search" }',
                 'key: "classification_softmax" value { string_value: "y,z" }',
             ),
             "parameters.classification_softmax",
         ),
         (
             (
-                'key: "tokenizer" value { string_value: "t.json" }',
+                'key: "team_owner" value { string_value: "search" }',
                 'key: "classification_softmax" value { string_value: " , " }',
             ),
             "parameters.classification_softmax",
@@ -114,7 +114,7 @@ def test_bad_configs_name_file_and_field(
 
 
 def test_classification_softmax_lists_outputs(tmp_path: Path) -> None:
-    text = GOOD.replace('"tokenizer" value { string_value: "t.json" }',
+    text = GOOD.replace('"team_owner" value { string_value: "search" }',
                         '"classification_softmax" value { string_value: " y " }')  # fmt: skip
     assert spec_of(tmp_path, text).softmax_outputs == frozenset({"y"})
     assert spec_of(tmp_path, GOOD).softmax_outputs == frozenset()
@@ -179,7 +179,10 @@ def test_cuda_options_are_checked(tmp_path: Path) -> None:
     variable = CUDA_CONFIG.replace("dims: [ 4 ] } ]\noutput", "dims: [ -1 ] } ]\noutput")
     with pytest.raises(ConfigError, match="fixed input dims"):
         graph_buckets(spec_of(tmp_path, variable + "optimization { cuda { graphs: true } }"))
-    tokenized = CUDA_CONFIG + 'parameters { key: "tokenizer" value { string_value: "t.json" } }'
+    tokenized = CUDA_CONFIG.replace(
+        'name: "x" data_type: TYPE_FP32', 'name: "x" data_type: TYPE_STRING'
+    ).replace("dims: [ 4 ] } ]\noutput", "dims: [ 1 ] } ]\noutput")
+    tokenized += 'parameters { key: "tokenizer" value { string_value: "t.json" } }'
     with pytest.raises(ConfigError, match="text varies in length"):
         graph_buckets(spec_of(tmp_path, tokenized + "optimization { cuda { graphs: true } }"))
 

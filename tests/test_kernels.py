@@ -174,3 +174,43 @@ def test_triton_softmax_topk_kernel_matches_reference(softmax: bool, width: int)
     half = torch.from_numpy(scores).to(device).half()  # fp16 logits are ranked in fp32
     _, half_indices = softmax_topk_triton(half, 3, softmax)
     assert half_indices.shape == (5, 3)
+
+
+def _format_classes_per_element(
+    values: np.ndarray, indices: np.ndarray, labels: list[str] | None = None
+) -> np.ndarray:
+    """format_classes as it was written first, one element at a time: the reference."""
+    out = np.empty(values.shape, dtype=np.object_)
+    for pos in np.ndindex(values.shape):
+        index = int(indices[pos])
+        text = f"{float(values[pos]):f}:{index}"
+        if labels is not None and 0 <= index < len(labels):
+            text += f":{labels[index]}"
+        out[pos] = text.encode()
+    return out
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1.0, 1e4, 1e13, 1e30])
+@pytest.mark.parametrize("shape", [(64, 10), (7,), (3, 4, 5), (0, 3)])
+def test_format_classes_is_byte_identical_to_formatting_each_element(
+    scale: float, shape: tuple[int, ...]
+) -> None:
+    rng = np.random.default_rng(int(scale) % 1000 + len(shape))
+    values = (rng.standard_normal(shape) * scale).astype(np.float32)
+    if values.size >= 7:
+        flat = values.reshape(-1)
+        flat[:7] = [np.inf, -np.inf, np.nan, -0.0, 0.0, 5e-7, -2.5e-6]  # edge formatting
+    indices = rng.integers(-3, 1200, shape)  # some without a label, some negative
+    if indices.size > 8:
+        indices.reshape(-1)[7:9] = [1000, 1001]  # labels holding "\n" and ":"
+    labels = [f"class {i} é" if i % 97 else "" for i in range(1000)] + ["a\nb", "x:y"]
+    for table in (None, labels):
+        expected = _format_classes_per_element(values, indices, table)
+        got = format_classes(values, indices, table)
+        assert got.shape == expected.shape and got.dtype == np.object_
+        assert got.tolist() == expected.tolist()
+    half = values.astype(np.float16)
+    assert (
+        format_classes(half, indices).tolist()
+        == _format_classes_per_element(half, indices).tolist()
+    )

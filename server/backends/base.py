@@ -1,4 +1,4 @@
-"""The Backend protocol and the factory that picks a runtime for a model.
+"""The Backend protocol and the capabilities a runtime may add to it.
 
 A backend instance belongs to exactly one model instance and is only ever
 called from that instance's thread, so implementations need no locking.
@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from ..batching.request import Ranked, Ranking
-from ..config import ModelSpec, TensorSpec
-from ..errors import ConfigError
-from .stages import device_stages
+from ..config import TensorSpec
+from ..errors import InvalidInput
 
 Array = npt.NDArray[np.generic]
 
@@ -66,75 +64,52 @@ class RanksOnDevice(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ShapeRange:
+    """The shapes a runtime accepts for one input, per item (past any batch dim):
+    every dim within min..max (a TensorRT optimisation profile)."""
+
+    min: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """InvalidInput, naming the input and the range, for a shape outside it."""
+        fits = len(shape) == len(self.min) and all(
+            low <= dim <= high for low, dim, high in zip(self.min, shape, self.max, strict=True)
+        )
+        if not fits:
+            raise InvalidInput(
+                f"input '{name}': shape {list(shape)} is outside the model's optimisation "
+                f"profile (min {list(self.min)}, max {list(self.max)} per item)"
+            )
+
+
+@runtime_checkable
+class BoundsInputs(Protocol):
+    """A runtime that fails a batch holding an input shape outside fixed bounds."""
+
+    def input_bounds(self) -> dict[str, ShapeRange]:
+        """Per request input name, the item shapes it accepts (inputs it does not bound,
+        or that a stage in front reshapes, are absent)."""
+        ...
+
+
+def input_bounds(backend: object) -> dict[str, ShapeRange]:
+    """What a loaded backend accepts per input, to refuse a request at decode rather than
+    fail its whole batch; {} for a backend that takes any shape its config allows."""
+    return backend.input_bounds() if isinstance(backend, BoundsInputs) else {}
+
+
+def check_input_bounds(
+    bounds: dict[str, ShapeRange], name: str, item_shape: tuple[int, ...]
+) -> None:
+    """InvalidInput where input `name`'s shape is out of bounds. `item_shape` is the
+    request's shape past the batch dim for a batched model, the whole shape otherwise."""
+    allowed = bounds.get(name)
+    if allowed is not None:
+        allowed.check(name, item_shape)
+
+
 def default_threads(instances: int) -> int:
     """Intra-op threads per instance so that all instances together fill the cores once."""
     return max(1, (os.cpu_count() or 1) // max(1, instances))
-
-
-def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -> Backend:
-    """Construct the runtime for `spec` on `device`; blocking (run it off the event loop)."""
-    # TensorRT may build its engine from a model.onnx beside the missing model.plan.
-    onnx_source = spec.backend == "tensorrt" and model_path.with_name("model.onnx").exists()
-    if not model_path.exists() and not onnx_source:
-        raise ConfigError(str(model_path), "default_model_filename", "model file not found")
-    backend: Backend
-    if spec.backend == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend(model_path, device, _threads(spec, threads), spec)
-    elif spec.backend == "pytorch":
-        from .pytorch import TorchScriptBackend
-
-        backend = TorchScriptBackend(model_path, device, spec)
-    elif spec.backend == "convoy_python":
-        from .python import PythonBackend
-
-        backend = PythonBackend(model_path, device, spec)
-    elif spec.backend == "tensorrt":
-        try:
-            from .tensorrt import TensorRTBackend
-        except ImportError as exc:
-            raise ConfigError(
-                str(model_path), "backend", f"TensorRT is not available here ({exc})"
-            ) from None
-        backend = TensorRTBackend(model_path, device, spec)
-    else:
-        raise ConfigError(str(model_path), "backend", f"unsupported backend '{spec.backend}'")
-    # Work around the model: GPU kernels on the runtime's stream where it keeps
-    # tensors on a GPU, the numpy references on the instance's thread elsewhere.
-    stages = device_stages(backend)
-    if "preprocess" in spec.parameters:
-        from .preprocess import with_image_preprocessing
-
-        backend = with_image_preprocessing(backend, spec, stages)
-    if "tokenizer" in spec.parameters:
-        from .text import TokenizingBackend
-
-        backend = TokenizingBackend(backend, spec, model_path.parent, stages)
-    prepare = getattr(backend, "prepare", None)
-    if callable(prepare):
-        prepare()  # e.g. capture CUDA graphs, with the stages above in place
-    return backend
-
-
-def probe_signature(backend_name: str, model_path: Path) -> BackendSignature | None:
-    """What the model file declares, for auto-completing a config; None if unknown."""
-    if backend_name == "onnxruntime" and model_path.exists():
-        from .onnxruntime import onnx_signature
-
-        return onnx_signature(model_path)
-    return None
-
-
-def _threads(spec: ModelSpec, fallback: int) -> int:
-    # Same parameter name as Triton's onnxruntime backend.
-    value = spec.parameters.get("intra_op_thread_count")
-    if value is None:
-        return fallback
-    try:
-        threads = int(value)
-    except ValueError:
-        raise ConfigError(
-            spec.name, "parameters.intra_op_thread_count", f"'{value}' is not an integer"
-        ) from None
-    return threads if threads > 0 else fallback

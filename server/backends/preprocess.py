@@ -16,66 +16,21 @@ runs on the instance's thread. Never on the event loop.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from kernels.image import IMAGENET_MEAN, IMAGENET_STD, hwc_uint8_to_nchw_reference
+from kernels.image import hwc_uint8_to_nchw_reference
 
-from ..config import ModelSpec
-from ..errors import ConfigError
+from ..config import ImageOptions, ModelSpec
 from .base import Array, Backend
 from .stages import DeviceStages, working_kernel
-
-PREPROCESSORS = ("image_hwc_uint8",)
-
-
-def _floats(spec: ModelSpec, key: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    text = spec.parameters.get(key)
-    if text is None:
-        return default
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(
-            spec.name, f"parameters.{key}", f"'{text}' is not a list of numbers"
-        ) from None
-    if len(values) != len(default) or (key.endswith("std") and min(values) <= 0):
-        raise ConfigError(spec.name, f"parameters.{key}", f"needs {len(default)} values (std > 0)")
-    return values
-
-
-@dataclass(frozen=True)
-class ImageSettings:
-    input: str  # the UINT8 [H, W, 3] input
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def image_settings(spec: ModelSpec) -> ImageSettings:
-    kind = spec.parameters["preprocess"]
-    if kind not in PREPROCESSORS:
-        raise ConfigError(
-            spec.name, "parameters.preprocess", f"'{kind}' is not one of {PREPROCESSORS}"
-        )
-    images = [t for t in spec.inputs if t.datatype == "UINT8" and len(t.dims) == 3]
-    if len(images) != 1 or images[0].dims[-1] != 3:
-        raise ConfigError(
-            spec.name,
-            "input",
-            "image_hwc_uint8 needs exactly one UINT8 input with dims [H, W, 3]",
-        )
-    return ImageSettings(
-        images[0].name,
-        _floats(spec, "preprocess_mean", IMAGENET_MEAN),
-        _floats(spec, "preprocess_std", IMAGENET_STD),
-    )
 
 
 def with_image_preprocessing(
     inner: Backend, spec: ModelSpec, stages: DeviceStages | None
 ) -> Backend:
     """`inner` with the conversion registered on its device stages, or wrapped."""
-    settings = image_settings(spec)
+    settings = spec.options.image
+    assert settings is not None  # load_backend asks only where the config opts in
     if stages is None:
         return ImagePreprocessingBackend(inner, settings)
     kernel = _device_kernel(stages.device)
@@ -100,7 +55,7 @@ def _device_kernel(device: str) -> Any:
 
 
 class ImagePreprocessingBackend:
-    def __init__(self, inner: Backend, settings: ImageSettings) -> None:
+    def __init__(self, inner: Backend, settings: ImageOptions) -> None:
         self._inner = inner
         self.device = inner.device
         self._settings = settings

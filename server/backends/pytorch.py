@@ -22,8 +22,10 @@ config.pbtxt (GPU only):
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,10 @@ from kernels.classify import topk_torch
 
 from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
-from ..errors import ConfigError, InternalError
+from ..errors import InternalError
 from ..tensors import numpy_dtype
 from .base import Array
-from .ranking import device_topk, rank_on_host
+from .ranking import device_topk, rank_on_host, ranked_rows
 from .stages import DeviceStages
 from .staging import StagingBuffers, bring_back
 
@@ -48,34 +50,40 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class GraphCapture:
+    """Captures CUDA graphs one at a time, in thread-local mode.
+
+    Capture runs on a loading thread while other instances of the process serve.
+    In CUDA's default (global) mode, a call that is unsafe during capture made by
+    any thread (a synchronize, an event query, a cudaMalloc from torch's caching
+    allocator) fails, or invalidates the capture: serving instances saw their
+    allocations fail, which the circuit breaker took for a device fault. In
+    thread-local mode only the capturing thread's own calls are checked. Captures
+    still go one at a time: their warm-up and capture allocate from the caching
+    allocator and create cuBLAS/cuDNN workspaces, state the whole process shares.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def capturing(self, graph: Any, stream: Any, pool: Any) -> Iterator[None]:
+        with (
+            self._lock,
+            torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"),
+        ):
+            yield
+
+
+# The process's one capture lock: the CUDA context it guards is per process, so a
+# lock per backend or per model would not serialise anything that matters.
+PROCESS_GRAPH_CAPTURE = GraphCapture()
+
+
 def graph_buckets(spec: ModelSpec) -> tuple[int, ...]:
-    """The batch sizes to capture CUDA graphs for: parameter cuda_graph_batch_sizes,
-    or Triton's optimization { cuda { graphs: true } } with its graph_spec batch
-    sizes (without graph_spec: the preferred batch sizes and max_batch_size)."""
-    field = "parameters.cuda_graph_batch_sizes"
-    text = spec.parameters.get("cuda_graph_batch_sizes")
-    if text:
-        try:
-            sizes = tuple(sorted({int(v) for v in text.split(",")}))
-        except ValueError:
-            raise ConfigError(spec.name, field, f"'{text}' is not a list of integers") from None
-    elif spec.cuda.graphs:
-        field = "optimization.cuda.graphs"
-        preferred = spec.batching.preferred_batch_sizes if spec.batching else ()
-        sizes = spec.cuda.graph_batch_sizes or tuple(
-            sorted({*preferred, spec.max_batch_size} - {0})
-        )
-    else:
-        return ()
-    if not spec.batched or not sizes or sizes[0] < 1 or sizes[-1] > spec.max_batch_size:
-        raise ConfigError(
-            spec.name, field, f"sizes must lie in 1..max_batch_size ({spec.max_batch_size})"
-        )
-    if any(-1 in t.dims for t in spec.inputs):
-        raise ConfigError(spec.name, field, "CUDA graphs need fixed input dims past the batch")
-    if "tokenizer" in spec.parameters or any(t.datatype == "BYTES" for t in spec.inputs):
-        raise ConfigError(spec.name, field, "CUDA graphs need fixed shapes; text varies in length")
-    return sizes
+    """The batch sizes to capture CUDA graphs for, as the config resolved and checked
+    them (parameter cuda_graph_batch_sizes or Triton's optimization.cuda.graphs)."""
+    return spec.options.cuda_graph_batch_sizes
 
 
 def _bound_inputs(module: Any, spec: ModelSpec) -> tuple[str, ...]:
@@ -84,22 +92,23 @@ def _bound_inputs(module: Any, spec: ModelSpec) -> tuple[str, ...]:
     otherwise by position in config order, as Triton binds INPUT__0-style names."""
     arguments = tuple(a.name for a in module.forward.schema.arguments[1:])  # past self
     configured = tuple(t.name for t in spec.inputs)
-    if "tokenizer" in spec.parameters or set(configured) == set(arguments):
+    if spec.options.text is not None or set(configured) == set(arguments):
         return arguments
     return configured
 
 
 class TorchScriptBackend:
-    def __init__(self, model_path: Path, device: str, spec: ModelSpec) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        device: str,
+        spec: ModelSpec,
+        capture: GraphCapture = PROCESS_GRAPH_CAPTURE,
+    ) -> None:
         use_cuda = device.startswith("cuda") and torch.cuda.is_available()
         self.device = device if use_cuda else "cpu"
         self._torch_device = torch.device(self.device)
-        precision = spec.parameters.get("precision", "fp32")
-        if precision not in PRECISIONS:
-            raise ConfigError(
-                spec.name, "parameters.precision", f"'{precision}' is not one of {list(PRECISIONS)}"
-            )
-        self._dtype = PRECISIONS[precision] if use_cuda else None
+        self._dtype = PRECISIONS[spec.options.precision] if use_cuda else None
         buckets = graph_buckets(spec)
         # TorchScript archives hold code and tensors, not pickles of arbitrary objects.
         module = torch.jit.load(str(model_path), map_location=self._torch_device)
@@ -111,16 +120,26 @@ class TorchScriptBackend:
         self._stream = torch.cuda.Stream(self._torch_device) if use_cuda else None
         self._staging = StagingBuffers(pinned=use_cuda)
         self.stages = DeviceStages(self.device)  # filled by load_backend where models opt in
-        self._topk = device_topk(self.device) if use_cuda else topk_torch
+        self._topk = (
+            device_topk(self.device, ranked_rows(spec), [self._dtype or torch.float32])
+            if use_cuda
+            else topk_torch
+        )
         self._buckets = buckets if use_cuda else ()
         self._spec_inputs = spec.inputs
         self._blocking_wait = not spec.cuda.busy_wait_events
         self._graphs: dict[int, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._graph_capture = capture
+        # One memory pool for all of this instance's graphs: they never replay at the
+        # same time (one batch at a time) and each one's outputs are copied out before
+        # the next replay, so the intermediates of one may reuse another's memory.
+        self._graph_pool: Any = None
 
     def prepare(self) -> None:
         """Capture every CUDA graph bucket now, at load, not in some request's path.
-        Called once the device stages are registered (the graphs hold what follows them)."""
-        for bucket in self._buckets:
+        Called once the device stages are registered (the graphs hold what follows them).
+        Largest first: the smaller graphs then fit in the memory the largest pooled."""
+        for bucket in sorted(self._buckets, reverse=True):
             zeros = {
                 t.name: np.zeros((bucket, *t.dims), dtype=numpy_dtype(t.datatype))
                 for t in self._spec_inputs
@@ -224,13 +243,16 @@ class TorchScriptBackend:
         for _ in range(3):  # warm up on the side stream before capture, as CUDA graphs require
             self._module(*static_inputs)
         torch.cuda.current_stream().synchronize()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, stream=self._stream):
+        with self._graph_capture.capturing(cuda_graph, self._stream, self._graph_pool):
             result = self._module(*static_inputs)
         static_outputs = list(self._outputs(result).values())
         return cuda_graph, static_inputs, static_outputs
 
     def close(self) -> None:
         self._graphs.clear()
+        self._graph_pool = None
         self._staging.clear()
         del self._module

@@ -7,7 +7,8 @@ where its backend keeps outputs there (the fused softmax + top-k kernel).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 from kernels.classify import topk_reference, topk_torch
 
 from ..batching.request import Array, Ranked, Ranking
+from ..config import ModelSpec
 from .stages import working_kernel
 
 # (rows [R, N] tensor, k, softmax) -> (values [R, k] float32, indices [R, k] int64)
@@ -57,9 +59,38 @@ def rank_on_device(
     return ranked
 
 
-def device_topk(device: str) -> TopK:
-    """The fused softmax + top-k Triton kernel where it works on `device`, else torch."""
+@dataclass(frozen=True)
+class RankedRows:
+    """What the fused kernel is compiled for, per output a request may rank."""
+
+    width: int  # columns of one ranked row
+    softmax: bool
+
+
+def ranked_rows(spec: ModelSpec) -> tuple[RankedRows, ...]:
+    """The rows that classification can rank in `spec`'s outputs: every numeric output
+    with fixed dims (a batched output per item, an unbatched one as one row, as
+    rows_of does). Outputs with a -1 dim have no width to compile for in advance."""
+    softmax = spec.softmax_outputs
+    widths = {
+        RankedRows(int(np.prod(t.dims)), t.name in softmax)
+        for t in spec.outputs
+        if t.datatype != "BYTES" and -1 not in t.dims
+    }
+    return tuple(sorted(widths, key=lambda r: (r.width, r.softmax)))
+
+
+def device_topk(device: str, rows: Iterable[RankedRows] = (), dtypes: Iterable[Any] = ()) -> TopK:
+    """The fused softmax + top-k Triton kernel where it works on `device`, else torch.
+
+    The kernel compiles once per row width, softmax flag and score dtype, at its
+    first launch: each of `rows` in each of `dtypes` (float32 always) is launched
+    here, at model load, so no request waits for a compile. One that fails to
+    compile makes the model rank with torch ops instead."""
     import torch
+
+    shapes = [RankedRows(4, True), *rows]
+    kinds = list(dict.fromkeys([torch.float32, *dtypes]))
 
     def load() -> TopK:
         from kernels.triton_kernels import softmax_topk_triton
@@ -67,7 +98,9 @@ def device_topk(device: str) -> TopK:
         return softmax_topk_triton
 
     def probe(kernel: TopK) -> None:
-        kernel(torch.zeros((1, 4), device=device), 2, True)
+        for shape in shapes:
+            for dtype in kinds:
+                kernel(torch.zeros((1, shape.width), dtype=dtype, device=device), 1, shape.softmax)
 
     return working_kernel("softmax_topk", device, load, topk_torch, probe)
 

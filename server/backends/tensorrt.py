@@ -16,6 +16,10 @@ instance's thread sleeps on a CUDA event recorded after the last copy (the
 event loop never waits; completion reaches it through call_soon_threadsafe, as
 for every instance).
 
+An input shape outside the engine's optimisation profile is INVALID_ARGUMENT
+naming the input and the profile's bounds: at decode where the frontend asks
+input_bounds() (base.py), else for the batch, before anything is enqueued.
+
 The import of this module fails where TensorRT is absent; load_backend turns
 that into a clear configuration error.
 """
@@ -34,12 +38,14 @@ import torch
 
 from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
-from ..errors import ConfigError, InternalError
-from .base import Array
-from .ranking import device_topk
+from ..errors import ConfigError, InternalError, InvalidInput
+from .base import Array, ShapeRange
+from .ranking import device_topk, ranked_rows
 from .stages import DeviceStages
 from .staging import StagingBuffers, bring_back
 from .tensorrt_plan import (
+    PrecisionPlan,
+    Profile,
     Shape,
     engine_cache_dir,
     engine_cache_key,
@@ -137,10 +143,10 @@ def build_engine(
 ) -> Path:
     """The engine for onnx_path on this GPU: from the cache, else built (minutes) and cached."""
     onnx = onnx_path.read_bytes()
-    calibration = spec.parameters.get("trt_calibration_dir")
+    calibration = spec.options.tensorrt.calibration_dir
     major = int(trt.__version__.split(".")[0])
     plan_of_precision = precision_plan(spec, major, has_qdq(onnx), calibration is not None)
-    precision = spec.parameters.get("trt_precision", "fp16")
+    precision = spec.options.tensorrt.precision
     profiles = optimization_profiles(spec)
     gpu_name = torch.cuda.get_device_name(gpu) + str(torch.cuda.get_device_capability(gpu))
     key = engine_cache_key(onnx, gpu_name, trt.__version__, precision, profiles)
@@ -150,7 +156,27 @@ def build_engine(
     log.info("building a TensorRT engine for %s (%s); this takes minutes", spec.name, precision)
     if plan_of_precision.convert_to_fp16:
         onnx = to_fp16(onnx)  # strongly typed TensorRT: the graph carries the precision
-    torch.cuda.set_device(gpu)
+    # The builder times kernels on the current device; the caller's is restored after.
+    with torch.cuda.device(gpu):
+        serialized = _build(onnx, onnx_path, spec, plan, profiles, plan_of_precision, report)
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    tmp = plan.with_suffix(".partial")
+    tmp.write_bytes(bytes(serialized))
+    tmp.rename(plan)
+    return plan
+
+
+def _build(
+    onnx: bytes,
+    onnx_path: Path,
+    spec: ModelSpec,
+    plan: Path,
+    profiles: Mapping[str, Profile],
+    plan_of_precision: PrecisionPlan,
+    report: Callable[[str, int, int], None] | None,
+) -> Any:
+    """The serialised engine, built on the current device."""
+    calibration = spec.options.tensorrt.calibration_dir
     builder = trt.Builder(_LOGGER)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, _LOGGER)
@@ -174,11 +200,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise InternalError(f"TensorRT failed to build an engine for {spec.name}")
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.with_suffix(".partial")
-    tmp.write_bytes(bytes(serialized))
-    tmp.rename(plan)
-    return plan
+    return serialized
 
 
 def _log_progress(phase: str, step: int, total: int) -> None:
@@ -192,6 +214,19 @@ class TensorRTBackend:
             raise ConfigError(spec.name, "instance_group", "TensorRT instances need a GPU")
         self.device = device
         self._torch_device = torch.device(device)
+        self._batched = spec.batched
+        self._request_inputs = frozenset(t.name for t in spec.inputs)
+        self._blocking_wait = not spec.cuda.busy_wait_events
+        if spec.cuda.graphs:
+            log.warning("%s: CUDA graphs are not used for TensorRT instances", spec.name)
+        self.stages = DeviceStages(device)  # filled by load_backend where models opt in
+        # An engine, its execution context and its buffers belong to the device that
+        # was current when they were made: make it this instance's, whatever the
+        # loading thread had current.
+        with torch.cuda.device(self._torch_device):
+            self._open(model_path, spec)
+
+    def _open(self, model_path: Path, spec: ModelSpec) -> None:
         gpu = self._torch_device.index or 0
         if model_path.suffix == ".onnx" or not model_path.exists():
             onnx = model_path.with_name("model.onnx")
@@ -207,11 +242,6 @@ class TensorRTBackend:
         self._context = self._engine.create_execution_context()
         self._stream = torch.cuda.Stream(self._torch_device)
         self._staging = StagingBuffers(pinned=True)
-        self.stages = DeviceStages(device)  # filled by load_backend where models opt in
-        self._topk = device_topk(device)
-        self._blocking_wait = not spec.cuda.busy_wait_events
-        if spec.cuda.graphs:
-            log.warning("%s: CUDA graphs are not used for TensorRT instances", spec.name)
         self._inputs: list[str] = []
         self._outputs: list[str] = []
         for i in range(self._engine.num_io_tensors):
@@ -219,17 +249,49 @@ class TensorRTBackend:
             mode = self._engine.get_tensor_mode(name)
             (self._inputs if mode == trt.TensorIOMode.INPUT else self._outputs).append(name)
         self.input_names = tuple(self._inputs)  # what a tokenizer in front must feed
+        self.profiles = {  # profile 0, the one Convoy builds and binds
+            name: Profile(
+                *(tuple(int(d) for d in s) for s in self._engine.get_tensor_profile_shape(name, 0))
+            )
+            for name in self._inputs
+        }
+        _check_profiles(self.profiles, spec, str(model_path))
         # Device buffers, allocated once per instance: inputs for the largest profile
         # shape; outputs for the output shapes that the largest input shapes give.
         self._buffers: dict[str, torch.Tensor] = {}
         for name in self._inputs:
-            _, _, largest = self._engine.get_tensor_profile_shape(name, 0)
-            self._context.set_input_shape(name, tuple(largest))
-            self._buffers[name] = self._alloc(name, tuple(largest))
+            largest = self.profiles[name].max
+            self._set_shape(name, largest)
+            self._buffers[name] = self._alloc(name, largest)
             buffer = self._buffers[name]
             self._staging.reserve(name, buffer.numel() * buffer.element_size())
         for name in self._outputs:
             self._buffers[name] = self._alloc(name, tuple(self._context.get_tensor_shape(name)))
+        dtypes = {
+            self._buffers[n].dtype for n in self._outputs if self._buffers[n].is_floating_point()
+        }
+        self._topk = device_topk(self.device, ranked_rows(spec), sorted(dtypes, key=str))
+
+    def input_bounds(self) -> dict[str, ShapeRange]:
+        """The engine's optimisation profile per request input, per item: what a
+        request may send, checked at decode. Inputs reshaped by a device stage in
+        front (image pre-processing) are left to the stage."""
+        cut = 1 if self._batched else 0
+        return {
+            name: ShapeRange(profile.min[cut:], profile.max[cut:])
+            for name, profile in self.profiles.items()
+            if name in self._request_inputs and name not in self.stages.inputs
+        }
+
+    def _set_shape(self, name: str, shape: Shape) -> None:
+        # TensorRT answers False, and logs, for a shape outside the profile; executing
+        # anyway would fail the whole batch with an opaque error.
+        if not self._context.set_input_shape(name, shape):
+            profile = self.profiles[name]
+            raise InvalidInput(
+                f"input '{name}': shape {list(shape)} is outside the TensorRT optimisation "
+                f"profile (min {list(profile.min)}, max {list(profile.max)})"
+            )
 
     def _alloc(self, name: str, shape: Shape) -> torch.Tensor:
         trt_type = self._engine.get_tensor_dtype(name)
@@ -265,9 +327,10 @@ class TensorRTBackend:
             }
             feed = self.stages.apply_inputs(uploaded)
             for name in self._inputs:
-                view = self._bound(name, tuple(feed[name].shape))
+                shape = tuple(feed[name].shape)
+                self._set_shape(name, shape)  # before the buffer grows for a shape refused
+                view = self._bound(name, shape)
                 view.copy_(feed[name], non_blocking=True)  # also casts to the engine's type
-                self._context.set_input_shape(name, tuple(view.shape))
                 self._context.set_tensor_address(name, view.data_ptr())
             outputs: dict[str, torch.Tensor] = {}
             for name in self._outputs:
@@ -285,3 +348,24 @@ class TensorRTBackend:
         self._staging.clear()
         del self._context
         del self._engine
+
+
+def _check_profiles(profiles: Mapping[str, Profile], spec: ModelSpec, where: str) -> None:
+    """A model.plan built elsewhere may take less than the config promises clients:
+    refuse it at load rather than fail every batch that reaches past it."""
+    for name, profile in profiles.items():
+        if spec.batched and profile.max and profile.max[0] < spec.max_batch_size:
+            raise ConfigError(
+                where,
+                "max_batch_size",
+                f"{spec.max_batch_size} exceeds the engine's profile for input '{name}' "
+                f"(batches up to {profile.max[0]})",
+            )
+        text = spec.options.text
+        if text is not None and len(profile.max) == 2 and profile.max[1] < text.max_length:
+            raise ConfigError(
+                where,
+                "parameters.tokenizer_max_length",
+                f"{text.max_length} tokens exceed the engine's profile for input '{name}' "
+                f"(up to {profile.max[1]})",
+            )

@@ -27,13 +27,9 @@ class Profile:
 def optimization_profiles(spec: ModelSpec) -> dict[str, Profile]:
     """min/opt/max shapes per input: batch 1 / half of max / max, and for each -1
     dim past the batch the range given by parameters `trt_dynamic_min|opt|max`
-    (defaults 1, 128, 512)."""
-    dyn = {
-        key: int(spec.parameters.get(f"trt_dynamic_{key}", default))
-        for key, default in (("min", 1), ("opt", 128), ("max", 512))
-    }
-    if not 1 <= dyn["min"] <= dyn["opt"] <= dyn["max"]:
-        raise ConfigError(spec.name, "parameters.trt_dynamic_*", "need 1 <= min <= opt <= max")
+    (defaults 1, 128, 512; checked with the config)."""
+    trt = spec.options.tensorrt
+    dyn = {"min": trt.dynamic_min, "opt": trt.dynamic_opt, "max": trt.dynamic_max}
     profiles = {}
     for tensor in spec.inputs:
 
@@ -48,9 +44,6 @@ def optimization_profiles(spec: ModelSpec) -> dict[str, Profile]:
             max=shape(top, dyn["max"]),
         )
     return profiles
-
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -69,9 +62,7 @@ def precision_plan(
     spec: ModelSpec, trt_major: int, has_qdq: bool, has_calibration: bool
 ) -> PrecisionPlan:
     field = "parameters.trt_precision"
-    precision = spec.parameters.get("trt_precision", "fp16")
-    if precision not in PRECISIONS:
-        raise ConfigError(spec.name, field, f"'{precision}' is not one of {list(PRECISIONS)}")
+    precision = spec.options.tensorrt.precision  # one of fp32, fp16, int8: checked with the config
     if precision == "fp32":
         return PrecisionPlan()
     if trt_major < 11:

@@ -23,10 +23,18 @@ from tokenizers import Tokenizer
 
 from kernels.pooling import mean_pool_l2_reference
 
-from ..config import ModelSpec
+from ..config import ModelSpec, TextOptions
 from ..errors import ConfigError, InvalidInput
 from .base import Array, Backend
 from .stages import DeviceStages, working_kernel
+
+
+def tokenizer_path(options: TextOptions, version_dir: Path) -> Path:
+    """The tokenizer file; checked before the runtime loads (an engine build takes minutes)."""
+    path = version_dir / options.tokenizer
+    if not path.is_file():
+        raise ConfigError(str(path), "parameters.tokenizer", "tokenizer file not found")
+    return path
 
 
 class TokenizingBackend:
@@ -39,33 +47,15 @@ class TokenizingBackend:
     ) -> None:
         self._inner = inner
         self.device = inner.device
-        path = version_dir / spec.parameters["tokenizer"]
-        if not path.exists():
-            raise ConfigError(str(path), "parameters.tokenizer", "tokenizer file not found")
-        text_inputs = [t for t in spec.inputs if t.datatype == "BYTES"]
-        if len(text_inputs) != 1:
-            raise ConfigError(spec.name, "input", "a tokenized model needs exactly one BYTES input")
-        if text_inputs[0].dims not in ((1,), ()):
-            raise ConfigError(
-                spec.name, "input.dims", "the tokenized BYTES input must have dims [ 1 ]"
-            )
-        self._text_input = text_inputs[0].name
-        try:
-            max_length = int(spec.parameters.get("tokenizer_max_length", "256"))
-        except ValueError:
-            raise ConfigError(
-                spec.name, "parameters.tokenizer_max_length", "must be an integer"
-            ) from None
+        options = spec.options.text
+        assert options is not None  # load_backend wraps only where the config opts in
+        path = tokenizer_path(options, version_dir)
+        self._text_input = options.input
         self._tokenizer = Tokenizer.from_file(str(path))
-        self._tokenizer.enable_truncation(max_length=max_length)
+        self._tokenizer.enable_truncation(max_length=options.max_length)
         self._tokenizer.enable_padding()
         self._wants = set(getattr(inner, "input_names", ("input_ids", "attention_mask")))
-        post = spec.parameters.get("postprocess")
-        if post not in (None, "mean_pool_l2"):
-            raise ConfigError(
-                spec.name, "parameters.postprocess", f"'{post}' is not 'mean_pool_l2'"
-            )
-        self._pool = post == "mean_pool_l2"
+        self._pool = options.postprocess == "mean_pool_l2"
         if self._pool and stages is not None:
             pool = _device_pooling(stages.device)
             for output in spec.outputs:
