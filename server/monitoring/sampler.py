@@ -1,0 +1,141 @@
+"""The bounded sample buffer that the event loop fills, a few rows per request.
+
+`offer()` runs on the event loop for every answered request, so it does only
+O(1) work: a credit counter decides whether this request is sampled (no random
+numbers), and a sampled request's first rows are copied into the current window
+of each monitored tensor (a preallocated buffer). A full window moves to a
+bounded hand-off queue that the monitor's thread drains; when that thread falls
+behind, the oldest full window is dropped and counted, so memory stays fixed:
+one filling window per tensor plus max_pending windows per tensor in the queue.
+No statistics here (DESIGN §9).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..batching.request import Array
+from ..config import TensorSpec
+from ..tensors import NUMPY_DTYPES
+
+ROW_BUDGET_BYTES = 64 * 1024  # copied per tensor per sampled request, at most (one row always)
+MAX_PENDING_WINDOWS = 2  # full windows per tensor waiting for the thread
+
+
+@dataclass(frozen=True)
+class SampledTensor:
+    """A tensor to sample: an input or an output of the model."""
+
+    spec: TensorSpec
+    is_output: bool = False
+
+
+class _Window:
+    """One tensor's current window: numeric rows, or BYTES strings flattened."""
+
+    __slots__ = ("buffer", "filled")
+
+    def __init__(self, buffer: Array) -> None:
+        self.buffer = buffer
+        self.filled = 0
+
+
+class TensorSampler:
+    def __init__(self, tensor: SampledTensor, window: int, rows_per_request: int) -> None:
+        self.tensor = tensor
+        spec = tensor.spec
+        self.is_bytes = spec.datatype == "BYTES"
+        self.window = window
+        if self.is_bytes:
+            self._row_shape: tuple[int, ...] = ()
+            self._dtype: np.dtype[np.generic] = np.dtype(np.object_)
+            self._take = rows_per_request  # strings per request
+        else:
+            self._row_shape = spec.dims
+            self._dtype = NUMPY_DTYPES[spec.datatype]
+            row_bytes = self._dtype.itemsize * math.prod(spec.dims)
+            self._take = max(1, min(rows_per_request, ROW_BUDGET_BYTES // max(row_bytes, 1)))
+        self._current = self._new_window()
+
+    def _new_window(self) -> _Window:
+        return _Window(np.empty((self.window, *self._row_shape), dtype=self._dtype))
+
+    def add(self, rows: Array) -> Array | None:
+        """Copy a sampled request's first rows in; the window array once it is full."""
+        current = self._current
+        room = self.window - current.filled
+        if self.is_bytes:
+            rows = rows.reshape(-1)
+        count = min(self._take, room, len(rows))
+        current.buffer[current.filled : current.filled + count] = rows[:count]
+        current.filled += count
+        if current.filled < self.window:
+            return None
+        # A fresh buffer per window (not per request): the full one now belongs to the thread.
+        self._current = self._new_window()
+        return current.buffer
+
+
+class Sampler:
+    """Samples requests into bounded windows; the loop offers, the thread takes."""
+
+    def __init__(
+        self,
+        tensors: list[SampledTensor],
+        batched: bool,
+        window: int,
+        sample_rate: float = 1.0,
+        rows_per_request: int = 4,
+        max_pending: int = MAX_PENDING_WINDOWS,
+    ) -> None:
+        self.batched = batched
+        self.sample_rate = sample_rate
+        self._inputs = [
+            TensorSampler(t, window, rows_per_request) for t in tensors if not t.is_output
+        ]
+        self._outputs = [TensorSampler(t, window, rows_per_request) for t in tensors if t.is_output]
+        self._credit = 0.0
+        # deque.append and popleft are atomic under the GIL: the loop appends, the thread pops.
+        limit = max_pending * max(1, len(tensors))
+        self._full: collections.deque[tuple[str, Array]] = collections.deque(maxlen=limit)
+        self.offered = 0  # requests seen
+        self.sampled = 0  # requests copied from
+        self.dropped = 0  # full windows lost because the thread fell behind
+
+    def offer(self, inputs: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
+        """Called on the event loop once per answered request; tensors it lacks (an
+        optional input, an output the client did not ask for) are skipped."""
+        self.offered += 1
+        self._credit += self.sample_rate
+        if self._credit < 1.0:
+            return
+        self._credit -= 1.0
+        self.sampled += 1
+        for samplers, tensors in ((self._inputs, inputs), (self._outputs, outputs)):
+            for sampler in samplers:
+                array = tensors.get(sampler.tensor.spec.name)
+                if array is None:
+                    continue
+                full = sampler.add(array if self.batched else array[np.newaxis])
+                if full is not None:
+                    if len(self._full) == self._full.maxlen:
+                        self.dropped += 1
+                    self._full.append((sampler.tensor.spec.name, full))
+
+    def take(self) -> list[tuple[str, Array]]:
+        """Full windows, oldest first; called from the monitor's thread."""
+        windows = []
+        while True:
+            try:
+                windows.append(self._full.popleft())
+            except IndexError:
+                return windows
+
+    @property
+    def buffered_windows(self) -> int:
+        return len(self._full)

@@ -1,0 +1,218 @@
+"""The sampler (bounded, O(1) per request), the monitor driven by run_once() and an
+injected clock, and the Prometheus figures the exporter reads from it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+
+from server.config import TensorSpec
+from server.monitoring.exporter import MonitoringCollector
+from server.monitoring.monitor import ModelMonitor
+from server.monitoring.params import parse_monitoring_params
+from server.monitoring.registry import Monitors
+from server.monitoring.sampler import ROW_BUDGET_BYTES, SampledTensor, Sampler
+from tests.drift_helpers import scores_of, tabular_spec, write_reference
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _monitor(tmp_path: Path, **extra: str) -> tuple[ModelMonitor, FakeClock]:
+    write_reference(tmp_path, np.random.default_rng(0))
+    spec = tabular_spec({"drift_reference": "reference.npz", "drift_window": "100", **extra})
+    drift = parse_monitoring_params(spec, "config.pbtxt").drift
+    assert drift is not None
+    clock = FakeClock()
+    return ModelMonitor.for_model(spec, "1", tmp_path, drift, clock=clock), clock
+
+
+def _requests(
+    monitor: ModelMonitor, rng: np.random.Generator, count: int, shift: float = 0.0
+) -> None:
+    for _ in range(count):
+        x = rng.standard_normal((4, 16)).astype(np.float32)
+        x[:, 3] += shift
+        monitor.sampler.offer({"INPUT0": x}, {"SCORES": scores_of(x)})
+
+
+def test_sampler_memory_is_bounded_when_nobody_takes() -> None:
+    tensor = SampledTensor(TensorSpec("X", "FP32", (16,)))
+    sampler = Sampler([tensor], batched=True, window=48, rows_per_request=4, max_pending=2)
+    batch = np.ones((8, 16), np.float32)
+    for _ in range(1000):  # 4 rows of each: 83 full windows of 48
+        sampler.offer({"X": batch}, {})
+    assert sampler.buffered_windows == 2
+    assert sampler.dropped == 81
+    windows = sampler.take()
+    assert [w.shape for _, w in windows] == [(48, 16), (48, 16)]
+    assert sampler.take() == []
+
+
+def test_sampler_copies_rows_and_respects_rate_and_budget() -> None:
+    image = SampledTensor(TensorSpec("IMG", "FP32", (3, 64, 64)))  # 48 KiB a row
+    text = SampledTensor(TensorSpec("TEXT", "BYTES", (1,)))
+    sampler = Sampler([image, text], batched=True, window=4, sample_rate=0.25, rows_per_request=4)
+    batch = np.zeros((4, 3, 64, 64), np.float32)
+    strings = np.array([[b"a"], [b"b"], [b"c"], [b"d"]], dtype=object)
+    for i in range(16):
+        batch[:] = i
+        sampler.offer({"IMG": batch, "TEXT": strings}, {})
+    assert (sampler.offered, sampler.sampled) == (16, 4)  # one request in four
+    windows = dict(sampler.take())
+    assert 3 * 64 * 64 * 4 > ROW_BUDGET_BYTES // 2  # so only one image row fits the budget
+    assert windows["IMG"].shape == (4, 3, 64, 64)
+    # Rows were copied when sampled (requests 3, 7, 11, 15), not kept as views.
+    assert windows["IMG"][:, 0, 0, 0].tolist() == [3.0, 7.0, 11.0, 15.0]
+    assert windows["TEXT"].tolist() == [b"a", b"b", b"c", b"d"]
+
+
+def test_monitor_scores_full_windows_and_keeps_the_latest(tmp_path: Path) -> None:
+    monitor, clock = _monitor(tmp_path)
+    rng = np.random.default_rng(1)
+    assert monitor.run_once() == 0  # nothing full yet
+    _requests(monitor, rng, 25)  # 100 rows: one window per tensor
+    assert monitor.run_once() == 2
+    clock.now = 160.0
+    _requests(monitor, rng, 50, shift=1.0)
+    assert monitor.run_once() == 4
+    assert monitor.window_count == 6
+    status = {t.name: t for t in monitor.status().tensors}
+    inputs = status["INPUT0"]
+    assert (inputs.windows, inputs.scored_at_s, inputs.state) == (3, 160.0, "scored")
+    assert inputs.result is not None and inputs.result.is_drift
+    assert [f.name for f in inputs.result.features if f.is_drift] == ["3"]
+    # Feature 3 feeds class 3's score: the predicted classes shift too.
+    assert status["SCORES"].result is not None and status["SCORES"].result.is_drift
+
+
+def test_first_n_collects_a_reference_then_tests(tmp_path: Path) -> None:
+    spec = tabular_spec({"drift_reference": "first:200", "drift_window": "100"})
+    drift = parse_monitoring_params(spec, "config.pbtxt").drift
+    assert drift is not None
+    monitor = ModelMonitor.for_model(spec, "1", tmp_path, drift)
+    rng = np.random.default_rng(2)
+    _requests(monitor, rng, 25)
+    monitor.run_once()
+    collecting = {t.name: (t.state, t.reference_size) for t in monitor.status().tensors}
+    assert collecting["INPUT0"] == ("collecting_reference", 100)
+    _requests(monitor, rng, 25)
+    monitor.run_once()
+    _requests(monitor, rng, 25, shift=1.5)
+    monitor.run_once()
+    status = {t.name: t for t in monitor.status().tensors}
+    assert status["INPUT0"].test == "numeric" and status["INPUT0"].reference_size == 200
+    assert status["INPUT0"].result is not None and status["INPUT0"].result.is_drift
+
+
+def test_thread_starts_and_stops_under_its_owner(tmp_path: Path) -> None:
+    monitor, _ = _monitor(tmp_path, drift_interval_s="3600")
+    monitor.start()
+    monitor.start()  # idempotent: still one thread
+    threads = [t for t in threading.enumerate() if t.name == "drift-m:1"]
+    assert len(threads) == 1
+    monitor.stop()
+    assert not threads[0].is_alive()
+    monitor.stop()
+
+
+def test_exporter_names_model_input_and_feature(tmp_path: Path) -> None:
+    monitor, _ = _monitor(tmp_path)
+    monitors = Monitors()
+    monitors.add_monitor(monitor)
+    registry = CollectorRegistry()
+    registry.register(MonitoringCollector(monitors))
+    before = generate_latest(registry).decode()
+    assert 'convoy_drift_reference_size{input="INPUT0",model="m",version="1"} 2000.0' in before
+    assert "convoy_drift_detected{" not in before  # no window yet: no figure, not a 0
+    _requests(monitor, np.random.default_rng(3), 25, shift=1.0)
+    monitor.run_once()
+    text = generate_latest(registry).decode()
+    assert 'convoy_drift_detected{input="INPUT0",model="m",version="1"} 1.0' in text
+    assert 'convoy_drift_windows_total{input="INPUT0",model="m",version="1"} 1.0' in text
+    assert 'convoy_drift_alarms_total{input="INPUT0",model="m",version="1"} 1.0' in text
+    assert 'convoy_drift_p_value{feature="3",input="INPUT0",model="m",version="1"}' in text
+    assert 'convoy_drift_score{feature="",input="INPUT0",model="m",version="1"}' in text
+    assert 'convoy_drift_detected{input="SCORES",model="m",version="1"} 1.0' in text
+    p_values = {
+        line.split('feature="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("convoy_drift_p_value{") and 'input="INPUT0"' in line
+    }
+    assert p_values["3"] < 0.05 < p_values["0"]
+    monitors.remove_monitor("m", "1")
+    assert "convoy_drift_detected{" not in generate_latest(registry).decode()
+
+
+def test_attach_observe_detach(tmp_path: Path) -> None:
+    write_reference(tmp_path, np.random.default_rng(4))
+    spec = tabular_spec(
+        {
+            "drift_reference": "reference.npz",
+            "drift_window": "100",
+            "drift_interval_s": "3600",
+            "feedback_reference_accuracy": "0.8",
+        }
+    )
+    monitors = Monitors()
+    handle = monitors.attach(spec, "1", tmp_path, "config.pbtxt", labels={"SCORES": ["a", "b"]})
+    assert handle.active and handle.drift is not None
+    try:
+        assert monitors.monitors("m") == [handle.drift]
+        x = np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)
+        handle.observe("req-1", {"INPUT0": x}, {"SCORES": scores_of(x)})
+        assert handle.drift.sampler.sampled == 1
+        top = int(np.argmax(scores_of(x)[0]))
+        assert monitors.feedback("m", "req-1", top).correct is True
+    finally:
+        monitors.detach(handle)
+    assert monitors.monitors() == [] and monitors.feedback_store("m") is None
+    plain = monitors.attach(tabular_spec(), "1", tmp_path, "config.pbtxt")
+    assert not plain.active
+    plain.observe("r", {}, {})  # a model without monitoring: observe does nothing
+
+
+def test_a_failing_observation_never_reaches_the_caller(tmp_path: Path) -> None:
+    write_reference(tmp_path, np.random.default_rng(6))
+    spec = tabular_spec({"drift_reference": "reference.npz", "drift_interval_s": "3600"})
+    monitors = Monitors()
+    handle = monitors.attach(spec, "1", tmp_path, "config.pbtxt")
+    try:
+        wrong = np.zeros((2, 15), np.float32)  # a shape the sampler's buffer cannot take
+        handle.observe("r", {"INPUT0": wrong}, {})
+        handle.observe("r", {"INPUT0": wrong}, {})
+        assert handle.failures == 2
+        good = np.zeros((2, 16), np.float32)
+        handle.observe("r", {"INPUT0": good}, {})
+        assert handle.failures == 2
+    finally:
+        monitors.detach(handle)
+
+
+def test_a_reload_keeps_the_new_versions_monitoring(tmp_path: Path) -> None:
+    write_reference(tmp_path, np.random.default_rng(7))
+    spec = tabular_spec(
+        {
+            "drift_reference": "reference.npz",
+            "drift_interval_s": "3600",
+            "feedback_reference_accuracy": "0.8",
+        }
+    )
+    monitors = Monitors()
+    old = monitors.attach(spec, "1", tmp_path, "config.pbtxt")
+    new = monitors.attach(spec, "1", tmp_path, "config.pbtxt")  # before the old one closes
+    monitors.detach(old)
+    try:
+        assert monitors.monitors() == [new.drift]
+        assert monitors.feedback_store("m") is new.feedback
+    finally:
+        monitors.detach(new)
+    assert monitors.monitors() == [] and monitors.feedback_store("m") is None

@@ -1,0 +1,167 @@
+"""Monitoring through the real server: drift injected with tritonclient shows in
+/metrics, in a real Prometheus' HTTP API and in `convoy monitor`; feedback goes through
+MonitoringService on the inference port."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from server.pb import convoy_monitoring_pb2 as pb
+from server.pb import convoy_monitoring_pb2_grpc as pb_grpc
+from tests.conftest import ROOT, ServerProcess, make_repository, start_server
+
+pytestmark = pytest.mark.e2e
+
+SHIFTED_FEATURE = 5
+PARAMETERS = {
+    "drift_reference": "reference.npz",
+    "drift_window": "100",
+    "drift_interval_s": "0.2",
+    "feedback_reference_accuracy": "0.9",
+}
+
+
+@pytest.fixture(scope="module")
+def monitored(
+    examples_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """`tiny` (2x + 1) with a reference of standard normal inputs and their outputs."""
+    repo = make_repository(tmp_path_factory.mktemp("monitored"), examples_dir, ("tiny",))
+    model_dir = repo / "tiny"
+    with (model_dir / "config.pbtxt").open("a") as config:
+        for key, value in PARAMETERS.items():
+            config.write(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n')
+    x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    np.savez(model_dir / "reference.npz", INPUT0=x, OUTPUT0=2 * x + 1)
+    proc = start_server(repo)
+    yield proc
+    proc.stop()
+
+
+def _infer(server: ServerProcess, rows: np.ndarray, request_id: str = "") -> np.ndarray:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.url)
+    data = grpcclient.InferInput("INPUT0", list(rows.shape), "FP32")
+    data.set_data_from_numpy(rows)
+    result = client.infer("tiny", [data], request_id=request_id)
+    return np.asarray(result.as_numpy("OUTPUT0"))
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _metric(server: ServerProcess, line_start: str) -> float | None:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _inject_drift(server: ServerProcess) -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(60):  # 240 rows: two windows of 100
+        x = rng.standard_normal((4, 16)).astype(np.float32)
+        x[:, SHIFTED_FEATURE] += 1.0
+        _infer(server, x)
+
+
+def test_injected_drift_shows_in_metrics_and_convoy_monitor(monitored: ServerProcess) -> None:
+    _inject_drift(monitored)
+    detected = 'convoy_drift_detected{input="INPUT0",model="tiny",version="1"}'
+    _wait_for(lambda: _metric(monitored, detected) == 1.0, "the drift gauge")
+    p_value = _metric(
+        monitored,
+        f'convoy_drift_p_value{{feature="{SHIFTED_FEATURE}",input="INPUT0",model="tiny",version="1"}}',
+    )
+    assert p_value is not None and p_value < 0.05
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "monitor", "tiny", "--server", monitored.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    drifted = [line.split()[0] for line in result.stdout.splitlines() if line.endswith("DRIFT")]
+    assert str(SHIFTED_FEATURE) in drifted
+
+
+def test_feedback_through_the_monitoring_service(monitored: ServerProcess) -> None:
+    x = np.random.default_rng(2).standard_normal((1, 16)).astype(np.float32)
+    output = _infer(monitored, x, request_id="fb-1")
+    with grpc.insecure_channel(monitored.url) as channel:
+        stub = pb_grpc.MonitoringServiceStub(channel)
+        reply = stub.Feedback(
+            pb.FeedbackRequest(model_name="tiny", id="fb-1", class_index=int(np.argmax(output[0])))
+        )
+        assert (reply.model_version, reply.correct) == ("1", True)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Feedback(pb.FeedbackRequest(model_name="tiny", id="fb-1", class_index=0))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # judged once, then forgotten
+    accuracy = 'convoy_feedback_accuracy{model="tiny",version="1"}'
+    assert _metric(monitored, accuracy) == 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="Debian's prometheus package is not installed (apt-get install -y prometheus)",
+)
+def test_a_real_prometheus_scrapes_the_drift_gauge(
+    monitored: ServerProcess, tmp_path: Path
+) -> None:
+    _inject_drift(monitored)
+    port = _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: convoy\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{monitored.metrics_port}']}}]\n"
+    )
+    prometheus = subprocess.Popen(
+        [
+            "prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    query = 'convoy_drift_detected{model="tiny",input="INPUT0"}'
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+
+    def drift_in_prometheus() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                results = json.load(response)["data"]["result"]
+        except OSError:
+            return False  # not listening yet
+        return any(r["value"][1] == "1" for r in results)
+
+    try:
+        _wait_for(drift_in_prometheus, "Prometheus to scrape the drift gauge", timeout=60)
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
