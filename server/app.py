@@ -19,8 +19,11 @@ from .errors import ConfigError
 from .frontend.admin import SERVICE_NAME as ROLLOUT_SERVICE
 from .frontend.admin import add_rollout_service
 from .frontend.auth import AccessInterceptor, AccessPolicy, load_tokens
+from .frontend.monitoring import SERVICE_NAME as MONITORING_SERVICE
+from .frontend.monitoring import add_monitoring_service
 from .frontend.servicer import InferenceServicer
 from .metrics import Metrics, PoolReading
+from .monitoring.exporter import MonitoringCollector
 from .pb import grpc_service_pb2 as pb
 from .pb import grpc_service_pb2_grpc as pb_grpc
 from .pb._pool import POOL
@@ -55,6 +58,7 @@ class ConvoyServer:
         self.repository.outcomes = self.rollouts.record
         self.repository.keep_loaded = self.rollouts.versions_in_use
         self.metrics.registry.register(RolloutCollector(self.rollouts))
+        self.metrics.registry.register(MonitoringCollector(self.repository.monitors))
         self.shadow = ShadowRunner(self.rollouts)
         self.declared = DeclaredRollouts(self.repository, self.rollouts)
         self.servicer = InferenceServicer(
@@ -80,10 +84,13 @@ class ConvoyServer:
         self._grpc = grpc.aio.server(options=options, interceptors=self._interceptors())
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
         add_rollout_service(self._grpc, self.rollouts)
+        add_monitoring_service(self._grpc, self.repository.monitors)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if cfg.reflection:
             reflection.enable_server_reflection(
-                [SERVICE_NAME, ROLLOUT_SERVICE, reflection.SERVICE_NAME], self._grpc, pool=POOL
+                [SERVICE_NAME, ROLLOUT_SERVICE, MONITORING_SERVICE, reflection.SERVICE_NAME],
+                self._grpc,
+                pool=POOL,
             )
         address = f"{cfg.host}:{cfg.grpc_port}"
         credentials = _server_credentials(cfg)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ServerConfig, ServingLimits
+from .monitoring.cli import add_monitor_parser, run_monitor
 from .rollouts.cli import add_rollout_parser, run_rollout_command
 
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     engine.add_argument("--gpu", type=int, default=0, help="GPU index (default 0)")
     add_rollout_parser(commands)
+    add_monitor_parser(commands)
     return parser
 
 
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return build_engine_command(args.model_dir, args.gpu)
     if args.command == "rollout":
         return run_rollout_command(args)
+    if args.command == "monitor":
+        return run_monitor(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 

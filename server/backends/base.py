@@ -101,7 +101,7 @@ def input_bounds(backend: object) -> dict[str, ShapeRange]:
 
 
 def check_input_bounds(
-    bounds: dict[str, ShapeRange], name: str, item_shape: tuple[int, ...]
+    bounds: Mapping[str, ShapeRange], name: str, item_shape: tuple[int, ...]
 ) -> None:
     """InvalidInput where input `name`'s shape is out of bounds. `item_shape` is the
     request's shape past the batch dim for a batched model, the whole shape otherwise."""

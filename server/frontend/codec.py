@@ -14,6 +14,7 @@ import numpy as np
 
 from kernels.classify import format_classes
 
+from ..backends.base import ShapeRange, check_input_bounds
 from ..batching.request import Array, InferRequest, InferResult
 from ..config import ModelSpec
 from ..errors import InvalidInput
@@ -34,6 +35,7 @@ def decode_request(
     now_ns: int,
     time_remaining_s: float | None,
     max_elements: int = 1 << 28,
+    bounds: Mapping[str, ShapeRange] | None = None,
 ) -> InferRequest:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -41,7 +43,7 @@ def decode_request(
             f"raw_input_contents has {len(raw)} entries but the request has "
             f"{len(request.inputs)} inputs; send one entry per input"
         )
-    tokenized = "tokenizer" in spec.parameters
+    text_input = spec.options.text.input if spec.options.text is not None else None
     inputs: dict[str, Array] = {}
     item_shapes: dict[str, tuple[int, ...]] = {}
     rows: int | None = None
@@ -87,6 +89,8 @@ def decode_request(
                 f"input '{name}': unexpected shape {list(shape)} for model '{spec.name}'; "
                 f"expected {full}"
             )
+        if bounds:  # a TensorRT profile: refuse here rather than fail the whole batch
+            check_input_bounds(bounds, name, item)
         count = math.prod(shape)  # Python ints: no overflow before the check
         if count > max_elements:
             raise InvalidInput(
@@ -97,7 +101,7 @@ def decode_request(
             array = _from_raw(raw[index], tensor.datatype, shape, count, name, index)
         else:
             array = _from_contents(tensor, shape, count)
-        if tokenized and tensor.datatype == "BYTES":
+        if name == text_input:
             _decode_text(array, name)
         inputs[name] = array
         item_shapes[name] = item

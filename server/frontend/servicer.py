@@ -206,6 +206,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         model = self._repo.get(name, version)
         infer_request = _decode(model, request, context.time_remaining(), self._limits.max_elements)
         result = await model.infer(infer_request)
+        if model.monitoring is not None:  # a few rows copied; statistics run off the loop
+            model.monitoring.observe(infer_request.id, infer_request.inputs, result.outputs)
         if self._shadow is not None and result.outputs:
             self._shadow.after_answer(
                 name,
@@ -339,6 +341,7 @@ def _decode(
             time.monotonic_ns(),
             time_remaining,
             max_elements,
+            model.input_bounds,
         )
     except ConvoyError as exc:
         model.record_rejection(exc)

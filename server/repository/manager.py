@@ -31,6 +31,8 @@ from ..config import (
 )
 from ..errors import ConfigError, ConvoyError, InvalidInput, ModelNotFound, ModelNotReady
 from ..metrics import Metrics
+from ..monitoring.registry import ModelMonitoring, Monitors
+from ..monitoring.tokens import tokenizer_hook
 from ..pb import model_config_pb2 as mc
 from ..scheduling.devices import place_group, resolved_kind
 from ..scheduling.health import DeviceHealth
@@ -92,6 +94,7 @@ class ModelRepository:
         self.limits = limits
         self.health = health or DeviceHealth()
         self._metrics = metrics
+        self.monitors = Monitors()  # drift and feedback of the loaded versions
         self._clock = clock
         self._drain_timeout = drain_timeout_s  # the grace period bounds every drain
         self._models: dict[str, ModelEntry] = {}
@@ -351,6 +354,8 @@ class ModelRepository:
         except BaseException:
             for model in served.values():
                 model.pool.close()
+                if model.monitoring_handle is not None:
+                    self.monitors.detach(model.monitoring_handle)
             raise
         return served
 
@@ -358,9 +363,12 @@ class ModelRepository:
         self, spec: ModelSpec, config: mc.ModelConfig, model_dir: Path, version: int
     ) -> ServedModel:
         model_path = model_dir / str(version) / spec.default_model_filename
-        devices = [d for g in spec.instance_groups for d in place_group(spec.name, g)]
+        failed = self.health.failed  # no new instance on a GPU lost to a fatal fault
+        devices = [d for g in spec.instance_groups for d in place_group(spec.name, g, failed)]
         threads = default_threads(len(devices))
         labels = _read_labels(spec, model_dir)
+        # First: a bad drift reference fails the load before any runtime starts.
+        monitoring = self._attach_monitoring(spec, model_dir, version, labels)
         instances: list[ModelInstance] = []
         try:
             for index, device in enumerate(devices):
@@ -371,6 +379,7 @@ class ModelRepository:
         except BaseException:
             for instance in instances:
                 instance.close()
+            self.monitors.detach(monitoring)
             raise
         metrics = self._metrics.for_model(spec.name, str(version))
         replacements = itertools.count()
@@ -392,7 +401,18 @@ class ModelRepository:
             spec, version, config, pool, metrics, self._clock, self.limits, self.outcomes
         )
         served.labels = labels
+        served.attach_monitoring(self.monitors, monitoring)
         return served
+
+    def _attach_monitoring(
+        self, spec: ModelSpec, model_dir: Path, version: int, labels: dict[str, list[str]]
+    ) -> ModelMonitoring:
+        text = spec.options.text
+        tokenizer = tokenizer_hook(model_dir / str(version) / text.tokenizer) if text else None
+        config_path = str(model_dir / CONFIG_FILENAME)
+        return self.monitors.attach(
+            spec, str(version), model_dir, config_path, labels, tokenizer=tokenizer
+        )
 
 
 def _show_instance_groups(config: mc.ModelConfig, spec: ModelSpec) -> None:

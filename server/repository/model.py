@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from ..backends.base import input_bounds
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome, Clock, ModelQueue
 from ..batching.request import InferRequest, InferResult
 from ..config import DEFAULT_LIMITS, ModelSpec, ServingLimits
 from ..errors import ConvoyError
 from ..metrics import ModelMetrics
+from ..monitoring.registry import ModelMonitoring, Monitors
 from ..pb import model_config_pb2 as mc
 from ..scheduling.pool import InstancePool
 from ..statistics import ModelStatistics
@@ -37,6 +39,9 @@ class ServedModel:
         self.version = version
         self.version_label = str(version)
         self._outcomes = outcomes
+        self._monitors: Monitors | None = None
+        self.monitoring_handle: ModelMonitoring | None = None
+        self.monitoring: ModelMonitoring | None = None  # set only where it has work to do
         self.config = config
         self.pool = pool
         self.metrics = metrics
@@ -44,6 +49,8 @@ class ServedModel:
         self._clock = clock
         self.inflight = 0
         self.ready = True  # false once nothing can serve it (lost instances or devices)
+        # What the runtime accepts per input (a TensorRT profile), checked at decode.
+        self.input_bounds = input_bounds(pool.instances[0].backend)
         self.labels: dict[str, list[str]] = {}  # output -> class labels (label_filename)
         self.queue = ModelQueue(
             name=f"{spec.name}:{version}",
@@ -82,6 +89,13 @@ class ServedModel:
         await self.queue.close(drain, timeout_s)
         await asyncio.to_thread(self.pool.close, timeout_s)
         self.metrics.release()
+        if self._monitors is not None and self.monitoring_handle is not None:
+            await asyncio.to_thread(self._monitors.detach, self.monitoring_handle)
+
+    def attach_monitoring(self, monitors: Monitors, monitoring: ModelMonitoring) -> None:
+        self._monitors = monitors
+        self.monitoring_handle = monitoring
+        self.monitoring = monitoring if monitoring.active else None
 
     async def infer(self, request: InferRequest) -> InferResult:
         """Queue the request and wait for its one answer."""

@@ -1,0 +1,66 @@
+"""The codec on its own: per-request validation that must happen before queueing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.backends.base import ShapeRange
+from server.config import read_model_config, validate_model_config
+from server.errors import InvalidInput
+from server.frontend.codec import decode_request
+from server.pb import grpc_service_pb2 as pb
+
+CONFIG = """
+name: "m"
+platform: "tensorrt_plan"
+max_batch_size: 8
+input [ { name: "ids" data_type: TYPE_INT64 dims: [ -1 ] },
+        { name: "mask" data_type: TYPE_INT64 dims: [ -1 ] optional: true } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+
+
+def spec(tmp_path: Path):  # type: ignore[no-untyped-def]
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.pbtxt").write_text(CONFIG)
+    config = read_model_config(tmp_path / "m")
+    return validate_model_config(config, str(tmp_path / "m" / "config.pbtxt"), "m")
+
+
+def request(*inputs: tuple[str, int]) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name="m")
+    for name, width in inputs:
+        message.inputs.add(name=name, datatype="INT64", shape=[1, width])
+        message.raw_input_contents.append(np.zeros((1, width), np.int64).tobytes())
+    return message
+
+
+def decode(tmp_path: Path, message: pb.ModelInferRequest, **kwargs: object):  # type: ignore[no-untyped-def]
+    loop = asyncio.new_event_loop()
+    try:
+        return decode_request(message, spec(tmp_path), loop, 0, None, **kwargs)  # type: ignore[arg-type]
+    finally:
+        loop.close()
+
+
+def test_a_dim_past_the_engine_profile_is_refused_at_decode(tmp_path: Path) -> None:
+    """Issue 10 item 12: refused for this request (INVALID_ARGUMENT), not failing the
+    batch it would have joined with INTERNAL."""
+    bounds = {"ids": ShapeRange(min=(1,), max=(128,))}
+    with pytest.raises(InvalidInput, match=r"input 'ids'.*\[300\].*max \[128\]"):
+        decode(tmp_path, request(("ids", 300)), bounds=bounds)
+    assert decode(tmp_path, request(("ids", 128)), bounds=bounds).rows == 1
+
+
+def test_shape_key_is_by_name_in_config_order(tmp_path: Path) -> None:
+    """Issue 10 item 4: the same inputs in another order batch together; a request
+    without the optional input never shares a batch with one that sends it."""
+    a = decode(tmp_path, request(("ids", 4), ("mask", 4)))
+    b = decode(tmp_path, request(("mask", 4), ("ids", 4)))
+    c = decode(tmp_path, request(("ids", 4)))
+    assert a.shape_key == b.shape_key == (("ids", (4,)), ("mask", (4,)))
+    assert c.shape_key == (("ids", (4,)),) != a.shape_key
