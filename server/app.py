@@ -81,6 +81,12 @@ class ConvoyServer:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail loudly
         ]
+        if cfg.max_connection_age_ms > 0:
+            # Calls in flight when the age is reached get the grace period to finish.
+            options += [
+                ("grpc.max_connection_age_ms", cfg.max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", int(cfg.grace_period_s * 1000)),
+            ]
         self._grpc = grpc.aio.server(options=options, interceptors=self._interceptors())
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
         add_rollout_service(self._grpc, self.rollouts)

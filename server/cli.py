@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where rollout state is kept across restarts (default: <repository>/.convoy/rollouts)",
     )
+    serve.add_argument(
+        "--max-connection-age-ms",
+        type=int,
+        default=30_000,
+        metavar="MS",
+        help="close each client connection gracefully after this long (gRPC's "
+        "grpc.max_connection_age_ms), so long-lived channels rebalance across replicas "
+        "(default 30000; 0: never)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     security = serve.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS")
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=ServingLimits(max_queue_size=args.max_queue_size, max_elements=args.max_elements),
         repository_poll_s=args.repository_poll_secs,
         rollout_state_dir=args.rollout_state_dir,
+        max_connection_age_ms=args.max_connection_age_ms,
     )
     from .app import run
 

@@ -77,6 +77,9 @@ class ServerConfig:
     limits: ServingLimits = ServingLimits()
     repository_poll_s: float | None = None  # None: load at start-up and on request only
     rollout_state_dir: Path | None = None  # None: <repository>/.convoy/rollouts
+    # Connections are closed (gracefully) after this long, so long-lived client
+    # channels reconnect and rebalance onto new replicas; 0: never.
+    max_connection_age_ms: int = 30_000
 
 
 @dataclass(frozen=True)
