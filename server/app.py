@@ -172,6 +172,7 @@ class ConvoyServer:
             await self._grpc.stop(self.config.grace_period_s)
         await self.shadow.close()
         await self.repository.close()
+        self.servicer.close()  # unmaps shared memory regions, now that nothing reads them
         if self._metrics_http is not None:
             httpd = self._metrics_http
             await asyncio.to_thread(httpd.shutdown)  # type: ignore[attr-defined]

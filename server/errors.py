@@ -47,6 +47,14 @@ class Unimplemented(ConvoyError):
     """A protocol feature Convoy does not offer (yet)."""
 
 
+class RegionNotFound(ConvoyError):
+    """No shared memory region of that name is registered."""
+
+
+class RegionInUse(ConvoyError):
+    """A shared memory region cannot be unregistered while requests use it."""
+
+
 class InternalError(ConvoyError):
     """A backend failed while running a batch."""
 

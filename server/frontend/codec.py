@@ -26,6 +26,7 @@ from ..tensors import (
     numpy_dtype,
     serialize_bytes,
 )
+from .shm import BYTE_SIZE, OFFSET, REGION, Leases, SharedMemoryRegistry
 
 
 def decode_request(
@@ -36,18 +37,24 @@ def decode_request(
     time_remaining_s: float | None,
     max_elements: int = 1 << 28,
     bounds: Mapping[str, ShapeRange] | None = None,
+    shm: SharedMemoryRegistry | None = None,
+    leases: Leases | None = None,
 ) -> InferRequest:
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    # Inputs in a shared memory region carry no raw_input_contents entry.
+    in_shm = sum(1 for t in request.inputs if t.parameters and REGION in t.parameters)
+    if raw and len(raw) != len(request.inputs) - in_shm:
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries but the request has "
-            f"{len(request.inputs)} inputs; send one entry per input"
+            f"{len(request.inputs) - in_shm} inputs not in shared memory; send one entry "
+            "per input"
         )
+    raw_index = 0
     text_input = spec.options.text.input if spec.options.text is not None else None
     inputs: dict[str, Array] = {}
     item_shapes: dict[str, tuple[int, ...]] = {}
     rows: int | None = None
-    for index, tensor in enumerate(request.inputs):
+    for tensor in request.inputs:
         name = tensor.name
         expected = spec.input(name)
         if expected is None:
@@ -97,8 +104,13 @@ def decode_request(
                 f"input '{name}': shape {list(shape)} has {count} elements, "
                 f"over the server's limit of {max_elements}"
             )
-        if raw:
-            array = _from_raw(raw[index], tensor.datatype, shape, count, name, index)
+        if in_shm and REGION in tensor.parameters:
+            data = _shared_input(tensor, shm, leases)
+            array = _from_raw(data, tensor.datatype, shape, count, name, "shared memory")
+        elif raw:
+            where = f"raw_input_contents[{raw_index}]"
+            array = _from_raw(raw[raw_index], tensor.datatype, shape, count, name, where)
+            raw_index += 1
         else:
             array = _from_contents(tensor, shape, count)
         if name == text_input:
@@ -147,8 +159,71 @@ def _decode_text(array: Array, name: str) -> None:
                 ) from None
 
 
+def _shared_input(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    shm: SharedMemoryRegistry | None,
+    leases: Leases | None,
+) -> memoryview:
+    field = f"input '{tensor.name}'"
+    if shm is None or leases is None:
+        raise InvalidInput(f"{field}: shared memory is not available on this endpoint")
+    region, offset, size = shared_memory_params(tensor.parameters, field)
+    return shm.view(field, region, offset, size, leases)
+
+
+def shared_memory_params(
+    params: Mapping[str, pb.InferParameter], field: str
+) -> tuple[str, int, int]:
+    """(region, offset, byte_size) of a tensor that names a shared memory region."""
+    region = params[REGION]
+    if region.WhichOneof("parameter_choice") != "string_param" or not region.string_param:
+        raise InvalidInput(f"{field}: parameter '{REGION}' must be a region name")
+    if BYTE_SIZE not in params:
+        raise InvalidInput(f"{field}: parameter '{BYTE_SIZE}' is missing")
+    size = _int_param(params, BYTE_SIZE) or 0
+    offset = _int_param(params, OFFSET) or 0
+    return region.string_param, offset, size
+
+
+def shared_outputs(
+    request: pb.ModelInferRequest, shm: SharedMemoryRegistry, leases: Leases
+) -> dict[str, memoryview]:
+    """Requested outputs to be written into shared memory regions, checked and leased."""
+    views: dict[str, memoryview] = {}
+    for out in request.outputs:
+        if out.parameters and REGION in out.parameters:
+            field = f"output '{out.name}'"
+            region, offset, size = shared_memory_params(out.parameters, field)
+            views[out.name] = shm.view(field, region, offset, size, leases)
+    return views
+
+
+def _write_shared(
+    tensor: pb.ModelInferResponse.InferOutputTensor,
+    value: Array,
+    datatype: str,
+    view: memoryview,
+) -> None:
+    if datatype == "BYTES":
+        data = np.frombuffer(serialize_bytes(value), np.uint8)
+    else:
+        data = np.ascontiguousarray(value, dtype=numpy_dtype(datatype)).reshape(-1).view(np.uint8)
+    if data.nbytes > len(view):
+        raise InvalidInput(
+            f"output '{tensor.name}': {data.nbytes} bytes do not fit the "
+            f"{len(view)} bytes of its shared memory region"
+        )
+    np.frombuffer(view, np.uint8, data.nbytes)[:] = data
+    tensor.parameters[BYTE_SIZE].int64_param = data.nbytes
+
+
 def _from_raw(
-    data: bytes, datatype: str, shape: tuple[int, ...], count: int, name: str, index: int
+    data: bytes | memoryview,
+    datatype: str,
+    shape: tuple[int, ...],
+    count: int,
+    name: str,
+    where: str,
 ) -> Array:
     if datatype == "BYTES":
         return deserialize_bytes(data, count, f"input '{name}'").reshape(shape)
@@ -158,7 +233,7 @@ def _from_raw(
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
-            f"input '{name}': raw_input_contents[{index}] holds {len(data)} bytes; "
+            f"input '{name}': {where} holds {len(data)} bytes; "
             f"shape {list(shape)} of {datatype} needs {expected}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -264,6 +339,7 @@ def encode_response(
     asked: InferRequest,
     result: InferResult,
     labels: Mapping[str, list[str]] | None = None,
+    shared: Mapping[str, memoryview] | None = None,
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(version), id=request.id
@@ -287,8 +363,11 @@ def encode_response(
                     values, indices = values[0], indices[0]
                 value = format_classes(values, indices, (labels or {}).get(name))
             datatype = "BYTES"
-        response.outputs.add(name=name, datatype=datatype, shape=value.shape)
-        if datatype == "BYTES":
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=value.shape)
+        if shared and name in shared:
+            _write_shared(tensor, value, datatype, shared[name])
+            response.raw_output_contents.append(b"")  # keeps clients' output indices aligned
+        elif datatype == "BYTES":
             response.raw_output_contents.append(serialize_bytes(value))
         else:
             array = np.ascontiguousarray(value, dtype=numpy_dtype(datatype))

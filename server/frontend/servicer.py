@@ -21,7 +21,8 @@ from ..rollouts.controller import RolloutController
 from ..rollouts.policy import AB_KEY_HEADER, AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
 from ..statistics import Duration, ModelStatistics
-from .codec import decode_request, encode_response
+from .codec import decode_request, encode_response, shared_outputs
+from .shm import REGION, Leases, SharedMemoryRegistry
 from .status import status_code
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ EXTENSIONS = [
     "statistics",
     "binary_tensor_data",
     "schedule_policy",
+    "system_shared_memory",
 ]
 
 
@@ -50,7 +52,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         rollouts: RolloutController | None = None,
         shadow: ShadowRunner | None = None,
         load: Callable[[str], Awaitable[None]] | None = None,
+        shm: SharedMemoryRegistry | None = None,
     ) -> None:
+        self._shm = shm or SharedMemoryRegistry()
         self._repo = repository
         self._limits = limits
         self._rollouts = rollouts
@@ -204,6 +208,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             key = _ab_key(request, context) if rollouts.needs_key(name) else None
             version = rollouts.route(name, key) or ""
         model = self._repo.get(name, version)
+        if _uses_shared_memory(request):
+            return await self._infer_shared(request, context, model)
         infer_request = _decode(model, request, context.time_remaining(), self._limits.max_elements)
         result = await model.infer(infer_request)
         if model.monitoring is not None:  # a few rows copied; statistics run off the loop
@@ -218,6 +224,77 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return encode_response(
             request, model.spec, model.version, infer_request, result, model.labels
         )
+
+    async def _infer_shared(
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+        model: ServedModel,
+    ) -> pb.ModelInferResponse:
+        """Inputs read from and outputs written to registered shared memory regions,
+        leased until the answer is encoded (no shadow run: the client owns the bytes
+        and may reuse them once answered)."""
+        leases = Leases()
+        try:
+            infer_request = _decode(
+                model,
+                request,
+                context.time_remaining(),
+                self._limits.max_elements,
+                self._shm,
+                leases,
+            )
+            outputs = shared_outputs(request, self._shm, leases)
+            result = await model.infer(infer_request)
+            if model.monitoring is not None:
+                model.monitoring.observe(infer_request.id, infer_request.inputs, result.outputs)
+            return encode_response(
+                request, model.spec, model.version, infer_request, result, model.labels, outputs
+            )
+        finally:
+            leases.release()
+
+    # -- Triton's system shared-memory extension ---------------------------------------
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        try:
+            await asyncio.to_thread(
+                self._shm.register, request.name, request.key, request.offset, request.byte_size
+            )
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        try:
+            self._shm.unregister(request.name)
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        try:
+            regions = self._shm.status(request.name)
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            status = response.regions[region.name]
+            status.name, status.key = region.name, region.key
+            status.offset, status.byte_size = region.offset, region.byte_size
+        return response
+
+    def close(self) -> None:
+        self._shm.close()
 
     async def _mirror(
         self, name: str, version: str, asked: InferRequest, outputs: tuple[str, ...]
@@ -315,9 +392,6 @@ def _unimplemented(rpc: str) -> object:
 
 # Shared-memory, trace and log settings: answered UNIMPLEMENTED for now.
 for _rpc in (
-    "SystemSharedMemoryStatus",
-    "SystemSharedMemoryRegister",
-    "SystemSharedMemoryUnregister",
     "CudaSharedMemoryStatus",
     "CudaSharedMemoryRegister",
     "CudaSharedMemoryUnregister",
@@ -332,6 +406,8 @@ def _decode(
     request: pb.ModelInferRequest,
     time_remaining: float | None,
     max_elements: int,
+    shm: SharedMemoryRegistry | None = None,
+    leases: Leases | None = None,
 ) -> InferRequest:
     try:
         return decode_request(
@@ -342,10 +418,16 @@ def _decode(
             time_remaining,
             max_elements,
             model.input_bounds,
+            shm,
+            leases,
         )
     except ConvoyError as exc:
         model.record_rejection(exc)
         raise
+
+
+def _uses_shared_memory(request: pb.ModelInferRequest) -> bool:
+    return any(t.parameters and REGION in t.parameters for t in (*request.inputs, *request.outputs))
 
 
 def _ab_key(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> str | None:

@@ -14,6 +14,8 @@ from ..errors import (
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    RegionInUse,
+    RegionNotFound,
     Unavailable,
     Unimplemented,
 )
@@ -29,6 +31,8 @@ _CODES: dict[type[ConvoyError], grpc.StatusCode] = {
     Cancelled: grpc.StatusCode.CANCELLED,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     InternalError: grpc.StatusCode.INTERNAL,
+    RegionNotFound: grpc.StatusCode.NOT_FOUND,
+    RegionInUse: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

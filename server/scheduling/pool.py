@@ -121,6 +121,9 @@ class ModelInstance:
                 loop.call_soon_threadsafe(_fail, future, exc)
             else:
                 loop.call_soon_threadsafe(_succeed, future, outcome)
+            # Hold nothing of this batch while waiting for the next: its inputs may be
+            # views of a client's shared memory, or large.
+            del item, batch, future, loop
         # The thread that ran the backend releases it, also when the instance was
         # retired mid-batch: its memory (GPU memory too) is freed once the call returns.
         try:

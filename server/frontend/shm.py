@@ -1,0 +1,145 @@
+"""Triton's system shared-memory extension: tensors in POSIX shared memory regions.
+
+A client on the same host creates a region (shm_open, e.g. with tritonclient's
+`tritonclient.utils.shared_memory`), registers it by name, and then names it in an
+input's or output's parameters (`shared_memory_region`, `shared_memory_byte_size`,
+`shared_memory_offset`) instead of putting the bytes on the socket. Inputs become
+numpy views of the mapping (no copy); outputs are written into it.
+
+Ownership: a region stays mapped while any request holds a lease on it, so an
+unregister while in use is refused (the client would otherwise free memory a batch
+is reading); every bound is checked before a view is made.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidInput, RegionInUse, RegionNotFound
+
+# shm_open names: one component, no path tricks (a key must never reach another file).
+_KEY = re.compile(r"^/?[A-Za-z0-9_.\-]{1,255}$")
+SHM_DIR = Path("/dev/shm")
+
+REGION = "shared_memory_region"
+BYTE_SIZE = "shared_memory_byte_size"
+OFFSET = "shared_memory_offset"
+
+
+@dataclass
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    mapping: mmap.mmap = field(repr=False)
+    users: int = 0  # leases held by requests in flight
+
+
+@dataclass
+class Leases:
+    """The regions one request reads or writes; released once it is answered."""
+
+    regions: list[Region] = field(default_factory=list)
+
+    def release(self) -> None:
+        for region in self.regions:
+            region.users -= 1
+        self.regions.clear()
+
+
+class SharedMemoryRegistry:
+    def __init__(self, directory: Path = SHM_DIR) -> None:
+        self._dir = directory
+        self._regions: dict[str, Region] = {}
+        # Unregistered mappings that an answered request's arrays still point into:
+        # kept mapped (unlinking the object does not invalidate them) until free.
+        self._retired: list[mmap.mmap] = []
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if not name:
+            raise InvalidInput("shared memory region: name is empty")
+        self._close_retired()
+        if name in self._regions:
+            raise InvalidInput(f"shared memory region '{name}' is already registered")
+        if not _KEY.match(key):
+            raise InvalidInput(f"shared memory region '{name}': key '{key}' is not a valid name")
+        if byte_size <= 0:
+            raise InvalidInput(f"shared memory region '{name}': byte_size must be positive")
+        path = self._dir / key.lstrip("/")
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise InvalidInput(
+                f"shared memory region '{name}': no shared memory object '{key}'"
+            ) from None
+        except OSError as exc:
+            raise InvalidInput(
+                f"shared memory region '{name}': cannot open '{key}': {exc}"
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            if offset + byte_size > size:
+                raise InvalidInput(
+                    f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
+                    f"is past the end of '{key}' ({size} bytes)"
+                )
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._regions[name] = Region(name, key, offset, byte_size, mapping)
+
+    def unregister(self, name: str) -> None:
+        """One region, or every region for an empty name; refused while in use."""
+        names = [name] if name else list(self._regions)
+        if name and name not in self._regions:
+            raise RegionNotFound(f"shared memory region '{name}' is not registered")
+        busy = [n for n in names if self._regions[n].users]
+        if busy:
+            raise RegionInUse(
+                f"shared memory region(s) {busy} in use by requests in flight; "
+                "unregister once they are answered"
+            )
+        for region_name in names:
+            self._retired.append(self._regions.pop(region_name).mapping)
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        still: list[mmap.mmap] = []
+        for mapping in self._retired:
+            try:
+                mapping.close()
+            except BufferError:
+                still.append(mapping)
+        self._retired = still
+
+    def status(self, name: str) -> list[Region]:
+        if name and name not in self._regions:
+            raise RegionNotFound(f"shared memory region '{name}' is not registered")
+        return [self._regions[name]] if name else list(self._regions.values())
+
+    def view(
+        self, field_name: str, name: str, offset: int, byte_size: int, leases: Leases
+    ) -> memoryview:
+        """byte_size bytes at offset into region `name`, leased for this request."""
+        region = self._regions.get(name)
+        if region is None:
+            raise InvalidInput(f"{field_name}: shared memory region '{name}' is not registered")
+        if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
+            raise InvalidInput(
+                f"{field_name}: offset {offset} + byte_size {byte_size} is past the end of "
+                f"shared memory region '{name}' ({region.byte_size} bytes)"
+            )
+        start = region.offset + offset
+        region.users += 1
+        leases.regions.append(region)
+        return memoryview(region.mapping)[start : start + byte_size]
+
+    def close(self) -> None:
+        self._retired.extend(region.mapping for region in self._regions.values())
+        self._regions.clear()
+        self._close_retired()
