@@ -28,6 +28,7 @@ from .pb import grpc_service_pb2 as pb
 from .pb import grpc_service_pb2_grpc as pb_grpc
 from .pb._pool import POOL
 from .repository.manager import ModelRepository
+from .repository.model import ServedModel
 from .repository.poll import RepositoryPoller
 from .rollouts.autostart import DeclaredRollouts
 from .rollouts.controller import RolloutController
@@ -141,6 +142,7 @@ class ConvoyServer:
                 m.spec.name, str(m.version), m.pool.fallbacks, m.pool.spills, m.pool.replaced
             )
             for m in self.repository.ready_models()
+            if isinstance(m, ServedModel)  # ensembles own no instances
         ]
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:

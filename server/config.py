@@ -25,6 +25,7 @@ from .tensors import CONFIG_TO_WIRE
 log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.pbtxt"
+ENSEMBLE = "ensemble"  # Triton's platform name for a DAG of other models
 SLO_PARAMETER = "latency_slo_p99_ms"
 TIMEOUT_PARAMETER = "execution_timeout_ms"
 SPILL_PARAMETER = "cpu_spill_after_ms"
@@ -246,6 +247,17 @@ class BackendOptions:
 
 
 @dataclass(frozen=True)
+class EnsembleStep:
+    """One step of ensemble_scheduling: a model and how its tensors map to the
+    ensemble's (model tensor name, ensemble tensor name), in the config's order."""
+
+    model: str
+    version: int  # -1: the version the model serves by default
+    input_map: tuple[tuple[str, str], ...]
+    output_map: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A validated model configuration."""
 
@@ -263,6 +275,7 @@ class ModelSpec:
     optimization: Optimization = Optimization()
     warmup: tuple[WarmupSample, ...] = ()
     options: BackendOptions = BackendOptions()
+    ensemble: tuple[EnsembleStep, ...] = ()  # platform "ensemble" only
 
     @property
     def cuda(self) -> CudaOptions:
@@ -311,6 +324,14 @@ class ModelSpec:
     def input(self, name: str) -> TensorSpec | None:
         return self._inputs_by_name.get(name)
 
+    def shape_key(
+        self, item_shapes: dict[str, tuple[int, ...]]
+    ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Names and per-item shapes in the config's input order: requests batch together
+        only if they send the same inputs with the same shapes, whatever order they list
+        them in and whichever optional inputs they leave out."""
+        return tuple((t.name, item_shapes[t.name]) for t in self.inputs if t.name in item_shapes)
+
     def output(self, name: str) -> TensorSpec | None:
         return self._outputs_by_name.get(name)
 
@@ -358,10 +379,11 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         raise ConfigError(
             path, "name", f"'{config.name}' differs from the model directory '{dir_name}'"
         )
-    for unsupported in ("sequence_batching", "ensemble_scheduling"):
-        if config.HasField(unsupported):
-            # Serving these with the plain batcher would silently break their semantics.
-            raise ConfigError(path, unsupported, "is not supported by Convoy yet")
+    if config.HasField("sequence_batching"):
+        # Serving it with the plain batcher would silently break its semantics.
+        raise ConfigError(path, "sequence_batching", "is not supported by Convoy yet")
+    if config.platform == ENSEMBLE or config.HasField("ensemble_scheduling"):
+        return _ensemble_spec(config, path)
     backend = config.backend or PLATFORM_TO_BACKEND.get(config.platform, "")
     if backend not in DEFAULT_MODEL_FILENAME:
         raise ConfigError(
@@ -400,6 +422,54 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         optimization=_optimization(config, path),
         warmup=_warmup(config, inputs, path),
         options=options,
+    )
+
+
+def _ensemble_spec(config: mc.ModelConfig, path: str) -> ModelSpec:
+    """platform "ensemble": the steps are checked against the models they name when the
+    ensemble loads (repository/ensemble.py); here only what the file itself can show."""
+    if config.platform != ENSEMBLE:
+        raise ConfigError(path, "platform", 'ensemble_scheduling needs platform: "ensemble"')
+    if not config.HasField("ensemble_scheduling") or not config.ensemble_scheduling.step:
+        raise ConfigError(path, "ensemble_scheduling", "an ensemble needs at least one step")
+    if config.max_batch_size < 0:
+        raise ConfigError(path, "max_batch_size", f"must be >= 0, got {config.max_batch_size}")
+    inputs = _tensor_specs(config.input, path, "input")
+    outputs = _tensor_specs(config.output, path, "output")
+    if not inputs or not outputs:
+        raise ConfigError(path, "input" if not inputs else "output", "an ensemble declares both")
+    steps = []
+    for index, step in enumerate(config.ensemble_scheduling.step):
+        field = f"ensemble_scheduling.step[{index}]"
+        if not step.model_name:
+            raise ConfigError(path, f"{field}.model_name", "is empty")
+        if step.model_version < -1 or step.model_version == 0:
+            raise ConfigError(
+                path, f"{field}.model_version", f"{step.model_version} is not a version or -1"
+            )
+        if not step.input_map or not step.output_map:
+            raise ConfigError(path, field, "a step needs an input_map and an output_map")
+        steps.append(
+            EnsembleStep(
+                model=step.model_name,
+                version=step.model_version,
+                input_map=tuple(sorted(step.input_map.items())),
+                output_map=tuple(sorted(step.output_map.items())),
+            )
+        )
+    return ModelSpec(
+        name=config.name,
+        backend=ENSEMBLE,
+        platform=ENSEMBLE,
+        max_batch_size=config.max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        batching=None,
+        instance_groups=(),
+        version_policy=version_policy_of(config, path),
+        default_model_filename="",
+        parameters={key: value.string_value for key, value in config.parameters.items()},
+        ensemble=tuple(steps),
     )
 
 

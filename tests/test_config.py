@@ -200,3 +200,25 @@ def test_the_gpu_example_in_the_docs_is_valid(tmp_path: Path) -> None:
     assert spec.softmax_outputs == frozenset({"LOGITS"}) and spec.cpu_spill_after_s == 0.05
     assert [(g.kind, g.count) for g in spec.instance_groups] == [("KIND_GPU", 2), ("KIND_CPU", 1)]
     assert spec.warmup[0].batch_size == 64
+
+
+def test_ensemble_configs_are_checked_as_files(tmp_path: Path) -> None:
+    """What the file alone shows; the steps are checked against their models at load."""
+    base = """
+name: "m"
+platform: "ensemble"
+max_batch_size: 4
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+    with pytest.raises(ConfigError, match="at least one step"):
+        spec_of(tmp_path, base)
+    step = 'ensemble_scheduling { step [ { model_name: "a" model_version: %s %s } ] }'
+    maps = 'input_map { key: "x" value: "IN" } output_map { key: "y" value: "OUT" }'
+    with pytest.raises(ConfigError, match=r"step\[0\].model_version"):
+        spec_of(tmp_path, base + step % ("0", maps))
+    with pytest.raises(ConfigError, match="input_map and an output_map"):
+        spec_of(tmp_path, base + step % ("-1", ""))
+    spec = spec_of(tmp_path, base + step % ("-1", maps))
+    assert spec.backend == "ensemble" and spec.ensemble[0].model == "a"
+    assert spec.ensemble[0].input_map == (("x", "IN"),) and spec.ensemble[0].version == -1

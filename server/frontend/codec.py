@@ -126,22 +126,13 @@ def decode_request(
         inputs=inputs,
         outputs=outputs,
         rows=rows if rows is not None else 1,
-        shape_key=_shape_key(spec, item_shapes),
+        shape_key=spec.shape_key(item_shapes),
         future=loop.create_future(),
         arrival_ns=now_ns,
         deadline_ns=_deadline(request.parameters, now_ns, time_remaining_s),
         priority=_priority(request.parameters, spec),
         classification=classification,
     )
-
-
-def _shape_key(
-    spec: ModelSpec, item_shapes: dict[str, tuple[int, ...]]
-) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Names and per-item shapes in the config's input order: requests batch together
-    only if they send the same inputs with the same shapes, whatever order they list
-    them in and whichever optional inputs they leave out."""
-    return tuple((t.name, item_shapes[t.name]) for t in spec.inputs if t.name in item_shapes)
 
 
 def _decode_text(array: Array, name: str) -> None:

@@ -16,7 +16,7 @@ from ..errors import ConvoyError, InternalError, InvalidInput, Unimplemented
 from ..pb import grpc_service_pb2 as pb
 from ..pb import grpc_service_pb2_grpc as pb_grpc
 from ..repository.manager import ModelRepository
-from ..repository.model import ServedModel
+from ..repository.model import ModelVersion
 from ..rollouts.controller import RolloutController
 from ..rollouts.policy import AB_KEY_HEADER, AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
@@ -229,7 +229,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self,
         request: pb.ModelInferRequest,
         context: grpc.aio.ServicerContext,
-        model: ServedModel,
+        model: ModelVersion,
     ) -> pb.ModelInferResponse:
         """Inputs read from and outputs written to registered shared memory regions,
         leased until the answer is encoded (no shadow run: the client owns the bytes
@@ -402,7 +402,7 @@ for _rpc in (
 
 
 def _decode(
-    model: ServedModel,
+    model: ModelVersion,
     request: pb.ModelInferRequest,
     time_remaining: float | None,
     max_elements: int,

@@ -22,6 +22,7 @@ from ..batching.queue import Clock
 from ..config import (
     CONFIG_FILENAME,
     DEFAULT_LIMITS,
+    ENSEMBLE,
     ModelSpec,
     ServingLimits,
     infer_backend,
@@ -38,7 +39,8 @@ from ..scheduling.devices import place_group, resolved_kind
 from ..scheduling.health import DeviceHealth
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
-from .model import OutcomeSink, ServedModel
+from .ensemble import EnsembleModel
+from .model import ModelVersion, OutcomeSink, ServedModel
 from .warmup import warm_up
 
 log = logging.getLogger(__name__)
@@ -54,17 +56,17 @@ class ModelEntry:
     name: str
     state: str = UNAVAILABLE
     reason: str = ""
-    versions: dict[int, ServedModel] = field(default_factory=dict)
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # A rollout's choices, kept across reloads: the version unversioned requests get
     # (None: Triton's rule, the latest), and versions loaded beyond the version_policy.
     pinned: int | None = None
     extra: set[int] = field(default_factory=set)
 
-    def latest(self) -> ServedModel | None:
+    def latest(self) -> ModelVersion | None:
         return self.versions[max(self.versions)] if self.versions else None
 
-    def default(self) -> ServedModel | None:
+    def default(self) -> ModelVersion | None:
         if self.pinned is not None:
             served = self.versions.get(self.pinned)
             if served is not None:
@@ -105,7 +107,7 @@ class ModelRepository:
 
     # -- queries (event loop, no awaits) -------------------------------------
 
-    def get(self, name: str, version: str = "") -> ServedModel:
+    def get(self, name: str, version: str = "") -> ModelVersion:
         entry = self._models.get(name)
         if entry is None or (entry.state != READY and not entry.versions):
             if entry is not None and entry.state in (LOADING, UNAVAILABLE) and entry.reason:
@@ -127,12 +129,12 @@ class ModelRepository:
             raise ModelNotFound(f"model '{name}' version {version} is not found")
         return served
 
-    def versions_of(self, name: str) -> list[ServedModel]:
+    def versions_of(self, name: str) -> list[ModelVersion]:
         """The served versions of one model, ascending."""
         entry = self._models.get(name)
         return [] if entry is None else [m for _, m in sorted(entry.versions.items())]
 
-    def ready_models(self) -> list[ServedModel]:
+    def ready_models(self) -> list[ModelVersion]:
         return [m for e in self._models.values() for _, m in sorted(e.versions.items())]
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
@@ -162,7 +164,8 @@ class ModelRepository:
     # -- load / unload ---------------------------------------------------------
 
     async def load_all(self) -> None:
-        for name in self.on_disk():
+        # Ensembles last: their steps are checked against the models they name.
+        for name in sorted(self.on_disk(), key=self._is_ensemble):
             try:
                 await self.load(name)
             except ConvoyError as exc:
@@ -202,6 +205,7 @@ class ModelRepository:
                 if self.keep_loaded is not None:
                     keep |= {_version_number(v) for v in self.keep_loaded(name)}
                 new_versions = await asyncio.to_thread(self._build, model_dir, keep)
+                _check_ensembles(new_versions)
             except ConvoyError as exc:
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, exc.message
@@ -284,6 +288,7 @@ class ModelRepository:
             except Exception as exc:  # a runtime refusing the model file
                 entry.extra.discard(number)
                 raise ConfigError(str(model_dir), "model file", str(exc)) from exc
+            _check_ensembles(built)
             served = built[number]
             served.start()
             entry.versions[number] = served
@@ -310,6 +315,12 @@ class ModelRepository:
         for name in list(self._models):
             await self.unload(name)
 
+    def _is_ensemble(self, name: str) -> bool:
+        try:
+            return read_model_config(self.root / name).platform == ENSEMBLE
+        except ConvoyError:
+            return False
+
     def _model_dir(self, name: str) -> Path:
         # Model names come from clients: never let one point outside the repository.
         if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
@@ -323,7 +334,7 @@ class ModelRepository:
 
     def _build(
         self, model_dir: Path, extra: set[int], only: int | None = None
-    ) -> dict[int, ServedModel]:
+    ) -> dict[int, ModelVersion]:
         """Build the versions the version_policy selects plus `extra` (those on disk),
         or just version `only`."""
         config = read_model_config(model_dir)
@@ -347,13 +358,13 @@ class ModelRepository:
             _autocomplete(config, backend or "", model_dir / str(versions[-1]))
         spec = validate_model_config(config, config_path, model_dir.name)
         _show_instance_groups(config, spec)
-        served: dict[int, ServedModel] = {}
+        served: dict[int, ModelVersion] = {}
         try:
             for version in versions:
                 served[version] = self._build_version(spec, config, model_dir, version)
         except BaseException:
             for model in served.values():
-                model.pool.close()
+                model.discard()
                 if model.monitoring_handle is not None:
                     self.monitors.detach(model.monitoring_handle)
             raise
@@ -361,7 +372,11 @@ class ModelRepository:
 
     def _build_version(
         self, spec: ModelSpec, config: mc.ModelConfig, model_dir: Path, version: int
-    ) -> ServedModel:
+    ) -> ModelVersion:
+        if spec.ensemble:
+            metrics = self._metrics.for_model(spec.name, str(version))
+            path = str(model_dir / CONFIG_FILENAME)
+            return EnsembleModel(spec, version, config, metrics, self.get, path, self._clock)
         model_path = model_dir / str(version) / spec.default_model_filename
         failed = self.health.failed  # no new instance on a GPU lost to a fatal fault
         devices = [d for g in spec.instance_groups for d in place_group(spec.name, g, failed)]
@@ -413,6 +428,18 @@ class ModelRepository:
         return self.monitors.attach(
             spec, str(version), model_dir, config_path, labels, tokenizer=tokenizer
         )
+
+
+def _check_ensembles(versions: dict[int, ModelVersion]) -> None:
+    """On the loop, before any starts: an ensemble's steps against the loaded models."""
+    try:
+        for version in versions.values():
+            if isinstance(version, EnsembleModel):
+                version.check()
+    except ConvoyError:
+        for version in versions.values():
+            version.discard()
+        raise
 
 
 def _show_instance_groups(config: mc.ModelConfig, spec: ModelSpec) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
-from ..backends.base import input_bounds
+from ..backends.base import ShapeRange, input_bounds
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome, Clock, ModelQueue
 from ..batching.request import InferRequest, InferResult
@@ -19,6 +20,34 @@ from ..statistics import ModelStatistics
 
 # (model, version, error or None, queue ns, compute ns): told of every request's outcome.
 OutcomeSink = Callable[[str, str, ConvoyError | None, int, int], None]
+
+
+class ModelVersion(Protocol):
+    """What the frontend and the repository need of a loaded model version: a model
+    with instances (ServedModel) or an ensemble of other models (EnsembleModel)."""
+
+    spec: ModelSpec
+    version: int
+    version_label: str
+    config: mc.ModelConfig
+    labels: dict[str, list[str]]
+    stats: ModelStatistics
+    ready: bool
+    monitoring: ModelMonitoring | None
+    monitoring_handle: ModelMonitoring | None
+    input_bounds: Mapping[str, ShapeRange]
+
+    def start(self) -> None: ...
+
+    async def close(self, drain: bool, timeout_s: float | None = None) -> None: ...
+
+    def discard(self) -> None:
+        """Blocking: release what was built for a version that never started."""
+        ...
+
+    async def infer(self, request: InferRequest) -> InferResult: ...
+
+    def record_rejection(self, error: ConvoyError) -> None: ...
 
 
 class ServedModel:
@@ -50,7 +79,7 @@ class ServedModel:
         self.inflight = 0
         self.ready = True  # false once nothing can serve it (lost instances or devices)
         # What the runtime accepts per input (a TensorRT profile), checked at decode.
-        self.input_bounds = input_bounds(pool.instances[0].backend)
+        self.input_bounds: Mapping[str, ShapeRange] = input_bounds(pool.instances[0].backend)
         self.labels: dict[str, list[str]] = {}  # output -> class labels (label_filename)
         self.queue = ModelQueue(
             name=f"{spec.name}:{version}",
@@ -91,6 +120,9 @@ class ServedModel:
         self.metrics.release()
         if self._monitors is not None and self.monitoring_handle is not None:
             await asyncio.to_thread(self._monitors.detach, self.monitoring_handle)
+
+    def discard(self) -> None:
+        self.pool.close()
 
     def attach_monitoring(self, monitors: Monitors, monitoring: ModelMonitoring) -> None:
         self._monitors = monitors
