@@ -406,6 +406,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
     _check_positive(parameters, path, TIMEOUT_PARAMETER)
     _check_positive(parameters, path, SPILL_PARAMETER)
     _check_softmax(parameters, outputs, path)
+    _check_bf16(backend, inputs, outputs, path)
     options = backend_options(parameters, backend, config, inputs, path)
     return ModelSpec(
         name=config.name,
@@ -471,6 +472,24 @@ def _ensemble_spec(config: mc.ModelConfig, path: str) -> ModelSpec:
         parameters={key: value.string_value for key, value in config.parameters.items()},
         ensemble=tuple(steps),
     )
+
+
+# Runtimes that compute in bfloat16: the others would get raw 16-bit patterns.
+BF16_BACKENDS = ("pytorch", "tensorrt")
+
+
+def _check_bf16(
+    backend: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], path: str
+) -> None:
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        for tensor in tensors:
+            if tensor.datatype == "BF16" and backend not in BF16_BACKENDS:
+                raise ConfigError(
+                    path,
+                    f"{kind} '{tensor.name}'.data_type",
+                    f"TYPE_BF16 needs a backend that computes in bfloat16 "
+                    f"({', '.join(BF16_BACKENDS)}), not '{backend}'",
+                )
 
 
 def _check_positive(parameters: dict[str, str], path: str, key: str) -> None:
@@ -694,10 +713,6 @@ def _tensor_specs(tensors: Iterable[Any], path: str, kind: str) -> tuple[TensorS
         type_name = _enum_name(mc.DataType, tensor.data_type, path, f"{where}.data_type")
         if type_name == "TYPE_INVALID":
             raise ConfigError(path, f"{where}.data_type", f"missing for {kind} '{tensor.name}'")
-        if type_name == "TYPE_BF16":
-            raise ConfigError(
-                path, f"{where}.data_type", "TYPE_BF16 is not supported (numpy cannot hold it)"
-            )
         dims = tuple(int(d) for d in tensor.dims)
         if tensor.HasField("reshape"):
             raise ConfigError(path, f"{where}.reshape", "reshape is not supported yet")

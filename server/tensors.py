@@ -14,7 +14,9 @@ import numpy.typing as npt
 
 from .errors import InvalidInput
 
-# Wire datatype -> numpy dtype. BF16 is absent: numpy cannot hold it.
+# Wire datatype -> numpy dtype. numpy has no bfloat16: BF16 tensors travel inside the
+# server as their raw 16-bit patterns (uint16), which backends that compute in bfloat16
+# view as such (float_to_bf16 / bf16_to_float convert where a float is at hand).
 NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
@@ -28,6 +30,7 @@ NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
     "FP16": np.dtype(np.float16),
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
+    "BF16": np.dtype(np.uint16),
     "BYTES": np.dtype(np.object_),
 }
 
@@ -122,6 +125,18 @@ def deserialize_bytes(buf: bytes | memoryview, count: int, field: str) -> npt.ND
     if offset != end:
         raise InvalidInput(f"{field}: {end - offset} bytes left over after {count} BYTES elements")
     return out
+
+
+def float_to_bf16(array: npt.NDArray[np.generic]) -> npt.NDArray[np.uint16]:
+    """bfloat16 bit patterns of float values, rounded to nearest even (as torch does)."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
+
+
+def bf16_to_float(bits: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
+    widened = np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)
+    return widened.view(np.float32)
 
 
 def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:

@@ -234,7 +234,7 @@ def test_prometheus_metrics(
 
 def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException) as info:
-        client.get_system_shared_memory_status()
+        client.get_cuda_shared_memory_status()
     assert "UNIMPLEMENTED" in str(info.value.status())
 
 

@@ -6,7 +6,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.errors import InvalidInput
-from server.tensors import deserialize_bytes, numpy_dtype, serialize_bytes, wire_datatype
+from server.tensors import (
+    bf16_to_float,
+    deserialize_bytes,
+    float_to_bf16,
+    numpy_dtype,
+    serialize_bytes,
+    wire_datatype,
+)
 
 
 @given(st.lists(st.binary(max_size=50), max_size=20))
@@ -31,8 +38,20 @@ def test_datatypes() -> None:
     assert numpy_dtype("FP16") == np.float16
     assert wire_datatype(np.dtype(np.int8)) == "INT8"
     assert wire_datatype(np.dtype(object)) == "BYTES"
-    with pytest.raises(InvalidInput, match="BF16"):
-        numpy_dtype("BF16")
+    assert numpy_dtype("BF16") == np.uint16  # bit patterns: numpy has no bfloat16
+    with pytest.raises(InvalidInput, match="FP8"):
+        numpy_dtype("FP8")
+
+
+def test_bf16_round_trip_rounds_to_nearest_even() -> None:
+    import torch
+
+    values = np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 100
+    bits = float_to_bf16(values)
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy()
+    np.testing.assert_array_equal(bits, expected.view(np.uint16))
+    back = bf16_to_float(bits)
+    np.testing.assert_allclose(back, values, rtol=2**-8)
 
 
 def test_declared_bytes_count_is_checked_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -116,6 +116,8 @@ class TorchScriptBackend:
             module = module.to(self._dtype)
         self._module = module.eval()
         self.input_names = _bound_inputs(self._module, spec)
+        # BF16 tensors arrive as uint16 bit patterns (numpy has no bfloat16).
+        self._bf16 = frozenset(t.name for t in spec.inputs if t.datatype == "BF16")
         self._output_names = tuple(t.name for t in spec.outputs)
         self._stream = torch.cuda.Stream(self._torch_device) if use_cuda else None
         self._staging = StagingBuffers(pinned=use_cuda)
@@ -170,14 +172,19 @@ class TorchScriptBackend:
         output_names: Sequence[str],
         rankings: Mapping[str, Ranking],
     ) -> tuple[dict[str, Array], dict[str, Ranked]]:
-        feed = {n: torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names}
+        feed = {
+            n: self._bfloat(n, torch.from_numpy(np.ascontiguousarray(self._bits(n, inputs[n]))))
+            for n in self.input_names
+        }
         with torch.inference_mode():
             feed = self.stages.apply_inputs(feed)
             tensors = self._outputs(self._module(*(feed[n] for n in self.input_names)))
             tensors = self.stages.apply_outputs(tensors, feed)
-            outputs = {name: tensors[name].numpy() for name in (*output_names, *rankings)}
-        ranked = rank_on_host(outputs, rankings)
-        return {name: outputs[name] for name in output_names}, ranked
+            outputs = {name: _to_numpy(tensors[name]) for name in output_names}
+            # Ranked by value: a bfloat16 output as floats, not as its bit patterns.
+            scores = {name: tensors[name].float().numpy() for name in rankings}
+        ranked = rank_on_host(scores, rankings)
+        return outputs, ranked
 
     def _outputs(self, result: Any) -> dict[str, torch.Tensor]:
         tensors = [result] if isinstance(result, torch.Tensor) else list(result)
@@ -186,6 +193,12 @@ class TorchScriptBackend:
                 f"model returned {len(tensors)} outputs, config declares {len(self._output_names)}"
             )
         return dict(zip(self._output_names, tensors, strict=True))
+
+    def _bits(self, name: str, array: Array) -> Array:
+        return array.view(np.int16) if name in self._bf16 else array
+
+    def _bfloat(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view(torch.bfloat16) if name in self._bf16 else tensor
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._dtype is not None and tensor.is_floating_point():
@@ -206,7 +219,10 @@ class TorchScriptBackend:
             torch.cuda.stream(self._stream),
         ):
             uploaded = {
-                n: self._staging.upload(inputs[n], self._torch_device) for n in self.input_names
+                n: self._bfloat(
+                    n, self._staging.upload(self._bits(n, inputs[n]), self._torch_device)
+                )
+                for n in self.input_names
             }
             feed = self.stages.apply_inputs(uploaded)
             args = [self._cast(feed[n]) for n in self.input_names]
@@ -256,3 +272,13 @@ class TorchScriptBackend:
         self._graph_pool = None
         self._staging.clear()
         del self._module
+
+
+def _to_numpy(tensor: torch.Tensor) -> Array:
+    """numpy has no bfloat16: such an output leaves as its uint16 bit patterns."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+        bits: Array = tensor.numpy().view(np.uint16)
+        return bits
+    array: Array = tensor.numpy()
+    return array

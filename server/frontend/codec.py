@@ -23,6 +23,7 @@ from ..tensors import (
     CONTENTS_FIELD,
     WIRE_DTYPES,
     deserialize_bytes,
+    float_to_bf16,
     numpy_dtype,
     serialize_bytes,
 )
@@ -361,6 +362,8 @@ def encode_response(
         elif datatype == "BYTES":
             response.raw_output_contents.append(serialize_bytes(value))
         else:
+            if datatype == "BF16" and value.dtype != np.uint16:  # floats from the device
+                value = float_to_bf16(value)
             array = np.ascontiguousarray(value, dtype=numpy_dtype(datatype))
             response.raw_output_contents.append(array.tobytes())
     return response
