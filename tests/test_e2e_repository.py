@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from server.scheduling.devices import cuda_device_count
 
-from .conftest import ROOT, make_repository, start_server
+from .conftest import ROOT, ServerProcess, make_repository, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -164,13 +166,12 @@ def test_sigterm_drains_in_flight_requests(repo: Path) -> None:
     threads = [threading.Thread(target=call) for _ in range(8)]
     for t in threads:
         t.start()
-    # Wait until the requests are accepted (queued or running), then ask for shutdown.
-    client = grpcclient.InferenceServerClient(server.url)
-    for _ in range(200):
-        stats = client.get_inference_statistics("image_classifier", as_json=True)
-        if int(stats["model_stats"][0].get("execution_count", 0)) >= 1:
-            break
-    client.close()
+    # Wait until all eight are accepted (in flight or answered), then ask for shutdown:
+    # a request still on its way when SIGTERM arrives is refused, rightly.
+    deadline = time.monotonic() + 60
+    while _accepted(server, "image_classifier") < 8:
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.02)
     server.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
@@ -248,3 +249,16 @@ def test_gpu_instances_fall_back_to_the_cpu_here(repo: Path) -> None:
         assert 'convoy_compute_seconds_count{device="cpu",model="tiny",version="1"}' in body
     finally:
         server.stop()
+
+
+def _accepted(server: ServerProcess, model: str) -> float:
+    """Requests in flight plus those answered, from the server's own metrics."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        for name in ("convoy_inflight_requests", "convoy_request_success_total"):
+            if line.startswith(f'{name}{{model="{model}"'):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
