@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 _READY = re.compile(r"convoy serving gRPC on \S+:(\d+), metrics on port (\d+|off)")
+_HTTP = re.compile(r"HTTP on port (\d+|off)")
 
 
 @dataclass
@@ -28,10 +29,15 @@ class ConvoyProcess:
     metrics_port: int | None
     repository: Path | None
     log: list[str] = field(default_factory=list)
+    http_port: int | None = None  # None: HTTP off
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
@@ -51,7 +57,7 @@ def start_convoy(
     """Start `convoy serve` on free ports; None serves the built-in examples."""
     cmd = [
         sys.executable, "-m", "server.cli", "serve",
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
         *extra,
     ]  # fmt: skip
     if repository is not None:
@@ -83,10 +89,12 @@ def start_convoy(
     if not found:
         raise RuntimeError("server exited during start-up:\n" + "".join(lines))
     metrics = found[0].group(2)
+    http = _HTTP.search(found[0].string)
     return ConvoyProcess(
         proc=proc,
         grpc_port=int(found[0].group(1)),
         metrics_port=None if metrics == "off" else int(metrics),
         repository=repository,
         log=lines,
+        http_port=int(http.group(1)) if http and http.group(1) != "off" else None,
     )

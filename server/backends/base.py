@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from ..batching.request import Ranked, Ranking
 from ..config import TensorSpec
-from ..errors import InvalidInput
+from ..errors import ConvoyError, InvalidInput
 
 Array = npt.NDArray[np.generic]
 
@@ -47,6 +47,26 @@ class StagesInputs(Protocol):
     def input_buffer(
         self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]
     ) -> Array | None: ...
+
+
+@dataclass(frozen=True)
+class RequestInputs:
+    """One request of a batch as a per-request backend sees it."""
+
+    id: str
+    inputs: Mapping[str, Array]  # batch dim first for a batching model, as decoded
+    output_names: tuple[str, ...]
+
+
+@runtime_checkable
+class RunsRequests(Protocol):
+    """A backend that runs a batch as its separate requests (Triton's python backend)
+    and answers each one: its outputs, or the error that fails that request alone.
+    Raising fails all of them."""
+
+    def run_requests(
+        self, requests: Sequence[RequestInputs]
+    ) -> list[dict[str, Array] | ConvoyError]: ...
 
 
 @runtime_checkable

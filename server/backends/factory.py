@@ -37,6 +37,10 @@ def load_backend(spec: ModelSpec, model_path: Path, device: str, threads: int) -
         from .python import PythonBackend
 
         backend = PythonBackend(model_path, device, spec)
+    elif spec.backend == "python":
+        from .triton_python import TritonPythonBackend
+
+        backend = TritonPythonBackend(model_path, device, spec)
     elif spec.backend == "tensorrt":
         try:
             from .tensorrt import TensorRTBackend

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from kernels.classify import format_classes
 
 from ..backends import Backend
-from ..backends.base import RanksOnDevice, StagesInputs
+from ..backends.base import RanksOnDevice, RequestInputs, RunsRequests, StagesInputs
 from ..backends.ranking import rank_on_host
 from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome
-from ..batching.request import Ranked, Ranking
-from ..errors import ConvoyError, Unavailable
+from ..batching.request import InferResult, Ranked, Ranking
+from ..errors import ConvoyError, InternalError, Unavailable
 from .devices import is_device_fault, is_fatal_device_fault
 from .health import DeviceHealth
 
@@ -55,6 +55,7 @@ class ModelInstance:
         # Resolved once: a runtime-checkable isinstance costs ~15 µs, too much per batch.
         self._buffers = backend.input_buffer if isinstance(backend, StagesInputs) else None
         self._ranker = backend if isinstance(backend, RanksOnDevice) and self.on_gpu else None
+        self._per_request = backend if isinstance(backend, RunsRequests) else None
         self.retired = False
         self._inbox: queue.SimpleQueue[
             tuple[Batch, asyncio.Future[BatchOutcome], asyncio.AbstractEventLoop] | None
@@ -78,6 +79,8 @@ class ModelInstance:
 
     def execute(self, batch: Batch) -> BatchOutcome:
         """Gather, run, rank, time. Runs on this instance's thread."""
+        if self._per_request is not None:
+            return self._execute_per_request(self._per_request, batch)
         start = time.monotonic_ns()
         inputs = batch.gather_inputs(self._buffers)
         gathered = time.monotonic_ns()
@@ -110,6 +113,42 @@ class ModelInstance:
             infer_ns=done - gathered,
             device=self.device,
             ranked=ranked,
+        )
+
+    def _execute_per_request(self, backend: RunsRequests, batch: Batch) -> BatchOutcome:
+        """Each request's own inputs, no gathering; each answered on its own."""
+        start = time.monotonic_ns()
+        answers = backend.run_requests(
+            [RequestInputs(r.id, r.inputs, r.outputs) for r in batch.requests]
+        )
+        if len(answers) != len(batch.requests):
+            raise InternalError(
+                f"instance {self.name}: {len(answers)} answers for {len(batch.requests)} requests"
+            )
+        ran = time.monotonic_ns()
+        results: list[InferResult | ConvoyError] = []
+        for request, answer in zip(batch.requests, answers, strict=True):
+            if isinstance(answer, ConvoyError):
+                results.append(answer)
+                continue
+            ranked: dict[str, Ranked] = {}
+            if request.classification:
+                rankings = {
+                    name: Ranking(k, name in self.softmax_outputs, batch.batched)
+                    for name, k in request.classification.items()
+                }
+                ranked = {
+                    name: Ranked(
+                        r.values,
+                        r.indices,
+                        format_classes(r.values, r.indices, self.labels.get(name)),
+                    )
+                    for name, r in rank_on_host(answer, rankings).items()
+                }
+            full = {n: answer[n] for n in request.outputs if n not in request.classification}
+            results.append(InferResult(full, ranked))
+        return BatchOutcome(
+            outputs={}, input_ns=0, infer_ns=ran - start, device=self.device, answers=tuple(results)
         )
 
     def _serve(self) -> None:
