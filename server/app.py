@@ -14,11 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from .cache import ResponseCache
+from .cache.exporter import CacheCollector
 from .config import ServerConfig
 from .errors import ConfigError
 from .frontend.admin import SERVICE_NAME as ROLLOUT_SERVICE
 from .frontend.admin import add_rollout_service
 from .frontend.auth import AccessInterceptor, AccessPolicy, load_tokens
+from .frontend.http import HttpFrontend, server_ssl_context
 from .frontend.monitoring import SERVICE_NAME as MONITORING_SERVICE
 from .frontend.monitoring import add_monitoring_service
 from .frontend.servicer import InferenceServicer
@@ -60,13 +63,24 @@ class ConvoyServer:
         self.repository.keep_loaded = self.rollouts.versions_in_use
         self.metrics.registry.register(RolloutCollector(self.rollouts))
         self.metrics.registry.register(MonitoringCollector(self.repository.monitors))
+        self.cache = ResponseCache(config.cache) if config.cache is not None else None
+        if self.cache is not None:
+            self.repository.on_change = self.cache.clear_model
+            self.metrics.registry.register(CacheCollector(self.cache))
         self.shadow = ShadowRunner(self.rollouts)
         self.declared = DeclaredRollouts(self.repository, self.rollouts)
         self.servicer = InferenceServicer(
-            self.repository, config.limits, self.rollouts, self.shadow, self.declared.load
+            self.repository,
+            config.limits,
+            self.rollouts,
+            self.shadow,
+            self.declared.load,
+            cache=self.cache,
         )
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
+        self._http: HttpFrontend | None = None
+        self.http_port = 0
         self._ticker: asyncio.Task[None] | None = None
         self._poller: RepositoryPoller | None = None
         self._metrics_http: object | None = None
@@ -77,6 +91,14 @@ class ConvoyServer:
         cfg = self.config
         await self.repository.load_all()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
+        if self.cache is None:
+            for model in self.repository.ready_models():
+                if model.spec.response_cache:
+                    log.warning(
+                        "model '%s' enables response_cache but the server has no cache "
+                        "(--cache-config local,size=BYTES): it is served uncached",
+                        model.spec.name,
+                    )
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -88,7 +110,9 @@ class ConvoyServer:
                 ("grpc.max_connection_age_ms", cfg.max_connection_age_ms),
                 ("grpc.max_connection_age_grace_ms", int(cfg.grace_period_s * 1000)),
             ]
-        self._grpc = grpc.aio.server(options=options, interceptors=self._interceptors())
+        policy = self._policy()  # one policy: a client's rate is shared by gRPC and HTTP
+        interceptors = [AccessInterceptor(policy)] if policy.active else []
+        self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
         add_rollout_service(self._grpc, self.rollouts)
         add_monitoring_service(self._grpc, self.repository.monitors)
@@ -108,6 +132,19 @@ class ConvoyServer:
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
         await self._grpc.start()
+        if cfg.http_port >= 0:
+            self._http = HttpFrontend(
+                self.repository,
+                cfg.limits,
+                policy,
+                rollouts=self.rollouts,
+                load=self.declared.load,
+                ready=lambda: self.servicer.accepting,
+                max_body_bytes=cfg.max_message_bytes,
+                shutdown_timeout_s=cfg.grace_period_s,
+            )
+            tls = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+            self.http_port = await self._http.start(cfg.host, cfg.http_port, tls)
         self._start_metrics()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_rollouts())
         if cfg.repository_poll_s:
@@ -119,10 +156,11 @@ class ConvoyServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "convoy serving gRPC on %s:%d, metrics on port %s, models %s",
+            "convoy serving gRPC on %s:%d, metrics on port %s, HTTP on port %s, models %s",
             cfg.host,
             self.grpc_port,
             self.metrics_port if self.metrics_port else "off",
+            self.http_port if self._http is not None else "off",
             [m.spec.name for m in self.repository.ready_models()],
         )
 
@@ -145,11 +183,10 @@ class ConvoyServer:
             if isinstance(m, ServedModel)  # ensembles own no instances
         ]
 
-    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+    def _policy(self) -> AccessPolicy:
         cfg = self.config
         tokens = load_tokens(cfg.auth_tokens) if cfg.auth_tokens else None
-        policy = AccessPolicy(tokens, cfg.rate_limit, cfg.rate_burst)
-        return [AccessInterceptor(policy)] if policy.active else []
+        return AccessPolicy(tokens, cfg.rate_limit, cfg.rate_burst)
 
     def _start_metrics(self) -> None:
         if self.config.metrics_port < 0:
@@ -170,6 +207,8 @@ class ConvoyServer:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self._http is not None:
+            await self._http.stop()
         if self._grpc is not None:
             await self._grpc.stop(self.config.grace_period_s)
         await self.shadow.close()

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .cache import CacheConfigError, parse_cache_config
 from .config import ServerConfig, ServingLimits
 from .monitoring.cli import add_monitor_parser, run_monitor
+from .optimize.cli import add_optimize_parser, run_optimize
 from .rollouts.cli import add_rollout_parser, run_rollout_command
 
 
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     serve.add_argument(
         "--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one)"
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="KServe v2 HTTP/REST port (default 8000; 0 picks a free one; -1 disables)",
     )
     serve.add_argument(
         "--metrics-port",
@@ -93,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where rollout state is kept across restarts (default: <repository>/.convoy/rollouts)",
     )
     serve.add_argument(
+        "--cache-config",
+        action="append",
+        metavar="local,size=BYTES",
+        help="a response cache of this many bytes (Triton's flag; KiB/MiB/GiB suffixes), "
+        "for models with response_cache { enable: true } (docs/cache.md)",
+    )
+    serve.add_argument(
         "--max-connection-age-ms",
         type=int,
         default=30_000,
@@ -145,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--gpu", type=int, default=0, help="GPU index (default 0)")
     add_rollout_parser(commands)
     add_monitor_parser(commands)
+    add_optimize_parser(commands)
     return parser
 
 
@@ -156,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_rollout_command(args)
     if args.command == "monitor":
         return run_monitor(args)
+    if args.command == "optimize":
+        return run_optimize(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 
@@ -168,10 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        cache = parse_cache_config(args.cache_config) if args.cache_config else None
+    except CacheConfigError as exc:
+        print(f"convoy serve: --cache-config: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         model_repository=args.model_repository,
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         metrics_port=args.metrics_port,
         grace_period_s=args.grace_period,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
@@ -186,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         repository_poll_s=args.repository_poll_secs,
         rollout_state_dir=args.rollout_state_dir,
         max_connection_age_ms=args.max_connection_age_ms,
+        cache=cache,
     )
     from .app import run
 

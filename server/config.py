@@ -18,6 +18,7 @@ from google.protobuf import text_format
 
 from kernels.image import IMAGENET_MEAN, IMAGENET_STD
 
+from .cache.cache import CacheConfig
 from .errors import ConfigError
 from .pb import model_config_pb2 as mc
 from .tensors import CONFIG_TO_WIRE
@@ -43,6 +44,7 @@ DEFAULT_MODEL_FILENAME = {
     "pytorch": "model.pt",
     "tensorrt": "model.plan",
     "convoy_python": "model.py",
+    "python": "model.py",  # Triton's python backend: class TritonPythonModel
 }
 
 
@@ -64,6 +66,7 @@ class ServerConfig:
     model_repository: Path | None = None  # None: build and serve the built-in examples
     host: str = "0.0.0.0"
     grpc_port: int = 8001  # 0: any free port (the log says which)
+    http_port: int = 8000  # KServe v2 HTTP/REST; 0: any free port; -1: off
     metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
     grace_period_s: float = 30.0
     max_message_bytes: int = 256 * 1024 * 1024
@@ -81,6 +84,7 @@ class ServerConfig:
     # Connections are closed (gracefully) after this long, so long-lived client
     # channels reconnect and rebalance onto new replicas; 0: never.
     max_connection_age_ms: int = 30_000
+    cache: CacheConfig | None = None  # --cache-config local,size=BYTES; None: no cache
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,7 @@ class ModelSpec:
     warmup: tuple[WarmupSample, ...] = ()
     options: BackendOptions = BackendOptions()
     ensemble: tuple[EnsembleStep, ...] = ()  # platform "ensemble" only
+    response_cache: bool = False  # Triton's response_cache { enable: true }
 
     @property
     def cuda(self) -> CudaOptions:
@@ -368,7 +373,7 @@ def infer_backend(config: mc.ModelConfig, version_dirs: list[Path]) -> str | Non
     for version_dir in version_dirs:
         for backend, filename in DEFAULT_MODEL_FILENAME.items():
             # Executing model.py must be asked for by name, never inferred.
-            if backend != "convoy_python" and (version_dir / filename).exists():
+            if filename != "model.py" and (version_dir / filename).exists():
                 return backend
     return None
 
@@ -423,6 +428,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         optimization=_optimization(config, path),
         warmup=_warmup(config, inputs, path),
         options=options,
+        response_cache=config.response_cache.enable,
     )
 
 

@@ -236,8 +236,15 @@ def test_changed_outputs_are_reported_in_shadow_and_blocked_in_canary(
         rollout(served, "start", "lin", "--version", "5", "--strategy", "shadow",
                 "--shadow-fraction", "0.5", "--step-interval", "2s",
                 "--min-requests", "10")  # fmt: skip
-        time.sleep(4)
-        shadow = status(served)
+        deadline = time.monotonic() + 30
+        while True:  # comparisons queue behind callers: on a busy machine they come later
+            shadow = status(served)
+            windows = shadow["windows"]
+            assert isinstance(windows, dict)
+            if windows.get("5", {}).get("compared", 0) > 0:
+                break
+            assert time.monotonic() < deadline, shadow
+            time.sleep(0.5)
         rollout(served, "rollback", "lin")
     assert shadow["phase"] == "progressing"
     windows = shadow["windows"]

@@ -402,3 +402,25 @@ def test_stop_accepting_answers_the_queued_and_refuses_at_once() -> None:
         await queue.close(drain=True)
 
     run(body)
+
+
+def test_background_work_runs_after_every_caller() -> None:
+    """A rollout's comparison run waits behind callers even without priority levels."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, _ = make_queue(runner, BatchingConfig(), clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()
+        mirror = make_request(value=1)
+        mirror.background = True
+        queue.submit(mirror)
+        callers = [make_request(value=v) for v in (2, 3)]
+        for r in callers:
+            queue.submit(r)
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(mirror.future, *(r.future for r in callers))
+        assert runner.batches == [(0.0,), (2.0,), (3.0,), (1.0,)]
+        await queue.close(drain=True)
+
+    run(body)

@@ -44,6 +44,9 @@ class BatchOutcome:
     infer_ns: int  # the runtime itself (and ranking for classification)
     device: str
     ranked: dict[str, Ranked] = field(default_factory=dict)
+    # Set by a backend that answers per request: one answer per request of the batch,
+    # in order; an error fails only its own request. outputs/ranked are then unused.
+    answers: tuple[InferResult | ConvoyError, ...] | None = None
 
 
 class BatchRunner(Protocol):
@@ -124,7 +127,8 @@ class ModelQueue:
             raise self._refusal
         if self._closed or self._loop is None:
             raise Unavailable(f"model '{self.name}' is not accepting requests")
-        level = self._level_of(request.priority)
+        # Background work waits in the last deque, behind every caller's request.
+        level = len(self._levels) - 1 if request.background else self._level_of(request.priority)
         policy = self._batching.policy_for(level + 1)
         limit = policy.max_queue_size or self._default_max_queue
         if limit and len(self._levels[level]) >= limit:
@@ -372,7 +376,16 @@ class ModelQueue:
                 raise Unavailable(f"model '{self.name}': batch cancelled")
             outcome = future.result()
             start = self._clock()
-            per_request = batch.split_outputs(outcome.outputs, outcome.ranked)
+            per_request: list[InferResult | ConvoyError]
+            if outcome.answers is not None:
+                if len(outcome.answers) != len(batch.requests):
+                    raise InternalError(
+                        f"model '{self.name}': {len(outcome.answers)} answers for a batch "
+                        f"of {len(batch.requests)} requests"
+                    )
+                per_request = list(outcome.answers)
+            else:
+                per_request = list(batch.split_outputs(outcome.outputs, outcome.ranked))
             output_ns = self._clock() - start
         except ConvoyError as exc:
             error: ConvoyError = exc
@@ -392,7 +405,7 @@ class ModelQueue:
                     self._settle(request, self._cancelled(), now)
                     continue
                 self._settle(request, result, now)
-                if self.slo is not None:
+                if self.slo is not None and not isinstance(result, ConvoyError):
                     slo_changed |= self.slo.observe(now - request.arrival_ns)
             if slo_changed:
                 self._apply_slo()

@@ -60,6 +60,8 @@ class InferRequest:
     dispatch_ns: int = field(default=0, repr=False)  # set when its batch leaves the queue
     classification: dict[str, int] = field(default_factory=dict)  # output -> top-k
     settled: bool = field(default=False, repr=False)  # answered and counted (by the queue)
+    # Work of the server's own (a rollout's comparison run): queued behind every caller.
+    background: bool = False
 
     @property
     def abandoned(self) -> bool:

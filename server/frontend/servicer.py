@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import grpc
 
 from .. import __version__
-from ..batching.request import Array, InferRequest
+from ..batching.request import Array, InferRequest, InferResult
+from ..cache import (
+    BYPASS_PARAMETER,
+    CacheStats,
+    ResponseCache,
+    request_key,
+    request_uses_cache,
+)
 from ..config import DEFAULT_LIMITS, ServingLimits
 from ..errors import ConvoyError, InternalError, InvalidInput, Unimplemented
 from ..pb import grpc_service_pb2 as pb
@@ -53,8 +60,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         shadow: ShadowRunner | None = None,
         load: Callable[[str], Awaitable[None]] | None = None,
         shm: SharedMemoryRegistry | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._shm = shm or SharedMemoryRegistry()
+        self._cache = cache
         self._repo = repository
         self._limits = limits
         self._rollouts = rollouts
@@ -139,7 +148,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             raise
         response = pb.ModelStatisticsResponse()
         for model in models:
-            _fill_statistics(response.model_stats.add(), model.stats)
+            cached = self._cache.stats(model.spec.name, model.version) if self._cache else None
+            _fill_statistics(response.model_stats.add(), model.stats, cached)
         return response
 
     # -- repository ------------------------------------------------------------
@@ -210,8 +220,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         model = self._repo.get(name, version)
         if _uses_shared_memory(request):
             return await self._infer_shared(request, context, model)
-        infer_request = _decode(model, request, context.time_remaining(), self._limits.max_elements)
-        result = await model.infer(infer_request)
+        time_remaining = context.time_remaining()
+        infer_request = _decode(model, request, time_remaining, self._limits.max_elements)
+        if self._cache is not None and model.spec.response_cache and _cache_wanted(request):
+            result = await self._cached(model, infer_request, time_remaining)
+        else:
+            result = await model.infer(infer_request)
         if model.monitoring is not None:  # a few rows copied; statistics run off the loop
             model.monitoring.observe(infer_request.id, infer_request.inputs, result.outputs)
         if self._shadow is not None and result.outputs:
@@ -224,6 +238,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return encode_response(
             request, model.spec, model.version, infer_request, result, model.labels
         )
+
+    async def _cached(
+        self, model: ModelVersion, request: InferRequest, time_remaining: float | None
+    ) -> InferResult:
+        """Triton's response cache, plus coalescing: a hit skips the queue entirely;
+        identical requests in flight share one computation. Never across versions
+        (the version is in the key; a reload empties the model's entries)."""
+        assert self._cache is not None
+        key = request_key(
+            model.spec.name, model.version, request.inputs, request.outputs, request.classification
+        )
+        answer = await self._cache.get_or_compute(
+            key, lambda: model.infer(request), wait_s=time_remaining
+        )
+        if answer.source != "computed":  # answered without the queue: counted here
+            model.record_cached(time.monotonic_ns() - request.arrival_ns)
+        return answer.result
 
     async def _infer_shared(
         self,
@@ -299,10 +330,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def _mirror(
         self, name: str, version: str, asked: InferRequest, outputs: tuple[str, ...]
     ) -> Mapping[str, Array]:
-        """The same inputs on another version, at its lowest priority, off the caller's
+        """The same inputs on another version, queued behind every caller, off the caller's
         path (the shadow's and the canary's output comparison)."""
         model = self._repo.get(name, version)
-        levels = model.spec.batching.priority_levels if model.spec.batching else 0
         mirrored = InferRequest(
             id=asked.id,
             inputs=asked.inputs,
@@ -310,7 +340,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             rows=asked.rows,
             shape_key=asked.shape_key,
             future=asyncio.get_running_loop().create_future(),
-            priority=levels,
+            background=True,
         )
         return (await model.infer(mirrored)).outputs
 
@@ -426,6 +456,14 @@ def _decode(
         raise
 
 
+def _cache_wanted(request: pb.ModelInferRequest) -> bool:
+    """The request parameter `response_cache` (bool): false bypasses the cache."""
+    if not request.parameters or BYPASS_PARAMETER not in request.parameters:
+        return True
+    param = request.parameters[BYPASS_PARAMETER]
+    return request_uses_cache(param.WhichOneof("parameter_choice"), param.bool_param)
+
+
 def _uses_shared_memory(request: pb.ModelInferRequest) -> bool:
     return any(t.parameters and REGION in t.parameters for t in (*request.inputs, *request.outputs))
 
@@ -452,7 +490,9 @@ def _copy_duration(target: pb.StatisticDuration, source: Duration) -> None:
     target.ns = source.ns
 
 
-def _fill_statistics(out: pb.ModelStatistics, stats: ModelStatistics) -> None:
+def _fill_statistics(
+    out: pb.ModelStatistics, stats: ModelStatistics, cached: CacheStats | None = None
+) -> None:
     out.name = stats.name
     out.version = stats.version
     out.last_inference = stats.last_inference_ms
@@ -465,6 +505,9 @@ def _fill_statistics(out: pb.ModelStatistics, stats: ModelStatistics) -> None:
     _copy_duration(s.compute_input, stats.compute_input)
     _copy_duration(s.compute_infer, stats.compute_infer)
     _copy_duration(s.compute_output, stats.compute_output)
+    if cached is not None:  # Triton's cache_hit / cache_miss
+        _copy_duration(s.cache_hit, cached.hit)
+        _copy_duration(s.cache_miss, cached.miss)
     for size in sorted(stats.batch_stats):
         per = stats.batch_stats[size]
         b = out.batch_stats.add(batch_size=size)

@@ -245,6 +245,11 @@ class EnsembleModel:
         else:
             self.metrics.failure(type(error).__name__).inc()
 
+    def record_cached(self, total_ns: int) -> None:
+        self.stats.record_request(True, total_ns, None)
+        self.metrics.success.inc()
+        self.metrics.request_seconds.observe(total_ns / 1e9)
+
     def record_rejection(self, error: ConvoyError) -> None:
         self.metrics.failure(type(error).__name__).inc()
         self.stats.record_request(False, 0, None)

@@ -104,6 +104,8 @@ class ModelRepository:
         self.outcomes: OutcomeSink | None = None  # every request's outcome (rollout analysis)
         # Versions a reload must keep whatever the version_policy (a rollout's arms).
         self.keep_loaded: Callable[[str], Iterable[str]] | None = None
+        # Told of every load, reload and unload of a model (the response cache empties).
+        self.on_change: Callable[[str], object] | None = None
 
     # -- queries (event loop, no awaits) -------------------------------------
 
@@ -220,6 +222,7 @@ class ModelRepository:
                 served.start()
             entry.versions = new_versions
             entry.state, entry.reason = READY, ""
+            self._changed(name)
             log.info("model '%s' ready, versions %s", name, sorted(new_versions))
             for served in old.values():
                 await served.close(drain=True, timeout_s=self._drain_timeout)
@@ -232,6 +235,7 @@ class ModelRepository:
         async with entry.lock:
             old, entry.versions = entry.versions, {}
             entry.state, entry.reason = UNLOADING, ""
+            self._changed(name)
             for served in old.values():
                 await served.close(drain=True, timeout_s=self._drain_timeout)
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
@@ -293,6 +297,7 @@ class ModelRepository:
             served.start()
             entry.versions[number] = served
             entry.state, entry.reason = READY, ""
+            self._changed(name)
             log.info("model '%s' version %d loaded beside %s", name, number, sorted(entry.versions))
 
     async def _remove_version(self, name: str, number: int) -> None:
@@ -306,6 +311,7 @@ class ModelRepository:
                 return
             if not entry.versions:
                 entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            self._changed(name)
             await served.close(drain=True, timeout_s=self._drain_timeout)
             log.info("model '%s' version %d unloaded", name, number)
 
@@ -314,6 +320,10 @@ class ModelRepository:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for name in list(self._models):
             await self.unload(name)
+
+    def _changed(self, name: str) -> None:
+        if self.on_change is not None:
+            self.on_change(name)
 
     def _is_ensemble(self, name: str) -> bool:
         try:

@@ -49,6 +49,10 @@ class ModelVersion(Protocol):
 
     def record_rejection(self, error: ConvoyError) -> None: ...
 
+    def record_cached(self, total_ns: int) -> None:
+        """A request answered from the response cache, without the queue."""
+        ...
+
 
 class ServedModel:
     """Owns its ModelQueue (started in start(), stopped in close()) and its pool."""
@@ -134,6 +138,8 @@ class ServedModel:
         try:
             self.queue.submit(request)
         except ConvoyError as exc:
+            if request.background:  # shed, not a failure of this version
+                raise
             self.record_rejection(exc)
             raise
         self.inflight += 1
@@ -141,6 +147,12 @@ class ServedModel:
             return await request.future
         finally:
             self.inflight -= 1
+
+    def record_cached(self, total_ns: int) -> None:
+        # A success, as Triton counts cache hits; inference_count is left alone.
+        self.stats.record_request(True, total_ns, None)
+        self.metrics.success.inc()
+        self.metrics.request_seconds.observe(total_ns / 1e9)
 
     def record_rejection(self, error: ConvoyError) -> None:
         """A request refused before it was queued (bad input, full queue)."""
@@ -176,4 +188,7 @@ class ServedModel:
             self.metrics.failure(type(error).__name__).inc()
         if self._outcomes is not None:
             compute = now_ns - request.dispatch_ns if request.dispatch_ns else 0
-            self._outcomes(self.spec.name, self.version_label, error, queued or 0, compute)
+            # A background run waits behind every caller by design: its queue time says
+            # nothing about this version, its compute time and errors do.
+            waited = 0 if request.background else queued or 0
+            self._outcomes(self.spec.name, self.version_label, error, waited, compute)
