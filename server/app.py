@@ -140,6 +140,8 @@ class ConvoyServer:
                 rollouts=self.rollouts,
                 load=self.declared.load,
                 ready=lambda: self.servicer.accepting,
+                # The gRPC path itself: routing, cache, monitoring and shadows alike.
+                infer=lambda request, key: self.servicer.infer_message(request, None, lambda: key),
                 max_body_bytes=cfg.max_message_bytes,
                 shutdown_timeout_s=cfg.grace_period_s,
             )

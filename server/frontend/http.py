@@ -86,8 +86,8 @@ _DENIAL_STATUS = {
 _RPC = "/inference.GRPCInferenceService/"
 _COMPRESSIBLE = frozenset({"gzip", "deflate"})
 
-# (pb request, A/B key) -> the answer: the lead may plug in the gRPC servicer's own
-# path here (rollout routing, shadows, monitoring) once it is transport-free.
+# (pb request, A/B key) -> the answer: the server plugs in the gRPC servicer's own
+# path here (rollout routing, cache, shadows, monitoring): InferenceServicer.infer_message.
 InferFn = Callable[[pb.ModelInferRequest, str | None], Awaitable[pb.ModelInferResponse]]
 
 

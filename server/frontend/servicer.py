@@ -211,16 +211,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        return await self.infer_message(
+            request, context.time_remaining(), lambda: _header_key(context)
+        )
+
+    async def infer_message(
+        self,
+        request: pb.ModelInferRequest,
+        time_remaining: float | None,
+        header_key: Callable[[], str | None] = lambda: None,
+    ) -> pb.ModelInferResponse:
+        """One inference, whatever transport carried it (gRPC here, HTTP/REST too):
+        routing, decode, cache, queue, monitoring, shadow, encode. `header_key` reads
+        the A/B key from the transport's headers, only when a rollout needs one."""
         name, version = request.model_name, request.model_version
         rollouts = self._rollouts
         if not version and rollouts is not None:
             # A request that names no version follows the model's traffic policy.
-            key = _ab_key(request, context) if rollouts.needs_key(name) else None
+            key = _ab_key(request, header_key) if rollouts.needs_key(name) else None
             version = rollouts.route(name, key) or ""
         model = self._repo.get(name, version)
         if _uses_shared_memory(request):
-            return await self._infer_shared(request, context, model)
-        time_remaining = context.time_remaining()
+            return await self._infer_shared(request, time_remaining, model)
         infer_request = _decode(model, request, time_remaining, self._limits.max_elements)
         if self._cache is not None and model.spec.response_cache and _cache_wanted(request):
             result = await self._cached(model, infer_request, time_remaining)
@@ -259,7 +271,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def _infer_shared(
         self,
         request: pb.ModelInferRequest,
-        context: grpc.aio.ServicerContext,
+        time_remaining: float | None,
         model: ModelVersion,
     ) -> pb.ModelInferResponse:
         """Inputs read from and outputs written to registered shared memory regions,
@@ -270,7 +282,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             infer_request = _decode(
                 model,
                 request,
-                context.time_remaining(),
+                time_remaining,
                 self._limits.max_elements,
                 self._shm,
                 leases,
@@ -468,11 +480,15 @@ def _uses_shared_memory(request: pb.ModelInferRequest) -> bool:
     return any(t.parameters and REGION in t.parameters for t in (*request.inputs, *request.outputs))
 
 
-def _ab_key(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> str | None:
-    """The A/B assignment key: the request parameter, else the gRPC metadata header."""
+def _ab_key(request: pb.ModelInferRequest, header_key: Callable[[], str | None]) -> str | None:
+    """The A/B assignment key: the request parameter, else the transport's header."""
     param = request.parameters.get(AB_KEY_PARAMETER)
     if param is not None and param.WhichOneof("parameter_choice") == "string_param":
         return str(param.string_param)
+    return header_key()
+
+
+def _header_key(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == AB_KEY_HEADER:
             return value if isinstance(value, str) else value.decode()
