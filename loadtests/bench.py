@@ -138,15 +138,22 @@ async def _open_loop_client(
 
 
 async def _http_client(
-    url: str, body: bytes, concurrency: int, duration: float
+    url: str, body: bytes, concurrency: int, duration: float, header_length: int | None = None
 ) -> tuple[list[float], int]:
     """Closed loop over HTTP/1.1 keep-alive, one connection per caller: for peers that
-    speak only HTTP (Ray Serve, LitServe). `url` is http://host:port/path."""
+    speak only HTTP (Ray Serve, LitServe), and KServe v2 REST. `url` is
+    http://host:port/path; `header_length` marks a body in Triton's binary tensor
+    extension (a JSON header of that many bytes, then the raw tensors)."""
     rest = url.removeprefix("http://")
     hostport, _, path = rest.partition("/")
     host, _, port = hostport.partition(":")
+    kind = "application/json"
+    extra = ""
+    if header_length is not None:
+        kind = "application/octet-stream"
+        extra = f"Inference-Header-Content-Length: {header_length}\r\n"
     head = (
-        f"POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n"
+        f"POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: {kind}\r\n{extra}"
         f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
     ).encode()
     latencies: list[float] = []
@@ -218,10 +225,10 @@ def _process(args: tuple[Any, ...], out: mp.Queue) -> None:  # type: ignore[type
         uvloop.install()
     except ImportError:
         pass
-    if len(args) == 5:  # open loop: url, payload, rate, duration, seed
-        out.put(asyncio.run(_open_loop_client(*args)))
-    elif args[0].startswith("http://"):
+    if args[0].startswith("http://"):  # url, body, concurrency, duration[, header length]
         out.put(asyncio.run(_http_client(*args)))
+    elif len(args) == 5:  # open loop: url, payload, rate, duration, seed
+        out.put(asyncio.run(_open_loop_client(*args)))
     else:
         out.put(asyncio.run(_client(*args)))
 
@@ -291,12 +298,19 @@ def run_closed_loop(
 
 
 def _run_processes(  # type: ignore[no-untyped-def]
-    ctx, url: str, payload: bytes, shares: list[Any], duration: float, open_loop: bool = False
+    ctx,
+    url: str,
+    payload: bytes,
+    shares: list[Any],
+    duration: float,
+    open_loop: bool = False,
+    extra: tuple[Any, ...] = (),
 ):
     out = ctx.Queue()
     workers = []
     for i, share in enumerate(shares):
         args = (url, payload, share, duration, i) if open_loop else (url, payload, share, duration)
+        args += extra
         workers.append(ctx.Process(target=_process, args=(args, out)))
     for w in workers:
         w.start()
@@ -330,14 +344,22 @@ def run_open_loop(
 
 
 def run_http_closed_loop(
-    url: str, body: bytes, name: str, concurrency: int, duration: float, procs: int = 2
+    url: str,
+    body: bytes,
+    name: str,
+    concurrency: int,
+    duration: float,
+    procs: int = 2,
+    header_length: int | None = None,
 ) -> Result:
-    """Closed loop against an HTTP JSON endpoint (http://host:port/path)."""
+    """Closed loop against an HTTP endpoint (http://host:port/path); JSON, or Triton's
+    binary tensor extension with `header_length`."""
     shares = _shares(concurrency, procs)
     ctx = mp.get_context("spawn")
-    _run_processes(ctx, url, body, shares, 1.0)  # warm-up
+    extra = () if header_length is None else (header_length,)
+    _run_processes(ctx, url, body, shares, 1.0, extra=extra)  # warm-up
     start = time.perf_counter()
-    latencies, errors = _run_processes(ctx, url, body, shares, duration)
+    latencies, errors = _run_processes(ctx, url, body, shares, duration, extra=extra)
     elapsed = time.perf_counter() - start
     return _summarise(name, concurrency, 1, latencies, errors, duration, elapsed, 0.0)
 
