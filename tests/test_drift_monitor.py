@@ -216,3 +216,22 @@ def test_a_reload_keeps_the_new_versions_monitoring(tmp_path: Path) -> None:
     finally:
         monitors.detach(new)
     assert monitors.monitors() == [] and monitors.feedback_store("m") is None
+
+
+def test_each_tensor_keeps_its_own_pending_windows() -> None:
+    """A tensor whose windows fill faster (more rows sampled per request) must not evict
+    another tensor's windows while the scoring thread is behind."""
+    image = SampledTensor(TensorSpec("INPUT", "FP32", (3, 64, 64)))  # one row per request
+    logits = SampledTensor(TensorSpec("LOGITS", "FP32", (10,)), is_output=True)  # four
+    sampler = Sampler([image, logits], batched=True, window=8, rows_per_request=4, max_pending=2)
+    taken: dict[str, int] = {"INPUT": 0, "LOGITS": 0}
+    for _ in range(5):
+        for _ in range(40):
+            sampler.offer(
+                {"INPUT": np.zeros((4, 3, 64, 64), np.float32)},
+                {"LOGITS": np.zeros((4, 10), np.float32)},
+            )
+        for name, _window in sampler.take():
+            taken[name] += 1
+    # 40 requests fill 5 INPUT windows and 20 LOGITS windows; 2 of each wait per pass.
+    assert taken == {"INPUT": 10, "LOGITS": 10}

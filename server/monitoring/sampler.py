@@ -101,8 +101,10 @@ class Sampler:
         self._outputs = [TensorSampler(t, window, rows_per_request) for t in tensors if t.is_output]
         self._credit = 0.0
         # deque.append and popleft are atomic under the GIL: the loop appends, the thread pops.
-        limit = max_pending * max(1, len(tensors))
-        self._full: collections.deque[tuple[str, Array]] = collections.deque(maxlen=limit)
+        # One bound per tensor: a tensor whose windows fill faster never evicts another's.
+        self._full: dict[str, collections.deque[Array]] = {
+            t.spec.name: collections.deque(maxlen=max_pending) for t in tensors
+        }
         self.offered = 0  # requests seen
         self.sampled = 0  # requests copied from
         self.dropped = 0  # full windows lost because the thread fell behind
@@ -123,19 +125,22 @@ class Sampler:
                     continue
                 full = sampler.add(array if self.batched else array[np.newaxis])
                 if full is not None:
-                    if len(self._full) == self._full.maxlen:
+                    pending = self._full[sampler.tensor.spec.name]
+                    if len(pending) == pending.maxlen:
                         self.dropped += 1
-                    self._full.append((sampler.tensor.spec.name, full))
+                    pending.append(full)
 
     def take(self) -> list[tuple[str, Array]]:
-        """Full windows, oldest first; called from the monitor's thread."""
+        """Full windows, oldest first per tensor; called from the monitor's thread."""
         windows = []
-        while True:
-            try:
-                windows.append(self._full.popleft())
-            except IndexError:
-                return windows
+        for name, pending in self._full.items():
+            while True:
+                try:
+                    windows.append((name, pending.popleft()))
+                except IndexError:
+                    break
+        return windows
 
     @property
     def buffered_windows(self) -> int:
-        return len(self._full)
+        return sum(len(pending) for pending in self._full.values())
