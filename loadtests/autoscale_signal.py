@@ -27,7 +27,6 @@ import asyncio
 import itertools
 import math
 import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from loadtests.launch import start_convoy
+from loadtests.launch import link_model, start_convoy
 from server.pb import grpc_service_pb2 as pb
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -186,13 +185,7 @@ def model_repository(model: str) -> Iterator[Path]:
 
     examples = ensure_examples(default_examples_dir())
     with tempfile.TemporaryDirectory(prefix="convoy-signal-") as tmp:
-        src, dst = examples / model, Path(tmp) / model
-        dst.mkdir()
-        shutil.copy(src / "config.pbtxt", dst / "config.pbtxt")
-        for version in (p for p in src.iterdir() if p.is_dir()):
-            (dst / version.name).mkdir()
-            for f in version.iterdir():
-                (dst / version.name / f.name).symlink_to(f)
+        link_model(examples / model, Path(tmp) / model)
         yield Path(tmp)
 
 

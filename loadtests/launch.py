@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,3 +99,22 @@ def start_convoy(
         log=lines,
         http_port=int(http.group(1)) if http and http.group(1) != "off" else None,
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads, from /proc/<pid>/stat: what a
+    server spends per request, robust to how busy a shared machine is."""
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def link_model(source: Path, target: Path) -> None:
+    """A model directory of its own (the repository refuses directories that resolve
+    elsewhere): its config copied, its version files linked, not copied."""
+    target.mkdir(parents=True)
+    shutil.copy(source / "config.pbtxt", target / "config.pbtxt")
+    for version in (p for p in source.iterdir() if p.is_dir()):
+        (target / version.name).mkdir()
+        for item in version.iterdir():
+            (target / version.name / item.name).symlink_to(item)

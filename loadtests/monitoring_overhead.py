@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import statistics
 import tempfile
 import time
@@ -36,11 +35,10 @@ from server.repository.examples import (
 )
 
 from .bench import Result, build_request, run_closed_loop
-from .launch import ConvoyProcess, start_convoy
+from .launch import ConvoyProcess, cpu_seconds, start_convoy
 
 MODELS = ("tiny", "image_classifier")
 REFERENCE_ROWS = 256
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -76,14 +74,6 @@ def make_repository(target: Path, source: Path) -> Path:
             for f in version.iterdir():
                 (target / model / version.name / f.name).symlink_to(f)
     return target
-
-
-def server_cpu_s(pid: int) -> float:
-    """utime + stime of a process, all its threads, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        # Fields after the command name, which is in parentheses and may hold spaces.
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def windows_scored(server: ConvoyProcess, model: str) -> float:
@@ -130,7 +120,7 @@ def measure(
         server.url, model, args.concurrency, args.warmup, args.procs, warmup=0, payload=payload
     )
     scored_before = windows_scored(server, model)
-    cpu_before = server_cpu_s(server.proc.pid)
+    cpu_before = cpu_seconds(server.proc.pid)
     result = run_closed_loop(
         server.url, model, args.concurrency, args.duration, args.procs, warmup=0, payload=payload
     )
@@ -143,7 +133,7 @@ def measure(
             time.sleep(0.2)
         if windows_scored(server, model) == scored_before:
             print(f"  warning: no drift window of {model} was scored during its load")
-    cpu_s = server_cpu_s(server.proc.pid) - cpu_before
+    cpu_s = cpu_seconds(server.proc.pid) - cpu_before
     return Measurement(model, monitored, result, cpu_s)
 
 

@@ -24,8 +24,8 @@ from tritonclient.grpc import service_pb2
 from server.repository.examples import default_examples_dir, ensure_examples
 
 from .bench import Result, _summarise, run_closed_loop, run_http_closed_loop
-from .launch import start_convoy
-from .triton_pipeline import link_model, write_pipeline
+from .launch import link_model, start_convoy
+from .triton_pipeline import write_pipeline
 
 _DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
 

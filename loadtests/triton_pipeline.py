@@ -75,14 +75,3 @@ def write_pipeline(repo: Path) -> None:
     (repo / "preprocess" / "config.pbtxt").write_text(PREPROCESS_CONFIG)
     (repo / "classify" / "1").mkdir(parents=True)  # an ensemble's empty version directory
     (repo / "classify" / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
-
-
-def link_model(source: Path, target: Path) -> None:
-    """A model directory of its own (the repository refuses directories that resolve
-    elsewhere), its config copied and its version files linked, not copied."""
-    target.mkdir()
-    (target / "config.pbtxt").write_text((source / "config.pbtxt").read_text())
-    for version in (p for p in source.iterdir() if p.is_dir() and p.name.isdigit()):
-        (target / version.name).mkdir()
-        for item in version.iterdir():
-            (target / version.name / item.name).symlink_to(item)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from loadtests.launch import ROOT, ConvoyProcess, start_convoy
+from loadtests.launch import ROOT, ConvoyProcess, link_model, start_convoy
 from server.repository.examples import (
     build_classifier,
     build_tiny,
@@ -50,14 +49,7 @@ def make_repository(target: Path, examples: Path, models: tuple[str, ...] = ()) 
     """A private repository: config copied, big model files linked, not copied."""
     target.mkdir(parents=True, exist_ok=True)
     for model in models or tuple(p.name for p in examples.iterdir() if p.is_dir()):
-        src = examples / model
-        dst = target / model
-        dst.mkdir()
-        shutil.copy(src / "config.pbtxt", dst / "config.pbtxt")
-        for version in (p for p in src.iterdir() if p.is_dir()):
-            (dst / version.name).mkdir()
-            for f in version.iterdir():
-                (dst / version.name / f.name).symlink_to(f)
+        link_model(examples / model, target / model)
     return target
 
 

@@ -32,16 +32,9 @@ from aiohttp import web
 from .. import __version__
 from ..config import DEFAULT_LIMITS, ServingLimits
 from ..errors import (
-    Cancelled,
     ConfigError,
     ConvoyError,
-    DeadlineExceeded,
-    InternalError,
     InvalidInput,
-    ModelNotFound,
-    ModelNotReady,
-    Overloaded,
-    Unavailable,
     Unimplemented,
 )
 from ..pb import grpc_service_pb2 as pb
@@ -53,6 +46,7 @@ from ..tritonjson import message_to_dict
 from .auth import AccessPolicy
 from .codec import decode_request, encode_response
 from .servicer import EXTENSIONS, _fill_statistics
+from .status import http_status
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +56,6 @@ _INLINE_BYTES = 256 << 10
 # Triton's default --http-max-input-size: 64 MiB.
 DEFAULT_MAX_BODY_BYTES = 1 << 26
 
-# Convoy error -> HTTP status, following Triton's HttpCodeFromError for the
-# TRITONSERVER_Error code Triton itself would answer with.
-_STATUS: dict[type[ConvoyError], int] = {
-    InvalidInput: 400,
-    ConfigError: 400,
-    Cancelled: 400,
-    ModelNotFound: 404,
-    ModelNotReady: 503,
-    Overloaded: 503,  # Triton's "Exceeds maximum queue size" is UNAVAILABLE
-    Unavailable: 503,
-    DeadlineExceeded: 503,  # Triton's "Request timeout expired" is UNAVAILABLE
-    Unimplemented: 501,
-    InternalError: 500,
-}
 # What an AccessPolicy denial answers over HTTP (Triton has no rate limit; 429 is HTTP's).
 _DENIAL_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -89,14 +69,6 @@ _COMPRESSIBLE = frozenset({"gzip", "deflate"})
 # (pb request, A/B key) -> the answer: the server plugs in the gRPC servicer's own
 # path here (rollout routing, cache, shadows, monitoring): InferenceServicer.infer_message.
 InferFn = Callable[[pb.ModelInferRequest, str | None], Awaitable[pb.ModelInferResponse]]
-
-
-def http_status(error: ConvoyError) -> int:
-    for cls in type(error).__mro__:
-        status = _STATUS.get(cls)
-        if status is not None:
-            return status
-    return 500
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -1,4 +1,4 @@
-"""The one place where Convoy errors become gRPC status codes."""
+"""The one place where Convoy errors become gRPC status codes and HTTP statuses."""
 
 from __future__ import annotations
 
@@ -42,3 +42,28 @@ def status_code(error: ConvoyError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+# Convoy error -> HTTP status, following Triton's HttpCodeFromError for the
+# TRITONSERVER_Error code Triton itself would answer with.
+_HTTP: dict[type[ConvoyError], int] = {
+    InvalidInput: 400,
+    ConfigError: 400,
+    Cancelled: 400,
+    ModelNotFound: 404,
+    ModelNotReady: 503,
+    Overloaded: 503,  # Triton's "Exceeds maximum queue size" is UNAVAILABLE
+    Unavailable: 503,
+    DeadlineExceeded: 503,  # Triton's "Request timeout expired" is UNAVAILABLE
+    Unimplemented: 501,
+    InternalError: 500,
+}
+
+
+def http_status(error: ConvoyError) -> int:
+    """The HTTP/REST status for an error, as Triton's HTTP endpoint answers it."""
+    for cls in type(error).__mro__:
+        status = _HTTP.get(cls)
+        if status is not None:
+            return status
+    return 500

@@ -30,7 +30,7 @@ from ..metrics import ModelMetrics
 from ..monitoring.registry import ModelMonitoring
 from ..pb import model_config_pb2 as mc
 from ..statistics import ModelStatistics
-from .model import ModelVersion
+from .model import ModelVersion, count_cached
 
 Lookup = Callable[[str, str], ModelVersion]  # (model, version or "") -> the serving version
 
@@ -246,9 +246,7 @@ class EnsembleModel:
             self.metrics.failure(type(error).__name__).inc()
 
     def record_cached(self, total_ns: int) -> None:
-        self.stats.record_request(True, total_ns, None)
-        self.metrics.success.inc()
-        self.metrics.request_seconds.observe(total_ns / 1e9)
+        count_cached(self.stats, self.metrics, total_ns)
 
     def record_rejection(self, error: ConvoyError) -> None:
         self.metrics.failure(type(error).__name__).inc()

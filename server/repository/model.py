@@ -54,6 +54,14 @@ class ModelVersion(Protocol):
         ...
 
 
+def count_cached(stats: ModelStatistics, metrics: ModelMetrics, total_ns: int) -> None:
+    """A request answered from the response cache: a success, as Triton counts cache
+    hits; inference_count is left alone (nothing ran)."""
+    stats.record_request(True, total_ns, None)
+    metrics.success.inc()
+    metrics.request_seconds.observe(total_ns / 1e9)
+
+
 class ServedModel:
     """Owns its ModelQueue (started in start(), stopped in close()) and its pool."""
 
@@ -149,10 +157,7 @@ class ServedModel:
             self.inflight -= 1
 
     def record_cached(self, total_ns: int) -> None:
-        # A success, as Triton counts cache hits; inference_count is left alone.
-        self.stats.record_request(True, total_ns, None)
-        self.metrics.success.inc()
-        self.metrics.request_seconds.observe(total_ns / 1e9)
+        count_cached(self.stats, self.metrics, total_ns)
 
     def record_rejection(self, error: ConvoyError) -> None:
         """A request refused before it was queued (bad input, full queue)."""
