@@ -202,12 +202,14 @@ class ResponseCache:
         self.config = config
         self._clock = clock
         self._lru: ByteLRU[CacheKey, InferResult] = ByteLRU(config.size_bytes, self._evicted)
-        self._coalescer: Coalescer[CacheKey, InferResult] = Coalescer()
+        # Keyed by (key, generation): after a reload a request never joins a computation
+        # the old model started.
+        self._coalescer: Coalescer[tuple[CacheKey, int], InferResult] = Coalescer()
         self._stats: dict[tuple[str, int], CacheStats] = {}
         # Bumped when a model's entries are cleared, so a computation begun before a
         # reload cannot store its (old model's) result after it.
         self._generation: dict[str, int] = {}
-        self._leaders: dict[CacheKey, int] = {}  # key -> generation when it began
+        self._leaders: set[tuple[CacheKey, int]] = set()  # (key, generation) computing
         self._missed: tuple[CacheKey, int] | None = None  # the last missed lookup's ns
 
     @property
@@ -262,10 +264,11 @@ class ResponseCache:
         if self._missed is not None and self._missed[0] == key:
             lookup_ns = self._missed[1]
         self._missed = None
-        follower = self._coalescer.join(key)
+        token = (key, self._generation.get(key.model, 0))
+        follower = self._coalescer.join(token)
         if follower is None:
             self._for(key).miss.add(lookup_ns)
-            self._leaders[key] = self._generation.get(key.model, 0)
+            self._leaders.add(token)
         else:
             follower.add_done_callback(lambda done: self._followed(key, lookup_ns, done))
         return follower
@@ -278,17 +281,22 @@ class ResponseCache:
             stats.hit.add(lookup_ns)
             stats.coalesced += 1
 
-    def complete(self, key: CacheKey, result: InferResult) -> InferResult:
+    def complete(
+        self, key: CacheKey, result: InferResult, generation: int | None = None
+    ) -> InferResult:
         """Store the leader's result and answer its followers; returns the stored
-        (compacted, read-only) copy."""
+        (compacted, read-only) copy. `generation`: the model's when the leader began
+        (default: now); a result begun before a reload is answered, never stored."""
         start = self._clock()
-        began = self._leaders.pop(key, None)
+        token = (key, self._generation.get(key.model, 0) if generation is None else generation)
+        began = token in self._leaders
+        self._leaders.discard(token)
         try:
             stored = _compact(result)
         except BaseException:
-            self._coalescer.resolve(key, result)  # every follower is still answered once
+            self._coalescer.resolve(token, result)  # every follower is still answered once
             raise
-        if began is not None and began == self._generation.get(key.model, 0):
+        if began and token[1] == self._generation.get(key.model, 0):
             size = result_bytes(stored)
             stats = self._for(key)
             previous = self._lru.size_of(key)
@@ -300,18 +308,23 @@ class ResponseCache:
                 stats.entries += 1
                 stats.bytes_used += self._lru.size_of(key)
         self._for(key).miss.add(self._clock() - start, count=0)
-        self._coalescer.resolve(key, stored)
+        self._coalescer.resolve(token, stored)
         return stored
 
-    def fail(self, key: CacheKey, error: BaseException) -> None:
+    def fail(self, key: CacheKey, error: BaseException, generation: int | None = None) -> None:
         """The computation failed: nothing is stored, the followers get `error`."""
-        self._leaders.pop(key, None)
-        self._coalescer.reject(key, error)
+        token = self._token(key, generation)
+        self._leaders.discard(token)
+        self._coalescer.reject(token, error)
 
-    def abandon(self, key: CacheKey) -> None:
+    def abandon(self, key: CacheKey, generation: int | None = None) -> None:
         """The leader stopped for reasons of its own: followers ask again."""
-        self._leaders.pop(key, None)
-        self._coalescer.abandon(key)
+        token = self._token(key, generation)
+        self._leaders.discard(token)
+        self._coalescer.abandon(token)
+
+    def _token(self, key: CacheKey, generation: int | None) -> tuple[CacheKey, int]:
+        return (key, self._generation.get(key.model, 0) if generation is None else generation)
 
     async def get_or_compute(
         self,
@@ -328,17 +341,18 @@ class ResponseCache:
             hit = self.lookup(key)
             if hit is not None:
                 return CacheAnswer(hit, "hit")
+            generation = self._generation.get(key.model, 0)  # what begin() keys on
             follower = self.begin(key)
             if follower is None:
                 try:
                     result = await compute()
                 except _LEADER_ONLY_ERRORS:
-                    self.abandon(key)
+                    self.abandon(key, generation)
                     raise
                 except BaseException as exc:
-                    self.fail(key, exc)
+                    self.fail(key, exc, generation)
                     raise
-                self.complete(key, result)
+                self.complete(key, result, generation)
                 return CacheAnswer(result, "computed")
             try:
                 return CacheAnswer(await asyncio.wait_for(follower, wait_s), "coalesced")

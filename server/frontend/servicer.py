@@ -234,7 +234,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if _uses_shared_memory(request):
             return await self._infer_shared(request, time_remaining, model)
         infer_request = _decode(model, request, time_remaining, self._limits.max_elements)
-        if self._cache is not None and model.spec.response_cache and _cache_wanted(request):
+        # The bypass parameter is checked whether or not a cache serves this model, so a
+        # client's bad value does not start failing the day an operator turns one on.
+        if _cache_wanted(request) and self._cache is not None and model.spec.response_cache:
             result = await self._cached(model, infer_request, time_remaining)
         else:
             result = await model.infer(infer_request)
