@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -25,6 +29,9 @@ from .frontend.http import HttpFrontend, server_ssl_context
 from .frontend.monitoring import SERVICE_NAME as MONITORING_SERVICE
 from .frontend.monitoring import add_monitoring_service
 from .frontend.servicer import InferenceServicer
+from .frontends.engine_link import EngineLink
+from .frontends.process import FrontendSettings
+from .frontends.supervisor import FrontendSupervisor, default_frontends
 from .metrics import Metrics, PoolReading
 from .monitoring.exporter import MonitoringCollector
 from .pb import grpc_service_pb2 as pb
@@ -82,6 +89,9 @@ class ConvoyServer:
         self._http: HttpFrontend | None = None
         self.http_port = 0
         self._ticker: asyncio.Task[None] | None = None
+        self._frontends: FrontendSupervisor | None = None
+        self._link: EngineLink | None = None
+        self._ipc_dir: Path | None = None
         self._poller: RepositoryPoller | None = None
         self._metrics_http: object | None = None
         self.grpc_port = 0
@@ -112,6 +122,9 @@ class ConvoyServer:
             ]
         policy = self._policy()  # one policy: a client's rate is shared by gRPC and HTTP
         interceptors = [AccessInterceptor(policy)] if policy.active else []
+        frontends = cfg.frontends or default_frontends()
+        if frontends > 1:
+            interceptors = []  # the front ends run the policy on the callers' connections
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
         add_rollout_service(self._grpc, self.rollouts)
@@ -123,15 +136,18 @@ class ConvoyServer:
                 self._grpc,
                 pool=POOL,
             )
-        address = f"{cfg.host}:{cfg.grpc_port}"
-        credentials = _server_credentials(cfg)
-        if credentials is None:
-            self.grpc_port = self._grpc.add_insecure_port(address)
-        else:
-            self.grpc_port = self._grpc.add_secure_port(address, credentials)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
-        await self._grpc.start()
+        if frontends > 1:
+            await self._serve_through_frontends(frontends)
+        else:  # one process, no IPC hop
+            address = f"{cfg.host}:{cfg.grpc_port}"
+            credentials = _server_credentials(cfg)
+            if credentials is None:
+                self.grpc_port = self._grpc.add_insecure_port(address)
+            else:
+                self.grpc_port = self._grpc.add_secure_port(address, credentials)
+            if self.grpc_port == 0:
+                raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.grpc_port}")
+            await self._grpc.start()
         if cfg.http_port >= 0:
             self._http = HttpFrontend(
                 self.repository,
@@ -165,6 +181,46 @@ class ConvoyServer:
             self.http_port if self._http is not None else "off",
             [m.spec.name for m in self.repository.ready_models()],
         )
+
+    async def _serve_through_frontends(self, count: int) -> None:
+        """The engine's gRPC server on a private Unix socket (every RPC but ModelInfer
+        reaches it through the front ends), the ModelInfer link, then the front ends on
+        the public port."""
+        cfg = self.config
+        assert self._grpc is not None
+        self._ipc_dir = Path(tempfile.mkdtemp(prefix="convoy-engine-"))
+        engine_socket = self._ipc_dir / "engine.sock"
+        if self._grpc.add_insecure_port(f"unix:{engine_socket}") == 0:
+            raise OSError(f"cannot bind the engine's socket {engine_socket}")
+        await self._grpc.start()
+        self._link = EngineLink(f"ipc://{self._ipc_dir / 'infer.ipc'}", self.servicer.infer_message)
+        await self._link.start()
+        port, reservation = _reserve_port(cfg.host, cfg.grpc_port)
+        settings = FrontendSettings(
+            host=cfg.host,
+            port=port,
+            engine_grpc=str(engine_socket),
+            engine_infer=self._link.address,
+            engine_pid=os.getpid(),
+            grace_period_s=cfg.grace_period_s,
+            max_message_bytes=cfg.max_message_bytes,
+            max_connection_age_ms=cfg.max_connection_age_ms,
+            tls_cert=cfg.tls_cert,
+            tls_key=cfg.tls_key,
+            tls_ca=cfg.tls_ca,
+            auth_tokens=cfg.auth_tokens,
+            rate_limit=cfg.rate_limit,
+            rate_burst=cfg.rate_burst,
+            log_level=logging.getLevelName(logging.getLogger().level),
+        )
+        self._frontends = FrontendSupervisor(settings, count)
+        try:
+            await self._frontends.start()
+        finally:
+            if reservation is not None:
+                reservation.close()
+        self.grpc_port = port
+        log.info("%d front ends on port %d: pids %s", count, port, self._frontends.pids)
 
     async def _tick_rollouts(self) -> None:
         """Advance every rollout's analysis once a second (a failed gate rolls back
@@ -211,8 +267,14 @@ class ConvoyServer:
                 await self._ticker
         if self._http is not None:
             await self._http.stop()
+        if self._frontends is not None:  # they drain their calls through the engine first
+            await self._frontends.stop(self.config.grace_period_s)
+        if self._link is not None:
+            await self._link.stop(self.config.grace_period_s)
         if self._grpc is not None:
             await self._grpc.stop(self.config.grace_period_s)
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
         await self.shadow.close()
         await self.repository.close()
         self.servicer.close()  # unmaps shared memory regions, now that nothing reads them
@@ -221,6 +283,17 @@ class ConvoyServer:
             await asyncio.to_thread(httpd.shutdown)  # type: ignore[attr-defined]
             httpd.server_close()  # type: ignore[attr-defined]
         log.info("convoy stopped")
+
+
+def _reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
+    """Port 0 asks for a free port: take one with SO_REUSEPORT (not listening, so it
+    never takes a connection) and hold it until the front ends have bound it too."""
+    if port != 0:
+        return port, None
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return int(sock.getsockname()[1]), sock
 
 
 def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:

@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="where rollout state is kept across restarts (default: <repository>/.convoy/rollouts)",
     )
     serve.add_argument(
+        "--frontends",
+        type=int,
+        default=0,
+        metavar="N",
+        help="gRPC front-end processes on the port (SO_REUSEPORT) feeding this engine; "
+        "default 0: one per 4 cores, at least 1 and at most 8 (so 1, no IPC hop, on a "
+        "2-core machine)",
+    )
+    serve.add_argument(
         "--cache-config",
         action="append",
         metavar="local,size=BYTES",
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         rollout_state_dir=args.rollout_state_dir,
         max_connection_age_ms=args.max_connection_age_ms,
         cache=cache,
+        frontends=args.frontends,
     )
     from .app import run
 

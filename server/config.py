@@ -85,6 +85,7 @@ class ServerConfig:
     # channels reconnect and rebalance onto new replicas; 0: never.
     max_connection_age_ms: int = 30_000
     cache: CacheConfig | None = None  # --cache-config local,size=BYTES; None: no cache
+    frontends: int = 1  # gRPC front-end processes; 0: one per 4 cores (1 on 2 cores)
 
 
 @dataclass(frozen=True)

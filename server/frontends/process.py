@@ -1,0 +1,283 @@
+"""One front-end process: gRPC on the shared port, the engine behind it.
+
+Started by the engine's FrontendSupervisor with the "spawn" method (a fresh
+interpreter: gRPC must not be forked). ModelInfer goes to the engine over ZeroMQ as
+raw bytes; every other RPC (metadata, statistics, repository, health, our admin
+services, reflection, streams) is proxied, raw bytes again, to the engine's gRPC
+server on its Unix socket. The front end holds no model state: it can die and be
+restarted, and it exits when its engine is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .wire import OK, encode_header, status_code
+
+log = logging.getLogger(__name__)
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+_AB_KEY_HEADER = "convoy-ab-key"
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    """Everything a front end needs, picklable for the spawn start method."""
+
+    host: str
+    port: int
+    engine_grpc: str  # unix socket path of the engine's gRPC server
+    engine_infer: str  # ZeroMQ address of the engine's EngineLink
+    engine_pid: int
+    grace_period_s: float
+    max_message_bytes: int
+    max_connection_age_ms: int
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    auth_tokens: Path | None = None
+    rate_limit: float | None = None
+    rate_burst: float | None = None
+    log_level: str = "INFO"
+
+
+def run_frontend(settings: FrontendSettings, index: int, ready: Any) -> None:
+    """Process entry point: serve until SIGTERM (drain) or until the engine is gone."""
+    import uvloop
+
+    logging.basicConfig(
+        level=settings.log_level,
+        format=f"%(asctime)s %(levelname)s frontend-{index} %(name)s: %(message)s",
+    )
+    uvloop.run(_serve(settings, ready))
+
+
+async def _serve(settings: FrontendSettings, ready: Any) -> None:
+    import zmq
+    import zmq.asyncio
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    limits = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    channel = grpc.aio.insecure_channel(f"unix:{settings.engine_grpc}", options=limits)
+    context = zmq.asyncio.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(settings.engine_infer)
+    link = _InferLink(dealer)
+    reader = loop.create_task(link.read())
+    server = grpc.aio.server(
+        options=_server_options(settings, limits), interceptors=_access(settings)
+    )
+    server.add_generic_rpc_handlers([_Proxy(channel, link)])
+    address = f"{settings.host}:{settings.port}"
+    credentials = _credentials(settings)
+    bound = (
+        server.add_insecure_port(address)
+        if credentials is None
+        else server.add_secure_port(address, credentials)
+    )
+    if bound == 0:
+        raise OSError(f"front end cannot bind {address}")
+    await server.start()
+    ready.set()
+    watcher = loop.create_task(_watch_engine(settings.engine_pid, stop))
+    await stop.wait()
+    # Drain: in-flight calls finish through the engine, which stops after its front ends.
+    await server.stop(settings.grace_period_s)
+    for task in (watcher, reader):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    dealer.close(linger=0)
+    context.term()
+    await channel.close()
+
+
+async def _watch_engine(engine_pid: int, stop: asyncio.Event) -> None:
+    """The engine gone (this process re-parented), nothing can be served: stop."""
+    while os.getppid() == engine_pid:  # noqa: ASYNC110 (no event announces a parent's death)
+        await asyncio.sleep(0.5)
+    log.error("engine (pid %d) is gone: stopping", engine_pid)
+    stop.set()
+
+
+def _server_options(
+    settings: FrontendSettings, limits: list[tuple[str, int]]
+) -> list[tuple[str, int]]:
+    options = [*limits, ("grpc.so_reuseport", 1)]  # N front ends share the port
+    if settings.max_connection_age_ms > 0:
+        options += [
+            ("grpc.max_connection_age_ms", settings.max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
+        ]
+    return options
+
+
+def _access(settings: FrontendSettings) -> list[grpc.aio.ServerInterceptor]:
+    from ..frontend.auth import AccessInterceptor, AccessPolicy, load_tokens
+
+    tokens = load_tokens(settings.auth_tokens) if settings.auth_tokens else None
+    policy = AccessPolicy(tokens, settings.rate_limit, settings.rate_burst)
+    return [AccessInterceptor(policy)] if policy.active else []
+
+
+def _credentials(settings: FrontendSettings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    ca = settings.tls_ca.read_bytes() if settings.tls_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+class _InferLink:
+    """ModelInfer to the engine: one DEALER socket, replies matched by request id."""
+
+    def __init__(self, socket: Any) -> None:
+        self._socket = socket
+        self._ids = itertools.count()
+        self._pending: dict[bytes, asyncio.Future[list[bytes]]] = {}
+
+    async def read(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart()
+            future = self._pending.pop(frames[0], None)
+            if future is not None and not future.done():
+                future.set_result(frames[1:])
+
+    async def infer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        rid = next(self._ids).to_bytes(8, "little")
+        future: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        header = encode_header(context.time_remaining(), _ab_key(context))
+        try:
+            await self._socket.send_multipart([rid, header, payload])
+            status, body = await future
+        finally:
+            self._pending.pop(rid, None)
+        if status[0] != OK:
+            await context.abort(status_code(status[0]), body.decode())
+        return body
+
+
+def _ab_key(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == _AB_KEY_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def _forwarded(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
+    # The caller's metadata goes along (A/B key, anything a servicer reads); the
+    # access policy already ran here, on the caller's own connection.
+    return tuple((k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(":"))
+
+
+class _Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """ModelInfer over the fast link; any other method, raw bytes to the engine."""
+
+    def __init__(self, channel: grpc.aio.Channel, link: _InferLink) -> None:
+        self._channel = channel
+        self._link = link
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        if method == MODEL_INFER:
+            return grpc.unary_unary_rpc_method_handler(self._link.infer)
+        kind = _METHOD_KINDS.get(method)
+        if kind is None:
+            return None  # UNIMPLEMENTED, as the engine would answer
+        if kind == "unary_unary":
+            return grpc.unary_unary_rpc_method_handler(self._unary(method))
+        if kind == "unary_stream":
+            return grpc.unary_stream_rpc_method_handler(self._unary_stream(method))
+        return grpc.stream_stream_rpc_method_handler(self._stream_stream(method))
+
+    def _unary(self, method: str) -> Any:
+        call = self._channel.unary_unary(method)
+
+        async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                answer: bytes = await call(
+                    request, metadata=_forwarded(context), timeout=context.time_remaining()
+                )
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+            return answer
+
+        return handler
+
+    def _unary_stream(self, method: str) -> Any:
+        call = self._channel.unary_stream(method)
+
+        async def handler(
+            request: bytes, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
+            try:
+                async for answer in call(request, metadata=_forwarded(context)):
+                    yield answer
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+
+        return handler
+
+    def _stream_stream(self, method: str) -> Any:
+        call = self._channel.stream_stream(method)
+
+        async def handler(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
+            try:
+                async for answer in call(requests, metadata=_forwarded(context)):
+                    yield answer
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+
+        return handler
+
+
+def _method_kinds() -> dict[str, str]:
+    """Every method the engine serves, by its streaming kind, from the descriptors."""
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from ..pb import convoy_admin_pb2, convoy_monitoring_pb2, grpc_service_pb2
+
+    kinds: dict[str, str] = {}
+    for module in (
+        grpc_service_pb2,
+        convoy_admin_pb2,
+        convoy_monitoring_pb2,
+        health_pb2,
+        reflection_pb2,
+    ):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for m in service.methods:
+                kind = (
+                    "stream_stream"
+                    if m.client_streaming
+                    else ("unary_stream" if m.server_streaming else "unary_unary")
+                )
+                kinds[f"/{service.full_name}/{m.name}"] = kind
+    return kinds
+
+
+_METHOD_KINDS = _method_kinds()

@@ -1,0 +1,151 @@
+"""`convoy serve --frontends 2`: two front-end processes on one port feeding one engine,
+through the stock tritonclient."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from .conftest import ServerProcess, make_repository, start_server
+
+pytestmark = pytest.mark.e2e
+
+SLOW = """
+import time
+
+
+class Model:
+    def __init__(self, config):
+        pass
+
+    def __call__(self, inputs):
+        time.sleep(0.05)
+        return {"Y": inputs["X"] * 2}
+"""
+
+
+@pytest.fixture()
+def repo(tmp_path: Path, examples_dir: Path) -> Path:
+    root = make_repository(tmp_path / "repo", examples_dir, ("tiny",))
+    (root / "slow" / "1").mkdir(parents=True)
+    (root / "slow" / "1" / "model.py").write_text(SLOW)
+    (root / "slow" / "config.pbtxt").write_text(
+        'name: "slow"\nbackend: "convoy_python"\nmax_batch_size: 16\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
+    )
+    return root
+
+
+def _frontend_pids(server: ServerProcess) -> list[int]:
+    """The engine's spawned children (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
+    pids = []
+    for pid in (int(p) for p in children.split()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def _call(url: str, value: float) -> float | InferenceServerException:
+    client = grpcclient.InferenceServerClient(url)  # a channel (a connection) of its own
+    try:
+        tensor = grpcclient.InferInput("X", [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.full((1, 1), value, np.float32))
+        return float(client.infer("slow", [tensor]).as_numpy("Y")[0, 0])
+    except InferenceServerException as exc:
+        return exc
+    finally:
+        client.close()
+
+
+@pytest.fixture()
+def served(repo: Path) -> Iterator[ServerProcess]:
+    proc = start_server(repo, "--frontends", "2")
+    yield proc
+    proc.stop()
+
+
+def test_answers_batches_and_every_rpc_through_two_front_ends(served: ServerProcess) -> None:
+    assert len(_frontend_pids(served)) == 2
+    client = grpcclient.InferenceServerClient(served.url)
+    assert client.is_server_ready() and client.is_model_ready("tiny")
+    assert client.get_model_metadata("tiny", as_json=True)["name"] == "tiny"
+    x = np.arange(32, dtype=np.float32).reshape(2, 16)
+    tensor = grpcclient.InferInput("INPUT0", [2, 16], "FP32")
+    tensor.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("tiny", [tensor]).as_numpy("OUTPUT0"), 2 * x + 1)
+    with pytest.raises(InferenceServerException) as info:  # errors keep their status
+        client.infer("nosuch", [tensor])
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    # Many connections (spread over both front ends by the kernel): batches still form
+    # across all of them in the engine's one queue.
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda v: _call(served.url, v), [float(i) for i in range(48)]))
+    assert results == [2.0 * i for i in range(48)]
+    stats = client.get_inference_statistics("slow", as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) == 48 and int(stats["execution_count"]) < 48
+    client.close()
+
+
+def test_a_killed_front_end_is_restarted_and_only_its_calls_fail(served: ServerProcess) -> None:
+    victim, survivor = _frontend_pids(served)
+    outcomes: list[float | InferenceServerException] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def caller(seed: int) -> None:
+        i = seed
+        while not stop.is_set():
+            result = _call(served.url, float(i % 100))
+            with lock:
+                outcomes.append(result)
+            i += 8
+
+    threads = [threading.Thread(target=caller, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(2.5)  # the engine notices within 0.5 s and starts a new one
+    stop.set()
+    for t in threads:
+        t.join(30)
+    failures = [o for o in outcomes if isinstance(o, InferenceServerException)]
+    assert all(f.status() == "StatusCode.UNAVAILABLE" for f in failures), failures[:3]
+    assert len(failures) <= 8  # at most the calls in flight on the killed one
+    assert len(outcomes) - len(failures) > 50
+    pids = _frontend_pids(served)
+    assert survivor in pids and victim not in pids and len(pids) == 2
+    assert _call(served.url, 3.0) == 6.0
+
+
+def test_sigterm_drains_every_process(repo: Path) -> None:
+    server = start_server(repo, "--frontends", "2", "--grace-period", "20")
+    pids = _frontend_pids(server)
+    with ThreadPoolExecutor(8) as pool:
+        calls = [pool.submit(_call, server.url, float(i)) for i in range(8)]
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        results = [c.result(60) for c in calls]
+    assert server.proc.wait(60) == 0, server.output()
+    assert results == [2.0 * i for i in range(8)]
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
