@@ -42,8 +42,13 @@ def decode_request(
     leases: Leases | None = None,
 ) -> InferRequest:
     raw = request.raw_input_contents
-    # Inputs in a shared memory region carry no raw_input_contents entry.
-    in_shm = sum(1 for t in request.inputs if t.parameters and REGION in t.parameters)
+    # Inputs in a shared memory region carry no raw_input_contents entry. They are
+    # counted only where the caller found some: the common path scans the inputs once.
+    in_shm = (
+        sum(1 for t in request.inputs if t.parameters and REGION in t.parameters)
+        if shm is not None
+        else 0
+    )
     if raw and len(raw) != len(request.inputs) - in_shm:
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries but the request has "

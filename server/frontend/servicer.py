@@ -479,7 +479,10 @@ def _cache_wanted(request: pb.ModelInferRequest) -> bool:
 
 
 def _uses_shared_memory(request: pb.ModelInferRequest) -> bool:
-    return any(t.parameters and REGION in t.parameters for t in (*request.inputs, *request.outputs))
+    # Two scans rather than one over a new tuple: this runs for every request.
+    return any(t.parameters and REGION in t.parameters for t in request.inputs) or any(
+        t.parameters and REGION in t.parameters for t in request.outputs
+    )
 
 
 def _ab_key(request: pb.ModelInferRequest, header_key: Callable[[], str | None]) -> str | None:
