@@ -3,7 +3,8 @@
 A ZeroMQ ROUTER socket on the event loop: each request from a front end becomes one
 task that runs the server's single inference path (`InferenceServicer.infer_message`:
 routing, decode, cache, queue, monitoring, encode) and sends back the serialised
-answer or the error's status. The owner (ConvoyServer) starts and stops it.
+answer or the error's status. Messages carry many requests or answers (wire.py): the
+answers one batch completes leave together. The owner (ConvoyServer) starts and stops it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import zmq.asyncio
 from ..errors import ConvoyError
 from ..frontend.status import status_code
 from ..pb import grpc_service_pb2 as pb
-from .wire import OK, decode_header, status_number
+from .outbox import Outbox
+from .wire import OK, decode_header, status_number, triples
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class EngineLink:
         self._infer = infer
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
+        self._outbox = Outbox(self._socket)
         self._reader: asyncio.Task[None] | None = None
         self._answering: set[asyncio.Task[None]] = set()
 
@@ -45,30 +48,34 @@ class EngineLink:
 
     async def _read(self) -> None:
         while True:
-            frames = await self._socket.recv_multipart()
-            if len(frames) != 4:
-                log.error("front-end message with %d frames ignored", len(frames))
+            identity, *frames = await self._socket.recv_multipart()
+            try:
+                requests = triples(frames)
+            except ValueError as exc:
+                log.error("front-end message ignored: %s", exc)
                 continue
-            task = asyncio.get_running_loop().create_task(self._answer(*frames))
-            self._answering.add(task)
-            task.add_done_callback(self._answering.discard)
+            loop = asyncio.get_running_loop()
+            for rid, header, payload in requests:
+                task = loop.create_task(self._answer(identity, rid, header, payload))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
 
     async def _answer(self, identity: bytes, rid: bytes, header: bytes, payload: bytes) -> None:
         try:
             time_remaining, key = decode_header(header)
             request = pb.ModelInferRequest.FromString(payload)
             response = await self._infer(request, time_remaining, lambda: key)
-            reply = [identity, rid, bytes([OK]), response.SerializeToString()]
+            reply = (rid, bytes([OK]), response.SerializeToString())
         except ConvoyError as exc:
-            reply = [identity, rid, bytes([status_number(status_code(exc))]), exc.message.encode()]
+            reply = (rid, bytes([status_number(status_code(exc))]), exc.message.encode())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must still answer, with INTERNAL, and be logged
             log.exception("ModelInfer from a front end failed")
             internal = status_number(status_code(ConvoyError("")))
-            reply = [identity, rid, bytes([internal]), f"internal error: {exc!r}".encode()]
+            reply = (rid, bytes([internal]), f"internal error: {exc!r}".encode())
         # A front end that died meanwhile is not an error: ROUTER drops the reply.
-        await self._socket.send_multipart(reply)
+        self._outbox.put(identity, reply)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop reading; give the answers in progress up to timeout_s; close."""
@@ -78,5 +85,6 @@ class EngineLink:
                 await self._reader
         if self._answering:
             await asyncio.wait(list(self._answering), timeout=timeout_s)
+        await self._outbox.drain(timeout_s)
         self._socket.close(linger=0)
         self._context.term()

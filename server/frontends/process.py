@@ -23,7 +23,8 @@ from typing import Any
 
 import grpc
 
-from .wire import OK, encode_header, status_code
+from .outbox import Outbox
+from .wire import OK, Triple, encode_header, status_code, triples
 
 log = logging.getLogger(__name__)
 
@@ -149,28 +150,44 @@ def _credentials(settings: FrontendSettings) -> grpc.ServerCredentials | None:
 
 
 class _InferLink:
-    """ModelInfer to the engine: one DEALER socket, replies matched by request id."""
+    """ModelInfer to the engine: one DEALER socket, replies matched by request id; the
+    requests of one loop turn go in one message (Outbox)."""
 
     def __init__(self, socket: Any) -> None:
         self._socket = socket
         self._ids = itertools.count()
-        self._pending: dict[bytes, asyncio.Future[list[bytes]]] = {}
+        self._pending: dict[bytes, asyncio.Future[tuple[bytes, bytes]]] = {}
+        self._outbox = Outbox(socket, self._not_sent)
 
     async def read(self) -> None:
         while True:
             frames = await self._socket.recv_multipart()
-            future = self._pending.pop(frames[0], None)
+            try:
+                replies = triples(frames)
+            except ValueError as exc:
+                log.error("engine message ignored: %s", exc)
+                continue
+            for rid, status, body in replies:
+                future = self._pending.pop(rid, None)
+                if future is not None and not future.done():
+                    future.set_result((status, body))
+
+    def _not_sent(self, items: list[Triple], exc: BaseException) -> None:
+        for rid, _, _ in items:
+            future = self._pending.pop(rid, None)
             if future is not None and not future.done():
-                future.set_result(frames[1:])
+                future.set_exception(ConnectionError(f"engine unreachable: {exc!r}"))
 
     async def infer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         rid = next(self._ids).to_bytes(8, "little")
-        future: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         header = encode_header(context.time_remaining(), _ab_key(context))
         try:
-            await self._socket.send_multipart([rid, header, payload])
+            self._outbox.put(None, (rid, header, payload))
             status, body = await future
+        except ConnectionError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
             self._pending.pop(rid, None)
         if status[0] != OK:
