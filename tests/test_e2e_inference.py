@@ -233,8 +233,9 @@ def test_prometheus_metrics(
 
 
 def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> None:
+    # LogSettings: the CUDA shared-memory RPCs answer where cuda-python is installed.
     with pytest.raises(InferenceServerException) as info:
-        client.get_cuda_shared_memory_status()
+        client.get_log_settings()
     assert "UNIMPLEMENTED" in str(info.value.status())
 
 

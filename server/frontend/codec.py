@@ -27,7 +27,8 @@ from ..tensors import (
     numpy_dtype,
     serialize_bytes,
 )
-from .shm import BYTE_SIZE, OFFSET, REGION, Leases, SharedMemoryRegistry
+from .cuda_shm import OutputTarget, SharedMemory
+from .shm import BYTE_SIZE, OFFSET, REGION, Leases
 
 
 def decode_request(
@@ -38,7 +39,7 @@ def decode_request(
     time_remaining_s: float | None,
     max_elements: int = 1 << 28,
     bounds: Mapping[str, ShapeRange] | None = None,
-    shm: SharedMemoryRegistry | None = None,
+    shm: SharedMemory | None = None,
     leases: Leases | None = None,
 ) -> InferRequest:
     raw = request.raw_input_contents
@@ -158,14 +159,14 @@ def _decode_text(array: Array, name: str) -> None:
 
 def _shared_input(
     tensor: pb.ModelInferRequest.InferInputTensor,
-    shm: SharedMemoryRegistry | None,
+    shm: SharedMemory | None,
     leases: Leases | None,
 ) -> memoryview:
     field = f"input '{tensor.name}'"
     if shm is None or leases is None:
         raise InvalidInput(f"{field}: shared memory is not available on this endpoint")
     region, offset, size = shared_memory_params(tensor.parameters, field)
-    return shm.view(field, region, offset, size, leases)
+    return shm.input_view(field, region, offset, size, leases)
 
 
 def shared_memory_params(
@@ -183,34 +184,35 @@ def shared_memory_params(
 
 
 def shared_outputs(
-    request: pb.ModelInferRequest, shm: SharedMemoryRegistry, leases: Leases
-) -> dict[str, memoryview]:
-    """Requested outputs to be written into shared memory regions, checked and leased."""
-    views: dict[str, memoryview] = {}
+    request: pb.ModelInferRequest, shm: SharedMemory, leases: Leases
+) -> dict[str, OutputTarget]:
+    """Requested outputs to be written into shared memory regions, checked and leased
+    (a CUDA region's copy is made by leases.commit(), before the answer is sent)."""
+    targets: dict[str, OutputTarget] = {}
     for out in request.outputs:
         if out.parameters and REGION in out.parameters:
             field = f"output '{out.name}'"
             region, offset, size = shared_memory_params(out.parameters, field)
-            views[out.name] = shm.view(field, region, offset, size, leases)
-    return views
+            targets[out.name] = shm.output(field, region, offset, size, leases)
+    return targets
 
 
 def _write_shared(
     tensor: pb.ModelInferResponse.InferOutputTensor,
     value: Array,
     datatype: str,
-    view: memoryview,
+    target: OutputTarget,
 ) -> None:
     if datatype == "BYTES":
         data = np.frombuffer(serialize_bytes(value), np.uint8)
     else:
         data = np.ascontiguousarray(value, dtype=numpy_dtype(datatype)).reshape(-1).view(np.uint8)
-    if data.nbytes > len(view):
+    if data.nbytes > target.byte_size:
         raise InvalidInput(
             f"output '{tensor.name}': {data.nbytes} bytes do not fit the "
-            f"{len(view)} bytes of its shared memory region"
+            f"{target.byte_size} bytes of its shared memory region"
         )
-    np.frombuffer(view, np.uint8, data.nbytes)[:] = data
+    target.write(data)
     tensor.parameters[BYTE_SIZE].int64_param = data.nbytes
 
 
@@ -336,7 +338,7 @@ def encode_response(
     asked: InferRequest,
     result: InferResult,
     labels: Mapping[str, list[str]] | None = None,
-    shared: Mapping[str, memoryview] | None = None,
+    shared: Mapping[str, OutputTarget] | None = None,
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(version), id=request.id

@@ -29,6 +29,7 @@ from ..rollouts.policy import AB_KEY_HEADER, AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
 from ..statistics import Duration, ModelStatistics
 from .codec import decode_request, encode_response, shared_outputs
+from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
 from .shm import REGION, Leases, SharedMemoryRegistry
 from .status import status_code
 
@@ -61,8 +62,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         load: Callable[[str], Awaitable[None]] | None = None,
         shm: SharedMemoryRegistry | None = None,
         cache: ResponseCache | None = None,
+        cuda_shm: CudaSharedMemoryRegistry | None = None,
     ) -> None:
         self._shm = shm or SharedMemoryRegistry()
+        # cuda_shm: tests inject a registry over a fake driver; None is cuda-python's
+        # (or the extension off, where cuda-python is not installed).
+        self._cuda_shm = cuda_shm or CudaSharedMemoryRegistry(load_driver())
+        self._regions = SharedMemory(self._shm, self._cuda_shm)
         self._cache = cache
         self._repo = repository
         self._limits = limits
@@ -95,7 +101,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="convoy", version=__version__, extensions=EXTENSIONS)
+        extensions = EXTENSIONS + (["cuda_shared_memory"] if self._cuda_shm.available else [])
+        return pb.ServerMetadataResponse(name="convoy", version=__version__, extensions=extensions)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
@@ -278,7 +285,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> pb.ModelInferResponse:
         """Inputs read from and outputs written to registered shared memory regions,
         leased until the answer is encoded (no shadow run: the client owns the bytes
-        and may reuse them once answered)."""
+        and may reuse them once answered). A CUDA region's input is copied to the host
+        at decode; its outputs are copied to the device, off the loop, before the
+        answer is returned."""
         leases = Leases()
         try:
             infer_request = _decode(
@@ -286,16 +295,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 request,
                 time_remaining,
                 self._limits.max_elements,
-                self._shm,
+                self._regions,
                 leases,
             )
-            outputs = shared_outputs(request, self._shm, leases)
+            outputs = shared_outputs(request, self._regions, leases)
             result = await model.infer(infer_request)
             if model.monitoring is not None:
                 model.monitoring.observe(infer_request.id, infer_request.inputs, result.outputs)
-            return encode_response(
+            response = encode_response(
                 request, model.spec, model.version, infer_request, result, model.labels, outputs
             )
+            if leases.commits:
+                await asyncio.to_thread(leases.commit)
+            return response
         finally:
             leases.release()
 
@@ -338,8 +350,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             status.offset, status.byte_size = region.offset, region.byte_size
         return response
 
+    # -- Triton's CUDA shared-memory extension ----------------------------------------
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        try:
+            await asyncio.to_thread(
+                self._cuda_shm.register,
+                request.name,
+                request.raw_handle,
+                request.device_id,
+                request.byte_size,
+            )
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        try:
+            # On the loop: the in-use check and the removal must not interleave with
+            # a request taking a lease.
+            self._cuda_shm.unregister(request.name)
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        try:
+            regions = self._cuda_shm.status(request.name)
+        except ConvoyError as exc:
+            await _abort(context, exc)
+            raise
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in regions:
+            status = response.regions[region.name]
+            status.name, status.device_id = region.name, region.device_id
+            status.byte_size = region.byte_size
+        return response
+
     def close(self) -> None:
-        self._shm.close()
+        self._regions.close()  # unmaps system regions, closes CUDA IPC handles
 
     async def _mirror(
         self, name: str, version: str, asked: InferRequest, outputs: tuple[str, ...]
@@ -434,11 +491,8 @@ def _unimplemented(rpc: str) -> object:
     return handler
 
 
-# Shared-memory, trace and log settings: answered UNIMPLEMENTED for now.
+# Trace and log settings: answered UNIMPLEMENTED for now.
 for _rpc in (
-    "CudaSharedMemoryStatus",
-    "CudaSharedMemoryRegister",
-    "CudaSharedMemoryUnregister",
     "TraceSetting",
     "LogSettings",
 ):
@@ -450,7 +504,7 @@ def _decode(
     request: pb.ModelInferRequest,
     time_remaining: float | None,
     max_elements: int,
-    shm: SharedMemoryRegistry | None = None,
+    shm: SharedMemory | None = None,
     leases: Leases | None = None,
 ) -> InferRequest:
     try:

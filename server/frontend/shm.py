@@ -16,8 +16,10 @@ from __future__ import annotations
 import mmap
 import os
 import re
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import InvalidInput, RegionInUse, RegionNotFound
 
@@ -40,22 +42,40 @@ class Region:
     users: int = 0  # leases held by requests in flight
 
 
+class Leased(Protocol):
+    """A region of either registry (system or CUDA) as a request leases it."""
+
+    users: int
+
+
 @dataclass
 class Leases:
-    """The regions one request reads or writes; released once it is answered."""
+    """The regions one request reads or writes; released once it is answered.
 
-    regions: list[Region] = field(default_factory=list)
+    `commits` are writes still to be made (outputs bound for CUDA regions): run by
+    commit() before the answer goes out, while the regions are still leased."""
+
+    regions: list[Leased] = field(default_factory=list)
+    commits: list[Callable[[], None]] = field(default_factory=list)
+
+    def commit(self) -> None:
+        commits, self.commits = self.commits, []
+        for write in commits:
+            write()
 
     def release(self) -> None:
         for region in self.regions:
             region.users -= 1
         self.regions.clear()
+        self.commits.clear()
 
 
 class SharedMemoryRegistry:
     def __init__(self, directory: Path = SHM_DIR) -> None:
         self._dir = directory
         self._regions: dict[str, Region] = {}
+        # The other registry (CUDA): Triton keeps one namespace of region names.
+        self.peer: Container[str] | None = None
         # Unregistered mappings that an answered request's arrays still point into:
         # kept mapped (unlinking the object does not invalidate them) until free.
         self._retired: list[mmap.mmap] = []
@@ -64,7 +84,7 @@ class SharedMemoryRegistry:
         if not name:
             raise InvalidInput("shared memory region: name is empty")
         self._close_retired()
-        if name in self._regions:
+        if name in self or (self.peer is not None and name in self.peer):
             raise InvalidInput(f"shared memory region '{name}' is already registered")
         if not _KEY.match(key):
             raise InvalidInput(f"shared memory region '{name}': key '{key}' is not a valid name")
@@ -92,6 +112,9 @@ class SharedMemoryRegistry:
         finally:
             os.close(fd)
         self._regions[name] = Region(name, key, offset, byte_size, mapping)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._regions
 
     def unregister(self, name: str) -> None:
         """One region, or every region for an empty name; refused while in use."""
