@@ -30,6 +30,7 @@ from .frontend.monitoring import SERVICE_NAME as MONITORING_SERVICE
 from .frontend.monitoring import add_monitoring_service
 from .frontend.servicer import InferenceServicer
 from .frontends.engine_link import EngineLink
+from .frontends.exporter import FrontendCollector
 from .frontends.process import FrontendSettings
 from .frontends.supervisor import FrontendSupervisor, default_frontends
 from .metrics import Metrics, PoolReading
@@ -214,6 +215,7 @@ class ConvoyServer:
             log_level=logging.getLevelName(logging.getLogger().level),
         )
         self._frontends = FrontendSupervisor(settings, count)
+        self.metrics.registry.register(FrontendCollector(self._link, self._frontends))
         try:
             await self._frontends.start()
         finally:

@@ -34,6 +34,20 @@ class Model:
 """
 
 
+BIG = """
+import numpy as np
+
+
+class Model:
+    def __init__(self, config):
+        pass
+
+    def __call__(self, inputs):
+        x = inputs["X"]
+        return {"Y": x * 2, "S": x.sum(axis=1, keepdims=True)}
+"""
+
+
 @pytest.fixture()
 def repo(tmp_path: Path, examples_dir: Path) -> Path:
     root = make_repository(tmp_path / "repo", examples_dir, ("tiny",))
@@ -44,6 +58,15 @@ def repo(tmp_path: Path, examples_dir: Path) -> Path:
         'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
         'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
         "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
+    )
+    (root / "big" / "1").mkdir(parents=True)
+    (root / "big" / "1" / "model.py").write_text(BIG)
+    (root / "big" / "config.pbtxt").write_text(
+        'name: "big"\nbackend: "convoy_python"\nmax_batch_size: 4\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 65536 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 65536 ] },'
+        ' { name: "S" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
     )
     return root
 
@@ -103,6 +126,54 @@ def test_answers_batches_and_every_rpc_through_two_front_ends(served: ServerProc
     client.close()
 
 
+def test_large_tensors_go_through_the_front_ends_shared_memory(served: ServerProcess) -> None:
+    """256 KiB inputs and outputs travel through each front end's segment (the engine
+    maps both, their names already unlinked); 96 calls of up to 1 MiB each, 6x what
+    one ring holds at once, so slots are freed and reused; every answer exact."""
+    maps = Path(f"/proc/{served.proc.pid}/maps").read_text()
+    assert maps.count("/dev/shm/convoy-frontend-") >= 2 and "(deleted)" in maps
+
+    def call(seed: int) -> None:
+        rows = 1 + seed % 4
+        x = np.random.default_rng(seed).standard_normal((rows, 65536)).astype(np.float32)
+        client = grpcclient.InferenceServerClient(served.url)
+        tensor = grpcclient.InferInput("X", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        outputs = [grpcclient.InferRequestedOutput("S"), grpcclient.InferRequestedOutput("Y")]
+        result = client.infer("big", [tensor], outputs=outputs)
+        np.testing.assert_array_equal(result.as_numpy("Y"), 2 * x)
+        np.testing.assert_allclose(result.as_numpy("S"), x.sum(axis=1, keepdims=True), rtol=1e-5)
+        client.close()
+
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(call, range(96)))
+    # A request that names the client's own shared memory still reaches the engine
+    # unchanged through a front end, and small answers come inline.
+    assert _call(served.url, 5.0) == 10.0
+    assert not list(Path("/dev/shm").glob(f"convoy-frontend-{served.proc.pid}-*"))
+    scraped = _metrics(served)
+    assert scraped['convoy_frontend_tensor_bytes_total{direction="input",path="shared_memory"}'] > (
+        96 * 65536 * 4
+    )
+    assert scraped[
+        'convoy_frontend_tensor_bytes_total{direction="output",path="shared_memory"}'
+    ] > (96 * 65536 * 4)
+    assert scraped["convoy_frontend_shared_memory_segments"] == 2
+    assert scraped["convoy_frontends"] == 2
+
+
+def _metrics(server: ServerProcess) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as answer:
+        text = answer.read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
 def test_a_killed_front_end_is_restarted_and_only_its_calls_fail(served: ServerProcess) -> None:
     victim, survivor = _frontend_pids(served)
     # (caller, when it was answered, the answer)
@@ -140,6 +211,7 @@ def test_a_killed_front_end_is_restarted_and_only_its_calls_fail(served: ServerP
     pids = _frontend_pids(served)
     assert survivor in pids and victim not in pids and len(pids) == 2
     assert _call(served.url, 3.0) == 6.0
+    assert _metrics(served)["convoy_frontend_restarts_total"] == 1
 
 
 def test_sigterm_drains_every_process(repo: Path) -> None:

@@ -94,3 +94,31 @@ def test_no_rollout_no_mirror() -> None:
         return runner.after_answer("m", "1", {}, fail)
 
     assert run(scenario()) is False
+
+
+def test_detach_runs_only_for_a_started_mirror_and_before_the_answer_returns() -> None:
+    """The servicer copies inputs that live in a front end's shared memory in
+    `detach`: it must run before after_answer returns, and only when a run starts."""
+
+    async def scenario() -> None:
+        controller, _, _ = make()  # budget: 2 mirrored runs in flight
+        await controller.start("m", "2", SHADOW)
+        runner = ShadowRunner(controller)
+        release = asyncio.Event()
+        x = np.ones((1, 3), np.float32)
+        detached: list[int] = []
+
+        async def run_on(version: str) -> dict[str, Array]:
+            await release.wait()
+            return {"y": 2 * x}
+
+        for i in range(3):
+            runner.after_answer(
+                "m", "1", {"y": 2 * x}, run_on, detach=lambda i=i: detached.append(i)
+            )
+            assert detached == list(range(min(i + 1, 2)))  # already, synchronously
+        assert detached == [0, 1]  # the shed third copied nothing
+        release.set()
+        await runner.close()
+
+    asyncio.run(scenario())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from ..tensors import (
 )
 from .cuda_shm import OutputTarget, SharedMemory
 from .shm import BYTE_SIZE, OFFSET, REGION, Leases
+
+# nbytes -> (region, offset, writable view of nbytes) or None (send it inline).
+Place = Callable[[int], tuple[str, int, memoryview] | None]
 
 
 def decode_request(
@@ -339,7 +342,11 @@ def encode_response(
     result: InferResult,
     labels: Mapping[str, list[str]] | None = None,
     shared: Mapping[str, OutputTarget] | None = None,
+    place: Place | None = None,
 ) -> pb.ModelInferResponse:
+    """`place(nbytes)`, where given, may hold a large output outside the message (a
+    front end's shared memory): the answer then names (region, offset, byte_size) as
+    a shared-memory output does, with an empty raw_output_contents entry."""
     response = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(version), id=request.id
     )
@@ -372,5 +379,15 @@ def encode_response(
             if datatype == "BF16" and value.dtype != np.uint16:  # floats from the device
                 value = float_to_bf16(value)
             array = np.ascontiguousarray(value, dtype=numpy_dtype(datatype))
-            response.raw_output_contents.append(array.tobytes())
+            slot = place(array.nbytes) if place is not None else None
+            if slot is None:
+                response.raw_output_contents.append(array.tobytes())
+            else:
+                region, offset, view = slot
+                np.frombuffer(view, np.uint8)[:] = array.reshape(-1).view(np.uint8)
+                params = tensor.parameters
+                params[REGION].string_param = region
+                params[OFFSET].int64_param = offset
+                params[BYTE_SIZE].int64_param = array.nbytes
+                response.raw_output_contents.append(b"")
     return response

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
+import numpy as np
 
 from .. import __version__
 from ..batching.request import Array, InferRequest, InferResult
@@ -28,7 +30,7 @@ from ..rollouts.controller import RolloutController
 from ..rollouts.policy import AB_KEY_HEADER, AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
 from ..statistics import Duration, ModelStatistics
-from .codec import decode_request, encode_response, shared_outputs
+from .codec import Place, decode_request, encode_response, shared_outputs
 from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
 from .shm import REGION, Leases, SharedMemoryRegistry
 from .status import status_code
@@ -227,10 +229,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         request: pb.ModelInferRequest,
         time_remaining: float | None,
         header_key: Callable[[], str | None] = lambda: None,
+        regions: SharedMemory | None = None,
+        place: Place | None = None,
     ) -> pb.ModelInferResponse:
-        """One inference, whatever transport carried it (gRPC here, HTTP/REST too):
-        routing, decode, cache, queue, monitoring, shadow, encode. `header_key` reads
-        the A/B key from the transport's headers, only when a rollout needs one."""
+        """One inference, whatever transport carried it (gRPC here, HTTP/REST too, a
+        front-end process): routing, decode, cache, queue, monitoring, shadow, encode.
+        `header_key` reads the A/B key from the transport's headers, only when a
+        rollout needs one. From a front end, `regions` holds the inputs its request
+        names (its own shared memory, not a client's) and `place` may take outputs."""
         name, version = request.model_name, request.model_version
         rollouts = self._rollouts
         if not version and rollouts is not None:
@@ -238,26 +244,55 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             key = _ab_key(request, header_key) if rollouts.needs_key(name) else None
             version = rollouts.route(name, key) or ""
         model = self._repo.get(name, version)
-        if _uses_shared_memory(request):
+        if regions is None and _uses_shared_memory(request):
             return await self._infer_shared(request, time_remaining, model)
-        infer_request = _decode(model, request, time_remaining, self._limits.max_elements)
-        # The bypass parameter is checked whether or not a cache serves this model, so a
-        # client's bad value does not start failing the day an operator turns one on.
-        if _cache_wanted(request) and self._cache is not None and model.spec.response_cache:
-            result = await self._cached(model, infer_request, time_remaining)
-        else:
-            result = await model.infer(infer_request)
-        if model.monitoring is not None:  # a few rows copied; statistics run off the loop
-            model.monitoring.observe(infer_request.id, infer_request.inputs, result.outputs)
-        if self._shadow is not None and result.outputs:
-            self._shadow.after_answer(
-                name,
-                model.version_label,
-                result.outputs,
-                lambda other: self._mirror(name, other, infer_request, tuple(result.outputs)),
+        leases = Leases() if regions is not None else None
+        try:
+            infer_request = _decode(
+                model, request, time_remaining, self._limits.max_elements, regions, leases
             )
-        return encode_response(
-            request, model.spec, model.version, infer_request, result, model.labels
+            # The bypass parameter is checked whether or not a cache serves this model, so
+            # a client's bad value does not start failing the day an operator turns one on.
+            if _cache_wanted(request) and self._cache is not None and model.spec.response_cache:
+                result = await self._cached(model, infer_request, time_remaining)
+            else:
+                result = await model.infer(infer_request)
+            if model.monitoring is not None:  # a few rows copied; statistics off the loop
+                model.monitoring.observe(infer_request.id, infer_request.inputs, result.outputs)
+            if self._shadow is not None and result.outputs:
+                self._shadow_run(name, model, infer_request, result, owned=regions is None)
+            return encode_response(
+                request, model.spec, model.version, infer_request, result, model.labels,
+                place=place,
+            )  # fmt: skip
+        finally:
+            if leases is not None:
+                leases.release()
+
+    def _shadow_run(
+        self,
+        name: str,
+        model: ModelVersion,
+        asked: InferRequest,
+        result: InferResult,
+        owned: bool,
+    ) -> None:
+        """Maybe mirror this request on the other version. Inputs in a front end's
+        shared memory are freed once answered: a mirrored run gets its own copy."""
+        mirrored = [asked]
+
+        def detach() -> None:
+            if not owned:
+                inputs = {k: np.array(v, copy=True) for k, v in asked.inputs.items()}
+                mirrored[0] = dataclasses.replace(asked, inputs=inputs)
+
+        assert self._shadow is not None
+        self._shadow.after_answer(
+            name,
+            model.version_label,
+            result.outputs,
+            lambda other: self._mirror(name, other, mirrored[0], tuple(result.outputs)),
+            detach=detach,
         )
 
     async def _cached(

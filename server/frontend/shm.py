@@ -80,6 +80,10 @@ class SharedMemoryRegistry:
         # kept mapped (unlinking the object does not invalidate them) until free.
         self._retired: list[mmap.mmap] = []
 
+    def adopt(self, name: str, mapping: mmap.mmap, offset: int, byte_size: int) -> None:
+        """A region already mapped by its owner (a front end's ring, see frontends/ring.py)."""
+        self._regions[name] = Region(name, name, offset, byte_size, mapping)
+
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
             raise InvalidInput("shared memory region: name is empty")

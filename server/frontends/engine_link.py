@@ -9,25 +9,47 @@ answers one batch completes leave together. The owner (ConvoyServer) starts and 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 import zmq
 import zmq.asyncio
 
 from ..errors import ConvoyError
+from ..frontend.cuda_shm import SharedMemory
+from ..frontend.shm import BYTE_SIZE
 from ..frontend.status import status_code
 from ..pb import grpc_service_pb2 as pb
 from .outbox import Outbox
-from .wire import OK, decode_header, status_number, triples
+from .ring import EngineRing, Placed, Segment
+from .wire import (
+    FREE,
+    HELLO,
+    OK,
+    PLACED,
+    RING_INPUTS,
+    RING_OUTPUTS,
+    decode_header,
+    status_number,
+    triples,
+)
 
 log = logging.getLogger(__name__)
 
-# (request, seconds left or None, A/B key reader) -> the answer.
+# (request, seconds left or None, A/B key reader, regions the inputs name, where large
+# outputs may go) -> the answer.
 Infer = Callable[
-    [pb.ModelInferRequest, float | None, Callable[[], str | None]],
+    [
+        pb.ModelInferRequest,
+        float | None,
+        Callable[[], str | None],
+        SharedMemory | None,
+        Placed | None,
+    ],
     Awaitable[pb.ModelInferResponse],
 ]
 
@@ -41,6 +63,11 @@ class EngineLink:
         self._outbox = Outbox(self._socket)
         self._reader: asyncio.Task[None] | None = None
         self._answering: set[asyncio.Task[None]] = set()
+        self._rings: dict[bytes, EngineRing] = {}  # by front end (DEALER identity)
+        # (direction, path) -> bytes, for the exporter; plain ints on the request path.
+        self.tensor_bytes = dict.fromkeys(
+            [(d, p) for d in ("input", "output") for p in ("shared_memory", "inline")], 0
+        )
 
     async def start(self) -> None:
         self._socket.bind(self.address)
@@ -56,16 +83,66 @@ class EngineLink:
                 continue
             loop = asyncio.get_running_loop()
             for rid, header, payload in requests:
-                task = loop.create_task(self._answer(identity, rid, header, payload))
-                self._answering.add(task)
-                task.add_done_callback(self._answering.discard)
+                kind, time_remaining, key, flags = decode_header(header)
+                if kind == FREE:
+                    self._free(identity, payload)
+                elif kind == HELLO:
+                    self._outbox.put(identity, (rid, *self._hello(identity, payload)))
+                else:
+                    task = loop.create_task(
+                        self._answer(identity, rid, payload, time_remaining, key, flags)
+                    )
+                    self._answering.add(task)
+                    task.add_done_callback(self._answering.discard)
 
-    async def _answer(self, identity: bytes, rid: bytes, header: bytes, payload: bytes) -> None:
+    def _hello(self, identity: bytes, body: bytes) -> tuple[bytes, bytes]:
+        """A front end offers its segment: map it (and unlink its name)."""
+        self._forget_gone()
         try:
-            time_remaining, key = decode_header(header)
+            pid, name = body.decode().split(":", 1)
+            self._rings[identity] = EngineRing(Segment.attach(name), int(pid))
+        except (ValueError, OSError) as exc:
+            log.warning("front end's shared memory refused (%s): tensors travel inline", exc)
+            return bytes([status_number(status_code(ConvoyError("")))]), str(exc).encode()
+        return bytes([OK]), b""
+
+    def _forget_gone(self) -> None:
+        """Segments of front ends that have died (a restarted one says hello anew)."""
+        for identity, ring in list(self._rings.items()):
+            try:
+                os.kill(ring.pid, 0)
+            except ProcessLookupError:
+                del self._rings[identity]
+                ring.close()
+
+    def _free(self, identity: bytes, body: bytes) -> None:
+        ring = self._rings.get(identity)
+        if ring is None:
+            return
+        try:
+            ring.free(list(array.array("q", body)))
+        except (KeyError, ValueError) as exc:
+            log.error("front end freed what it does not hold: %s", exc)
+
+    async def _answer(
+        self,
+        identity: bytes,
+        rid: bytes,
+        payload: bytes,
+        time_remaining: float | None,
+        key: str | None,
+        flags: int,
+    ) -> None:
+        ring = self._rings.get(identity)
+        regions = ring.regions if ring is not None and flags & RING_INPUTS else None
+        placed = ring.placer() if ring is not None and flags & RING_OUTPUTS else None
+        try:
             request = pb.ModelInferRequest.FromString(payload)
-            response = await self._infer(request, time_remaining, lambda: key)
-            reply = (rid, bytes([OK]), response.SerializeToString())
+            self._count_inputs(request, regions is not None)
+            response = await self._infer(request, time_remaining, lambda: key, regions, placed)
+            status = bytes([OK, PLACED if placed is not None and placed.offsets else 0])
+            reply = (rid, status, response.SerializeToString())
+            self._count_outputs(response, placed)
         except ConvoyError as exc:
             reply = (rid, bytes([status_number(status_code(exc))]), exc.message.encode())
         except asyncio.CancelledError:
@@ -74,8 +151,29 @@ class EngineLink:
             log.exception("ModelInfer from a front end failed")
             internal = status_number(status_code(ConvoyError("")))
             reply = (rid, bytes([internal]), f"internal error: {exc!r}".encode())
+        if placed is not None and placed.offsets and reply[1][0] != OK:
+            placed.ring.free(placed.offsets)  # nothing will read them
         # A front end that died meanwhile is not an error: ROUTER drops the reply.
         self._outbox.put(identity, reply)
+
+    @property
+    def segments(self) -> int:
+        return len(self._rings)
+
+    def _count_inputs(self, request: pb.ModelInferRequest, in_segment: bool) -> None:
+        counts = self.tensor_bytes
+        if in_segment:
+            counts["input", "shared_memory"] += sum(
+                t.parameters[BYTE_SIZE].int64_param for t in request.inputs
+            )
+        else:
+            counts["input", "inline"] += sum(len(raw) for raw in request.raw_input_contents)
+
+    def _count_outputs(self, response: pb.ModelInferResponse, placed: Placed | None) -> None:
+        counts = self.tensor_bytes
+        counts["output", "inline"] += sum(len(raw) for raw in response.raw_output_contents)
+        if placed is not None and placed.offsets:
+            counts["output", "shared_memory"] += placed.nbytes
 
     async def stop(self, timeout_s: float) -> None:
         """Stop reading; give the answers in progress up to timeout_s; close."""
@@ -88,3 +186,6 @@ class EngineLink:
         await self._outbox.drain(timeout_s)
         self._socket.close(linger=0)
         self._context.term()
+        for ring in self._rings.values():
+            ring.close()
+        self._rings.clear()

@@ -10,6 +10,7 @@ restarted, and it exits when its engine is gone.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import itertools
@@ -22,9 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from ..pb import grpc_service_pb2 as pb
 from .outbox import Outbox
-from .wire import OK, Triple, encode_header, status_code, triples
+from .ring import INLINE_BELOW, FrontendRing, Segment
+from .wire import (
+    FREE,
+    HELLO,
+    OK,
+    PLACED,
+    RING_INPUTS,
+    RING_OUTPUTS,
+    Triple,
+    encode_header,
+    status_code,
+    triples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +66,7 @@ class FrontendSettings:
     rate_limit: float | None = None
     rate_burst: float | None = None
     log_level: str = "INFO"
+    ring_bytes: int = 16 << 20  # each half of the shared-memory segment; 0: none
 
 
 def run_frontend(settings: FrontendSettings, index: int, ready: Any) -> None:
@@ -82,6 +98,7 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
     dealer.connect(settings.engine_infer)
     link = _InferLink(dealer)
     reader = loop.create_task(link.read())
+    await link.offer_segment(settings.ring_bytes)
     server = grpc.aio.server(
         options=_server_options(settings, limits), interceptors=_access(settings)
     )
@@ -108,6 +125,7 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
     dealer.close(linger=0)
     context.term()
     await channel.close()
+    link.close()
 
 
 async def _watch_engine(engine_pid: int, stop: asyncio.Event) -> None:
@@ -151,13 +169,46 @@ def _credentials(settings: FrontendSettings) -> grpc.ServerCredentials | None:
 
 class _InferLink:
     """ModelInfer to the engine: one DEALER socket, replies matched by request id; the
-    requests of one loop turn go in one message (Outbox)."""
+    requests of one loop turn go in one message (Outbox). Large requests' tensors go
+    through the shared-memory segment, and large outputs come back through it."""
 
     def __init__(self, socket: Any) -> None:
         self._socket = socket
         self._ids = itertools.count()
         self._pending: dict[bytes, asyncio.Future[tuple[bytes, bytes]]] = {}
         self._outbox = Outbox(socket, self._not_sent)
+        self._ring: FrontendRing | None = None
+        # Input slots per request id: freed when the engine answers (it may still read
+        # them after the caller has gone), whoever is still waiting for the answer.
+        self._staged: dict[bytes, list[int]] = {}
+
+    async def offer_segment(self, half: int) -> None:
+        """Create the segment and hand it to the engine; without it (no room in
+        /dev/shm, an engine that refuses it) every tensor travels inline."""
+        if half <= 0:
+            return
+        try:
+            segment = Segment.create(half)
+        except OSError as exc:
+            log.warning("no shared memory for tensors (%s): they travel inline", exc)
+            return
+        rid = next(self._ids).to_bytes(8, "little")
+        future: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        body = f"{os.getpid()}:{segment.name}".encode()
+        self._outbox.put(None, (rid, encode_header(None, None, kind=HELLO), body))
+        try:
+            status, message = await asyncio.wait_for(future, 30)
+        except (TimeoutError, ConnectionError) as exc:
+            status, message = b"\x0d", repr(exc).encode()
+        finally:
+            self._pending.pop(rid, None)
+        if status[0] != OK:
+            log.warning("engine refused shared memory (%s): tensors travel inline", message)
+            segment.unlink()
+            segment.close()
+            return
+        self._ring = FrontendRing(segment)
 
     async def read(self) -> None:
         while True:
@@ -168,12 +219,25 @@ class _InferLink:
                 log.error("engine message ignored: %s", exc)
                 continue
             for rid, status, body in replies:
-                future = self._pending.pop(rid, None)
-                if future is not None and not future.done():
-                    future.set_result((status, body))
+                self._answered(rid, status, body)
+
+    def _answered(self, rid: bytes, status: bytes, body: bytes) -> None:
+        ring = self._ring
+        staged = self._staged.pop(rid, None)
+        if staged is not None and ring is not None:
+            ring.release(staged)
+        if ring is not None and status[0] == OK and len(status) > 1 and status[1] == PLACED:
+            body, offsets = ring.reply(body)  # copied out: the engine may reuse the slots
+            self._outbox.put(None, (b"", encode_header(None, None, kind=FREE), _int64s(offsets)))
+        future = self._pending.pop(rid, None)
+        if future is not None and not future.done():
+            future.set_result((status, body))
 
     def _not_sent(self, items: list[Triple], exc: BaseException) -> None:
         for rid, _, _ in items:
+            staged = self._staged.pop(rid, None)
+            if staged is not None and self._ring is not None:
+                self._ring.release(staged)
             future = self._pending.pop(rid, None)
             if future is not None and not future.done():
                 future.set_exception(ConnectionError(f"engine unreachable: {exc!r}"))
@@ -182,7 +246,15 @@ class _InferLink:
         rid = next(self._ids).to_bytes(8, "little")
         future: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
-        header = encode_header(context.time_remaining(), _ab_key(context))
+        flags = 0
+        if self._ring is not None:
+            flags = RING_OUTPUTS
+            if len(payload) >= INLINE_BELOW:
+                payload, staged = self._stage(payload)
+                if staged is not None:
+                    self._staged[rid] = staged
+                    flags |= RING_INPUTS
+        header = encode_header(context.time_remaining(), _ab_key(context), flags)
         try:
             self._outbox.put(None, (rid, header, payload))
             status, body = await future
@@ -193,6 +265,26 @@ class _InferLink:
         if status[0] != OK:
             await context.abort(status_code(status[0]), body.decode())
         return body
+
+    def _stage(self, payload: bytes) -> tuple[bytes, list[int] | None]:
+        """The request with its tensors moved into the segment, or as it came."""
+        assert self._ring is not None
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except DecodeError:
+            return payload, None  # the engine answers it, as for any caller
+        staged = self._ring.stage(request)
+        if staged is None:
+            return payload, None
+        return request.SerializeToString(), staged
+
+    def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+
+
+def _int64s(values: list[int]) -> bytes:
+    return array.array("q", values).tobytes()
 
 
 def _ab_key(context: grpc.aio.ServicerContext) -> str | None:

@@ -3,6 +3,13 @@
 Request (front end -> engine):  [request id, header, ModelInferRequest bytes] * n
 Reply (engine -> front end):    [request id, status, ModelInferResponse bytes or message] * n
 
+The header's kind says what the triple is: INFER (a request), HELLO (a front end
+offering its shared-memory segment, body "pid:name"; answered like a request) or
+FREE (ring offsets of outputs the front end has copied out, body int64s; no answer).
+Large tensors do not travel in the messages but in that segment (ring.py): the
+flags say whether the request's inputs name it and whether the engine may place
+outputs there; a status frame's second byte says it did.
+
 One ZeroMQ message carries every request (or reply) that became ready in one turn of
 the sender's event loop: a message costs a wake-up of ZeroMQ's I/O thread and a
 syscall or two on each side, and the profile showed those sends taking a sixth of
@@ -19,8 +26,12 @@ import struct
 
 import grpc
 
-_HEADER = struct.Struct("<d")  # remaining seconds; negative: no deadline
+_HEADER = struct.Struct("<cdB")  # kind, remaining seconds (negative: none), flags
 OK = 0
+INFER, HELLO, FREE = b"I", b"H", b"F"
+RING_INPUTS = 1  # the request's inputs are in the front end's segment
+RING_OUTPUTS = 2  # the engine may place large outputs there
+PLACED = 1  # status frame's second byte: some outputs are in the segment
 
 # gRPC status code number <-> enum (StatusCode values are (number, name) pairs).
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -40,15 +51,18 @@ def triples(frames: list[bytes]) -> list[Triple]:
     return [(frames[i], frames[i + 1], frames[i + 2]) for i in range(0, len(frames), 3)]
 
 
-def encode_header(time_remaining: float | None, ab_key: str | None) -> bytes:
+def encode_header(
+    time_remaining: float | None, ab_key: str | None, flags: int = 0, kind: bytes = INFER
+) -> bytes:
     seconds = -1.0 if time_remaining is None else time_remaining
-    return _HEADER.pack(seconds) + (ab_key or "").encode()
+    return _HEADER.pack(kind, seconds, flags) + (ab_key or "").encode()
 
 
-def decode_header(frame: bytes) -> tuple[float | None, str | None]:
-    (seconds,) = _HEADER.unpack_from(frame)
+def decode_header(frame: bytes) -> tuple[bytes, float | None, str | None, int]:
+    """(kind, seconds left or None, A/B key or None, flags)."""
+    kind, seconds, flags = _HEADER.unpack_from(frame)
     key = frame[_HEADER.size :].decode() or None
-    return (None if seconds < 0 else seconds), key
+    return kind, (None if seconds < 0 else seconds), key, flags
 
 
 def status_number(code: grpc.StatusCode) -> int:

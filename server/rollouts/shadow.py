@@ -34,16 +34,21 @@ class ShadowRunner:
         served: str,
         served_outputs: Outputs,
         run_on: Callable[[str], Awaitable[Outputs]],
+        detach: Callable[[], None] | None = None,
     ) -> bool:
         """Maybe mirror one answered request; True when a mirrored run was started.
 
         `run_on(version)` runs the same request on another version (lowest
         priority) and returns its outputs; its outcome reaches record() through
-        the server's usual per-run hook.
+        the server's usual per-run hook. `detach()`, called only when a run is
+        started and before this returns, lets the caller copy what `run_on` reads
+        but will not outlive the answer.
         """
         other = self._controller.mirror(model, served)
         if other is None:
             return False
+        if detach is not None:
+            detach()
         task = asyncio.get_running_loop().create_task(
             self._mirror(model, {served: served_outputs}, other, run_on)
         )

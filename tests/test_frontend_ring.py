@@ -1,0 +1,76 @@
+"""The front ends' shared-memory rings: placement never overlaps, space comes back in
+any free order, a full ring says so (the caller then sends the tensor inline)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+
+from server.frontends.ring import ALIGN, Ring, Segment
+
+
+def _overlaps(live: dict[int, int]) -> bool:
+    spans = sorted(live.items())
+    return any(a + s > b for (a, s), (b, _) in itertools.pairwise(spans))
+
+
+def test_random_allocations_and_frees_never_overlap_and_stay_in_bounds() -> None:
+    rng = random.Random(7)
+    ring = Ring(64 * 1024)
+    live: dict[int, int] = {}
+    refused = 0
+    for _ in range(20000):
+        if live and (rng.random() < 0.5 or len(live) > 40):
+            offset = rng.choice(list(live))
+            ring.free(offset)
+            del live[offset]
+        else:
+            size = rng.choice([1, 63, 64, 100, 4096, 10000, 30000])
+            offset = ring.allocate(size)
+            if offset is None:
+                refused += 1
+                continue
+            assert offset % ALIGN == 0 and offset + size <= ring.capacity
+            live[offset] = -(-size // ALIGN) * ALIGN
+            assert not _overlaps(live)
+    assert refused > 0  # the test reached a full ring
+    for offset in list(live):
+        ring.free(offset)
+    assert ring.live == 0
+    assert ring.allocate(ring.capacity) == 0  # all space came back
+
+
+def test_a_full_ring_refuses_and_space_comes_back_from_the_oldest_block() -> None:
+    ring = Ring(1024)
+    a = ring.allocate(512)
+    b = ring.allocate(256)
+    assert (a, b) == (0, 512)
+    assert ring.allocate(512) is None  # 256 left at the end, nothing before the tail
+    ring.free(b)  # freed out of order: the older block still holds the ring's tail
+    assert ring.allocate(512) is None
+    c = ring.allocate(200)
+    assert c == 768
+    ring.free(a)  # the tail moves past a and the freed b, to c
+    assert ring.allocate(700) == 0  # wrapped to the start, short of c
+    assert ring.allocate(64) is None  # 0..704 taken, c from 768: 64 would touch c
+    with pytest.raises(KeyError):
+        ring.free(64)
+    assert ring.allocate(2048) is None  # larger than the ring
+
+
+def test_the_engine_maps_the_segment_and_unlinks_its_name(tmp_path: Path) -> None:
+    front = Segment.create(4096, tmp_path)
+    assert (tmp_path / front.name).exists()
+    front.view(100, 5)[:] = b"hello"
+    engine = Segment.attach(front.name, tmp_path)
+    assert not (tmp_path / front.name).exists()  # nothing left behind if either dies
+    assert engine.half == 4096 and bytes(engine.view(100, 5)) == b"hello"
+    engine.view(4096 + 8, 3)[:] = b"out"
+    assert bytes(front.view(4096 + 8, 3)) == b"out"
+    with pytest.raises(ValueError):
+        Segment.attach("../etc/passwd", tmp_path)
+    front.close()
+    engine.close()
