@@ -211,7 +211,9 @@ def test_a_killed_front_end_is_restarted_and_only_its_calls_fail(served: ServerP
     pids = _frontend_pids(served)
     assert survivor in pids and victim not in pids and len(pids) == 2
     assert _call(served.url, 3.0) == 6.0
-    assert _metrics(served)["convoy_frontend_restarts_total"] == 1
+    scraped = _metrics(served)
+    assert scraped["convoy_frontend_restarts_total"] == 1
+    assert scraped["convoy_frontend_shared_memory_segments"] == 2  # the dead one's let go
 
 
 def test_sigterm_drains_every_process(repo: Path) -> None:
@@ -228,3 +230,24 @@ def test_sigterm_drains_every_process(repo: Path) -> None:
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+
+
+def test_front_ends_stop_when_the_engine_dies(repo: Path) -> None:
+    """kill -9 of the engine: nothing can be served, so the front ends stop (they would
+    otherwise accept calls and fail every one), the port is closed, and no shared
+    memory is left behind."""
+    server = start_server(repo, "--frontends", "2")
+    pids = _frontend_pids(server)
+    assert _call(server.url, 1.0) == 2.0
+    server.proc.kill()
+    assert server.proc.wait(30) != 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    failed = _call(server.url, 1.0)
+    assert isinstance(failed, InferenceServerException)
+    assert failed.status() == "StatusCode.UNAVAILABLE"
+    assert not [
+        p for p in Path("/dev/shm").glob("convoy-frontend-*") if int(p.name.split("-")[2]) in pids
+    ]
