@@ -33,8 +33,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import InternalError, InvalidInput, RegionInUse, RegionNotFound, Unimplemented
-from .shm import Leases, SharedMemoryRegistry
+from ..errors import InternalError, InvalidInput, RegionNotFound, Unimplemented
+from .shm import Leases, SharedMemoryRegistry, removable
 
 log = logging.getLogger(__name__)
 
@@ -278,16 +278,7 @@ class CudaSharedMemoryRegistry:
     def unregister(self, name: str) -> None:
         """One region, or every region for an empty name; refused while in use."""
         self._required()
-        names = [name] if name else list(self._regions)
-        if name and name not in self._regions:
-            raise RegionNotFound(f"CUDA shared memory region '{name}' is not registered")
-        busy = [n for n in names if self._regions[n].users]
-        if busy:
-            raise RegionInUse(
-                f"CUDA shared memory region(s) {busy} in use by requests in flight; "
-                "unregister once they are answered"
-            )
-        for region_name in names:
+        for region_name in removable(self._regions, name, "CUDA shared memory"):
             self._release(self._regions.pop(region_name))
 
     def status(self, name: str) -> list[CudaRegion]:

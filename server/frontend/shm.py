@@ -16,7 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +30,26 @@ SHM_DIR = Path("/dev/shm")
 REGION = "shared_memory_region"
 BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
+
+
+class _Leased(Protocol):
+    users: int
+
+
+def removable(regions: Mapping[str, _Leased], name: str, kind: str) -> list[str]:
+    """The regions an unregister of `name` removes (every one for ""), checked: an
+    unknown name is NOT_FOUND; any in use by a request in flight, FAILED_PRECONDITION
+    (the client would otherwise free memory a batch is reading)."""
+    names = [name] if name else list(regions)
+    if name and name not in regions:
+        raise RegionNotFound(f"{kind} region '{name}' is not registered")
+    busy = [n for n in names if regions[n].users]
+    if busy:
+        raise RegionInUse(
+            f"{kind} region(s) {busy} in use by requests in flight; "
+            "unregister once they are answered"
+        )
+    return names
 
 
 @dataclass
@@ -122,16 +142,7 @@ class SharedMemoryRegistry:
 
     def unregister(self, name: str) -> None:
         """One region, or every region for an empty name; refused while in use."""
-        names = [name] if name else list(self._regions)
-        if name and name not in self._regions:
-            raise RegionNotFound(f"shared memory region '{name}' is not registered")
-        busy = [n for n in names if self._regions[n].users]
-        if busy:
-            raise RegionInUse(
-                f"shared memory region(s) {busy} in use by requests in flight; "
-                "unregister once they are answered"
-            )
-        for region_name in names:
+        for region_name in removable(self._regions, name, "shared memory"):
             self._retired.append(self._regions.pop(region_name).mapping)
         self._close_retired()
 
