@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -116,6 +117,13 @@ def test_answers_batches_and_every_rpc_through_two_front_ends(served: ServerProc
     with pytest.raises(InferenceServerException) as info:  # errors keep their status
         client.infer("nosuch", [tensor])
     assert info.value.status() == "StatusCode.NOT_FOUND"
+    # Bytes that are no ModelInferRequest: a clear INVALID_ARGUMENT, and serving goes on.
+    with grpc.insecure_channel(served.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as raw_info:
+            infer(b"\xff\xff\xff\x0f", timeout=10)
+        assert raw_info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid ModelInferRequest" in (raw_info.value.details() or "")
     # Many connections (spread over both front ends by the kernel): batches still form
     # across all of them in the engine's one queue.
     with ThreadPoolExecutor(16) as pool:

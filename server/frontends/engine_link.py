@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 
 import zmq
 import zmq.asyncio
+from google.protobuf.message import DecodeError
 
-from ..errors import ConvoyError
+from ..errors import ConvoyError, InvalidInput
 from ..frontend.cuda_shm import SharedMemory
 from ..frontend.shm import BYTE_SIZE
 from ..frontend.status import status_code
@@ -137,7 +138,7 @@ class EngineLink:
         regions = ring.regions if ring is not None and flags & RING_INPUTS else None
         placed = ring.placer() if ring is not None and flags & RING_OUTPUTS else None
         try:
-            request = pb.ModelInferRequest.FromString(payload)
+            request = _parse(payload)
             self._count_inputs(request, regions is not None)
             response = await self._infer(request, time_remaining, lambda: key, regions, placed)
             status = bytes([OK, PLACED if placed is not None and placed.offsets else 0])
@@ -189,3 +190,11 @@ class EngineLink:
         for ring in self._rings.values():
             ring.close()
         self._rings.clear()
+
+
+def _parse(payload: bytes) -> pb.ModelInferRequest:
+    try:
+        request: pb.ModelInferRequest = pb.ModelInferRequest.FromString(payload)
+    except DecodeError:
+        raise InvalidInput("the request is not a valid ModelInferRequest message") from None
+    return request
