@@ -1,26 +1,33 @@
 """Every Prometheus metric Convoy exports, defined in one place.
 
-Metrics live in a registry owned by the server (no global state). Hot paths
-use ModelMetrics, whose label children are resolved once per model version.
+Metrics live in a registry owned by the server (no global state). Per-request
+series are not counted here: a served model's ModelStatistics counts each request
+once and ModelSeriesCollector reads it when scraped, so the hot path takes no
+prometheus_client locks.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from .batching.slo import SloController
 from .scheduling.devices import GpuReading, gpu_readings
-
-_LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+from .statistics import Histogram, ModelStatistics, latency_histogram
 
 
 class Metrics:
@@ -33,30 +40,8 @@ class Metrics:
         self.registry.register(GpuCollector(gpus))
         labels = ("model", "version")
         r = self.registry
-        self.request_success = Counter(
-            "convoy_request_success", "Inference requests answered with a result", labels,
-            registry=r,
-        )  # fmt: skip
-        self.request_failure = Counter(
-            "convoy_request_failure", "Inference requests answered with an error",
-            (*labels, "reason"), registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "convoy_batch_size", "Rows per executed batch", labels, buckets=_BATCH_BUCKETS,
-            registry=r,
-        )  # fmt: skip
-        self.queue_seconds = Histogram(
-            "convoy_queue_seconds", "Time requests wait in the model queue", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.compute_seconds = Histogram(
-            "convoy_compute_seconds", "Time to gather, run and split one batch",
-            (*labels, "device"), buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.request_seconds = Histogram(
-            "convoy_request_seconds", "End-to-end request latency inside the server", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        self.series = ModelSeriesCollector()
+        r.register(self.series)
         self.queue_depth = Gauge(
             "convoy_queue_depth", "Requests waiting in the model queue", labels, registry=r
         )
@@ -89,7 +74,7 @@ class Metrics:
         self._owners: dict[tuple[str, str], ModelMetrics] = {}
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
-        return ModelMetrics(self, model, version)
+        return ModelMetrics(self, model, version, self.series.series(model, version))
 
     def watch_serving(
         self,
@@ -190,18 +175,184 @@ class GpuCollector(Collector):
         yield from (used, total, reserved, busy)
 
 
-class ModelMetrics:
-    """Label children bound once; cheap to update per request."""
+@dataclass
+class ModelSeries:
+    """The request series of one (model, version) label set: what versions that were
+    replaced or unloaded counted (folded into `totals`, which also takes the direct
+    counts of an ensemble), plus the statistics of the versions serving now. Outlives
+    any one version, so a reload keeps counting where the last one stopped."""
 
-    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+    model: str
+    version: str
+    totals: ModelStatistics
+    live: list[ModelStatistics] = field(default_factory=list)
+    created: dict[str, float] = field(default_factory=dict)  # series key -> first seen
+
+    def first_seen(self, key: str, now: float) -> float:
+        return self.created.setdefault(key, now)
+
+
+_REQUEST_LABELS = ["model", "version"]
+
+
+class ModelSeriesCollector(Collector):
+    """convoy_request_success/_failure, convoy_{request,queue,compute}_seconds and
+    convoy_batch_size, summed at scrape time from each label set's ModelSeries.
+
+    The lock orders a scrape (the metrics server's thread) against a version's
+    statistics being folded into the totals (on the loop); the per-request updates
+    take no lock: a scrape may read a histogram mid-update, one observation off."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], ModelSeries] = {}
+
+    def series(self, model: str, version: str) -> ModelSeries:
+        with self._lock:
+            found = self._series.get((model, version))
+            if found is None:
+                totals = ModelStatistics(name=model, version=version)
+                found = self._series[(model, version)] = ModelSeries(model, version, totals)
+                now = time.time()
+                for key in ("success", "request", "queue", "batch"):
+                    found.first_seen(key, now)
+            return found
+
+    def read(self, series: ModelSeries, stats: ModelStatistics) -> None:
+        with self._lock:
+            series.live.append(stats)
+
+    def fold(self, series: ModelSeries, stats: ModelStatistics) -> None:
+        """A version stops serving: keep what its statistics counted in the totals."""
+        with self._lock:
+            if any(s is stats for s in series.live):
+                series.totals.absorb(stats)
+                series.live = [s for s in series.live if s is not stats]
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        success = CounterMetricFamily(
+            "convoy_request_success", "Inference requests answered with a result",
+            labels=_REQUEST_LABELS,
+        )  # fmt: skip
+        failure = CounterMetricFamily(
+            "convoy_request_failure", "Inference requests answered with an error",
+            labels=[*_REQUEST_LABELS, "reason"],
+        )  # fmt: skip
+        batch = HistogramMetricFamily(
+            "convoy_batch_size", "Rows per executed batch", labels=_REQUEST_LABELS
+        )
+        queue = HistogramMetricFamily(
+            "convoy_queue_seconds", "Time requests wait in the model queue",
+            labels=_REQUEST_LABELS,
+        )  # fmt: skip
+        compute = HistogramMetricFamily(
+            "convoy_compute_seconds", "Time to gather, run and split one batch",
+            labels=[*_REQUEST_LABELS, "device"],
+        )  # fmt: skip
+        request = HistogramMetricFamily(
+            "convoy_request_seconds", "End-to-end request latency inside the server",
+            labels=_REQUEST_LABELS,
+        )  # fmt: skip
+        now = time.time()
+        with self._lock:
+            for series in list(self._series.values()):
+                readings = [series.totals, *series.live]
+                key = [series.model, series.version]
+                success.add_metric(
+                    key, sum(r.success.count for r in readings), series.first_seen("success", now)
+                )
+                failures: dict[str, int] = {}
+                for reading in readings:
+                    for reason, count in list(reading.failures.items()):
+                        failures[reason] = failures.get(reason, 0) + count
+                for reason in sorted(failures):
+                    created = series.first_seen("failure:" + reason, now)
+                    failure.add_metric([*key, reason], failures[reason], created)
+                _add_histogram(
+                    batch, _REQUEST_LABELS, key, [r.batch_rows for r in readings], series, "batch"
+                )
+                _add_histogram(
+                    queue,
+                    _REQUEST_LABELS,
+                    key,
+                    [r.queue_seconds for r in readings],
+                    series,
+                    "queue",
+                )
+                devices: dict[str, list[Histogram]] = {}
+                for reading in readings:
+                    for device, histogram in list(reading.compute_seconds.items()):
+                        devices.setdefault(device, []).append(histogram)
+                for device in sorted(devices):
+                    _add_histogram(
+                        compute,
+                        [*_REQUEST_LABELS, "device"],
+                        [*key, device],
+                        devices[device],
+                        series,
+                        "compute:" + device,
+                    )
+                _add_histogram(
+                    request,
+                    _REQUEST_LABELS,
+                    key,
+                    [r.request_seconds for r in readings],
+                    series,
+                    "request",
+                )
+        yield from (success, failure, batch, queue, compute, request)
+
+
+def _add_histogram(
+    family: HistogramMetricFamily,
+    names: list[str],
+    labels: list[str],
+    parts: list[Histogram],
+    series: ModelSeries,
+    created_key: str,
+) -> None:
+    """One labelled histogram, the sum of `parts`, as prometheus_client's Histogram
+    exposes it: cumulative buckets, count, sum and _created."""
+    total = latency_histogram() if not parts else Histogram(parts[0].bounds)
+    for part in parts:
+        total.absorb(Histogram(part.bounds, list(part.counts), part.sum))
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for le, count in zip(_le_labels(total.bounds), total.counts, strict=True):
+        cumulative += count
+        buckets.append((le, cumulative))
+    family.add_metric(labels, buckets, total.sum)
+    created = series.first_seen(created_key, time.time())
+    family.samples.append(
+        Sample(family.name + "_created", dict(zip(names, labels, strict=True)), created)
+    )
+
+
+@functools.cache
+def _le_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """The `le` label of each bucket, +Inf last, spelled as prometheus_client does."""
+    return tuple(floatToGoString(b) for b in (*bounds, float("inf")))  # type: ignore[no-untyped-call]
+
+
+class ModelMetrics:
+    """One model version's series. The model hands its ModelStatistics over with
+    read(): the request series are read from them when scraped."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str, series: ModelSeries) -> None:
         self._metrics = metrics
         self._labels = (model, version)
-        self.success = metrics.request_success.labels(model, version)
-        self.batch_size = metrics.batch_size.labels(model, version)
-        self.queue_seconds = metrics.queue_seconds.labels(model, version)
-        self.request_seconds = metrics.request_seconds.labels(model, version)
+        self._series = series
+        self._read: ModelStatistics | None = None
         self.ready = metrics.model_ready.labels(model, version)
-        self._compute: dict[str, Histogram] = {}
+
+    def read(self, stats: ModelStatistics) -> None:
+        """Export `stats` (this version's own counts) under this version's labels
+        until release()."""
+        self._read = stats
+        self._metrics.series.read(self._series, stats)
 
     @property
     def owns_labels(self) -> bool:
@@ -232,6 +383,9 @@ class ModelMetrics:
         """Drop the gauges that point at an unloaded model, unless a reload has
         already handed the labels to its successor."""
         m = self._metrics
+        if self._read is not None:
+            m.series.fold(self._series, self._read)
+            self._read = None
         if m._owners.get(self._labels) is not self:
             return
         del m._owners[self._labels]
@@ -242,13 +396,3 @@ class ModelMetrics:
             except KeyError:
                 pass
         self.ready.set(0)
-
-    def failure(self, reason: str) -> Counter:
-        return self._metrics.request_failure.labels(*self._labels, reason)
-
-    def compute_seconds(self, device: str) -> Histogram:
-        child = self._compute.get(device)
-        if child is None:
-            child = self._metrics.compute_seconds.labels(*self._labels, device)
-            self._compute[device] = child
-        return child

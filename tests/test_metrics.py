@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 
 from server.metrics import Metrics, PoolReading
+from server.statistics import ModelStatistics
 
 
 def _text(metrics: Metrics) -> str:
@@ -43,3 +44,45 @@ def test_pool_counters_and_failed_devices_are_exported() -> None:
     assert 'convoy_cpu_spills_total{model="m",version="2"} 1.0' in text
     assert 'convoy_instance_replacements_total{model="m",version="2"} 2.0' in text
     assert 'convoy_device_failed{device="cuda:1"} 1.0' in text
+
+
+def test_request_series_are_read_from_the_statistics_and_survive_a_reload() -> None:
+    """Prometheus reads each version's ModelStatistics when scraped; a reload folds the
+    old version's counts into the labels' totals, so no counter goes backwards."""
+    metrics = Metrics(gpus=list)
+    old = metrics.for_model("m", "1")
+    old_stats = ModelStatistics("m", "1")
+    old.read(old_stats)
+    old_stats.record_request(True, 2_000_000, 300_000)
+    old_stats.record_request(False, 0, None, "Overloaded")
+    old_stats.record_batch(3, 1, 100, 1_000_000, 100, "cpu")
+    new = metrics.for_model("m", "1")
+    new_stats = ModelStatistics("m", "1")
+    new.read(new_stats)
+    old.release()
+    new_stats.record_request(True, 50_000, 0)
+    text = _text(metrics)
+    assert 'convoy_request_success_total{model="m",version="1"} 2.0' in text
+    assert 'convoy_request_failure_total{model="m",reason="Overloaded",version="1"} 1.0' in text
+    assert 'convoy_request_seconds_bucket{le="0.0001",model="m",version="1"} 1.0' in text
+    assert 'convoy_request_seconds_bucket{le="0.0025",model="m",version="1"} 2.0' in text
+    assert 'convoy_request_seconds_count{model="m",version="1"} 2.0' in text
+    assert 'convoy_queue_seconds_count{model="m",version="1"} 2.0' in text
+    assert 'convoy_batch_size_bucket{le="4.0",model="m",version="1"} 1.0' in text
+    assert 'convoy_compute_seconds_count{device="cpu",model="m",version="1"} 1.0' in text
+    assert 'convoy_request_success_created{model="m",version="1"}' in text
+    assert new_stats.success.count == 1  # Triton's statistics start again per version
+
+
+def test_a_models_statistics_are_its_request_series_when_scraped() -> None:
+    """One count per request (ModelStatistics), read by Prometheus at scrape time: an
+    ensemble, which has no queue, counts the same way as a served model."""
+    metrics = Metrics(gpus=list)
+    stats = ModelStatistics("e", "1")
+    metrics.for_model("e", "1").read(stats)
+    stats.record_request(True, 3_000_000, None)
+    stats.record_request(False, 0, None, "Cancelled")
+    text = _text(metrics)
+    assert 'convoy_request_success_total{model="e",version="1"} 1.0' in text
+    assert 'convoy_request_seconds_sum{model="e",version="1"} 0.003' in text
+    assert 'convoy_request_failure_total{model="e",reason="Cancelled",version="1"} 1.0' in text

@@ -298,7 +298,8 @@ class ModelQueue:
     def _sweep(self, now: int) -> None:
         """Drop requests whose caller left; answer or demote those past their deadline."""
         for level, queue in enumerate(self._levels):
-            if not queue:
+            # Runs at every batch formed: usually nothing is due, so nothing is copied.
+            if not any(_due(request, now) for request in queue):
                 continue
             keep: deque[InferRequest] = deque()
             changed = False
@@ -329,20 +330,23 @@ class ModelQueue:
         self._depth = sum(len(q) for q in self._levels)
 
     def _remove(self, taken: tuple[InferRequest, ...], now: int) -> None:
-        ids = {id(r) for r in taken}
-        left = len(taken)
-        for level, queue in enumerate(self._levels):
-            # Usual case: the batch is a prefix of the queue.
-            while left and queue and id(queue[0]) in ids:
+        # `taken` is in queue order (levels in turn): usually a prefix of the queue.
+        count = len(taken)
+        done = 0
+        for queue in self._levels:
+            while done < count and queue and queue[0] is taken[done]:
                 queue.popleft()
-                left -= 1
-            if left and any(id(r) in ids for r in queue):
-                kept = deque(r for r in queue if id(r) not in ids)
-                left -= len(queue) - len(kept)
-                self._levels[level] = kept
+                done += 1
+            if done == count:
+                break
+        if done < count:  # the batch skipped requests (another shape): filter the rest out
+            ids = {id(r) for r in taken[done:]}
+            for level, queue in enumerate(self._levels):
+                if any(id(r) in ids for r in queue):
+                    self._levels[level] = deque(r for r in queue if id(r) not in ids)
         for request in taken:
             request.dispatch_ns = now
-        self._depth -= len(taken)
+        self._depth -= count
 
     # -- execution -------------------------------------------------------------
 
@@ -443,3 +447,8 @@ class ModelQueue:
                 request = queue.popleft()
                 self._settle(request, self._cancelled() if request.abandoned else error, now)
         self._depth = 0
+
+
+def _due(request: InferRequest, now: int) -> bool:
+    """The sweep has work with this request: its caller left, or its deadline passed."""
+    return request.future.done() or (request.deadline_ns is not None and now >= request.deadline_ns)

@@ -30,7 +30,7 @@ from ..metrics import ModelMetrics
 from ..monitoring.registry import ModelMonitoring
 from ..pb import model_config_pb2 as mc
 from ..statistics import ModelStatistics
-from .model import ModelVersion, count_cached
+from .model import ModelVersion
 
 Lookup = Callable[[str, str], ModelVersion]  # (model, version or "") -> the serving version
 
@@ -156,6 +156,7 @@ class EnsembleModel:
 
     def start(self) -> None:
         self.metrics.watch(lambda: 0, lambda: self.inflight)
+        self.metrics.read(self.stats)  # Prometheus's request series, read when scraped
 
     async def close(self, drain: bool, timeout_s: float | None = None) -> None:
         self.ready = False
@@ -237,20 +238,17 @@ class EnsembleModel:
 
     def _done(self, request: InferRequest, error: ConvoyError | None) -> None:
         total = self._clock() - request.arrival_ns if request.arrival_ns else 0
-        self.stats.record_request(error is None, total, None)
+        reason = None if error is None else type(error).__name__
+        self.stats.record_request(error is None, total, None, reason)
         if error is None:
             self.stats.record_batch(request.rows, 1, 0, 0, 0)
-            self.metrics.success.inc()
-            self.metrics.request_seconds.observe(total / 1e9)
-        else:
-            self.metrics.failure(type(error).__name__).inc()
 
     def record_cached(self, total_ns: int) -> None:
-        count_cached(self.stats, self.metrics, total_ns)
+        """A success, as Triton counts cache hits; inference_count is left alone."""
+        self.stats.record_request(True, total_ns, None)
 
     def record_rejection(self, error: ConvoyError) -> None:
-        self.metrics.failure(type(error).__name__).inc()
-        self.stats.record_request(False, 0, None)
+        self.stats.record_request(False, 0, None, type(error).__name__)
 
 
 def _check_compatible(

@@ -54,14 +54,6 @@ class ModelVersion(Protocol):
         ...
 
 
-def count_cached(stats: ModelStatistics, metrics: ModelMetrics, total_ns: int) -> None:
-    """A request answered from the response cache: a success, as Triton counts cache
-    hits; inference_count is left alone (nothing ran)."""
-    stats.record_request(True, total_ns, None)
-    metrics.success.inc()
-    metrics.request_seconds.observe(total_ns / 1e9)
-
-
 class ServedModel:
     """Owns its ModelQueue (started in start(), stopped in close()) and its pool."""
 
@@ -113,6 +105,7 @@ class ServedModel:
         self.pool.on_change = self.queue.wake
         self.pool.on_lost = self._lost
         self.metrics.watch(lambda: self.queue.depth, lambda: self.inflight)
+        self.metrics.read(self.stats)  # Prometheus's request series, read when scraped
         if self.queue.slo is not None:
             self.metrics.watch_slo(self.queue.slo)
 
@@ -157,25 +150,25 @@ class ServedModel:
             self.inflight -= 1
 
     def record_cached(self, total_ns: int) -> None:
-        count_cached(self.stats, self.metrics, total_ns)
+        """A success, as Triton counts cache hits; inference_count is left alone."""
+        self.stats.record_request(True, total_ns, None)
 
     def record_rejection(self, error: ConvoyError) -> None:
         """A request refused before it was queued (bad input, full queue)."""
-        self.metrics.failure(type(error).__name__).inc()
-        self.stats.record_request(False, 0, None)
+        self.stats.record_request(False, 0, None, type(error).__name__)
         if self._outcomes is not None:
             self._outcomes(self.spec.name, self.version_label, error, 0, 0)
 
     # -- QueueObserver -------------------------------------------------------
 
     def on_batch(self, batch: Batch, outcome: BatchOutcome, output_ns: int) -> None:
-        rows = batch.rows
         self.stats.record_batch(
-            rows, len(batch.requests), outcome.input_ns, outcome.infer_ns, output_ns
-        )
-        self.metrics.batch_size.observe(rows)
-        self.metrics.compute_seconds(outcome.device).observe(
-            (outcome.input_ns + outcome.infer_ns + output_ns) / 1e9
+            batch.rows,
+            len(batch.requests),
+            outcome.input_ns,
+            outcome.infer_ns,
+            output_ns,
+            outcome.device,
         )
 
     def on_request_done(
@@ -183,14 +176,8 @@ class ServedModel:
     ) -> None:
         total = now_ns - request.arrival_ns
         queued = request.dispatch_ns - request.arrival_ns if request.dispatch_ns else None
-        self.stats.record_request(error is None, total, queued)
-        if queued is not None:
-            self.metrics.queue_seconds.observe(queued / 1e9)
-        if error is None:
-            self.metrics.success.inc()
-            self.metrics.request_seconds.observe(total / 1e9)
-        else:
-            self.metrics.failure(type(error).__name__).inc()
+        reason = None if error is None else type(error).__name__
+        self.stats.record_request(error is None, total, queued, reason)
         if self._outcomes is not None:
             compute = now_ns - request.dispatch_ns if request.dispatch_ns else 0
             # A background run waits behind every caller by design: its queue time says

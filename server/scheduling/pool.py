@@ -32,12 +32,16 @@ log = logging.getLogger(__name__)
 
 _STOP = None
 
+# Called on the loop with a batch's outcome, or the exception its run raised.
+Done = Callable[[BatchOutcome | BaseException], None]
+
 
 class ModelInstance:
     """One backend and the thread that owns it.
 
     A bare thread fed by a SimpleQueue, rather than a ThreadPoolExecutor: the
-    hand-off is one queue put and one call_soon_threadsafe, which matters when
+    hand-off is one queue put and one call_soon_threadsafe that hands the outcome
+    straight to the caller's callback (no future in between), which matters when
     the model itself takes microseconds.
     """
 
@@ -52,30 +56,24 @@ class ModelInstance:
         self.backend = backend
         self.softmax_outputs = softmax_outputs  # classification by probability, not score
         self.labels = labels or {}  # output -> class labels (label_filename)
+        # Fixed for the backend's life; read for every batch placed.
+        self.device: str = backend.device
+        self.on_gpu: bool = backend.device.startswith("cuda")
         # Resolved once: a runtime-checkable isinstance costs ~15 µs, too much per batch.
         self._buffers = backend.input_buffer if isinstance(backend, StagesInputs) else None
         self._ranker = backend if isinstance(backend, RanksOnDevice) and self.on_gpu else None
         self._per_request = backend if isinstance(backend, RunsRequests) else None
         self.retired = False
-        self._inbox: queue.SimpleQueue[
-            tuple[Batch, asyncio.Future[BatchOutcome], asyncio.AbstractEventLoop] | None
-        ] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[Batch, Done, asyncio.AbstractEventLoop] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    @property
-    def device(self) -> str:
-        return self.backend.device
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.backend.device.startswith("cuda")
-
-    def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[BatchOutcome] = loop.create_future()
-        self._inbox.put((batch, future, loop))
-        return future
+    def submit(self, batch: Batch, done: Done) -> None:
+        """Run `batch` on this instance's thread; `done` is called once, on the running
+        loop, with the outcome or the exception that the run raised."""
+        self._inbox.put((batch, done, asyncio.get_running_loop()))
 
     def execute(self, batch: Batch) -> BatchOutcome:
         """Gather, run, rank, time. Runs on this instance's thread."""
@@ -153,16 +151,19 @@ class ModelInstance:
 
     def _serve(self) -> None:
         while (item := self._inbox.get()) is not _STOP:
-            batch, future, loop = item
+            batch, done, loop = item
+            outcome: BatchOutcome | BaseException
             try:
                 outcome = self.execute(batch)
-            except BaseException as exc:  # delivered to the awaiting coroutine
-                loop.call_soon_threadsafe(_fail, future, exc)
-            else:
-                loop.call_soon_threadsafe(_succeed, future, outcome)
+            except BaseException as exc:  # delivered to the submitter's callback
+                outcome = exc
+            try:
+                loop.call_soon_threadsafe(done, outcome)
+            except RuntimeError:  # the loop was closed: nobody is waiting any more
+                pass
             # Hold nothing of this batch while waiting for the next: its inputs may be
             # views of a client's shared memory, or large.
-            del item, batch, future, loop
+            del item, batch, done, loop, outcome
         # The thread that ran the backend releases it, also when the instance was
         # retired mid-batch: its memory (GPU memory too) is freed once the call returns.
         try:
@@ -188,17 +189,18 @@ class ModelInstance:
         return True
 
 
-def _succeed(future: asyncio.Future[BatchOutcome], outcome: BatchOutcome) -> None:
-    if not future.done():
-        future.set_result(outcome)
-
-
-def _fail(future: asyncio.Future[BatchOutcome], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-
-
 InstanceFactory = Callable[[str], ModelInstance]  # device -> a new instance (blocking)
+
+
+@dataclass
+class _Run:
+    """One batch on one instance, from hand-off to the instance's answer."""
+
+    instance: ModelInstance
+    batch: Batch
+    outer: asyncio.Future[BatchOutcome]  # what the queue awaits
+    timer: asyncio.TimerHandle | None = None  # the execution timeout, where one is set
+    returned: bool = False  # the instance has answered
 
 
 @dataclass
@@ -398,37 +400,28 @@ class InstancePool:
     def _start(
         self, instance: ModelInstance, batch: Batch, outer: asyncio.Future[BatchOutcome]
     ) -> None:
-        loop = asyncio.get_running_loop()
-        inner = instance.submit(batch)
-        timer = None
+        run = _Run(instance, batch, outer)
         if self._timeout is not None:
-            timer = loop.call_later(self._timeout, self._overran, instance, inner, outer)
-        inner.add_done_callback(lambda f: self._finished(instance, f, batch, outer, timer))
+            loop = asyncio.get_running_loop()
+            run.timer = loop.call_later(self._timeout, self._overran, run)
+        instance.submit(batch, lambda outcome: self._finished(run, outcome))
 
-    def _finished(
-        self,
-        instance: ModelInstance,
-        inner: asyncio.Future[BatchOutcome],
-        batch: Batch,
-        outer: asyncio.Future[BatchOutcome],
-        timer: asyncio.TimerHandle | None,
-    ) -> None:
-        if timer is not None:
-            timer.cancel()
+    def _finished(self, run: _Run, outcome: BatchOutcome | BaseException) -> None:
+        run.returned = True
+        if run.timer is not None:
+            run.timer.cancel()
+        instance, outer = run.instance, run.outer
         if instance.retired:
             return  # the overrun already answered this batch
-        error = None if inner.cancelled() else inner.exception()
-        if instance.on_gpu and error is not None and is_device_fault(error):
-            self._device_fault(instance, error, batch, outer)
+        if isinstance(outcome, BaseException):
+            if instance.on_gpu and is_device_fault(outcome):
+                self._device_fault(instance, outcome, run.batch, outer)
+            elif not outer.done():
+                outer.set_exception(outcome)
         elif not outer.done():
-            if inner.cancelled():
-                outer.cancel()
-            elif error is not None:
-                outer.set_exception(error)
-            else:
-                if instance.on_gpu:
-                    self.breaker(instance).reset()
-                outer.set_result(inner.result())
+            if instance.on_gpu:
+                self.breaker(instance).reset()
+            outer.set_result(outcome)
         self._free.append(instance)
         self._pump()
 
@@ -461,14 +454,10 @@ class InstancePool:
                 Unavailable(f"{instance.device} failed ({error}) and no CPU instance can take over")
             )
 
-    def _overran(
-        self,
-        instance: ModelInstance,
-        inner: asyncio.Future[BatchOutcome],
-        outer: asyncio.Future[BatchOutcome],
-    ) -> None:
-        if inner.done():
+    def _overran(self, run: _Run) -> None:
+        if run.returned:
             return
+        instance, outer = run.instance, run.outer
         instance.retire()
         self.instances.remove(instance)
         log.error(
