@@ -213,6 +213,7 @@ class ConvoyServer:
             rate_limit=cfg.rate_limit,
             rate_burst=cfg.rate_burst,
             log_level=logging.getLevelName(logging.getLogger().level),
+            ring_bytes=cfg.frontend_shm_bytes // 2,
         )
         self._frontends = FrontendSupervisor(settings, count)
         self.metrics.registry.register(FrontendCollector(self._link, self._frontends))

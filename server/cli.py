@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         "2-core machine)",
     )
     serve.add_argument(
+        "--frontend-shm-mib",
+        type=int,
+        default=16,
+        metavar="MIB",
+        help="shared memory per front end for tensors of 64 KiB or more, half each way "
+        "(default 16; larger tensors and a full ring travel inline; 0: all inline). "
+        "N front ends need N times this in /dev/shm",
+    )
+    serve.add_argument(
         "--cache-config",
         action="append",
         metavar="local,size=BYTES",
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         max_connection_age_ms=args.max_connection_age_ms,
         cache=cache,
         frontends=args.frontends,
+        frontend_shm_bytes=args.frontend_shm_mib << 20,
     )
     from .app import run
 

@@ -86,6 +86,7 @@ class ServerConfig:
     max_connection_age_ms: int = 30_000
     cache: CacheConfig | None = None  # --cache-config local,size=BYTES; None: no cache
     frontends: int = 1  # gRPC front-end processes; 0: one per 4 cores (1 on 2 cores)
+    frontend_shm_bytes: int = 16 << 20  # each front end's tensor segment; 0: none
 
 
 @dataclass(frozen=True)

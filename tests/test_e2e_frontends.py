@@ -182,6 +182,29 @@ def _metrics(server: ServerProcess) -> dict[str, float]:
     }
 
 
+def test_a_client_output_region_with_a_large_inline_input(served: ServerProcess) -> None:
+    """A 256 KiB inline input (a front end would move it to its segment) with the
+    output asked for in the client's own region: the answer is written there."""
+    import tritonclient.utils.shared_memory as shm
+
+    x = np.random.default_rng(1).standard_normal((1, 65536)).astype(np.float32)
+    client = grpcclient.InferenceServerClient(served.url)
+    handle = shm.create_shared_memory_region("fe_out", "/convoy_test_fe_out", x.nbytes)
+    try:
+        client.register_system_shared_memory("fe_out", "/convoy_test_fe_out", x.nbytes)
+        tensor = grpcclient.InferInput("X", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        out = grpcclient.InferRequestedOutput("Y")
+        out.set_shared_memory("fe_out", x.nbytes)
+        client.infer("big", [tensor], outputs=[out])
+        got = shm.get_contents_as_numpy(handle, np.float32, list(x.shape))
+        np.testing.assert_array_equal(got, 2 * x)
+        client.unregister_system_shared_memory("fe_out")
+    finally:
+        shm.destroy_shared_memory_region(handle)
+        client.close()
+
+
 def test_a_killed_front_end_is_restarted_and_only_its_calls_fail(served: ServerProcess) -> None:
     victim, survivor = _frontend_pids(served)
     # (caller, when it was answered, the answer)

@@ -3,13 +3,21 @@ any free order, a full ring says so (the caller then sends the tensor inline).""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from server.frontends.ring import ALIGN, Ring, Segment
+from server.frontend.codec import decode_request
+from server.frontend.shm import Leases
+from server.frontends.ring import ALIGN, EngineRing, FrontendRing, Ring, Segment
+from server.pb import grpc_service_pb2 as pb
+
+from .test_codec import spec
 
 
 def _overlaps(live: dict[int, int]) -> bool:
@@ -74,3 +82,57 @@ def test_the_engine_maps_the_segment_and_unlinks_its_name(tmp_path: Path) -> Non
         Segment.attach("../etc/passwd", tmp_path)
     front.close()
     engine.close()
+
+
+def _request(value: int) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name="m")
+    message.inputs.add(name="ids", datatype="INT64", shape=[1, 16384])
+    message.raw_input_contents.append(np.full((1, 16384), value, np.int64).tobytes())
+    return message
+
+
+def test_staged_inputs_reach_the_engine_in_place_and_read_only(tmp_path: Path) -> None:
+    """The engine's arrays are views of the front end's slot (no copy), read-only like
+    inline inputs: the slot is the front end's again once the request is answered."""
+    front = FrontendRing(Segment.create(1 << 20, tmp_path))
+    engine = EngineRing(Segment.attach(front.segment.name, tmp_path), 1)
+    request = _request(3)
+    staged = front.stage(request)
+    assert staged is not None and not request.raw_input_contents
+    loop = asyncio.new_event_loop()
+    leases = Leases()
+    asked = decode_request(
+        request, spec(tmp_path), loop, 0, None, shm=engine.regions, leases=leases
+    )
+    ids = asked.inputs["ids"]
+    assert int(ids.sum()) == 3 * 16384 and not ids.flags.writeable
+    front.segment.view(staged[0], 8)[:] = np.int64(5).tobytes()
+    assert int(ids[0, 0]) == 5  # the same memory
+    leases.release()
+    loop.close()
+
+
+def test_a_request_with_a_client_region_is_left_as_it_came(tmp_path: Path) -> None:
+    """Inputs or outputs in the client's own shared memory: the engine must resolve
+    them against the client's registry, so the front end moves nothing."""
+    front = FrontendRing(Segment.create(1 << 20, tmp_path))
+    request = _request(1)
+    out = request.outputs.add(name="y")
+    out.parameters["shared_memory_region"].string_param = "client_out"
+    out.parameters["shared_memory_byte_size"].int64_param = 1024
+    assert front.stage(request) is None and len(request.raw_input_contents) == 1
+    front.close()
+
+
+def test_the_engine_sweeps_segments_whose_front_end_died_before_attaching(
+    tmp_path: Path,
+) -> None:
+    from server.frontends.engine_link import sweep_segments
+
+    dead = tmp_path / "convoy-frontend-999999999-0badc0de"  # no such pid
+    alive = tmp_path / f"convoy-frontend-{os.getpid()}-0badc0de"
+    other = tmp_path / "convoy-frontend-notapid-x"
+    for path in (dead, alive, other):
+        path.write_bytes(b"x")
+    sweep_segments(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()

@@ -379,6 +379,23 @@ def test_connection_age_flag_reaches_the_server() -> None:
     assert serve_args(render(values)).max_connection_age_ms == 0
 
 
+def test_front_ends_get_a_memory_backed_dev_shm_that_holds_their_segments() -> None:
+    """A container's own /dev/shm is often 64 MiB: the chart mounts a memory-backed one
+    sized by value, and passes the front ends' count and segment size to the server."""
+    values = values_for("hpa", True, False)
+    values["server"] = {"frontends": 4, "frontendShmMiB": 32}
+    values["cache"] = {"shmSizeLimit": "512Mi"}
+    objects = render(values)
+    args = serve_args(objects)
+    assert args.frontends == 4 and args.frontend_shm_mib == 32
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in server_container(objects)["volumeMounts"]}
+    shm = {v["name"]: v for v in pod["volumes"]}[mounts["/dev/shm"]]["emptyDir"]
+    assert shm == {"medium": "Memory", "sizeLimit": "512Mi"}
+    defaults = serve_args(render(values_for("hpa", True, False)))
+    assert defaults.frontends == 0 and defaults.frontend_shm_mib == 16
+
+
 @pytest.mark.parametrize(
     "repository",
     [

@@ -117,6 +117,10 @@ def decode_request(
         if in_shm and REGION in tensor.parameters:
             data = _shared_input(tensor, shm, leases)
             array = _from_raw(data, tensor.datatype, shape, count, name, "shared memory")
+            if tensor.datatype != "BYTES":
+                # Read-only, as inline inputs are: the memory is the client's (or a front
+                # end's, freed and reused once answered), never the model's to write.
+                array.flags.writeable = False
         elif raw:
             where = f"raw_input_contents[{raw_index}]"
             array = _from_raw(raw[raw_index], tensor.datatype, shape, count, name, where)

@@ -278,8 +278,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         owned: bool,
     ) -> None:
         """Maybe mirror this request on the other version. Inputs in a front end's
-        shared memory are freed once answered: a mirrored run gets its own copy."""
+        shared memory are freed once answered: a mirrored run gets its own copy, and
+        served outputs that are views of them (an identity model in a batch of one)
+        are copied before the comparison can read them."""
         mirrored = [asked]
+        served = result.outputs
+        if not owned:
+            inputs = list(asked.inputs.values())
+            served = {
+                k: v.copy() if any(np.may_share_memory(v, i) for i in inputs) else v
+                for k, v in served.items()
+            }
 
         def detach() -> None:
             if not owned:
@@ -290,8 +299,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self._shadow.after_answer(
             name,
             model.version_label,
-            result.outputs,
-            lambda other: self._mirror(name, other, mirrored[0], tuple(result.outputs)),
+            served,
+            lambda other: self._mirror(name, other, mirrored[0], tuple(served)),
             detach=detach,
         )
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -26,7 +27,7 @@ from ..frontend.shm import BYTE_SIZE
 from ..frontend.status import status_code
 from ..pb import grpc_service_pb2 as pb
 from .outbox import Outbox
-from .ring import EngineRing, Placed, Segment
+from .ring import SHM_DIR, EngineRing, Placed, Segment
 from .wire import (
     FREE,
     HELLO,
@@ -61,6 +62,10 @@ class EngineLink:
         self._infer = infer
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
+        # A ROUTER at its high-water mark drops messages silently: an answer lost so
+        # would leave its caller waiting and its ring slots held. No mark, then.
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
         self._outbox = Outbox(self._socket)
         self._reader: asyncio.Task[None] | None = None
         self._answering: set[asyncio.Task[None]] = set()
@@ -71,6 +76,7 @@ class EngineLink:
         )
 
     async def start(self) -> None:
+        sweep_segments()
         self._socket.bind(self.address)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -82,19 +88,24 @@ class EngineLink:
             except ValueError as exc:
                 log.error("front-end message ignored: %s", exc)
                 continue
-            loop = asyncio.get_running_loop()
             for rid, header, payload in requests:
-                kind, time_remaining, key, flags = decode_header(header)
-                if kind == FREE:
-                    self._free(identity, payload)
-                elif kind == HELLO:
-                    self._outbox.put(identity, (rid, *self._hello(identity, payload)))
-                else:
-                    task = loop.create_task(
-                        self._answer(identity, rid, payload, time_remaining, key, flags)
-                    )
-                    self._answering.add(task)
-                    task.add_done_callback(self._answering.discard)
+                try:
+                    self._take(identity, rid, header, payload)
+                except Exception:  # one bad message must not stop every later one
+                    log.exception("front-end message not taken")
+
+    def _take(self, identity: bytes, rid: bytes, header: bytes, payload: bytes) -> None:
+        kind, time_remaining, key, flags = decode_header(header)
+        if kind == FREE:
+            self._free(identity, payload)
+        elif kind == HELLO:
+            self._outbox.put(identity, (rid, *self._hello(identity, payload)))
+        else:
+            task = asyncio.get_running_loop().create_task(
+                self._answer(identity, rid, payload, time_remaining, key, flags)
+            )
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
 
     def _hello(self, identity: bytes, body: bytes) -> tuple[bytes, bytes]:
         """A front end offers its segment: map it (and unlink its name)."""
@@ -110,9 +121,7 @@ class EngineLink:
     def _forget_gone(self) -> None:
         """Segments of front ends that have died (a restarted one says hello anew)."""
         for identity, ring in list(self._rings.items()):
-            try:
-                os.kill(ring.pid, 0)
-            except ProcessLookupError:
+            if not _alive(ring.pid):
                 del self._rings[identity]
                 ring.close()
 
@@ -198,3 +207,26 @@ def _parse(payload: bytes) -> pb.ModelInferRequest:
     except DecodeError:
         raise InvalidInput("the request is not a valid ModelInferRequest message") from None
     return request
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is still one of this engine's front ends: a pid that has gone, or
+    been reused by another user's process (EPERM), is not."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def sweep_segments(directory: Path = SHM_DIR) -> None:
+    """Segments a front end created but no engine attached (it was killed between
+    the two): their names are still in /dev/shm, with a dead pid in them."""
+    for path in directory.glob("convoy-frontend-*-*"):
+        try:
+            pid = int(path.name.split("-")[2])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

@@ -66,7 +66,7 @@ class FrontendSettings:
     rate_limit: float | None = None
     rate_burst: float | None = None
     log_level: str = "INFO"
-    ring_bytes: int = 16 << 20  # each half of the shared-memory segment; 0: none
+    ring_bytes: int = 8 << 20  # each half of the shared-memory segment; 0: none
 
 
 def run_frontend(settings: FrontendSettings, index: int, ready: Any) -> None:
@@ -95,9 +95,14 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
     channel = grpc.aio.insecure_channel(f"unix:{settings.engine_grpc}", options=limits)
     context = zmq.asyncio.Context()
     dealer = context.socket(zmq.DEALER)
+    # No high-water mark: every request and answer must arrive (a DEALER at its mark
+    # would only wait, but the engine's ROUTER would drop; both sides alike).
+    dealer.setsockopt(zmq.SNDHWM, 0)
+    dealer.setsockopt(zmq.RCVHWM, 0)
     dealer.connect(settings.engine_infer)
     link = _InferLink(dealer)
     reader = loop.create_task(link.read())
+    watcher = loop.create_task(_watch_engine(settings.engine_pid, stop))
     await link.offer_segment(settings.ring_bytes)
     server = grpc.aio.server(
         options=_server_options(settings, limits), interceptors=_access(settings)
@@ -114,7 +119,6 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
         raise OSError(f"front end cannot bind {address}")
     await server.start()
     ready.set()
-    watcher = loop.create_task(_watch_engine(settings.engine_pid, stop))
     await stop.wait()
     # Drain: in-flight calls finish through the engine, which stops after its front ends.
     await server.stop(settings.grace_period_s)
@@ -219,7 +223,10 @@ class _InferLink:
                 log.error("engine message ignored: %s", exc)
                 continue
             for rid, status, body in replies:
-                self._answered(rid, status, body)
+                try:
+                    self._answered(rid, status, body)
+                except Exception:  # one bad answer must not stop every later one
+                    log.exception("answer from the engine not delivered")
 
     def _answered(self, rid: bytes, status: bytes, body: bytes) -> None:
         ring = self._ring
@@ -244,8 +251,6 @@ class _InferLink:
 
     async def infer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         rid = next(self._ids).to_bytes(8, "little")
-        future: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
         flags = 0
         if self._ring is not None:
             flags = RING_OUTPUTS
@@ -254,6 +259,8 @@ class _InferLink:
                 if staged is not None:
                     self._staged[rid] = staged
                     flags |= RING_INPUTS
+        future: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
         header = encode_header(context.time_remaining(), _ab_key(context), flags)
         try:
             self._outbox.put(None, (rid, header, payload))

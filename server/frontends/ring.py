@@ -200,8 +200,12 @@ class FrontendRing:
         """Move raw_input_contents into the ring (one copy), naming it in each input's
         parameters; None (request untouched) where it does not apply or fits nowhere."""
         raw = request.raw_input_contents
-        if len(raw) != len(request.inputs) or any(REGION in t.parameters for t in request.inputs):
-            return None  # contents fields or the client's own shared memory: inline
+        if (
+            len(raw) != len(request.inputs)
+            or any(REGION in t.parameters for t in request.inputs)
+            or any(REGION in t.parameters for t in request.outputs)
+        ):
+            return None  # contents fields, the client's own shared memory: as it came
         offsets: list[int] = []
         for data in raw:
             offset = self.inputs.allocate(len(data))

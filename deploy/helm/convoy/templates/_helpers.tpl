@@ -99,6 +99,10 @@ sum by (<<.GroupBy>>) (avg_over_time(<<.Series>>{<<.LabelMatchers>>}[{{ .Values.
 - {{ .Values.server.maxMessageMb | int64 | quote }}
 - --log-level
 - {{ .Values.server.logLevel | quote }}
+- --frontends
+- {{ .Values.server.frontends | int64 | quote }}
+- --frontend-shm-mib
+- {{ .Values.server.frontendShmMiB | int64 | quote }}
 {{- /* The repository is read-only here: rollout state goes to the writable cache. */}}
 - --rollout-state-dir
 - {{ printf "%s/rollouts" .Values.cache.mountPath | quote }}
