@@ -17,6 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from server.pb import grpc_service_pb2 as pb
+
 from .conftest import ServerProcess, make_repository, start_server
 
 pytestmark = pytest.mark.e2e
@@ -158,6 +160,19 @@ def test_large_tensors_go_through_the_front_ends_shared_memory(served: ServerPro
     # A request that names the client's own shared memory still reaches the engine
     # unchanged through a front end, and small answers come inline.
     assert _call(served.url, 5.0) == 10.0
+    # A large request with too few bytes: the error names what the client sent, not the
+    # front end's shared memory it travelled through.
+    request = pb.ModelInferRequest(model_name="big")
+    request.inputs.add(name="X", datatype="FP32", shape=[1, 65536])
+    request.raw_input_contents.append(bytes(65536 * 4 - 4))
+    with grpc.insecure_channel(served.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            infer(request.SerializeToString(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw_input_contents[0] holds 262140 bytes" in (info.value.details() or ""), (
+        info.value.details()
+    )
     assert not list(Path("/dev/shm").glob(f"convoy-frontend-{served.proc.pid}-*"))
     scraped = _metrics(served)
     assert scraped['convoy_frontend_tensor_bytes_total{direction="input",path="shared_memory"}'] > (

@@ -28,7 +28,7 @@ from ..tensors import (
     serialize_bytes,
 )
 from .cuda_shm import OutputTarget, SharedMemory
-from .shm import BYTE_SIZE, OFFSET, REGION, Leases
+from .shm import BYTE_SIZE, FRONTEND_INPUTS, OFFSET, REGION, Leases
 
 # nbytes -> (region, offset, writable view of nbytes) or None (send it inline).
 Place = Callable[[int], tuple[str, int, memoryview] | None]
@@ -64,7 +64,7 @@ def decode_request(
     inputs: dict[str, Array] = {}
     item_shapes: dict[str, tuple[int, ...]] = {}
     rows: int | None = None
-    for tensor in request.inputs:
+    for position, tensor in enumerate(request.inputs):
         name = tensor.name
         expected = spec.input(name)
         if expected is None:
@@ -116,7 +116,10 @@ def decode_request(
             )
         if in_shm and REGION in tensor.parameters:
             data = _shared_input(tensor, shm, leases)
-            array = _from_raw(data, tensor.datatype, shape, count, name, "shared memory")
+            # A front end moved the client's raw_input_contents there: name what was sent.
+            moved = tensor.parameters[REGION].string_param == FRONTEND_INPUTS
+            where = f"raw_input_contents[{position}]" if moved else "shared memory"
+            array = _from_raw(data, tensor.datatype, shape, count, name, where)
             if tensor.datatype != "BYTES":
                 # Read-only, as inline inputs are: the memory is the client's (or a front
                 # end's, freed and reused once answered), never the model's to write.

@@ -28,6 +28,9 @@ _KEY = re.compile(r"^/?[A-Za-z0-9_.\-]{1,255}$")
 SHM_DIR = Path("/dev/shm")
 
 REGION = "shared_memory_region"
+# The region a front end's request names for the raw inputs it moved into its own
+# segment (frontends/ring.py); it resolves only against that segment.
+FRONTEND_INPUTS = "convoy.frontend.inputs"
 BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
 

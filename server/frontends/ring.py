@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..frontend.cuda_shm import CudaSharedMemoryRegistry, SharedMemory
-from ..frontend.shm import BYTE_SIZE, OFFSET, REGION, SharedMemoryRegistry
+from ..frontend.shm import BYTE_SIZE, FRONTEND_INPUTS, OFFSET, REGION, SharedMemoryRegistry
 from ..pb import grpc_service_pb2 as pb
 
 SHM_DIR = Path("/dev/shm")
 ALIGN = 64  # cache line: tensors the engine views in place start aligned
 # Region names in the requests and answers between a front end and its engine; they
 # resolve only against that front end's segment, never against a client's regions.
-INPUT_REGION = "convoy.frontend.inputs"
+INPUT_REGION = FRONTEND_INPUTS
 OUTPUT_REGION = "convoy.frontend.outputs"
 INLINE_BELOW = 64 * 1024  # smaller requests and outputs are cheaper inline in the message
 
