@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import numpy as np
 from prometheus_client import generate_latest
 
+from server.batching.request import InferRequest
 from server.metrics import Metrics, PoolReading
+from server.repository.manager import ModelRepository
 from server.statistics import ModelStatistics
 
 
@@ -86,3 +92,69 @@ def test_a_models_statistics_are_its_request_series_when_scraped() -> None:
     assert 'convoy_request_success_total{model="e",version="1"} 1.0' in text
     assert 'convoy_request_seconds_sum{model="e",version="1"} 0.003' in text
     assert 'convoy_request_failure_total{model="e",reason="Cancelled",version="1"} 1.0' in text
+
+
+_SLOW_STEP = """
+import time
+
+
+class Model:
+    def __init__(self, config):
+        pass
+
+    def __call__(self, inputs):
+        time.sleep(0.5)
+        return {"Y": inputs["X"] * 3}
+"""
+_PIPE = """
+name: "pipe"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling {
+  step [ { model_name: "slow" model_version: -1
+      input_map { key: "X" value: "IN" } output_map { key: "Y" value: "OUT" } } ]
+}
+"""
+
+
+def test_an_ensemble_request_running_across_its_reload_is_counted(tmp_path: Path) -> None:
+    """The old version's statistics are folded into the totals only once its
+    requests in flight have finished: a reload loses none of them."""
+    (tmp_path / "slow" / "1").mkdir(parents=True)
+    (tmp_path / "slow" / "1" / "model.py").write_text(_SLOW_STEP)
+    (tmp_path / "slow" / "config.pbtxt").write_text(
+        'name: "slow"\nbackend: "convoy_python"\nmax_batch_size: 8\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+    )
+    (tmp_path / "pipe" / "1").mkdir(parents=True)
+    (tmp_path / "pipe" / "config.pbtxt").write_text(_PIPE)
+    metrics = Metrics(gpus=list)
+
+    async def scenario() -> str:
+        repo = ModelRepository(tmp_path, metrics)
+        await repo.load("slow")
+        await repo.load("pipe")
+        loop = asyncio.get_running_loop()
+        request = InferRequest(
+            id="1",
+            inputs={"IN": np.ones((1, 4), dtype=np.float32)},
+            outputs=("OUT",),
+            rows=1,
+            shape_key=(("IN", (4,)),),
+            future=loop.create_future(),
+            arrival_ns=1,
+        )
+        running = asyncio.ensure_future(repo.get("pipe").infer(request))
+        await asyncio.sleep(0.1)
+        await repo.load("pipe")  # a reload while the request runs its step
+        await running
+        text = _text(metrics)
+        await repo.close()
+        return text
+
+    text = asyncio.run(scenario())
+    assert 'convoy_request_success_total{model="pipe",version="1"} 1.0' in text
+    assert 'convoy_request_success_total{model="slow",version="1"} 1.0' in text

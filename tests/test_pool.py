@@ -330,3 +330,31 @@ def test_last_instance_gone_and_no_replacement_fails_at_once() -> None:
         await asyncio.to_thread(pool.close)
 
     asyncio.run(body())
+
+
+class _StopBackend(FakeBackend):
+    """A backend bug: StopIteration (which an asyncio future refuses) escapes run()."""
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        if self.calls == 0:
+            self.calls += 1
+            return next(iter(()))
+        return super().run(inputs, output_names)
+
+
+def test_a_backend_raising_stopiteration_still_answers_its_batch_and_frees_the_instance() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pool = InstancePool([ModelInstance("cpu", _StopBackend("cpu", 1.0))])
+        try:
+            first = pool.submit(Batch(requests=(make_request(loop=loop),), batched=True))
+            with pytest.raises(RuntimeError, match="StopIteration"):
+                await asyncio.wait_for(first, 5.0)
+            second = pool.submit(Batch(requests=(make_request(loop=loop),), batched=True))
+            await asyncio.wait_for(second, 5.0)  # the instance is free again
+        finally:
+            await asyncio.to_thread(pool.close, 1.0)
+
+    asyncio.run(scenario())

@@ -15,6 +15,7 @@ at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ class EnsembleModel:
         self.monitoring_handle: ModelMonitoring | None = None
         self.input_bounds: Mapping[str, ShapeRange] = {}
         self.inflight = 0
+        self._no_requests = asyncio.Event()  # set while inflight is 0
+        self._no_requests.set()
         self._lookup = lookup
         self._path = config_path
         self._clock = clock
@@ -161,7 +164,15 @@ class EnsembleModel:
     async def close(self, drain: bool, timeout_s: float | None = None) -> None:
         self.ready = False
         self.metrics.serving(False)
+        if drain:
+            # Requests still running their steps are counted when they finish: the
+            # statistics are folded into the metrics' totals only after that.
+            await self._idle(timeout_s)
         self.metrics.release()
+
+    async def _idle(self, timeout_s: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_requests.wait(), timeout_s)
 
     def discard(self) -> None:
         """Nothing to release: an ensemble owns no instances."""
@@ -170,6 +181,7 @@ class EnsembleModel:
 
     async def infer(self, request: InferRequest) -> InferResult:
         self.inflight += 1
+        self._no_requests.clear()
         try:
             result = await self._run(request)
         except ConvoyError as exc:
@@ -177,6 +189,8 @@ class EnsembleModel:
             raise
         finally:
             self.inflight -= 1
+            if not self.inflight:
+                self._no_requests.set()
         self._done(request, None)
         return result
 

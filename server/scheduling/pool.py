@@ -156,7 +156,7 @@ class ModelInstance:
             try:
                 outcome = self.execute(batch)
             except BaseException as exc:  # delivered to the submitter's callback
-                outcome = exc
+                outcome = _deliverable(exc)
             try:
                 loop.call_soon_threadsafe(done, outcome)
             except RuntimeError:  # the loop was closed: nobody is waiting any more
@@ -187,6 +187,15 @@ class ModelInstance:
             log.error("instance %s still running after %.1f s; abandoned", self.name, timeout_s)
             return False
         return True
+
+
+def _deliverable(exc: BaseException) -> BaseException:
+    """What a future can carry: asyncio refuses StopIteration, and SystemExit or
+    KeyboardInterrupt from a backend must not stop the server's loop; either way the
+    batch still gets its one answer (an internal error)."""
+    if isinstance(exc, Exception) and not isinstance(exc, StopIteration):
+        return exc
+    return RuntimeError(f"the backend raised {exc!r}")
 
 
 InstanceFactory = Callable[[str], ModelInstance]  # device -> a new instance (blocking)
