@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InternalError, InvalidInput, RegionNotFound, Unimplemented
-from .shm import Leases, SharedMemoryRegistry, removable
+from .shm import Leases, SharedMemoryRegistry, lease, removable
 
 log = logging.getLogger(__name__)
 
@@ -311,17 +311,9 @@ class CudaSharedMemoryRegistry:
     def _lease(
         self, field_name: str, name: str, offset: int, byte_size: int, leases: Leases
     ) -> CudaRegion:
-        region = self._regions.get(name)
-        if region is None:
-            raise InvalidInput(f"{field_name}: shared memory region '{name}' is not registered")
-        if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
-            raise InvalidInput(
-                f"{field_name}: offset {offset} + byte_size {byte_size} is past the end of "
-                f"CUDA shared memory region '{name}' ({region.byte_size} bytes)"
-            )
-        region.users += 1
-        leases.regions.append(region)
-        return region
+        return lease(
+            self._regions, field_name, name, offset, byte_size, leases, "CUDA shared memory"
+        )
 
     def transfer(
         self, field_name: str, region: CudaRegion, copy: Callable[[CudaDriver], None]

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..errors import InvalidInput, RegionInUse, RegionNotFound
 
@@ -37,6 +37,34 @@ OFFSET = "shared_memory_offset"
 
 class _Leased(Protocol):
     users: int
+    byte_size: int
+
+
+L = TypeVar("L", bound=_Leased)
+
+
+def lease(
+    regions: Mapping[str, L],
+    field_name: str,
+    name: str,
+    offset: int,
+    byte_size: int,
+    leases: Leases,
+    kind: str,
+) -> L:
+    """Region `name`, checked to hold byte_size bytes at offset and leased for one
+    request (released once it is answered); every error names the request's field."""
+    region = regions.get(name)
+    if region is None:
+        raise InvalidInput(f"{field_name}: shared memory region '{name}' is not registered")
+    if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
+        raise InvalidInput(
+            f"{field_name}: offset {offset} + byte_size {byte_size} is past the end of "
+            f"{kind} region '{name}' ({region.byte_size} bytes)"
+        )
+    region.users += 1
+    leases.regions.append(region)
+    return region
 
 
 def removable(regions: Mapping[str, _Leased], name: str, kind: str) -> list[str]:
@@ -167,17 +195,8 @@ class SharedMemoryRegistry:
         self, field_name: str, name: str, offset: int, byte_size: int, leases: Leases
     ) -> memoryview:
         """byte_size bytes at offset into region `name`, leased for this request."""
-        region = self._regions.get(name)
-        if region is None:
-            raise InvalidInput(f"{field_name}: shared memory region '{name}' is not registered")
-        if offset < 0 or byte_size < 0 or offset + byte_size > region.byte_size:
-            raise InvalidInput(
-                f"{field_name}: offset {offset} + byte_size {byte_size} is past the end of "
-                f"shared memory region '{name}' ({region.byte_size} bytes)"
-            )
+        region = lease(self._regions, field_name, name, offset, byte_size, leases, "shared memory")
         start = region.offset + offset
-        region.users += 1
-        leases.regions.append(region)
         return memoryview(region.mapping)[start : start + byte_size]
 
     def close(self) -> None:
