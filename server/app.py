@@ -33,6 +33,7 @@ from .frontends.engine_link import EngineLink
 from .frontends.exporter import FrontendCollector
 from .frontends.process import FrontendSettings
 from .frontends.supervisor import FrontendSupervisor, default_frontends
+from .heap import HeapSettler
 from .metrics import Metrics, PoolReading
 from .monitoring.exporter import MonitoringCollector
 from .pb import grpc_service_pb2 as pb
@@ -68,6 +69,9 @@ class ConvoyServer:
         state_dir = config.rollout_state_dir or repository_root / ".convoy" / "rollouts"
         self.rollouts = RolloutController(self.repository, RolloutStore(state_dir))
         self.repository.outcomes = self.rollouts.record
+        self.heap = HeapSettler(lambda: self.repository.busy) if config.freeze_heap else None
+        if self.heap is not None:
+            self.repository.on_finished = self.heap.changed
         self.repository.keep_loaded = self.rollouts.versions_in_use
         self.metrics.registry.register(RolloutCollector(self.rollouts))
         self.metrics.registry.register(MonitoringCollector(self.repository.monitors))
@@ -102,6 +106,8 @@ class ConvoyServer:
         cfg = self.config
         await self.repository.load_all()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
+        if self.heap is not None:  # the models' objects out of full collections from now
+            self.heap.now()
         if self.cache is None:
             for model in self.repository.ready_models():
                 if model.spec.response_cache:
@@ -214,6 +220,7 @@ class ConvoyServer:
             rate_burst=cfg.rate_burst,
             log_level=logging.getLevelName(logging.getLogger().level),
             ring_bytes=cfg.frontend_shm_bytes // 2,
+            freeze_heap=cfg.freeze_heap,
         )
         self._frontends = FrontendSupervisor(settings, count)
         self.metrics.registry.register(FrontendCollector(self._link, self._frontends))
@@ -279,6 +286,8 @@ class ConvoyServer:
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
         await self.shadow.close()
+        if self.heap is not None:
+            self.heap.close()
         await self.repository.close()
         self.servicer.close()  # unmaps shared memory regions, now that nothing reads them
         if self._metrics_http is not None:

@@ -72,6 +72,7 @@ class ServerConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     reflection: bool = True
     gil_switch_interval_s: float = 0.0002
+    freeze_heap: bool = True  # loaded models' objects out of full collections (heap.py)
     tls_cert: Path | None = None  # PEM; with tls_key, serve TLS
     tls_key: Path | None = None
     tls_ca: Path | None = None  # PEM; given, clients must present a certificate it signed

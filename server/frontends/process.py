@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from ..heap import settle
 from ..pb import grpc_service_pb2 as pb
 from .outbox import Outbox
 from .ring import INLINE_BELOW, FrontendRing, Segment
@@ -67,6 +68,7 @@ class FrontendSettings:
     rate_burst: float | None = None
     log_level: str = "INFO"
     ring_bytes: int = 8 << 20  # each half of the shared-memory segment; 0: none
+    freeze_heap: bool = True  # see heap.py
 
 
 def run_frontend(settings: FrontendSettings, index: int, ready: Any) -> None:
@@ -118,6 +120,8 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
     if bound == 0:
         raise OSError(f"front end cannot bind {address}")
     await server.start()
+    if settings.freeze_heap:
+        settle()  # what start-up made, out of every full collection while serving
     ready.set()
     await stop.wait()
     # Drain: in-flight calls finish through the engine, which stops after its front ends.

@@ -106,6 +106,8 @@ class ModelRepository:
         self.keep_loaded: Callable[[str], Iterable[str]] | None = None
         # Told of every load, reload and unload of a model (the response cache empties).
         self.on_change: Callable[[str], object] | None = None
+        # Told when a load or unload has finished, old versions closed (the heap settles).
+        self.on_finished: Callable[[], object] | None = None
 
     # -- queries (event loop, no awaits) -------------------------------------
 
@@ -195,6 +197,13 @@ class ModelRepository:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: a caller that left was told nothing, the log was
+        if self.on_finished is not None:
+            self.on_finished()
+
+    @property
+    def busy(self) -> bool:
+        """A load or unload is in progress."""
+        return bool(self._tasks)
 
     async def _load(self, name: str) -> None:
         model_dir = self._model_dir(name)
