@@ -358,3 +358,29 @@ def test_a_backend_raising_stopiteration_still_answers_its_batch_and_frees_the_i
             await asyncio.to_thread(pool.close, 1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_batch_waiting_when_the_pool_closes_is_answered_not_handed_to_a_stopped_thread() -> None:
+    """close() stops the instance threads; a batch still waiting for an instance (a
+    drain that timed out) gets UNAVAILABLE once the running batch returns, instead of
+    being queued behind the thread's stop and never answered."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gate = threading.Event()
+        backend = GatedBackend("cpu", 1.0, gate)
+        pool = InstancePool([ModelInstance("only", backend)])
+        running = pool.submit(batch_of(1.0, loop))
+        waiting = pool.submit(batch_of(2.0, loop))
+        await asyncio.sleep(0.05)
+        closing = loop.run_in_executor(None, pool.close, 5.0)
+        await asyncio.sleep(0.05)
+        gate.set()
+        await closing
+        outcome = await asyncio.wait_for(running, 2)
+        assert outcome.outputs["y"][0, 0] == 2.0
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(waiting, 2)
+        assert backend.calls == 1
+
+    asyncio.run(body())

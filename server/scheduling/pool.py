@@ -189,6 +189,10 @@ class ModelInstance:
         return True
 
 
+def _closed() -> Unavailable:
+    return Unavailable("the model is being unloaded; its instances have stopped")
+
+
 def _deliverable(exc: BaseException) -> BaseException:
     """What a future can carry: asyncio refuses StopIteration, and SystemExit or
     KeyboardInterrupt from a backend must not stop the server's loop; either way the
@@ -303,6 +307,9 @@ class InstancePool:
         if self.lost is not None:
             outer.set_exception(self.lost)
             return outer
+        if self._closed:
+            outer.set_exception(_closed())
+            return outer
         self._waiting.append((batch, outer, time.monotonic()))
         self._pump()
         return outer
@@ -341,6 +348,11 @@ class InstancePool:
 
     def _pump(self) -> None:
         """Match waiting batches with usable free instances (device retries first)."""
+        if self._closed:
+            # The instance threads are stopping: what still waits would be queued behind
+            # their stop and never run (a drain that timed out left it here).
+            self._fail_waiting(_closed())
+            return
         now = time.monotonic()
         while self._fallback:
             if self._fallback[0][1].done():
@@ -395,16 +407,19 @@ class InstancePool:
             reason = "no instance of the model is left"
         self.lost = Unavailable(f"model cannot be served: {reason}")
         log.error("instance pool lost: %s", reason)
+        self._fail_waiting(self.lost)
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
+
+    def _fail_waiting(self, error: ConvoyError) -> None:
         for _, outer, _ in self._waiting:
             if not outer.done():
-                outer.set_exception(self.lost)
+                outer.set_exception(error)
         self._waiting.clear()
         for _, outer in self._fallback:
             if not outer.done():
-                outer.set_exception(self.lost)
+                outer.set_exception(error)
         self._fallback.clear()
-        if self.on_lost is not None:
-            self.on_lost(self.lost)
 
     def _start(
         self, instance: ModelInstance, batch: Batch, outer: asyncio.Future[BatchOutcome]
