@@ -1,6 +1,6 @@
 """EngineLink: the engine's end of the front ends' ModelInfer traffic.
 
-A ZeroMQ ROUTER socket on the event loop: each request from a front end becomes one
+A ZeroMQ ROUTER socket on the event loop (loopsocket.py): each request from a front end becomes one
 task that runs the server's single inference path (`InferenceServicer.infer_message`:
 routing, decode, cache, queue, monitoring, encode) and sends back the serialised
 answer or the error's status. Messages carry many requests or answers (wire.py): the
@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import zmq
-import zmq.asyncio
 from google.protobuf.message import DecodeError
 
 from ..errors import ConvoyError, InvalidInput
@@ -26,6 +25,7 @@ from ..frontend.cuda_shm import SharedMemory
 from ..frontend.shm import BYTE_SIZE
 from ..frontend.status import status_code
 from ..pb import grpc_service_pb2 as pb
+from .loopsocket import LoopSocket
 from .outbox import Outbox
 from .ring import SHM_DIR, EngineRing, Placed, Segment
 from .wire import (
@@ -60,14 +60,15 @@ class EngineLink:
     def __init__(self, address: str, infer: Infer) -> None:
         self.address = address  # ipc://... on this host only
         self._infer = infer
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
+        self._context = zmq.Context()
+        socket = self._context.socket(zmq.ROUTER)
         # A ROUTER at its high-water mark drops messages silently: an answer lost so
         # would leave its caller waiting and its ring slots held. No mark, then.
-        self._socket.setsockopt(zmq.SNDHWM, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 0)
-        self._outbox = Outbox(self._socket)
-        self._reader: asyncio.Task[None] | None = None
+        socket.setsockopt(zmq.SNDHWM, 0)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket = LoopSocket(socket, self._received)
+        self._outbox = Outbox(self._socket.send)
+        self._reading = False
         self._answering: set[asyncio.Task[None]] = set()
         self._rings: dict[bytes, EngineRing] = {}  # by front end (DEALER identity)
         # (direction, path) -> bytes, for the exporter; plain ints on the request path.
@@ -77,22 +78,24 @@ class EngineLink:
 
     async def start(self) -> None:
         sweep_segments()
-        self._socket.bind(self.address)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._socket.socket.bind(self.address)
+        self._socket.start()
+        self._reading = True
 
-    async def _read(self) -> None:
-        while True:
-            identity, *frames = await self._socket.recv_multipart()
+    def _received(self, frames: list[bytes]) -> None:
+        if not self._reading:
+            return  # stopping: what arrives now is not taken
+        identity, *rest = frames
+        try:
+            requests = triples(rest)
+        except ValueError as exc:
+            log.error("front-end message ignored: %s", exc)
+            return
+        for rid, header, payload in requests:
             try:
-                requests = triples(frames)
-            except ValueError as exc:
-                log.error("front-end message ignored: %s", exc)
-                continue
-            for rid, header, payload in requests:
-                try:
-                    self._take(identity, rid, header, payload)
-                except Exception:  # one bad message must not stop every later one
-                    log.exception("front-end message not taken")
+                self._take(identity, rid, header, payload)
+            except Exception:  # one bad message must not stop every later one
+                log.exception("front-end message not taken")
 
     def _take(self, identity: bytes, rid: bytes, header: bytes, payload: bytes) -> None:
         kind, time_remaining, key, flags = decode_header(header)
@@ -187,14 +190,11 @@ class EngineLink:
 
     async def stop(self, timeout_s: float) -> None:
         """Stop reading; give the answers in progress up to timeout_s; close."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        self._reading = False
         if self._answering:
             await asyncio.wait(list(self._answering), timeout=timeout_s)
-        await self._outbox.drain(timeout_s)
-        self._socket.close(linger=0)
+        self._outbox.flush()
+        self._socket.close()
         self._context.term()
         for ring in self._rings.values():
             ring.close()

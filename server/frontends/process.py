@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 
 from ..heap import settle
 from ..pb import grpc_service_pb2 as pb
+from .loopsocket import LoopSocket
 from .outbox import Outbox
 from .ring import INLINE_BELOW, FrontendRing, Segment
 from .wire import (
@@ -84,7 +85,6 @@ def run_frontend(settings: FrontendSettings, index: int, ready: Any) -> None:
 
 async def _serve(settings: FrontendSettings, ready: Any) -> None:
     import zmq
-    import zmq.asyncio
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -95,7 +95,7 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     channel = grpc.aio.insecure_channel(f"unix:{settings.engine_grpc}", options=limits)
-    context = zmq.asyncio.Context()
+    context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     # No high-water mark: every request and answer must arrive (a DEALER at its mark
     # would only wait, but the engine's ROUTER would drop; both sides alike).
@@ -103,7 +103,7 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
     dealer.setsockopt(zmq.RCVHWM, 0)
     dealer.connect(settings.engine_infer)
     link = _InferLink(dealer)
-    reader = loop.create_task(link.read())
+    link.start()
     watcher = loop.create_task(_watch_engine(settings.engine_pid, stop))
     await link.offer_segment(settings.ring_bytes)
     server = grpc.aio.server(
@@ -126,14 +126,12 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
     await stop.wait()
     # Drain: in-flight calls finish through the engine, which stops after its front ends.
     await server.stop(settings.grace_period_s)
-    for task in (watcher, reader):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    dealer.close(linger=0)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    link.close()  # and its socket
     context.term()
     await channel.close()
-    link.close()
 
 
 async def _watch_engine(engine_pid: int, stop: asyncio.Event) -> None:
@@ -181,10 +179,10 @@ class _InferLink:
     through the shared-memory segment, and large outputs come back through it."""
 
     def __init__(self, socket: Any) -> None:
-        self._socket = socket
+        self._socket = LoopSocket(socket, self._received)
         self._ids = itertools.count()
         self._pending: dict[bytes, asyncio.Future[tuple[bytes, bytes]]] = {}
-        self._outbox = Outbox(socket, self._not_sent)
+        self._outbox = Outbox(self._socket.send, self._not_sent)
         self._ring: FrontendRing | None = None
         # Input slots per request id: freed when the engine answers (it may still read
         # them after the caller has gone), whoever is still waiting for the answer.
@@ -218,19 +216,20 @@ class _InferLink:
             return
         self._ring = FrontendRing(segment)
 
-    async def read(self) -> None:
-        while True:
-            frames = await self._socket.recv_multipart()
+    def start(self) -> None:
+        self._socket.start()
+
+    def _received(self, frames: list[bytes]) -> None:
+        try:
+            replies = triples(frames)
+        except ValueError as exc:
+            log.error("engine message ignored: %s", exc)
+            return
+        for rid, status, body in replies:
             try:
-                replies = triples(frames)
-            except ValueError as exc:
-                log.error("engine message ignored: %s", exc)
-                continue
-            for rid, status, body in replies:
-                try:
-                    self._answered(rid, status, body)
-                except Exception:  # one bad answer must not stop every later one
-                    log.exception("answer from the engine not delivered")
+                self._answered(rid, status, body)
+            except Exception:  # one bad answer must not stop every later one
+                log.exception("answer from the engine not delivered")
 
     def _answered(self, rid: bytes, status: bytes, body: bytes) -> None:
         ring = self._ring
@@ -290,6 +289,7 @@ class _InferLink:
         return request.SerializeToString(), staged
 
     def close(self) -> None:
+        self._socket.close()
         if self._ring is not None:
             self._ring.close()
 
