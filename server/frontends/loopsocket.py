@@ -49,8 +49,10 @@ class LoopSocket:
 
     def send(self, frames: list[bytes]) -> None:
         """Queue one message with ZeroMQ; raises zmq.ZMQError if it cannot."""
-        self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        self._read_soon()
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        finally:
+            self._read_soon()  # even a failed send may have consumed the read signal
 
     def _read_soon(self) -> None:
         if not self._read_scheduled and self._loop is not None:
@@ -66,8 +68,8 @@ class LoopSocket:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            except zmq.ZMQError as exc:  # the socket closed under us (shutdown)
-                log.debug("ZeroMQ receive stopped: %s", exc)
+            except zmq.ZMQError as exc:  # the context terminated (shutdown)
+                log.warning("ZeroMQ receive failed: %s", exc)
                 return
             try:
                 self._on_message(frames)
