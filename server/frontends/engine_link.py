@@ -37,7 +37,7 @@ from .wire import (
     RING_OUTPUTS,
     decode_header,
     status_number,
-    triples,
+    unpack,
 )
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class EngineLink:
             return  # stopping: what arrives now is not taken
         identity, *rest = frames
         try:
-            requests = triples(rest)
+            requests = unpack(rest)
         except ValueError as exc:
             log.error("front-end message ignored: %s", exc)
             return

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from .wire import Triple, flatten
+from .wire import Triple, pack
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Outbox:
         self._scheduled = False
         queued, self._queued = self._queued, {}
         for destination, items in queued.items():
-            frames = flatten(items)
+            frames = [pack(items)]
             if destination is not None:
                 frames.insert(0, destination)
             try:

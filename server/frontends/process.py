@@ -40,7 +40,7 @@ from .wire import (
     Triple,
     encode_header,
     status_code,
-    triples,
+    unpack,
 )
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class _InferLink:
 
     def _received(self, frames: list[bytes]) -> None:
         try:
-            replies = triples(frames)
+            replies = unpack(frames)
         except ValueError as exc:
             log.error("engine message ignored: %s", exc)
             return
