@@ -33,7 +33,7 @@ from .frontends.engine_link import EngineLink
 from .frontends.exporter import FrontendCollector
 from .frontends.process import FrontendSettings
 from .frontends.supervisor import FrontendSupervisor, default_frontends
-from .heap import HeapSettler
+from .heap import GcPauses, HeapSettler
 from .metrics import Metrics, PoolReading
 from .monitoring.exporter import MonitoringCollector
 from .pb import grpc_service_pb2 as pb
@@ -70,6 +70,7 @@ class ConvoyServer:
         self.rollouts = RolloutController(self.repository, RolloutStore(state_dir))
         self.repository.outcomes = self.rollouts.record
         self.heap = HeapSettler(lambda: self.repository.busy) if config.freeze_heap else None
+        self.gc_pauses = GcPauses(self.metrics.registry)
         if self.heap is not None:
             self.repository.on_finished = self.heap.changed
         self.repository.keep_loaded = self.rollouts.versions_in_use
@@ -104,6 +105,7 @@ class ConvoyServer:
 
     async def start(self) -> None:
         cfg = self.config
+        self.gc_pauses.start()
         await self.repository.load_all()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
         if self.heap is not None:  # the models' objects out of full collections from now
@@ -288,6 +290,7 @@ class ConvoyServer:
         await self.shadow.close()
         if self.heap is not None:
             self.heap.close()
+        self.gc_pauses.close()
         await self.repository.close()
         self.servicer.close()  # unmaps shared memory regions, now that nothing reads them
         if self._metrics_http is not None:

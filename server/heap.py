@@ -1,4 +1,5 @@
-"""Keeping the cyclic garbage collector's full collections off the request path.
+"""Keeping the cyclic garbage collector's full collections off the request path,
+and measuring what the collector still costs (convoy_gc_pause_seconds).
 
 Loaded models leave a quarter of a million long-lived objects (torch modules,
 protobuf descriptors, tokenizers) in the collector's oldest generation, and every
@@ -24,6 +25,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +104,43 @@ class HeapSettler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class GcPauses:
+    """convoy_gc_pause_seconds{generation}: how long each collection held the
+    interpreter (every thread waits, the event loop too), from gc.callbacks.
+
+    Collections never overlap (the collector runs under the GIL and refuses to
+    re-enter), so one start time is enough. start() and close() belong to the
+    server's lifecycle: gc.callbacks is the interpreter's, not ours to leave behind.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        histogram = Histogram(
+            "convoy_gc_pause_seconds",
+            "Time each garbage collection stopped the interpreter, by generation",
+            ["generation"],
+            buckets=PAUSE_BUCKETS,
+            registry=registry,
+        )
+        self._by_generation = {g: histogram.labels(str(g)) for g in range(3)}
+        self._started = 0.0
+
+    def start(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def close(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        child = self._by_generation.get(info["generation"])
+        if child is not None:
+            child.observe(time.perf_counter() - self._started)

@@ -14,7 +14,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -38,6 +44,11 @@ class Metrics:
     ) -> None:
         self.registry = registry or CollectorRegistry()
         self.registry.register(GpuCollector(gpus))
+        # What every Prometheus-instrumented Python process exports (CPU, memory, file
+        # descriptors, collections per generation), here in the server's own registry.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         labels = ("model", "version")
         r = self.registry
         self.series = ModelSeriesCollector()

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from server.heap import GcPauses
 from server.metrics import Metrics
 from server.monitoring.exporter import MonitoringCollector
 from server.monitoring.registry import Monitors
@@ -35,6 +36,7 @@ def exported_names() -> set[str]:
     and the rollout exporter."""
     metrics = Metrics()
     metrics.watch_serving(list, dict)  # the instance-pool counters and failed devices
+    GcPauses(metrics.registry)  # registered by the server beside its metrics (never started)
     families: list[tuple[str, str]] = [(m.name, m.type) for m in metrics.registry.collect()]
     families += [(m.name, m.type) for m in MonitoringCollector(Monitors()).describe()]
     families += list(ROLLOUT_METRICS.items())

@@ -128,6 +128,7 @@ def test_the_server_freezes_before_serving_and_settles_after_a_reload(
     examples_dir: Path, tmp_path: Path
 ) -> None:
     import time
+    import urllib.request
 
     import tritonclient.grpc as grpcclient
 
@@ -149,6 +150,14 @@ def test_the_server_freezes_before_serving_and_settles_after_a_reload(
         while len(settled()) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(settled()) == 2, server.log
+        scraped = (
+            urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+        assert 'convoy_gc_pause_seconds_count{generation="2"}' in scraped
+        assert "process_resident_memory_bytes" in scraped
+        assert 'python_gc_collections_total{generation="0"}' in scraped
     finally:
         server.stop()
     quiet = start_server(
@@ -158,3 +167,29 @@ def test_the_server_freezes_before_serving_and_settles_after_a_reload(
         assert not [line for line in quiet.log if "heap settled" in line], quiet.log
     finally:
         quiet.stop()
+
+
+def test_gc_pauses_are_measured_per_generation_until_closed() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from server.heap import GcPauses
+
+    registry = CollectorRegistry()
+    pauses = GcPauses(registry)
+
+    def full_collections() -> float:
+        value = registry.get_sample_value("convoy_gc_pause_seconds_count", {"generation": "2"})
+        return value or 0.0
+
+    pauses.start()
+    pauses.start()  # idempotent: one callback, one observation per collection
+    try:
+        gc.collect()
+        gc.collect()
+        assert full_collections() == 2
+        total = registry.get_sample_value("convoy_gc_pause_seconds_sum", {"generation": "2"})
+        assert total is not None and total > 0
+    finally:
+        pauses.close()
+    gc.collect()
+    assert full_collections() == 2  # closed: the interpreter's callbacks are left as found
