@@ -40,10 +40,10 @@ class Outbox:
         self._scheduled = False
         queued, self._queued = self._queued, {}
         for destination, items in queued.items():
-            frames = [pack(items)]
-            if destination is not None:
-                frames.insert(0, destination)
             try:
+                frames = pack(items)
+                if destination is not None:
+                    frames.insert(0, destination)
                 self._send(frames)
             except Exception as exc:  # the socket closed under us (shutdown)
                 self._failed(items, exc)

@@ -1,18 +1,14 @@
-"""The front end <-> engine messages for ModelInfer, each one ZeroMQ frame.
+"""The front end <-> engine messages for ModelInfer.
 
 Request (front end -> engine):  (request id, header, ModelInferRequest bytes) * n
 Reply (engine -> front end):    (request id, status, ModelInferResponse bytes or message) * n
 
-Each triple is packed as three little-endian uint32 lengths, then its three parts:
-one frame, not three per triple, because pyzmq spends ~3 µs of Python on every frame
-it sends or receives (a batch of four answers was 13 frames, ~40 µs each way).
-
-The header's kind says what the triple is: INFER (a request), HELLO (a front end
-offering its shared-memory segment, body "pid:name"; answered like a request) or
-FREE (ring offsets of outputs the front end has copied out, body int64s; no answer).
-Large tensors do not travel in the messages but in that segment (ring.py): the
-flags say whether the request's inputs name it and whether the engine may place
-outputs there; a status frame's second byte says it did.
+A message's first frame packs its triples, each as three little-endian uint32 lengths
+and then its three parts: one frame, not three per triple, because pyzmq spends ~3 µs
+of Python on every frame it sends or receives (a batch of four answers was 13 frames).
+A body of LARGE_BODY bytes or more is not copied in: its length reads EXTERNAL and it
+travels as a frame of its own after the first (ZeroMQ sends it without a copy), in
+order.
 
 One ZeroMQ message carries every request (or reply) that became ready in one turn of
 the sender's event loop: a message costs a wake-up of ZeroMQ's I/O thread and a
@@ -42,24 +38,31 @@ _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 _LENGTHS = struct.Struct("<III")
+LARGE_BODY = 64 << 10  # pyzmq's own threshold for sending a frame without a copy
+EXTERNAL = 0xFFFFFFFF  # the body's length field: it is the next frame of its own
 
 Triple = tuple[bytes, bytes, bytes]
 
 
-def pack(triples: list[Triple]) -> bytes:
-    """The one frame that carries a turn's triples."""
+def pack(triples: list[Triple]) -> list[bytes]:
+    """The frames of one message: the packed triples, then any large bodies."""
     parts: list[bytes] = []
+    large: list[bytes] = []
     for rid, head, body in triples:
-        parts += (_LENGTHS.pack(len(rid), len(head), len(body)), rid, head, body)
-    return b"".join(parts)
+        if len(body) >= LARGE_BODY:
+            parts += (_LENGTHS.pack(len(rid), len(head), EXTERNAL), rid, head)
+            large.append(body)
+        else:
+            parts += (_LENGTHS.pack(len(rid), len(head), len(body)), rid, head, body)
+    return [b"".join(parts), *large]
 
 
 def unpack(frames: list[bytes]) -> list[Triple]:
-    """The (id, header or status, body) triples of one message; ValueError if it is
-    not one frame of whole triples."""
-    if len(frames) != 1:
-        raise ValueError(f"{len(frames)} frames where one was expected")
-    frame = frames[0]
+    """The (id, header or status, body) triples of one message; ValueError if the
+    frames do not hold whole triples."""
+    if not frames:
+        raise ValueError("an empty message")
+    frame, large = frames[0], iter(frames[1:])
     triples: list[Triple] = []
     pos, end = 0, len(frame)
     while pos < end:
@@ -67,12 +70,21 @@ def unpack(frames: list[bytes]) -> list[Triple]:
             raise ValueError(f"{end - pos} bytes left over after {len(triples)} triples")
         a, b, c = _LENGTHS.unpack_from(frame, pos)
         pos += _LENGTHS.size
-        stop = pos + a + b + c
+        head = pos + a
+        stop = head + b + (0 if c == EXTERNAL else c)
         if stop > end:
             raise ValueError(f"triple {len(triples)} runs {stop - end} bytes past the frame")
-        head = pos + a
-        triples.append((frame[pos:head], frame[head : head + b], frame[head + b : stop]))
+        if c == EXTERNAL:
+            body = next(large, None)
+            if body is None:
+                raise ValueError(f"triple {len(triples)}'s body frame is missing")
+        else:
+            body = frame[head + b : stop]
+        triples.append((frame[pos:head], frame[head : head + b], body))
         pos = stop
+    extra = sum(1 for _ in large)
+    if extra:
+        raise ValueError(f"{extra} body frames left over after {len(triples)} triples")
     return triples
 
 
