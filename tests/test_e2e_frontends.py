@@ -197,6 +197,39 @@ def _metrics(server: ServerProcess) -> dict[str, float]:
     }
 
 
+def test_large_tensors_travel_inline_without_shared_memory(repo: Path) -> None:
+    """With no segment (--frontend-shm-mib 0) 256 KiB-1 MiB requests and answers travel
+    inside the ZeroMQ messages, each large body a frame of its own: every answer exact,
+    also when several share a message."""
+    server = start_server(repo, "--frontends", "2", "--frontend-shm-mib", "0")
+    try:
+
+        def call(seed: int) -> None:
+            rows = 1 + seed % 4
+            x = np.random.default_rng(seed).standard_normal((rows, 65536)).astype(np.float32)
+            client = grpcclient.InferenceServerClient(server.url)
+            tensor = grpcclient.InferInput("X", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            wanted = [grpcclient.InferRequestedOutput("S"), grpcclient.InferRequestedOutput("Y")]
+            result = client.infer("big", [tensor], outputs=wanted)
+            np.testing.assert_array_equal(result.as_numpy("Y"), 2 * x)
+            np.testing.assert_allclose(
+                result.as_numpy("S"), x.sum(axis=1, keepdims=True), rtol=1e-5
+            )
+            client.close()
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(call, range(32)))
+        assert _call(server.url, 5.0) == 10.0  # small ones alongside
+        scraped = _metrics(server)
+        assert scraped["convoy_frontend_shared_memory_segments"] == 0
+        assert scraped['convoy_frontend_tensor_bytes_total{direction="input",path="inline"}'] > (
+            32 * 65536 * 4
+        )
+    finally:
+        server.stop()
+
+
 def test_a_client_output_region_with_a_large_inline_input(served: ServerProcess) -> None:
     """A 256 KiB inline input (a front end would move it to its segment) with the
     output asked for in the client's own region: the answer is written there."""
