@@ -180,11 +180,11 @@ class EngineLink:
                 t.parameters[BYTE_SIZE].int64_param for t in request.inputs
             )
         else:
-            counts["input", "inline"] += sum(len(raw) for raw in request.raw_input_contents)
+            counts["input", "inline"] += sum(map(len, request.raw_input_contents))
 
     def _count_outputs(self, response: pb.ModelInferResponse, placed: Placed | None) -> None:
         counts = self.tensor_bytes
-        counts["output", "inline"] += sum(len(raw) for raw in response.raw_output_contents)
+        counts["output", "inline"] += sum(map(len, response.raw_output_contents))
         if placed is not None and placed.offsets:
             counts["output", "shared_memory"] += placed.nbytes
 
