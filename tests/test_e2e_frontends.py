@@ -3,6 +3,7 @@ through the stock tritonclient."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -136,6 +137,20 @@ def test_answers_batches_and_every_rpc_through_two_front_ends(served: ServerProc
     client.close()
 
 
+def _big_call(url: str, seed: int) -> None:
+    """One call of the "big" model with 1-4 rows of 256 KiB; the answers checked."""
+    rows = 1 + seed % 4
+    x = np.random.default_rng(seed).standard_normal((rows, 65536)).astype(np.float32)
+    client = grpcclient.InferenceServerClient(url)
+    tensor = grpcclient.InferInput("X", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    outputs = [grpcclient.InferRequestedOutput("S"), grpcclient.InferRequestedOutput("Y")]
+    result = client.infer("big", [tensor], outputs=outputs)
+    np.testing.assert_array_equal(result.as_numpy("Y"), 2 * x)
+    np.testing.assert_allclose(result.as_numpy("S"), x.sum(axis=1, keepdims=True), rtol=1e-5)
+    client.close()
+
+
 def test_large_tensors_go_through_the_front_ends_shared_memory(served: ServerProcess) -> None:
     """256 KiB inputs and outputs travel through each front end's segment (the engine
     maps both, their names already unlinked); 96 calls of up to 1 MiB each, 6x what
@@ -143,20 +158,8 @@ def test_large_tensors_go_through_the_front_ends_shared_memory(served: ServerPro
     maps = Path(f"/proc/{served.proc.pid}/maps").read_text()
     assert maps.count("/dev/shm/convoy-frontend-") >= 2 and "(deleted)" in maps
 
-    def call(seed: int) -> None:
-        rows = 1 + seed % 4
-        x = np.random.default_rng(seed).standard_normal((rows, 65536)).astype(np.float32)
-        client = grpcclient.InferenceServerClient(served.url)
-        tensor = grpcclient.InferInput("X", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
-        outputs = [grpcclient.InferRequestedOutput("S"), grpcclient.InferRequestedOutput("Y")]
-        result = client.infer("big", [tensor], outputs=outputs)
-        np.testing.assert_array_equal(result.as_numpy("Y"), 2 * x)
-        np.testing.assert_allclose(result.as_numpy("S"), x.sum(axis=1, keepdims=True), rtol=1e-5)
-        client.close()
-
     with ThreadPoolExecutor(12) as pool:
-        list(pool.map(call, range(96)))
+        list(pool.map(functools.partial(_big_call, served.url), range(96)))
     # A request that names the client's own shared memory still reaches the engine
     # unchanged through a front end, and small answers come inline.
     assert _call(served.url, 5.0) == 10.0
@@ -203,23 +206,8 @@ def test_large_tensors_travel_inline_without_shared_memory(repo: Path) -> None:
     also when several share a message."""
     server = start_server(repo, "--frontends", "2", "--frontend-shm-mib", "0")
     try:
-
-        def call(seed: int) -> None:
-            rows = 1 + seed % 4
-            x = np.random.default_rng(seed).standard_normal((rows, 65536)).astype(np.float32)
-            client = grpcclient.InferenceServerClient(server.url)
-            tensor = grpcclient.InferInput("X", list(x.shape), "FP32")
-            tensor.set_data_from_numpy(x)
-            wanted = [grpcclient.InferRequestedOutput("S"), grpcclient.InferRequestedOutput("Y")]
-            result = client.infer("big", [tensor], outputs=wanted)
-            np.testing.assert_array_equal(result.as_numpy("Y"), 2 * x)
-            np.testing.assert_allclose(
-                result.as_numpy("S"), x.sum(axis=1, keepdims=True), rtol=1e-5
-            )
-            client.close()
-
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(call, range(32)))
+            list(pool.map(functools.partial(_big_call, server.url), range(32)))
         assert _call(server.url, 5.0) == 10.0  # small ones alongside
         scraped = _metrics(server)
         assert scraped["convoy_frontend_shared_memory_segments"] == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -36,8 +37,8 @@ from .wire import (
     RING_INPUTS,
     RING_OUTPUTS,
     decode_header,
+    deliver,
     status_number,
-    unpack,
 )
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,7 @@ class EngineLink:
         if not self._reading:
             return  # stopping: what arrives now is not taken
         identity, *rest = frames
-        try:
-            requests = unpack(rest)
-        except ValueError as exc:
-            log.error("front-end message ignored: %s", exc)
-            return
-        for rid, header, payload in requests:
-            try:
-                self._take(identity, rid, header, payload)
-            except Exception:  # one bad message must not stop every later one
-                log.exception("front-end message not taken")
+        deliver(rest, functools.partial(self._take, identity), "front end")
 
     def _take(self, identity: bytes, rid: bytes, header: bytes, payload: bytes) -> None:
         kind, time_remaining, key, flags = decode_header(header)

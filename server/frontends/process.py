@@ -38,9 +38,9 @@ from .wire import (
     RING_INPUTS,
     RING_OUTPUTS,
     Triple,
+    deliver,
     encode_header,
     status_code,
-    unpack,
 )
 
 log = logging.getLogger(__name__)
@@ -220,16 +220,7 @@ class _InferLink:
         self._socket.start()
 
     def _received(self, frames: list[bytes]) -> None:
-        try:
-            replies = unpack(frames)
-        except ValueError as exc:
-            log.error("engine message ignored: %s", exc)
-            return
-        for rid, status, body in replies:
-            try:
-                self._answered(rid, status, body)
-            except Exception:  # one bad answer must not stop every later one
-                log.exception("answer from the engine not delivered")
+        deliver(frames, self._answered, "engine")
 
     def _answered(self, rid: bytes, status: bytes, body: bytes) -> None:
         ring = self._ring

@@ -22,9 +22,13 @@ travel as the bytes gRPC received and will send: never parsed twice, never pickl
 
 from __future__ import annotations
 
+import logging
 import struct
+from collections.abc import Callable
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<cdB")  # kind, remaining seconds (negative: none), flags
 OK = 0
@@ -86,6 +90,21 @@ def unpack(frames: list[bytes]) -> list[Triple]:
     if extra:
         raise ValueError(f"{extra} body frames left over after {len(triples)} triples")
     return triples
+
+
+def deliver(frames: list[bytes], handle: Callable[[bytes, bytes, bytes], None], peer: str) -> None:
+    """Hand each triple of one message to `handle`. A torn message is dropped and a
+    failing handler logged: one bad message must not stop every later one."""
+    try:
+        triples = unpack(frames)
+    except ValueError as exc:
+        log.error("message from the %s ignored: %s", peer, exc)
+        return
+    for rid, head, body in triples:
+        try:
+            handle(rid, head, body)
+        except Exception:
+            log.exception("message from the %s not handled", peer)
 
 
 def encode_header(
