@@ -102,9 +102,15 @@ class TensorSpec:
 
     def matches(self, shape: tuple[int, ...]) -> bool:
         """Whether a concrete per-item shape fits these dims."""
-        return len(shape) == len(self.dims) and all(
-            d == -1 or d == s for d, s in zip(self.dims, shape, strict=True)
-        )
+        dims = self.dims
+        if shape == dims:  # fixed dims, the common case: one comparison
+            return True
+        if len(shape) != len(dims):
+            return False
+        for d, s in zip(dims, shape, strict=True):
+            if d != -1 and d != s:
+                return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -338,7 +344,12 @@ class ModelSpec:
         """Names and per-item shapes in the config's input order: requests batch together
         only if they send the same inputs with the same shapes, whatever order they list
         them in and whichever optional inputs they leave out."""
-        return tuple((t.name, item_shapes[t.name]) for t in self.inputs if t.name in item_shapes)
+        # A list comprehension, not a generator: this runs for every request.
+        return tuple([(n, item_shapes[n]) for n in self._input_names if n in item_shapes])
+
+    @functools.cached_property
+    def _input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
 
     def output(self, name: str) -> TensorSpec | None:
         return self._outputs_by_name.get(name)

@@ -64,3 +64,47 @@ def test_shape_key_is_by_name_in_config_order(tmp_path: Path) -> None:
     c = decode(tmp_path, request(("ids", 4)))
     assert a.shape_key == b.shape_key == (("ids", (4,)), ("mask", (4,)))
     assert c.shape_key == (("ids", (4,)),) != a.shape_key
+
+
+def test_shapes_checked_against_fixed_and_variable_dims() -> None:
+    """The per-request shape check: fixed dims by one comparison, -1 matching any size,
+    a different rank never."""
+    from server.config import TensorSpec
+
+    fixed = TensorSpec("x", "FP32", (3, 4))
+    variable = TensorSpec("x", "FP32", (-1, 4))
+    assert fixed.matches((3, 4)) and not fixed.matches((4, 3)) and not fixed.matches((3,))
+    assert variable.matches((7, 4)) and variable.matches((1, 4))
+    assert not variable.matches((7, 5)) and not variable.matches((7, 4, 1))
+    assert not variable.matches(())
+
+
+def test_a_short_raw_entry_is_named_by_its_index(tmp_path: Path) -> None:
+    message = request(("ids", 4), ("mask", 4))
+    message.raw_input_contents[1] = b"\0" * 8
+    with pytest.raises(InvalidInput, match=r"input 'mask': raw_input_contents\[1\] holds 8 bytes"):
+        decode(tmp_path, message)
+
+
+def test_missing_required_input_is_named(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"expects input\(s\) \['ids'\]"):
+        decode(tmp_path, request(("mask", 4)))
+
+
+@pytest.mark.parametrize(
+    ("timeout_us", "remaining_s", "expected_ns"),
+    [(None, None, None), (None, 2.0, 2_000_000_000), (500, None, 500_000),
+     (500, 2.0, 500_000), (5_000_000, 2.0, 2_000_000_000)],
+)  # fmt: skip
+def test_the_deadline_is_the_earlier_of_timeout_and_caller(
+    tmp_path: Path, timeout_us: int | None, remaining_s: float | None, expected_ns: int | None
+) -> None:
+    message = request(("ids", 4))
+    if timeout_us is not None:
+        message.parameters["timeout"].int64_param = timeout_us
+    loop = asyncio.new_event_loop()
+    try:
+        decoded = decode_request(message, spec(tmp_path), loop, 0, remaining_s)
+    finally:
+        loop.close()
+    assert decoded.deadline_ns == expected_ns

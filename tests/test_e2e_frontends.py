@@ -318,3 +318,109 @@ def test_front_ends_stop_when_the_engine_dies(repo: Path) -> None:
     assert not [
         p for p in Path("/dev/shm").glob("convoy-frontend-*") if int(p.name.split("-")[2]) in pids
     ]
+
+
+ECHO = """
+class Model:
+    def __init__(self, config):
+        pass
+
+    def __call__(self, inputs):
+        return {"Y": inputs["X"] + 1}
+"""
+
+DOUBLE_TINY = """
+name: "double_tiny"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 16 ] } ]
+ensemble_scheduling {
+  step [
+    { model_name: "tiny" model_version: -1
+      input_map { key: "INPUT0" value: "IN" } output_map { key: "OUTPUT0" value: "mid" } },
+    { model_name: "tiny" model_version: -1
+      input_map { key: "INPUT0" value: "mid" } output_map { key: "OUTPUT0" value: "OUT" } }
+  ]
+}
+"""
+
+
+def _tensor(name: str, x: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def test_every_inference_path_through_the_engine_link(repo: Path) -> None:
+    """Through two front ends, each path a ModelInfer takes in the engine: a queued
+    model, an ensemble, the response cache, and refusals at decode, at the cache's
+    bypass parameter and at routing; under concurrency every call gets its own,
+    correct answer."""
+    (repo / "echo" / "1").mkdir(parents=True)
+    (repo / "echo" / "1" / "model.py").write_text(ECHO)
+    (repo / "echo" / "config.pbtxt").write_text(
+        'name: "echo"\nbackend: "convoy_python"\nmax_batch_size: 8\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        "response_cache { enable: true }\n"
+    )
+    (repo / "double_tiny" / "1").mkdir(parents=True)
+    (repo / "double_tiny" / "config.pbtxt").write_text(DOUBLE_TINY)
+    server = start_server(repo, "--frontends", "2", "--cache-config", "local,size=1048576")
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        x = np.arange(16, dtype=np.float32).reshape(1, 16)
+
+        def tiny(value: float) -> None:
+            v = np.full((1, 16), value, np.float32)
+            out = client.infer("tiny", [_tensor("INPUT0", v)]).as_numpy("OUTPUT0")
+            np.testing.assert_array_equal(out, 2 * v + 1)
+
+        def double(value: float) -> None:
+            v = np.full((1, 16), value, np.float32)
+            out = client.infer("double_tiny", [_tensor("IN", v)]).as_numpy("OUT")
+            np.testing.assert_array_equal(out, 4 * v + 3)
+
+        def echo(value: float) -> None:
+            v = np.full((1, 4), value, np.float32)
+            np.testing.assert_array_equal(
+                client.infer("echo", [_tensor("X", v)]).as_numpy("Y"), v + 1
+            )
+
+        # Refusals: at decode (counted as the model's failures), at the bypass parameter
+        # (checked whether or not a cache serves the model), at the version.
+        failed = int(
+            client.get_inference_statistics("tiny", as_json=True)["model_stats"][0][
+                "inference_stats"
+            ]["fail"].get("count", 0)
+        )
+        wrong = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
+        wrong.set_data_from_numpy(np.zeros((1, 16), np.int32))
+        with pytest.raises(InferenceServerException, match="datatype 'INT32'") as info:
+            client.infer("tiny", [wrong])
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        stats = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
+        assert int(stats["inference_stats"]["fail"]["count"]) == failed + 1
+        with pytest.raises(InferenceServerException, match="response_cache") as info:
+            client.infer("tiny", [_tensor("INPUT0", x)], parameters={"response_cache": "no"})
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("tiny", [_tensor("INPUT0", x)], model_version="9")
+        assert info.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")
+
+        echo(1.0)
+        echo(1.0)  # the second from the cache
+        cached = client.get_inference_statistics("echo")
+        assert cached.model_stats[0].inference_stats.cache_hit.count == 1
+        assert cached.model_stats[0].execution_count == 1
+
+        calls = [(f, float(i)) for i in range(40) for f in (tiny, double, echo)]
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(lambda call: call[0](call[1]), calls))  # each checks its answer
+        stats = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
+        # 40 direct calls and two per ensemble call, beside the first ones above.
+        assert int(stats["inference_count"]) >= 40 + 2 * 40
+        client.close()
+    finally:
+        server.stop()

@@ -118,15 +118,14 @@ def decode_request(
             data = _shared_input(tensor, shm, leases)
             # A front end moved the client's raw_input_contents there: name what was sent.
             moved = tensor.parameters[REGION].string_param == FRONTEND_INPUTS
-            where = f"raw_input_contents[{position}]" if moved else "shared memory"
+            where: int | str = position if moved else "shared memory"
             array = _from_raw(data, tensor.datatype, shape, count, name, where)
             if tensor.datatype != "BYTES":
                 # Read-only, as inline inputs are: the memory is the client's (or a front
                 # end's, freed and reused once answered), never the model's to write.
                 array.flags.writeable = False
         elif raw:
-            where = f"raw_input_contents[{raw_index}]"
-            array = _from_raw(raw[raw_index], tensor.datatype, shape, count, name, where)
+            array = _from_raw(raw[raw_index], tensor.datatype, shape, count, name, raw_index)
             raw_index += 1
         else:
             array = _from_contents(tensor, shape, count)
@@ -134,7 +133,12 @@ def decode_request(
             _decode_text(array, name)
         inputs[name] = array
         item_shapes[name] = item
-    missing = [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
+    # Every input sent, as in nearly every request: nothing can be missing.
+    missing = (
+        []
+        if len(inputs) == len(spec.inputs)
+        else [t.name for t in spec.inputs if not t.optional and t.name not in inputs]
+    )
     if missing:
         raise InvalidInput(f"model '{spec.name}' expects input(s) {missing}, missing from request")
     outputs, classification = _requested_outputs(request, spec)
@@ -232,8 +236,10 @@ def _from_raw(
     shape: tuple[int, ...],
     count: int,
     name: str,
-    where: str,
+    where: int | str,
 ) -> Array:
+    """`where` names what holds the bytes in an error: an int is an index into
+    raw_input_contents (formatted only when there is an error to report)."""
     if datatype == "BYTES":
         return deserialize_bytes(data, count, f"input '{name}'").reshape(shape)
     dtype = WIRE_DTYPES.get(datatype)
@@ -241,6 +247,8 @@ def _from_raw(
         raise InvalidInput(f"input '{name}': unsupported datatype '{datatype}'")
     expected = count * dtype.itemsize
     if len(data) != expected:
+        if isinstance(where, int):
+            where = f"raw_input_contents[{where}]"
         raise InvalidInput(
             f"input '{name}': {where} holds {len(data)} bytes; "
             f"shape {list(shape)} of {datatype} needs {expected}"
@@ -317,15 +325,14 @@ def _int_param(params: Mapping[str, pb.InferParameter], key: str) -> int | None:
 def _deadline(
     params: Mapping[str, pb.InferParameter], now_ns: int, time_remaining_s: float | None
 ) -> int | None:
-    deadlines: list[int] = []
+    caller = None if time_remaining_s is None else now_ns + int(time_remaining_s * 1e9)
     timeout_us = (
         _int_param(params, "timeout") if params else None
     )  # Triton's request timeout, in microseconds
-    if timeout_us:
-        deadlines.append(now_ns + timeout_us * 1000)
-    if time_remaining_s is not None:
-        deadlines.append(now_ns + int(time_remaining_s * 1e9))
-    return min(deadlines) if deadlines else None
+    if not timeout_us:
+        return caller
+    timeout = now_ns + timeout_us * 1000
+    return timeout if caller is None else min(timeout, caller)
 
 
 def _priority(params: Mapping[str, pb.InferParameter], spec: ModelSpec) -> int:
