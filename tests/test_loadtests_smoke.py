@@ -27,6 +27,14 @@ def test_bare_model_loop(examples_dir: Path) -> None:
     assert result.batches > 0 and result.rows_per_s > 0
 
 
+def test_codec_cost_measures_every_step(examples_dir: Path) -> None:
+    from loadtests.codec_cost import measure as codec_cost
+
+    figures = asyncio.run(codec_cost("tiny", 200))
+    assert set(figures) == {"parse", "decode", "encode", "serialize"}
+    assert all(us > 0 for us in figures.values())
+
+
 def test_batcher_overhead() -> None:
     us, batch = asyncio.run(overhead_us(2000, 8))
     assert us > 0 and 1.0 <= batch <= 8.0
