@@ -7,7 +7,9 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
+from server.frontends.exporter import FrontendCollector
 from server.heap import GcPauses
 from server.metrics import Metrics
 from server.monitoring.exporter import MonitoringCollector
@@ -39,6 +41,11 @@ def exported_names() -> set[str]:
     GcPauses(metrics.registry)  # registered by the server beside its metrics (never started)
     families: list[tuple[str, str]] = [(m.name, m.type) for m in metrics.registry.collect()]
     families += [(m.name, m.type) for m in MonitoringCollector(Monitors()).describe()]
+    # The front ends' series, from a link and supervisor with nothing running.
+    idle_link = SimpleNamespace(segments=0, tensor_bytes={}, requests={})
+    no_frontends = SimpleNamespace(pids=[], restarts=0, pids_by_index={})
+    frontends = FrontendCollector(idle_link, no_frontends)  # type: ignore[arg-type]
+    families += [(m.name, m.type) for m in frontends.collect()]
     families += list(ROLLOUT_METRICS.items())
     return {name + suffix for name, kind in families for suffix in _SUFFIXES[kind]}
 
@@ -94,6 +101,7 @@ def test_dashboard_covers_what_operators_look_at() -> None:
         "convoy_drift_p_value",
         "convoy_feedback_accuracy",
         "convoy_gc_pause_seconds_bucket",  # the event loop stopped by the collector
+        "convoy_frontend_requests_total",  # how connections spread over the front ends
     ):
         assert needed in names, needed
     for panel in dashboard["panels"]:

@@ -89,8 +89,13 @@ def _frontend_pids(server: ServerProcess) -> list[int]:
     return pids
 
 
+# A connection of each client's own: gRPC otherwise shares one between channels to the
+# same address (its global subchannel pool), and one connection reaches one front end.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def _call(url: str, value: float) -> float | InferenceServerException:
-    client = grpcclient.InferenceServerClient(url)  # a channel (a connection) of its own
+    client = grpcclient.InferenceServerClient(url, channel_args=OWN_CONNECTION)
     try:
         tensor = grpcclient.InferInput("X", [1, 1], "FP32")
         tensor.set_data_from_numpy(np.full((1, 1), value, np.float32))
@@ -135,6 +140,15 @@ def test_answers_batches_and_every_rpc_through_two_front_ends(served: ServerProc
     stats = client.get_inference_statistics("slow", as_json=True)["model_stats"][0]
     assert int(stats["inference_count"]) == 48 and int(stats["execution_count"]) < 48
     client.close()
+    # Every ModelInfer above (1 + 1 + 1 + 48) counted under the front end that passed it
+    # on, both of which carried some; each front end's own CPU and memory beside.
+    scraped = _metrics(served)
+    passed = {k: v for k, v in scraped.items() if k.startswith("convoy_frontend_requests_total")}
+    assert sum(passed.values()) == 51, passed
+    assert set(passed) == {f'convoy_frontend_requests_total{{frontend="{i}"}}' for i in (0, 1)}
+    for i in (0, 1):
+        assert scraped[f'convoy_frontend_cpu_seconds_total{{frontend="{i}"}}'] > 0
+        assert scraped[f'convoy_frontend_resident_memory_bytes{{frontend="{i}"}}'] > 20 << 20
 
 
 def _big_call(url: str, seed: int) -> None:
@@ -260,6 +274,7 @@ def test_a_killed_front_end_is_restarted_and_only_its_calls_fail(served: ServerP
     for t in threads:
         t.start()
     time.sleep(1.0)
+    before = _metrics(served)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     time.sleep(2.5)  # the engine notices within 0.5 s and starts a new one
@@ -281,6 +296,13 @@ def test_a_killed_front_end_is_restarted_and_only_its_calls_fail(served: ServerP
     scraped = _metrics(served)
     assert scraped["convoy_frontend_restarts_total"] == 1
     assert scraped["convoy_frontend_shared_memory_segments"] == 2  # the dead one's let go
+    # The restarted front end took its predecessor's slot: its requests carry on from
+    # the engine's count, never back; there are still two slots, each with a process.
+    for i in (0, 1):
+        key = f'convoy_frontend_requests_total{{frontend="{i}"}}'
+        assert scraped.get(key, 0) >= before.get(key, 0)
+        assert scraped[f'convoy_frontend_resident_memory_bytes{{frontend="{i}"}}'] > 0
+    assert not any('frontend="2"' in k for k in scraped)
 
 
 def test_sigterm_drains_every_process(repo: Path) -> None:

@@ -72,6 +72,8 @@ class EngineLink:
         self._reading = False
         self._answering: set[asyncio.Task[None]] = set()
         self._rings: dict[bytes, EngineRing] = {}  # by front end (DEALER identity)
+        # ModelInfer messages per front end's identity (a restarted one has a new one).
+        self.requests: dict[bytes, int] = {}
         # (direction, path) -> bytes, for the exporter; plain ints on the request path.
         self.tensor_bytes = dict.fromkeys(
             [(d, p) for d in ("input", "output") for p in ("shared_memory", "inline")], 0
@@ -96,6 +98,7 @@ class EngineLink:
         elif kind == HELLO:
             self._outbox.put(identity, (rid, *self._hello(identity, payload)))
         else:
+            self.requests[identity] = self.requests.get(identity, 0) + 1
             task = asyncio.get_running_loop().create_task(
                 self._answer(identity, rid, payload, time_remaining, key, flags)
             )

@@ -8,17 +8,28 @@ what the front ends themselves do):
     convoy_frontend_tensor_bytes_total{direction,path}
         tensor bytes between front ends and the engine; direction "input" | "output",
         path "shared_memory" (through a segment) | "inline" (in the messages)
+    convoy_frontend_requests_total{frontend}        ModelInfer calls each front end passed on
+    convoy_frontend_cpu_seconds_total{frontend}     each front end's CPU (user + system)
+    convoy_frontend_resident_memory_bytes{frontend} each front end's resident memory
+
+`frontend` is the slot, "0" to "N-1": a front end restarted after dying takes its
+predecessor's slot. Requests are the engine's own count and carry on across restarts;
+CPU and memory are read from /proc at scrape time, so a restarted front end's CPU
+starts again from zero (a counter reset, as for any restarted process).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .engine_link import EngineLink
 from .supervisor import FrontendSupervisor
+from .wire import per_slot
 
 
 class FrontendCollector(Collector):
@@ -51,3 +62,42 @@ class FrontendCollector(Collector):
         for (direction, path), count in sorted(self._link.tensor_bytes.items()):
             moved.add_metric([direction, path], count)
         yield moved
+        requests = CounterMetricFamily(
+            "convoy_frontend_requests",
+            "ModelInfer calls each front end passed to the engine",
+            labels=["frontend"],
+        )
+        for index, count in sorted(per_slot(self._link.requests).items()):
+            requests.add_metric([str(index)], count)
+        yield requests
+        cpu = CounterMetricFamily(
+            "convoy_frontend_cpu_seconds",
+            "CPU time (user and system) of each front-end process",
+            labels=["frontend"],
+        )
+        memory = GaugeMetricFamily(
+            "convoy_frontend_resident_memory_bytes",
+            "Resident memory of each front-end process",
+            labels=["frontend"],
+        )
+        for index, pid in sorted(self._supervisor.pids_by_index.items()):
+            usage = process_usage(pid)
+            if usage is not None:  # gone between the listing and the read
+                cpu.add_metric([str(index)], usage[0])
+                memory.add_metric([str(index)], usage[1])
+        yield cpu
+        yield memory
+
+
+def process_usage(pid: int, proc: Path = Path("/proc")) -> tuple[float, int] | None:
+    """(CPU seconds, resident bytes) of a live process, from /proc/<pid>/stat; None
+    if there is no such process."""
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The fields after the command name, which is in parentheses and may hold spaces:
+    # utime and stime (clock ticks) are the 14th and 15th fields, rss (pages) the 24th.
+    fields = text.rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")

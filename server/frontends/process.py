@@ -40,6 +40,7 @@ from .wire import (
     Triple,
     deliver,
     encode_header,
+    peer_identity,
     status_code,
 )
 
@@ -80,10 +81,10 @@ def run_frontend(settings: FrontendSettings, index: int, ready: Any) -> None:
         level=settings.log_level,
         format=f"%(asctime)s %(levelname)s frontend-{index} %(name)s: %(message)s",
     )
-    uvloop.run(_serve(settings, ready))
+    uvloop.run(_serve(settings, index, ready))
 
 
-async def _serve(settings: FrontendSettings, ready: Any) -> None:
+async def _serve(settings: FrontendSettings, index: int, ready: Any) -> None:
     import zmq
 
     loop = asyncio.get_running_loop()
@@ -97,6 +98,7 @@ async def _serve(settings: FrontendSettings, ready: Any) -> None:
     channel = grpc.aio.insecure_channel(f"unix:{settings.engine_grpc}", options=limits)
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, peer_identity(index, os.getpid()))
     # No high-water mark: every request and answer must arrive (a DEALER at its mark
     # would only wait, but the engine's ROUTER would drop; both sides alike).
     dealer.setsockopt(zmq.SNDHWM, 0)

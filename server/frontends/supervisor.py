@@ -74,6 +74,11 @@ class FrontendSupervisor:
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes if p is not None]
 
+    @property
+    def pids_by_index(self) -> dict[int, int]:
+        """Each slot's current process (a restarted front end takes its slot over)."""
+        return {i: p.pid for i, p in enumerate(self._processes) if p is not None}
+
     async def stop(self, grace_period_s: float) -> None:
         """SIGTERM every front end (each drains its calls within the grace period)."""
         self._stopping = True

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 
@@ -39,6 +39,32 @@ PLACED = 1  # status frame's second byte: some outputs are in the segment
 
 # gRPC status code number <-> enum (StatusCode values are (number, name) pairs).
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def peer_identity(index: int, pid: int) -> bytes:
+    """A front end's socket identity: its slot, which a restarted front end takes over
+    (the engine counts per slot), and its pid, so that it never reuses a predecessor's
+    identity (a ROUTER refuses a second peer under one identity)."""
+    return f"frontend-{index}-{pid}".encode()
+
+
+def peer_index(identity: bytes) -> int | None:
+    """The slot in a `peer_identity`; None for any other identity."""
+    parts = identity.split(b"-")
+    if len(parts) == 3 and parts[0] == b"frontend" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def per_slot(counts: Mapping[bytes, int]) -> dict[int, int]:
+    """Counts by front-end identity summed per slot (its restarts included); other
+    identities are left out."""
+    slots: dict[int, int] = {}
+    for identity, count in counts.items():
+        index = peer_index(identity)
+        if index is not None:
+            slots[index] = slots.get(index, 0) + count
+    return slots
 
 
 _LENGTHS = struct.Struct("<III")

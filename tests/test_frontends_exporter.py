@@ -1,0 +1,86 @@
+"""The front ends' series on the engine's metrics port, from stand-ins for the link and
+the supervisor: per slot, across a restart, and for a process that has gone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from server.frontends.exporter import FrontendCollector, process_usage
+from server.frontends.wire import peer_identity, peer_index
+
+
+class _Link:
+    segments = 1
+    tensor_bytes = {("input", "inline"): 10}
+
+    def __init__(self, requests: dict[bytes, int]) -> None:
+        self.requests = requests
+
+
+class _Supervisor:
+    restarts = 1
+
+    def __init__(self, pids_by_index: dict[int, int]) -> None:
+        self.pids_by_index = pids_by_index
+        self.pids = list(pids_by_index.values())
+
+
+def _gone_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: nothing at /proc/<pid> any more
+    return child.pid
+
+
+def _scrape(link: Any, supervisor: Any) -> dict[str, float]:
+    registry = CollectorRegistry()
+    registry.register(FrontendCollector(link, supervisor))
+    text = generate_latest(registry).decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_identity_names_the_slot() -> None:
+    assert peer_index(peer_identity(3, 4242)) == 3
+    assert peer_identity(3, 4242) != peer_identity(3, 4243)  # a restart: a new identity
+    assert peer_index(b"\x00k\x8bEg") is None  # ZeroMQ's own generated identities
+    assert peer_index(b"frontend-x-1") is None
+
+
+def test_requests_are_counted_per_slot_across_a_restart() -> None:
+    gone = _gone_pid()
+    link = _Link(
+        {
+            peer_identity(0, gone): 40,  # slot 0 before it was restarted
+            peer_identity(0, os.getpid()): 2,
+            peer_identity(1, 7): 5,
+            b"\x00unnamed": 9,  # not a front end's: not counted under any slot
+        }
+    )
+    scraped = _scrape(link, _Supervisor({0: os.getpid(), 1: gone}))
+    assert scraped['convoy_frontend_requests_total{frontend="0"}'] == 42
+    assert scraped['convoy_frontend_requests_total{frontend="1"}'] == 5
+    assert sum(v for k, v in scraped.items() if k.startswith("convoy_frontend_requests")) == 47
+    # CPU and memory only for a process that is there (slot 1's has gone).
+    assert scraped['convoy_frontend_cpu_seconds_total{frontend="0"}'] > 0
+    assert scraped['convoy_frontend_resident_memory_bytes{frontend="0"}'] > 10 << 20
+    assert not any('frontend="1"' in k for k in scraped if "cpu" in k or "memory" in k)
+
+
+def test_process_usage_reads_a_command_name_with_spaces_and_parentheses(tmp_path: Path) -> None:
+    stat = "123 (a (b) c) S 1 1 1 0 -1 4194560 10 0 0 0 250 50 0 0 20 0 1 0 100 1000 77 0"
+    (tmp_path / "123").mkdir()
+    (tmp_path / "123" / "stat").write_text(stat)
+    cpu, rss = process_usage(123, tmp_path)  # type: ignore[misc]
+    assert cpu == pytest.approx(300 / os.sysconf("SC_CLK_TCK"))
+    assert rss == 77 * os.sysconf("SC_PAGE_SIZE")
+    assert process_usage(124, tmp_path) is None
