@@ -1,6 +1,7 @@
 """`convoy serve --frontends N` swept against the bare grpc.aio echo server, one run.
 
     python -m loadtests.frontends_sweep [--duration 5] [--frontends 1,2,4,8] [--concurrency 32]
+        [--procs 2] [--connections 8] [--server-cpus 0-9 --client-cpus 10-15]
 
 For each N a fresh server (the tiny model alone) and the same closed loop: `--concurrency`
 callers in client processes, sending one pre-serialised request over `--connections` gRPC
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,17 @@ from .launch import ROOT, cpu_seconds, link_model, start_convoy
 from .shm_bench import Loop, closed_loop
 
 MODEL = "tiny"
+
+
+def cpu_list(text: str) -> frozenset[int]:
+    """ "0-9,12" -> {0, ..., 9, 12}, as taskset reads it."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    if not cpus:
+        raise argparse.ArgumentTypeError(f"no cores in {text!r}")
+    return frozenset(cpus)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -111,10 +124,10 @@ def measure(
     payloads = [payload] * args.concurrency
     channels = math.ceil(args.connections / args.procs)
     if args.warmup > 0:
-        closed_loop(url, payloads, args.procs, args.warmup, channels)
+        closed_loop(url, payloads, args.procs, args.warmup, channels, args.client_cpus)
     pids = process_tree(pid)
     before = _cpu_of(pids)
-    loop = closed_loop(url, payloads, args.procs, args.duration, channels)
+    loop = closed_loop(url, payloads, args.procs, args.duration, channels, args.client_cpus)
     after_pids = process_tree(pid)
     after = _cpu_of(sorted(set(pids) | set(after_pids)))
     used = {p: after[p] - before.get(p, 0.0) for p in after}
@@ -173,6 +186,10 @@ def table(points: list[Point]) -> str:
     return "\n".join(lines)
 
 
+def _cpus_text(cpus: frozenset[int] | None) -> str:
+    return "any" if not cpus else ",".join(map(str, sorted(cpus)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per point")
@@ -182,9 +199,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", type=int, default=8, help="gRPC connections in all")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds per point, untimed")
     parser.add_argument("--echo-runs", type=int, choices=(1, 2), default=2)
+    parser.add_argument(
+        "--server-cpus", type=cpu_list, default=None,
+        help="cores for the servers and their front ends, e.g. 0-9 (default: any)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-cpus", type=cpu_list, default=None,
+        help="cores for the client processes, e.g. 10-15 (default: any)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.frontends.split(",")]
+    own_cpus = os.sched_getaffinity(0)
+    if args.server_cpus:  # the echo server, every convoy and its front ends inherit it
+        os.sched_setaffinity(0, args.server_cpus)
+    try:
+        _sweep(args, counts)
+    finally:
+        os.sched_setaffinity(0, own_cpus)
 
+
+def _sweep(args: argparse.Namespace, counts: list[int]) -> None:
     examples = ensure_examples(default_examples_dir())
     points: list[Point] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,10 +242,16 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             echo.terminate()
             echo.wait(30)
+    pinned = (
+        f"; servers on cores {_cpus_text(args.server_cpus)}, "
+        f"clients on {_cpus_text(args.client_cpus)}"
+        if args.server_cpus or args.client_cpus
+        else ""
+    )
     print(
         f"{MODEL}, closed loop, c={args.concurrency} over {args.procs} client processes and "
         f'{args.connections} connections, {args.duration:g} s per point; "vs echo": against '
-        f"the mean of the echo server's {args.echo_runs} run(s)"
+        f"the mean of the echo server's {args.echo_runs} run(s){pinned}"
     )
     print(table(points))
     for point in points:

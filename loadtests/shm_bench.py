@@ -99,7 +99,10 @@ def _caller_process(
     channels: int,
     duration: float,
     out: Any,
+    cpus: frozenset[int] | None = None,
 ) -> None:
+    if cpus:  # clients on cores of their own, away from the server's
+        os.sched_setaffinity(0, cpus)
     try:
         import uvloop
 
@@ -126,15 +129,23 @@ class Loop:
 
 
 def closed_loop(
-    url: str, payloads: list[bytes], procs: int, duration: float, channels_per_proc: int = 1
+    url: str,
+    payloads: list[bytes],
+    procs: int,
+    duration: float,
+    channels_per_proc: int = 1,
+    cpus: frozenset[int] | None = None,
 ) -> Loop:
     """Closed loop from `procs` client processes: caller i sends payloads[i] back to back;
-    each process spreads its callers over `channels_per_proc` connections."""
+    each process spreads its callers over `channels_per_proc` connections; `cpus`, where
+    given, are the cores the client processes may run on."""
     ctx = mp.get_context("spawn")  # never fork a process that has used grpc
     out = ctx.Queue()
     shares = [payloads[i::procs] for i in range(max(1, min(procs, len(payloads))))]
     workers = [
-        ctx.Process(target=_caller_process, args=(url, share, channels_per_proc, duration, out))
+        ctx.Process(
+            target=_caller_process, args=(url, share, channels_per_proc, duration, out, cpus)
+        )
         for share in shares
     ]
     for worker in workers:

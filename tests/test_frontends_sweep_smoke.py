@@ -4,9 +4,11 @@ imports torch, which costs seconds on a loaded host."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from loadtests.frontends_sweep import main
+from loadtests.frontends_sweep import cpu_list, main
 
 pytestmark = pytest.mark.e2e
 
@@ -18,8 +20,13 @@ def _cpu_us(cell: str) -> int:
 
 
 def test_sweep_prints_sane_figures(capsys: pytest.CaptureFixture[str]) -> None:
-    main(["--duration", "1", "--frontends", "2", "--warmup", "0", "--echo-runs", "1"])
+    cores = os.sched_getaffinity(0)
+    every = ",".join(map(str, sorted(cores)))  # pinned, harmlessly, to every core there is
+    main(["--duration", "1", "--frontends", "2", "--warmup", "0", "--echo-runs", "1",
+          "--server-cpus", every, "--client-cpus", every])  # fmt: skip
+    assert os.sched_getaffinity(0) == cores  # the sweep's own affinity is given back
     printed = capsys.readouterr().out
+    assert f"servers on cores {every}, clients on {every}" in printed
     rows = {
         cells[0]: cells[1:]
         for line in printed.splitlines()
@@ -37,3 +44,8 @@ def test_sweep_prints_sane_figures(capsys: pytest.CaptureFixture[str]) -> None:
     assert _cpu_us(two[4]) < _cpu_us(two[5])  # the front ends' share is counted
     assert two[7] in ("1 of 2", "2 of 2"), printed
     assert "each front end's CPU per request" in printed, printed
+
+
+def test_cpu_lists_read_as_taskset_reads_them() -> None:
+    assert cpu_list("0-3,7") == {0, 1, 2, 3, 7}
+    assert cpu_list("5") == {5}
