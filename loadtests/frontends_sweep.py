@@ -14,6 +14,9 @@ process would keep N - procs front ends idle whatever N is. The echo server
 CPU seconds (user + system, all threads) from /proc over the measured interval: the
 engine's own, and every server process's (the engine and its descendants, found through
 /proc/<pid>/task/*/children: the front ends and multiprocessing's resource tracker).
+With front ends, the engine's main thread alone too: its event loop takes every request
+and answer, so its CPU per request bounds what one engine serves on a many-core host
+(its instance and ZeroMQ threads run on other cores).
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class Point:
     frontends: int  # 0: the echo server
     loop: Loop
     engine_cpu_s: float
+    loop_cpu_s: float  # the engine's main thread: its event loop
     all_cpu_s: float
     frontend_cpu_s: list[float] = field(default_factory=list)
     changes: str = ""  # processes that appeared or vanished during the interval
@@ -127,7 +131,9 @@ def measure(
         closed_loop(url, payloads, args.procs, args.warmup, channels, args.client_cpus)
     pids = process_tree(pid)
     before = _cpu_of(pids)
+    loop_before = cpu_seconds(pid, pid)
     loop = closed_loop(url, payloads, args.procs, args.duration, channels, args.client_cpus)
+    loop_cpu = cpu_seconds(pid, pid) - loop_before
     after_pids = process_tree(pid)
     after = _cpu_of(sorted(set(pids) | set(after_pids)))
     used = {p: after[p] - before.get(p, 0.0) for p in after}
@@ -142,6 +148,7 @@ def measure(
         frontends=frontends,
         loop=loop,
         engine_cpu_s=used.get(pid, 0.0),
+        loop_cpu_s=loop_cpu,
         all_cpu_s=sum(used.values()),
         frontend_cpu_s=frontend_cpu,
         changes="; ".join(changes),
@@ -255,6 +262,13 @@ def _sweep(args: argparse.Namespace, counts: list[int]) -> None:
     )
     print(table(points))
     for point in points:
+        if point.frontends > 1 and point.requests:
+            loop_us = point.per_request_us(point.loop_cpu_s)
+            print(
+                f"{point.server}: the engine's event-loop thread spent {loop_us:.0f} µs per "
+                f"request: on a core of its own it bounds the engine near "
+                f"{1e6 / max(loop_us, 1e-9):.0f} req/s"
+            )
         if point.frontend_cpu_s:
             shares = ", ".join(f"{point.per_request_us(cpu):.0f}" for cpu in point.frontend_cpu_s)
             print(f"{point.server}: each front end's CPU per request (µs): {shares}")

@@ -101,11 +101,13 @@ def start_convoy(
     )
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
     """User + system CPU of a process, all its threads, from /proc/<pid>/stat: what a
-    server spends per request, robust to how busy a shared machine is."""
+    server spends per request, robust to how busy a shared machine is. With `tid`, of
+    that one thread (the main thread's tid is the pid)."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
     # Fields after the command name, which is in parentheses and may hold spaces.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -126,6 +126,7 @@ class GcPauses:
             buckets=PAUSE_BUCKETS,
             registry=registry,
         )
+        self._histogram = histogram
         self._by_generation = {g: histogram.labels(str(g)) for g in range(3)}
         self._started = 0.0
 
@@ -136,6 +137,23 @@ class GcPauses:
     def close(self) -> None:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
+
+    def snapshot(self) -> dict[str, tuple[list[float], float]]:
+        """generation -> (cumulative count per bucket in PAUSE_BUCKETS, then +Inf; the
+        sum of the pauses): what a front end sends the engine to export."""
+        found: dict[str, tuple[list[float], float]] = {}
+        for metric in self._histogram.collect():
+            counts: dict[str, list[float]] = {}
+            sums: dict[str, float] = {}
+            for sample in metric.samples:
+                generation = sample.labels.get("generation", "")
+                if sample.name.endswith("_bucket"):
+                    counts.setdefault(generation, []).append(sample.value)
+                elif sample.name.endswith("_sum"):
+                    sums[generation] = sample.value
+            for generation, buckets in counts.items():
+                found[generation] = (buckets, sums.get(generation, 0.0))
+        return found
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":

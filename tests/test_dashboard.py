@@ -42,7 +42,7 @@ def exported_names() -> set[str]:
     families: list[tuple[str, str]] = [(m.name, m.type) for m in metrics.registry.collect()]
     families += [(m.name, m.type) for m in MonitoringCollector(Monitors()).describe()]
     # The front ends' series, from a link and supervisor with nothing running.
-    idle_link = SimpleNamespace(segments=0, tensor_bytes={}, requests={})
+    idle_link = SimpleNamespace(segments=0, tensor_bytes={}, requests={}, gc_pauses={})
     no_frontends = SimpleNamespace(pids=[], restarts=0, pids_by_index={})
     frontends = FrontendCollector(idle_link, no_frontends)  # type: ignore[arg-type]
     families += [(m.name, m.type) for m in frontends.collect()]

@@ -149,6 +149,16 @@ def test_answers_batches_and_every_rpc_through_two_front_ends(served: ServerProc
     for i in (0, 1):
         assert scraped[f'convoy_frontend_cpu_seconds_total{{frontend="{i}"}}'] > 0
         assert scraped[f'convoy_frontend_resident_memory_bytes{{frontend="{i}"}}'] > 20 << 20
+    # Each front end's own garbage-collection pauses, reported to the engine: at least
+    # the full collection that froze its heap after start-up.
+    full = [
+        f'convoy_frontend_gc_pause_seconds_count{{frontend="{i}",generation="2"}}' for i in (0, 1)
+    ]
+    deadline = time.monotonic() + 10  # a front end reports every 2 s
+    while any(scraped.get(k, 0) < 1 for k in full) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        scraped = _metrics(served)
+    assert all(scraped.get(k, 0) >= 1 for k in full), {k: scraped.get(k) for k in full}
 
 
 def _big_call(url: str, seed: int) -> None:

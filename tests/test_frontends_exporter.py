@@ -22,6 +22,7 @@ class _Link:
 
     def __init__(self, requests: dict[bytes, int]) -> None:
         self.requests = requests
+        self.gc_pauses: dict[bytes, dict[str, tuple[list[float], float]]] = {}
 
 
 class _Supervisor:
@@ -84,3 +85,53 @@ def test_process_usage_reads_a_command_name_with_spaces_and_parentheses(tmp_path
     assert cpu == pytest.approx(300 / os.sysconf("SC_CLK_TCK"))
     assert rss == 77 * os.sysconf("SC_PAGE_SIZE")
     assert process_usage(124, tmp_path) is None
+
+
+def _pauses(counts: list[float], total: float) -> dict[str, tuple[list[float], float]]:
+    return {"0": (counts, total)}
+
+
+def test_gc_pauses_add_up_per_slot_in_the_engines_own_buckets() -> None:
+    import gc
+
+    from server.heap import PAUSE_BUCKETS, GcPauses
+
+    width = len(PAUSE_BUCKETS) + 1
+    link = _Link({})
+    link.gc_pauses = {
+        peer_identity(0, 1): _pauses([1.0] * width, 0.5),  # slot 0 before its restart
+        peer_identity(0, 2): _pauses([0.0] + [2.0] * (width - 1), 0.25),
+        peer_identity(1, 3): _pauses([1.0] * 3, 9.0),  # another bucket layout: left out
+        b"\x00unnamed": _pauses([5.0] * width, 1.0),
+    }
+    scraped = _scrape(link, _Supervisor({}))
+    assert scraped['convoy_frontend_gc_pause_seconds_count{frontend="0",generation="0"}'] == 3
+    assert scraped['convoy_frontend_gc_pause_seconds_sum{frontend="0",generation="0"}'] == 0.75
+    first = f'frontend="0",generation="0",le="{PAUSE_BUCKETS[0]!r}"'
+    assert scraped[f"convoy_frontend_gc_pause_seconds_bucket{{{first}}}"] == 1
+    assert not any('frontend="1"' in k for k in scraped)
+    # The same bucket bounds, written the same way, as the engine's convoy_gc_pause_seconds.
+    registry = CollectorRegistry()
+    engine = GcPauses(registry)
+    engine.start()
+    gc.collect()
+    engine.close()
+    own = {k.split("le=")[1] for k in generate_latest(registry).decode().split() if "le=" in k}
+    ours = {k.split("le=")[1].split("}")[0] for k in scraped if "le=" in k}
+    assert {o.rstrip("}") for o in own} == ours
+
+
+def test_a_snapshot_is_what_the_histogram_holds() -> None:
+    import gc
+
+    from server.heap import PAUSE_BUCKETS, GcPauses
+
+    pauses = GcPauses(CollectorRegistry())
+    pauses.start()
+    gc.collect()
+    pauses.close()
+    snapshot = pauses.snapshot()
+    assert set(snapshot) == {"0", "1", "2"}
+    counts, total = snapshot["2"]
+    assert len(counts) == len(PAUSE_BUCKETS) + 1 and counts[-1] >= 1 and total > 0
+    assert counts == sorted(counts)  # cumulative

@@ -44,6 +44,7 @@ def test_sweep_prints_sane_figures(capsys: pytest.CaptureFixture[str]) -> None:
     assert _cpu_us(two[4]) < _cpu_us(two[5])  # the front ends' share is counted
     assert two[7] in ("1 of 2", "2 of 2"), printed
     assert "each front end's CPU per request" in printed, printed
+    assert "the engine's event-loop thread spent" in printed, printed
 
 
 def test_cpu_lists_read_as_taskset_reads_them() -> None:

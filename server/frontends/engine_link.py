@@ -13,6 +13,7 @@ import array
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from .wire import (
     HELLO,
     OK,
     PLACED,
+    REPORT,
     RING_INPUTS,
     RING_OUTPUTS,
     decode_header,
@@ -74,6 +76,9 @@ class EngineLink:
         self._rings: dict[bytes, EngineRing] = {}  # by front end (DEALER identity)
         # ModelInfer messages per front end's identity (a restarted one has a new one).
         self.requests: dict[bytes, int] = {}
+        # Per identity, its last report of GC pauses: generation -> (cumulative bucket
+        # counts, sum); a dead front end's stays, so a slot's totals never go back.
+        self.gc_pauses: dict[bytes, dict[str, tuple[list[float], float]]] = {}
         # (direction, path) -> bytes, for the exporter; plain ints on the request path.
         self.tensor_bytes = dict.fromkeys(
             [(d, p) for d in ("input", "output") for p in ("shared_memory", "inline")], 0
@@ -97,6 +102,8 @@ class EngineLink:
             self._free(identity, payload)
         elif kind == HELLO:
             self._outbox.put(identity, (rid, *self._hello(identity, payload)))
+        elif kind == REPORT:
+            self._report(identity, payload)
         else:
             self.requests[identity] = self.requests.get(identity, 0) + 1
             task = asyncio.get_running_loop().create_task(
@@ -115,6 +122,19 @@ class EngineLink:
             log.warning("front end's shared memory refused (%s): tensors travel inline", exc)
             return bytes([status_number(status_code(ConvoyError("")))]), str(exc).encode()
         return bytes([OK]), b""
+
+    def _report(self, identity: bytes, body: bytes) -> None:
+        """A front end's own figures, cumulative since it started: the latest kept."""
+        try:
+            report = json.loads(body)
+            pauses = {
+                str(generation): ([float(c) for c in counts], float(total))
+                for generation, (counts, total) in report["gc"].items()
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("a front end's report could not be read: %s", exc)
+            return
+        self.gc_pauses[identity] = pauses
 
     def _forget_gone(self) -> None:
         """Segments of front ends that have died (a restarted one says hello anew)."""

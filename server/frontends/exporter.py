@@ -11,25 +11,36 @@ what the front ends themselves do):
     convoy_frontend_requests_total{frontend}        ModelInfer calls each front end passed on
     convoy_frontend_cpu_seconds_total{frontend}     each front end's CPU (user + system)
     convoy_frontend_resident_memory_bytes{frontend} each front end's resident memory
+    convoy_frontend_gc_pause_seconds{frontend,generation}
+        each front end's garbage-collection pauses, as convoy_gc_pause_seconds is the
+        engine's: reported by the front end every REPORT_INTERVAL_S (process.py)
 
 `frontend` is the slot, "0" to "N-1": a front end restarted after dying takes its
-predecessor's slot. Requests are the engine's own count and carry on across restarts;
+predecessor's slot. Requests are the engine's own count and carry on across restarts, as
+do the GC pauses (a dead front end's last report stays in the slot's totals);
 CPU and memory are read from /proc at scrape time, so a restarted front end's CPU
 starts again from zero (a counter reset, as for any restarted process).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from ..heap import PAUSE_BUCKETS
 from .engine_link import EngineLink
 from .supervisor import FrontendSupervisor
-from .wire import per_slot
+from .wire import peer_index, per_slot
 
 
 class FrontendCollector(Collector):
@@ -87,6 +98,37 @@ class FrontendCollector(Collector):
                 memory.add_metric([str(index)], usage[1])
         yield cpu
         yield memory
+        pauses = HistogramMetricFamily(
+            "convoy_frontend_gc_pause_seconds",
+            "Time each garbage collection stopped a front-end process, by generation",
+            labels=["frontend", "generation"],
+        )
+        for (index, generation), (counts, total) in sorted(self._gc_pauses().items()):
+            buckets = [(le, c) for le, c in zip(_BOUND_LABELS, counts, strict=True)]
+            pauses.add_metric([str(index), generation], buckets, total)
+        yield pauses
+
+    def _gc_pauses(self) -> dict[tuple[int, str], tuple[list[float], float]]:
+        """(slot, generation) -> cumulative bucket counts and sum, over every process
+        that has held the slot (a restart adds to its predecessor's last report)."""
+        found: dict[tuple[int, str], tuple[list[float], float]] = {}
+        for identity, report in self._link.gc_pauses.items():
+            index = peer_index(identity)
+            if index is None:
+                continue
+            for generation, (counts, total) in report.items():
+                if len(counts) != len(_BOUNDS):
+                    continue  # another bucket layout: not ours to add up
+                seen = found.get((index, generation))
+                if seen is not None:
+                    counts = [a + b for a, b in zip(seen[0], counts, strict=True)]
+                    total += seen[1]
+                found[index, generation] = (counts, total)
+        return found
+
+
+_BOUNDS = (*PAUSE_BUCKETS, math.inf)
+_BOUND_LABELS = [*(repr(b) for b in PAUSE_BUCKETS), "+Inf"]  # as the engine's own series
 
 
 def process_usage(pid: int, proc: Path = Path("/proc")) -> tuple[float, int] | None:

@@ -14,6 +14,7 @@ import array
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import signal
@@ -24,8 +25,9 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry
 
-from ..heap import settle
+from ..heap import GcPauses, settle
 from ..pb import grpc_service_pb2 as pb
 from .loopsocket import LoopSocket
 from .outbox import Outbox
@@ -35,6 +37,7 @@ from .wire import (
     HELLO,
     OK,
     PLACED,
+    REPORT,
     RING_INPUTS,
     RING_OUTPUTS,
     Triple,
@@ -47,6 +50,7 @@ from .wire import (
 log = logging.getLogger(__name__)
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+REPORT_INTERVAL_S = 2.0  # how often a front end's own figures reach the engine
 _AB_KEY_HEADER = "convoy-ab-key"
 
 
@@ -106,6 +110,9 @@ async def _serve(settings: FrontendSettings, index: int, ready: Any) -> None:
     dealer.connect(settings.engine_infer)
     link = _InferLink(dealer)
     link.start()
+    pauses = GcPauses(CollectorRegistry())  # exported by the engine, from our reports
+    pauses.start()
+    reporter = loop.create_task(_report(link, pauses))
     watcher = loop.create_task(_watch_engine(settings.engine_pid, stop))
     await link.offer_segment(settings.ring_bytes)
     server = grpc.aio.server(
@@ -128,12 +135,26 @@ async def _serve(settings: FrontendSettings, index: int, ready: Any) -> None:
     await stop.wait()
     # Drain: in-flight calls finish through the engine, which stops after its front ends.
     await server.stop(settings.grace_period_s)
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for task in (watcher, reporter):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    pauses.close()
     link.close()  # and its socket
     context.term()
     await channel.close()
+
+
+async def _report(link: _InferLink, pauses: GcPauses) -> None:
+    """This process's garbage-collection pauses to the engine, which exports them
+    (convoy_frontend_gc_pause_seconds): cumulative, and sent only when they changed."""
+    last = b""
+    while True:
+        report = json.dumps({"gc": pauses.snapshot()}).encode()
+        if report != last:
+            link.report(report)
+            last = report
+        await asyncio.sleep(REPORT_INTERVAL_S)
 
 
 async def _watch_engine(engine_pid: int, stop: asyncio.Event) -> None:
@@ -220,6 +241,9 @@ class _InferLink:
 
     def start(self) -> None:
         self._socket.start()
+
+    def report(self, body: bytes) -> None:
+        self._outbox.put(None, (b"", encode_header(None, None, kind=REPORT), body))
 
     def _received(self, frames: list[bytes]) -> None:
         deliver(frames, self._answered, "engine")

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<cdB")  # kind, remaining seconds (negative: none), flags
 OK = 0
-INFER, HELLO, FREE = b"I", b"H", b"F"
+INFER, HELLO, FREE, REPORT = b"I", b"H", b"F", b"R"  # REPORT: a front end's own figures
 RING_INPUTS = 1  # the request's inputs are in the front end's segment
 RING_OUTPUTS = 2  # the engine may place large outputs there
 PLACED = 1  # status frame's second byte: some outputs are in the segment
