@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     own_cpus = os.sched_getaffinity(0)
     if args.server_cpus:  # the echo server, every convoy and its front ends inherit it
         os.sched_setaffinity(0, args.server_cpus)
+        # Clients would inherit it too: unless told otherwise, they keep what we had.
+        args.client_cpus = args.client_cpus or frozenset(own_cpus)
     try:
         _sweep(args, counts)
     finally:

@@ -404,21 +404,19 @@ def test_every_inference_path_through_the_engine_link(repo: Path) -> None:
         client = grpcclient.InferenceServerClient(server.url)
         x = np.arange(16, dtype=np.float32).reshape(1, 16)
 
-        def tiny(value: float) -> None:
+        def tiny(value: float, via: grpcclient.InferenceServerClient = client) -> None:
             v = np.full((1, 16), value, np.float32)
-            out = client.infer("tiny", [_tensor("INPUT0", v)]).as_numpy("OUTPUT0")
+            out = via.infer("tiny", [_tensor("INPUT0", v)]).as_numpy("OUTPUT0")
             np.testing.assert_array_equal(out, 2 * v + 1)
 
-        def double(value: float) -> None:
+        def double(value: float, via: grpcclient.InferenceServerClient = client) -> None:
             v = np.full((1, 16), value, np.float32)
-            out = client.infer("double_tiny", [_tensor("IN", v)]).as_numpy("OUT")
+            out = via.infer("double_tiny", [_tensor("IN", v)]).as_numpy("OUT")
             np.testing.assert_array_equal(out, 4 * v + 3)
 
-        def echo(value: float) -> None:
+        def echo(value: float, via: grpcclient.InferenceServerClient = client) -> None:
             v = np.full((1, 4), value, np.float32)
-            np.testing.assert_array_equal(
-                client.infer("echo", [_tensor("X", v)]).as_numpy("Y"), v + 1
-            )
+            np.testing.assert_array_equal(via.infer("echo", [_tensor("X", v)]).as_numpy("Y"), v + 1)
 
         # Refusals: at decode (counted as the model's failures), at the bypass parameter
         # (checked whether or not a cache serves the model), at the version.
@@ -447,12 +445,25 @@ def test_every_inference_path_through_the_engine_link(repo: Path) -> None:
         assert cached.model_stats[0].inference_stats.cache_hit.count == 1
         assert cached.model_stats[0].execution_count == 1
 
+        # Twelve connections of their own, spread by the kernel over both front ends.
+        clients = [
+            grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+            for _ in range(12)
+        ]
         calls = [(f, float(i)) for i in range(40) for f in (tiny, double, echo)]
+        before = _metrics(server)
         with ThreadPoolExecutor(12) as pool:
-            list(pool.map(lambda call: call[0](call[1]), calls))  # each checks its answer
+            list(pool.map(lambda n: calls[n][0](calls[n][1], clients[n % 12]), range(len(calls))))
+        after = _metrics(server)
         stats = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
         # 40 direct calls and two per ensemble call, beside the first ones above.
         assert int(stats["inference_count"]) >= 40 + 2 * 40
-        client.close()
+        passed = [
+            after[k] - before.get(k, 0)
+            for k in (f'convoy_frontend_requests_total{{frontend="{i}"}}' for i in (0, 1))
+        ]
+        assert sum(passed) == len(calls) and min(passed) > 0, passed
+        for each in (client, *clients):
+            each.close()
     finally:
         server.stop()

@@ -53,6 +53,8 @@ def _scrape(link: Any, supervisor: Any) -> dict[str, float]:
 def test_identity_names_the_slot() -> None:
     assert peer_index(peer_identity(3, 4242)) == 3
     assert peer_identity(3, 4242) != peer_identity(3, 4243)  # a restart: a new identity
+    assert peer_identity(3, 4242) != peer_identity(3, 4242)  # even under a reused pid
+    assert peer_identity(3, 4242, b"\x01\x02") == b"frontend-3-4242-0102"
     assert peer_index(b"\x00k\x8bEg") is None  # ZeroMQ's own generated identities
     assert peer_index(b"frontend-x-1") is None
 
@@ -101,7 +103,6 @@ def test_gc_pauses_add_up_per_slot_in_the_engines_own_buckets() -> None:
     link.gc_pauses = {
         peer_identity(0, 1): _pauses([1.0] * width, 0.5),  # slot 0 before its restart
         peer_identity(0, 2): _pauses([0.0] + [2.0] * (width - 1), 0.25),
-        peer_identity(1, 3): _pauses([1.0] * 3, 9.0),  # another bucket layout: left out
         b"\x00unnamed": _pauses([5.0] * width, 1.0),
     }
     scraped = _scrape(link, _Supervisor({}))
@@ -119,6 +120,31 @@ def test_gc_pauses_add_up_per_slot_in_the_engines_own_buckets() -> None:
     own = {k.split("le=")[1] for k in generate_latest(registry).decode().split() if "le=" in k}
     ours = {k.split("le=")[1].split("}")[0] for k in scraped if "le=" in k}
     assert {o.rstrip("}") for o in own} == ours
+
+
+def test_the_engine_keeps_each_front_ends_last_readable_report() -> None:
+    """A report replaces its sender's previous one; an unreadable one, or one in other
+    buckets, is logged and leaves what was there (a scrape never fails over it)."""
+    import json
+
+    from server.frontends.engine_link import EngineLink
+    from server.heap import PAUSE_BUCKETS
+
+    async def infer(*_: object) -> None:
+        raise AssertionError("no inference here")
+
+    link = EngineLink("ipc:///tmp/convoy-test-unbound.ipc", infer)  # type: ignore[arg-type]
+    try:
+        width = len(PAUSE_BUCKETS) + 1
+        who = peer_identity(0, 1)
+        link._report(who, json.dumps({"gc": {"2": [[1.0] * width, 0.5]}}).encode())
+        link._report(who, json.dumps({"gc": {"2": [[2.0] * width, 0.75]}}).encode())
+        for bad in (b"{", b'{"gc": 3}', json.dumps({"gc": {"2": [[1.0] * 3, 0.5]}}).encode()):
+            link._report(who, bad)
+        assert link.gc_pauses == {who: {"2": ([2.0] * width, 0.75)}}
+    finally:
+        link._socket.socket.close()
+        link._context.term()
 
 
 def test_a_snapshot_is_what_the_histogram_holds() -> None:

@@ -26,6 +26,7 @@ from ..errors import ConvoyError, InvalidInput
 from ..frontend.cuda_shm import SharedMemory
 from ..frontend.shm import BYTE_SIZE
 from ..frontend.status import status_code
+from ..heap import PAUSE_BUCKETS
 from ..pb import grpc_service_pb2 as pb
 from .loopsocket import LoopSocket
 from .outbox import Outbox
@@ -131,7 +132,9 @@ class EngineLink:
                 str(generation): ([float(c) for c in counts], float(total))
                 for generation, (counts, total) in report["gc"].items()
             }
-        except (ValueError, KeyError, TypeError) as exc:
+            if any(len(counts) != len(PAUSE_BUCKETS) + 1 for counts, _ in pauses.values()):
+                raise ValueError(f"GC pauses not in the {len(PAUSE_BUCKETS) + 1} buckets")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("a front end's report could not be read: %s", exc)
             return
         self.gc_pauses[identity] = pauses

@@ -36,6 +36,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..heap import PAUSE_BUCKETS
 from .engine_link import EngineLink
@@ -78,7 +79,7 @@ class FrontendCollector(Collector):
             "ModelInfer calls each front end passed to the engine",
             labels=["frontend"],
         )
-        for index, count in sorted(per_slot(self._link.requests).items()):
+        for index, count in sorted(per_slot(dict(self._link.requests)).items()):
             requests.add_metric([str(index)], count)
         yield requests
         cpu = CounterMetricFamily(
@@ -112,13 +113,12 @@ class FrontendCollector(Collector):
         """(slot, generation) -> cumulative bucket counts and sum, over every process
         that has held the slot (a restart adds to its predecessor's last report)."""
         found: dict[tuple[int, str], tuple[list[float], float]] = {}
-        for identity, report in self._link.gc_pauses.items():
+        # Copies: the event loop adds identities while this runs in the scrape thread.
+        for identity, report in list(self._link.gc_pauses.items()):
             index = peer_index(identity)
             if index is None:
                 continue
             for generation, (counts, total) in report.items():
-                if len(counts) != len(_BOUNDS):
-                    continue  # another bucket layout: not ours to add up
                 seen = found.get((index, generation))
                 if seen is not None:
                     counts = [a + b for a, b in zip(seen[0], counts, strict=True)]
@@ -127,8 +127,8 @@ class FrontendCollector(Collector):
         return found
 
 
-_BOUNDS = (*PAUSE_BUCKETS, math.inf)
-_BOUND_LABELS = [*(repr(b) for b in PAUSE_BUCKETS), "+Inf"]  # as the engine's own series
+# Written as prometheus_client writes the engine's own convoy_gc_pause_seconds.
+_BOUND_LABELS = [floatToGoString(b) for b in (*PAUSE_BUCKETS, math.inf)]  # type: ignore[no-untyped-call]
 
 
 def process_usage(pid: int, proc: Path = Path("/proc")) -> tuple[float, int] | None:

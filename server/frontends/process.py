@@ -150,10 +150,13 @@ async def _report(link: _InferLink, pauses: GcPauses) -> None:
     (convoy_frontend_gc_pause_seconds): cumulative, and sent only when they changed."""
     last = b""
     while True:
-        report = json.dumps({"gc": pauses.snapshot()}).encode()
-        if report != last:
-            link.report(report)
-            last = report
+        try:
+            report = json.dumps({"gc": pauses.snapshot()}).encode()
+            if report != last:
+                link.report(report)
+                last = report
+        except Exception:  # figures are not worth a front end: serving goes on
+            log.exception("front end: reporting to the engine failed")
         await asyncio.sleep(REPORT_INTERVAL_S)
 
 

@@ -23,6 +23,7 @@ travel as the bytes gRPC received and will send: never parsed twice, never pickl
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Callable, Mapping
 
@@ -41,17 +42,19 @@ PLACED = 1  # status frame's second byte: some outputs are in the segment
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def peer_identity(index: int, pid: int) -> bytes:
+def peer_identity(index: int, pid: int, nonce: bytes | None = None) -> bytes:
     """A front end's socket identity: its slot, which a restarted front end takes over
-    (the engine counts per slot), and its pid, so that it never reuses a predecessor's
-    identity (a ROUTER refuses a second peer under one identity)."""
-    return f"frontend-{index}-{pid}".encode()
+    (the engine counts per slot), its pid and a random nonce, so that it never reuses a
+    predecessor's identity, even under a reused pid (a ROUTER refuses a second peer
+    under one identity, and the engine keeps each identity's last report)."""
+    nonce = os.urandom(4) if nonce is None else nonce
+    return f"frontend-{index}-{pid}-{nonce.hex()}".encode()
 
 
 def peer_index(identity: bytes) -> int | None:
     """The slot in a `peer_identity`; None for any other identity."""
     parts = identity.split(b"-")
-    if len(parts) == 3 and parts[0] == b"frontend" and parts[1].isdigit():
+    if len(parts) == 4 and parts[0] == b"frontend" and parts[1].isdigit():
         return int(parts[1])
     return None
 
