@@ -1,6 +1,6 @@
 """Soak: mixed load with random reloads and injected faults, reconciled to the request.
 
-    python -m loadtests.soak --duration 300
+    python -m loadtests.soak --duration 300 [--frontends 2]
 
 Starts its own `convoy serve` on a repository holding the built-in `tiny` model and
 a `faulty` convoy_python model (loadtests/faulty_model.py: raises, runs out of
@@ -61,9 +61,14 @@ def build_repository(root: Path) -> None:
     (root / "faulty" / "config.pbtxt").write_text(FAULTY_CONFIG)
 
 
+# A connection of each client's own (gRPC would share one between a process's channels):
+# with front ends, the kernel spreads connections, not channels, over them.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def client_loop(url: str, stop: float, tally: Tally, seed: int) -> None:
     rng = random.Random(seed)
-    client = grpcclient.InferenceServerClient(url)
+    client = grpcclient.InferenceServerClient(url, channel_args=OWN_CONNECTION)
     while time.monotonic() < stop:
         if rng.random() < 0.6:
             model, name, out = "tiny", "INPUT0", "OUTPUT0"
@@ -101,17 +106,22 @@ def reload_loop(url: str, stop: float, seed: int) -> int:
     return reloads
 
 
-def server_counters(metrics_port: int) -> tuple[Counter[str], Counter[str]]:
+def server_counters(metrics_port: int) -> tuple[Counter[str], Counter[str], Counter[str]]:
+    """Successes and failures per model, and ModelInfer calls per front end."""
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
     success: Counter[str] = Counter()
     failure: Counter[str] = Counter()
+    passed: Counter[str] = Counter()
     for line in body.decode().splitlines():
         match = re.match(r"convoy_request_(success|failure)_total\{(.*)\} ([0-9.e+]+)", line)
         if match:
             model = re.search(r'model="([^"]+)"', match.group(2)).group(1)  # type: ignore[union-attr]
             target = success if match.group(1) == "success" else failure
             target[model] += int(float(match.group(3)))
-    return success, failure
+        match = re.match(r'convoy_frontend_requests_total\{frontend="(\d+)"\} ([0-9.e+]+)', line)
+        if match:
+            passed[match.group(1)] += int(float(match.group(2)))
+    return success, failure, passed
 
 
 def rss_mb(pid: int) -> float:
@@ -121,11 +131,13 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def soak(duration: float, clients: int, seed: int = 0) -> dict[str, object]:
+def soak(duration: float, clients: int, seed: int = 0, frontends: int = 1) -> dict[str, object]:
+    """With `frontends` > 1 every call also goes through a front end, and the calls each
+    front end passed on must add up to what the clients sent."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_repository(root)
-        server = start_convoy(root)
+        server = start_convoy(root, "--frontends", str(frontends))
         proc, url, metrics_port = server.proc, server.url, server.metrics_port
         assert metrics_port is not None
         tally = Tally()
@@ -147,7 +159,7 @@ def soak(duration: float, clients: int, seed: int = 0) -> dict[str, object]:
             time.sleep(1.0)
         for t in threads:
             t.join()
-        success, failure = server_counters(metrics_port)
+        success, failure, passed = server_counters(metrics_port)
         code = server.stop()
     answered = {
         m: tally.ok[m] + sum(n for (mm, _), n in tally.errors.items() if mm == m)
@@ -165,6 +177,8 @@ def soak(duration: float, clients: int, seed: int = 0) -> dict[str, object]:
         "wrong_results": tally.wrong,
         "server_success": dict(success),
         "server_failure": dict(failure),
+        "frontends": frontends,
+        "frontend_requests": dict(passed),
         "rss_mb": memory,
         "exit_code": code,
     }
@@ -177,6 +191,7 @@ def soak(duration: float, clients: int, seed: int = 0) -> dict[str, object]:
             for m in tally.sent
         )
         and code == 0
+        and (frontends == 1 or sum(passed.values()) == sum(tally.sent.values()))
     )
     return report
 
@@ -188,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--frontends", type=int, default=1, help="front-end processes")
     args = parser.parse_args(argv)
-    report = soak(args.duration, args.clients)
+    report = soak(args.duration, args.clients, frontends=args.frontends)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

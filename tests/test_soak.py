@@ -16,3 +16,16 @@ def test_short_soak_reconciles() -> None:
     assert report["reconciled"], report
     rss = [mb for _, mb in report["rss_mb"]]  # type: ignore[attr-defined]
     assert max(rss) - rss[0] < 200, rss
+
+
+@pytest.mark.e2e
+def test_short_soak_through_two_front_ends_reconciles() -> None:
+    """The same through two front-end processes: every call answered once, the server's
+    counters agree, and the calls each front end passed on add up to what was sent."""
+    report = soak(duration=6.0, clients=12, seed=2, frontends=2)
+    assert report["lost"] == {"tiny": 0, "faulty": 0}, report
+    assert report["wrong_results"] == 0 and report["reloads"] >= 1
+    passed = report["frontend_requests"]
+    assert sum(passed.values()) == sum(report["sent"].values()), report  # type: ignore[attr-defined]
+    assert set(passed) == {"0", "1"}, report  # both carried calls (12 connections)
+    assert report["reconciled"], report
