@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.procstat import process_usage
+
 ROOT = Path(__file__).resolve().parents[1]
 _READY = re.compile(r"convoy serving gRPC on \S+:(\d+), metrics on port (\d+|off)")
 _HTTP = re.compile(r"HTTP on port (\d+|off)")
@@ -102,13 +104,13 @@ def start_convoy(
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """User + system CPU of a process, all its threads, from /proc/<pid>/stat: what a
-    server spends per request, robust to how busy a shared machine is. With `tid`, of
-    that one thread (the main thread's tid is the pid)."""
-    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
-    # Fields after the command name, which is in parentheses and may hold spaces.
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of a process, all its threads (or with `tid`, that one thread):
+    what a server spends per request, robust to how busy a shared machine is. Raises
+    FileNotFoundError for a process that has gone."""
+    usage = process_usage(pid, tid)
+    if usage is None:
+        raise FileNotFoundError(f"/proc/{pid}: no such process")
+    return usage[0]
 
 
 def link_model(source: Path, target: Path) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.frontends.exporter import FrontendCollector, process_usage
+from server.frontends.exporter import FrontendCollector
 from server.frontends.wire import peer_identity, peer_index
+from server.procstat import process_usage
 
 
 class _Link:
@@ -83,10 +84,14 @@ def test_process_usage_reads_a_command_name_with_spaces_and_parentheses(tmp_path
     stat = "123 (a (b) c) S 1 1 1 0 -1 4194560 10 0 0 0 250 50 0 0 20 0 1 0 100 1000 77 0"
     (tmp_path / "123").mkdir()
     (tmp_path / "123" / "stat").write_text(stat)
-    cpu, rss = process_usage(123, tmp_path)  # type: ignore[misc]
+    cpu, rss = process_usage(123, proc=tmp_path)  # type: ignore[misc]
     assert cpu == pytest.approx(300 / os.sysconf("SC_CLK_TCK"))
     assert rss == 77 * os.sysconf("SC_PAGE_SIZE")
-    assert process_usage(124, tmp_path) is None
+    assert process_usage(124, proc=tmp_path) is None
+    # One thread's own line, under task/<tid>.
+    (tmp_path / "123" / "task" / "124").mkdir(parents=True)
+    (tmp_path / "123" / "task" / "124" / "stat").write_text(stat.replace(" 250 50 ", " 25 5 "))
+    assert process_usage(123, 124, tmp_path)[0] == pytest.approx(30 / os.sysconf("SC_CLK_TCK"))  # type: ignore[index]
 
 
 def _pauses(counts: list[float], total: float) -> dict[str, tuple[list[float], float]]:

@@ -25,9 +25,7 @@ starts again from zero (a counter reset, as for any restarted process).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -39,6 +37,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ..heap import PAUSE_BUCKETS
+from ..procstat import process_usage
 from .engine_link import EngineLink
 from .supervisor import FrontendSupervisor
 from .wire import peer_index, per_slot
@@ -129,17 +128,3 @@ class FrontendCollector(Collector):
 
 # Written as prometheus_client writes the engine's own convoy_gc_pause_seconds.
 _BOUND_LABELS = [floatToGoString(b) for b in (*PAUSE_BUCKETS, math.inf)]  # type: ignore[no-untyped-call]
-
-
-def process_usage(pid: int, proc: Path = Path("/proc")) -> tuple[float, int] | None:
-    """(CPU seconds, resident bytes) of a live process, from /proc/<pid>/stat; None
-    if there is no such process."""
-    try:
-        text = (proc / str(pid) / "stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The fields after the command name, which is in parentheses and may hold spaces:
-    # utime and stime (clock ticks) are the 14th and 15th fields, rss (pages) the 24th.
-    fields = text.rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
