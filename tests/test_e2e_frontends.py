@@ -52,26 +52,32 @@ class Model:
 """
 
 
+def _python_model(root: Path, name: str, source: str, max_batch_size: int, rest: str) -> None:
+    """A convoy_python model: its model.py and a config.pbtxt of `rest` (the tensors
+    and whatever else) after name, backend and max_batch_size."""
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "1" / "model.py").write_text(source)
+    (root / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nbackend: "convoy_python"\nmax_batch_size: {max_batch_size}\n{rest}'
+    )
+
+
 @pytest.fixture()
 def repo(tmp_path: Path, examples_dir: Path) -> Path:
     root = make_repository(tmp_path / "repo", examples_dir, ("tiny",))
-    (root / "slow" / "1").mkdir(parents=True)
-    (root / "slow" / "1" / "model.py").write_text(SLOW)
-    (root / "slow" / "config.pbtxt").write_text(
-        'name: "slow"\nbackend: "convoy_python"\nmax_batch_size: 16\n'
+    _python_model(
+        root, "slow", SLOW, 16,
         'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
         'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-        "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
-    )
-    (root / "big" / "1").mkdir(parents=True)
-    (root / "big" / "1" / "model.py").write_text(BIG)
-    (root / "big" / "config.pbtxt").write_text(
-        'name: "big"\nbackend: "convoy_python"\nmax_batch_size: 4\n'
+        "dynamic_batching { max_queue_delay_microseconds: 20000 }\n",
+    )  # fmt: skip
+    _python_model(
+        root, "big", BIG, 4,
         'input [ { name: "X" data_type: TYPE_FP32 dims: [ 65536 ] } ]\n'
         'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 65536 ] },'
         ' { name: "S" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-        "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
-    )
+        "dynamic_batching { max_queue_delay_microseconds: 2000 }\n",
+    )  # fmt: skip
     return root
 
 
@@ -389,14 +395,12 @@ def test_every_inference_path_through_the_engine_link(repo: Path) -> None:
     model, an ensemble, the response cache, and refusals at decode, at the cache's
     bypass parameter and at routing; under concurrency every call gets its own,
     correct answer."""
-    (repo / "echo" / "1").mkdir(parents=True)
-    (repo / "echo" / "1" / "model.py").write_text(ECHO)
-    (repo / "echo" / "config.pbtxt").write_text(
-        'name: "echo"\nbackend: "convoy_python"\nmax_batch_size: 8\n'
+    _python_model(
+        repo, "echo", ECHO, 8,
         'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
         'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-        "response_cache { enable: true }\n"
-    )
+        "response_cache { enable: true }\n",
+    )  # fmt: skip
     (repo / "double_tiny" / "1").mkdir(parents=True)
     (repo / "double_tiny" / "config.pbtxt").write_text(DOUBLE_TINY)
     server = start_server(repo, "--frontends", "2", "--cache-config", "local,size=1048576")
