@@ -100,3 +100,17 @@ def test_gpu_bench_served_against_bare_runs_on_the_cpu(tmp_path: Path) -> None:
     torch.jit.script(cnn()).save(str(path))
     served, bare, p99 = served_against_bare(path, 1.0, 4, 1, 1, device="cpu")
     assert served > 0 and bare > 0 and p99 > 0
+
+
+def test_engine_cost_runs_the_engines_path_without_sockets() -> None:
+    """Every request answered OK through the real EngineLink, queue and instance; the
+    batch sizes follow the concurrency (a closed loop of c callers)."""
+    import uvloop
+
+    from loadtests.engine_cost import measure, split
+
+    low, high = uvloop.run(measure([1, 8], 400, 2))
+    assert low.rows_per_batch == 1.0 and 1.0 < high.rows_per_batch <= 8.0
+    assert all(us > 0 for us in (*low.cpu_us, *high.cpu_us, *low.wall_us))
+    per_batch, per_request = split(low, high)
+    assert per_batch + per_request == pytest.approx(low.best)

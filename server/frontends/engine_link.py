@@ -29,7 +29,7 @@ from ..frontend.status import status_code
 from ..heap import PAUSE_BUCKETS
 from ..pb import grpc_service_pb2 as pb
 from .loopsocket import LoopSocket
-from .outbox import Outbox
+from .outbox import Outbox, Send
 from .ring import SHM_DIR, EngineRing, Placed, Segment
 from .wire import (
     FREE,
@@ -61,7 +61,9 @@ Infer = Callable[
 
 
 class EngineLink:
-    def __init__(self, address: str, infer: Infer) -> None:
+    def __init__(self, address: str, infer: Infer, send: Send | None = None) -> None:
+        """`send` replaces the ROUTER socket's own sends (loadtests/engine_cost.py
+        measures the engine's path without sockets)."""
         self.address = address  # ipc://... on this host only
         self._infer = infer
         self._context = zmq.Context()
@@ -70,8 +72,8 @@ class EngineLink:
         # would leave its caller waiting and its ring slots held. No mark, then.
         socket.setsockopt(zmq.SNDHWM, 0)
         socket.setsockopt(zmq.RCVHWM, 0)
-        self._socket = LoopSocket(socket, self._received)
-        self._outbox = Outbox(self._socket.send)
+        self._socket = LoopSocket(socket, self.received)
+        self._outbox = Outbox(send or self._socket.send)
         self._reading = False
         self._answering: set[asyncio.Task[None]] = set()
         self._rings: dict[bytes, EngineRing] = {}  # by front end (DEALER identity)
@@ -91,7 +93,8 @@ class EngineLink:
         self._socket.start()
         self._reading = True
 
-    def _received(self, frames: list[bytes]) -> None:
+    def received(self, frames: list[bytes]) -> None:
+        """One message from a front end: its identity, then the packed triples."""
         if not self._reading:
             return  # stopping: what arrives now is not taken
         identity, *rest = frames
