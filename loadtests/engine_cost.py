@@ -73,8 +73,8 @@ def _request() -> bytes:
 class ClosedLoop:
     """Callers that each send their next request when answered, as front ends would."""
 
-    def __init__(self, link_of: list[EngineLink], payload: bytes) -> None:
-        self._link_of = link_of
+    def __init__(self, payload: bytes) -> None:
+        self.link: EngineLink | None = None  # set once the link (which sends to us) exists
         self._payload = payload
         self._header = encode_header(10.0, None)
         self._left = 0
@@ -96,7 +96,8 @@ class ClosedLoop:
     def _send(self, rid: bytes) -> None:
         self._left -= 1
         self._pending += 1
-        self._link_of[0].received([IDENTITY, *pack([(rid, self._header, self._payload)])])
+        assert self.link is not None
+        self.link.received([IDENTITY, *pack([(rid, self._header, self._payload)])])
 
     async def run(self, concurrency: int, requests: int) -> tuple[float, float]:
         """(loop CPU µs, wall µs) per request over `requests` calls."""
@@ -122,10 +123,9 @@ async def measure(concurrencies: list[int], requests: int, rounds: int) -> list[
         await server.repository.load_all()
         if server.heap is not None:
             server.heap.now()
-        link_of: list[EngineLink] = []
-        loop = ClosedLoop(link_of, _request())
+        loop = ClosedLoop(_request())
         link = EngineLink(f"ipc://{tmp}/engine.ipc", server.servicer.infer_message, loop.sent)
-        link_of.append(link)
+        loop.link = link
         await link.start()
         model = server.repository.get(MODEL, "")
         try:
