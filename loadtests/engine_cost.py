@@ -17,6 +17,11 @@ Python per message each way) and the kernel's are not in it.
 From two concurrencies, the cost splits into a part per batch and a part per
 request (batches form from the callers waiting, so at concurrency c they hold about
 c requests): what the loop pays per model run and what it pays per caller.
+
+The CPU figures move 15-25 % between runs on a shared machine; one more round at
+each concurrency counts the function calls the loop thread makes per request
+(Python and C, from `sys.setprofile`), a figure that does not depend on the
+machine, to compare changes by.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Figures:
     cpu_us: list[float]  # the loop thread's CPU per request, per round
     wall_us: list[float]
     rows_per_batch: float
+    calls: float  # function calls on the loop thread per request (a counted round)
 
     @property
     def best(self) -> float:
@@ -112,6 +118,22 @@ class ClosedLoop:
             raise RuntimeError(f"{len(self.errors)} errors, the first: {self.errors[0]!r}")
         return 1e6 * cpu / requests, 1e6 * wall / requests
 
+    async def count_calls(self, concurrency: int, requests: int) -> float:
+        """Function calls (Python and C) on this thread per request over one round."""
+        calls = 0
+
+        def profile(frame: object, event: str, arg: object) -> None:
+            nonlocal calls
+            if event == "call" or event == "c_call":
+                calls += 1
+
+        sys.setprofile(profile)
+        try:
+            await self.run(concurrency, requests)
+        finally:
+            sys.setprofile(None)
+        return calls / requests
+
 
 async def measure(concurrencies: list[int], requests: int, rounds: int) -> list[Figures]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,12 +159,14 @@ async def measure(concurrencies: list[int], requests: int, rounds: int) -> list[
                 per_round = max(1, requests // rounds)
                 runs = [await loop.run(concurrency, per_round) for _ in range(rounds)]
                 after_batches, after_rows = _batches(stats)
+                calls = await loop.count_calls(concurrency, per_round)
                 results.append(
                     Figures(
                         concurrency,
                         [cpu for cpu, _ in runs],
                         [wall for _, wall in runs],
                         (after_rows - rows) / max(1, after_batches - batches),
+                        calls,
                     )
                 )
             return results
@@ -175,12 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     results = uvloop.run(measure(concurrencies, args.requests, args.rounds))
     print(f"{MODEL}, the engine's loop thread per request, {args.rounds} rounds per point")
-    print("| concurrency | rows per batch | loop CPU µs (fastest) | median | wall µs (fastest) |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| concurrency | rows per batch | loop CPU µs (fastest) | median | wall µs (fastest) "
+        "| calls per request |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for f in results:
         print(
             f"| {f.concurrency} | {f.rows_per_batch:.1f} | {f.best:.1f} | {f.median:.1f} "
-            f"| {min(f.wall_us):.1f} |"
+            f"| {min(f.wall_us):.1f} | {f.calls:.0f} |"
         )
     if len(results) >= 2:
         per_batch, per_request = split(results[0], results[-1])

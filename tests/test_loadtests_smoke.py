@@ -112,5 +112,6 @@ def test_engine_cost_runs_the_engines_path_without_sockets() -> None:
     low, high = uvloop.run(measure([1, 8], 400, 2))
     assert low.rows_per_batch == 1.0 and 1.0 < high.rows_per_batch <= 8.0
     assert all(us > 0 for us in (*low.cpu_us, *high.cpu_us, *low.wall_us))
+    assert high.calls < low.calls  # a batch's calls shared by more requests
     per_batch, per_request = split(low, high)
     assert per_batch + per_request == pytest.approx(low.best)
