@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from server.batching.batch import Batch
-from server.batching.queue import BatchOutcome, ModelQueue
+from server.batching.queue import BatchDone, BatchOutcome, ModelQueue
 from server.batching.request import InferRequest
 from server.config import BatchingConfig
 from server.errors import ConvoyError
@@ -27,14 +27,12 @@ class NoOpRunner:
     def __init__(self) -> None:
         self.batches = 0
 
-    def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
-        """Completes on the next loop iteration, like a real instance's call_soon_threadsafe."""
+    def submit(self, batch: Batch, done: BatchDone) -> None:
+        """Answers on the next loop iteration, like a real instance's call_soon_threadsafe."""
         self.batches += 1
-        future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
         inputs = batch.gather_inputs()
         outcome = BatchOutcome(outputs={"y": inputs["x"]}, input_ns=0, infer_ns=0, device="cpu")
-        asyncio.get_running_loop().call_soon(future.set_result, outcome)
-        return future
+        asyncio.get_running_loop().call_soon(done, outcome)
 
 
 class NullObserver:

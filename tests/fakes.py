@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.batching.batch import Batch
-from server.batching.queue import BatchOutcome
+from server.batching.queue import BatchDone, BatchOutcome
 from server.batching.request import InferRequest
 from server.errors import ConvoyError
 
@@ -59,8 +59,8 @@ class FakeRunner:
     gate: asyncio.Event | None = None
     fail_with: ConvoyError | Exception | None = None
 
-    def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
-        return asyncio.ensure_future(self._run(batch))
+    def submit(self, batch: Batch, done: BatchDone) -> None:
+        answer_when_done(asyncio.ensure_future(self._run(batch)), done)
 
     async def _run(self, batch: Batch) -> BatchOutcome:
         self.running += 1
@@ -75,6 +75,15 @@ class FakeRunner:
             return BatchOutcome({"y": inputs["x"] + 1}, input_ns=1, infer_ns=2, device="cpu")
         finally:
             self.running -= 1
+
+
+def answer_when_done(run: asyncio.Future[BatchOutcome], done: BatchDone) -> None:
+    """A runner's coroutine, answered through the queue's callback as the pool does."""
+
+    def finished(f: asyncio.Future[BatchOutcome]) -> None:
+        done(f.exception() or f.result())
+
+    run.add_done_callback(finished)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from server.batching.batch import Batch
+from server.batching.queue import BatchOutcome
 from server.errors import Unavailable
 from server.scheduling.devices import is_device_fault
 from server.scheduling.health import DeviceHealth
@@ -62,6 +63,21 @@ def batch_of(value: float, loop: asyncio.AbstractEventLoop) -> Batch:
     return Batch(requests=(make_request(value=value, loop=loop),), batched=True)
 
 
+def submitted(pool: InstancePool, batch: Batch) -> asyncio.Future[BatchOutcome]:
+    """The batch's one answer as a future; a second answer would fail the test."""
+    future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+
+    def done(outcome: BatchOutcome | BaseException) -> None:
+        assert not future.done(), "a batch answered twice"
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    pool.submit(batch, done)
+    return future
+
+
 def test_device_fault_classification() -> None:
     assert is_device_fault(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
@@ -77,21 +93,21 @@ def test_gpu_first_then_cpu_retry_then_probe() -> None:
         cpu = ModelInstance("cpu", cpu_backend)
         pool = InstancePool([cpu, gpu], backoff_s=0.2, backoff_cap_s=1.0)
 
-        healthy = await pool.submit(batch_of(1.0, loop))
+        healthy = await submitted(pool, batch_of(1.0, loop))
         assert healthy.outputs["y"][0, 0] == 101.0 and healthy.device == "cuda:0"
 
         gpu_backend.broken.set()
-        retried = await pool.submit(batch_of(2.0, loop))  # fails on the GPU, answered by the CPU
+        retried = await submitted(pool, batch_of(2.0, loop))  # fails on the GPU; the CPU answers
         assert retried.outputs["y"][0, 0] == 3.0 and retried.device == "cpu"
         assert pool.fallbacks == 1 and not pool.breaker(gpu).allows(time.monotonic())
 
         calls = gpu_backend.calls
-        while_open = await pool.submit(batch_of(3.0, loop))  # breaker open: straight to the CPU
+        while_open = await submitted(pool, batch_of(3.0, loop))  # breaker open: straight to the CPU
         assert while_open.device == "cpu" and gpu_backend.calls == calls
 
         gpu_backend.broken.clear()
         await asyncio.sleep(0.3)  # back-off passes: the next batch probes the GPU
-        probe = await pool.submit(batch_of(4.0, loop))
+        probe = await submitted(pool, batch_of(4.0, loop))
         assert probe.device == "cuda:0" and probe.outputs["y"][0, 0] == 104.0
         assert pool.breaker(gpu).failures == 0
         await asyncio.to_thread(pool.close)
@@ -106,7 +122,7 @@ def test_no_cpu_instance_answers_unavailable() -> None:
         backend.broken.set()
         pool = InstancePool([ModelInstance("gpu", backend)], backoff_s=0.05)
         with pytest.raises(Unavailable, match="no CPU instance"):
-            await pool.submit(batch_of(1.0, loop))
+            await submitted(pool, batch_of(1.0, loop))
         await asyncio.to_thread(pool.close)
 
     asyncio.run(body())
@@ -131,7 +147,7 @@ def test_many_batches_under_faults_each_answered_once() -> None:
             pending = [f for f in in_flight if not f.done()]
             if len(pending) >= pool.capacity:
                 await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            future = pool.submit(batch_of(float(i), loop))
+            future = submitted(pool, batch_of(float(i), loop))
             in_flight.append(future)  # type: ignore[arg-type]
             future.add_done_callback(
                 lambda f, i=i: answers.setdefault(float(i), []).append(
@@ -157,8 +173,8 @@ def test_cpu_takes_ordinary_batches_only_after_the_spill_bound() -> None:
             gpu = ModelInstance("gpu", GatedBackend("cuda:0", 100.0, gate))
             cpu = ModelInstance("cpu", FakeBackend("cpu", 1.0))
             pool = InstancePool([gpu, cpu], cpu_spill_after_s=spill)
-            first = pool.submit(batch_of(1.0, loop))  # occupies the GPU
-            second = pool.submit(batch_of(2.0, loop))  # GPU busy, CPU free
+            first = submitted(pool, batch_of(1.0, loop))  # occupies the GPU
+            second = submitted(pool, batch_of(2.0, loop))  # GPU busy, CPU free
             await asyncio.sleep(0.2)
             if spill is None:
                 assert not second.done()  # waits for the GPU: CPU is the fallback only
@@ -200,7 +216,7 @@ def test_a_classification_batch_that_fails_on_the_gpu_is_ranked_on_the_cpu() -> 
         request.inputs["x"] = np.array([[0, 3, 1, 2], [5, 4, 7, 6]], np.float32)
         request.classification["y"] = 2
         batch = Batch(requests=(request,), batched=True)
-        outcome = await pool.submit(batch)
+        outcome = await submitted(pool, batch)
         assert outcome.device == "cpu" and pool.fallbacks == 1 and gpu_backend.calls == 1
         (result,) = batch.split_outputs(outcome.outputs, outcome.ranked)
         assert result.outputs == {}  # only the ranking was asked for
@@ -222,7 +238,7 @@ def test_capacity_counts_only_instances_that_take_ordinary_batches() -> None:
         pool = InstancePool([gpu, cpu], backoff_s=5.0)
         assert pool.capacity == 1  # the GPU only: the CPU instance is its fallback
         gpu_backend.broken.set()
-        assert (await pool.submit(batch_of(1.0, loop))).device == "cpu"
+        assert (await submitted(pool, batch_of(1.0, loop))).device == "cpu"
         assert pool.capacity == 1  # the GPU is out of service: now the CPU serves
         spilling = InstancePool(
             [
@@ -260,17 +276,17 @@ def test_fatal_device_fault_fails_the_device_for_good() -> None:
         lost: list[str] = []
         other.on_lost = lambda error: lost.append(error.message)
 
-        assert (await mixed.submit(batch_of(1.0, loop))).device == "cpu"
+        assert (await submitted(mixed, batch_of(1.0, loop))).device == "cpu"
         assert health.is_failed("cuda:0") and "illegal memory access" in health.failed["cuda:0"]
         gpu_backend.broken.clear()
         await asyncio.sleep(0.05)  # long past the back-off: still no probe
-        assert (await mixed.submit(batch_of(2.0, loop))).device == "cpu"
+        assert (await submitted(mixed, batch_of(2.0, loop))).device == "cpu"
         assert gpu_backend.calls == 1 and mixed.capacity == 1
 
         # The other model has only instances on the failed device: lost, refused at once.
         assert lost and "cuda:0" in lost[0] and other.capacity == 0
         with pytest.raises(Unavailable, match="devices failed"):
-            await other.submit(batch_of(3.0, loop))
+            await submitted(other, batch_of(3.0, loop))
         assert other_backend.calls == 0
         for p in (mixed, other):
             await asyncio.to_thread(p.close)
@@ -287,7 +303,7 @@ def test_a_retired_instance_closes_its_backend_when_its_call_returns() -> None:
         stuck = GatedBackend("cpu", 0.0, gate)
         pool = InstancePool([ModelInstance("stuck", stuck)], execution_timeout_s=0.05)
         with pytest.raises(Unavailable, match="execution timeout"):
-            await pool.submit(batch_of(1.0, loop))
+            await submitted(pool, batch_of(1.0, loop))
         assert stuck.closed == 0  # still inside its call
         gate.set()
         for _ in range(100):
@@ -318,14 +334,14 @@ def test_last_instance_gone_and_no_replacement_fails_at_once() -> None:
         lost: list[str] = []
         pool.on_lost = lambda error: lost.append(error.message)
         with pytest.raises(Unavailable, match="execution timeout"):
-            await pool.submit(batch_of(1.0, loop))
+            await submitted(pool, batch_of(1.0, loop))
         for _ in range(100):
             if lost:
                 break
             await asyncio.sleep(0.01)
         assert lost and "no instance" in lost[0]
         with pytest.raises(Unavailable, match="no instance"):
-            await asyncio.wait_for(pool.submit(batch_of(2.0, loop)), 1)
+            await asyncio.wait_for(submitted(pool, batch_of(2.0, loop)), 1)
         gate.set()
         await asyncio.to_thread(pool.close)
 
@@ -349,10 +365,10 @@ def test_a_backend_raising_stopiteration_still_answers_its_batch_and_frees_the_i
         loop = asyncio.get_running_loop()
         pool = InstancePool([ModelInstance("cpu", _StopBackend("cpu", 1.0))])
         try:
-            first = pool.submit(Batch(requests=(make_request(loop=loop),), batched=True))
+            first = submitted(pool, Batch(requests=(make_request(loop=loop),), batched=True))
             with pytest.raises(RuntimeError, match="StopIteration"):
                 await asyncio.wait_for(first, 5.0)
-            second = pool.submit(Batch(requests=(make_request(loop=loop),), batched=True))
+            second = submitted(pool, Batch(requests=(make_request(loop=loop),), batched=True))
             await asyncio.wait_for(second, 5.0)  # the instance is free again
         finally:
             await asyncio.to_thread(pool.close, 1.0)
@@ -370,8 +386,8 @@ def test_a_batch_waiting_when_the_pool_closes_is_answered_not_handed_to_a_stoppe
         gate = threading.Event()
         backend = GatedBackend("cpu", 1.0, gate)
         pool = InstancePool([ModelInstance("only", backend)])
-        running = pool.submit(batch_of(1.0, loop))
-        waiting = pool.submit(batch_of(2.0, loop))
+        running = submitted(pool, batch_of(1.0, loop))
+        waiting = submitted(pool, batch_of(2.0, loop))
         await asyncio.sleep(0.05)
         closing = loop.run_in_executor(None, pool.close, 5.0)
         await asyncio.sleep(0.05)
@@ -382,5 +398,22 @@ def test_a_batch_waiting_when_the_pool_closes_is_answered_not_handed_to_a_stoppe
         with pytest.raises(Unavailable):
             await asyncio.wait_for(waiting, 2)
         assert backend.calls == 1
+
+    asyncio.run(body())
+
+
+def test_a_refused_batch_is_answered_in_a_later_turn_not_inside_submit() -> None:
+    """The queue's callback may form and submit the next batch: it must never run
+    while the queue is still inside submit (a lost or closed pool answers at once)."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        pool = InstancePool([ModelInstance("only", FakeBackend("cpu", 1.0))])
+        await asyncio.to_thread(pool.close, 1.0)
+        answers: list[BatchOutcome | BaseException] = []
+        pool.submit(batch_of(1.0, loop), answers.append)
+        assert answers == []
+        await asyncio.sleep(0)
+        assert len(answers) == 1 and isinstance(answers[0], Unavailable)
 
     asyncio.run(body())

@@ -12,7 +12,7 @@ from server.batching.queue import ModelQueue
 from server.config import BatchingConfig, QueuePolicy
 from server.errors import DeadlineExceeded, InternalError, Overloaded, Unavailable
 
-from .fakes import FakeClock, FakeRunner, RecordingObserver, make_request
+from .fakes import FakeClock, FakeRunner, RecordingObserver, answer_when_done, make_request
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
@@ -191,7 +191,7 @@ def test_preserve_ordering_releases_answers_in_dispatch_order() -> None:
         order: list[str] = []
 
         class TwoInstances(FakeRunner):
-            def submit(self, batch):  # type: ignore[no-untyped-def]
+            def submit(self, batch, done):  # type: ignore[no-untyped-def]
                 gate = gates[len(self.batches) % 2]
                 self.batches.append(tuple(float(r.inputs["x"].flat[0]) for r in batch.requests))
 
@@ -202,7 +202,7 @@ def test_preserve_ordering_releases_answers_in_dispatch_order() -> None:
 
                     return BatchOutcome({"y": x + 1}, input_ns=1, infer_ns=1, device="cpu")
 
-                return asyncio.ensure_future(run())
+                answer_when_done(asyncio.ensure_future(run()), done)
 
         runner = TwoInstances(capacity=2)
         queue, _ = make_queue(runner, BatchingConfig(preserve_ordering=True), clock, max_batch=1)

@@ -11,6 +11,8 @@ close() once; close() cancels the timer and awaits the batches in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -49,14 +51,21 @@ class BatchOutcome:
     answers: tuple[InferResult | ConvoyError, ...] | None = None
 
 
+# Called once per batch, on the loop, with its outcome or the exception its run raised.
+BatchDone = Callable[[BatchOutcome | BaseException], None]
+
+
 class BatchRunner(Protocol):
     @property
     def capacity(self) -> int:
         """Batches that may run at once now (read at every batch formed)."""
         ...
 
-    def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
-        """Start the batch on a free instance; never called with none free."""
+    def submit(self, batch: Batch, done: BatchDone) -> None:
+        """Start the batch on a free instance (never called with none free); `done`
+        is called once, from a later loop callback, never from within submit. A
+        callback rather than a future: the instance's answer reaches the queue in the
+        same loop turn, with no future and no extra turn per batch in between."""
         ...
 
 
@@ -109,7 +118,7 @@ class ModelQueue:
         # on time even while every instance is busy and no batch forms.
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._deadline_at: int | None = None
-        self._running: dict[asyncio.Future[BatchOutcome], Batch] = {}
+        self._running: dict[int, Batch] = {}  # by ticket: dispatched, not yet answered
         self._idle: asyncio.Event | None = None
         # preserve_ordering: answers are released in dispatch order.
         self._ordered = self._batching.preserve_ordering and runner.capacity > 1
@@ -231,9 +240,12 @@ class ModelQueue:
             if timer is not None:
                 timer.cancel()
         self._fail_pending(Unavailable(f"model '{self.name}' was unloaded before this ran"))
-        if self._running:
+        if self._running and self._idle is not None:
+            # Nothing is queued now: the idle event is set once the last batch returns.
             left = None if deadline is None else max(0.0, deadline - loop.time())
-            await asyncio.wait(list(self._running), timeout=left)
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), left)
         stuck = Unavailable(f"model '{self.name}' was unloaded while this batch was running")
         for batch in list(self._running.values()):
             self._fail_batch(batch, stuck)
@@ -354,14 +366,13 @@ class ModelQueue:
         self._busy += 1
         ticket = self._next_ticket
         self._next_ticket += 1
-        future = self._runner.submit(batch)
-        self._running[future] = batch
-        future.add_done_callback(lambda f: self._finished(batch, ticket, f))
+        self._running[ticket] = batch
+        self._runner.submit(batch, functools.partial(self._finished, batch, ticket))
 
-    def _finished(self, batch: Batch, ticket: int, future: asyncio.Future[BatchOutcome]) -> None:
-        self._running.pop(future, None)
+    def _finished(self, batch: Batch, ticket: int, outcome: BatchOutcome | BaseException) -> None:
+        self._running.pop(ticket, None)
         self._busy -= 1
-        answer = self._answer_batch(batch, future)
+        answer = self._answer_batch(batch, outcome)
         if self._ordered:
             self._held[ticket] = answer
             while self._release_ticket in self._held:
@@ -372,24 +383,24 @@ class ModelQueue:
         self._pump()
 
     def _answer_batch(
-        self, batch: Batch, future: asyncio.Future[BatchOutcome]
+        self, batch: Batch, outcome: BatchOutcome | BaseException
     ) -> Callable[[], None]:
         """Split the outcome now; return the step that resolves the callers' futures."""
         try:
-            if future.cancelled():
-                raise Unavailable(f"model '{self.name}': batch cancelled")
-            outcome = future.result()
+            if isinstance(outcome, BaseException):
+                raise outcome  # answered below like a failure of the split
+            ran = outcome
             start = self._clock()
             per_request: list[InferResult | ConvoyError]
-            if outcome.answers is not None:
-                if len(outcome.answers) != len(batch.requests):
+            if ran.answers is not None:
+                if len(ran.answers) != len(batch.requests):
                     raise InternalError(
-                        f"model '{self.name}': {len(outcome.answers)} answers for a batch "
+                        f"model '{self.name}': {len(ran.answers)} answers for a batch "
                         f"of {len(batch.requests)} requests"
                     )
-                per_request = list(outcome.answers)
+                per_request = list(ran.answers)
             else:
-                per_request = list(batch.split_outputs(outcome.outputs, outcome.ranked))
+                per_request = list(batch.split_outputs(ran.outputs, ran.ranked))
             output_ns = self._clock() - start
         except ConvoyError as exc:
             error: ConvoyError = exc
@@ -401,7 +412,7 @@ class ModelQueue:
 
         def resolve() -> None:
             now = self._clock()
-            self._observer.on_batch(batch, outcome, output_ns)
+            self._observer.on_batch(batch, ran, output_ns)
             slo_changed = False
             for request, result in zip(batch.requests, per_request, strict=True):
                 if request.future.cancelled():

@@ -8,6 +8,7 @@ they compute, so instances run in parallel while the event loop stays free.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -22,7 +23,7 @@ from ..backends import Backend
 from ..backends.base import RanksOnDevice, RequestInputs, RunsRequests, StagesInputs
 from ..backends.ranking import rank_on_host
 from ..batching.batch import Batch
-from ..batching.queue import BatchOutcome
+from ..batching.queue import BatchDone, BatchOutcome
 from ..batching.request import InferResult, Ranked, Ranking
 from ..errors import ConvoyError, InternalError, Unavailable
 from .devices import is_device_fault, is_fatal_device_fault
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 _STOP = None
 
 # Called on the loop with a batch's outcome, or the exception its run raised.
-Done = Callable[[BatchOutcome | BaseException], None]
+Done = BatchDone
 
 
 class ModelInstance:
@@ -206,12 +207,26 @@ InstanceFactory = Callable[[str], ModelInstance]  # device -> a new instance (bl
 
 
 @dataclass
+class _Job:
+    """One batch the queue handed over, from submit to its one answer."""
+
+    batch: Batch
+    done: Done  # the queue's callback
+    enqueued: float  # monotonic seconds
+    answered: bool = False
+
+    def answer(self, outcome: BatchOutcome | BaseException) -> None:
+        if not self.answered:
+            self.answered = True
+            self.done(outcome)
+
+
+@dataclass
 class _Run:
     """One batch on one instance, from hand-off to the instance's answer."""
 
     instance: ModelInstance
-    batch: Batch
-    outer: asyncio.Future[BatchOutcome]  # what the queue awaits
+    job: _Job
     timer: asyncio.TimerHandle | None = None  # the execution timeout, where one is set
     returned: bool = False  # the instance has answered
 
@@ -278,11 +293,11 @@ class InstancePool:
         self._health = health or DeviceHealth()
         self._health.subscribe(self._device_failed)
         self._free: list[ModelInstance] = list(instances)
-        self._waiting: deque[tuple[Batch, asyncio.Future[BatchOutcome], float]] = deque()
+        self._waiting: deque[_Job] = deque()
         self._factory = factory
         self._timeout = execution_timeout_s
         self._replacements: set[asyncio.Future[ModelInstance]] = set()
-        self._fallback: deque[tuple[Batch, asyncio.Future[BatchOutcome]]] = deque()
+        self._fallback: deque[_Job] = deque()
         self._breakers: dict[int, Breaker] = {}
         self._backoff = (backoff_s, backoff_cap_s)
         self.fallbacks = 0  # batches retried on the CPU after a device fault
@@ -302,17 +317,16 @@ class InstancePool:
             return healthy + cpus
         return healthy
 
-    def submit(self, batch: Batch) -> asyncio.Future[BatchOutcome]:
-        outer: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
-        if self.lost is not None:
-            outer.set_exception(self.lost)
-            return outer
-        if self._closed:
-            outer.set_exception(_closed())
-            return outer
-        self._waiting.append((batch, outer, time.monotonic()))
+    def submit(self, batch: Batch, done: Done) -> None:
+        """Run `batch` on a free instance; `done` is called once, on the loop, from a
+        later callback (the instance's answer, a timeout, a failure), never from
+        within submit."""
+        refused = self.lost or (_closed() if self._closed else None)
+        if refused is not None:
+            asyncio.get_running_loop().call_soon(done, refused)
+            return
+        self._waiting.append(_Job(batch, done, time.monotonic()))
         self._pump()
-        return outer
 
     def _gpu_usable(self, instance: ModelInstance, now: float) -> bool:
         return not self._health.is_failed(instance.device) and self.breaker(instance).allows(now)
@@ -355,30 +369,29 @@ class InstancePool:
             return
         now = time.monotonic()
         while self._fallback:
-            if self._fallback[0][1].done():
+            if self._fallback[0].answered:
                 self._fallback.popleft()
                 continue
             instance = self._pick(now, cpu=True, gpu=False)
             if instance is None:
                 break
-            batch, outer = self._fallback.popleft()
-            self._start(instance, batch, outer)
+            self._start(instance, self._fallback.popleft())
         while self._waiting:
-            batch, outer, enqueued = self._waiting[0]
-            if outer.done():
+            job = self._waiting[0]
+            if job.answered:
                 self._waiting.popleft()
                 continue
-            cpu = self._cpu_may_serve(now, enqueued)
+            cpu = self._cpu_may_serve(now, job.enqueued)
             instance = self._pick(now, cpu=cpu, gpu=True)
             if instance is None:
                 if not cpu and self._spill_after is not None and self._spill_timer is None:
-                    delay = max(0.0, enqueued + self._spill_after - now)
+                    delay = max(0.0, job.enqueued + self._spill_after - now)
                     self._spill_timer = asyncio.get_running_loop().call_later(delay, self._spill)
                 break
             self._waiting.popleft()
             if not instance.on_gpu and any(i.on_gpu for i in self.instances):
                 self.spills += 1
-            self._start(instance, batch, outer)
+            self._start(instance, job)
 
     def _spill(self) -> None:
         self._spill_timer = None
@@ -412,50 +425,42 @@ class InstancePool:
             self.on_lost(self.lost)
 
     def _fail_waiting(self, error: ConvoyError) -> None:
-        for _, outer, _ in self._waiting:
-            if not outer.done():
-                outer.set_exception(error)
+        # Cleared first: an answer may lead the queue to submit again.
+        jobs = [*self._waiting, *self._fallback]
         self._waiting.clear()
-        for _, outer in self._fallback:
-            if not outer.done():
-                outer.set_exception(error)
         self._fallback.clear()
+        for job in jobs:
+            job.answer(error)
 
-    def _start(
-        self, instance: ModelInstance, batch: Batch, outer: asyncio.Future[BatchOutcome]
-    ) -> None:
-        run = _Run(instance, batch, outer)
+    def _start(self, instance: ModelInstance, job: _Job) -> None:
+        run = _Run(instance, job)
         if self._timeout is not None:
             loop = asyncio.get_running_loop()
             run.timer = loop.call_later(self._timeout, self._overran, run)
-        instance.submit(batch, lambda outcome: self._finished(run, outcome))
+        instance.submit(job.batch, functools.partial(self._finished, run))
 
     def _finished(self, run: _Run, outcome: BatchOutcome | BaseException) -> None:
         run.returned = True
         if run.timer is not None:
             run.timer.cancel()
-        instance, outer = run.instance, run.outer
+        instance, job = run.instance, run.job
         if instance.retired:
             return  # the overrun already answered this batch
+        # The instance is free again before the queue hears the answer, so the batch
+        # the queue forms next finds it.
+        self._free.append(instance)
         if isinstance(outcome, BaseException):
             if instance.on_gpu and is_device_fault(outcome):
-                self._device_fault(instance, outcome, run.batch, outer)
-            elif not outer.done():
-                outer.set_exception(outcome)
-        elif not outer.done():
+                self._device_fault(instance, outcome, job)
+            else:
+                job.answer(outcome)
+        else:
             if instance.on_gpu:
                 self.breaker(instance).reset()
-            outer.set_result(outcome)
-        self._free.append(instance)
+            job.answer(outcome)
         self._pump()
 
-    def _device_fault(
-        self,
-        instance: ModelInstance,
-        error: BaseException,
-        batch: Batch,
-        outer: asyncio.Future[BatchOutcome],
-    ) -> None:
+    def _device_fault(self, instance: ModelInstance, error: BaseException, job: _Job) -> None:
         if is_fatal_device_fault(error):
             self._health.mark_failed(instance.device, str(error))
         else:
@@ -468,20 +473,20 @@ class InstancePool:
                 backoff,
             )
             asyncio.get_running_loop().call_later(backoff, self._capacity_changed)
-        if outer.done():
+        if job.answered:
             return
         if any(not i.on_gpu for i in self.instances):
             self.fallbacks += 1
-            self._fallback.append((batch, outer))
+            self._fallback.append(job)
         else:
-            outer.set_exception(
+            job.answer(
                 Unavailable(f"{instance.device} failed ({error}) and no CPU instance can take over")
             )
 
     def _overran(self, run: _Run) -> None:
         if run.returned:
             return
-        instance, outer = run.instance, run.outer
+        instance = run.instance
         instance.retire()
         self.instances.remove(instance)
         log.error(
@@ -489,13 +494,12 @@ class InstancePool:
             instance.name,
             self._timeout,
         )
-        if not outer.done():
-            outer.set_exception(
-                Unavailable(
-                    f"instance {instance.name} exceeded the execution timeout of "
-                    f"{self._timeout:g} s; the instance is being replaced"
-                )
+        run.job.answer(
+            Unavailable(
+                f"instance {instance.name} exceeded the execution timeout of "
+                f"{self._timeout:g} s; the instance is being replaced"
             )
+        )
         if self._factory is not None and not self._closed:
             loop = asyncio.get_running_loop()
             building = loop.run_in_executor(None, self._factory, instance.device)
