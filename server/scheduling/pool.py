@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 _STOP = None
 
-# Called on the loop with a batch's outcome, or the exception its run raised.
-Done = BatchDone
+# What an instance's thread is handed: a batch, its callback, and the loop to call it on.
+_Handed = tuple[Batch, BatchDone, asyncio.AbstractEventLoop]
 
 
 class ModelInstance:
@@ -65,13 +65,11 @@ class ModelInstance:
         self._ranker = backend if isinstance(backend, RanksOnDevice) and self.on_gpu else None
         self._per_request = backend if isinstance(backend, RunsRequests) else None
         self.retired = False
-        self._inbox: queue.SimpleQueue[tuple[Batch, Done, asyncio.AbstractEventLoop] | None] = (
-            queue.SimpleQueue()
-        )
+        self._inbox: queue.SimpleQueue[_Handed | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, batch: Batch, done: Done) -> None:
+    def submit(self, batch: Batch, done: BatchDone) -> None:
         """Run `batch` on this instance's thread; `done` is called once, on the running
         loop, with the outcome or the exception that the run raised."""
         self._inbox.put((batch, done, asyncio.get_running_loop()))
@@ -211,7 +209,7 @@ class _Job:
     """One batch the queue handed over, from submit to its one answer."""
 
     batch: Batch
-    done: Done  # the queue's callback
+    done: BatchDone  # the queue's callback
     enqueued: float  # monotonic seconds
     answered: bool = False
 
@@ -317,7 +315,7 @@ class InstancePool:
             return healthy + cpus
         return healthy
 
-    def submit(self, batch: Batch, done: Done) -> None:
+    def submit(self, batch: Batch, done: BatchDone) -> None:
         """Run `batch` on a free instance; `done` is called once, on the loop, from a
         later callback (the instance's answer, a timeout, a failure), never from
         within submit."""
