@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from server.batching.batch import Batch
-from server.batching.queue import BatchOutcome
+from server.batching.queue import BatchDone, BatchOutcome
 from server.errors import Unavailable
 from server.scheduling.devices import is_device_fault
 from server.scheduling.health import DeviceHealth
@@ -415,5 +415,71 @@ def test_a_refused_batch_is_answered_in_a_later_turn_not_inside_submit() -> None
         assert answers == []
         await asyncio.sleep(0)
         assert len(answers) == 1 and isinstance(answers[0], Unavailable)
+
+    asyncio.run(body())
+
+
+def _raising(answers: list[BatchOutcome | BaseException]) -> BatchDone:
+    """A queue callback with a bug: records its answer, then raises."""
+
+    def done(outcome: BatchOutcome | BaseException) -> None:
+        answers.append(outcome)
+        raise RuntimeError("a bug in the queue's callback")
+
+    return done
+
+
+def test_a_raising_callback_does_not_stop_the_pool_answering_the_batches_after_it() -> None:
+    """The pool calls the queue's callback in the middle of its bookkeeping: one that
+    raises must not leave the other waiting batches unanswered."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gate = threading.Event()
+        pool = InstancePool([ModelInstance("only", GatedBackend("cpu", 1.0, gate))])
+        running = submitted(pool, batch_of(1.0, loop))
+        raised: list[BatchOutcome | BaseException] = []
+        pool.submit(batch_of(2.0, loop), _raising(raised))
+        last = submitted(pool, batch_of(3.0, loop))
+        await asyncio.sleep(0.05)
+        closing = loop.run_in_executor(None, pool.close, 5.0)
+        await asyncio.sleep(0.05)
+        gate.set()
+        await closing
+        assert (await asyncio.wait_for(running, 2)).outputs["y"][0, 0] == 2.0
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(last, 2)
+        assert len(raised) == 1 and isinstance(raised[0], Unavailable)
+
+    asyncio.run(body())
+
+
+def test_a_raising_callback_on_a_timed_out_batch_still_gets_the_instance_replaced() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        gate = threading.Event()
+        built: list[str] = []
+
+        def factory(device: str) -> ModelInstance:
+            built.append(device)
+            return ModelInstance("replacement", FakeBackend(device, 5.0))
+
+        pool = InstancePool(
+            [ModelInstance("stuck", GatedBackend("cpu", 0.0, gate))],
+            factory,
+            execution_timeout_s=0.05,
+        )
+        raised: list[BatchOutcome | BaseException] = []
+        pool.submit(batch_of(1.0, loop), _raising(raised))
+        for _ in range(100):
+            if built and pool.capacity == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert built == ["cpu"] and pool.lost is None
+        assert len(raised) == 1 and isinstance(raised[0], Unavailable)
+        outcome = await asyncio.wait_for(submitted(pool, batch_of(2.0, loop)), 2)
+        assert outcome.outputs["y"][0, 0] == 7.0
+        gate.set()
+        await asyncio.to_thread(pool.close, 1.0)
 
     asyncio.run(body())

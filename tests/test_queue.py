@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from server.batching.queue import ModelQueue
+from server.batching.queue import BatchOutcome, ModelQueue
 from server.config import BatchingConfig, QueuePolicy
 from server.errors import DeadlineExceeded, InternalError, Overloaded, Unavailable
 
@@ -184,27 +184,30 @@ def test_close_without_drain_answers_the_queued() -> None:
     run(body)
 
 
+class GatedPair(FakeRunner):
+    """Two instances; batch i is held by gates[i % 2] until the test opens it."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=2)
+        self.gates = [asyncio.Event(), asyncio.Event()]
+
+    def submit(self, batch, done):  # type: ignore[no-untyped-def]
+        gate = self.gates[len(self.batches) % 2]
+        self.batches.append(tuple(float(r.inputs["x"].flat[0]) for r in batch.requests))
+
+        async def run() -> BatchOutcome:
+            await gate.wait()
+            x = batch.gather_inputs()["x"]
+            return BatchOutcome({"y": x + 1}, input_ns=1, infer_ns=1, device="cpu")
+
+        answer_when_done(asyncio.ensure_future(run()), done)
+
+
 def test_preserve_ordering_releases_answers_in_dispatch_order() -> None:
     async def body() -> None:
         clock = FakeClock()
-        gates = [asyncio.Event(), asyncio.Event()]
         order: list[str] = []
-
-        class TwoInstances(FakeRunner):
-            def submit(self, batch, done):  # type: ignore[no-untyped-def]
-                gate = gates[len(self.batches) % 2]
-                self.batches.append(tuple(float(r.inputs["x"].flat[0]) for r in batch.requests))
-
-                async def run():  # type: ignore[no-untyped-def]
-                    await gate.wait()
-                    x = batch.gather_inputs()["x"]
-                    from server.batching.queue import BatchOutcome
-
-                    return BatchOutcome({"y": x + 1}, input_ns=1, infer_ns=1, device="cpu")
-
-                answer_when_done(asyncio.ensure_future(run()), done)
-
-        runner = TwoInstances(capacity=2)
+        runner = GatedPair()
         queue, _ = make_queue(runner, BatchingConfig(preserve_ordering=True), clock, max_batch=1)
         first, second = make_request(value=0), make_request(value=1)
         for r in (first, second):
@@ -213,12 +216,68 @@ def test_preserve_ordering_releases_answers_in_dispatch_order() -> None:
         await settle()
         queue.submit(second)
         await settle()
-        gates[1].set()  # the second batch finishes first...
+        runner.gates[1].set()  # the second batch finishes first...
         await settle()
         assert order == []  # ...but its answer waits for the first
-        gates[0].set()
+        runner.gates[0].set()
         await asyncio.gather(first.future, second.future)
         assert order == ["0", "1"]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_close_releases_answers_held_behind_a_batch_stuck_past_the_grace_period() -> None:
+    """preserve_ordering holds a finished batch for an earlier one; when close() gives
+    up on the earlier one, the held answer must still reach its caller."""
+
+    async def body() -> None:
+        runner = GatedPair()
+        queue, observer = make_queue(
+            runner, BatchingConfig(preserve_ordering=True), FakeClock(), max_batch=1
+        )
+        stuck, held = make_request(value=0), make_request(value=1)
+        queue.submit(stuck)
+        await settle()
+        queue.submit(held)
+        await settle()
+        runner.gates[1].set()
+        await settle()
+        await queue.close(drain=False, timeout_s=0.05)
+        with pytest.raises(Unavailable, match="while this batch was running"):
+            await asyncio.wait_for(stuck.future, 2)
+        answer = await asyncio.wait_for(held.future, 2)
+        np.testing.assert_array_equal(answer.outputs["y"], np.full((1, 4), 2.0))
+        runner.gates[0].set()  # the stuck batch returns late: nobody is answered twice
+        await settle()
+        assert sorted(observer.done) == [("0", "Unavailable"), ("1", None)]
+
+    run(body)
+
+
+def test_a_failing_statistics_observer_costs_no_caller_its_answer() -> None:
+    class Broken(RecordingObserver):
+        def on_batch(self, batch, outcome, output_ns):  # type: ignore[no-untyped-def]
+            raise RuntimeError("a bug in the statistics")
+
+        def on_request_done(self, request, error, now):  # type: ignore[no-untyped-def]
+            raise RuntimeError("a bug in the statistics")
+
+    async def body() -> None:
+        runner = FakeRunner(gate=asyncio.Event())
+        queue = ModelQueue("m", 8, BatchingConfig(), runner, Broken(), FakeClock())
+        queue.start()
+        requests = [make_request(value=i) for i in range(4)]
+        for r in requests:
+            queue.submit(r)
+        runner.gate.set()  # type: ignore[union-attr]
+        results = await asyncio.wait_for(asyncio.gather(*(r.future for r in requests)), 2)
+        for i, result in enumerate(results):
+            np.testing.assert_array_equal(result.outputs["y"], np.full((1, 4), i + 1))
+        after = make_request(value=9)  # and the queue still dispatches
+        queue.submit(after)
+        answer = await asyncio.wait_for(after.future, 2)
+        np.testing.assert_array_equal(answer.outputs["y"], np.full((1, 4), 10))
         await queue.close(drain=True)
 
     run(body)

@@ -249,6 +249,11 @@ class ModelQueue:
         stuck = Unavailable(f"model '{self.name}' was unloaded while this batch was running")
         for batch in list(self._running.values()):
             self._fail_batch(batch, stuck)
+        # With preserve_ordering, batches that finished behind a stuck one are held
+        # for it; it has just been answered, so they are released now, in order.
+        for ticket in sorted(self._held):
+            self._held.pop(ticket)()
+        self._release_ticket = self._next_ticket
 
     async def _drained(self) -> None:
         assert self._idle is not None
@@ -372,15 +377,18 @@ class ModelQueue:
     def _finished(self, batch: Batch, ticket: int, outcome: BatchOutcome | BaseException) -> None:
         self._running.pop(ticket, None)
         self._busy -= 1
-        answer = self._answer_batch(batch, outcome)
-        if self._ordered:
-            self._held[ticket] = answer
-            while self._release_ticket in self._held:
-                self._held.pop(self._release_ticket)()
-                self._release_ticket += 1
-        else:
-            answer()
-        self._pump()
+        try:
+            answer = self._answer_batch(batch, outcome)
+            # A ticket below the release mark was failed by close() while stuck.
+            if self._ordered and ticket >= self._release_ticket:
+                self._held[ticket] = answer
+                while self._release_ticket in self._held:
+                    self._held.pop(self._release_ticket)()
+                    self._release_ticket += 1
+            else:
+                answer()
+        finally:
+            self._pump()  # the next batch goes out even if answering this one failed
 
     def _answer_batch(
         self, batch: Batch, outcome: BatchOutcome | BaseException
@@ -393,14 +401,14 @@ class ModelQueue:
             start = self._clock()
             per_request: list[InferResult | ConvoyError]
             if ran.answers is not None:
-                if len(ran.answers) != len(batch.requests):
-                    raise InternalError(
-                        f"model '{self.name}': {len(ran.answers)} answers for a batch "
-                        f"of {len(batch.requests)} requests"
-                    )
                 per_request = list(ran.answers)
             else:
                 per_request = list(batch.split_outputs(ran.outputs, ran.ranked))
+            if len(per_request) != len(batch.requests):
+                raise InternalError(
+                    f"model '{self.name}': {len(per_request)} answers for a batch "
+                    f"of {len(batch.requests)} requests"
+                )
             output_ns = self._clock() - start
         except ConvoyError as exc:
             error: ConvoyError = exc
@@ -412,7 +420,10 @@ class ModelQueue:
 
         def resolve() -> None:
             now = self._clock()
-            self._observer.on_batch(batch, ran, output_ns)
+            try:
+                self._observer.on_batch(batch, ran, output_ns)
+            except Exception:  # statistics must not cost the callers their answers
+                log.exception("model '%s': recording a batch failed", self.name)
             slo_changed = False
             for request, result in zip(batch.requests, per_request, strict=True):
                 if request.future.cancelled():
@@ -442,14 +453,17 @@ class ModelQueue:
             return
         request.settled = True
         future = request.future
+        error: ConvoyError | None = None
         if isinstance(answer, ConvoyError):
+            error = answer
             if not future.done():
                 future.set_exception(answer)
-            self._observer.on_request_done(request, answer, now)
-        else:
-            if not future.done():
-                future.set_result(answer)
-            self._observer.on_request_done(request, None, now)
+        elif not future.done():
+            future.set_result(answer)
+        try:
+            self._observer.on_request_done(request, error, now)
+        except Exception:  # the caller has its answer; the rest of the batch gets theirs
+            log.exception("model '%s': recording a request failed", self.name)
 
     def _fail_pending(self, error: ConvoyError) -> None:
         now = self._clock()

@@ -214,9 +214,15 @@ class _Job:
     answered: bool = False
 
     def answer(self, outcome: BatchOutcome | BaseException) -> None:
-        if not self.answered:
-            self.answered = True
+        if self.answered:
+            return
+        self.answered = True
+        try:
             self.done(outcome)
+        except Exception:
+            # A bug in the queue's callback must not stop the pool halfway through its
+            # bookkeeping (other waiting batches answered, a replacement built, a pump).
+            log.exception("the queue's callback raised on a batch of %d rows", self.batch.rows)
 
 
 @dataclass
