@@ -429,12 +429,15 @@ class InstancePool:
             self.on_lost(self.lost)
 
     def _fail_waiting(self, error: ConvoyError) -> None:
-        # Cleared first: an answer may lead the queue to submit again.
+        # Answered in a later turn: this may run inside submit (the pool closed, from
+        # its closing thread, between submit's check and the pump), and an answer may
+        # lead the queue to submit again.
         jobs = [*self._waiting, *self._fallback]
         self._waiting.clear()
         self._fallback.clear()
+        loop = asyncio.get_running_loop()
         for job in jobs:
-            job.answer(error)
+            loop.call_soon(job.answer, error)
 
     def _start(self, instance: ModelInstance, job: _Job) -> None:
         run = _Run(instance, job)
