@@ -358,6 +358,93 @@ def test_front_ends_stop_when_the_engine_dies(repo: Path) -> None:
     ]
 
 
+def _new_frontend(server: ServerProcess, known: set[int], within_s: float) -> int | None:
+    """A front-end pid not in `known`, once one is spawned within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        fresh = set(_frontend_pids(server)) - known
+        if fresh:
+            return fresh.pop()
+        time.sleep(0.02)
+    return None
+
+
+def test_a_front_end_that_dies_while_starting_is_restarted_without_waiting(
+    served: ServerProcess,
+) -> None:
+    """Its replacement killed before it listened: the next one is spawned in about a
+    second (its slot backs off), not once a 60 s start-up wait has run out."""
+    known = set(_frontend_pids(served))
+    os.kill(sorted(known)[0], signal.SIGKILL)
+    first = _new_frontend(served, known, 10)
+    assert first is not None
+    known.add(first)
+    os.kill(first, signal.SIGKILL)  # still importing: it has not listened yet
+    killed_at = time.monotonic()
+    second = _new_frontend(served, known, 10)
+    assert second is not None, "no front end started within 10 s of the second kill"
+    assert time.monotonic() - killed_at < 5
+    deadline = time.monotonic() + 30
+    while _metrics(served)["convoy_frontend_restarts_total"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metrics(served)["convoy_frontend_restarts_total"] == 2
+    assert _call(served.url, 4.0) == 8.0
+
+
+def test_sigterm_while_a_front_end_restarts_stops_within_the_grace_period(repo: Path) -> None:
+    server = start_server(repo, "--frontends", "2", "--grace-period", "2")
+    known = set(_frontend_pids(server))
+    os.kill(sorted(known)[0], signal.SIGKILL)
+    assert _new_frontend(server, known, 10) is not None
+    server.proc.send_signal(signal.SIGTERM)  # the replacement is still starting
+    start = time.monotonic()
+    assert server.proc.wait(30) == 0, server.output()
+    assert time.monotonic() - start < 15, server.output()
+
+
+SLEEPY = """
+import time
+class Model:
+    def __init__(self, config):
+        pass
+    def __call__(self, inputs):
+        time.sleep(5)
+        return {"Y": inputs["X"]}
+"""
+
+
+def test_calls_in_flight_when_the_engine_dies_fail_at_once_not_after_the_grace_period(
+    repo: Path,
+) -> None:
+    _python_model(
+        repo, "sleepy", SLEEPY, 1,
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        "instance_group [ { count: 4 kind: KIND_CPU } ]\n",
+    )  # fmt: skip
+    server = start_server(repo, "--frontends", "2", "--grace-period", "30")
+
+    def call(value: float) -> tuple[float, InferenceServerException | None]:
+        client = grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+        try:
+            client.infer("sleepy", [_tensor("X", np.full((1, 1), value, np.float32))])
+            return time.monotonic(), None
+        except InferenceServerException as exc:
+            return time.monotonic(), exc
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(call, float(i)) for i in range(4)]
+        time.sleep(1.0)  # all four are running in the engine
+        server.proc.kill()
+        killed_at = time.monotonic()
+        outcomes = [c.result(60) for c in calls]
+    for answered_at, error in outcomes:
+        assert error is not None and error.status() == "StatusCode.UNAVAILABLE", error
+        assert answered_at - killed_at < 4, answered_at - killed_at  # not the 30 s grace
+
+
 ECHO = """
 class Model:
     def __init__(self, config):

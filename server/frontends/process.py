@@ -113,8 +113,29 @@ async def _serve(settings: FrontendSettings, index: int, ready: Any) -> None:
     pauses = GcPauses(CollectorRegistry())  # exported by the engine, from our reports
     pauses.start()
     reporter = loop.create_task(_report(link, pauses))
-    watcher = loop.create_task(_watch_engine(settings.engine_pid, stop))
+    watcher = loop.create_task(_watch_engine(settings.engine_pid, stop, link))
     await link.offer_segment(settings.ring_bytes)
+    if link.lost is None:  # the engine may have died while we started: never listen then
+        await _listen(settings, ready, stop, channel, link, limits)
+    for task in (watcher, reporter):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    pauses.close()
+    link.close()  # and its socket
+    context.term()
+    await channel.close()
+
+
+async def _listen(
+    settings: FrontendSettings,
+    ready: Any,
+    stop: asyncio.Event,
+    channel: grpc.aio.Channel,
+    link: _InferLink,
+    limits: list[tuple[str, int]],
+) -> None:
+    """Listen on the shared port until told to stop, then drain."""
     server = grpc.aio.server(
         options=_server_options(settings, limits), interceptors=_access(settings)
     )
@@ -133,16 +154,9 @@ async def _serve(settings: FrontendSettings, index: int, ready: Any) -> None:
         settle()  # what start-up made, out of every full collection while serving
     ready.set()
     await stop.wait()
-    # Drain: in-flight calls finish through the engine, which stops after its front ends.
-    await server.stop(settings.grace_period_s)
-    for task in (watcher, reporter):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    pauses.close()
-    link.close()  # and its socket
-    context.term()
-    await channel.close()
+    # Drain: in-flight calls finish through the engine, which stops after its front ends;
+    # with the engine gone they have already failed, and there is nothing to wait for.
+    await server.stop(0 if link.lost is not None else settings.grace_period_s)
 
 
 async def _report(link: _InferLink, pauses: GcPauses) -> None:
@@ -160,11 +174,13 @@ async def _report(link: _InferLink, pauses: GcPauses) -> None:
         await asyncio.sleep(REPORT_INTERVAL_S)
 
 
-async def _watch_engine(engine_pid: int, stop: asyncio.Event) -> None:
-    """The engine gone (this process re-parented), nothing can be served: stop."""
+async def _watch_engine(engine_pid: int, stop: asyncio.Event, link: _InferLink) -> None:
+    """The engine gone (this process re-parented), nothing can be served: the calls
+    waiting on it fail now (UNAVAILABLE, which clients may retry), and we stop."""
     while os.getppid() == engine_pid:  # noqa: ASYNC110 (no event announces a parent's death)
         await asyncio.sleep(0.5)
     log.error("engine (pid %d) is gone: stopping", engine_pid)
+    link.lose(ConnectionError(f"the engine (pid {engine_pid}) is gone"))
     stop.set()
 
 
@@ -213,6 +229,15 @@ class _InferLink:
         # Input slots per request id: freed when the engine answers (it may still read
         # them after the caller has gone), whoever is still waiting for the answer.
         self._staged: dict[bytes, list[int]] = {}
+        self.lost: ConnectionError | None = None  # the engine is gone: no answer will come
+
+    def lose(self, error: ConnectionError) -> None:
+        """Fail every call waiting for the engine, and every later one."""
+        self.lost = error
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
 
     async def offer_segment(self, half: int) -> None:
         """Create the segment and hand it to the engine; without it (no room in
@@ -273,6 +298,8 @@ class _InferLink:
                 future.set_exception(ConnectionError(f"engine unreachable: {exc!r}"))
 
     async def infer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if self.lost is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(self.lost))
         rid = next(self._ids).to_bytes(8, "little")
         flags = 0
         if self._ring is not None:
