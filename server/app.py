@@ -268,7 +268,14 @@ class ConvoyServer:
         self.metrics_port = httpd.server_port
 
     async def stop(self) -> None:
-        """Drain: refuse new work, finish what is in flight, then release everything."""
+        """Drain: refuse new work, finish what is in flight, then release everything,
+        all within one grace period: each stage gets what the ones before it left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.grace_period_s
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         self.servicer.accepting = False
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
@@ -280,18 +287,18 @@ class ConvoyServer:
         if self._http is not None:
             await self._http.stop()
         if self._frontends is not None:  # they drain their calls through the engine first
-            await self._frontends.stop(self.config.grace_period_s)
+            await self._frontends.stop(left())
         if self._link is not None:
-            await self._link.stop(self.config.grace_period_s)
+            await self._link.stop(left())
         if self._grpc is not None:
-            await self._grpc.stop(self.config.grace_period_s)
+            await self._grpc.stop(left())
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
         await self.shadow.close()
         if self.heap is not None:
             self.heap.close()
         self.gc_pauses.close()
-        await self.repository.close()
+        await self.repository.close(left())
         self.servicer.close()  # unmaps shared memory regions, now that nothing reads them
         if self._metrics_http is not None:
             httpd = self._metrics_http

@@ -408,7 +408,7 @@ class Model:
     def __init__(self, config):
         pass
     def __call__(self, inputs):
-        time.sleep(5)
+        time.sleep(10)
         return {"Y": inputs["X"]}
 """
 
@@ -443,6 +443,36 @@ def test_calls_in_flight_when_the_engine_dies_fail_at_once_not_after_the_grace_p
     for answered_at, error in outcomes:
         assert error is not None and error.status() == "StatusCode.UNAVAILABLE", error
         assert answered_at - killed_at < 4, answered_at - killed_at  # not the 30 s grace
+
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_sigterm_with_a_batch_stuck_past_the_grace_period_exits_within_it(
+    repo: Path, frontends: str
+) -> None:
+    """The grace period bounds the whole shutdown, not each of its stages in turn: a
+    10 s batch under a 2 s grace period is given up at about 2 s and the process exits,
+    instead of front ends, engine link, gRPC server and model drains each waiting 2 s."""
+    _python_model(
+        repo, "sleepy", SLEEPY, 1,
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n',
+    )  # fmt: skip
+    server = start_server(repo, "--frontends", frontends, "--grace-period", "2")
+    client = grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(
+            client.infer, "sleepy", [_tensor("X", np.full((1, 1), 1.0, np.float32))]
+        )
+        time.sleep(1.0)  # running in the engine
+        server.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert server.proc.wait(30) == 0, server.output()
+        took = time.monotonic() - start
+        with pytest.raises(InferenceServerException):
+            call.result(30)
+    client.close()
+    assert took < 5, (took, server.output())
 
 
 ECHO = """

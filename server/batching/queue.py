@@ -229,7 +229,7 @@ class ModelQueue:
         self._closed = True
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        if drain and self._idle is not None:
+        if drain and self._idle is not None and (self._depth or self._busy):
             try:
                 await asyncio.wait_for(self._drained(), timeout_s)
             except TimeoutError:

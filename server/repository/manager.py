@@ -324,11 +324,16 @@ class ModelRepository:
             await served.close(drain=True, timeout_s=self._drain_timeout)
             log.info("model '%s' version %d unloaded", name, number)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Unload every model, all at once, each drain bounded by timeout_s (what is
+        left of a shutdown's grace period) as well as by the repository's own bound."""
+        if timeout_s is not None:
+            self._drain_timeout = (
+                timeout_s if self._drain_timeout is None else min(self._drain_timeout, timeout_s)
+            )
         if self._tasks:  # loads and unloads in progress finish first
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for name in list(self._models):
-            await self.unload(name)
+        await asyncio.gather(*(self.unload(name) for name in list(self._models)))
 
     def _changed(self, name: str) -> None:
         if self.on_change is not None:

@@ -116,12 +116,16 @@ class ServedModel:
         self.queue.stop_accepting(error)
 
     async def close(self, drain: bool, timeout_s: float | None = None) -> None:
-        """Stop serving; bounded by timeout_s (the grace period) for the queue's drain
-        and again for the instances' threads to stop."""
+        """Stop serving, within timeout_s (the grace period) in all: the queue's drain,
+        then the instances' threads with what is left of it, but at least a second
+        (an idle thread needs a moment to see its stop)."""
         self.ready = False
         self.metrics.serving(False)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         await self.queue.close(drain, timeout_s)
-        await asyncio.to_thread(self.pool.close, timeout_s)
+        left = None if deadline is None else max(min(1.0, timeout_s or 0.0), deadline - loop.time())
+        await asyncio.to_thread(self.pool.close, left)
         self.metrics.release()
         if self._monitors is not None and self.monitoring_handle is not None:
             await asyncio.to_thread(self._monitors.detach, self.monitoring_handle)

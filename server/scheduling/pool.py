@@ -176,11 +176,15 @@ class ModelInstance:
         self.retired = True
         self._inbox.put(_STOP)
 
+    def stop(self) -> None:
+        """Tell the thread to stop once the batch in hand is done; returns at once."""
+        self._inbox.put(_STOP)
+
     def close(self, timeout_s: float | None = None) -> bool:
         """Blocking: finish the batch in hand, stop the thread, release the backend.
         False if the thread is still in a call after timeout_s: it is abandoned and
         releases the backend when (if) the call returns."""
-        self._inbox.put(_STOP)
+        self.stop()
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error("instance %s still running after %.1f s; abandoned", self.name, timeout_s)
@@ -533,9 +537,13 @@ class InstancePool:
         self._capacity_changed()
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Blocking: waits for each live instance's thread (each at most timeout_s);
-        call it off the event loop."""
+        """Blocking: stops every instance's thread and waits for them, all within
+        timeout_s; call it off the event loop."""
         self._closed = True
         self._health.unsubscribe(self._device_failed)
+        for instance in self.instances:  # every thread told first: they stop together
+            instance.stop()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for instance in self.instances:
-            instance.close(timeout_s)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            instance.close(left)
