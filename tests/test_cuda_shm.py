@@ -239,6 +239,51 @@ def test_names_are_unique_across_system_and_cuda_regions(
     system.close()
 
 
+def _register_at_once(
+    system: SharedMemoryRegistry, cuda: CudaSharedMemoryRegistry | None, handle: bytes
+) -> list[int]:
+    """Four threads register region "r" at once (the last in the CUDA registry when
+    one is given); the indices of those that succeeded."""
+    start = threading.Barrier(4)
+    won: list[int] = []
+
+    def attempt(i: int) -> None:
+        start.wait()
+        try:
+            if i == 3 and cuda is not None:
+                cuda.register("r", handle, 0, 16)
+            else:
+                system.register("r", "/convoy_sys", 0, 4096)
+            won.append(i)
+        except InvalidInput as exc:
+            assert "already registered" in exc.message
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return won
+
+
+def test_one_of_many_concurrent_registers_of_a_name_wins(
+    driver: FakeCudaDriver, tmp_path: Path
+) -> None:
+    """Registers run on worker threads: a name checked by one and not yet stored must
+    not pass the check of another (the loser's mapping would be overwritten, and
+    never closed), in either registry."""
+    (tmp_path / "convoy_sys").write_bytes(bytes(4096))
+    handle = driver.allocate(16)[0]
+    for round_ in range(100):
+        system = SharedMemoryRegistry(directory=tmp_path)
+        cuda = CudaSharedMemoryRegistry(driver)
+        SharedMemory(system, cuda)
+        won = _register_at_once(system, cuda if round_ % 2 else None, handle)
+        assert len(won) == 1, (round_, won)
+        system.close()
+        cuda.close()
+
+
 def test_without_cuda_python_the_extension_is_off() -> None:
     cuda = CudaSharedMemoryRegistry(None)
     assert not cuda.available and "r" not in cuda

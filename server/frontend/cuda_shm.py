@@ -195,7 +195,9 @@ class CudaSharedMemoryRegistry:
         self._driver = driver
         self._regions: dict[str, CudaRegion] = {}
         self._opening: set[str] = set()  # names being registered (opening is slow)
-        self._lock = threading.Lock()  # register runs on worker threads
+        # register runs on worker threads; SharedMemory gives both registries one lock,
+        # so a name is checked against both and reserved in one step.
+        self.names_lock = threading.Lock()
         self._available: bool | None = None
         # The system registry: Triton keeps one namespace of region names.
         self.peer: Container[str] | None = None
@@ -231,16 +233,16 @@ class CudaSharedMemoryRegistry:
                 f"{where}: device_id {device_id} is not a CUDA device of this server "
                 f"({count} visible)"
             )
-        with self._lock:
+        with self.names_lock:
             if name in self or (self.peer is not None and name in self.peer):
                 raise InvalidInput(f"shared memory region '{name}' is already registered")
             self._opening.add(name)
         try:
             pointer = self._open(driver, where, raw_handle, device_id, byte_size)
-            with self._lock:
+            with self.names_lock:
                 self._regions[name] = CudaRegion(name, device_id, byte_size, pointer)
         finally:
-            with self._lock:
+            with self.names_lock:
                 self._opening.discard(name)
 
     def _open(
@@ -422,6 +424,7 @@ class SharedMemory:
     def __init__(self, system: SharedMemoryRegistry, cuda: CudaSharedMemoryRegistry) -> None:
         self.system, self.cuda = system, cuda
         system.peer, cuda.peer = cuda, system
+        system.names_lock = cuda.names_lock = threading.Lock()
 
     def input_view(
         self, field_name: str, name: str, offset: int, byte_size: int, leases: Leases

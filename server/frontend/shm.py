@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import threading
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,17 +131,33 @@ class SharedMemoryRegistry:
         # Unregistered mappings that an answered request's arrays still point into:
         # kept mapped (unlinking the object does not invalidate them) until free.
         self._retired: list[mmap.mmap] = []
+        # register runs on worker threads: a name is checked and reserved under this
+        # lock (shared with the CUDA registry by SharedMemory), then opened outside it.
+        self.names_lock = threading.Lock()
+        self._opening: set[str] = set()
 
     def adopt(self, name: str, mapping: mmap.mmap, offset: int, byte_size: int) -> None:
         """A region already mapped by its owner (a front end's ring, see frontends/ring.py)."""
         self._regions[name] = Region(name, name, offset, byte_size, mapping)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Map the client's object; blocking (run it off the event loop)."""
         if not name:
             raise InvalidInput("shared memory region: name is empty")
-        self._close_retired()
-        if name in self or (self.peer is not None and name in self.peer):
-            raise InvalidInput(f"shared memory region '{name}' is already registered")
+        with self.names_lock:
+            self._close_retired()
+            if name in self or (self.peer is not None and name in self.peer):
+                raise InvalidInput(f"shared memory region '{name}' is already registered")
+            self._opening.add(name)
+        try:
+            mapping = self._map(name, key, offset, byte_size)
+            with self.names_lock:
+                self._regions[name] = Region(name, key, offset, byte_size, mapping)
+        finally:
+            with self.names_lock:
+                self._opening.discard(name)
+
+    def _map(self, name: str, key: str, offset: int, byte_size: int) -> mmap.mmap:
         if not _KEY.match(key):
             raise InvalidInput(f"shared memory region '{name}': key '{key}' is not a valid name")
         if byte_size <= 0:
@@ -163,19 +180,19 @@ class SharedMemoryRegistry:
                     f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
                     f"is past the end of '{key}' ({size} bytes)"
                 )
-            mapping = mmap.mmap(fd, size)
+            return mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self._regions[name] = Region(name, key, offset, byte_size, mapping)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._regions
+        return name in self._regions or name in self._opening
 
     def unregister(self, name: str) -> None:
         """One region, or every region for an empty name; refused while in use."""
-        for region_name in removable(self._regions, name, "shared memory"):
-            self._retired.append(self._regions.pop(region_name).mapping)
-        self._close_retired()
+        with self.names_lock:
+            for region_name in removable(self._regions, name, "shared memory"):
+                self._retired.append(self._regions.pop(region_name).mapping)
+            self._close_retired()
 
     def _close_retired(self) -> None:
         still: list[mmap.mmap] = []
