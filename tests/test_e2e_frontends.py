@@ -445,7 +445,6 @@ def test_calls_in_flight_when_the_engine_dies_fail_at_once_not_after_the_grace_p
         assert answered_at - killed_at < 4, answered_at - killed_at  # not the 30 s grace
 
 
-
 @pytest.mark.parametrize("frontends", ["1", "2"])
 def test_sigterm_with_a_batch_stuck_past_the_grace_period_exits_within_it(
     repo: Path, frontends: str
@@ -461,9 +460,7 @@ def test_sigterm_with_a_batch_stuck_past_the_grace_period_exits_within_it(
     server = start_server(repo, "--frontends", frontends, "--grace-period", "2")
     client = grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
     with ThreadPoolExecutor(1) as pool:
-        call = pool.submit(
-            client.infer, "sleepy", [_tensor("X", np.full((1, 1), 1.0, np.float32))]
-        )
+        call = pool.submit(client.infer, "sleepy", [_tensor("X", np.full((1, 1), 1.0, np.float32))])
         time.sleep(1.0)  # running in the engine
         server.proc.send_signal(signal.SIGTERM)
         start = time.monotonic()

@@ -14,7 +14,7 @@ import pytest
 
 from server.frontend.codec import decode_request
 from server.frontend.shm import Leases
-from server.frontends.ring import ALIGN, EngineRing, FrontendRing, Ring, Segment
+from server.frontends.ring import ALIGN, INLINE_BELOW, EngineRing, FrontendRing, Ring, Segment
 from server.pb import grpc_service_pb2 as pb
 
 from .test_codec import spec
@@ -136,3 +136,17 @@ def test_the_engine_sweeps_segments_whose_front_end_died_before_attaching(
         path.write_bytes(b"x")
     sweep_segments(tmp_path)
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+def test_a_free_naming_a_block_not_held_still_frees_the_rest(tmp_path: Path) -> None:
+    front = Segment.create(1 << 20, tmp_path)
+    engine = EngineRing(Segment.attach(front.name, tmp_path), os.getpid())
+    placed = engine.placer()
+    for _ in range(3):
+        assert placed(INLINE_BELOW) is not None
+    assert engine.outputs.live == 3
+    with pytest.raises(KeyError, match="12345"):
+        engine.free([12345, *placed.offsets])
+    assert engine.outputs.live == 0
+    engine.close()
+    front.close()

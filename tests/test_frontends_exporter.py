@@ -166,3 +166,36 @@ def test_a_snapshot_is_what_the_histogram_holds() -> None:
     counts, total = snapshot["2"]
     assert len(counts) == len(PAUSE_BUCKETS) + 1 and counts[-1] >= 1 and total > 0
     assert counts == sorted(counts)  # cumulative
+
+
+def test_a_request_with_a_malformed_header_is_answered_invalid_argument() -> None:
+    """A header too short to decode, or whose A/B key is not UTF-8: the engine answers
+    the request id (its caller must not wait for ever) and goes on taking requests."""
+    import asyncio
+
+    import grpc
+
+    from server.frontends.engine_link import EngineLink
+    from server.frontends.wire import encode_header, pack, status_number, unpack
+
+    async def infer(*_: object) -> None:
+        raise AssertionError("a malformed request must not reach the model")
+
+    async def body() -> list[tuple[bytes, bytes, bytes]]:
+        sent: list[list[bytes]] = []
+        link = EngineLink("ipc:///tmp/convoy-test-unbound.ipc", infer, sent.append)  # type: ignore[arg-type]
+        try:
+            link._reading = True
+            who = peer_identity(0, 1)
+            bad_key = encode_header(None, None) + b"\xff\xfe"
+            link.received([who, *pack([(b"r1", b"\x01", b""), (b"r2", bad_key, b"")])])
+            await asyncio.sleep(0)
+            return [t for frames in sent for t in unpack(frames[1:])]
+        finally:
+            link._socket.socket.close()
+            link._context.term()
+
+    answers = asyncio.run(body())
+    invalid = bytes([status_number(grpc.StatusCode.INVALID_ARGUMENT)])
+    assert [(rid, status) for rid, status, _ in answers] == [(b"r1", invalid), (b"r2", invalid)]
+    assert all(b"header is malformed" in message for _, _, message in answers)

@@ -101,7 +101,14 @@ class EngineLink:
         deliver(rest, functools.partial(self._take, identity), "front end")
 
     def _take(self, identity: bytes, rid: bytes, header: bytes, payload: bytes) -> None:
-        kind, time_remaining, key, flags = decode_header(header)
+        try:
+            kind, time_remaining, key, flags = decode_header(header)
+        except ValueError as exc:  # answered, so a caller never waits for nothing
+            error = InvalidInput(f"the front end's request header is malformed: {exc}")
+            self._outbox.put(
+                identity, (rid, bytes([status_number(status_code(error))]), error.message.encode())
+            )
+            return
         if kind == FREE:
             self._free(identity, payload)
         elif kind == HELLO:

@@ -181,8 +181,16 @@ class EngineRing:
         return Placed(self)
 
     def free(self, offsets: list[int]) -> None:
+        """Every block named; KeyError after the rest are freed if any was not held
+        (one bad offset must not keep the others' slots)."""
+        unknown = []
         for offset in offsets:
-            self.outputs.free(offset)
+            try:
+                self.outputs.free(offset)
+            except KeyError:
+                unknown.append(offset)
+        if unknown:
+            raise KeyError(f"no blocks at offsets {unknown}")
 
     def close(self) -> None:
         self.segment.close()

@@ -144,9 +144,13 @@ def encode_header(
 
 
 def decode_header(frame: bytes) -> tuple[bytes, float | None, str | None, int]:
-    """(kind, seconds left or None, A/B key or None, flags)."""
-    kind, seconds, flags = _HEADER.unpack_from(frame)
-    key = frame[_HEADER.size :].decode() or None
+    """(kind, seconds left or None, A/B key or None, flags); ValueError for a header
+    too short or a key that is not UTF-8."""
+    try:
+        kind, seconds, flags = _HEADER.unpack_from(frame)
+    except struct.error as exc:
+        raise ValueError(f"a {len(frame)}-byte header: {exc}") from None
+    key = frame[_HEADER.size :].decode() or None  # UnicodeDecodeError is a ValueError
     return kind, (None if seconds < 0 else seconds), key, flags
 
 
