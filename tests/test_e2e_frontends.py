@@ -472,6 +472,43 @@ def test_sigterm_with_a_batch_stuck_past_the_grace_period_exits_within_it(
     assert took < 5, (took, server.output())
 
 
+SECOND = """
+import time
+class Model:
+    def __init__(self, config):
+        pass
+    def __call__(self, inputs):
+        time.sleep(1.0)
+        return {"Y": inputs["X"] * 2}
+"""
+
+
+def test_calls_cancelled_by_their_clients_leave_the_engine_s_queue(repo: Path) -> None:
+    """Through a front end, as in one process: requests whose callers cancelled are
+    dropped from the queue, so a later caller waits for the batch running, not for
+    every abandoned one (16 cancelled on a 1 s model, 4 a batch: 4 s if they stayed)."""
+    _python_model(
+        repo, "second", SECOND, 4,
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        "dynamic_batching { max_queue_delay_microseconds: 1000 }\n",
+    )  # fmt: skip
+    server = start_server(repo, "--frontends", "2")
+    client = grpcclient.InferenceServerClient(server.url, channel_args=OWN_CONNECTION)
+    x = [_tensor("X", np.full((1, 1), 1.0, np.float32))]
+    calls = [client.async_infer("second", x, lambda result, error: None) for _ in range(16)]
+    time.sleep(0.3)  # the first batch is running, the rest queued
+    for call in calls:
+        call.cancel()
+    time.sleep(0.2)
+    answer = client.infer("second", x)
+    assert answer.as_numpy("Y")[0, 0] == 2.0
+    stats = client.get_inference_statistics("second", as_json=True)["model_stats"][0]
+    assert int(stats["execution_count"]) <= 2, stats  # the running batch and ours
+    client.close()
+    server.stop()
+
+
 ECHO = """
 class Model:
     def __init__(self, config):

@@ -199,3 +199,51 @@ def test_a_request_with_a_malformed_header_is_answered_invalid_argument() -> Non
     invalid = bytes([status_number(grpc.StatusCode.INVALID_ARGUMENT)])
     assert [(rid, status) for rid, status, _ in answers] == [(b"r1", invalid), (b"r2", invalid)]
     assert all(b"header is malformed" in message for _, _, message in answers)
+
+
+def test_a_cancel_stops_the_request_and_it_is_answered_cancelled_once() -> None:
+    """A CANCEL for a request still waiting (also one in the same message as it, not
+    yet begun) stops it; the engine answers it CANCELLED, once, since the answer frees
+    the front end's slots. A CANCEL for a request already answered changes nothing."""
+    import asyncio
+
+    import grpc
+
+    from server.frontends.engine_link import EngineLink
+    from server.frontends.wire import CANCEL, encode_header, pack, status_number, unpack
+
+    async def body() -> tuple[list[tuple[bytes, bytes, bytes]], list[str]]:
+        forever = asyncio.Event()
+        began: list[str] = []
+
+        async def infer(request: Any, *_: object) -> Any:
+            began.append(request.id)
+            await forever.wait()
+
+        sent: list[list[bytes]] = []
+        link = EngineLink("ipc:///tmp/convoy-test-unbound.ipc", infer, sent.append)
+        try:
+            link._reading = True
+            who = peer_identity(0, 1)
+            request = b"\x1a\x02r1"  # ModelInferRequest(id="r1")
+            cancel = encode_header(None, None, kind=CANCEL)
+            infer_header = encode_header(None, None)
+            link.received([who, *pack([(b"a", infer_header, request), (b"a", cancel, b"")])])
+            link.received([who, *pack([(b"b", infer_header, request)])])
+            for _ in range(5):
+                await asyncio.sleep(0)
+            link.received([who, *pack([(b"b", cancel, b""), (b"zz", cancel, b"")])])
+            for _ in range(5):
+                await asyncio.sleep(0)
+            link.received([who, *pack([(b"b", cancel, b"")])])  # answered already
+            for _ in range(5):
+                await asyncio.sleep(0)
+            return [t for frames in sent for t in unpack(frames[1:])], began
+        finally:
+            link._socket.socket.close()
+            link._context.term()
+
+    answers, began = asyncio.run(body())
+    cancelled = bytes([status_number(grpc.StatusCode.CANCELLED)])
+    assert [(rid, status) for rid, status, _ in answers] == [(b"a", cancelled), (b"b", cancelled)]
+    assert began == ["r1"]  # "b" began; "a" was cancelled before it did

@@ -22,7 +22,7 @@ from pathlib import Path
 import zmq
 from google.protobuf.message import DecodeError
 
-from ..errors import ConvoyError, InvalidInput
+from ..errors import Cancelled, ConvoyError, InvalidInput
 from ..frontend.cuda_shm import SharedMemory
 from ..frontend.shm import BYTE_SIZE
 from ..frontend.status import status_code
@@ -32,6 +32,7 @@ from .loopsocket import LoopSocket
 from .outbox import Outbox, Send
 from .ring import SHM_DIR, EngineRing, Placed, Segment
 from .wire import (
+    CANCEL,
     FREE,
     HELLO,
     OK,
@@ -76,6 +77,10 @@ class EngineLink:
         self._outbox = Outbox(send or self._socket.send)
         self._reading = False
         self._answering: set[asyncio.Task[None]] = set()
+        # The requests in progress by (identity, request id), for a CANCEL to find, and
+        # those a CANCEL reached (answered CANCELLED if that stopped them).
+        self._by_id: dict[tuple[bytes, bytes], asyncio.Task[None]] = {}
+        self._cancelled: set[tuple[bytes, bytes]] = set()
         self._rings: dict[bytes, EngineRing] = {}  # by front end (DEALER identity)
         # ModelInfer messages per front end's identity (a restarted one has a new one).
         self.requests: dict[bytes, int] = {}
@@ -115,13 +120,34 @@ class EngineLink:
             self._outbox.put(identity, (rid, *self._hello(identity, payload)))
         elif kind == REPORT:
             self._report(identity, payload)
+        elif kind == CANCEL:
+            self._cancel((identity, rid))
         else:
             self.requests[identity] = self.requests.get(identity, 0) + 1
             task = asyncio.get_running_loop().create_task(
                 self._answer(identity, rid, payload, time_remaining, key, flags)
             )
             self._answering.add(task)
-            task.add_done_callback(self._answering.discard)
+            self._by_id[identity, rid] = task
+            task.add_done_callback(functools.partial(self._done, (identity, rid)))
+
+    def _cancel(self, key: tuple[bytes, bytes]) -> None:
+        """The caller left: stop waiting for its answer, as the in-process path does
+        when gRPC cancels a handler (the queue drops a request not yet dispatched)."""
+        task = self._by_id.get(key)
+        if task is not None and not task.done():
+            self._cancelled.add(key)
+            task.cancel()
+
+    def _done(self, key: tuple[bytes, bytes], task: asyncio.Task[None]) -> None:
+        self._answering.discard(task)
+        self._by_id.pop(key, None)
+        if key in self._cancelled:
+            self._cancelled.discard(key)
+            if task.cancelled():  # stopped before it answered (maybe before it began)
+                error = Cancelled("the caller cancelled the request")
+                status = bytes([status_number(status_code(error))])
+                self._outbox.put(key[0], (key[1], status, error.message.encode()))
 
     def _hello(self, identity: bytes, body: bytes) -> tuple[bytes, bytes]:
         """A front end offers its segment: map it (and unlink its name)."""

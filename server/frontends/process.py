@@ -33,6 +33,7 @@ from .loopsocket import LoopSocket
 from .outbox import Outbox
 from .ring import INLINE_BELOW, FrontendRing, Segment
 from .wire import (
+    CANCEL,
     FREE,
     HELLO,
     OK,
@@ -317,6 +318,12 @@ class _InferLink:
             status, body = await future
         except ConnectionError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except asyncio.CancelledError:
+            # The caller left (cancelled, or its deadline passed): the engine drops the
+            # request if it is still queued; its answer still comes, and frees the slots.
+            if self.lost is None:
+                self._outbox.put(None, (rid, encode_header(None, None, kind=CANCEL), b""))
+            raise
         finally:
             self._pending.pop(rid, None)
         if status[0] != OK:

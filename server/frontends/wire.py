@@ -16,8 +16,11 @@ syscall or two on each side, and the profile showed those sends taking a sixth o
 the engine's time when each answer went alone.
 
 The header carries what the engine cannot read from the request itself: the caller's
-remaining deadline and the A/B key from its gRPC metadata. The request and response
-travel as the bytes gRPC received and will send: never parsed twice, never pickled.
+remaining deadline and the A/B key from its gRPC metadata. A CANCEL names an earlier
+request whose caller has gone: the engine drops it if it is still queued, and answers
+it either way (CANCELLED if it was dropped), since that answer frees its input slots.
+The request and response travel as the bytes gRPC received and will send: never
+parsed twice, never pickled.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<cdB")  # kind, remaining seconds (negative: none), flags
 OK = 0
 INFER, HELLO, FREE, REPORT = b"I", b"H", b"F", b"R"  # REPORT: a front end's own figures
+CANCEL = b"C"  # the caller of an earlier INFER (same request id) has gone
 RING_INPUTS = 1  # the request's inputs are in the front end's segment
 RING_OUTPUTS = 2  # the engine may place large outputs there
 PLACED = 1  # status frame's second byte: some outputs are in the segment
