@@ -77,10 +77,8 @@ class EngineLink:
         self._outbox = Outbox(send or self._socket.send)
         self._reading = False
         self._answering: set[asyncio.Task[None]] = set()
-        # The requests in progress by (identity, request id), for a CANCEL to find, and
-        # those a CANCEL reached (answered CANCELLED if that stopped them).
+        # The requests in progress by (identity, request id), for a CANCEL to find.
         self._by_id: dict[tuple[bytes, bytes], asyncio.Task[None]] = {}
-        self._cancelled: set[tuple[bytes, bytes]] = set()
         self._rings: dict[bytes, EngineRing] = {}  # by front end (DEALER identity)
         # ModelInfer messages per front end's identity (a restarted one has a new one).
         self.requests: dict[bytes, int] = {}
@@ -128,26 +126,24 @@ class EngineLink:
                 self._answer(identity, rid, payload, time_remaining, key, flags)
             )
             self._answering.add(task)
-            self._by_id[identity, rid] = task
-            task.add_done_callback(functools.partial(self._done, (identity, rid)))
+            task.add_done_callback(self._answering.discard)
+            self._by_id[identity, rid] = task  # removed by _answer, or by a CANCEL
 
     def _cancel(self, key: tuple[bytes, bytes]) -> None:
         """The caller left: stop waiting for its answer, as the in-process path does
         when gRPC cancels a handler (the queue drops a request not yet dispatched)."""
-        task = self._by_id.get(key)
+        task = self._by_id.pop(key, None)
         if task is not None and not task.done():
-            self._cancelled.add(key)
+            task.add_done_callback(functools.partial(self._cancelled, key))
             task.cancel()
 
-    def _done(self, key: tuple[bytes, bytes], task: asyncio.Task[None]) -> None:
-        self._answering.discard(task)
-        self._by_id.pop(key, None)
-        if key in self._cancelled:
-            self._cancelled.discard(key)
-            if task.cancelled():  # stopped before it answered (maybe before it began)
-                error = Cancelled("the caller cancelled the request")
-                status = bytes([status_number(status_code(error))])
-                self._outbox.put(key[0], (key[1], status, error.message.encode()))
+    def _cancelled(self, key: tuple[bytes, bytes], task: asyncio.Task[None]) -> None:
+        """A cancelled request's one answer, if the cancel stopped it before it answered
+        (maybe before it began): the front end frees its slots on it."""
+        if task.cancelled():
+            error = Cancelled("the caller cancelled the request")
+            status = bytes([status_number(status_code(error))])
+            self._outbox.put(key[0], (key[1], status, error.message.encode()))
 
     def _hello(self, identity: bytes, body: bytes) -> tuple[bytes, bytes]:
         """A front end offers its segment: map it (and unlink its name)."""
@@ -213,11 +209,13 @@ class EngineLink:
         except ConvoyError as exc:
             reply = (rid, bytes([status_number(status_code(exc))]), exc.message.encode())
         except asyncio.CancelledError:
-            raise
+            raise  # by a CANCEL (answered by _cancelled) or at shutdown
         except Exception as exc:  # a bug must still answer, with INTERNAL, and be logged
             log.exception("ModelInfer from a front end failed")
             internal = status_number(status_code(ConvoyError("")))
             reply = (rid, bytes([internal]), f"internal error: {exc!r}".encode())
+        finally:
+            self._by_id.pop((identity, rid), None)
         if placed is not None and placed.offsets and reply[1][0] != OK:
             placed.ring.free(placed.offsets)  # nothing will read them
         # A front end that died meanwhile is not an error: ROUTER drops the reply.
