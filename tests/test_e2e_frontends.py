@@ -470,6 +470,10 @@ def test_sigterm_with_a_batch_stuck_past_the_grace_period_exits_within_it(
             call.result(30)
     client.close()
     assert took < 5, (took, server.output())
+    # Only the stuck instance is given up on; the idle ones (the other models') are
+    # given their second to stop even with no grace period left.
+    abandoned = [line for line in server.output().splitlines() if "abandoned" in line]
+    assert len(abandoned) == 1 and "sleepy" in abandoned[0], abandoned
 
 
 SECOND = """

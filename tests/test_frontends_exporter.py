@@ -247,3 +247,46 @@ def test_a_cancel_stops_the_request_and_it_is_answered_cancelled_once() -> None:
     cancelled = bytes([status_number(grpc.StatusCode.CANCELLED)])
     assert [(rid, status) for rid, status, _ in answers] == [(b"a", cancelled), (b"b", cancelled)]
     assert began == ["r1"]  # "b" began; "a" was cancelled before it did
+
+
+def test_a_cancel_leaves_a_request_whose_inputs_are_in_the_ring_to_its_answer() -> None:
+    """Its slots are freed by its answer: a CANCELLED reply while a batch still reads
+    them would let the front end stage another caller's tensor there."""
+    import asyncio
+
+    from server.frontends.engine_link import EngineLink
+    from server.frontends.wire import CANCEL, OK, RING_INPUTS, encode_header, pack, unpack
+
+    async def body() -> tuple[list[tuple[bytes, bytes, bytes]], list[tuple[bytes, bytes, bytes]]]:
+        release = asyncio.Event()
+
+        async def infer(*_: object) -> Any:
+            await release.wait()
+            from server.pb import grpc_service_pb2 as pb
+
+            return pb.ModelInferResponse(id="r1")
+
+        sent: list[list[bytes]] = []
+        link = EngineLink("ipc:///tmp/convoy-test-unbound.ipc", infer, sent.append)
+        try:
+            link._reading = True
+            who = peer_identity(0, 1)
+            staged = encode_header(None, None, flags=RING_INPUTS)
+            link.received([who, *pack([(b"a", staged, b"\x1a\x02r1")])])
+            for _ in range(5):
+                await asyncio.sleep(0)
+            link.received([who, *pack([(b"a", encode_header(None, None, kind=CANCEL), b"")])])
+            for _ in range(5):
+                await asyncio.sleep(0)
+            before = [t for frames in sent for t in unpack(frames[1:])]
+            release.set()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            return before, [t for frames in sent for t in unpack(frames[1:])]
+        finally:
+            link._socket.socket.close()
+            link._context.term()
+
+    before, after = asyncio.run(body())
+    assert before == []
+    assert [(rid, status[0]) for rid, status, _ in after] == [(b"a", OK)]

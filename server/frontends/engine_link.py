@@ -127,11 +127,15 @@ class EngineLink:
             )
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
-            self._by_id[identity, rid] = task  # removed by _answer, or by a CANCEL
+            if not flags & RING_INPUTS:
+                # Cancellable. Inputs in the front end's ring are not: its slots are freed
+                # by the answer, which must wait until no batch can read them any more.
+                self._by_id[identity, rid] = task  # removed by _answer, or by a CANCEL
 
     def _cancel(self, key: tuple[bytes, bytes]) -> None:
         """The caller left: stop waiting for its answer, as the in-process path does
-        when gRPC cancels a handler (the queue drops a request not yet dispatched)."""
+        when gRPC cancels a handler (the queue drops a request not yet dispatched, and
+        a batch that took it runs on with its own bytes, the message's)."""
         task = self._by_id.pop(key, None)
         if task is not None and not task.done():
             task.add_done_callback(functools.partial(self._cancelled, key))

@@ -17,8 +17,9 @@ the engine's time when each answer went alone.
 
 The header carries what the engine cannot read from the request itself: the caller's
 remaining deadline and the A/B key from its gRPC metadata. A CANCEL names an earlier
-request whose caller has gone: the engine drops it if it is still queued, and answers
-it either way (CANCELLED if it was dropped), since that answer frees its input slots.
+request whose caller has gone: the engine stops its wait for the answer (the queue
+drops it if not yet dispatched) and answers it CANCELLED, unless its inputs are in the
+front end's ring: those run to their answer, which frees the slots a batch may read.
 The request and response travel as the bytes gRPC received and will send: never
 parsed twice, never pickled.
 """

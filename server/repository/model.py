@@ -124,7 +124,7 @@ class ServedModel:
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         await self.queue.close(drain, timeout_s)
-        left = None if deadline is None else max(min(1.0, timeout_s or 0.0), deadline - loop.time())
+        left = None if deadline is None else max(1.0, deadline - loop.time())
         await asyncio.to_thread(self.pool.close, left)
         self.metrics.release()
         if self._monitors is not None and self.monitoring_handle is not None:
