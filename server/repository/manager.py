@@ -326,14 +326,21 @@ class ModelRepository:
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Unload every model, all at once, each drain bounded by timeout_s (what is
-        left of a shutdown's grace period) as well as by the repository's own bound."""
+        left of a shutdown's grace period) as well as by the repository's own bound.
+        Loads and unloads in progress are waited for within timeout_s too; a model
+        still loading after that is left as it is (the process is exiting)."""
         if timeout_s is not None:
             self._drain_timeout = (
                 timeout_s if self._drain_timeout is None else min(self._drain_timeout, timeout_s)
             )
-        if self._tasks:  # loads and unloads in progress finish first
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(self.unload(name) for name in list(self._models)))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        busy = sorted(name for name, entry in self._models.items() if entry.lock.locked())
+        if busy:
+            log.warning("at shutdown, models %s were still loading or unloading: left", busy)
+        await asyncio.gather(
+            *(self.unload(name) for name in list(self._models) if name not in busy)
+        )
 
     def _changed(self, name: str) -> None:
         if self.on_change is not None:
