@@ -24,18 +24,21 @@ from .conftest import ServerProcess, make_repository, start_server
 
 pytestmark = pytest.mark.e2e
 
-SLOW = """
+
+def _sleeper(seconds: float) -> str:
+    """A convoy_python model's source: Y = 2X, after `seconds` a batch."""
+    return f"""
 import time
-
-
 class Model:
     def __init__(self, config):
         pass
-
     def __call__(self, inputs):
-        time.sleep(0.05)
-        return {"Y": inputs["X"] * 2}
+        time.sleep({seconds})
+        return {{"Y": inputs["X"] * 2}}
 """
+
+
+SLOW = _sleeper(0.05)
 
 
 BIG = """
@@ -402,15 +405,7 @@ def test_sigterm_while_a_front_end_restarts_stops_within_the_grace_period(repo: 
     assert time.monotonic() - start < 15, server.output()
 
 
-SLEEPY = """
-import time
-class Model:
-    def __init__(self, config):
-        pass
-    def __call__(self, inputs):
-        time.sleep(10)
-        return {"Y": inputs["X"]}
-"""
+SLEEPY = _sleeper(10)
 
 
 def test_calls_in_flight_when_the_engine_dies_fail_at_once_not_after_the_grace_period(
@@ -476,15 +471,7 @@ def test_sigterm_with_a_batch_stuck_past_the_grace_period_exits_within_it(
     assert len(abandoned) == 1 and "sleepy" in abandoned[0], abandoned
 
 
-SECOND = """
-import time
-class Model:
-    def __init__(self, config):
-        pass
-    def __call__(self, inputs):
-        time.sleep(1.0)
-        return {"Y": inputs["X"] * 2}
-"""
+SECOND = _sleeper(1.0)
 
 
 def test_calls_cancelled_by_their_clients_leave_the_engine_s_queue(repo: Path) -> None:
