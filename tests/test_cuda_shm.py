@@ -636,6 +636,59 @@ def test_servicer_refuses_to_unregister_a_region_in_flight(
     asyncio.run(run())
 
 
+class SlowCopyDriver(FakeCudaDriver):
+    """Holds each copy to the device until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copying = threading.Event()
+        self.go = threading.Event()
+
+    def copy_to_device(self, dst: int, src: np.ndarray[Any, Any]) -> None:
+        self.copying.set()
+        self.go.wait(10)
+        super().copy_to_device(dst, src)
+
+
+@needs_wiring
+def test_a_region_stays_leased_while_a_cancelled_call_s_copy_to_it_runs(tmp_path: Path) -> None:
+    """The caller leaves while its outputs are being copied to its CUDA region (in a
+    thread, which cannot be stopped): unregistering that region is refused until the
+    copy has ended, so its handle is never closed under the copy."""
+    driver = SlowCopyDriver()
+
+    async def run() -> None:
+        servicer, _ = make_servicer(tmp_path, driver)
+        ctx = FakeContext()
+        handle, memory = driver.allocate(16)
+        await register(servicer, "out", handle, 0, 16)
+        x = np.ones((1, 4), np.float32)
+        call = asyncio.create_task(servicer.ModelInfer(infer_request(None, ("out", 0, 16), x), ctx))
+        await asyncio.to_thread(driver.copying.wait, 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        unregister = pb.CudaSharedMemoryUnregisterRequest(name="out")
+        with pytest.raises(Aborted) as info:
+            await servicer.CudaSharedMemoryUnregister(unregister, ctx)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        driver.go.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            try:
+                await servicer.CudaSharedMemoryUnregister(unregister, ctx)
+                break
+            except Aborted:
+                continue
+        status = await servicer.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), ctx)
+        assert not status.regions  # unregistered once the copy was done
+        assert np.frombuffer(memory, np.float32).tolist() == [3.0] * 4  # the copy completed
+        servicer.close()
+        assert driver.mapped == {}
+
+    asyncio.run(run())
+
+
 @needs_wiring
 def test_servicer_without_cuda_python_answers_unimplemented(tmp_path: Path) -> None:
     async def run() -> None:

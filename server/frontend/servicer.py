@@ -333,6 +333,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         at decode; its outputs are copied to the device, off the loop, before the
         answer is returned."""
         leases = Leases()
+        committing: asyncio.Task[None] | None = None
         try:
             infer_request = _decode(
                 model,
@@ -350,10 +351,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 request, model.spec, model.version, infer_request, result, model.labels, outputs
             )
             if leases.commits:
-                await asyncio.to_thread(leases.commit)
+                committing = asyncio.get_running_loop().create_task(
+                    asyncio.to_thread(leases.commit)
+                )
+                await asyncio.shield(committing)
             return response
         finally:
-            leases.release()
+            if committing is None or committing.done():
+                leases.release()
+            else:
+                # The caller left mid-copy: the copy to its CUDA region goes on in its
+                # thread, so the regions stay leased (unregister refused) until it ends.
+                committing.add_done_callback(lambda done: _released(done, leases))
 
     # -- Triton's system shared-memory extension ---------------------------------------
 
@@ -566,6 +575,15 @@ def _decode(
     except ConvoyError as exc:
         model.record_rejection(exc)
         raise
+
+
+def _released(commit: asyncio.Task[None], leases: Leases) -> None:
+    """A copy to a client's CUDA region that outlived its caller: its leases go now."""
+    leases.release()
+    if not commit.cancelled() and commit.exception() is not None:
+        log.error(
+            "writing outputs to a CUDA region failed after the caller left: %r", commit.exception()
+        )
 
 
 def _cache_wanted(request: pb.ModelInferRequest) -> bool:
