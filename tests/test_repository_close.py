@@ -24,9 +24,9 @@ class Model:
 """
 
 
-def _python_model(root: Path, name: str) -> None:
+def _python_model(root: Path, name: str, source: str = _IDENTITY) -> None:
     (root / name / "1").mkdir(parents=True)
-    (root / name / "1" / "model.py").write_text(_IDENTITY)
+    (root / name / "1" / "model.py").write_text(source)
     (root / name / "config.pbtxt").write_text(
         f'name: "{name}"\nbackend: "convoy_python"\nmax_batch_size: 8\n'
         'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
@@ -68,3 +68,64 @@ def test_a_load_still_running_does_not_hold_up_the_shutdown(
     took = asyncio.run(scenario())
     assert took < 3, took
     assert "['stuck'] were still loading" in caplog.text
+
+
+_SLOW = """
+import time
+class Model:
+    def __init__(self, config):
+        pass
+    def __call__(self, inputs):
+        time.sleep(0.5)
+        return {"Y": inputs["X"] * 3}
+"""
+
+_PIPE = """
+name: "pipe"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling {
+  step [
+    { model_name: "slow" model_version: -1
+      input_map { key: "X" value: "IN" } output_map { key: "Y" value: "mid" } },
+    { model_name: "quick" model_version: -1
+      input_map { key: "X" value: "mid" } output_map { key: "Y" value: "OUT" } }
+  ]
+}
+"""
+
+
+def test_an_ensemble_request_in_flight_at_shutdown_finishes_its_steps(tmp_path: Path) -> None:
+    """The ensembles drain before the models their steps run: unloading all at once
+    closed the second step's model while the request was still in its first."""
+    import numpy as np
+
+    from server.batching.request import InferRequest
+
+    _python_model(tmp_path, "quick", _IDENTITY)
+    _python_model(tmp_path, "slow", _SLOW)
+    (tmp_path / "pipe" / "1").mkdir(parents=True)
+    (tmp_path / "pipe" / "config.pbtxt").write_text(_PIPE)
+
+    async def scenario() -> Any:
+        repo = ModelRepository(tmp_path, Metrics(gpus=list))
+        for name in ("quick", "slow", "pipe"):
+            await repo.load(name)
+        request = InferRequest(
+            id="1",
+            inputs={"IN": np.ones((1, 4), dtype=np.float32)},
+            outputs=("OUT",),
+            rows=1,
+            shape_key=(("IN", (4,)),),
+            future=asyncio.get_running_loop().create_future(),
+            arrival_ns=1,
+        )
+        running = asyncio.ensure_future(repo.get("pipe").infer(request))
+        await asyncio.sleep(0.1)  # in its first step
+        await repo.close(timeout_s=10)
+        return await running
+
+    result = asyncio.run(scenario())
+    assert result.outputs["OUT"].tolist() == [[3.0] * 4]

@@ -325,22 +325,30 @@ class ModelRepository:
             log.info("model '%s' version %d unloaded", name, number)
 
     async def close(self, timeout_s: float | None = None) -> None:
-        """Unload every model, all at once, each drain bounded by timeout_s (what is
-        left of a shutdown's grace period) as well as by the repository's own bound.
-        Loads and unloads in progress are waited for within timeout_s too; a model
-        still loading after that is left as it is (the process is exiting)."""
+        """Unload every model within timeout_s (what is left of a shutdown's grace
+        period) as well as the repository's own bound: loads and unloads in progress
+        first (a model still loading after that is left as it is: the process is
+        exiting), then the ensembles, all at once, so that their requests in flight
+        finish their steps, then every other model at once."""
+        bound = self._drain_timeout
         if timeout_s is not None:
-            self._drain_timeout = (
-                timeout_s if self._drain_timeout is None else min(self._drain_timeout, timeout_s)
-            )
+            bound = timeout_s if bound is None else min(bound, timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = None if bound is None else loop.time() + bound
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            await asyncio.wait(set(self._tasks), timeout=left())
         busy = sorted(name for name, entry in self._models.items() if entry.lock.locked())
         if busy:
             log.warning("at shutdown, models %s were still loading or unloading: left", busy)
-        await asyncio.gather(
-            *(self.unload(name) for name in list(self._models) if name not in busy)
-        )
+        names = [name for name in self._models if name not in busy]
+        ensembles = [name for name in names if self._is_ensemble(name)]
+        for group in (ensembles, [name for name in names if name not in ensembles]):
+            self._drain_timeout = left()
+            await asyncio.gather(*(self.unload(name) for name in group))
 
     def _changed(self, name: str) -> None:
         if self.on_change is not None:
