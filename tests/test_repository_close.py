@@ -15,6 +15,8 @@ from server.errors import ConvoyError
 from server.metrics import Metrics
 from server.repository.manager import ModelRepository
 
+from .test_metrics import _SLOW_STEP  # 0.5 s a batch, Y = 3X
+
 _IDENTITY = """
 class Model:
     def __init__(self, config):
@@ -70,16 +72,6 @@ def test_a_load_still_running_does_not_hold_up_the_shutdown(
     assert "['stuck'] were still loading" in caplog.text
 
 
-_SLOW = """
-import time
-class Model:
-    def __init__(self, config):
-        pass
-    def __call__(self, inputs):
-        time.sleep(0.5)
-        return {"Y": inputs["X"] * 3}
-"""
-
 _PIPE = """
 name: "pipe"
 platform: "ensemble"
@@ -105,7 +97,7 @@ def test_an_ensemble_request_in_flight_at_shutdown_finishes_its_steps(tmp_path: 
     from server.batching.request import InferRequest
 
     _python_model(tmp_path, "quick", _IDENTITY)
-    _python_model(tmp_path, "slow", _SLOW)
+    _python_model(tmp_path, "slow", _SLOW_STEP)
     (tmp_path / "pipe" / "1").mkdir(parents=True)
     (tmp_path / "pipe" / "config.pbtxt").write_text(_PIPE)
 
