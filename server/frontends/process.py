@@ -320,7 +320,8 @@ class _InferLink:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except asyncio.CancelledError:
             # The caller left (cancelled, or its deadline passed): the engine drops the
-            # request if it is still queued; its answer still comes, and frees the slots.
+            # request if it is still queued (not one whose inputs are in our ring, which
+            # runs to its answer); an answer still comes, and frees the slots.
             if self.lost is None:
                 self._outbox.put(None, (rid, encode_header(None, None, kind=CANCEL), b""))
             raise

@@ -66,15 +66,16 @@ class FrontendSupervisor:
 
     async def start(self) -> None:
         """Spawn every front end and wait until each listens."""
-        readies = [self._spawn(i) for i in range(self._count)]
-        for index, ready in enumerate(readies):
-            await self._until_ready(index, ready)
+        for index in range(self._count):
+            self._spawn(index)
+        for index in range(self._count):
+            await self._until_ready(index)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _until_ready(self, index: int, ready: Any) -> None:
+    async def _until_ready(self, index: int) -> None:
         """Polled, not waited on in a thread: a front end that dies while starting is
         seen at once, and a stop is never held up by a thread still waiting."""
-        process = self._processes[index]
+        process, ready = self._processes[index], self._readies[index]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT_S
         while not ready.is_set():
@@ -86,7 +87,7 @@ class FrontendSupervisor:
                 raise RuntimeError(f"front end {index} did not start in {READY_TIMEOUT_S:g} s")
             await asyncio.sleep(READY_POLL_S)
 
-    def _spawn(self, index: int) -> Any:
+    def _spawn(self, index: int) -> None:
         ready = self._context.Event()
         process = self._context.Process(
             target=run_frontend,
@@ -97,7 +98,6 @@ class FrontendSupervisor:
         self._processes[index] = process
         self._readies[index] = ready
         self._started[index] = asyncio.get_running_loop().time()
-        return ready
 
     async def _watch(self) -> None:
         """A front end that dies is restarted; only the calls it held failed. Each slot
