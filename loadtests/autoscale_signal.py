@@ -41,8 +41,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from convoy.pb import grpc_service_pb2 as pb
 from loadtests.launch import link_model, start_convoy
-from server.pb import grpc_service_pb2 as pb
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 HPA_TOLERANCE = 0.1  # kube-controller-manager's --horizontal-pod-autoscaler-tolerance
@@ -181,7 +181,7 @@ async def stepped_load(
 @contextmanager
 def model_repository(model: str) -> Iterator[Path]:
     """A private repository of one built-in example (files linked, not copied)."""
-    from server.repository.examples import default_examples_dir, ensure_examples
+    from convoy.repository.examples import default_examples_dir, ensure_examples
 
     examples = ensure_examples(default_examples_dir())
     with tempfile.TemporaryDirectory(prefix="convoy-signal-") as tmp:

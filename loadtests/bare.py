@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server.backends import load_backend
-from server.backends.base import default_threads
-from server.config import ModelSpec, read_model_config, validate_model_config
+from convoy.backends import load_backend
+from convoy.backends.base import default_threads
+from convoy.config import ModelSpec, read_model_config, validate_model_config
 
 _TEXT = "Convoy batches concurrent requests into micro-batches under a latency budget."
 

@@ -19,7 +19,7 @@ import os
 import platform
 from pathlib import Path
 
-from server.repository.examples import default_examples_dir, ensure_examples
+from convoy.repository.examples import default_examples_dir, ensure_examples
 
 from .bare import measure
 from .bench import Result, run_closed_loop

@@ -181,7 +181,7 @@ def make_repository(target: Path, examples: Path, models: Sequence[str]) -> Path
 
 
 def run(args: argparse.Namespace) -> list[Phase]:
-    from server.repository.examples import default_examples_dir, ensure_examples
+    from convoy.repository.examples import default_examples_dir, ensure_examples
 
     examples = ensure_examples(default_examples_dir())
     root = Path(tempfile.mkdtemp(prefix="cache-bench-"))

@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from server.batching.request import InferResult
-from server.config import ModelSpec, read_model_config, validate_model_config
-from server.frontend.codec import decode_request, encode_response
-from server.pb import grpc_service_pb2 as pb
-from server.repository.examples import default_examples_dir, ensure_examples
-from server.tensors import numpy_dtype
+from convoy.batching.request import InferResult
+from convoy.config import ModelSpec, read_model_config, validate_model_config
+from convoy.frontend.codec import decode_request, encode_response
+from convoy.pb import grpc_service_pb2 as pb
+from convoy.repository.examples import default_examples_dir, ensure_examples
+from convoy.tensors import numpy_dtype
 
 
 def _spec(name: str) -> ModelSpec:

@@ -120,7 +120,7 @@ def free_port() -> int:
 def start_peer(peer: Peer, port: int, repo: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     if peer.name == "convoy":
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo),
+        cmd = [sys.executable, "-m", "convoy.cli", "serve", "--model-repository", str(repo),
                "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "-1",
                "--log-level", "WARNING"]  # fmt: skip
     elif peer.name == "echo":

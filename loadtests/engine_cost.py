@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import uvloop
 
-from server.app import ConvoyServer
-from server.config import ServerConfig
-from server.frontends.engine_link import EngineLink
-from server.frontends.wire import OK, encode_header, pack, unpack
-from server.pb import grpc_service_pb2 as pb
-from server.repository.examples import default_examples_dir, ensure_examples
-from server.statistics import ModelStatistics
+from convoy.app import ConvoyServer
+from convoy.config import ServerConfig
+from convoy.frontends.engine_link import EngineLink
+from convoy.frontends.wire import OK, encode_header, pack, unpack
+from convoy.pb import grpc_service_pb2 as pb
+from convoy.repository.examples import default_examples_dir, ensure_examples
+from convoy.statistics import ModelStatistics
 
 from .launch import link_model
 

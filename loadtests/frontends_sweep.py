@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.repository.examples import default_examples_dir, ensure_examples
+from convoy.repository.examples import default_examples_dir, ensure_examples
 
 from .bench import _summarise, build_request
 from .launch import ROOT, cpu_seconds, link_model, start_convoy

@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.backends.pytorch import TorchScriptBackend
-from server.config import validate_model_config
-from server.pb import model_config_pb2 as mc
+from convoy.backends.pytorch import TorchScriptBackend
+from convoy.config import validate_model_config
+from convoy.pb import model_config_pb2 as mc
 
 
 def cnn() -> torch.nn.Module:
-    from server.repository.examples import build_classifier_module
+    from convoy.repository.examples import build_classifier_module
 
     return build_classifier_module().eval()
 
@@ -136,7 +136,7 @@ def served_against_bare(
 ) -> tuple[float, float, float]:
     """(served images/s, bare images/s, served p99 ms) for raw uint8 images
     (device "cpu" runs the same on the CPU: a check of this script without a GPU)."""
-    from server.backends import load_backend
+    from convoy.backends import load_backend
 
     from .bare import load_spec
     from .bench import run_closed_loop

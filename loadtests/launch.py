@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.procstat import process_usage
+from convoy.procstat import process_usage
 
 ROOT = Path(__file__).resolve().parents[1]
 _READY = re.compile(r"convoy serving gRPC on \S+:(\d+), metrics on port (\d+|off)")
@@ -59,7 +59,7 @@ def start_convoy(
 ) -> ConvoyProcess:
     """Start `convoy serve` on free ports; None serves the built-in examples."""
     cmd = [
-        sys.executable, "-m", "server.cli", "serve",
+        sys.executable, "-m", "convoy.cli", "serve",
         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
         *extra,
     ]  # fmt: skip

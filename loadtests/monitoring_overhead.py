@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from server.repository.examples import (
+from convoy.repository.examples import (
     build_classifier,
     build_tiny,
     default_examples_dir,

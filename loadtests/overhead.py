@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
-from server.batching.batch import Batch
-from server.batching.queue import BatchDone, BatchOutcome, ModelQueue
-from server.batching.request import InferRequest
-from server.config import BatchingConfig
-from server.errors import ConvoyError
+from convoy.batching.batch import Batch
+from convoy.batching.queue import BatchDone, BatchOutcome, ModelQueue
+from convoy.batching.request import InferRequest
+from convoy.config import BatchingConfig
+from convoy.errors import ConvoyError
 
 
 class NoOpRunner:

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from server.repository.examples import default_examples_dir, ensure_examples
+from convoy.repository.examples import default_examples_dir, ensure_examples
 
 from .bench import Result, _summarise, run_closed_loop, run_http_closed_loop
 from .launch import link_model, start_convoy

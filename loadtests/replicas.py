@@ -54,9 +54,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from convoy.pb import grpc_service_pb2 as pb
+from convoy.pb import grpc_service_pb2_grpc as pb_grpc
 from loadtests.launch import ConvoyProcess, start_convoy
-from server.pb import grpc_service_pb2 as pb
-from server.pb import grpc_service_pb2_grpc as pb_grpc
 
 HOSTNAME = "convoy-headless.test"
 _SUCCESS = re.compile(r'^convoy_request_success_total\{[^}]*model="tiny"[^}]*\} (\S+)$', re.M)
@@ -271,7 +271,7 @@ def free_port() -> int:
 
 @contextmanager
 def tiny_repository() -> Iterator[Path]:
-    from server.repository.examples import build_tiny
+    from convoy.repository.examples import build_tiny
 
     with tempfile.TemporaryDirectory(prefix="convoy-replicas-") as tmp:
         build_tiny(Path(tmp) / MODEL)

@@ -35,9 +35,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server.pb import convoy_admin_pb2 as pb
-from server.pb import convoy_admin_pb2_grpc as pb_grpc
-from server.rollouts.cli import add_rollout_parser, start_request, status_json
+from convoy.pb import convoy_admin_pb2 as pb
+from convoy.pb import convoy_admin_pb2_grpc as pb_grpc
+from convoy.rollouts.cli import add_rollout_parser, start_request, status_json
 
 from .bench import Result, _summarise
 from .launch import start_convoy

@@ -35,7 +35,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import _utils as triton_utils
 from tritonclient.grpc import service_pb2
 
-from server.repository.examples import default_examples_dir, ensure_examples
+from convoy.repository.examples import default_examples_dir, ensure_examples
 
 from .bench import _OPTIONS, _model_infer, _server_batches, _summarise
 from .launch import cpu_seconds, link_model, start_convoy

@@ -31,7 +31,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server.repository.examples import default_examples_dir, ensure_examples
+from convoy.repository.examples import default_examples_dir, ensure_examples
 
 from . import faulty_model
 from .launch import start_convoy

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.launch import ROOT, ConvoyProcess, link_model, start_convoy
-from server.repository.examples import (
+from convoy.repository.examples import (
     build_classifier,
     build_tiny,
     default_examples_dir,
     ensure_examples,
 )
-from server.scheduling.devices import cuda_device_count
+from convoy.scheduling.devices import cuda_device_count
+from loadtests.launch import ROOT, ConvoyProcess, link_model, start_convoy
 
 # Without a GPU, OpenAI Triton kernels run in Triton's interpreter on CPU tensors;
 # it must be chosen before triton is first imported.

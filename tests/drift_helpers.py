@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.config import InstanceGroupSpec, ModelSpec, TensorSpec, VersionPolicy
+from convoy.config import InstanceGroupSpec, ModelSpec, TensorSpec, VersionPolicy
 
 
 def model_spec(

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.batching.batch import Batch
-from server.batching.queue import BatchDone, BatchOutcome
-from server.batching.request import InferRequest
-from server.errors import ConvoyError
+from convoy.batching.batch import Batch
+from convoy.batching.queue import BatchDone, BatchOutcome
+from convoy.batching.request import InferRequest
+from convoy.errors import ConvoyError
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import (
+from convoy.config import (
     BackendOptions,
     ImageOptions,
     TensorRTOptions,
@@ -16,7 +16,7 @@ from server.config import (
     read_model_config,
     validate_model_config,
 )
-from server.errors import ConfigError
+from convoy.errors import ConfigError
 
 BASE = """
 name: "m"
@@ -119,8 +119,8 @@ def test_unknown_keys_and_other_runtimes_keys_are_left_alone(tmp_path: Path) -> 
 def test_a_missing_tokenizer_fails_before_the_runtime_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from server.backends import load_backend
-    from server.backends import onnxruntime as ort_backend
+    from convoy.backends import load_backend
+    from convoy.backends import onnxruntime as ort_backend
 
     spec = spec_of(tmp_path, "onnxruntime", TEXT, tokenizer="absent.json")
     (tmp_path / "m/1").mkdir()

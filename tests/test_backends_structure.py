@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .conftest import ROOT
 
-PACKAGE = ROOT / "server" / "backends"
+PACKAGE = ROOT / "convoy" / "backends"
 
 
 def _imports(path: Path) -> set[str]:
@@ -41,8 +41,8 @@ def test_no_module_of_the_backends_package_imports_itself_back() -> None:
 
 
 def test_callers_keep_the_package_names() -> None:
-    import server.backends as backends
-    from server.backends import factory
+    import convoy.backends as backends
+    from convoy.backends import factory
 
     assert backends.load_backend is factory.load_backend
     assert backends.probe_signature is factory.probe_signature

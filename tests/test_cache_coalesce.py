@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from server.batching.request import InferResult
-from server.cache import CacheAnswer, CacheConfig, ResponseCache, request_key
-from server.errors import DeadlineExceeded, InternalError
+from convoy.batching.request import InferResult
+from convoy.cache import CacheAnswer, CacheConfig, ResponseCache, request_key
+from convoy.errors import DeadlineExceeded, InternalError
 
 KEY = request_key("m", 1, {"X": np.arange(4, dtype=np.float32)}, ("Y",))
 

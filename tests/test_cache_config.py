@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.batching.request import InferResult
-from server.cache import (
+from convoy.batching.request import InferResult
+from convoy.cache import (
     CacheConfig,
     CacheConfigError,
     ResponseCache,
@@ -15,8 +15,8 @@ from server.cache import (
     request_key,
     request_uses_cache,
 )
-from server.cache.exporter import CacheCollector
-from server.errors import InvalidInput
+from convoy.cache.exporter import CacheCollector
+from convoy.errors import InvalidInput
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.cache import request_key
+from convoy.cache import request_key
 
 IMAGE = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.batching.request import InferResult
-from server.cache import ByteLRU, CacheConfig, ResponseCache, request_key, result_bytes
-from server.cache.lru import ENTRY_OVERHEAD_BYTES
+from convoy.batching.request import InferResult
+from convoy.cache import ByteLRU, CacheConfig, ResponseCache, request_key, result_bytes
+from convoy.cache.lru import ENTRY_OVERHEAD_BYTES
 
 
 def test_never_exceeds_its_size_under_a_stream_of_distinct_entries() -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.backends.base import ShapeRange
-from server.config import read_model_config, validate_model_config
-from server.errors import InvalidInput
-from server.frontend.codec import decode_request
-from server.pb import grpc_service_pb2 as pb
+from convoy.backends.base import ShapeRange
+from convoy.config import read_model_config, validate_model_config
+from convoy.errors import InvalidInput
+from convoy.frontend.codec import decode_request
+from convoy.pb import grpc_service_pb2 as pb
 
 CONFIG = """
 name: "m"
@@ -69,7 +69,7 @@ def test_shape_key_is_by_name_in_config_order(tmp_path: Path) -> None:
 def test_shapes_checked_against_fixed_and_variable_dims() -> None:
     """The per-request shape check: fixed dims by one comparison, -1 matching any size,
     a different rank never."""
-    from server.config import TensorSpec
+    from convoy.config import TensorSpec
 
     fixed = TensorSpec("x", "FP32", (3, 4))
     variable = TensorSpec("x", "FP32", (-1, 4))

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import VersionPolicy, read_model_config, validate_model_config
-from server.errors import ConfigError
+from convoy.config import VersionPolicy, read_model_config, validate_model_config
+from convoy.errors import ConfigError
 
 GOOD = """
 name: "m"
@@ -162,7 +162,7 @@ dynamic_batching { preferred_batch_size: [ 8, 16 ] }
 def test_cuda_graph_buckets_from_triton_optimization_or_parameters(
     tmp_path: Path, optimization: str, parameters: str, buckets: tuple[int, ...]
 ) -> None:
-    from server.backends.pytorch import graph_buckets
+    from convoy.backends.pytorch import graph_buckets
 
     spec = spec_of(tmp_path, CUDA_CONFIG + optimization + parameters)
     assert graph_buckets(spec) == buckets
@@ -170,7 +170,7 @@ def test_cuda_graph_buckets_from_triton_optimization_or_parameters(
 
 
 def test_cuda_options_are_checked(tmp_path: Path) -> None:
-    from server.backends.pytorch import graph_buckets
+    from convoy.backends.pytorch import graph_buckets
 
     text = CUDA_CONFIG + "optimization { cuda { busy_wait_events: true } }"
     assert spec_of(tmp_path, text).cuda.busy_wait_events
@@ -188,7 +188,7 @@ def test_cuda_options_are_checked(tmp_path: Path) -> None:
 
 
 def test_the_gpu_example_in_the_docs_is_valid(tmp_path: Path) -> None:
-    from server.backends.pytorch import graph_buckets
+    from convoy.backends.pytorch import graph_buckets
 
     docs = (Path(__file__).parent.parent / "docs/models.md").read_text()
     text = docs.split('```\nname: "resnet_gpu"', 1)[1].split("```", 1)[0]

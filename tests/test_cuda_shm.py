@@ -23,8 +23,8 @@ import grpc
 import numpy as np
 import pytest
 
-from server.config import read_model_config, validate_model_config
-from server.errors import (
+from convoy.config import read_model_config, validate_model_config
+from convoy.errors import (
     ConvoyError,
     InternalError,
     InvalidInput,
@@ -32,17 +32,17 @@ from server.errors import (
     RegionNotFound,
     Unimplemented,
 )
-from server.frontend import servicer as servicer_module
-from server.frontend.cuda_shm import (
+from convoy.frontend import servicer as servicer_module
+from convoy.frontend.cuda_shm import (
     IPC_HANDLE_BYTES,
     CudaError,
     CudaSharedMemoryRegistry,
     SharedMemory,
     load_driver,
 )
-from server.frontend.shm import BYTE_SIZE, OFFSET, REGION, Leases, SharedMemoryRegistry
-from server.frontend.status import status_code
-from server.pb import grpc_service_pb2 as pb
+from convoy.frontend.shm import BYTE_SIZE, OFFSET, REGION, Leases, SharedMemoryRegistry
+from convoy.frontend.status import status_code
+from convoy.pb import grpc_service_pb2 as pb
 
 WIRED = "cuda_shm" in inspect.signature(servicer_module.InferenceServicer.__init__).parameters
 needs_wiring = pytest.mark.skipif(
@@ -437,7 +437,7 @@ class FakeModel:
         self.started = asyncio.Event()
 
     async def infer(self, request: Any) -> Any:
-        from server.batching.request import InferResult
+        from convoy.batching.request import InferResult
 
         self.started.set()
         await self.gate.wait()

@@ -9,15 +9,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 
-from server.frontends.exporter import FrontendCollector
-from server.heap import GcPauses
-from server.metrics import Metrics
-from server.monitoring.exporter import MonitoringCollector
-from server.monitoring.registry import Monitors
+from convoy.frontends.exporter import FrontendCollector
+from convoy.heap import GcPauses
+from convoy.metrics import Metrics
+from convoy.monitoring.exporter import MonitoringCollector
+from convoy.monitoring.registry import Monitors
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "convoy.json"
 
-# server/rollouts/exporter.py builds these at scrape time from its controller (its
+# convoy/rollouts/exporter.py builds these at scrape time from its controller (its
 # describe() lists none), so they are named here and checked against its source.
 ROLLOUT_METRICS = {"convoy_rollout_weight": "gauge", "convoy_rollout_phase": "gauge",
                    "convoy_rollout_events": "counter"}  # fmt: skip
@@ -112,7 +112,7 @@ def test_dashboard_covers_what_operators_look_at() -> None:
 
 def test_rollout_metrics_named_here_are_the_exporters() -> None:
     try:
-        from server.rollouts import exporter
+        from convoy.rollouts import exporter
     except ImportError:  # rollouts not merged yet: the names above stand as expected
         return
     source = inspect.getsource(exporter)

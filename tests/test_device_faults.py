@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.errors import ConfigError, InternalError
-from server.scheduling.devices import is_device_fault, is_fatal_device_fault
+from convoy.errors import ConfigError, InternalError
+from convoy.scheduling.devices import is_device_fault, is_fatal_device_fault
 
 _ASYNC_NOTE = (
     "\nCUDA kernel errors might be asynchronously reported at some other API call, so the "
@@ -79,8 +79,8 @@ def test_a_fatal_cause_behind_a_wrapper_counts() -> None:
 def test_placement_skips_failed_gpus_and_falls_back_to_the_cpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from server.config import InstanceGroupSpec
-    from server.scheduling import devices
+    from convoy.config import InstanceGroupSpec
+    from convoy.scheduling import devices
 
     monkeypatch.setattr(devices, "cuda_device_count", lambda: 2)
     every_gpu = InstanceGroupSpec("g", "KIND_GPU", 2)

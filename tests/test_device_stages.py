@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from server.backends.preprocess import ImagePreprocessingBackend, with_image_preprocessing
-from server.backends.pytorch import TorchScriptBackend
-from server.backends.stages import device_stages
-from server.backends.text import TokenizingBackend
-from server.batching.request import Ranking
-from server.config import ModelSpec, read_model_config, validate_model_config
-from server.scheduling.devices import cuda_device_count
+from convoy.backends.preprocess import ImagePreprocessingBackend, with_image_preprocessing
+from convoy.backends.pytorch import TorchScriptBackend
+from convoy.backends.stages import device_stages
+from convoy.backends.text import TokenizingBackend
+from convoy.batching.request import Ranking
+from convoy.config import ModelSpec, read_model_config, validate_model_config
+from convoy.scheduling.devices import cuda_device_count
 
 pytest.importorskip("triton", reason="OpenAI Triton is not installed")
 
@@ -141,7 +141,7 @@ def test_ranking_beside_the_full_outputs(tmp_path: Path, device: str) -> None:
 def test_a_triton_kernel_that_cannot_run_here_gives_way_to_torch_ops(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from server.backends.stages import working_kernel
+    from convoy.backends.stages import working_kernel
 
     def triton_kernel(x: object) -> object:
         return x

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from server.config import TensorSpec
-from server.monitoring.detectors import (
+from convoy.config import TensorSpec
+from convoy.monitoring.detectors import (
     CategoricalDetector,
     ClassFrequencyDetector,
     MmdDetector,
@@ -18,7 +18,7 @@ from server.monitoring.detectors import (
     build_detector,
     choose_test,
 )
-from server.monitoring.params import DriftParams
+from convoy.monitoring.params import DriftParams
 
 ALPHA = 0.05
 WINDOWS = 200
@@ -203,7 +203,7 @@ def test_minilm_tokenizer_hook_counts_its_unknown_tokens() -> None:
     )
     from pathlib import Path
 
-    from server.monitoring.tokens import tokenizer_hook
+    from convoy.monitoring.tokens import tokenizer_hook
 
     hook = tokenizer_hook(Path(package.__file__).parent / "model" / "tokenizer.json")
     assert hook(b"hello convoy") == (2, 0)

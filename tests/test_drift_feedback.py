@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.errors import InvalidInput, ModelNotFound
-from server.monitoring.exporter import MonitoringCollector
-from server.monitoring.feedback import FeedbackStore, PredictionNotFound
-from server.monitoring.params import FeedbackParams
-from server.monitoring.registry import Monitors
+from convoy.errors import InvalidInput, ModelNotFound
+from convoy.monitoring.exporter import MonitoringCollector
+from convoy.monitoring.feedback import FeedbackStore, PredictionNotFound
+from convoy.monitoring.params import FeedbackParams
+from convoy.monitoring.registry import Monitors
 
 
 class FakeClock:

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.config import TensorSpec
-from server.monitoring.exporter import MonitoringCollector
-from server.monitoring.monitor import ModelMonitor
-from server.monitoring.params import parse_monitoring_params
-from server.monitoring.registry import Monitors
-from server.monitoring.sampler import ROW_BUDGET_BYTES, SampledTensor, Sampler
+from convoy.config import TensorSpec
+from convoy.monitoring.exporter import MonitoringCollector
+from convoy.monitoring.monitor import ModelMonitor
+from convoy.monitoring.params import parse_monitoring_params
+from convoy.monitoring.registry import Monitors
+from convoy.monitoring.sampler import ROW_BUDGET_BYTES, SampledTensor, Sampler
 from tests.drift_helpers import scores_of, tabular_spec, write_reference
 
 

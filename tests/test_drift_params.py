@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.config import TensorSpec
-from server.errors import ConfigError
-from server.monitoring.monitor import ModelMonitor
-from server.monitoring.params import DriftParams, parse_monitoring_params
-from server.monitoring.reference import load_reference
+from convoy.config import TensorSpec
+from convoy.errors import ConfigError
+from convoy.monitoring.monitor import ModelMonitor
+from convoy.monitoring.params import DriftParams, parse_monitoring_params
+from convoy.monitoring.reference import load_reference
 from tests.drift_helpers import model_spec, tabular_spec, write_reference
 
 CONFIG = "/models/m/config.pbtxt"

@@ -12,14 +12,14 @@ import grpc
 import numpy as np
 import pytest
 
-from server.frontend.monitoring import add_monitoring_service
-from server.monitoring.cli import add_monitor_parser, run_monitor
-from server.monitoring.feedback import FeedbackStore
-from server.monitoring.monitor import ModelMonitor
-from server.monitoring.params import parse_monitoring_params
-from server.monitoring.registry import Monitors
-from server.pb import convoy_monitoring_pb2 as pb
-from server.pb import convoy_monitoring_pb2_grpc as pb_grpc
+from convoy.frontend.monitoring import add_monitoring_service
+from convoy.monitoring.cli import add_monitor_parser, run_monitor
+from convoy.monitoring.feedback import FeedbackStore
+from convoy.monitoring.monitor import ModelMonitor
+from convoy.monitoring.params import parse_monitoring_params
+from convoy.monitoring.registry import Monitors
+from convoy.pb import convoy_monitoring_pb2 as pb
+from convoy.pb import convoy_monitoring_pb2_grpc as pb_grpc
 from tests.drift_helpers import scores_of, tabular_spec, write_reference
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server.pb import grpc_service_pb2 as pb
+from convoy.pb import grpc_service_pb2 as pb
 
 from .conftest import ServerProcess, make_repository, start_server
 

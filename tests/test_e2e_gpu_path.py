@@ -15,9 +15,9 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from kernels.classify import topk_reference
-from kernels.image import hwc_uint8_to_nchw_reference
-from server.scheduling.devices import cuda_device_count
+from convoy.kernels.classify import topk_reference
+from convoy.kernels.image import hwc_uint8_to_nchw_reference
+from convoy.scheduling.devices import cuda_device_count
 
 from .conftest import ServerProcess, start_server
 

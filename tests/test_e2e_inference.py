@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from server.scheduling.devices import cuda_device_count
+from convoy.scheduling.devices import cuda_device_count
 
 from .conftest import ServerProcess
 
@@ -129,7 +129,7 @@ def test_classifier_batch(client: grpcclient.InferenceServerClient) -> None:
 def test_embeddings_match_reference(client: grpcclient.InferenceServerClient) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from server.repository.examples import minilm_model_dir
+    from convoy.repository.examples import minilm_model_dir
 
     texts = [
         "Convoy batches requests under a latency budget.",

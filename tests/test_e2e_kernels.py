@@ -11,9 +11,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tokenizers import Tokenizer
 
-from kernels.classify import softmax_reference
-from kernels.image import hwc_uint8_to_nchw_reference
-from kernels.pooling import mean_pool_l2_reference
+from convoy.kernels.classify import softmax_reference
+from convoy.kernels.image import hwc_uint8_to_nchw_reference
+from convoy.kernels.pooling import mean_pool_l2_reference
 
 from .conftest import ServerProcess, make_repository, start_server
 

@@ -19,8 +19,8 @@ import grpc
 import numpy as np
 import pytest
 
-from server.pb import convoy_monitoring_pb2 as pb
-from server.pb import convoy_monitoring_pb2_grpc as pb_grpc
+from convoy.pb import convoy_monitoring_pb2 as pb
+from convoy.pb import convoy_monitoring_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, ServerProcess, make_repository, start_server
 
 pytestmark = pytest.mark.e2e
@@ -96,7 +96,7 @@ def test_injected_drift_shows_in_metrics_and_convoy_monitor(monitored: ServerPro
     )
     assert p_value is not None and p_value < 0.05
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "monitor", "tiny", "--server", monitored.url],
+        [sys.executable, "-m", "convoy.cli", "monitor", "tiny", "--server", monitored.url],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -27,7 +27,7 @@ FP16, INT8 = 2, 3
 
 def _optimize(*args: str | int | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "optimize", *map(str, args)],
+        [sys.executable, "-m", "convoy.cli", "optimize", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from server.scheduling.devices import cuda_device_count
+from convoy.scheduling.devices import cuda_device_count
 
 from .conftest import ROOT, ServerProcess, make_repository, start_server
 
@@ -183,7 +183,7 @@ def test_sigterm_drains_in_flight_requests(repo: Path) -> None:
 
 def test_cli_help_and_builtin_examples(examples_dir: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--help"],
+        [sys.executable, "-m", "convoy.cli", "serve", "--help"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     for flag in ("--model-repository", "--grpc-port", "--metrics-port", "--grace-period"):

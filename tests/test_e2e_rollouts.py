@@ -124,7 +124,7 @@ def rollout(
     server: ServerProcess, *args: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "rollout", *args, "--server", server.url],
+        [sys.executable, "-m", "convoy.cli", "rollout", *args, "--server", server.url],
         cwd=ROOT, capture_output=True, text=True, check=check, timeout=60,
     )  # fmt: skip
 

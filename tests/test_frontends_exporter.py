@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.frontends.exporter import FrontendCollector
-from server.frontends.wire import peer_identity, peer_index
-from server.procstat import process_usage
+from convoy.frontends.exporter import FrontendCollector
+from convoy.frontends.wire import peer_identity, peer_index
+from convoy.procstat import process_usage
 
 
 class _Link:
@@ -101,7 +101,7 @@ def _pauses(counts: list[float], total: float) -> dict[str, tuple[list[float], f
 def test_gc_pauses_add_up_per_slot_in_the_engines_own_buckets() -> None:
     import gc
 
-    from server.heap import PAUSE_BUCKETS, GcPauses
+    from convoy.heap import PAUSE_BUCKETS, GcPauses
 
     width = len(PAUSE_BUCKETS) + 1
     link = _Link({})
@@ -132,8 +132,8 @@ def test_the_engine_keeps_each_front_ends_last_readable_report() -> None:
     buckets, is logged and leaves what was there (a scrape never fails over it)."""
     import json
 
-    from server.frontends.engine_link import EngineLink
-    from server.heap import PAUSE_BUCKETS
+    from convoy.frontends.engine_link import EngineLink
+    from convoy.heap import PAUSE_BUCKETS
 
     async def infer(*_: object) -> None:
         raise AssertionError("no inference here")
@@ -155,7 +155,7 @@ def test_the_engine_keeps_each_front_ends_last_readable_report() -> None:
 def test_a_snapshot_is_what_the_histogram_holds() -> None:
     import gc
 
-    from server.heap import PAUSE_BUCKETS, GcPauses
+    from convoy.heap import PAUSE_BUCKETS, GcPauses
 
     pauses = GcPauses(CollectorRegistry())
     pauses.start()
@@ -175,8 +175,8 @@ def test_a_request_with_a_malformed_header_is_answered_invalid_argument() -> Non
 
     import grpc
 
-    from server.frontends.engine_link import EngineLink
-    from server.frontends.wire import encode_header, pack, status_number, unpack
+    from convoy.frontends.engine_link import EngineLink
+    from convoy.frontends.wire import encode_header, pack, status_number, unpack
 
     async def infer(*_: object) -> None:
         raise AssertionError("a malformed request must not reach the model")
@@ -209,8 +209,8 @@ def test_a_cancel_stops_the_request_and_it_is_answered_cancelled_once() -> None:
 
     import grpc
 
-    from server.frontends.engine_link import EngineLink
-    from server.frontends.wire import CANCEL, encode_header, pack, status_number, unpack
+    from convoy.frontends.engine_link import EngineLink
+    from convoy.frontends.wire import CANCEL, encode_header, pack, status_number, unpack
 
     async def body() -> tuple[list[tuple[bytes, bytes, bytes]], list[str]]:
         forever = asyncio.Event()
@@ -254,15 +254,15 @@ def test_a_cancel_leaves_a_request_whose_inputs_are_in_the_ring_to_its_answer() 
     them would let the front end stage another caller's tensor there."""
     import asyncio
 
-    from server.frontends.engine_link import EngineLink
-    from server.frontends.wire import CANCEL, OK, RING_INPUTS, encode_header, pack, unpack
+    from convoy.frontends.engine_link import EngineLink
+    from convoy.frontends.wire import CANCEL, OK, RING_INPUTS, encode_header, pack, unpack
 
     async def body() -> tuple[list[tuple[bytes, bytes, bytes]], list[tuple[bytes, bytes, bytes]]]:
         release = asyncio.Event()
 
         async def infer(*_: object) -> Any:
             await release.wait()
-            from server.pb import grpc_service_pb2 as pb
+            from convoy.pb import grpc_service_pb2 as pb
 
             return pb.ModelInferResponse(id="r1")
 

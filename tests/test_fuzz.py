@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from server.config import read_model_config, validate_model_config
-from server.errors import ConfigError
+from convoy.config import read_model_config, validate_model_config
+from convoy.errors import ConfigError
 
 from .conftest import ServerProcess
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.backends.pytorch import TorchScriptBackend
-from server.config import read_model_config, validate_model_config
-from server.scheduling.devices import cuda_device_count
+from convoy.backends.pytorch import TorchScriptBackend
+from convoy.config import read_model_config, validate_model_config
+from convoy.scheduling.devices import cuda_device_count
 
 pytestmark = [
     pytest.mark.gpu,
@@ -45,7 +45,7 @@ def test_onnxruntime_cuda_provider_where_installed(small_examples: Path) -> None
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed")
-    from server.backends.onnxruntime import OnnxRuntimeBackend
+    from convoy.backends.onnxruntime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(small_examples / "image_classifier/1/model.onnx", "cuda:0", 4)
     assert backend.device == "cuda:0"
@@ -60,9 +60,9 @@ def test_onnxruntime_cuda_provider_where_installed(small_examples: Path) -> None
 def test_batches_are_gathered_in_pinned_staging_buffers(small_examples: Path) -> None:
     import asyncio
 
-    from server.batching.batch import Batch
-    from server.batching.request import InferRequest
-    from server.scheduling.pool import ModelInstance
+    from convoy.batching.batch import Batch
+    from convoy.batching.request import InferRequest
+    from convoy.scheduling.pool import ModelInstance
 
     spec = tiny_spec(small_examples, precision="fp16")
     backend = TorchScriptBackend(small_examples / "tiny/1/model.pt", "cuda:0", spec)
@@ -101,7 +101,7 @@ def test_batches_are_gathered_in_pinned_staging_buffers(small_examples: Path) ->
 
 
 def test_cuda_graphs_are_captured_at_load(small_examples: Path) -> None:
-    from server.backends import load_backend
+    from convoy.backends import load_backend
 
     spec = tiny_spec(small_examples, cuda_graph_batch_sizes="1,4,16")
     backend = load_backend(spec, small_examples / "tiny/1/model.pt", "cuda:0", 1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from server.metrics import Metrics
-from server.scheduling.devices import GpuReading, cuda_device_count, gpu_readings
+from convoy.metrics import Metrics
+from convoy.scheduling.devices import GpuReading, cuda_device_count, gpu_readings
 
 
 def test_gpu_series_come_from_the_readings_at_scrape_time() -> None:

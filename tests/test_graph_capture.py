@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from server.backends.pytorch import PROCESS_GRAPH_CAPTURE, GraphCapture, TorchScriptBackend
-from server.config import read_model_config, validate_model_config
-from server.scheduling.devices import cuda_device_count
+from convoy.backends.pytorch import PROCESS_GRAPH_CAPTURE, GraphCapture, TorchScriptBackend
+from convoy.config import read_model_config, validate_model_config
+from convoy.scheduling.devices import cuda_device_count
 
 CONFIG = """
 name: "g"

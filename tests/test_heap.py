@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from server.heap import HeapSettler, Settled, settle
-from server.metrics import Metrics
-from server.repository.manager import ModelRepository
+from convoy.heap import HeapSettler, Settled, settle
+from convoy.metrics import Metrics
+from convoy.repository.manager import ModelRepository
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +172,7 @@ def test_the_server_freezes_before_serving_and_settles_after_a_reload(
 def test_gc_pauses_are_measured_per_generation_until_closed() -> None:
     from prometheus_client import CollectorRegistry
 
-    from server.heap import GcPauses
+    from convoy.heap import GcPauses
 
     registry = CollectorRegistry()
     pauses = GcPauses(registry)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.cli import build_parser
+from convoy.cli import build_parser
 from tests.test_dashboard import unknown_metrics
 
 helm = pytest.importorskip(
@@ -428,6 +428,27 @@ def test_model_repository_sources(repository: dict[str, Any]) -> None:
         assert any(
             m["name"] == "models" and m["mountPath"] == "/models" for m in init["volumeMounts"]
         )
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_installs_with_no_values_and_serves_the_examples(kube_version: str) -> None:
+    """`helm install convoy deploy/helm/convoy` as a newcomer types it: no repository given,
+    so no volume to name; the server builds its examples into the writable cache."""
+    objects = render({}, kube_version=kube_version)
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+    args = serve_args(objects)
+    assert args.model_repository is None
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert "models" not in {v["name"] for v in pod["volumes"]}
+    container = server_container(objects)
+    assert "models" not in {m["name"] for m in container["volumeMounts"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert any(m["mountPath"] == env["CONVOY_CACHE_DIR"] for m in container["volumeMounts"])
+    report = helm.lint(CHART, {}, strict=True, kube_version=f"v{kube_version}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
 @pytest.mark.parametrize(

@@ -21,11 +21,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server import config as config_module
-from server.frontend.auth import AccessPolicy
-from server.frontend.http import HttpFrontend
-from server.metrics import Metrics
-from server.repository.manager import ModelRepository
+from convoy import config as config_module
+from convoy.frontend.auth import AccessPolicy
+from convoy.frontend.http import HttpFrontend
+from convoy.metrics import Metrics
+from convoy.repository.manager import ModelRepository
 
 from .conftest import make_repository
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from kernels.classify import topk_reference
-from server.backends.base import RanksOnDevice, StagesInputs
-from server.backends.staging import StagingBuffers
-from server.batching.batch import Batch
-from server.batching.request import InferRequest, Ranked, Ranking
-from server.scheduling.pool import ModelInstance
+from convoy.backends.base import RanksOnDevice, StagesInputs
+from convoy.backends.staging import StagingBuffers
+from convoy.batching.batch import Batch
+from convoy.batching.request import InferRequest, Ranked, Ranking
+from convoy.kernels.classify import topk_reference
+from convoy.scheduling.pool import ModelInstance
 
 
 def request(
@@ -151,10 +151,10 @@ def test_staging_buffers_grow_and_are_reused() -> None:
 
 
 def test_a_model_without_batch_dimension_ranks_its_whole_output() -> None:
-    from server.config import ModelSpec, TensorSpec
-    from server.config import VersionPolicy as Policy
-    from server.frontend.codec import encode_response
-    from server.pb import grpc_service_pb2 as pb
+    from convoy.config import ModelSpec, TensorSpec
+    from convoy.config import VersionPolicy as Policy
+    from convoy.frontend.codec import encode_response
+    from convoy.pb import grpc_service_pb2 as pb
 
     loop = asyncio.new_event_loop()
     scores = np.array([[0.1, 0.9], [0.5, 0.2]], np.float32)  # one item, ranked as a whole

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kernels.classify import format_classes, softmax_reference, topk_reference, topk_torch
+from convoy.kernels.classify import format_classes, softmax_reference, topk_reference, topk_torch
 
 
 def _cuda() -> bool:
@@ -72,7 +72,7 @@ def test_topk_torch_matches_reference(softmax: bool) -> None:
 
 
 def test_image_reference_matches_the_formula() -> None:
-    from kernels.image import hwc_uint8_to_nchw_reference
+    from convoy.kernels.image import hwc_uint8_to_nchw_reference
 
     images = np.random.default_rng(1).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -85,7 +85,7 @@ def test_image_reference_matches_the_formula() -> None:
 
 
 def test_pooling_reference_ignores_padding() -> None:
-    from kernels.pooling import mean_pool_l2_reference
+    from convoy.kernels.pooling import mean_pool_l2_reference
 
     hidden = np.random.default_rng(2).standard_normal((2, 4, 8)).astype(np.float32)
     mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
@@ -102,8 +102,8 @@ def test_pooling_reference_ignores_padding() -> None:
 def test_torch_image_and_pooling_on_cuda_match_references() -> None:
     import torch
 
-    from kernels.image import hwc_uint8_to_nchw_reference, hwc_uint8_to_nchw_torch
-    from kernels.pooling import mean_pool_l2_reference, mean_pool_l2_torch
+    from convoy.kernels.image import hwc_uint8_to_nchw_reference, hwc_uint8_to_nchw_torch
+    from convoy.kernels.pooling import mean_pool_l2_reference, mean_pool_l2_torch
 
     images = np.random.default_rng(4).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
     gpu_out = hwc_uint8_to_nchw_torch(torch.from_numpy(images).cuda()).cpu().numpy()
@@ -129,8 +129,8 @@ needs_triton = pytest.mark.skipif(not _triton(), reason="OpenAI Triton is not in
 def test_triton_image_kernel_matches_reference() -> None:
     import torch
 
-    from kernels.image import hwc_uint8_to_nchw_reference
-    from kernels.triton_kernels import hwc_uint8_to_nchw_triton
+    from convoy.kernels.image import hwc_uint8_to_nchw_reference
+    from convoy.kernels.triton_kernels import hwc_uint8_to_nchw_triton
 
     device = "cuda" if _cuda() else "cpu"  # cpu: Triton's interpreter (conftest sets it)
     images = np.random.default_rng(6).integers(0, 256, (3, 17, 9, 3), dtype=np.uint8)
@@ -142,8 +142,8 @@ def test_triton_image_kernel_matches_reference() -> None:
 def test_triton_pooling_kernel_matches_reference() -> None:
     import torch
 
-    from kernels.pooling import mean_pool_l2_reference
-    from kernels.triton_kernels import mean_pool_l2_triton
+    from convoy.kernels.pooling import mean_pool_l2_reference
+    from convoy.kernels.triton_kernels import mean_pool_l2_triton
 
     device = "cuda" if _cuda() else "cpu"
     hidden = np.random.default_rng(7).standard_normal((3, 6, 20)).astype(np.float32)
@@ -162,7 +162,7 @@ def test_triton_pooling_kernel_matches_reference() -> None:
 def test_triton_softmax_topk_kernel_matches_reference(softmax: bool, width: int) -> None:
     import torch
 
-    from kernels.triton_kernels import softmax_topk_triton
+    from convoy.kernels.triton_kernels import softmax_topk_triton
 
     device = "cuda" if _cuda() else "cpu"
     scores = np.random.default_rng(width).standard_normal((5, width)).astype(np.float32) * 4

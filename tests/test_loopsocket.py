@@ -12,7 +12,7 @@ from pathlib import Path
 
 import zmq
 
-from server.frontends.loopsocket import BURST, LoopSocket
+from convoy.frontends.loopsocket import BURST, LoopSocket
 
 
 def _pair(

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import generate_latest
 
-from server.batching.request import InferRequest
-from server.metrics import Metrics, PoolReading
-from server.repository.manager import ModelRepository
-from server.statistics import ModelStatistics
+from convoy.batching.request import InferRequest
+from convoy.metrics import Metrics, PoolReading
+from convoy.repository.manager import ModelRepository
+from convoy.statistics import ModelStatistics
 
 
 def _text(metrics: Metrics) -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.backends.onnxruntime import OnnxRuntimeBackend, execution_providers
-from server.config import Accelerator, Optimization, read_model_config, validate_model_config
-from server.errors import ConfigError
+from convoy.backends.onnxruntime import OnnxRuntimeBackend, execution_providers
+from convoy.config import Accelerator, Optimization, read_model_config, validate_model_config
+from convoy.errors import ConfigError
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 

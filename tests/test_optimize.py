@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.backends.factory import load_backend
-from server.config import CONFIG_FILENAME, read_model_config, validate_model_config
-from server.optimize import OptimizeRefused, OptimizeReport, OptimizeRequest, optimize
-from server.optimize.cli import add_optimize_parser, run_optimize
+from convoy.backends.factory import load_backend
+from convoy.config import CONFIG_FILENAME, read_model_config, validate_model_config
+from convoy.optimize import OptimizeRefused, OptimizeReport, OptimizeRequest, optimize
+from convoy.optimize.cli import add_optimize_parser, run_optimize
 from tests.conftest import make_repository
 
 FAST = {"bench_seconds": 0.05, "sample_rows": 32}
@@ -171,7 +171,7 @@ def test_each_bad_argument_gets_its_named_reason(tmp_path: Path) -> None:
         )
     )
     tiny = tmp_path / "tiny"
-    from server.repository.examples import build_tiny
+    from convoy.repository.examples import build_tiny
 
     build_tiny(tiny)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.batching.policy import BatchLimits, plan_batch
+from convoy.batching.policy import BatchLimits, plan_batch
 
 from .fakes import make_request
 

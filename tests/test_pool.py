@@ -11,12 +11,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from server.batching.batch import Batch
-from server.batching.queue import BatchDone, BatchOutcome
-from server.errors import Unavailable
-from server.scheduling.devices import is_device_fault
-from server.scheduling.health import DeviceHealth
-from server.scheduling.pool import InstancePool, ModelInstance
+from convoy.batching.batch import Batch
+from convoy.batching.queue import BatchDone, BatchOutcome
+from convoy.errors import Unavailable
+from convoy.scheduling.devices import is_device_fault
+from convoy.scheduling.health import DeviceHealth
+from convoy.scheduling.pool import InstancePool, ModelInstance
 
 from .fakes import make_request
 
@@ -192,8 +192,8 @@ class RankingGpuBackend(FakeBackend):
     """A "GPU" backend that ranks on its device, and fails there with a CUDA error."""
 
     def run_ranked(self, inputs, output_names, rankings):  # type: ignore[no-untyped-def]
-        from kernels.classify import topk_reference
-        from server.batching.request import Ranked
+        from convoy.batching.request import Ranked
+        from convoy.kernels.classify import topk_reference
 
         outputs = self.run(inputs, ("y",))
         ranked = {

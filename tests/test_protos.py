@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescriptor
 
-from server.pb import generate
-from server.pb import grpc_service_pb2 as ours_service
-from server.pb import model_config_pb2 as ours_config
+from convoy.pb import generate
+from convoy.pb import grpc_service_pb2 as ours_service
+from convoy.pb import model_config_pb2 as ours_config
 
 
 def test_committed_stubs_are_up_to_date(tmp_path: Path) -> None:
@@ -19,10 +19,10 @@ def test_committed_stubs_are_up_to_date(tmp_path: Path) -> None:
     for fresh in written:
         committed = generate.OUT_DIR / fresh.name
         assert committed.exists(), (
-            f"{fresh.name} is not committed; run python -m server.pb.generate"
+            f"{fresh.name} is not committed; run python -m convoy.pb.generate"
         )
         assert committed.read_text() == fresh.read_text(), (
-            f"server/pb/{fresh.name} is stale; run python -m server.pb.generate"
+            f"convoy/pb/{fresh.name} is stale; run python -m convoy.pb.generate"
         )
 
 

@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from server.batching.queue import BatchOutcome, ModelQueue
-from server.config import BatchingConfig, QueuePolicy
-from server.errors import DeadlineExceeded, InternalError, Overloaded, Unavailable
+from convoy.batching.queue import BatchOutcome, ModelQueue
+from convoy.config import BatchingConfig, QueuePolicy
+from convoy.errors import DeadlineExceeded, InternalError, Overloaded, Unavailable
 
 from .fakes import FakeClock, FakeRunner, RecordingObserver, answer_when_done, make_request
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from server.backends.ranking import RankedRows, device_topk, ranked_rows
-from server.batching.request import Ranking
-from server.config import read_model_config, validate_model_config
-from server.scheduling.devices import cuda_device_count
+from convoy.backends.ranking import RankedRows, device_topk, ranked_rows
+from convoy.batching.request import Ranking
+from convoy.config import read_model_config, validate_model_config
+from convoy.scheduling.devices import cuda_device_count
 
 pytest.importorskip("triton", reason="OpenAI Triton is not installed")
 
@@ -46,7 +46,7 @@ def test_the_rows_a_request_may_rank_come_from_the_outputs(tmp_path: Path) -> No
 def test_load_launches_the_kernel_for_each_width_dtype_and_softmax(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kernels import triton_kernels
+    from convoy.kernels import triton_kernels
 
     launched: list[tuple[int, bool, Any]] = []
     real = triton_kernels.softmax_topk_triton
@@ -68,8 +68,8 @@ def test_load_launches_the_kernel_for_each_width_dtype_and_softmax(
 def test_a_width_that_fails_to_compile_falls_back_at_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kernels import triton_kernels
-    from kernels.classify import topk_torch
+    from convoy.kernels import triton_kernels
+    from convoy.kernels.classify import topk_torch
 
     def fails_wide(scores: torch.Tensor, k: int, softmax: bool = False) -> Any:
         if scores.shape[-1] > 100:
@@ -84,8 +84,8 @@ def test_a_width_that_fails_to_compile_falls_back_at_load(
 @pytest.mark.skipif(cuda_device_count() == 0, reason="needs a CUDA GPU (none on this machine)")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_no_ranked_request_compiles_after_load(small_examples: Path, precision: str) -> None:
-    from kernels import triton_kernels
-    from server.backends.pytorch import TorchScriptBackend
+    from convoy.backends.pytorch import TorchScriptBackend
+    from convoy.kernels import triton_kernels
 
     config = read_model_config(small_examples / "tiny")
     config.parameters["precision"].string_value = precision

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from server.errors import ConvoyError
-from server.metrics import Metrics
-from server.repository.manager import ModelRepository
+from convoy.errors import ConvoyError
+from convoy.metrics import Metrics
+from convoy.repository.manager import ModelRepository
 
 from .test_metrics import _SLOW_STEP  # 0.5 s a batch, Y = 3X
 
@@ -57,7 +57,7 @@ def test_a_load_still_running_does_not_hold_up_the_shutdown(
         loading = asyncio.ensure_future(repo.load("stuck"))
         await asyncio.sleep(0.1)
         start = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="server.repository.manager"):
+        with caplog.at_level(logging.WARNING, logger="convoy.repository.manager"):
             await repo.close(timeout_s=0.3)
         took = time.monotonic() - start
         with pytest.raises(ConvoyError):
@@ -94,7 +94,7 @@ def test_an_ensemble_request_in_flight_at_shutdown_finishes_its_steps(tmp_path: 
     closed the second step's model while the request was still in its first."""
     import numpy as np
 
-    from server.batching.request import InferRequest
+    from convoy.batching.request import InferRequest
 
     _python_model(tmp_path, "quick", _IDENTITY)
     _python_model(tmp_path, "slow", _SLOW_STEP)

@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from server.errors import ConvoyError, InternalError, InvalidInput
-from server.rollouts.analysis import Outcome, evaluate
-from server.rollouts.controller import RolloutController
-from server.rollouts.spec import Gates, make_spec
-from server.rollouts.window import WindowStats
+from convoy.errors import ConvoyError, InternalError, InvalidInput
+from convoy.rollouts.analysis import Outcome, evaluate
+from convoy.rollouts.controller import RolloutController
+from convoy.rollouts.spec import Gates, make_spec
+from convoy.rollouts.window import WindowStats
 from tests.test_rollout_controller import (
     CANARY,
     Behaviour,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from server.rollouts.compare import compare_arrays, compare_outputs, divergence_score
+from convoy.rollouts.compare import compare_arrays, compare_outputs, divergence_score
 
 
 def test_scaled_output_shows_in_max_abs_diff_not_in_cosine() -> None:

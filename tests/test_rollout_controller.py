@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from server.errors import ConfigError, ConvoyError, InternalError, InvalidInput, ModelNotFound
-from server.rollouts.controller import RolloutController
-from server.rollouts.spec import Gates, make_spec
-from server.rollouts.store import RolloutStore
+from convoy.errors import ConfigError, ConvoyError, InternalError, InvalidInput, ModelNotFound
+from convoy.rollouts.controller import RolloutController
+from convoy.rollouts.spec import Gates, make_spec
+from convoy.rollouts.store import RolloutStore
 
 T = TypeVar("T")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.errors import InternalError
-from server.rollouts.exporter import RolloutCollector
-from server.rollouts.spec import make_spec
+from convoy.errors import InternalError
+from convoy.rollouts.exporter import RolloutCollector
+from convoy.rollouts.spec import make_spec
 from tests.test_rollout_controller import CANARY, feed, make, run
 
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from server.errors import InvalidInput
-from server.rollouts.policy import BUCKETS, TrafficPolicy, bucket_of
+from convoy.errors import InvalidInput
+from convoy.rollouts.policy import BUCKETS, TrafficPolicy, bucket_of
 
 KEYS = [f"user-{i}" for i in range(10_000)]
 

@@ -6,10 +6,10 @@ import asyncio
 
 import numpy as np
 
-from server.errors import InternalError
-from server.rollouts.compare import Array
-from server.rollouts.shadow import INLINE_ELEMENTS, ShadowRunner
-from server.rollouts.spec import Gates, make_spec
+from convoy.errors import InternalError
+from convoy.rollouts.compare import Array
+from convoy.rollouts.shadow import INLINE_ELEMENTS, ShadowRunner
+from convoy.rollouts.spec import Gates, make_spec
 from tests.test_rollout_controller import make, run
 
 SHADOW = make_spec("shadow", shadow_fraction=1.0, gates=Gates(max_divergence=0.1))

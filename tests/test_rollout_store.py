@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import ConfigError
-from server.rollouts.declared import POLICY_FILENAME, read_policy
-from server.rollouts.spec import Gates, Strategy, make_spec
-from server.rollouts.store import RolloutStore
+from convoy.errors import ConfigError
+from convoy.rollouts.declared import POLICY_FILENAME, read_policy
+from convoy.rollouts.spec import Gates, Strategy, make_spec
+from convoy.rollouts.store import RolloutStore
 from tests.test_rollout_controller import CANARY, FakeRepository, feed, make, run
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.batching.slo import WINDOW, SloController
+from convoy.batching.slo import WINDOW, SloController
 
 MS = 1_000_000
 

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.backends.base import ShapeRange, check_input_bounds, input_bounds
-from server.config import read_model_config, validate_model_config
-from server.errors import ConfigError, InvalidInput
+from convoy.backends.base import ShapeRange, check_input_bounds, input_bounds
+from convoy.config import read_model_config, validate_model_config
+from convoy.errors import ConfigError, InvalidInput
 
 from .trt_fakes import install
 
@@ -132,7 +132,7 @@ def test_the_ranking_kernel_is_compiled_at_load_for_the_outputs(
 ) -> None:
     import torch
 
-    from server.backends.ranking import RankedRows
+    from convoy.backends.ranking import RankedRows
 
     module, _ = install(monkeypatch)
     asked: list[tuple[Any, ...]] = []

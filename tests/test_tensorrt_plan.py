@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from server.backends.tensorrt_plan import Profile, engine_cache_key, optimization_profiles
-from server.config import read_model_config, validate_model_config
-from server.errors import ConfigError
+from convoy.backends.tensorrt_plan import Profile, engine_cache_key, optimization_profiles
+from convoy.config import read_model_config, validate_model_config
+from convoy.errors import ConfigError
 
 from .conftest import ROOT
 
@@ -67,11 +67,11 @@ def test_without_tensorrt_the_cli_and_loader_say_so(tmp_path: Path) -> None:
     (tmp_path / "bert" / "1").mkdir()
     (tmp_path / "bert" / "1" / "model.onnx").write_bytes(b"not really")
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "build-engine", str(tmp_path / "bert")],
+        [sys.executable, "-m", "convoy.cli", "build-engine", str(tmp_path / "bert")],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode == 2 and "TensorRT is not available" in run.stderr
-    from server.backends import load_backend
+    from convoy.backends import load_backend
 
     with pytest.raises(ConfigError, match="TensorRT is not available"):
         load_backend(spec_of(tmp_path), tmp_path / "bert/1/model.plan", "cuda:0", 1)
@@ -86,7 +86,7 @@ def _with(tmp_path: Path, **parameters: str):  # type: ignore[no-untyped-def]
 
 
 def test_precision_plan_on_tensorrt_10_uses_builder_flags(tmp_path: Path) -> None:
-    from server.backends.tensorrt_plan import PrecisionPlan, precision_plan
+    from convoy.backends.tensorrt_plan import PrecisionPlan, precision_plan
 
     assert precision_plan(_with(tmp_path), 10, False, False) == PrecisionPlan(flags=("FP16",))
     fp32 = _with(tmp_path, trt_precision="fp32")
@@ -101,7 +101,7 @@ def test_precision_plan_on_tensorrt_10_uses_builder_flags(tmp_path: Path) -> Non
 
 
 def test_precision_plan_on_tensorrt_11_puts_the_precision_in_the_graph(tmp_path: Path) -> None:
-    from server.backends.tensorrt_plan import PrecisionPlan, precision_plan
+    from convoy.backends.tensorrt_plan import PrecisionPlan, precision_plan
 
     # TensorRT 11 builds strongly typed networks: no FP16/INT8 flags, no calibrators.
     assert precision_plan(_with(tmp_path), 11, False, False) == PrecisionPlan(convert_to_fp16=True)
@@ -115,7 +115,7 @@ def test_fp16_conversion_keeps_fp32_io_and_the_model(examples_dir: Path) -> None
     import numpy as np
     import onnxruntime as ort
 
-    from server.backends.tensorrt_plan import has_qdq, to_fp16
+    from convoy.backends.tensorrt_plan import has_qdq, to_fp16
 
     original = (examples_dir / "image_classifier/1/model.onnx").read_bytes()
     half = to_fp16(original)

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.errors import InvalidInput
-from server.tensors import (
+from convoy.errors import InvalidInput
+from convoy.tensors import (
     bf16_to_float,
     deserialize_bytes,
     float_to_bf16,
@@ -56,7 +56,7 @@ def test_bf16_round_trip_rounds_to_nearest_even() -> None:
 
 def test_declared_bytes_count_is_checked_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 10 item 2: 2^28 elements declared over 5 bytes: refused, nothing allocated."""
-    import server.tensors as tensors
+    import convoy.tensors as tensors
 
     def no_allocation(*args: object, **kwargs: object) -> None:
         raise AssertionError("allocated before checking the payload")

@@ -11,12 +11,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server import config as config_module
-from server.backends import triton_python_backend_utils as pb_utils
-from server.backends.base import RequestInputs, RunsRequests
-from server.backends.triton_python import TritonPythonBackend
-from server.config import ModelSpec, read_model_config, validate_model_config
-from server.errors import ConfigError, ConvoyError, InternalError, InvalidInput
+from convoy import config as config_module
+from convoy.backends import triton_python_backend_utils as pb_utils
+from convoy.backends.base import RequestInputs, RunsRequests
+from convoy.backends.triton_python import TritonPythonBackend
+from convoy.config import ModelSpec, read_model_config, validate_model_config
+from convoy.errors import ConfigError, ConvoyError, InternalError, InvalidInput
 
 # Triton's python_backend examples/add_sub, as its documentation gives them.
 ADD_SUB_CONFIG = """
@@ -444,9 +444,9 @@ class TritonPythonModel:
 def test_a_failed_response_fails_only_its_request_in_a_served_batch(tmp_path: Path) -> None:
     import asyncio
 
-    from server.batching.request import InferRequest
-    from server.metrics import Metrics
-    from server.repository.manager import ModelRepository
+    from convoy.batching.request import InferRequest
+    from convoy.metrics import Metrics
+    from convoy.repository.manager import ModelRepository
 
     config = ADD_SUB_CONFIG.replace(
         "instance_group",

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server.config import read_model_config, validate_model_config
-from server.errors import ConfigError
-from server.repository.warmup import sample_inputs, warm_up
-from server.tensors import serialize_bytes
+from convoy.config import read_model_config, validate_model_config
+from convoy.errors import ConfigError
+from convoy.repository.warmup import sample_inputs, warm_up
+from convoy.tensors import serialize_bytes
 
 from .conftest import make_repository, start_server
 

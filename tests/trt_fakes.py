@@ -141,7 +141,7 @@ def install(
     monkeypatch: pytest.MonkeyPatch,
     profile: tuple[tuple[int, ...], ...] = ((1, 1), (16, 128), (32, 256)),
 ) -> tuple[Any, Devices]:
-    """server.backends.tensorrt imported over the fake TensorRT, with torch's CUDA
+    """convoy.backends.tensorrt imported over the fake TensorRT, with torch's CUDA
     device and memory calls answered on the CPU; returns the module and the devices."""
     devices = Devices()
 
@@ -171,8 +171,8 @@ def install(
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(devices, profile))
     # Imported afresh over the fake, and forgotten again after the test.
-    monkeypatch.setitem(sys.modules, "server.backends.tensorrt", types.ModuleType("unset"))
-    del sys.modules["server.backends.tensorrt"]
+    monkeypatch.setitem(sys.modules, "convoy.backends.tensorrt", types.ModuleType("unset"))
+    del sys.modules["convoy.backends.tensorrt"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
@@ -182,7 +182,7 @@ def install(
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Fake H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
     monkeypatch.setattr(torch, "empty", empty)
-    import server.backends.tensorrt as module
+    import convoy.backends.tensorrt as module
 
     monkeypatch.setattr(module.StagingBuffers, "upload", lambda self, a, d: torch.from_numpy(a))
 

@@ -83,8 +83,11 @@ sum by (<<.GroupBy>>) (avg_over_time(<<.Series>>{<<.LabelMatchers>>}[{{ .Values.
 
 {{/* `convoy serve` flags, all from values. */}}
 {{- define "convoy.args" -}}
+{{- /* No repository: `convoy serve` builds its examples into CONVOY_CACHE_DIR. */}}
+{{- if ne .Values.modelRepository.source "examples" }}
 - --model-repository
 - {{ .Values.modelRepository.mountPath | quote }}
+{{- end }}
 - --grpc-port
 - {{ .Values.server.grpcPort | quote }}
 - --metrics-port

@@ -9,7 +9,7 @@ Clients send raw pixels, uint8 [batch, H, W, C]; the runtime receives the same
 input name as float32 [batch, C, H, W] of (x / 255 - mean) / std. On a GPU
 instance of a runtime that keeps tensors on the device (PyTorch, TensorRT) the
 uint8 pixels are uploaded and converted there by the fused kernel
-(kernels/triton_kernels.py); elsewhere the numpy reference (kernels/image.py)
+(convoy/kernels/triton_kernels.py); elsewhere the numpy reference (convoy/kernels/image.py)
 runs on the instance's thread. Never on the event loop.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kernels.image import hwc_uint8_to_nchw_reference
+from convoy.kernels.image import hwc_uint8_to_nchw_reference
 
 from ..config import ImageOptions, ModelSpec
 from .base import Array, Backend
@@ -41,10 +41,10 @@ def with_image_preprocessing(
 def _device_kernel(device: str) -> Any:
     import torch
 
-    from kernels.image import hwc_uint8_to_nchw_torch
+    from convoy.kernels.image import hwc_uint8_to_nchw_torch
 
     def load() -> Any:
-        from kernels.triton_kernels import hwc_uint8_to_nchw_triton
+        from convoy.kernels.triton_kernels import hwc_uint8_to_nchw_triton
 
         return hwc_uint8_to_nchw_triton
 

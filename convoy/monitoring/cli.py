@@ -1,7 +1,7 @@
 """`convoy monitor MODEL [--server HOST:PORT] [--html report.html]`: a gRPC client of
 the MonitoringService that prints the latest drift figures and writes an HTML report.
 
-server/cli.py adds the subcommand with add_monitor_parser() and runs it with
+convoy/cli.py adds the subcommand with add_monitor_parser() and runs it with
 run_monitor(); nothing here starts a server.
 """
 

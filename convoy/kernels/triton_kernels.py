@@ -1,5 +1,5 @@
 """GPU kernels written in OpenAI Triton, each checked against the numpy reference
-beside it (kernels/image.py, kernels/pooling.py, kernels/classify.py). On a machine
+beside it (image.py, pooling.py, classify.py in this package). On a machine
 without a GPU the tests run them in Triton's interpreter (TRITON_INTERPRET=1) on
 CPU tensors."""
 
@@ -94,7 +94,7 @@ MAX_FUSED_WIDTH = 16384
 # k is the client's choice per request: left unspecialised, or a first request with
 # k == 1 (or a multiple of 16) would compile a new variant on the request path.
 # BLOCK, SOFTMAX, the scores' dtype and `width` are fixed per output: model load
-# compiles those (server/backends/ranking.py, device_topk).
+# compiles those (convoy/backends/ranking.py, device_topk).
 @triton.jit(do_not_specialize=["k"])
 def _softmax_topk_kernel(
     scores, values, indices, width, k,

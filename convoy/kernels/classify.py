@@ -7,7 +7,7 @@ A model may opt into softmax (config parameter `classification_softmax`), and
 the values are then probabilities instead of raw scores.
 
 The ranking runs once per batch on the model instance (on its GPU where it has
-one: kernels/triton_kernels.py), the formatting per request in the frontend.
+one: convoy/kernels/triton_kernels.py), the formatting per request in the frontend.
 """
 
 from __future__ import annotations

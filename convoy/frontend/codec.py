@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from kernels.classify import format_classes
+from convoy.kernels.classify import format_classes
 
 from ..backends.base import ShapeRange, check_input_bounds
 from ..batching.request import Array, InferRequest, InferResult

@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from kernels.image import IMAGENET_MEAN, IMAGENET_STD
+from convoy.kernels.image import IMAGENET_MEAN, IMAGENET_STD
 
 from .cache.cache import CacheConfig
 from .errors import ConfigError

@@ -1,6 +1,6 @@
-"""Regenerate the Python stubs in server/pb from protos/*.proto.
+"""Regenerate the Python stubs in convoy/pb from protos/*.proto.
 
-    python -m server.pb.generate
+    python -m convoy.pb.generate
 
 The stubs are committed; tests/test_protos.py fails when they are stale.
 Two edits follow protoc: imports become package-relative, and messages are

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.classify import topk_reference, topk_torch
+from convoy.kernels.classify import topk_reference, topk_torch
 
 from ..batching.request import Array, Ranked, Ranking
 from ..config import ModelSpec
@@ -93,7 +93,7 @@ def device_topk(device: str, rows: Iterable[RankedRows] = (), dtypes: Iterable[A
     kinds = list(dict.fromkeys([torch.float32, *dtypes]))
 
     def load() -> TopK:
-        from kernels.triton_kernels import softmax_topk_triton
+        from convoy.kernels.triton_kernels import softmax_topk_triton
 
         return softmax_topk_triton
 

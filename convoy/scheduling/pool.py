@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kernels.classify import format_classes
+from convoy.kernels.classify import format_classes
 
 from ..backends import Backend
 from ..backends.base import RanksOnDevice, RequestInputs, RunsRequests, StagesInputs

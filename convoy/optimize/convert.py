@@ -33,7 +33,7 @@ def _quiet_quantizer() -> Iterator[None]:
 
 def onnx_fp16(source: Path, target: Path) -> None:
     """FP16 weights and compute, inputs and outputs kept FP32 so clients and the config
-    are unchanged (as server/backends/tensorrt_plan.py converts for TensorRT 11)."""
+    are unchanged (as convoy/backends/tensorrt_plan.py converts for TensorRT 11)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.classify import topk_torch
+from convoy.kernels.classify import topk_torch
 
 from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec

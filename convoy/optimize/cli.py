@@ -57,7 +57,7 @@ def add_optimize_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_optimize(args: argparse.Namespace) -> int:
-    from ..cli import _progress_bar  # the house bar; imported late: server/cli.py imports us
+    from ..cli import _progress_bar  # the house bar; imported late: convoy/cli.py imports us
     from .optimizer import optimize
     from .plan import OptimizeRequest
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from kernels.classify import format_classes
+from convoy.kernels.classify import format_classes
 
 from ..backends.base import ShapeRange
 from ..backends.ranking import rank_on_host

@@ -7,7 +7,7 @@ Configured in config.pbtxt `parameters`:
                         [batch, tokens, dim]; they are mean-pooled over real tokens and
                         L2-normalised: by the fused kernel on the runtime's GPU stream
                         where it keeps tensors on a GPU (PyTorch, TensorRT), so only
-                        the pooled vectors come back; else here (kernels/pooling.py)
+                        the pooled vectors come back; else here (convoy/kernels/pooling.py)
 The model's single BYTES input is tokenized per batch, padded to the longest
 item, and fed to the runtime as input_ids / attention_mask (/ token_type_ids).
 """
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from kernels.pooling import mean_pool_l2_reference
+from convoy.kernels.pooling import mean_pool_l2_reference
 
 from ..config import ModelSpec, TextOptions
 from ..errors import ConfigError, InvalidInput
@@ -98,10 +98,10 @@ def _text(item: object) -> str:
 def _device_pooling(device: str) -> Any:
     import torch
 
-    from kernels.pooling import mean_pool_l2_torch
+    from convoy.kernels.pooling import mean_pool_l2_torch
 
     def load() -> Any:
-        from kernels.triton_kernels import mean_pool_l2_triton
+        from convoy.kernels.triton_kernels import mean_pool_l2_triton
 
         return mean_pool_l2_triton
 
