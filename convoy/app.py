@@ -18,21 +18,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from .api.admin import SERVICE_NAME as ROLLOUT_SERVICE
+from .api.admin import add_rollout_service
+from .api.auth import AccessInterceptor, AccessPolicy, load_tokens
+from .api.http import HttpFrontend, server_ssl_context
+from .api.monitoring import SERVICE_NAME as MONITORING_SERVICE
+from .api.monitoring import add_monitoring_service
+from .api.servicer import InferenceServicer
 from .cache import ResponseCache
 from .cache.exporter import CacheCollector
 from .config import ServerConfig
 from .errors import ConfigError
-from .frontend.admin import SERVICE_NAME as ROLLOUT_SERVICE
-from .frontend.admin import add_rollout_service
-from .frontend.auth import AccessInterceptor, AccessPolicy, load_tokens
-from .frontend.http import HttpFrontend, server_ssl_context
-from .frontend.monitoring import SERVICE_NAME as MONITORING_SERVICE
-from .frontend.monitoring import add_monitoring_service
-from .frontend.servicer import InferenceServicer
-from .frontends.engine_link import EngineLink
-from .frontends.exporter import FrontendCollector
-from .frontends.process import FrontendSettings
-from .frontends.supervisor import FrontendSupervisor, default_frontends
 from .heap import GcPauses, HeapSettler
 from .metrics import Metrics, PoolReading
 from .monitoring.exporter import MonitoringCollector
@@ -47,6 +43,10 @@ from .rollouts.controller import RolloutController
 from .rollouts.exporter import RolloutCollector
 from .rollouts.shadow import ShadowRunner
 from .rollouts.store import RolloutStore
+from .workers.engine_link import EngineLink
+from .workers.exporter import FrontendCollector
+from .workers.process import FrontendSettings
+from .workers.supervisor import FrontendSupervisor, default_frontends
 
 log = logging.getLogger(__name__)
 

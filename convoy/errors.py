@@ -1,7 +1,7 @@
 """One error hierarchy for the whole server.
 
 Core code raises these; the frontend maps each to a gRPC status in exactly one
-place (convoy/frontend/status.py). Messages name the field or model at fault.
+place (convoy/api/status.py). Messages name the field or model at fault.
 """
 
 from __future__ import annotations

@@ -40,11 +40,11 @@ import uvloop
 
 from convoy.app import ConvoyServer
 from convoy.config import ServerConfig
-from convoy.frontends.engine_link import EngineLink
-from convoy.frontends.wire import OK, encode_header, pack, unpack
 from convoy.pb import grpc_service_pb2 as pb
 from convoy.repository.examples import default_examples_dir, ensure_examples
 from convoy.statistics import ModelStatistics
+from convoy.workers.engine_link import EngineLink
+from convoy.workers.wire import OK, encode_header, pack, unpack
 
 from .launch import link_model
 

@@ -23,6 +23,16 @@ import grpc
 import numpy as np
 import pytest
 
+from convoy.api import servicer as servicer_module
+from convoy.api.cuda_shm import (
+    IPC_HANDLE_BYTES,
+    CudaError,
+    CudaSharedMemoryRegistry,
+    SharedMemory,
+    load_driver,
+)
+from convoy.api.shm import BYTE_SIZE, OFFSET, REGION, Leases, SharedMemoryRegistry
+from convoy.api.status import status_code
 from convoy.config import read_model_config, validate_model_config
 from convoy.errors import (
     ConvoyError,
@@ -32,16 +42,6 @@ from convoy.errors import (
     RegionNotFound,
     Unimplemented,
 )
-from convoy.frontend import servicer as servicer_module
-from convoy.frontend.cuda_shm import (
-    IPC_HANDLE_BYTES,
-    CudaError,
-    CudaSharedMemoryRegistry,
-    SharedMemory,
-    load_driver,
-)
-from convoy.frontend.shm import BYTE_SIZE, OFFSET, REGION, Leases, SharedMemoryRegistry
-from convoy.frontend.status import status_code
 from convoy.pb import grpc_service_pb2 as pb
 
 WIRED = "cuda_shm" in inspect.signature(servicer_module.InferenceServicer.__init__).parameters

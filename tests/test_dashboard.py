@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 
-from convoy.frontends.exporter import FrontendCollector
 from convoy.heap import GcPauses
 from convoy.metrics import Metrics
 from convoy.monitoring.exporter import MonitoringCollector
 from convoy.monitoring.registry import Monitors
+from convoy.workers.exporter import FrontendCollector
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "convoy.json"
 

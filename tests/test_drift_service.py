@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from convoy.frontend.monitoring import add_monitoring_service
+from convoy.api.monitoring import add_monitoring_service
 from convoy.monitoring.cli import add_monitor_parser, run_monitor
 from convoy.monitoring.feedback import FeedbackStore
 from convoy.monitoring.monitor import ModelMonitor

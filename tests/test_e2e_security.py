@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from convoy.frontend.auth import AccessPolicy
+from convoy.api.auth import AccessPolicy
 
 from .certs import make_pki
 from .conftest import make_repository, start_server

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convoy.frontend.codec import decode_request
-from convoy.frontend.shm import Leases
-from convoy.frontends.ring import ALIGN, INLINE_BELOW, EngineRing, FrontendRing, Ring, Segment
+from convoy.api.codec import decode_request
+from convoy.api.shm import Leases
 from convoy.pb import grpc_service_pb2 as pb
+from convoy.workers.ring import ALIGN, INLINE_BELOW, EngineRing, FrontendRing, Ring, Segment
 
 from .test_codec import spec
 
@@ -127,7 +127,7 @@ def test_a_request_with_a_client_region_is_left_as_it_came(tmp_path: Path) -> No
 def test_the_engine_sweeps_segments_whose_front_end_died_before_attaching(
     tmp_path: Path,
 ) -> None:
-    from convoy.frontends.engine_link import sweep_segments
+    from convoy.workers.engine_link import sweep_segments
 
     dead = tmp_path / "convoy-frontend-999999999-0badc0de"  # no such pid
     alive = tmp_path / f"convoy-frontend-{os.getpid()}-0badc0de"

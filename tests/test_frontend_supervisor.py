@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from convoy.frontends.supervisor import RestartBackoff, default_frontends
+from convoy.workers.supervisor import RestartBackoff, default_frontends
 
 
 def test_a_front_end_that_served_a_while_is_restarted_at_once() -> None:

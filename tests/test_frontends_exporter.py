@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from convoy.frontends.exporter import FrontendCollector
-from convoy.frontends.wire import peer_identity, peer_index
 from convoy.procstat import process_usage
+from convoy.workers.exporter import FrontendCollector
+from convoy.workers.wire import peer_identity, peer_index
 
 
 class _Link:
@@ -132,8 +132,8 @@ def test_the_engine_keeps_each_front_ends_last_readable_report() -> None:
     buckets, is logged and leaves what was there (a scrape never fails over it)."""
     import json
 
-    from convoy.frontends.engine_link import EngineLink
     from convoy.heap import PAUSE_BUCKETS
+    from convoy.workers.engine_link import EngineLink
 
     async def infer(*_: object) -> None:
         raise AssertionError("no inference here")
@@ -175,8 +175,8 @@ def test_a_request_with_a_malformed_header_is_answered_invalid_argument() -> Non
 
     import grpc
 
-    from convoy.frontends.engine_link import EngineLink
-    from convoy.frontends.wire import encode_header, pack, status_number, unpack
+    from convoy.workers.engine_link import EngineLink
+    from convoy.workers.wire import encode_header, pack, status_number, unpack
 
     async def infer(*_: object) -> None:
         raise AssertionError("a malformed request must not reach the model")
@@ -209,8 +209,8 @@ def test_a_cancel_stops_the_request_and_it_is_answered_cancelled_once() -> None:
 
     import grpc
 
-    from convoy.frontends.engine_link import EngineLink
-    from convoy.frontends.wire import CANCEL, encode_header, pack, status_number, unpack
+    from convoy.workers.engine_link import EngineLink
+    from convoy.workers.wire import CANCEL, encode_header, pack, status_number, unpack
 
     async def body() -> tuple[list[tuple[bytes, bytes, bytes]], list[str]]:
         forever = asyncio.Event()
@@ -254,8 +254,8 @@ def test_a_cancel_leaves_a_request_whose_inputs_are_in_the_ring_to_its_answer() 
     them would let the front end stage another caller's tensor there."""
     import asyncio
 
-    from convoy.frontends.engine_link import EngineLink
-    from convoy.frontends.wire import CANCEL, OK, RING_INPUTS, encode_header, pack, unpack
+    from convoy.workers.engine_link import EngineLink
+    from convoy.workers.wire import CANCEL, OK, RING_INPUTS, encode_header, pack, unpack
 
     async def body() -> tuple[list[tuple[bytes, bytes, bytes]], list[tuple[bytes, bytes, bytes]]]:
         release = asyncio.Event()

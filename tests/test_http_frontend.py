@@ -22,8 +22,8 @@ import numpy.typing as npt
 import pytest
 
 from convoy import config as config_module
-from convoy.frontend.auth import AccessPolicy
-from convoy.frontend.http import HttpFrontend
+from convoy.api.auth import AccessPolicy
+from convoy.api.http import HttpFrontend
 from convoy.metrics import Metrics
 from convoy.repository.manager import ModelRepository
 

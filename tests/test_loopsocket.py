@@ -12,7 +12,7 @@ from pathlib import Path
 
 import zmq
 
-from convoy.frontends.loopsocket import BURST, LoopSocket
+from convoy.workers.loopsocket import BURST, LoopSocket
 
 
 def _pair(

@@ -10,7 +10,7 @@ import json
 import grpc
 import pytest
 
-from convoy.frontend.admin import ADMIN_METHODS, add_rollout_service
+from convoy.api.admin import ADMIN_METHODS, add_rollout_service
 from convoy.rollouts.cli import add_rollout_parser, run_rollout_command, start_request
 from tests.test_rollout_controller import make
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from convoy.frontends.wire import LARGE_BODY, pack, unpack
+from convoy.workers.wire import LARGE_BODY, pack, unpack
 
 
 def test_triples_round_trip_with_empty_small_and_large_bodies() -> None:

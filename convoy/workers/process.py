@@ -198,7 +198,7 @@ def _server_options(
 
 
 def _access(settings: FrontendSettings) -> list[grpc.aio.ServerInterceptor]:
-    from ..frontend.auth import AccessInterceptor, AccessPolicy, load_tokens
+    from ..api.auth import AccessInterceptor, AccessPolicy, load_tokens
 
     tokens = load_tokens(settings.auth_tokens) if settings.auth_tokens else None
     policy = AccessPolicy(tokens, settings.rate_limit, settings.rate_burst)

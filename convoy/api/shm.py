@@ -30,7 +30,7 @@ SHM_DIR = Path("/dev/shm")
 
 REGION = "shared_memory_region"
 # The region a front end's request names for the raw inputs it moved into its own
-# segment (frontends/ring.py); it resolves only against that segment.
+# segment (workers/ring.py); it resolves only against that segment.
 FRONTEND_INPUTS = "convoy.frontend.inputs"
 BYTE_SIZE = "shared_memory_byte_size"
 OFFSET = "shared_memory_offset"
@@ -137,7 +137,7 @@ class SharedMemoryRegistry:
         self._opening: set[str] = set()
 
     def adopt(self, name: str, mapping: mmap.mmap, offset: int, byte_size: int) -> None:
-        """A region already mapped by its owner (a front end's ring, see frontends/ring.py)."""
+        """A region already mapped by its owner (a front end's ring, see workers/ring.py)."""
         self._regions[name] = Region(name, name, offset, byte_size, mapping)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:

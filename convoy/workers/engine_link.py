@@ -22,10 +22,10 @@ from pathlib import Path
 import zmq
 from google.protobuf.message import DecodeError
 
+from ..api.cuda_shm import SharedMemory
+from ..api.shm import BYTE_SIZE
+from ..api.status import status_code
 from ..errors import Cancelled, ConvoyError, InvalidInput
-from ..frontend.cuda_shm import SharedMemory
-from ..frontend.shm import BYTE_SIZE
-from ..frontend.status import status_code
 from ..heap import PAUSE_BUCKETS
 from ..pb import grpc_service_pb2 as pb
 from .loopsocket import LoopSocket
