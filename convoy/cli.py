@@ -12,6 +12,7 @@ from .cache import CacheConfigError, parse_cache_config
 from .config import ServerConfig, ServingLimits
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .optimize.cli import add_optimize_parser, run_optimize
+from .progress import progress_bar
 from .rollouts.cli import add_rollout_parser, run_rollout_command
 
 
@@ -263,20 +264,12 @@ def build_engine_command(model_dir: Path, gpu: int) -> int:
         except ImportError as exc:
             print(f"TensorRT is not available here ({exc}); install the gpu extra", file=sys.stderr)
             return 2
-        plan = build_engine(model_dir / str(versions[-1]) / "model.onnx", spec, gpu, _progress_bar)
+        plan = build_engine(model_dir / str(versions[-1]) / "model.onnx", spec, gpu, progress_bar)
     except ConvoyError as exc:
         print(exc.message, file=sys.stderr)
         return 2
     print(plan)
     return 0
-
-
-def _progress_bar(phase: str, step: int, total: int) -> None:
-    width = 30
-    filled = width * step // max(total, 1)
-    end = "\n" if step >= total else ""
-    print(f"\r{phase[:40]:<40} [{'#' * filled}{'.' * (width - filled)}] {step}/{total}",
-          end=end, file=sys.stderr, flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from google.protobuf import text_format
 
 from convoy.kernels.image import IMAGENET_MEAN, IMAGENET_STD
 
-from .cache.cache import CacheConfig
 from .errors import ConfigError
 from .pb import model_config_pb2 as mc
 from .tensors import CONFIG_TO_WIRE
@@ -46,6 +45,15 @@ DEFAULT_MODEL_FILENAME = {
     "convoy_python": "model.py",
     "python": "model.py",  # Triton's python backend: class TritonPythonModel
 }
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The server-wide response cache (Triton's `--cache-config local,size=BYTES`;
+    parsed by cache.parse_cache_config)."""
+
+    size_bytes: int
+    implementation: str = "local"
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,41 @@ length followed by that many bytes.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from .errors import InvalidInput
+
+# A tensor inside the server: numpy, batch dimension first where the model batches.
+Array = npt.NDArray[np.generic]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What to rank of one output for a batch: its top `k` values per row (the whole
+    tensor as one row for a model without a batch dimension), by softmax if asked."""
+
+    k: int
+    softmax: bool
+    per_row: bool
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The top values of one output, highest first: values float32 and indices int64,
+    both [rows, k]; text, where the instance has formatted them, the BYTES answer of
+    Triton's classification extension ("value:index[:label]", [rows, k])."""
+
+    values: Array
+    indices: Array
+    text: Array | None = None
+
+    def rows(self, start: int, end: int) -> Ranked:
+        text = None if self.text is None else self.text[start:end]
+        return Ranked(self.values[start:end], self.indices[start:end], text)
+
 
 # Wire datatype -> numpy dtype. numpy has no bfloat16: BF16 tensors travel inside the
 # server as their raw 16-bit patterns (uint16), which backends that compute in bfloat16

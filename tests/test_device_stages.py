@@ -18,9 +18,9 @@ from convoy.backends.preprocess import ImagePreprocessingBackend, with_image_pre
 from convoy.backends.pytorch import TorchScriptBackend
 from convoy.backends.stages import device_stages
 from convoy.backends.text import TokenizingBackend
-from convoy.batching.request import Ranking
 from convoy.config import ModelSpec, read_model_config, validate_model_config
 from convoy.scheduling.devices import cuda_device_count
+from convoy.tensors import Ranking
 
 pytest.importorskip("triton", reason="OpenAI Triton is not installed")
 

@@ -13,9 +13,10 @@ import numpy as np
 from convoy.backends.base import RanksOnDevice, StagesInputs
 from convoy.backends.staging import StagingBuffers
 from convoy.batching.batch import Batch
-from convoy.batching.request import InferRequest, Ranked, Ranking
+from convoy.batching.request import InferRequest
 from convoy.kernels.classify import topk_reference
 from convoy.scheduling.pool import ModelInstance
+from convoy.tensors import Ranked, Ranking
 
 
 def request(

@@ -192,8 +192,8 @@ class RankingGpuBackend(FakeBackend):
     """A "GPU" backend that ranks on its device, and fails there with a CUDA error."""
 
     def run_ranked(self, inputs, output_names, rankings):  # type: ignore[no-untyped-def]
-        from convoy.batching.request import Ranked
         from convoy.kernels.classify import topk_reference
+        from convoy.tensors import Ranked
 
         outputs = self.run(inputs, ("y",))
         ranked = {

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from convoy.backends.ranking import RankedRows, device_topk, ranked_rows
-from convoy.batching.request import Ranking
 from convoy.config import read_model_config, validate_model_config
 from convoy.scheduling.devices import cuda_device_count
+from convoy.tensors import Ranking
 
 pytest.importorskip("triton", reason="OpenAI Triton is not installed")
 

@@ -15,13 +15,14 @@ import numpy as np
 from convoy.kernels.classify import format_classes
 
 from ..backends.base import ShapeRange, check_input_bounds
-from ..batching.request import Array, InferRequest, InferResult
+from ..batching.request import InferRequest, InferResult
 from ..config import ModelSpec
 from ..errors import InvalidInput
 from ..pb import grpc_service_pb2 as pb
 from ..tensors import (
     CONTENTS_FIELD,
     WIRE_DTYPES,
+    Array,
     deserialize_bytes,
     float_to_bf16,
     numpy_dtype,

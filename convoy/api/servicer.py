@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from .. import __version__
-from ..batching.request import Array, InferRequest, InferResult
+from ..batching.request import InferRequest, InferResult
 from ..cache import (
     BYPASS_PARAMETER,
     CacheStats,
@@ -30,6 +30,7 @@ from ..rollouts.controller import RolloutController
 from ..rollouts.policy import AB_KEY_HEADER, AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
 from ..statistics import Duration, ModelStatistics
+from ..tensors import Array
 from .codec import Place, decode_request, encode_response, shared_outputs
 from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
 from .shm import REGION, Leases, SharedMemoryRegistry

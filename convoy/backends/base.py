@@ -14,9 +14,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from ..batching.request import Ranked, Ranking
 from ..config import TensorSpec
 from ..errors import ConvoyError, InvalidInput
+from ..tensors import Ranked, Ranking
 
 Array = npt.NDArray[np.generic]
 

@@ -34,10 +34,9 @@ import torch
 
 from convoy.kernels.classify import topk_torch
 
-from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import InternalError
-from ..tensors import numpy_dtype
+from ..tensors import Ranked, Ranking, numpy_dtype
 from .base import Array
 from .ranking import device_topk, rank_on_host, ranked_rows
 from .stages import DeviceStages

@@ -15,8 +15,8 @@ import numpy as np
 
 from convoy.kernels.classify import topk_reference, topk_torch
 
-from ..batching.request import Array, Ranked, Ranking
 from ..config import ModelSpec
+from ..tensors import Array, Ranked, Ranking
 from .stages import working_kernel
 
 # (rows [R, N] tensor, k, softmax) -> (values [R, k] float32, indices [R, k] int64)

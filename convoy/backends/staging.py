@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..batching.request import Ranked, Ranking
+from ..tensors import Ranked, Ranking
 from .base import Array
 from .ranking import TopK, rank_on_device
 

@@ -36,9 +36,9 @@ import numpy as np
 import tensorrt as trt
 import torch
 
-from ..batching.request import Ranked, Ranking
 from ..config import ModelSpec
 from ..errors import ConfigError, InternalError, InvalidInput
+from ..tensors import Ranked, Ranking
 from .base import Array, ShapeRange
 from .ranking import device_topk, ranked_rows
 from .stages import DeviceStages

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InternalError
-from .request import Array, InferRequest, InferResult, Ranked
+from ..tensors import Array, Ranked
+from .request import InferRequest, InferResult
 
 # (input name, shape, dtype) -> a writable buffer to gather that input in, or None.
 BufferSource = Callable[[str, tuple[int, ...], np.dtype[Any]], Array | None]

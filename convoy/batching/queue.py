@@ -29,9 +29,10 @@ from ..errors import (
     Overloaded,
     Unavailable,
 )
+from ..tensors import Array, Ranked
 from .batch import Batch
 from .policy import BatchLimits, plan_batch
-from .request import Array, InferRequest, InferResult, Ranked
+from .request import InferRequest, InferResult
 from .slo import SloController
 
 log = logging.getLogger(__name__)

@@ -3,10 +3,10 @@ bounded by bytes, and coalescing of identical requests in flight (docs/cache.md)
 
 from __future__ import annotations
 
+from ..config import CacheConfig
 from .cache import (
     BYPASS_PARAMETER,
     CacheAnswer,
-    CacheConfig,
     CacheConfigError,
     CacheStats,
     ResponseCache,

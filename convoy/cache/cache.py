@@ -25,9 +25,11 @@ from typing import Literal
 
 import numpy as np
 
-from ..batching.request import Array, InferResult, Ranked
+from ..batching.request import InferResult
+from ..config import CacheConfig
 from ..errors import Cancelled, DeadlineExceeded, InvalidInput
 from ..statistics import Duration
+from ..tensors import Array, Ranked
 from .coalesce import Coalescer, LeaderGone
 from .key import CacheKey
 from .lru import ByteLRU
@@ -52,14 +54,6 @@ _SIZE_SUFFIXES = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
 class CacheConfigError(ValueError):
     """`--cache-config` text that cannot be read; the message says what to write."""
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """The server-wide cache (Triton's `--cache-config local,size=BYTES`)."""
-
-    size_bytes: int
-    implementation: str = "local"
 
 
 def parse_cache_config(values: Sequence[str]) -> CacheConfig:

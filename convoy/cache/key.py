@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..batching.request import Array
 from ..errors import InvalidInput
+from ..tensors import Array
 
 _PERSON = b"convoy-cache-v1"  # domain separation: a key digest is never another digest
 _DIGEST_BYTES = 32

@@ -21,8 +21,8 @@ import numpy.typing as npt
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from ..batching.request import Array
 from ..config import TensorSpec
+from ..tensors import Array
 from .params import DriftParams
 
 Floats = npt.NDArray[np.float64]

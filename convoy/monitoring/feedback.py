@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..batching.request import Array
 from ..errors import InvalidInput, ModelNotFound
+from ..tensors import Array
 from .params import FeedbackParams
 
 MAX_ID_BYTES = 256  # a KServe request id longer than this is never recorded

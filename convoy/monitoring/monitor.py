@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..batching.request import Array
 from ..config import ModelSpec, TensorSpec
 from ..errors import ConfigError
+from ..tensors import Array
 from .detectors import Detector, DriftResult, Tokenizer, build_detector, choose_test
 from .params import DriftParams
 from .reference import ReferenceCollector, ReferenceData, load_reference

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batching.request import Array
 from ..config import ModelSpec, TensorSpec
 from ..errors import ConfigError
-from ..tensors import NUMPY_DTYPES
+from ..tensors import NUMPY_DTYPES, Array
 
 MIN_REFERENCE_ROWS = 20  # fewer cannot support a two-sample test
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..batching.request import Array
 from ..config import ModelSpec
 from ..errors import ModelNotFound
+from ..tensors import Array
 from .detectors import Tokenizer
 from .feedback import FeedbackLabel, FeedbackOutcome, FeedbackStore
 from .monitor import Clock, ModelMonitor

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..batching.request import Array
 from ..config import TensorSpec
-from ..tensors import NUMPY_DTYPES
+from ..tensors import NUMPY_DTYPES, Array
 
 ROW_BUDGET_BYTES = 64 * 1024  # copied per tensor per sampled request, at most (one row always)
 MAX_PENDING_WINDOWS = 2  # full windows per tensor waiting for the thread

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConvoyError
+from ..progress import progress_bar
 
 
 def add_optimize_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -57,7 +58,6 @@ def add_optimize_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_optimize(args: argparse.Namespace) -> int:
-    from ..cli import _progress_bar  # the house bar; imported late: convoy/cli.py imports us
     from .optimizer import optimize
     from .plan import OptimizeRequest
 
@@ -78,7 +78,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     if args.min_top1 is not None:
         floors["top1"] = args.min_top1
     try:
-        report = optimize(request, _progress_bar, floors)
+        report = optimize(request, progress_bar, floors)
     except ConvoyError as exc:
         print(exc.message, file=sys.stderr)
         return 2

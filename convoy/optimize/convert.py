@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..batching.request import Array
+from ..tensors import Array
 from .plan import OptimizeRefused
 from .samples import Sample
 

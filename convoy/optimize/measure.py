@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..batching.request import Array
 from ..config import ModelSpec
+from ..tensors import Array
 from .runners import Runner
 from .samples import Sample, batch_of, rows_of
 

@@ -10,9 +10,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..batching.request import Array
 from ..config import ModelSpec
-from ..tensors import numpy_dtype
+from ..tensors import Array, numpy_dtype
 
 # onnxruntime's element type names -> numpy
 _ORT_DTYPES = {

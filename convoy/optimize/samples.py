@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batching.request import Array
 from ..config import ModelSpec
+from ..tensors import Array
 from .plan import OptimizeRefused
 from .runners import InputSpec
 

@@ -24,13 +24,14 @@ from convoy.kernels.classify import format_classes
 
 from ..backends.base import ShapeRange
 from ..backends.ranking import rank_on_host
-from ..batching.request import Array, InferRequest, InferResult, Ranked, Ranking
+from ..batching.request import InferRequest, InferResult
 from ..config import EnsembleStep, ModelSpec, TensorSpec
 from ..errors import ConfigError, ConvoyError, InvalidInput
 from ..metrics import ModelMetrics
 from ..monitoring.registry import ModelMonitoring
 from ..pb import model_config_pb2 as mc
 from ..statistics import ModelStatistics
+from ..tensors import Array, Ranked, Ranking
 from .model import ModelVersion
 
 Lookup = Callable[[str, str], ModelVersion]  # (model, version or "") -> the serving version

@@ -24,8 +24,9 @@ from ..backends.base import RanksOnDevice, RequestInputs, RunsRequests, StagesIn
 from ..backends.ranking import rank_on_host
 from ..batching.batch import Batch
 from ..batching.queue import BatchDone, BatchOutcome
-from ..batching.request import InferResult, Ranked, Ranking
+from ..batching.request import InferResult
 from ..errors import ConvoyError, InternalError, Unavailable
+from ..tensors import Ranked, Ranking
 from .devices import is_device_fault, is_fatal_device_fault
 from .health import DeviceHealth
 
