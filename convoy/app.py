@@ -30,6 +30,8 @@ from .cache.exporter import CacheCollector
 from .config import ServerConfig
 from .errors import ConfigError
 from .heap import GcPauses, HeapSettler
+from .inference.admission import RateBudget
+from .inference.path import InferencePath
 from .metrics import Metrics, PoolReading
 from .monitoring.exporter import MonitoringCollector
 from .pb import grpc_service_pb2 as pb
@@ -82,14 +84,21 @@ class ConvoyServer:
             self.metrics.registry.register(CacheCollector(self.cache))
         self.shadow = ShadowRunner(self.rollouts)
         self.declared = DeclaredRollouts(self.repository, self.rollouts)
-        self.servicer = InferenceServicer(
-            self.repository,
-            config.limits,
-            self.rollouts,
-            self.shadow,
-            self.declared.load,
-            cache=self.cache,
+        # One budget for the whole server: every door and front end charges it.
+        budget = RateBudget(config.rate_limit, config.rate_burst) if config.rate_limit else None
+        self.policy = AccessPolicy(
+            load_tokens(config.auth_tokens) if config.auth_tokens else None, budget
         )
+        self.path = InferencePath(
+            self.repository,
+            limits=config.limits,
+            rollouts=self.rollouts,
+            shadow=self.shadow,
+            cache=self.cache,
+            budget=budget,
+        )
+        self.repository.steps = self.path.run_step  # ensemble steps take the same path
+        self.servicer = InferenceServicer(self.path, self.declared.load, self.policy.client)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpFrontend | None = None
@@ -129,11 +138,12 @@ class ConvoyServer:
                 ("grpc.max_connection_age_ms", cfg.max_connection_age_ms),
                 ("grpc.max_connection_age_grace_ms", int(cfg.grace_period_s * 1000)),
             ]
-        policy = self._policy()  # one policy: a client's rate is shared by gRPC and HTTP
+        # With front ends, this server listens on the engine's private socket: tokens
+        # were checked there already (again here, harmless), and the other RPCs they
+        # forward with the caller's metadata are charged to the one budget here.
+        policy = self.policy
         interceptors = [AccessInterceptor(policy)] if policy.active else []
         frontends = cfg.frontends or default_frontends()
-        if frontends > 1:
-            interceptors = []  # the front ends run the policy on the callers' connections
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
         add_rollout_service(self._grpc, self.rollouts)
@@ -159,14 +169,10 @@ class ConvoyServer:
             await self._grpc.start()
         if cfg.http_port >= 0:
             self._http = HttpFrontend(
-                self.repository,
-                cfg.limits,
+                self.path,
                 policy,
-                rollouts=self.rollouts,
                 load=self.declared.load,
                 ready=lambda: self.servicer.accepting,
-                # The gRPC path itself: routing, cache, monitoring and shadows alike.
-                infer=lambda request, key: self.servicer.infer_message(request, None, lambda: key),
                 max_body_bytes=cfg.max_message_bytes,
                 shutdown_timeout_s=cfg.grace_period_s,
             )
@@ -202,7 +208,7 @@ class ConvoyServer:
         if self._grpc.add_insecure_port(f"unix:{engine_socket}") == 0:
             raise OSError(f"cannot bind the engine's socket {engine_socket}")
         await self._grpc.start()
-        self._link = EngineLink(f"ipc://{self._ipc_dir / 'infer.ipc'}", self.servicer.infer_message)
+        self._link = EngineLink(f"ipc://{self._ipc_dir / 'infer.ipc'}", self.path.infer)
         await self._link.start()
         port, reservation = _reserve_port(cfg.host, cfg.grpc_port)
         settings = FrontendSettings(
@@ -218,8 +224,6 @@ class ConvoyServer:
             tls_key=cfg.tls_key,
             tls_ca=cfg.tls_ca,
             auth_tokens=cfg.auth_tokens,
-            rate_limit=cfg.rate_limit,
-            rate_burst=cfg.rate_burst,
             log_level=logging.getLevelName(logging.getLogger().level),
             ring_bytes=cfg.frontend_shm_bytes // 2,
             freeze_heap=cfg.freeze_heap,
@@ -252,11 +256,6 @@ class ConvoyServer:
             for m in self.repository.ready_models()
             if isinstance(m, ServedModel)  # ensembles own no instances
         ]
-
-    def _policy(self) -> AccessPolicy:
-        cfg = self.config
-        tokens = load_tokens(cfg.auth_tokens) if cfg.auth_tokens else None
-        return AccessPolicy(tokens, cfg.rate_limit, cfg.rate_burst)
 
     def _start_metrics(self) -> None:
         if self.config.metrics_port < 0:
@@ -299,7 +298,7 @@ class ConvoyServer:
             self.heap.close()
         self.gc_pauses.close()
         await self.repository.close(left())
-        self.servicer.close()  # unmaps shared memory regions, now that nothing reads them
+        self.path.close()  # unmaps shared memory regions, now that nothing reads them
         if self._metrics_http is not None:
             httpd = self._metrics_http
             await asyncio.to_thread(httpd.shutdown)  # type: ignore[attr-defined]

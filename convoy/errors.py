@@ -31,6 +31,10 @@ class Overloaded(ConvoyError):
     """A queue is full: the client should back off."""
 
 
+class RateLimited(Overloaded):
+    """The caller is over its rate budget (`--rate-limit`)."""
+
+
 class Unavailable(ConvoyError):
     """The server or model is shutting down, or an instance failed."""
 

@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from convoy.api.codec import decode_request, encode_response
 from convoy.batching.request import InferResult
 from convoy.config import ModelSpec, read_model_config, validate_model_config
+from convoy.inference.codec import decode_request, encode_response
 from convoy.pb import grpc_service_pb2 as pb
 from convoy.repository.examples import default_examples_dir, ensure_examples
 from convoy.tensors import numpy_dtype

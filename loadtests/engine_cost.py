@@ -146,7 +146,7 @@ async def measure(concurrencies: list[int], requests: int, rounds: int) -> list[
         if server.heap is not None:
             server.heap.now()
         loop = ClosedLoop(_request())
-        link = EngineLink(f"ipc://{tmp}/engine.ipc", server.servicer.infer_message, loop.sent)
+        link = EngineLink(f"ipc://{tmp}/engine.ipc", server.path.infer, loop.sent)
         loop.link = link
         await link.start()
         model = server.repository.get(MODEL, "")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convoy.api.codec import decode_request
 from convoy.backends.base import ShapeRange
 from convoy.config import read_model_config, validate_model_config
 from convoy.errors import InvalidInput
+from convoy.inference.codec import decode_request
 from convoy.pb import grpc_service_pb2 as pb
 
 CONFIG = """

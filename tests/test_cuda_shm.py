@@ -1,9 +1,6 @@
 """Triton's CUDA shared-memory extension, proven on the CPU with a fake CUDA driver
 (device memory simulated by host bytearrays) and on a GPU, where one is present,
 through tritonclient or cuda-python against the real server.
-
-Tests marked `needs_wiring` go through the servicer and codec; they are skipped
-until /tmp/cuda_wiring.patch (the servicer/codec side) is applied, and run from then on.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import asyncio
 import base64
 import ctypes
 import importlib
-import inspect
 import threading
 import warnings
 from collections.abc import Iterator
@@ -23,15 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from convoy.api import servicer as servicer_module
-from convoy.api.cuda_shm import (
-    IPC_HANDLE_BYTES,
-    CudaError,
-    CudaSharedMemoryRegistry,
-    SharedMemory,
-    load_driver,
-)
-from convoy.api.shm import BYTE_SIZE, OFFSET, REGION, Leases, SharedMemoryRegistry
+from convoy.api.servicer import InferenceServicer
 from convoy.api.status import status_code
 from convoy.config import read_model_config, validate_model_config
 from convoy.errors import (
@@ -42,14 +30,16 @@ from convoy.errors import (
     RegionNotFound,
     Unimplemented,
 )
-from convoy.pb import grpc_service_pb2 as pb
-
-WIRED = "cuda_shm" in inspect.signature(servicer_module.InferenceServicer.__init__).parameters
-needs_wiring = pytest.mark.skipif(
-    not WIRED,
-    reason="the servicer has no CUDA shared memory yet: apply /tmp/cuda_wiring.patch "
-    "(servicer.py, codec.py), then these run",
+from convoy.inference.cuda_shm import (
+    IPC_HANDLE_BYTES,
+    CudaError,
+    CudaSharedMemoryRegistry,
+    SharedMemory,
+    load_driver,
 )
+from convoy.inference.path import InferencePath
+from convoy.inference.shm import BYTE_SIZE, OFFSET, REGION, Leases, SharedMemoryRegistry
+from convoy.pb import grpc_service_pb2 as pb
 
 
 class FakeCudaDriver:
@@ -407,7 +397,7 @@ def test_the_facade_routes_each_name_to_its_registry(
     regions.close()
 
 
-# -- through the servicer (needs /tmp/cuda_wiring.patch) ------------------------------
+# -- through the servicer and the inference path ----------------------------------------
 
 CONFIG = """
 name: "double"
@@ -476,13 +466,13 @@ class FakeContext:
 
 
 def make_servicer(tmp_path: Path, driver: FakeCudaDriver | None) -> tuple[Any, FakeModel]:
+    """The gRPC servicer over an inference path whose regions use the fake driver; the
+    servicer's `path` attribute is what the server would close at shutdown."""
     model = FakeModel(tmp_path)
     cuda = CudaSharedMemoryRegistry(driver)
     system = SharedMemoryRegistry(directory=tmp_path)
-    # Through Any: the constructor's cuda_shm parameter exists once the patch is in.
-    make: Any = servicer_module.InferenceServicer
-    servicer = make(FakeRepository(model), shm=system, cuda_shm=cuda)
-    return servicer, model
+    path = InferencePath(FakeRepository(model), shm=system, cuda_shm=cuda)  # type: ignore[arg-type]
+    return InferenceServicer(path), model
 
 
 def infer_request(
@@ -512,7 +502,6 @@ def register(servicer: Any, name: str, handle: bytes, device: int, size: int) ->
     return servicer.CudaSharedMemoryRegister(request, FakeContext())
 
 
-@needs_wiring
 def test_servicer_infers_through_cuda_regions(tmp_path: Path, driver: FakeCudaDriver) -> None:
     async def run() -> None:
         servicer, _ = make_servicer(tmp_path, driver)
@@ -545,13 +534,12 @@ def test_servicer_infers_through_cuda_regions(tmp_path: Path, driver: FakeCudaDr
         )
         status = await servicer.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), ctx)
         assert set(status.regions) == {"out"}
-        servicer.close()
+        servicer._path.close()
         assert driver.mapped == {}
 
     asyncio.run(run())
 
 
-@needs_wiring
 def test_servicer_answers_every_bad_case_with_its_status(
     tmp_path: Path, driver: FakeCudaDriver
 ) -> None:
@@ -604,12 +592,11 @@ def test_servicer_answers_every_bad_case_with_its_status(
         await servicer.CudaSharedMemoryUnregister(
             pb.CudaSharedMemoryUnregisterRequest(name="r"), ctx
         )
-        servicer.close()
+        servicer._path.close()
 
     asyncio.run(run())
 
 
-@needs_wiring
 def test_servicer_refuses_to_unregister_a_region_in_flight(
     tmp_path: Path, driver: FakeCudaDriver
 ) -> None:
@@ -631,7 +618,7 @@ def test_servicer_refuses_to_unregister_a_region_in_flight(
         await answer
         assert np.frombuffer(memory, np.float32).tolist() == [3.0] * 4  # in place: 2x + 1
         await servicer.CudaSharedMemoryUnregister(unregister, ctx)  # free now
-        servicer.close()
+        servicer._path.close()
 
     asyncio.run(run())
 
@@ -650,7 +637,6 @@ class SlowCopyDriver(FakeCudaDriver):
         super().copy_to_device(dst, src)
 
 
-@needs_wiring
 def test_a_region_stays_leased_while_a_cancelled_call_s_copy_to_it_runs(tmp_path: Path) -> None:
     """The caller leaves while its outputs are being copied to its CUDA region (in a
     thread, which cannot be stopped): unregistering that region is refused until the
@@ -683,13 +669,12 @@ def test_a_region_stays_leased_while_a_cancelled_call_s_copy_to_it_runs(tmp_path
         status = await servicer.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), ctx)
         assert not status.regions  # unregistered once the copy was done
         assert np.frombuffer(memory, np.float32).tolist() == [3.0] * 4  # the copy completed
-        servicer.close()
+        servicer._path.close()
         assert driver.mapped == {}
 
     asyncio.run(run())
 
 
-@needs_wiring
 def test_servicer_without_cuda_python_answers_unimplemented(tmp_path: Path) -> None:
     async def run() -> None:
         servicer, _ = make_servicer(tmp_path, None)
@@ -704,7 +689,7 @@ def test_servicer_without_cuda_python_answers_unimplemented(tmp_path: Path) -> N
             with pytest.raises(Aborted) as info:
                 await call
             assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
-        servicer.close()
+        servicer._path.close()
 
     asyncio.run(run())
 
@@ -783,8 +768,6 @@ def test_gpu_region_through_the_server(small_examples: Path, tmp_path: Path) -> 
         pytest.skip("cuda-python is not installed (the 'gpu' extra)")
     if _gpu_count() == 0:
         pytest.skip("no CUDA GPU on this machine")
-    if not WIRED:
-        pytest.skip("apply /tmp/cuda_wiring.patch: the servicer has no CUDA shared memory yet")
     import tritonclient.grpc as grpcclient
 
     from .conftest import make_repository, start_server

@@ -12,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from convoy.api.auth import AccessPolicy
+from convoy.errors import RateLimited
+from convoy.inference.admission import RateBudget
 
 from .certs import make_pki
 from .conftest import make_repository, start_server
@@ -142,16 +144,27 @@ def test_rate_limit(tiny_repo: Path) -> None:
 
 
 def test_policy_unit() -> None:
+    """Tokens and roles at the door; the other RPCs charged to the one budget that the
+    inference path charges inferences to (one per client, whatever the method)."""
     clock = [0.0]
-    policy = AccessPolicy({"t": "infer"}, rate_limit=1, burst=2, clock=lambda: clock[0])
+    budget = RateBudget(1, 2, clock=lambda: clock[0])
+    policy = AccessPolicy({"t": "infer"}, budget)
     infer = "/inference.GRPCInferenceService/ModelInfer"
+    metadata = "/inference.GRPCInferenceService/ModelMetadata"
     auth = (("authorization", "Bearer t"),)
-    assert policy.check(infer, auth) is None
-    assert policy.check(infer, auth) is None
-    denial = policy.check(infer, auth)
+    assert policy.check(infer, auth) is None  # charged by the path, not here
+    budget.admit(policy.client(auth))  # the path's charge for that inference
+    assert policy.check(metadata, auth) is None
+    denial = policy.check(metadata, auth)
     assert denial is not None and denial.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(RateLimited):
+        budget.admit(policy.client(auth))
+    other = policy.client((("authorization", "Bearer u"),))
+    assert other != policy.client(auth)
+    budget.admit(other)  # another client's bucket is its own, still full
+    budget.admit(other)
     clock[0] += 1.0
-    assert policy.check(infer, auth) is None
+    assert policy.check(metadata, auth) is None
     assert (
         policy.check(infer, (("authorization", "Basic t"),)).code == grpc.StatusCode.UNAUTHENTICATED
     )  # type: ignore[union-attr]

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convoy.api.codec import decode_request
-from convoy.api.shm import Leases
+from convoy.inference.codec import decode_request
+from convoy.inference.shm import Leases
 from convoy.pb import grpc_service_pb2 as pb
 from convoy.workers.ring import ALIGN, INLINE_BELOW, EngineRing, FrontendRing, Ring, Segment
 

@@ -24,6 +24,7 @@ import pytest
 from convoy import config as config_module
 from convoy.api.auth import AccessPolicy
 from convoy.api.http import HttpFrontend
+from convoy.inference.path import InferencePath
 from convoy.metrics import Metrics
 from convoy.repository.manager import ModelRepository
 
@@ -133,10 +134,9 @@ def served(examples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     thread = threading.Thread(target=loop.run_forever, name="http-test-loop", daemon=True)
     thread.start()
     repository = ModelRepository(root, Metrics())
-    frontend = HttpFrontend(repository, max_body_bytes=MAX_BODY)
-    guarded = HttpFrontend(
-        repository, policy=AccessPolicy({"user-token": "infer", "admin-token": "admin"})
-    )
+    path = InferencePath(repository)
+    frontend = HttpFrontend(path, max_body_bytes=MAX_BODY)
+    guarded = HttpFrontend(path, AccessPolicy({"user-token": "infer", "admin-token": "admin"}))
 
     async def start() -> tuple[int, int]:
         await repository.load_all()

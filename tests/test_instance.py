@@ -152,9 +152,9 @@ def test_staging_buffers_grow_and_are_reused() -> None:
 
 
 def test_a_model_without_batch_dimension_ranks_its_whole_output() -> None:
-    from convoy.api.codec import encode_response
     from convoy.config import ModelSpec, TensorSpec
     from convoy.config import VersionPolicy as Policy
+    from convoy.inference.codec import encode_response
     from convoy.pb import grpc_service_pb2 as pb
 
     loop = asyncio.new_event_loop()

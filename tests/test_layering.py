@@ -58,7 +58,10 @@ def reaches(deps: set[str], prefixes: tuple[str, ...]) -> list[str]:
         ("convoy.config", ("convoy.cache", "convoy.batching", "convoy.repository", "convoy.api")),
         ("convoy.tensors", ("convoy.batching", "convoy.backends", "convoy.config")),
         # backends know nothing of the batcher, the doors or the inference path
-        ("convoy.backends", ("convoy.batching", "convoy.api", "convoy.workers", "convoy.inference")),
+        (
+            "convoy.backends",
+            ("convoy.batching", "convoy.api", "convoy.workers", "convoy.inference"),
+        ),
         # the batcher never reaches a door or the inference path
         ("convoy.batching", ("convoy.api", "convoy.workers", "convoy.inference", "convoy.cli")),
         ("convoy.scheduling", ("convoy.api", "convoy.workers", "convoy.inference")),

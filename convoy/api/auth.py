@@ -1,4 +1,5 @@
-"""Bearer-token authentication, roles and per-client rate limits, as one interceptor.
+"""Bearer-token authentication and roles at the doors, and the rate budget of the RPCs
+that are not inferences, as one interceptor.
 
 Tokens come from a file (`--auth-tokens FILE`), one per line: `TOKEN ROLE`,
 ROLE being `infer` (inference and metadata) or `admin` (also load/unload).
@@ -6,21 +7,28 @@ Clients send `authorization: Bearer TOKEN` metadata (tritonclient: `headers=`).
 Missing or unknown token: UNAUTHENTICATED. Known token, forbidden RPC:
 PERMISSION_DENIED. Over its rate: RESOURCE_EXHAUSTED. Health checks and the
 liveness/readiness RPCs stay open so that probes work without credentials.
+
+The rate budget is the inference path's one `RateBudget`: inferences are charged there,
+one by one (stream messages too), by every door and front-end process alike; the other
+RPCs are charged here, against the same buckets. A front-end process checks tokens and
+roles but holds no budget: the engine charges what it forwards.
 """
 
 from __future__ import annotations
 
 import hmac
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RateLimited
+from ..inference.admission import RateBudget, client_id
 from .admin import ADMIN_METHODS as ROLLOUT_METHODS
+
+Metadata = Sequence[tuple[str, str | bytes]]
 
 ROLES = ("infer", "admin")
 OPEN_METHODS = frozenset(
@@ -29,6 +37,13 @@ OPEN_METHODS = frozenset(
         "/grpc.health.v1.Health/Watch",
         "/inference.GRPCInferenceService/ServerLive",
         "/inference.GRPCInferenceService/ServerReady",
+    }
+)
+# Charged one by one by the inference path (a stream per message), not at the call.
+INFER_METHODS = frozenset(
+    {
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/inference.GRPCInferenceService/ModelStreamInfer",
     }
 )
 ADMIN_METHODS = (
@@ -66,25 +81,6 @@ def load_tokens(path: Path) -> dict[str, str]:
     return tokens
 
 
-@dataclass
-class TokenBucket:
-    rate: float  # tokens per second
-    burst: float
-    level: float = field(init=False)
-    stamp: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.level = self.burst
-
-    def take(self, now: float) -> bool:
-        self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.level >= 1.0:
-            self.level -= 1.0
-            return True
-        return False
-
-
 @dataclass(frozen=True)
 class Denial:
     code: grpc.StatusCode
@@ -92,29 +88,27 @@ class Denial:
 
 
 class AccessPolicy:
-    """Decides, per call, whether it may proceed. Pure: testable without gRPC."""
+    """Decides, per call, whether it may proceed. Pure: testable without gRPC.
 
-    def __init__(
-        self,
-        tokens: dict[str, str] | None,
-        rate_limit: float | None = None,
-        burst: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    `tokens` None: no authentication (every caller is one anonymous client). `budget`:
+    the server's rate budget, charged here for every RPC but the inferences (charged by
+    the inference path); None: no rate limit here (a front-end process)."""
+
+    def __init__(self, tokens: dict[str, str] | None, budget: RateBudget | None = None) -> None:
         self._tokens = tokens
-        self._rate = rate_limit
-        self._burst = burst or (rate_limit or 0)
-        self._buckets: dict[str, TokenBucket] = {}
-        self._clock = clock
+        self._budget = budget
 
     @property
     def active(self) -> bool:
-        return self._tokens is not None or self._rate is not None
+        return self._tokens is not None or self._budget is not None
 
-    def check(self, method: str, metadata: tuple[tuple[str, str | bytes], ...]) -> Denial | None:
+    def client(self, metadata: Metadata) -> str:
+        """The name the caller's budget is kept under (admission.client_id)."""
+        return client_id(_bearer(metadata) if self._tokens is not None else None)
+
+    def check(self, method: str, metadata: Metadata) -> Denial | None:
         if method in OPEN_METHODS:
             return None
-        client = "anonymous"
         if self._tokens is not None:
             token = _bearer(metadata)
             if token is None:
@@ -129,17 +123,11 @@ class AccessPolicy:
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"{method.rsplit('/', 1)[-1]} needs the admin role; this token has '{role}'",
                 )
-            client = token
-        if self._rate is not None:
-            bucket = self._buckets.get(client)
-            if bucket is None:
-                bucket = TokenBucket(self._rate, self._burst, stamp=self._clock())
-                self._buckets[client] = bucket
-            if not bucket.take(self._clock()):
-                return Denial(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"rate limit of {self._rate:g} requests/s exceeded for this client",
-                )
+        if self._budget is not None and method not in INFER_METHODS:
+            try:
+                self._budget.admit(self.client(metadata))
+            except RateLimited as exc:
+                return Denial(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
         return None
 
     def _role(self, token: str) -> str | None:
@@ -151,7 +139,7 @@ class AccessPolicy:
         return None
 
 
-def _bearer(metadata: tuple[tuple[str, str | bytes], ...]) -> str | None:
+def _bearer(metadata: Metadata) -> str | None:
     for key, value in metadata or ():
         if key.lower() == "authorization":
             text = value.decode() if isinstance(value, bytes) else value

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,21 +29,20 @@ import numpy as np
 from aiohttp import web
 
 from .. import __version__
-from ..config import DEFAULT_LIMITS, ServingLimits
 from ..errors import (
     ConfigError,
     ConvoyError,
     InvalidInput,
     Unimplemented,
 )
+from ..inference.admission import ANONYMOUS
+from ..inference.caller import Caller
+from ..inference.path import InferencePath
 from ..pb import grpc_service_pb2 as pb
-from ..repository.manager import ModelRepository
-from ..rollouts.controller import RolloutController
-from ..rollouts.policy import AB_KEY_HEADER, AB_KEY_PARAMETER
+from ..rollouts.policy import AB_KEY_HEADER
 from ..tensors import NUMPY_DTYPES, WIRE_DTYPES, deserialize_bytes, serialize_bytes
 from ..tritonjson import message_to_dict
-from .auth import AccessPolicy
-from .codec import decode_request, encode_response
+from .auth import AccessPolicy, Metadata
 from .servicer import EXTENSIONS, _fill_statistics
 from .status import http_status
 
@@ -65,10 +63,6 @@ _DENIAL_STATUS = {
 
 _RPC = "/inference.GRPCInferenceService/"
 _COMPRESSIBLE = frozenset({"gzip", "deflate"})
-
-# (pb request, A/B key) -> the answer: the server plugs in the gRPC servicer's own
-# path here (rollout routing, cache, shadows, monitoring): InferenceServicer.infer_message.
-InferFn = Callable[[pb.ModelInferRequest, str | None], Awaitable[pb.ModelInferResponse]]
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -95,7 +89,8 @@ def server_ssl_context(
 
 
 class HttpFrontend:
-    """The HTTP/REST endpoint over the same repository as the gRPC servicer.
+    """The HTTP/REST door: each inference becomes the inference path's request (the
+    pb.ModelInferRequest a gRPC client would have sent) and a `Caller`.
 
     `ready` says whether the server accepts work (the servicer's `accepting`);
     `load` is the load path (declared rollouts' where there is one).
@@ -103,24 +98,20 @@ class HttpFrontend:
 
     def __init__(
         self,
-        repository: ModelRepository,
-        limits: ServingLimits = DEFAULT_LIMITS,
+        path: InferencePath,
         policy: AccessPolicy | None = None,
         *,
-        rollouts: RolloutController | None = None,
         load: Callable[[str], Awaitable[None]] | None = None,
         ready: Callable[[], bool] = lambda: True,
-        infer: InferFn | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         shutdown_timeout_s: float = 5.0,
     ) -> None:
-        self._repo = repository
-        self._limits = limits
+        self._path = path
+        self._repo = path.repository
+        self._rollouts = path.rollouts
         self._policy = policy if policy is not None and policy.active else None
-        self._rollouts = rollouts
-        self._load = load or repository.load
+        self._load = load or path.repository.load
         self._ready = ready
-        self._infer_pb = infer or self._infer_direct
         self._max_body = max_body_bytes
         self._shutdown_timeout = shutdown_timeout_s
         self._runner: web.AppRunner | None = None
@@ -200,9 +191,7 @@ class HttpFrontend:
         rpc = self._rpc_of.get((route.method, route.resource.canonical if route.resource else ""))
         if rpc is not None and self._policy is not None:
             # Checked before the body is read: a refused client costs no buffer.
-            auth = request.headers.get("Authorization")
-            metadata = (("authorization", auth),) if auth is not None else ()
-            denial = self._policy.check(rpc, metadata)
+            denial = self._policy.check(rpc, _metadata(request))
             if denial is not None:
                 status = _DENIAL_STATUS.get(denial.code, 403)
                 headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -287,9 +276,11 @@ class HttpFrontend:
             models = self._repo.versions_of(name)
         else:
             models = self._repo.ready_models()
+        cache = self._path.cache
         response = pb.ModelStatisticsResponse()
         for model in models:
-            _fill_statistics(response.model_stats.add(), model.stats)
+            cached = cache.stats(model.spec.name, model.version) if cache else None
+            _fill_statistics(response.model_stats.add(), model.stats, cached)
         return web.json_response(message_to_dict(response))
 
     # -- repository ----------------------------------------------------------------------
@@ -346,10 +337,13 @@ class HttpFrontend:
             infer_request, binary_outputs = await asyncio.to_thread(
                 _read_request, body, declared, name, version
             )
-        ab_key = None
-        if AB_KEY_PARAMETER not in infer_request.parameters:
-            ab_key = request.headers.get(AB_KEY_HEADER)
-        response = await self._infer_pb(infer_request, ab_key)
+        caller = Caller(
+            "http",
+            self._policy.client(_metadata(request)) if self._policy is not None else ANONYMOUS,
+            None,  # HTTP carries no deadline; the "timeout" parameter does
+            lambda: request.headers.get(AB_KEY_HEADER),
+        )
+        response = await self._path.infer(infer_request, caller)
         if sum(len(raw) for raw in response.raw_output_contents) <= _INLINE_BYTES:
             answer = _from_pb(response, binary_outputs)
         else:
@@ -361,36 +355,11 @@ class HttpFrontend:
             answer.enable_compression()
         return answer
 
-    async def _infer_direct(
-        self, request: pb.ModelInferRequest, ab_key: str | None
-    ) -> pb.ModelInferResponse:
-        """The gRPC servicer's inference path, less shadow mirroring."""
-        name, version = request.model_name, request.model_version
-        rollouts = self._rollouts
-        if not version and rollouts is not None:
-            key = None
-            if rollouts.needs_key(name):
-                param = request.parameters.get(AB_KEY_PARAMETER)
-                key = param.string_param if param is not None else ab_key
-            version = rollouts.route(name, key) or ""
-        model = self._repo.get(name, version)
-        try:
-            asked = decode_request(
-                request,
-                model.spec,
-                asyncio.get_running_loop(),
-                time.monotonic_ns(),
-                None,  # HTTP carries no deadline; the "timeout" parameter does
-                self._limits.max_elements,
-                model.input_bounds,
-            )
-        except ConvoyError as exc:
-            model.record_rejection(exc)
-            raise
-        result = await model.infer(asked)
-        if model.monitoring is not None:
-            model.monitoring.observe(asked.id, asked.inputs, result.outputs)
-        return encode_response(request, model.spec, model.version, asked, result, model.labels)
+
+def _metadata(request: web.Request) -> Metadata:
+    """The request's credentials as gRPC metadata, for the access policy."""
+    auth = request.headers.get("Authorization")
+    return (("authorization", auth),) if auth is not None else ()
 
 
 def _name_version(request: web.Request) -> tuple[str, str]:

@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-import numpy as np
 
 from .. import __version__
-from ..batching.request import InferRequest, InferResult
 from ..cache import (
-    BYPASS_PARAMETER,
     CacheStats,
-    ResponseCache,
-    request_key,
-    request_uses_cache,
 )
-from ..config import DEFAULT_LIMITS, ServingLimits
 from ..errors import ConvoyError, InternalError, InvalidInput, Unimplemented
+from ..inference.admission import ANONYMOUS
+from ..inference.caller import Caller
+from ..inference.path import InferencePath
 from ..pb import grpc_service_pb2 as pb
 from ..pb import grpc_service_pb2_grpc as pb_grpc
-from ..repository.manager import ModelRepository
-from ..repository.model import ModelVersion
-from ..rollouts.controller import RolloutController
-from ..rollouts.policy import AB_KEY_HEADER, AB_KEY_PARAMETER
-from ..rollouts.shadow import ShadowRunner
+from ..rollouts.policy import AB_KEY_HEADER
 from ..statistics import Duration, ModelStatistics
-from ..tensors import Array
-from .codec import Place, decode_request, encode_response, shared_outputs
-from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
-from .shm import REGION, Leases, SharedMemoryRegistry
+from .auth import Metadata
 from .status import status_code
 
 log = logging.getLogger(__name__)
@@ -56,28 +43,24 @@ async def _abort(context: grpc.aio.ServicerContext, error: ConvoyError) -> None:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The KServe v2 gRPC door: each inference becomes the inference path's request and
+    a `Caller` (its client, deadline and A/B header); every other RPC is answered here."""
+
     def __init__(
         self,
-        repository: ModelRepository,
-        limits: ServingLimits = DEFAULT_LIMITS,
-        rollouts: RolloutController | None = None,
-        shadow: ShadowRunner | None = None,
+        path: InferencePath,
         load: Callable[[str], Awaitable[None]] | None = None,
-        shm: SharedMemoryRegistry | None = None,
-        cache: ResponseCache | None = None,
-        cuda_shm: CudaSharedMemoryRegistry | None = None,
+        client: Callable[[Metadata], str] = lambda metadata: ANONYMOUS,
     ) -> None:
-        self._shm = shm or SharedMemoryRegistry()
-        # cuda_shm: tests inject a registry over a fake driver; None is cuda-python's
-        # (or the extension off, where cuda-python is not installed).
-        self._cuda_shm = cuda_shm or CudaSharedMemoryRegistry(load_driver())
-        self._regions = SharedMemory(self._shm, self._cuda_shm)
-        self._cache = cache
-        self._repo = repository
-        self._limits = limits
-        self._rollouts = rollouts
-        self._shadow = shadow
-        self._load = load or repository.load  # the declared-rollout path where there is one
+        self._path = path
+        self._repo = path.repository
+        self._rollouts = path.rollouts
+        self._cache = path.cache
+        self._shm = path.shm
+        self._cuda_shm = path.cuda_shm
+        self._load = load or path.repository.load  # the declared-rollout path where there is one
+        # The caller's rate-budget name from its metadata (AccessPolicy.client).
+        self._client = client
         self.accepting = False  # flipped by the server's lifecycle
 
     # -- health and metadata -------------------------------------------------
@@ -221,149 +204,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self.infer_message(
-            request, context.time_remaining(), lambda: _header_key(context)
+        caller = Caller(
+            "grpc",
+            self._client(context.invocation_metadata() or ()),
+            context.time_remaining(),
+            lambda: _header_key(context),
         )
-
-    async def infer_message(
-        self,
-        request: pb.ModelInferRequest,
-        time_remaining: float | None,
-        header_key: Callable[[], str | None] = lambda: None,
-        regions: SharedMemory | None = None,
-        place: Place | None = None,
-    ) -> pb.ModelInferResponse:
-        """One inference, whatever transport carried it (gRPC here, HTTP/REST too, a
-        front-end process): routing, decode, cache, queue, monitoring, shadow, encode.
-        `header_key` reads the A/B key from the transport's headers, only when a
-        rollout needs one. From a front end, `regions` holds the inputs its request
-        names (its own shared memory, not a client's) and `place` may take outputs."""
-        name, version = request.model_name, request.model_version
-        rollouts = self._rollouts
-        if not version and rollouts is not None:
-            # A request that names no version follows the model's traffic policy.
-            key = _ab_key(request, header_key) if rollouts.needs_key(name) else None
-            version = rollouts.route(name, key) or ""
-        model = self._repo.get(name, version)
-        if regions is None and _uses_shared_memory(request):
-            return await self._infer_shared(request, time_remaining, model)
-        leases = Leases() if regions is not None else None
-        try:
-            infer_request = _decode(
-                model, request, time_remaining, self._limits.max_elements, regions, leases
-            )
-            # The bypass parameter is checked whether or not a cache serves this model, so
-            # a client's bad value does not start failing the day an operator turns one on.
-            if _cache_wanted(request) and self._cache is not None and model.spec.response_cache:
-                result = await self._cached(model, infer_request, time_remaining)
-            else:
-                result = await model.infer(infer_request)
-            if model.monitoring is not None:  # a few rows copied; statistics off the loop
-                model.monitoring.observe(infer_request.id, infer_request.inputs, result.outputs)
-            if self._shadow is not None and result.outputs:
-                self._shadow_run(name, model, infer_request, result, owned=regions is None)
-            return encode_response(
-                request, model.spec, model.version, infer_request, result, model.labels,
-                place=place,
-            )  # fmt: skip
-        finally:
-            if leases is not None:
-                leases.release()
-
-    def _shadow_run(
-        self,
-        name: str,
-        model: ModelVersion,
-        asked: InferRequest,
-        result: InferResult,
-        owned: bool,
-    ) -> None:
-        """Maybe mirror this request on the other version. Inputs in a front end's
-        shared memory are freed once answered: a mirrored run gets its own copy, and
-        served outputs that are views of them (an identity model in a batch of one)
-        are copied before the comparison can read them."""
-        mirrored = [asked]
-        served = result.outputs
-        if not owned:
-            inputs = list(asked.inputs.values())
-            served = {
-                k: v.copy() if any(np.may_share_memory(v, i) for i in inputs) else v
-                for k, v in served.items()
-            }
-
-        def detach() -> None:
-            if not owned:
-                inputs = {k: np.array(v, copy=True) for k, v in asked.inputs.items()}
-                mirrored[0] = dataclasses.replace(asked, inputs=inputs)
-
-        assert self._shadow is not None
-        self._shadow.after_answer(
-            name,
-            model.version_label,
-            served,
-            lambda other: self._mirror(name, other, mirrored[0], tuple(served)),
-            detach=detach,
-        )
-
-    async def _cached(
-        self, model: ModelVersion, request: InferRequest, time_remaining: float | None
-    ) -> InferResult:
-        """Triton's response cache, plus coalescing: a hit skips the queue entirely;
-        identical requests in flight share one computation. Never across versions
-        (the version is in the key; a reload empties the model's entries)."""
-        assert self._cache is not None
-        key = request_key(
-            model.spec.name, model.version, request.inputs, request.outputs, request.classification
-        )
-        answer = await self._cache.get_or_compute(
-            key, lambda: model.infer(request), wait_s=time_remaining
-        )
-        if answer.source != "computed":  # answered without the queue: counted here
-            model.record_cached(time.monotonic_ns() - request.arrival_ns)
-        return answer.result
-
-    async def _infer_shared(
-        self,
-        request: pb.ModelInferRequest,
-        time_remaining: float | None,
-        model: ModelVersion,
-    ) -> pb.ModelInferResponse:
-        """Inputs read from and outputs written to registered shared memory regions,
-        leased until the answer is encoded (no shadow run: the client owns the bytes
-        and may reuse them once answered). A CUDA region's input is copied to the host
-        at decode; its outputs are copied to the device, off the loop, before the
-        answer is returned."""
-        leases = Leases()
-        committing: asyncio.Task[None] | None = None
-        try:
-            infer_request = _decode(
-                model,
-                request,
-                time_remaining,
-                self._limits.max_elements,
-                self._regions,
-                leases,
-            )
-            outputs = shared_outputs(request, self._regions, leases)
-            result = await model.infer(infer_request)
-            if model.monitoring is not None:
-                model.monitoring.observe(infer_request.id, infer_request.inputs, result.outputs)
-            response = encode_response(
-                request, model.spec, model.version, infer_request, result, model.labels, outputs
-            )
-            if leases.commits:
-                committing = asyncio.get_running_loop().create_task(
-                    asyncio.to_thread(leases.commit)
-                )
-                await asyncio.shield(committing)
-            return response
-        finally:
-            if committing is None or committing.done():
-                leases.release()
-            else:
-                # The caller left mid-copy: the copy to its CUDA region goes on in its
-                # thread, so the regions stay leased (unregister refused) until it ends.
-                committing.add_done_callback(lambda done: _released(done, leases))
+        return await self._path.infer(request, caller)
 
     # -- Triton's system shared-memory extension ---------------------------------------
 
@@ -449,26 +296,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             status.byte_size = region.byte_size
         return response
 
-    def close(self) -> None:
-        self._regions.close()  # unmaps system regions, closes CUDA IPC handles
-
-    async def _mirror(
-        self, name: str, version: str, asked: InferRequest, outputs: tuple[str, ...]
-    ) -> Mapping[str, Array]:
-        """The same inputs on another version, queued behind every caller, off the caller's
-        path (the shadow's and the canary's output comparison)."""
-        model = self._repo.get(name, version)
-        mirrored = InferRequest(
-            id=asked.id,
-            inputs=asked.inputs,
-            outputs=outputs,
-            rows=asked.rows,
-            shape_key=asked.shape_key,
-            future=asyncio.get_running_loop().create_future(),
-            background=True,
-        )
-        return (await model.infer(mirrored)).outputs
-
     async def ModelStreamInfer(
         self,
         request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -551,67 +378,6 @@ for _rpc in (
     "LogSettings",
 ):
     setattr(InferenceServicer, _rpc, _unimplemented(_rpc))
-
-
-def _decode(
-    model: ModelVersion,
-    request: pb.ModelInferRequest,
-    time_remaining: float | None,
-    max_elements: int,
-    shm: SharedMemory | None = None,
-    leases: Leases | None = None,
-) -> InferRequest:
-    try:
-        return decode_request(
-            request,
-            model.spec,
-            asyncio.get_running_loop(),
-            time.monotonic_ns(),
-            time_remaining,
-            max_elements,
-            model.input_bounds,
-            shm,
-            leases,
-        )
-    except ConvoyError as exc:
-        model.record_rejection(exc)
-        raise
-
-
-def _released(commit: asyncio.Task[None], leases: Leases) -> None:
-    """A copy to a client's CUDA region that outlived its caller: its leases go now."""
-    leases.release()
-    if not commit.cancelled() and commit.exception() is not None:
-        log.error(
-            "writing outputs to a CUDA region failed after the caller left: %r", commit.exception()
-        )
-
-
-def _cache_wanted(request: pb.ModelInferRequest) -> bool:
-    """The request parameter `response_cache` (bool): false bypasses the cache."""
-    if not request.parameters or BYPASS_PARAMETER not in request.parameters:
-        return True
-    param = request.parameters[BYPASS_PARAMETER]
-    return request_uses_cache(param.WhichOneof("parameter_choice"), param.bool_param)
-
-
-def _uses_shared_memory(request: pb.ModelInferRequest) -> bool:
-    # Plain loops, no generators: this runs for every request (1.7 against 3.1 µs).
-    for tensor in request.inputs:
-        if tensor.parameters and REGION in tensor.parameters:
-            return True
-    for wanted in request.outputs:
-        if wanted.parameters and REGION in wanted.parameters:
-            return True
-    return False
-
-
-def _ab_key(request: pb.ModelInferRequest, header_key: Callable[[], str | None]) -> str | None:
-    """The A/B assignment key: the request parameter, else the transport's header."""
-    param = request.parameters.get(AB_KEY_PARAMETER)
-    if param is not None and param.WhichOneof("parameter_choice") == "string_param":
-        return str(param.string_param)
-    return header_key()
 
 
 def _header_key(context: grpc.aio.ServicerContext) -> str | None:

@@ -14,6 +14,7 @@ from ..errors import (
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    RateLimited,
     RegionInUse,
     RegionNotFound,
     Unavailable,
@@ -52,6 +53,7 @@ _HTTP: dict[type[ConvoyError], int] = {
     Cancelled: 400,
     ModelNotFound: 404,
     ModelNotReady: 503,
+    RateLimited: 429,  # Triton has no rate limit; 429 is HTTP's answer
     Overloaded: 503,  # Triton's "Exceeds maximum queue size" is UNAVAILABLE
     Unavailable: 503,
     DeadlineExceeded: 503,  # Triton's "Request timeout expired" is UNAVAILABLE

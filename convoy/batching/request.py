@@ -34,6 +34,8 @@ class InferRequest:
     settled: bool = field(default=False, repr=False)  # answered and counted (by the queue)
     # Work of the server's own (a rollout's comparison run): queued behind every caller.
     background: bool = False
+    # An ensemble's A/B key, kept for its steps' routing (the headers are gone by then).
+    ab_key: str | None = field(default=None, repr=False)
 
     @property
     def abandoned(self) -> bool:

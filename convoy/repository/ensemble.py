@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from convoy.kernels.classify import format_classes
@@ -35,6 +34,12 @@ from ..tensors import Array, Ranked, Ranking
 from .model import ModelVersion
 
 Lookup = Callable[[str, str], ModelVersion]  # (model, version or "") -> the serving version
+# (model, version or "", the step's request built from the version that will run it, the
+# ensemble's request) -> its result: ModelRepository._run_step, which hands the step to the
+# inference path (routing by the model's rollout, cache, shadow, monitoring).
+StepRunner = Callable[
+    [str, str, Callable[[ModelVersion], InferRequest], InferRequest], Awaitable[InferResult]
+]
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,8 @@ class EnsembleModel:
         metrics: ModelMetrics,
         lookup: Lookup,
         config_path: str,
-        clock: Callable[[], int] = time.monotonic_ns,
+        clock: Callable[[], int],
+        run_step: StepRunner,
     ) -> None:
         self.spec = spec
         self.version = version
@@ -74,6 +80,7 @@ class EnsembleModel:
         self._no_requests = asyncio.Event()  # set while inflight is 0
         self._no_requests.set()
         self._lookup = lookup
+        self._run_on = run_step
         self._path = config_path
         self._clock = clock
         self._steps: tuple[_Step, ...] = ()
@@ -218,29 +225,33 @@ class EnsembleModel:
     async def _run_step(
         self, step: _Step, tensors: Mapping[str, Array], request: InferRequest
     ) -> dict[str, Array]:
-        model = self._lookup(step.spec.model, step.version)
         inputs = {name: tensors[tensor] for name, tensor in step.spec.input_map}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, array in inputs.items():
-            expected = model.spec.input(name)
-            item = tuple(array.shape[1:] if model.spec.batched else array.shape)
-            if expected is None or not expected.matches(item):
-                raise InvalidInput(
-                    f"ensemble '{self.spec.name}' step {step.index}: input '{name}' of model "
-                    f"'{step.spec.model}' cannot take shape {list(array.shape)}"
-                )
-            shapes[name] = item
-        sub = InferRequest(
-            id=request.id,
-            inputs=inputs,
-            outputs=tuple(name for name, _ in step.spec.output_map),
-            rows=request.rows,
-            shape_key=model.spec.shape_key(shapes),
-            future=asyncio.get_running_loop().create_future(),
-            deadline_ns=request.deadline_ns,
-            priority=request.priority,
-        )
-        result = await model.infer(sub)
+
+        def build(model: ModelVersion) -> InferRequest:
+            shapes: dict[str, tuple[int, ...]] = {}
+            for name, array in inputs.items():
+                expected = model.spec.input(name)
+                item = tuple(array.shape[1:] if model.spec.batched else array.shape)
+                if expected is None or not expected.matches(item):
+                    raise InvalidInput(
+                        f"ensemble '{self.spec.name}' step {step.index}: input '{name}' of "
+                        f"model '{step.spec.model}' cannot take shape {list(array.shape)}"
+                    )
+                shapes[name] = item
+            return InferRequest(
+                id=request.id,
+                inputs=inputs,
+                outputs=tuple(name for name, _ in step.spec.output_map),
+                rows=request.rows,
+                shape_key=model.spec.shape_key(shapes),
+                future=asyncio.get_running_loop().create_future(),
+                arrival_ns=self._clock(),
+                deadline_ns=request.deadline_ns,
+                priority=request.priority,
+                background=request.background,
+            )
+
+        result = await self._run_on(step.spec.model, step.version, build, request)
         return {tensor: result.outputs[name] for name, tensor in step.spec.output_map}
 
     def _rank(self, tensors: Mapping[str, Array], wanted: Mapping[str, int]) -> dict[str, Ranked]:

@@ -19,6 +19,7 @@ from typing import Any
 from ..backends import load_backend, probe_signature
 from ..backends.base import BackendSignature, default_threads
 from ..batching.queue import Clock
+from ..batching.request import InferRequest, InferResult
 from ..config import (
     CONFIG_FILENAME,
     DEFAULT_LIMITS,
@@ -39,7 +40,7 @@ from ..scheduling.devices import place_group, resolved_kind
 from ..scheduling.health import DeviceHealth
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
-from .ensemble import EnsembleModel
+from .ensemble import EnsembleModel, StepRunner
 from .model import ModelVersion, OutcomeSink, ServedModel
 from .warmup import warm_up
 
@@ -108,6 +109,23 @@ class ModelRepository:
         self.on_change: Callable[[str], object] | None = None
         # Told when a load or unload has finished, old versions closed (the heap settles).
         self.on_finished: Callable[[], object] | None = None
+        # How an ensemble's steps run: the inference path's own (routing by the step
+        # model's rollout, cache, shadow, monitoring); None runs them on the model directly.
+        self.steps: StepRunner | None = None
+
+    async def _run_step(
+        self,
+        name: str,
+        version: str,
+        build: Callable[[ModelVersion], InferRequest],
+        parent: InferRequest,
+    ) -> InferResult:
+        """An ensemble step, through `steps` where the server set one (read per call:
+        ensembles loaded before the server wired it follow it too)."""
+        if self.steps is not None:
+            return await self.steps(name, version, build, parent)
+        model = self.get(name, version)
+        return await model.infer(build(model))
 
     # -- queries (event loop, no awaits) -------------------------------------
 
@@ -415,7 +433,9 @@ class ModelRepository:
         if spec.ensemble:
             metrics = self._metrics.for_model(spec.name, str(version))
             path = str(model_dir / CONFIG_FILENAME)
-            return EnsembleModel(spec, version, config, metrics, self.get, path, self._clock)
+            return EnsembleModel(
+                spec, version, config, metrics, self.get, path, self._clock, self._run_step
+            )
         model_path = model_dir / str(version) / spec.default_model_filename
         failed = self.health.failed  # no new instance on a GPU lost to a fatal fault
         devices = [d for g in spec.instance_groups for d in place_group(spec.name, g, failed)]

@@ -1,10 +1,11 @@
 """EngineLink: the engine's end of the front ends' ModelInfer traffic.
 
-A ZeroMQ ROUTER socket on the event loop (loopsocket.py): each request from a front end becomes one
-task that runs the server's single inference path (`InferenceServicer.infer_message`:
-routing, decode, cache, queue, monitoring, encode) and sends back the serialised
-answer or the error's status. Messages carry many requests or answers (wire.py): the
-answers one batch completes leave together. The owner (ConvoyServer) starts and stops it.
+A ZeroMQ ROUTER socket on the event loop (loopsocket.py): each request from a front end
+becomes one task that runs the server's one inference path (`InferencePath.infer`:
+admission against the engine's one rate budget, routing, decode, cache, queue,
+monitoring, shadow, encode) and sends back the serialised answer or the error's status.
+Messages carry many requests or answers (wire.py): the answers one batch completes leave
+together. The owner (ConvoyServer) starts and stops it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from pathlib import Path
 import zmq
 from google.protobuf.message import DecodeError
 
-from ..api.cuda_shm import SharedMemory
-from ..api.shm import BYTE_SIZE
 from ..api.status import status_code
 from ..errors import Cancelled, ConvoyError, InvalidInput
 from ..heap import PAUSE_BUCKETS
+from ..inference.admission import ANONYMOUS
+from ..inference.caller import Caller
+from ..inference.shm import BYTE_SIZE
 from ..pb import grpc_service_pb2 as pb
 from .loopsocket import LoopSocket
 from .outbox import Outbox, Send
@@ -40,6 +42,7 @@ from .wire import (
     REPORT,
     RING_INPUTS,
     RING_OUTPUTS,
+    Header,
     decode_header,
     deliver,
     status_number,
@@ -47,18 +50,9 @@ from .wire import (
 
 log = logging.getLogger(__name__)
 
-# (request, seconds left or None, A/B key reader, regions the inputs name, where large
-# outputs may go) -> the answer.
-Infer = Callable[
-    [
-        pb.ModelInferRequest,
-        float | None,
-        Callable[[], str | None],
-        SharedMemory | None,
-        Placed | None,
-    ],
-    Awaitable[pb.ModelInferResponse],
-]
+# InferencePath.infer: (request, its caller: client, deadline, A/B key, the ring's regions
+# its inputs name, where large outputs may go) -> the answer.
+Infer = Callable[[pb.ModelInferRequest, Caller], Awaitable[pb.ModelInferResponse]]
 
 
 class EngineLink:
@@ -105,13 +99,14 @@ class EngineLink:
 
     def _take(self, identity: bytes, rid: bytes, header: bytes, payload: bytes) -> None:
         try:
-            kind, time_remaining, key, flags = decode_header(header)
+            head = decode_header(header)
         except ValueError as exc:  # answered, so a caller never waits for nothing
             error = InvalidInput(f"the front end's request header is malformed: {exc}")
             self._outbox.put(
                 identity, (rid, bytes([status_number(status_code(error))]), error.message.encode())
             )
             return
+        kind = head.kind
         if kind == FREE:
             self._free(identity, payload)
         elif kind == HELLO:
@@ -123,11 +118,11 @@ class EngineLink:
         else:
             self.requests[identity] = self.requests.get(identity, 0) + 1
             task = asyncio.get_running_loop().create_task(
-                self._answer(identity, rid, payload, time_remaining, key, flags)
+                self._answer(identity, rid, payload, head)
             )
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
-            if not flags & RING_INPUTS:
+            if not head.flags & RING_INPUTS:
                 # Cancellable. Inputs in the front end's ring are not: its slots are freed
                 # by the answer, which must wait until no batch can read them any more.
                 self._by_id[identity, rid] = task  # removed by _answer, or by a CANCEL
@@ -196,17 +191,19 @@ class EngineLink:
         identity: bytes,
         rid: bytes,
         payload: bytes,
-        time_remaining: float | None,
-        key: str | None,
-        flags: int,
+        head: Header,
     ) -> None:
         ring = self._rings.get(identity)
-        regions = ring.regions if ring is not None and flags & RING_INPUTS else None
-        placed = ring.placer() if ring is not None and flags & RING_OUTPUTS else None
+        regions = ring.regions if ring is not None and head.flags & RING_INPUTS else None
+        placed = ring.placer() if ring is not None and head.flags & RING_OUTPUTS else None
         try:
             request = _parse(payload)
             self._count_inputs(request, regions is not None)
-            response = await self._infer(request, time_remaining, lambda: key, regions, placed)
+            key = head.ab_key
+            caller = Caller(
+                "grpc", head.client or ANONYMOUS, head.time_remaining, lambda: key, regions, placed
+            )
+            response = await self._infer(request, caller)
             status = bytes([OK, PLACED if placed is not None and placed.offsets else 0])
             reply = (rid, status, response.SerializeToString())
             self._count_outputs(response, placed)

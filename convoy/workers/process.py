@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry
 
+from ..api.auth import AccessInterceptor, AccessPolicy, Metadata, load_tokens
 from ..heap import GcPauses, settle
 from ..pb import grpc_service_pb2 as pb
 from .loopsocket import LoopSocket
@@ -71,8 +72,6 @@ class FrontendSettings:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     auth_tokens: Path | None = None
-    rate_limit: float | None = None
-    rate_burst: float | None = None
     log_level: str = "INFO"
     ring_bytes: int = 8 << 20  # each half of the shared-memory segment; 0: none
     freeze_heap: bool = True  # see heap.py
@@ -109,7 +108,8 @@ async def _serve(settings: FrontendSettings, index: int, ready: Any) -> None:
     dealer.setsockopt(zmq.SNDHWM, 0)
     dealer.setsockopt(zmq.RCVHWM, 0)
     dealer.connect(settings.engine_infer)
-    link = _InferLink(dealer)
+    policy = _policy(settings)
+    link = _InferLink(dealer, policy.client)
     link.start()
     pauses = GcPauses(CollectorRegistry())  # exported by the engine, from our reports
     pauses.start()
@@ -117,7 +117,7 @@ async def _serve(settings: FrontendSettings, index: int, ready: Any) -> None:
     watcher = loop.create_task(_watch_engine(settings.engine_pid, stop, link))
     await link.offer_segment(settings.ring_bytes)
     if link.lost is None:  # the engine may have died while we started: never listen then
-        await _listen(settings, ready, stop, channel, link, limits)
+        await _listen(settings, policy, ready, stop, channel, link, limits)
     for task in (watcher, reporter):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -130,6 +130,7 @@ async def _serve(settings: FrontendSettings, index: int, ready: Any) -> None:
 
 async def _listen(
     settings: FrontendSettings,
+    policy: AccessPolicy,
     ready: Any,
     stop: asyncio.Event,
     channel: grpc.aio.Channel,
@@ -137,9 +138,8 @@ async def _listen(
     limits: list[tuple[str, int]],
 ) -> None:
     """Listen on the shared port until told to stop, then drain."""
-    server = grpc.aio.server(
-        options=_server_options(settings, limits), interceptors=_access(settings)
-    )
+    interceptors = [AccessInterceptor(policy)] if policy.active else []
+    server = grpc.aio.server(options=_server_options(settings, limits), interceptors=interceptors)
     server.add_generic_rpc_handlers([_Proxy(channel, link)])
     address = f"{settings.host}:{settings.port}"
     credentials = _credentials(settings)
@@ -197,12 +197,12 @@ def _server_options(
     return options
 
 
-def _access(settings: FrontendSettings) -> list[grpc.aio.ServerInterceptor]:
-    from ..api.auth import AccessInterceptor, AccessPolicy, load_tokens
-
+def _policy(settings: FrontendSettings) -> AccessPolicy:
+    """Tokens and roles, checked here on the caller's own connection. No rate budget:
+    the engine charges every front end's callers to its one budget (by the client name
+    each request's header carries, and on the engine's socket for the other RPCs)."""
     tokens = load_tokens(settings.auth_tokens) if settings.auth_tokens else None
-    policy = AccessPolicy(tokens, settings.rate_limit, settings.rate_burst)
-    return [AccessInterceptor(policy)] if policy.active else []
+    return AccessPolicy(tokens)
 
 
 def _credentials(settings: FrontendSettings) -> grpc.ServerCredentials | None:
@@ -221,8 +221,9 @@ class _InferLink:
     requests of one loop turn go in one message (Outbox). Large requests' tensors go
     through the shared-memory segment, and large outputs come back through it."""
 
-    def __init__(self, socket: Any) -> None:
+    def __init__(self, socket: Any, client: Callable[[Metadata], str]) -> None:
         self._socket = LoopSocket(socket, self._received)
+        self._client = client  # a caller's rate-budget name, from its metadata
         self._ids = itertools.count()
         self._pending: dict[bytes, asyncio.Future[tuple[bytes, bytes]]] = {}
         self._outbox = Outbox(self._socket.send, self._not_sent)
@@ -312,7 +313,10 @@ class _InferLink:
                     flags |= RING_INPUTS
         future: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
-        header = encode_header(context.time_remaining(), _ab_key(context), flags)
+        metadata = context.invocation_metadata() or ()
+        header = encode_header(
+            context.time_remaining(), _ab_key(context), flags, client=self._client(metadata)
+        )
         try:
             self._outbox.put(None, (rid, header, payload))
             status, body = await future

@@ -20,8 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..api.cuda_shm import CudaSharedMemoryRegistry, SharedMemory
-from ..api.shm import BYTE_SIZE, FRONTEND_INPUTS, OFFSET, REGION, SharedMemoryRegistry
+from ..inference.cuda_shm import CudaSharedMemoryRegistry, SharedMemory
+from ..inference.shm import BYTE_SIZE, FRONTEND_INPUTS, OFFSET, REGION, SharedMemoryRegistry
 from ..pb import grpc_service_pb2 as pb
 
 SHM_DIR = Path("/dev/shm")

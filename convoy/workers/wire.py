@@ -16,7 +16,9 @@ syscall or two on each side, and the profile showed those sends taking a sixth o
 the engine's time when each answer went alone.
 
 The header carries what the engine cannot read from the request itself: the caller's
-remaining deadline and the A/B key from its gRPC metadata. A CANCEL names an earlier
+remaining deadline, the name of its rate budget (admission.client_id of its token: the
+engine charges every front end's callers to one set of buckets) and the A/B key from its
+gRPC metadata. A CANCEL names an earlier
 request whose caller has gone: the engine stops its wait for the answer (the queue
 drops it if not yet dispatched) and answers it CANCELLED, unless its inputs are in the
 front end's ring: those run to their answer, which frees the slots a batch may read.
@@ -30,12 +32,15 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import grpc
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<cdB")  # kind, remaining seconds (negative: none), flags
+# kind, remaining seconds (negative: none), flags, the client name's length; then the
+# client name and the A/B key, both UTF-8.
+_HEADER = struct.Struct("<cdBB")
 OK = 0
 INFER, HELLO, FREE, REPORT = b"I", b"H", b"F", b"R"  # REPORT: a front end's own figures
 CANCEL = b"C"  # the caller of an earlier INFER (same request id) has gone
@@ -142,21 +147,39 @@ def deliver(frames: list[bytes], handle: Callable[[bytes, bytes, bytes], None], 
 
 
 def encode_header(
-    time_remaining: float | None, ab_key: str | None, flags: int = 0, kind: bytes = INFER
+    time_remaining: float | None,
+    ab_key: str | None,
+    flags: int = 0,
+    kind: bytes = INFER,
+    client: str = "",
 ) -> bytes:
     seconds = -1.0 if time_remaining is None else time_remaining
-    return _HEADER.pack(kind, seconds, flags) + (ab_key or "").encode()
+    name = client.encode()
+    return _HEADER.pack(kind, seconds, flags, len(name)) + name + (ab_key or "").encode()
 
 
-def decode_header(frame: bytes) -> tuple[bytes, float | None, str | None, int]:
-    """(kind, seconds left or None, A/B key or None, flags); ValueError for a header
-    too short or a key that is not UTF-8."""
+@dataclass(frozen=True, slots=True)
+class Header:
+    kind: bytes
+    time_remaining: float | None
+    ab_key: str | None
+    flags: int
+    client: str  # the caller's rate-budget name; "" for the front end's own messages
+
+
+def decode_header(frame: bytes) -> Header:
+    """ValueError for a header too short or names that are not UTF-8."""
     try:
-        kind, seconds, flags = _HEADER.unpack_from(frame)
+        kind, seconds, flags, length = _HEADER.unpack_from(frame)
     except struct.error as exc:
         raise ValueError(f"a {len(frame)}-byte header: {exc}") from None
-    key = frame[_HEADER.size :].decode() or None  # UnicodeDecodeError is a ValueError
-    return kind, (None if seconds < 0 else seconds), key, flags
+    start = _HEADER.size
+    if len(frame) < start + length:
+        raise ValueError(f"a {len(frame)}-byte header names a {length}-byte client")
+    # UnicodeDecodeError is a ValueError
+    client = frame[start : start + length].decode()
+    key = frame[start + length :].decode() or None
+    return Header(kind, None if seconds < 0 else seconds, key, flags, client)
 
 
 def status_number(code: grpc.StatusCode) -> int:

@@ -1,0 +1,37 @@
+"""What a door knows about a request that the request message itself does not carry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .admission import ANONYMOUS
+from .codec import Place
+from .cuda_shm import SharedMemory
+
+TRANSPORTS = ("grpc", "http", "ensemble", "batch", "replay")
+
+
+def _no_key() -> str | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """One request's caller, as its door saw it.
+
+    `client` names the rate budget it is charged to (admission.client_id); None is the
+    server's own work (an ensemble's step, a mirrored run), charged to no one: its
+    request was admitted once, at its door. `header_key` reads the A/B key from the
+    transport's headers, called only when a rollout needs one. `regions` holds inputs
+    that a front-end process put in its own shared memory, and `place` may take large
+    outputs there. `background` queues the work behind every caller (batch, replay).
+    """
+
+    transport: str
+    client: str | None = ANONYMOUS
+    time_remaining: float | None = None
+    header_key: Callable[[], str | None] = _no_key
+    regions: SharedMemory | None = None
+    place: Place | None = None
+    background: bool = False

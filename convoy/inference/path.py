@@ -1,0 +1,383 @@
+"""InferencePath: the one treatment every request gets, whatever door it came through.
+
+In this order: admission (the caller's rate budget), routing (a pinned version, else the
+model's rollout policy and its A/B key), decode against the routed model, the response
+cache with coalescing, the model's queue (at the caller's priority class), monitoring
+samples, shadow mirroring, then the answer observers (capture) and the encoded reply.
+gRPC, HTTP/REST, the front-end processes and ensemble steps only translate their wire
+format to a KServe v2 request (or, for a step, tensors) and a `Caller`, and back.
+DESIGN §11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..batching.request import InferRequest, InferResult
+from ..cache import BYPASS_PARAMETER, ResponseCache, request_key, request_uses_cache
+from ..config import DEFAULT_LIMITS, ServingLimits
+from ..errors import ConvoyError
+from ..pb import grpc_service_pb2 as pb
+from ..repository.manager import ModelRepository
+from ..repository.model import ModelVersion
+from ..rollouts.controller import RolloutController
+from ..rollouts.policy import AB_KEY_PARAMETER
+from ..rollouts.shadow import ShadowRunner
+from ..tensors import Array
+from .admission import RateBudget
+from .caller import Caller
+from .codec import decode_request, encode_response, shared_outputs
+from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
+from .shm import REGION, Leases, SharedMemoryRegistry
+
+log = logging.getLogger(__name__)
+
+# (the routed model) -> the step's request: an ensemble builds it once the path has
+# chosen the version, whose spec decides the shapes.
+BuildRequest = Callable[[ModelVersion], InferRequest]
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """One answered request, as the path's observers see it (the capture hook)."""
+
+    transport: str
+    client: str | None
+    model: str
+    version: str
+    arm: str  # stable | candidate | none (a mirrored run is not observed)
+    request: InferRequest | None  # None: refused before it was decoded
+    result: InferResult | None
+    error: ConvoyError | None
+    cache_hit: bool
+
+
+AnswerObserver = Callable[[Answered], None]
+
+
+class InferencePath:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        limits: ServingLimits = DEFAULT_LIMITS,
+        rollouts: RolloutController | None = None,
+        shadow: ShadowRunner | None = None,
+        cache: ResponseCache | None = None,
+        budget: RateBudget | None = None,
+        shm: SharedMemoryRegistry | None = None,
+        cuda_shm: CudaSharedMemoryRegistry | None = None,
+    ) -> None:
+        self.repository = repository
+        self.limits = limits
+        self.rollouts = rollouts
+        self.shadow = shadow
+        self.cache = cache
+        self.budget = budget
+        self.shm = shm or SharedMemoryRegistry()
+        # cuda_shm: tests inject a registry over a fake driver; None is cuda-python's
+        # (or the extension off, where cuda-python is not installed).
+        self.cuda_shm = cuda_shm or CudaSharedMemoryRegistry(load_driver())
+        self.regions = SharedMemory(self.shm, self.cuda_shm)
+        # Called once per answered request (success or failure), on the loop: each must
+        # only copy what it keeps and return (capture writes off the loop).
+        self.observers: list[AnswerObserver] = []
+
+    # -- the doors' entry points -------------------------------------------------------
+
+    async def infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
+        """One KServe v2 request: gRPC, HTTP/REST (its JSON translated) and the front
+        ends (the bytes their callers sent) all come here. ConvoyError on refusal."""
+        self.admit(caller)
+        model = self.route(request.model_name, request.model_version, caller, request.parameters)
+        if caller.regions is None and _uses_shared_memory(request):
+            return await self._infer_shared(request, caller, model)
+        leases = Leases() if caller.regions is not None else None
+        try:
+            asked = self._decode(model, request, caller, caller.regions, leases)
+            if model.spec.ensemble:  # its steps route by the same key, past the headers
+                asked.ab_key = _ab_key(request.parameters, caller)
+            # The bypass parameter is checked whether or not a cache serves this model, so
+            # a client's bad value does not start failing the day an operator turns one on.
+            cacheable = _cache_wanted(request)
+            result = await self._serve(model, asked, caller, cacheable, owned=leases is None)
+            return encode_response(
+                request, model.spec, model.version, asked, result, model.labels,
+                place=caller.place,
+            )  # fmt: skip
+        finally:
+            if leases is not None:
+                leases.release()
+
+    async def run(
+        self, name: str, version: str, build: BuildRequest, caller: Caller
+    ) -> InferResult:
+        """Tensors in, tensors out: an ensemble's step (and, later, batch and replay
+        rows), with the same admission, routing, cache, queue, shadow and monitoring."""
+        self.admit(caller)
+        model = self.route(name, version, caller, None)
+        request = build(model)
+        if caller.background:
+            request.background = True
+        return await self._serve(model, request, caller, cacheable=True, owned=True)
+
+    async def run_step(
+        self, name: str, version: str, build: BuildRequest, parent: InferRequest
+    ) -> InferResult:
+        """An ensemble's step (ModelRepository.steps): the server's own work, admitted
+        with its ensemble request, routed by the step model's rollout with the ensemble
+        caller's A/B key, within the ensemble request's deadline."""
+        key = parent.ab_key
+        return await self.run(name, version, build, Caller("ensemble", None, None, lambda: key))
+
+    # -- the steps, in order -------------------------------------------------------------
+
+    def admit(self, caller: Caller) -> None:
+        """Charge the caller's rate budget (RateLimited past it). The server's own
+        work (client None) was admitted at its door."""
+        if self.budget is not None and caller.client is not None:
+            self.budget.admit(caller.client)
+
+    def route(
+        self,
+        name: str,
+        version: str,
+        caller: Caller,
+        parameters: Mapping[str, pb.InferParameter] | None,
+    ) -> ModelVersion:
+        """The version that answers: the one named, else the model's traffic policy."""
+        rollouts = self.rollouts
+        if not version and rollouts is not None:
+            key = _ab_key(parameters, caller) if rollouts.needs_key(name) else None
+            version = rollouts.route(name, key) or ""
+        return self.repository.get(name, version)
+
+    async def _serve(
+        self,
+        model: ModelVersion,
+        request: InferRequest,
+        caller: Caller,
+        cacheable: bool,
+        owned: bool,
+    ) -> InferResult:
+        """Cache or queue, then monitoring and shadow; observers hear of every outcome."""
+        cache_hit = False
+        try:
+            if cacheable and self.cache is not None and model.spec.response_cache:
+                result, cache_hit = await self._cached(model, request, caller.time_remaining)
+            else:
+                result = await model.infer(request)
+        except ConvoyError as exc:
+            if self.observers:
+                self._observe(caller, model, request, None, exc, False)
+            raise
+        if model.monitoring is not None:  # a few rows copied; statistics off the loop
+            model.monitoring.observe(request.id, request.inputs, result.outputs)
+        if self.shadow is not None and result.outputs:
+            self._shadow_run(model, request, result, owned)
+        if self.observers:
+            self._observe(caller, model, request, result, None, cache_hit)
+        return result
+
+    def _decode(
+        self,
+        model: ModelVersion,
+        request: pb.ModelInferRequest,
+        caller: Caller,
+        regions: SharedMemory | None,
+        leases: Leases | None,
+    ) -> InferRequest:
+        try:
+            asked = decode_request(
+                request,
+                model.spec,
+                asyncio.get_running_loop(),
+                time.monotonic_ns(),
+                caller.time_remaining,
+                self.limits.max_elements,
+                model.input_bounds,
+                regions,
+                leases,
+            )
+        except ConvoyError as exc:
+            model.record_rejection(exc)
+            if self.observers:
+                self._observe(caller, model, None, None, exc, False)
+            raise
+        if caller.background:
+            asked.background = True
+        return asked
+
+    async def _cached(
+        self, model: ModelVersion, request: InferRequest, time_remaining: float | None
+    ) -> tuple[InferResult, bool]:
+        """Triton's response cache, plus coalescing: a hit skips the queue entirely;
+        identical requests in flight share one computation. Never across versions
+        (the version is in the key; a reload empties the model's entries)."""
+        assert self.cache is not None
+        key = request_key(
+            model.spec.name, model.version, request.inputs, request.outputs, request.classification
+        )
+        answer = await self.cache.get_or_compute(
+            key, lambda: model.infer(request), wait_s=time_remaining
+        )
+        if answer.source != "computed":  # answered without the queue: counted here
+            model.record_cached(time.monotonic_ns() - request.arrival_ns)
+        return answer.result, answer.source == "hit"
+
+    async def _infer_shared(
+        self, request: pb.ModelInferRequest, caller: Caller, model: ModelVersion
+    ) -> pb.ModelInferResponse:
+        """Inputs read from and outputs written to registered shared memory regions,
+        leased until the answer is encoded (no shadow run, no cache: the client owns the
+        bytes and may reuse them once answered). A CUDA region's input is copied to the
+        host at decode; its outputs are copied to the device, off the loop, before the
+        answer is returned."""
+        leases = Leases()
+        committing: asyncio.Task[None] | None = None
+        try:
+            asked = self._decode(model, request, caller, self.regions, leases)
+            outputs = shared_outputs(request, self.regions, leases)
+            try:
+                result = await model.infer(asked)
+            except ConvoyError as exc:
+                if self.observers:
+                    self._observe(caller, model, asked, None, exc, False)
+                raise
+            if model.monitoring is not None:
+                model.monitoring.observe(asked.id, asked.inputs, result.outputs)
+            if self.observers:
+                self._observe(caller, model, asked, result, None, False)
+            response = encode_response(
+                request, model.spec, model.version, asked, result, model.labels, outputs
+            )
+            if leases.commits:
+                committing = asyncio.get_running_loop().create_task(
+                    asyncio.to_thread(leases.commit)
+                )
+                await asyncio.shield(committing)
+            return response
+        finally:
+            if committing is None or committing.done():
+                leases.release()
+            else:
+                # The caller left mid-copy: the copy to its CUDA region goes on in its
+                # thread, so the regions stay leased (unregister refused) until it ends.
+                committing.add_done_callback(lambda done: _released(done, leases))
+
+    def _shadow_run(
+        self, model: ModelVersion, asked: InferRequest, result: InferResult, owned: bool
+    ) -> None:
+        """Maybe mirror this request on the other version. Inputs in a front end's
+        shared memory are freed once answered: a mirrored run gets its own copy, and
+        served outputs that are views of them (an identity model in a batch of one)
+        are copied before the comparison can read them."""
+        name = model.spec.name
+        mirrored = [asked]
+        served = result.outputs
+        if not owned:
+            inputs = list(asked.inputs.values())
+            served = {
+                k: v.copy() if any(np.may_share_memory(v, i) for i in inputs) else v
+                for k, v in served.items()
+            }
+
+        def detach() -> None:
+            if not owned:
+                copied = {k: np.array(v, copy=True) for k, v in asked.inputs.items()}
+                mirrored[0] = dataclasses.replace(asked, inputs=copied)
+
+        assert self.shadow is not None
+        self.shadow.after_answer(
+            name,
+            model.version_label,
+            served,
+            lambda other: self._mirror(name, other, mirrored[0], tuple(served)),
+            detach=detach,
+        )
+
+    async def _mirror(
+        self, name: str, version: str, asked: InferRequest, outputs: tuple[str, ...]
+    ) -> Mapping[str, Array]:
+        """The same inputs on another version, queued behind every caller, off the caller's
+        path (the shadow's and the canary's output comparison)."""
+        model = self.repository.get(name, version)
+        mirrored = InferRequest(
+            id=asked.id,
+            inputs=asked.inputs,
+            outputs=outputs,
+            rows=asked.rows,
+            shape_key=asked.shape_key,
+            future=asyncio.get_running_loop().create_future(),
+            background=True,
+        )
+        return (await model.infer(mirrored)).outputs
+
+    def _observe(
+        self,
+        caller: Caller,
+        model: ModelVersion,
+        request: InferRequest | None,
+        result: InferResult | None,
+        error: ConvoyError | None,
+        cache_hit: bool,
+    ) -> None:
+        name, version = model.spec.name, model.version_label
+        stable, candidate = ("", "")
+        if self.rollouts is not None:
+            stable, candidate = self.rollouts.compared_versions(name)
+        arm = "stable" if version == stable else "candidate" if version == candidate else "none"
+        answered = Answered(
+            caller.transport, caller.client, name, version, arm, request, result, error, cache_hit
+        )
+        for observer in self.observers:
+            try:
+                observer(answered)
+            except Exception:  # an observer's bug must not fail the caller's answer
+                log.exception("an answer observer failed")
+
+    def close(self) -> None:
+        self.regions.close()  # unmaps system regions, closes CUDA IPC handles
+
+
+def _released(commit: asyncio.Task[None], leases: Leases) -> None:
+    """A copy to a client's CUDA region that outlived its caller: its leases go now."""
+    leases.release()
+    if not commit.cancelled() and commit.exception() is not None:
+        log.error(
+            "writing outputs to a CUDA region failed after the caller left: %r", commit.exception()
+        )
+
+
+def _cache_wanted(request: pb.ModelInferRequest) -> bool:
+    """The request parameter `response_cache` (bool): false bypasses the cache."""
+    if not request.parameters or BYPASS_PARAMETER not in request.parameters:
+        return True
+    param = request.parameters[BYPASS_PARAMETER]
+    return request_uses_cache(param.WhichOneof("parameter_choice"), param.bool_param)
+
+
+def _uses_shared_memory(request: pb.ModelInferRequest) -> bool:
+    # Plain loops, no generators: this runs for every request (1.7 against 3.1 µs).
+    for tensor in request.inputs:
+        if tensor.parameters and REGION in tensor.parameters:
+            return True
+    for wanted in request.outputs:
+        if wanted.parameters and REGION in wanted.parameters:
+            return True
+    return False
+
+
+def _ab_key(parameters: Mapping[str, pb.InferParameter] | None, caller: Caller) -> str | None:
+    """The A/B assignment key: the request parameter, else the transport's header."""
+    param = parameters.get(AB_KEY_PARAMETER) if parameters else None
+    if param is not None and param.WhichOneof("parameter_choice") == "string_param":
+        return str(param.string_param)
+    return caller.header_key()
