@@ -6,6 +6,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -488,3 +489,307 @@ def test_a_failed_response_fails_only_its_request_in_a_served_batch(tmp_path: Pa
             await repository.close()
 
     asyncio.run(scenario())
+
+
+# -- each loaded model version imports its own modules ------------------------------------
+# Triton gives every model its own stub process, so `import helper` in model.py finds the
+# helper.py beside it and no other. Convoy serves them all in one process: these load the
+# models through the repository (on its loading threads) and check what they answer.
+
+HELPER_MODEL = """
+import triton_python_backend_utils as pb_utils
+from helper import scale
+
+class TritonPythonModel:
+    def execute(self, requests):
+        import offsets  # at request time, not at load
+
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUTPUT0", scale(x)),
+                pb_utils.Tensor("OUTPUT1", offsets.shift(x)),
+            ]))
+        return responses
+"""
+
+
+def _helper(factor: int) -> str:
+    return f"def scale(x):\n    return x * {factor}\n"
+
+
+def _offsets(offset: int) -> str:
+    return f"def shift(x):\n    return x + {offset}\n"
+
+
+def _write_model(
+    root: Path,
+    name: str,
+    versions: dict[int, dict[str, str]],
+    backend: str = "python",
+    all_versions: bool = False,
+) -> None:
+    config = ADD_SUB_CONFIG.replace('"add_sub"', f'"{name}"').replace('"python"', f'"{backend}"')
+    if all_versions:
+        config += "version_policy { all {} }\n"
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "config.pbtxt").write_text(config)
+    for version, files in versions.items():
+        (root / name / str(version)).mkdir(exist_ok=True)
+        for filename, text in files.items():
+            (root / name / str(version) / filename).write_text(textwrap.dedent(text))
+
+
+async def _outputs(repository: object, name: str, version: str = "") -> tuple[float, float]:
+    """OUTPUT0 and OUTPUT1 for an input of ones, through the model's queue and pool."""
+    import asyncio
+
+    from convoy.batching.request import InferRequest
+    from convoy.repository.manager import ModelRepository
+
+    assert isinstance(repository, ModelRepository)
+    x = np.ones((1, 4), dtype=np.float32)
+    request = InferRequest(
+        id="1",
+        inputs={"INPUT0": x, "INPUT1": x},
+        outputs=("OUTPUT0", "OUTPUT1"),
+        rows=1,
+        shape_key=(("INPUT0", (4,)), ("INPUT1", (4,))),
+        future=asyncio.get_running_loop().create_future(),
+    )
+    result = await repository.get(name, version).infer(request)
+    return float(result.outputs["OUTPUT0"][0, 0]), float(result.outputs["OUTPUT1"][0, 0])
+
+
+def _modules_from(directory: Path) -> list[str]:
+    """Names in sys.modules of modules whose file lies under `directory`."""
+    return [
+        name
+        for name, module in list(sys.modules.items())
+        if Path(getattr(module, "__file__", None) or "/").is_relative_to(directory)
+    ]
+
+
+def _serve(tmp_path: Path, scenario: Any) -> None:
+    import asyncio
+
+    from convoy.metrics import Metrics
+    from convoy.repository.manager import ModelRepository
+
+    async def run() -> None:
+        repository = ModelRepository(tmp_path, Metrics())
+        try:
+            await scenario(repository)
+        finally:
+            await repository.close()
+
+    asyncio.run(run())
+
+
+def test_two_versions_loaded_at_once_each_run_their_own_helpers(tmp_path: Path) -> None:
+    _write_model(
+        tmp_path,
+        "scaler",
+        {
+            1: {"model.py": HELPER_MODEL, "helper.py": _helper(2), "offsets.py": _offsets(10)},
+            2: {"model.py": HELPER_MODEL, "helper.py": _helper(3), "offsets.py": _offsets(20)},
+        },
+        all_versions=True,
+    )
+
+    async def scenario(repository: Any) -> None:
+        await repository.load("scaler")
+        assert repository.loaded_versions("scaler") == ["1", "2"]
+        # Version 2 first: whichever version imports a name first must not decide
+        # what the other one runs.
+        assert await _outputs(repository, "scaler", "2") == (3.0, 21.0)
+        assert await _outputs(repository, "scaler", "1") == (2.0, 11.0)
+        assert await _outputs(repository, "scaler", "2") == (3.0, 21.0)
+        # Nothing from a version directory is importable by its bare name elsewhere.
+        assert "helper" not in sys.modules and "offsets" not in sys.modules
+
+    _serve(tmp_path, scenario)
+
+
+def test_two_models_with_a_utils_module_each_load_at_once_and_keep_their_own(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    model = HELPER_MODEL.replace("from helper import scale", "from utils import scale").replace(
+        "import offsets", "import utils as offsets"
+    )
+
+    def utils(factor: int, offset: int) -> str:
+        return _helper(factor) + _offsets(offset)
+
+    _write_model(tmp_path, "first", {1: {"model.py": model, "utils.py": utils(2, 100)}})
+    _write_model(tmp_path, "second", {1: {"model.py": model, "utils.py": utils(7, 700)}})
+
+    async def scenario(repository: Any) -> None:
+        await asyncio.gather(repository.load("first"), repository.load("second"))
+        assert await _outputs(repository, "first") == (2.0, 101.0)
+        assert await _outputs(repository, "second") == (7.0, 701.0)
+        assert await _outputs(repository, "first") == (2.0, 101.0)
+
+    _serve(tmp_path, scenario)
+
+
+def test_a_reload_after_unload_runs_the_changed_helper(tmp_path: Path) -> None:
+    files = {"model.py": HELPER_MODEL, "helper.py": _helper(2), "offsets.py": _offsets(10)}
+    _write_model(tmp_path, "scaler", {1: files})
+    version_dir = tmp_path / "scaler" / "1"
+
+    async def scenario(repository: Any) -> None:
+        await repository.load("scaler")
+        assert await _outputs(repository, "scaler") == (2.0, 11.0)
+        await repository.unload("scaler")
+        assert _modules_from(tmp_path) == []  # the unloaded version's modules are gone
+        # The same sizes, and likely the same second: a bytecode cache keyed on mtime
+        # and size would not see these edits.
+        (version_dir / "helper.py").write_text(_helper(5))
+        (version_dir / "offsets.py").write_text(_offsets(40))
+        await repository.load("scaler")
+        assert await _outputs(repository, "scaler") == (5.0, 41.0)
+
+    _serve(tmp_path, scenario)
+    assert _modules_from(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "unpickle",
+    ["pickle.loads(data)", "pickle._Unpickler(io.BytesIO(data)).load()"],
+    ids=["c-pickle", "python-pickle-as-joblib"],
+)
+def test_a_pickle_naming_a_helper_module_loads_in_initialize(tmp_path: Path, unpickle: str) -> None:
+    """As under Triton, where the version directory is on the model's sys.path, a
+    pickle (joblib, torch.load) may name a class by its helper module's bare name."""
+    model = """
+    import io
+    import os
+    import pickle
+    import triton_python_backend_utils as pb_utils
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            here = os.path.join(args["model_repository"], args["model_version"])
+            with open(os.path.join(here, "scale.pkl"), "rb") as f:
+                data = f.read()
+            self.scale = UNPICKLE  # features.Scale(), never imported by name here
+
+        def execute(self, requests):
+            return [
+                pb_utils.InferenceResponse([
+                    pb_utils.Tensor("OUTPUT0", self.scale(r.inputs()[0].as_numpy())),
+                    pb_utils.Tensor("OUTPUT1", r.inputs()[1].as_numpy()),
+                ])
+                for r in requests
+            ]
+    """
+    model = model.replace("UNPICKLE", unpickle)
+    features = "class Scale:\n    def __call__(self, x):\n        return x * {}\n"
+    _write_model(
+        tmp_path,
+        "pickled",
+        {
+            1: {"model.py": model, "features.py": features.format(4)},
+            2: {"model.py": model, "features.py": features.format(6)},
+        },
+        all_versions=True,
+    )
+    pickled = b"cfeatures\nScale\n(tR."  # protocol 0: call features.Scale()
+    for version in (1, 2):
+        (tmp_path / "pickled" / str(version) / "scale.pkl").write_bytes(pickled)
+
+    async def scenario(repository: Any) -> None:
+        await repository.load("pickled")
+        assert (await _outputs(repository, "pickled", "1"))[0] == 4.0
+        assert (await _outputs(repository, "pickled", "2"))[0] == 6.0
+        assert "features" not in sys.modules
+
+    _serve(tmp_path, scenario)
+
+
+def test_convoy_python_models_import_their_own_helpers_too(tmp_path: Path) -> None:
+    model = """
+    from helper import scale
+
+    class Model:
+        def __init__(self, config):
+            pass
+
+        def __call__(self, inputs):
+            import offsets
+
+            x = inputs["INPUT0"]
+            return {"OUTPUT0": scale(x), "OUTPUT1": offsets.shift(x)}
+    """
+    _write_model(
+        tmp_path,
+        "plain",
+        {
+            1: {"model.py": model, "helper.py": _helper(2), "offsets.py": _offsets(10)},
+            2: {"model.py": model, "helper.py": _helper(3), "offsets.py": _offsets(20)},
+        },
+        backend="convoy_python",
+        all_versions=True,
+    )
+
+    async def scenario(repository: Any) -> None:
+        await repository.load("plain")
+        assert await _outputs(repository, "plain", "2") == (3.0, 21.0)
+        assert await _outputs(repository, "plain", "1") == (2.0, 11.0)
+        await repository.unload("plain")
+        assert _modules_from(tmp_path) == []
+
+    _serve(tmp_path, scenario)
+
+
+def test_helper_packages_resolve_within_the_version(tmp_path: Path) -> None:
+    """A package beside model.py (relative imports inside it), a directory without
+    __init__.py, and a helper that imports a sibling by its bare name."""
+    spec, model_path = _model(
+        tmp_path,
+        """
+        import triton_python_backend_utils as pb_utils
+        import ops.scaling
+        from plain.shift import shift
+
+        class TritonPythonModel:
+            def execute(self, requests):
+                from ops import twice_then_shift
+
+                return [
+                    pb_utils.InferenceResponse([
+                        pb_utils.Tensor("OUTPUT0", ops.scaling.scale(r.inputs()[0].as_numpy())),
+                        pb_utils.Tensor("OUTPUT1", twice_then_shift(r.inputs()[1].as_numpy())),
+                    ])
+                    for r in requests
+                ]
+        """,
+    )
+    version_dir = model_path.parent
+    (version_dir / "ops").mkdir()
+    (version_dir / "ops" / "__init__.py").write_text(
+        "from .scaling import scale\n"
+        "from plain.shift import shift\n\n"
+        "def twice_then_shift(x):\n    return shift(scale(x))\n"
+    )
+    (version_dir / "ops" / "scaling.py").write_text(
+        "from factors import FACTOR\n\ndef scale(x):\n    return x * FACTOR\n"
+    )
+    (version_dir / "factors.py").write_text("FACTOR = 2\n")
+    (version_dir / "plain").mkdir()  # no __init__.py
+    (version_dir / "plain" / "shift.py").write_text(_offsets(10))
+    backend = TritonPythonBackend(model_path, "cpu", spec)
+    try:
+        (answer,) = backend.run_requests([_request(1, 5)])
+        assert isinstance(answer, dict)
+        request = _request(1, 5)
+        np.testing.assert_allclose(_f32(answer["OUTPUT0"]), _f32(request.inputs["INPUT0"]) * 2)
+        np.testing.assert_allclose(_f32(answer["OUTPUT1"]), _f32(request.inputs["INPUT1"]) * 2 + 10)
+        assert not {"ops", "ops.scaling", "factors", "plain", "plain.shift"} & set(sys.modules)
+    finally:
+        backend.close()
+    assert _modules_from(version_dir) == []

@@ -24,7 +24,6 @@ InferenceRequest.exec).
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from ..pb import model_config_pb2 as mc
 from ..tritonjson import message_to_json
 from . import triton_python_backend_utils as pb_utils
 from .base import Array, RequestInputs
+from .model_imports import ModelNamespace
 
 UTILS_MODULE = "triton_python_backend_utils"
 
@@ -101,14 +101,6 @@ class TritonPythonBackend:
                 "decoupled python models are not supported by Convoy "
                 "(DecoupledNotSupported): return one InferenceResponse per request from execute",
             )
-        install_utils_module()
-        module = _import_model(model_path, f"convoy_triton_model_{spec.name}_{version_dir.name}")
-        model_class = getattr(module, "TritonPythonModel", None)
-        if not isinstance(model_class, type):
-            raise ConfigError(str(model_path), "model.py", "defines no class TritonPythonModel")
-        execute = getattr(model_class, "execute", None)
-        if not callable(execute):
-            raise ConfigError(str(model_path), "TritonPythonModel", "has no execute(requests)")
         gpu = device.startswith("cuda")
         kind, device_id = ("GPU", device.split(":", 1)[1]) if gpu else ("CPU", "0")
         self._args = {
@@ -120,15 +112,34 @@ class TritonPythonBackend:
             "model_version": version_dir.name,
             "model_name": spec.name,
         }
+        install_utils_module()
+        # Its own modules, as Triton's own process per model gives it (model_imports.py).
+        self._modules = ModelNamespace(version_dir, process_wide=(UTILS_MODULE,))
         try:
-            self._model: Any = model_class()
-            initialize = getattr(self._model, "initialize", None)
+            with self._modules.loading():
+                self._model: Any = self._construct(model_path)
+        except BaseException:
+            self._modules.close()
+            raise
+
+    def _construct(self, model_path: Path) -> Any:
+        module = _import_model(self._modules, model_path)
+        model_class = getattr(module, "TritonPythonModel", None)
+        if not isinstance(model_class, type):
+            raise ConfigError(str(model_path), "model.py", "defines no class TritonPythonModel")
+        execute = getattr(model_class, "execute", None)
+        if not callable(execute):
+            raise ConfigError(str(model_path), "TritonPythonModel", "has no execute(requests)")
+        try:
+            model = model_class()
+            initialize = getattr(model, "initialize", None)
             if callable(initialize):
                 initialize(dict(self._args))
         except Exception as exc:
             raise ConfigError(
                 str(model_path), "TritonPythonModel.initialize", f"failed: {exc!r}"
             ) from exc
+        return model
 
     def run_requests(
         self, requests: Sequence[RequestInputs]
@@ -193,9 +204,12 @@ class TritonPythonBackend:
         return answer
 
     def close(self) -> None:
-        finalize = getattr(self._model, "finalize", None)
-        if callable(finalize):
-            finalize()
+        try:
+            finalize = getattr(self._model, "finalize", None)
+            if callable(finalize):
+                finalize()
+        finally:
+            self._modules.close()
 
 
 def _instance_name(spec: ModelSpec) -> str:
@@ -206,27 +220,8 @@ def _instance_name(spec: ModelSpec) -> str:
     return f"{group}_0"
 
 
-def _import_model(model_path: Path, module_name: str) -> ModuleType:
-    loader_spec = importlib.util.spec_from_file_location(module_name, model_path)
-    if loader_spec is None or loader_spec.loader is None:
-        raise ConfigError(str(model_path), "model.py", "cannot be imported")
-    module = importlib.util.module_from_spec(loader_spec)
-    # Registered under its own name, as an import would: @dataclass (with postponed
-    # annotations), pickle and typing look the class's module up in sys.modules.
-    sys.modules[module_name] = module
-    # Triton puts the version directory on the model's path, so model.py may import
-    # helpers beside it. Here the path is shared by the whole process: it is there
-    # only while the module body runs (its top-level imports).
-    version_dir = str(model_path.parent)
-    sys.path.insert(0, version_dir)
+def _import_model(modules: ModelNamespace, model_path: Path) -> ModuleType:
     try:
-        loader_spec.loader.exec_module(module)
+        return modules.load_model(model_path)
     except Exception as exc:  # SyntaxError, ImportError, anything the module body raises
-        sys.modules.pop(module_name, None)
         raise ConfigError(str(model_path), "model.py", f"import failed: {exc!r}") from exc
-    finally:
-        try:
-            sys.path.remove(version_dir)
-        except ValueError:
-            pass
-    return module
