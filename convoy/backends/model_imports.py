@@ -137,6 +137,10 @@ class ModelNamespace:
     def _find_owned(self, name: str) -> bool:
         if name in self._process_wide or not name.isidentifier():
             return False
+        # As with the directory first on sys.path: built-in and frozen modules (sys, os)
+        # are found before any path entry.
+        if name in sys.builtin_module_names or importlib.machinery.FrozenImporter.find_spec(name):
+            return False
         spec = importlib.machinery.PathFinder.find_spec(name, [self.directory])
         if spec is None:
             return False
