@@ -30,7 +30,7 @@ from .cache.exporter import CacheCollector
 from .config import ServerConfig
 from .errors import ConfigError
 from .heap import GcPauses, HeapSettler
-from .inference.admission import RateBudget
+from .inference.admission import DRAIN_SETTLE_MAX_S, RateBudget
 from .inference.path import InferencePath
 from .metrics import Metrics, PoolReading
 from .monitoring.exporter import MonitoringCollector
@@ -276,6 +276,7 @@ class ConvoyServer:
             return max(0.0, deadline - loop.time())
 
         self.servicer.accepting = False
+        self.path.draining.start()  # new inferences: UNAVAILABLE, retried elsewhere
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
             await self._poller.stop()
@@ -290,6 +291,9 @@ class ConvoyServer:
         if self._link is not None:
             await self._link.stop(left())
         if self._grpc is not None:
+            # Callers still coming get UNAVAILABLE until they stop: what gRPC's stop would
+            # find received but not started, it would cancel (CANCELLED, never retried).
+            await self.path.draining.settle(min(DRAIN_SETTLE_MAX_S, left() / 2))
             await self._grpc.stop(left())
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)

@@ -9,12 +9,13 @@ tokens (`--auth-tokens`), else every caller is one anonymous client.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import RateLimited
+from ..errors import RateLimited, Unavailable
 
 ANONYMOUS = "anonymous"
 
@@ -67,3 +68,41 @@ class RateBudget:
             bucket = self._buckets[client] = TokenBucket(self.rate, self.burst, stamp=now)
         if not bucket.take(now):
             raise RateLimited(f"rate limit of {self.rate:g} requests/s exceeded for this client")
+
+
+# At most this long (and half the grace period) between SIGTERM's first refusals and the
+# transport's stop, for callers to take their UNAVAILABLE elsewhere.
+DRAIN_SETTLE_MAX_S = 2.0
+
+
+class Draining:
+    """A server's refusals while it drains (SIGTERM): new inferences are answered
+    UNAVAILABLE, which clients' retry policies retry, until callers have stopped coming;
+    only then may the transport stop. gRPC's shutdown cancels the calls it has received
+    but not yet handed to a handler: CANCELLED, which no retry policy retries."""
+
+    QUIET_S = 0.1  # no refusal for this long: the callers have gone elsewhere
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.on = False
+        self.last_refusal = -1.0
+        self._clock = clock
+
+    def start(self) -> None:
+        """From now on, refuse. Counted as a refusal: calls on their way when the signal
+        came are not seen yet, so settle() waits QUIET_S for them at least."""
+        self.on = True
+        self.last_refusal = self._clock()
+
+    def refuse(self, what: str = "the server") -> Unavailable:
+        self.last_refusal = self._clock()
+        return Unavailable(f"{what} is shutting down; retry on another replica")
+
+    async def settle(self, bound_s: float) -> None:
+        """Wait, at most `bound_s`, until no call has been refused for QUIET_S."""
+        end = self._clock() + max(0.0, bound_s)
+        while True:  # a clock to watch, no event to wait for
+            now = self._clock()
+            if now >= end or now - self.last_refusal >= self.QUIET_S:
+                return
+            await asyncio.sleep(self.QUIET_S / 4)

@@ -31,7 +31,7 @@ from ..rollouts.controller import RolloutController
 from ..rollouts.policy import AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
 from ..tensors import Array
-from .admission import RateBudget
+from .admission import Draining, RateBudget
 from .caller import Caller
 from .codec import decode_request, encode_response, shared_outputs
 from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
@@ -81,6 +81,7 @@ class InferencePath:
         self.shadow = shadow
         self.cache = cache
         self.budget = budget
+        self.draining = Draining()  # on from SIGTERM: new requests UNAVAILABLE
         self.shm = shm or SharedMemoryRegistry()
         # cuda_shm: tests inject a registry over a fake driver; None is cuda-python's
         # (or the extension off, where cuda-python is not installed).
@@ -140,9 +141,14 @@ class InferencePath:
     # -- the steps, in order -------------------------------------------------------------
 
     def admit(self, caller: Caller) -> None:
-        """Charge the caller's rate budget (RateLimited past it). The server's own
-        work (client None) was admitted at its door."""
-        if self.budget is not None and caller.client is not None:
+        """Refuse new work while draining (UNAVAILABLE); charge the caller's rate
+        budget (RateLimited past it). The server's own work (client None: an ensemble's
+        step) was admitted at its door, and runs to its end."""
+        if caller.client is None:
+            return
+        if self.draining.on:
+            raise self.draining.refuse()
+        if self.budget is not None:
             self.budget.admit(caller.client)
 
     def route(

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from ..api.auth import AccessInterceptor, AccessPolicy, Metadata, load_tokens
 from ..heap import GcPauses, settle
+from ..inference.admission import DRAIN_SETTLE_MAX_S, Draining
 from ..pb import grpc_service_pb2 as pb
 from .loopsocket import LoopSocket
 from .outbox import Outbox
@@ -155,6 +156,11 @@ async def _listen(
         settle()  # what start-up made, out of every full collection while serving
     ready.set()
     await stop.wait()
+    # New calls are refused (UNAVAILABLE) until callers stop coming: what the server's
+    # stop would find received but not started, it would cancel (CANCELLED, never retried).
+    link.draining.start()
+    if link.lost is None:
+        await link.draining.settle(min(DRAIN_SETTLE_MAX_S, settings.grace_period_s / 2))
     # Drain: in-flight calls finish through the engine, which stops after its front ends;
     # with the engine gone they have already failed, and there is nothing to wait for.
     await server.stop(0 if link.lost is not None else settings.grace_period_s)
@@ -232,6 +238,7 @@ class _InferLink:
         # them after the caller has gone), whoever is still waiting for the answer.
         self._staged: dict[bytes, list[int]] = {}
         self.lost: ConnectionError | None = None  # the engine is gone: no answer will come
+        self.draining = Draining()  # on from SIGTERM: new calls UNAVAILABLE
 
     def lose(self, error: ConnectionError) -> None:
         """Fail every call waiting for the engine, and every later one."""
@@ -302,6 +309,8 @@ class _InferLink:
     async def infer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if self.lost is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(self.lost))
+        if self.draining.on:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.draining.refuse().message)
         rid = next(self._ids).to_bytes(8, "little")
         flags = 0
         if self._ring is not None:
