@@ -40,7 +40,14 @@ from ..inference.caller import Caller
 from ..inference.path import InferencePath
 from ..pb import grpc_service_pb2 as pb
 from ..rollouts.policy import AB_KEY_HEADER
-from ..tensors import NUMPY_DTYPES, WIRE_DTYPES, deserialize_bytes, serialize_bytes
+from ..tensors import (
+    NUMPY_DTYPES,
+    WIRE_DTYPES,
+    bf16_to_float,
+    deserialize_bytes,
+    float_to_bf16,
+    serialize_bytes,
+)
 from ..tritonjson import message_to_dict
 from .auth import AccessPolicy, Metadata
 from .servicer import EXTENSIONS, _fill_statistics
@@ -584,6 +591,11 @@ def _json_data(name: str, datatype: str, shape: list[int], data: object) -> byte
     if not ok:
         raise InvalidInput(f"input '{name}': 'data' holds values that are not {datatype}")
     try:
+        if datatype == "BF16":
+            # JSON carries BF16 as numbers (the server holds their bit patterns):
+            # float32 first, then nearest even, as torch's .to(torch.bfloat16) rounds.
+            floats = np.asarray(flat, dtype=np.float32)
+            return float_to_bf16(floats).astype("<u2", copy=False).tobytes()
         return np.asarray(flat, dtype=dtype.newbyteorder("<")).tobytes()
     except OverflowError:
         raise InvalidInput(f"input '{name}': a value does not fit {datatype}") from None
@@ -658,5 +670,8 @@ def _json_values(name: str, datatype: str, shape: list[int], raw: bytes) -> list
                 "written as JSON; ask for it with binary_data"
             ) from None
     dtype = NUMPY_DTYPES[datatype].newbyteorder("<")
-    values: list[Any] = np.frombuffer(raw, dtype=dtype).tolist()
+    array = np.frombuffer(raw, dtype=dtype)
+    if datatype == "BF16":  # numbers in JSON, not the bit patterns the server holds
+        array = bf16_to_float(array)
+    values: list[Any] = array.tolist()
     return values
