@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="scan the repository this often and load models whose versions or config "
-        "changed (Triton's poll mode); a model with a rollout.json gets its declared rollout "
+        "changed (Triton's poll mode); a model with a rollout.json gets its declared rollout; "
+        "a failed load is tried again, at once when its files change, else with a back-off "
         "(default: off)",
     )
     serve.add_argument(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
+    Counter,
     Gauge,
     GCCollector,
     PlatformCollector,
@@ -79,6 +80,13 @@ class Metrics:
         self.model_ready = Gauge(
             "convoy_model_ready", "1 while the model version serves", labels, registry=r
         )
+        # Counted where a load fails (start-up, RepositoryModelLoad, the repository poll
+        # and each of its retries, a rollout loading its candidate): rare, off the hot path.
+        # version "": the model as a whole failed (config.pbtxt, version policy, ensemble).
+        self.model_load_failures = Counter(
+            "convoy_model_load_failures", "Loads of a model version that failed", labels,
+            registry=r,
+        )  # fmt: skip
         # (model, version) -> the ModelMetrics whose model currently serves those labels.
         # A reload builds the new version before closing the old one, and both share
         # the label children: only the current owner may switch them off.

@@ -262,3 +262,40 @@ def _accepted(server: ServerProcess, model: str) -> float:
             if line.startswith(f'{name}{{model="{model}"'):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def test_a_half_copied_version_serves_once_its_copy_completes(repo: Path) -> None:
+    """--repository-poll-secs: a version directory caught half-copied fails its load,
+    and is loaded and served once the copy completes (the failure logged and counted)."""
+    model_file = (repo / "tiny" / "1" / "model.pt").read_bytes()
+    server = start_server(repo, "--repository-poll-secs", "0.2")
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        (repo / "tiny" / "2").mkdir()
+        (repo / "tiny" / "2" / "model.pt").write_bytes(model_file[: len(model_file) // 2])
+        deadline = time.monotonic() + 30
+        while not any("'tiny'" in line and "failed to load" in line for line in server.log):
+            assert time.monotonic() < deadline, "".join(server.log)
+            time.sleep(0.1)
+        assert client.get_model_metadata("tiny", as_json=True)["versions"] == ["1"]
+        (repo / "tiny" / "2" / "model.pt").write_bytes(model_file)  # the copy completes
+        deadline = time.monotonic() + 30
+        while client.get_model_metadata("tiny", as_json=True)["versions"] != ["2"]:
+            assert time.monotonic() < deadline, "".join(server.log[-20:])
+            time.sleep(0.1)
+        result = client.infer("tiny", [tiny_input()])
+        assert result.get_response().model_version == "2"
+        warning = next(line for line in server.log if "version 2 failed to load" in line)
+        assert " WARNING " in warning and "'tiny'" in warning
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        match = re.search(
+            r'^convoy_model_load_failures_total\{model="tiny",version="2"\} (\S+)$',
+            text,
+            re.MULTILINE,
+        )
+        assert match is not None and float(match.group(1)) >= 1, text
+    finally:
+        client.close()
+        server.stop()

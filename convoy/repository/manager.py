@@ -83,6 +83,25 @@ class IndexEntry:
     reason: str
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """Why a model's last load failed: the version being built (None: the model as a
+    whole: config.pbtxt, version policy, an ensemble's steps) and the error raised."""
+
+    version: int | None
+    error: ConvoyError
+
+
+class _VersionFailed(Exception):
+    """A version's build failed: carries which version from the worker thread to the
+    loop, where the original error is raised again."""
+
+    def __init__(self, version: int, cause: Exception) -> None:
+        super().__init__(f"version {version}: {cause}")
+        self.version = version
+        self.cause = cause
+
+
 class ModelRepository:
     def __init__(
         self,
@@ -101,6 +120,7 @@ class ModelRepository:
         self._clock = clock
         self._drain_timeout = drain_timeout_s  # the grace period bounds every drain
         self._models: dict[str, ModelEntry] = {}
+        self._failures: dict[str, LoadFailure] = {}  # model -> its last load, if it failed
         self._tasks: set[asyncio.Task[None]] = set()
         self.outcomes: OutcomeSink | None = None  # every request's outcome (rollout analysis)
         # Versions a reload must keep whatever the version_policy (a rollout's arms).
@@ -174,6 +194,11 @@ class ModelRepository:
                 rows.append(IndexEntry(name, "", entry.state, entry.reason))
         return rows
 
+    def load_failure(self, name: str) -> LoadFailure | None:
+        """Why the model's last load failed; None once a load succeeded (or it was
+        unloaded)."""
+        return self._failures.get(name)
+
     def on_disk(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -229,21 +254,30 @@ class ModelRepository:
         async with entry.lock:
             if not entry.versions:
                 entry.state, entry.reason = LOADING, ""
+            version: int | None = None
             try:
                 keep = set(entry.extra) | ({entry.pinned} if entry.pinned is not None else set())
                 if self.keep_loaded is not None:
                     keep |= {_version_number(v) for v in self.keep_loaded(name)}
-                new_versions = await asyncio.to_thread(self._build, model_dir, keep)
+                try:
+                    new_versions = await asyncio.to_thread(self._build, model_dir, keep)
+                except _VersionFailed as failed:
+                    version = failed.version
+                    raise failed.cause from None
                 _check_ensembles(new_versions)
             except ConvoyError as exc:
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, exc.message
+                self._load_failed(name, version, exc)
                 raise
             except Exception as exc:  # a runtime refusing the model file
                 message = f"{model_dir}: failed to load: {exc}"
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, message
-                raise ConfigError(str(model_dir), "model file", str(exc)) from exc
+                error = ConfigError(str(model_dir), "model file", str(exc))
+                self._load_failed(name, version, error)
+                raise error from exc
+            self._failures.pop(name, None)
             old = entry.versions
             for served in new_versions.values():
                 served.start()
@@ -266,6 +300,7 @@ class ModelRepository:
             for served in old.values():
                 await served.close(drain=True, timeout_s=self._drain_timeout)
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            self._failures.pop(name, None)
             log.info("model '%s' unloaded", name)
 
     # -- single versions, for rollouts -------------------------------------------------
@@ -312,12 +347,17 @@ class ModelRepository:
             if number in entry.versions:
                 return
             try:
-                built = await asyncio.to_thread(self._build, model_dir, set(), number)
+                try:
+                    built = await asyncio.to_thread(self._build, model_dir, set(), number)
+                except _VersionFailed as failed:
+                    raise failed.cause from None
             except ConvoyError:
                 entry.extra.discard(number)
+                self._count_failure(name, number)
                 raise
             except Exception as exc:  # a runtime refusing the model file
                 entry.extra.discard(number)
+                self._count_failure(name, number)
                 raise ConfigError(str(model_dir), "model file", str(exc)) from exc
             _check_ensembles(built)
             served = built[number]
@@ -367,6 +407,14 @@ class ModelRepository:
         for group in (ensembles, [name for name in names if name not in ensembles]):
             self._drain_timeout = left()
             await asyncio.gather(*(self.unload(name) for name in group))
+
+    def _load_failed(self, name: str, version: int | None, error: ConvoyError) -> None:
+        self._failures[name] = LoadFailure(version, error)
+        self._count_failure(name, version)
+
+    def _count_failure(self, name: str, version: int | None) -> None:
+        label = "" if version is None else str(version)
+        self._metrics.model_load_failures.labels(name, label).inc()
 
     def _changed(self, name: str) -> None:
         if self.on_change is not None:
@@ -418,7 +466,10 @@ class ModelRepository:
         served: dict[int, ModelVersion] = {}
         try:
             for version in versions:
-                served[version] = self._build_version(spec, config, model_dir, version)
+                try:
+                    served[version] = self._build_version(spec, config, model_dir, version)
+                except Exception as exc:
+                    raise _VersionFailed(version, exc) from exc
         except BaseException:
             for model in served.values():
                 model.discard()
