@@ -5,8 +5,13 @@ own backend and runs; every refusal names its reason."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -230,3 +235,67 @@ def test_the_cli_prints_refusals_and_reports(
     assert (mlp / "2" / "optimize_report.json").exists()
     with pytest.raises(SystemExit):
         parser.parse_args(["optimize", str(mlp), "--from-version", "1", "--to-version", "2"])
+
+
+class VersionWatch:
+    """Wraps the filesystem calls that move or remove things and checks, after each
+    one, what a server polling the repository would see: the version directory."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, version_dir: Path) -> None:
+        self.version_dir = version_dir
+        self.calls: list[str] = []
+        self.missing: list[str] = []
+        for name in ("rename", "replace", "unlink", "rmdir"):
+            monkeypatch.setattr(os, name, self._watched(name, getattr(os, name)))
+        monkeypatch.setattr(shutil, "rmtree", self._watched("rmtree", shutil.rmtree))
+        with contextlib.suppress(ImportError):  # the directory swap, where there is one
+            from convoy.optimize import install
+
+            monkeypatch.setattr(install, "exchange", self._watched("exchange", install.exchange))
+
+    def _watched(self, name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.calls.append(name)
+                if not self.version_dir.is_dir():
+                    self.missing.append(f"{name}{args[:2]}")
+
+        return watched
+
+
+@pytest.mark.parametrize("swap", ["exchange", "entry by entry"])
+def test_force_replaces_a_version_without_it_ever_vanishing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    model_dir = build_mlp(tmp_path, "pytorch")
+    first = optimize(OptimizeRequest(model_dir, 1, 2, "int8", **FAST))  # type: ignore[arg-type]
+    assert first.passed
+    (model_dir / "2" / "stale.txt").write_text("from the version being replaced")
+    (model_dir / "2" / "model.pt").write_bytes(b"the old version 2, not a model")
+    if swap == "entry by entry":  # a filesystem that cannot exchange directories
+        monkeypatch.setattr("convoy.optimize.install._renameat2", lambda: None)
+    watch = VersionWatch(monkeypatch, model_dir / "2")
+    request = OptimizeRequest(model_dir, 1, 2, "int8", force=True, **FAST)  # type: ignore[arg-type]
+    report = optimize(request)
+    monkeypatch.undo()
+    assert report.passed
+    assert watch.calls, "nothing was moved: the watch saw no step"
+    # Which way it went: one atomic swap, or os.replace of each entry inside version 2.
+    assert ("replace" in watch.calls) == (swap == "entry by entry"), watch.calls
+    assert watch.missing == [], f"version 2 was missing after {watch.missing}"
+    # The result: the new version whole, nothing of the old one, nothing left beside it.
+    assert {p.name for p in (model_dir / "2").iterdir()} == {
+        "model.pt",
+        "optimize_report.json",
+        "optimize_report.txt",
+    }
+    assert json.loads((model_dir / "2" / "optimize_report.json").read_text())["model"] == (
+        "mlp_pytorch"
+    )
+    assert {p.name for p in model_dir.iterdir()} == {"1", "2", CONFIG_FILENAME}
+    x = np.random.default_rng(3).standard_normal((2, 32)).astype(np.float32)
+    np.testing.assert_allclose(
+        serve_once(model_dir, 2, {"INPUT": x}), serve_once(model_dir, 1, {"INPUT": x}), atol=0.05
+    )

@@ -1,8 +1,9 @@
 """`convoy optimize`: convert version N into version M, measure both, install M only
 if its outputs agree with N's within the mode's floors.
 
-M is built in a hidden staging directory beside N and renamed into place whole, so a
-server polling the repository never sees half a version.
+M is built in a hidden staging directory beside N and put in place whole, so a
+server polling the repository never sees half a version, nor (--force) a version
+that vanishes (install.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .install import install_version
 from .measure import agreement, paired_throughput, run_sample
 from .plan import OptimizePlan, OptimizeRequest, plan_optimization
 from .report import FLOORS, OptimizeReport, VersionFigures, below_floors
@@ -90,7 +92,7 @@ def optimize(
         if report.passed:
             (staging / "optimize_report.json").write_text(report.to_json())
             (staging / "optimize_report.txt").write_text(report.to_text())
-            _install(staging, plan.target_dir)
+            install_version(staging, plan.target_dir)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,15 +141,6 @@ def _convert(plan: OptimizePlan, target: Path, sample: Sample) -> None:
         convert.onnx_int8_static(plan.source, target, sample)
     else:
         convert.onnx_int8_dynamic(plan.source, target)
-
-
-def _install(staging: Path, target: Path) -> None:
-    """Rename into place; a replaced version (--force) goes only once M is whole."""
-    old = target.with_name(f".replaced-{target.name}-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _notes(plan: OptimizePlan) -> tuple[str, ...]:
