@@ -235,3 +235,31 @@ def test_each_tensor_keeps_its_own_pending_windows() -> None:
             taken[name] += 1
     # 40 requests fill 5 INPUT windows and 20 LOGITS windows; 2 of each wait per pass.
     assert taken == {"INPUT": 10, "LOGITS": 10}
+
+
+def test_a_reload_that_fails_leaves_the_serving_versions_monitor(tmp_path: Path) -> None:
+    """A reload prepares the new version's monitoring before it knows whether the
+    version will load; until it serves, and for good if it fails, the registry keeps
+    the monitor of the version that serves, with its figures."""
+    write_reference(tmp_path, np.random.default_rng(8))
+    spec = tabular_spec({"drift_reference": "reference.npz", "drift_window": "100"})
+    monitors = Monitors()
+    serving = monitors.attach(spec, "1", tmp_path, "config.pbtxt")
+    assert serving.drift is not None
+    try:
+        _requests(serving.drift, np.random.default_rng(9), 25, shift=1.0)
+        serving.drift.run_once()
+        failed = monitors.prepare(spec, "1", tmp_path, "config.pbtxt")  # a reload starts
+        assert monitors.monitors("m") == [serving.drift]
+        monitors.detach(failed)  # its model file would not load
+        assert monitors.monitors("m") == [serving.drift]
+        assert serving.drift.window_count == 2  # INPUT0 and SCORES, as before
+        succeeded = monitors.prepare(spec, "1", tmp_path, "config.pbtxt")
+        monitors.activate(succeeded)  # the next reload serves
+        assert monitors.monitors("m") == [succeeded.drift]
+        monitors.detach(serving)  # the old version closes
+        assert monitors.monitors("m") == [succeeded.drift]
+        monitors.detach(succeeded)
+    finally:
+        monitors.detach(serving)
+    assert monitors.monitors() == []

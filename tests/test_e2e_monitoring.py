@@ -165,3 +165,65 @@ def test_a_real_prometheus_scrapes_the_drift_gauge(
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)
+
+
+def _drift_status(server: ServerProcess, version: str = "") -> pb.DriftStatusResponse:
+    with grpc.insecure_channel(server.url) as channel:
+        stub = pb_grpc.MonitoringServiceStub(channel)
+        reply: pb.DriftStatusResponse = stub.DriftStatus(
+            pb.DriftStatusRequest(model_name="tiny", model_version=version)
+        )
+        return reply
+
+
+def test_a_failed_reload_keeps_the_serving_versions_monitoring(
+    examples_dir: Path, tmp_path: Path
+) -> None:
+    """A reload whose model file is broken fails after the new version's monitoring was
+    set up; version 1 keeps serving, and must keep its monitor, figures and metrics."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    repo = make_repository(tmp_path / "repo", examples_dir, ("tiny",))
+    model_dir = repo / "tiny"
+    with (model_dir / "config.pbtxt").open("a") as config:
+        for key, value in PARAMETERS.items():
+            config.write(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n')
+    x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    np.savez(model_dir / "reference.npz", INPUT0=x, OUTPUT0=2 * x + 1)
+    server = start_server(repo)
+    try:
+        _inject_drift(server)
+        detected = 'convoy_drift_detected{input="INPUT0",model="tiny",version="1"}'
+        windows = 'convoy_drift_windows_total{input="INPUT0",model="tiny",version="1"}'
+        sampled = 'convoy_drift_sampled_requests_total{model="tiny",version="1"}'
+        before = {"INPUT0": 2, "OUTPUT0": 2}  # 240 rows: two windows of 100 each
+
+        def all_scored() -> bool:
+            return {t.name: t.windows for t in _drift_status(server, "1").tensors} == before
+
+        _wait_for(all_scored, "both windows of each tensor to be tested")
+        assert _metric(server, detected) == 1.0
+        windows_before = _metric(server, windows)
+        assert windows_before == 2.0
+        # Break the model file (the version directory links into the shared examples:
+        # replace the link, never write through it).
+        model_file = model_dir / "1" / "model.pt"
+        model_file.unlink()
+        model_file.write_bytes(b"not a TorchScript archive")
+        client = grpcclient.InferenceServerClient(server.url)
+        with pytest.raises(InferenceServerException):
+            client.load_model("tiny")
+        assert client.is_model_ready("tiny", "1")  # the old version still serves
+        status = _drift_status(server, "1")  # not NOT_FOUND
+        assert {t.name: t.windows for t in status.tensors} == before
+        assert _metric(server, detected) == 1.0
+        assert _metric(server, windows) == windows_before
+        sampled_before = _metric(server, sampled)
+        assert sampled_before is not None
+        _infer(server, np.zeros((4, 16), np.float32))
+        # The monitor that answers is the one the serving version feeds.
+        assert _metric(server, sampled) == sampled_before + 1
+        client.close()
+    finally:
+        server.stop()

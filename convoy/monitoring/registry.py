@@ -2,10 +2,13 @@
 
 Drift monitors per model version and a feedback store per model (shared by its
 versions, so feedback that names no version finds the one that answered). The
-exporter and the MonitoringService read it; the repository attaches a model
-version when it loads and detaches it when it unloads. The served version keeps
-the ModelMonitoring handle attach() returns and calls its observe() once per
-answered request, on the event loop.
+exporter and the MonitoringService read it. The repository prepares a model
+version's monitoring while it builds the version, activates it when the version
+starts serving and detaches it when the version closes: what is registered is
+always the monitoring of a version that serves, so a reload that fails after
+preparing leaves the serving version's monitor, figures and metrics as they were.
+The served version keeps the ModelMonitoring handle and calls its observe() once
+per answered request, on the event loop.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class Monitors:
         # version before the old one detaches, so versions alone cannot tell.
         self._feedback_users: dict[str, set[ModelMonitoring]] = {}
 
-    def attach(
+    def prepare(
         self,
         spec: ModelSpec,
         version: str,
@@ -79,10 +82,10 @@ class Monitors:
         clock: Clock = time.monotonic,
         tokenizer: Tokenizer | None = None,
     ) -> ModelMonitoring:
-        """Parse the model's monitoring parameters, load its reference, fit the
-        detectors, start the drift thread and register everything. ConfigError (naming
-        the file and field) fails the model's load. Blocking (file I/O, fitting): run it
-        where the model's other load work runs, off the event loop.
+        """Parse the model's monitoring parameters, load its reference and fit the
+        detectors; nothing is registered or started until activate(). ConfigError
+        (naming the file and field) fails the model's load. Blocking (file I/O,
+        fitting): run it where the model's other load work runs, off the event loop.
 
         `labels`: class labels per output (ServedModel.labels), for feedback by label;
         `tokenizer`: a text hook for BYTES inputs (tokens.tokenizer_hook)."""
@@ -93,24 +96,45 @@ class Monitors:
         store = None
         if params.feedback is not None:
             output_labels = (labels or {}).get(params.feedback.output, ())
-            store = self.add_feedback(
-                FeedbackStore(spec.name, params.feedback, spec.batched, output_labels, clock)
-            )
-        handle = ModelMonitoring(spec.name, version, drift, store)
-        if store is not None:
+            store = FeedbackStore(spec.name, params.feedback, spec.batched, output_labels, clock)
+        return ModelMonitoring(spec.name, version, drift, store)
+
+    def activate(self, handle: ModelMonitoring) -> None:
+        """The version starts serving: its drift monitor replaces any other of the same
+        model and version (a reload's predecessor, which stops when it is detached) and
+        its thread starts; the version records into its model's feedback store (the
+        one its other versions use, if any). Call it where the version starts."""
+        if handle.feedback is not None:
             with self._lock:
-                self._feedback_users.setdefault(spec.name, set()).add(handle)
-        if drift is not None:
-            self.add_monitor(drift)
-            drift.start()
+                handle.feedback = self._feedback.setdefault(handle.model, handle.feedback)
+                self._feedback_users.setdefault(handle.model, set()).add(handle)
+        if handle.drift is not None:
+            self.add_monitor(handle.drift)
+            handle.drift.start()
+
+    def attach(
+        self,
+        spec: ModelSpec,
+        version: str,
+        model_dir: Path,
+        config_path: str,
+        labels: Mapping[str, Sequence[str]] | None = None,
+        clock: Clock = time.monotonic,
+        tokenizer: Tokenizer | None = None,
+    ) -> ModelMonitoring:
+        """prepare() and activate() at once, for a version that serves at once."""
+        handle = self.prepare(spec, version, model_dir, config_path, labels, clock, tokenizer)
+        self.activate(handle)
         return handle
 
     def detach(self, handle: ModelMonitoring) -> None:
-        """Stop and forget a version's monitoring; its model's feedback store goes with
-        the last version. Blocking: joins the drift thread (at most one scoring pass)."""
+        """Stop and forget a version's monitoring (prepared or active); its model's
+        feedback store goes with the last active version. Blocking: joins the drift
+        thread (at most one scoring pass)."""
         if handle.drift is not None:
             with self._lock:
-                # Only if still this handle's: a reload may have registered its successor.
+                # Only if still this handle's: a reload may have registered its successor,
+                # and a version that never served registered nothing.
                 key = (handle.model, handle.version)
                 if self._drift.get(key) is handle.drift:
                     del self._drift[key]

@@ -535,7 +535,9 @@ class ModelRepository:
         text = spec.options.text
         tokenizer = tokenizer_hook(model_dir / str(version) / text.tokenizer) if text else None
         config_path = str(model_dir / CONFIG_FILENAME)
-        return self.monitors.attach(
+        # Prepared, not registered: ServedModel.start() activates it once the version
+        # serves, so a load that fails before then leaves the serving version's alone.
+        return self.monitors.prepare(
             spec, str(version), model_dir, config_path, labels, tokenizer=tokenizer
         )
 

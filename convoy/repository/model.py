@@ -101,6 +101,10 @@ class ServedModel:
         return [instance.device for instance in self.pool.instances]
 
     def start(self) -> None:
+        if self._monitors is not None and self.monitoring_handle is not None:
+            # Only now: until this version serves, its predecessor's monitor is the one
+            # to read (and stays so if this version's load fails).
+            self._monitors.activate(self.monitoring_handle)
         self.queue.start()
         self.pool.on_change = self.queue.wake
         self.pool.on_lost = self._lost
