@@ -263,3 +263,63 @@ def test_a_reload_that_fails_leaves_the_serving_versions_monitor(tmp_path: Path)
     finally:
         monitors.detach(serving)
     assert monitors.monitors() == []
+
+
+def test_a_non_finite_row_is_kept_out_of_a_first_n_reference(tmp_path: Path) -> None:
+    """One NaN row among the first N must not leave the reference unusable (NaN
+    p-values, never an alarm): it is left out, counted, and the alarm still rises."""
+    spec = tabular_spec({"drift_reference": "first:100", "drift_window": "100"})
+    drift = parse_monitoring_params(spec, "config.pbtxt").drift
+    assert drift is not None
+    monitor = ModelMonitor.for_model(spec, "1", tmp_path, drift)
+    rng = np.random.default_rng(10)
+    poisoned = rng.standard_normal((4, 16)).astype(np.float32)
+    poisoned[1] = np.nan  # a whole row: every feature's reference holds a NaN
+    monitor.sampler.offer({"INPUT0": poisoned}, {"SCORES": scores_of(poisoned)})
+    _requests(monitor, rng, 24)  # the first window: 99 finite rows
+    monitor.run_once()
+    _requests(monitor, rng, 25)  # completes the reference
+    monitor.run_once()
+    _requests(monitor, rng, 25, shift=10.0)  # feature 3 moves by 10 sigma
+    monitor.run_once()
+    status = {t.name: t for t in monitor.status().tensors}
+    inputs = status["INPUT0"]
+    assert inputs.result is not None and inputs.result.is_drift
+    assert 0.0 <= inputs.result.p_value < 0.05
+    assert inputs.reference_size == 100
+    assert inputs.nonfinite_reference_rows == 1
+    assert status["SCORES"].nonfinite_reference_rows == 1
+
+
+def test_non_finite_window_rows_are_left_out_and_counted(tmp_path: Path) -> None:
+    """NaN or infinite rows never decide a window: a classifier's NaN scores would
+    all count as one class (argmax picks the NaN), a shift the traffic never had."""
+    monitor, _ = _monitor(tmp_path)
+    rng = np.random.default_rng(11)
+    for i in range(25):
+        x = rng.standard_normal((4, 16)).astype(np.float32)
+        scores = scores_of(x)
+        if i < 3:
+            x[0, 2] = (np.nan, np.inf, -np.inf)[i]
+        if i < 6:
+            scores[:, 3] = np.nan  # 24 rows of scores the model could not compute
+        monitor.sampler.offer({"INPUT0": x}, {"SCORES": scores})
+    monitor.run_once()
+    status = {t.name: t for t in monitor.status().tensors}
+    scores_status = status["SCORES"]
+    assert scores_status.result is not None and not scores_status.result.is_drift
+    assert scores_status.result.window_size == 76
+    assert scores_status.nonfinite_window_rows == 24
+    inputs = status["INPUT0"]
+    assert inputs.nonfinite_window_rows == 3
+    assert inputs.result is not None and inputs.result.window_size == 97
+    assert not inputs.result.is_drift
+    registry = CollectorRegistry()
+    monitors = Monitors()
+    monitors.add_monitor(monitor)
+    registry.register(MonitoringCollector(monitors))
+    text = generate_latest(registry).decode()
+    window = 'input="INPUT0",model="m",sample="window",version="1"'
+    assert f"convoy_drift_nonfinite_rows_total{{{window}}} 3.0" in text
+    reference = 'input="INPUT0",model="m",sample="reference",version="1"'
+    assert f"convoy_drift_nonfinite_rows_total{{{reference}}} 0.0" in text

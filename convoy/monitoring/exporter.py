@@ -13,6 +13,7 @@ docs/monitoring.md):
     convoy_drift_reference_size{model,version,input}       reference rows
     convoy_drift_windows_dropped_total{model,version}      windows lost: the thread fell behind
     convoy_drift_sampled_requests_total{model,version}     requests copied into windows
+    convoy_drift_nonfinite_rows_total{model,version,input,sample}  rows left out for NaN/inf
     convoy_feedback_accuracy{model,version}                rolling top-1 accuracy
     convoy_feedback_error{model,version}                   rolling mean absolute error
     convoy_feedback_reference_accuracy{model,version}      from config.pbtxt
@@ -37,6 +38,7 @@ from .registry import Monitors
 _TENSOR = ["model", "version", "input"]
 _FEATURE = ["model", "version", "input", "feature"]
 _VERSION = ["model", "version"]
+_NONFINITE = ["model", "version", "input", "sample"]  # sample: reference | window
 
 
 class MonitoringCollector(Collector):
@@ -60,6 +62,8 @@ class MonitoringCollector(Collector):
                 f["reference"].add_metric(key, tensor.reference_size)
                 f["windows"].add_metric(key, tensor.windows)
                 f["alarms"].add_metric(key, tensor.alarms)
+                f["nonfinite"].add_metric([*key, "reference"], tensor.nonfinite_reference_rows)
+                f["nonfinite"].add_metric([*key, "window"], tensor.nonfinite_window_rows)
                 result = tensor.result
                 if result is None:
                     continue  # no window yet: no figure rather than a misleading 0
@@ -128,6 +132,12 @@ class MonitoringCollector(Collector):
             "sampled": CounterMetricFamily(
                 "convoy_drift_sampled_requests", "Requests copied into drift windows",
                 labels=_VERSION,
+            ),
+            "nonfinite": CounterMetricFamily(
+                "convoy_drift_nonfinite_rows",
+                "Sampled rows left out because they hold NaN or infinite values: "
+                "sample=reference (first:N) or window (before its test)",
+                labels=_NONFINITE,
             ),
             "accuracy": GaugeMetricFamily(
                 "convoy_feedback_accuracy", "Rolling top-1 accuracy judged by feedback",

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..tensors import Array
 from .detectors import Detector, DriftResult, Tokenizer, build_detector, choose_test
 from .params import DriftParams
-from .reference import ReferenceCollector, ReferenceData, load_reference
+from .reference import ReferenceCollector, ReferenceData, finite_rows, load_reference
 from .sampler import SampledTensor, Sampler
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class TensorStatus:
     alarms: int  # windows whose test found drift
     result: DriftResult | None  # the latest window's
     scored_at_s: float | None  # clock time of that window
+    nonfinite_reference_rows: int = 0  # first:N rows left out: NaN or infinite values
+    nonfinite_window_rows: int = 0  # window rows left out before testing, for the same
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class _TensorState:
         self.alarms = 0
         self.result: DriftResult | None = None
         self.scored_at_s: float | None = None
+        self.nonfinite_reference = 0
+        self.nonfinite_window = 0
 
 
 class ModelMonitor:
@@ -177,7 +181,12 @@ class ModelMonitor:
                 log.exception("drift monitoring of %s:%s failed", self.model, self.version)
 
     def run_once(self) -> int:
-        """Score every full window waiting; returns how many were scored."""
+        """Score every full window waiting; returns how many were scored.
+
+        Rows holding NaN or infinity are left out of a window before its test, and
+        counted: a test cannot weigh them, and a few would otherwise decide the
+        window (a classifier's top-1 class of NaN scores). A window left with fewer
+        than two rows is not tested; the count shows why."""
         scored = 0
         with self._run_lock:
             for name, window in self.sampler.take():
@@ -185,7 +194,14 @@ class ModelMonitor:
                 if state.detector is None:
                     self._collect(state, window)
                     continue
-                result = state.detector.score(window)
+                finite = finite_rows(window)
+                kept = window if finite.all() else window[finite]
+                if len(kept) < len(window):
+                    with self._lock:
+                        state.nonfinite_window += len(window) - len(kept)
+                if len(kept) < 2:
+                    continue
+                result = state.detector.score(kept)
                 now = self._clock()
                 with self._lock:
                     state.result = result
@@ -198,6 +214,8 @@ class ModelMonitor:
     def _collect(self, state: _TensorState, window: Array) -> None:
         assert state.collector is not None
         rows = state.collector.add(window)
+        with self._lock:
+            state.nonfinite_reference = state.collector.nonfinite
         if rows is None:
             return
         tensor = state.tensor
@@ -254,4 +272,6 @@ class ModelMonitor:
             alarms=s.alarms,
             result=s.result,
             scored_at_s=s.scored_at_s,
+            nonfinite_reference_rows=s.nonfinite_reference,
+            nonfinite_window_rows=s.nonfinite_window,
         )

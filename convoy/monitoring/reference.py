@@ -3,7 +3,9 @@
 Either a `.npz` file in the model directory, one array per input (and optionally per
 output) with samples on the first axis, or the first N sampled rows after load
 (`first:N`, collected by ReferenceCollector). A bad file fails the model's load with
-a ConfigError naming the file and the array at fault.
+a ConfigError naming the file and the array at fault; a file holding NaN or
+infinite values is refused, and `first:N` leaves such rows out (and counts them):
+one of them would make every test against the reference answer NaN, never drift.
 """
 
 from __future__ import annotations
@@ -111,8 +113,17 @@ def _same_kind(given: np.dtype[np.generic], wanted: np.dtype[np.generic]) -> boo
     return given.kind == wanted.kind
 
 
+def finite_rows(rows: Array) -> Array:
+    """Which rows hold only finite values, a boolean per row (integer, BOOL and
+    BYTES rows always do)."""
+    if rows.dtype.kind not in "fc" or len(rows) == 0:
+        return np.ones(len(rows), dtype=np.bool_)
+    return np.asarray(np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
+
+
 class ReferenceCollector:
-    """`first:N`: gathers the first N sampled rows of one tensor, then hands them over."""
+    """`first:N`: gathers the first N sampled rows of one tensor whose values are all
+    finite, then hands them over; rows holding NaN or infinity are left out, counted."""
 
     def __init__(self, tensor: TensorSpec, rows: int, source: str) -> None:
         self.tensor = tensor
@@ -120,6 +131,7 @@ class ReferenceCollector:
         self.source = source
         self._parts: list[Array] = []
         self._filled = 0
+        self.nonfinite = 0  # rows left out of the reference so far
 
     @property
     def filled(self) -> int:
@@ -129,7 +141,12 @@ class ReferenceCollector:
         """Take rows from a sampled window; the reference array once N rows are in."""
         need = self.rows - self._filled
         if need > 0:
-            part = window[:need]
+            finite = finite_rows(window)
+            # The window's rows up to the one that completes N finite rows: rows past
+            # it are not looked at, so they are not counted either.
+            end = min(len(window), int(np.searchsorted(np.cumsum(finite), need)) + 1)
+            part = window[:end][finite[:end]]
+            self.nonfinite += end - len(part)
             self._parts.append(part)
             self._filled += len(part)
         if self._filled < self.rows:
