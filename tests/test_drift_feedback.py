@@ -13,7 +13,7 @@ from convoy.errors import InvalidInput, ModelNotFound
 from convoy.monitoring.exporter import MonitoringCollector
 from convoy.monitoring.feedback import FeedbackStore, PredictionNotFound
 from convoy.monitoring.params import FeedbackParams
-from convoy.monitoring.registry import Monitors
+from convoy.monitoring.registry import ModelMonitoring, Monitors
 
 
 class FakeClock:
@@ -157,3 +157,32 @@ def test_unknown_model_is_refused_and_figures_exported() -> None:
     assert 'convoy_feedback_accepted_total{model="m",version="1"} 1.0' in text
     assert 'convoy_feedback_refused_total{model="m",reason="unknown_id"} 1.0' in text
     assert 'convoy_feedback_refused_total{model="",reason="unknown_model"} 1.0' in text
+
+
+def test_a_reload_applies_its_feedback_settings_and_keeps_what_still_means_the_same() -> None:
+    clock = FakeClock()
+    monitors = Monitors()
+    old = ModelMonitoring("m", "1", None, _classifier(clock))
+    monitors.activate(old)
+    store = old.feedback
+    assert store is not None
+    for i in range(3):
+        store.record(f"r{i}", "1", _scores(1))
+    monitors.feedback("m", "r0", 1)
+    monitors.feedback("m", "r1", 0)
+    failed = ModelMonitoring("m", "1", None, _classifier(clock, reference_accuracy=0.5))
+    monitors.detach(failed)  # prepared by a reload that failed: never served
+    assert store.params.reference_accuracy == 0.9
+    new = ModelMonitoring("m", "1", None, _classifier(clock, reference_accuracy=0.8, window=1))
+    monitors.activate(new)  # the reload serves
+    assert new.feedback is store and store.params.reference_accuracy == 0.8
+    [figure] = store.figures()
+    assert (figure.window, figure.rolling, figure.reference, figure.accepted) == (1, 0.0, 0.8, 2)
+    assert monitors.feedback("m", "r2", 1).correct  # recorded before the reload
+    monitors.detach(old)
+    assert monitors.feedback_store("m") is store
+    # Another question (the task changed): the old figures would answer the wrong one.
+    store.record("r3", "1", _scores(1))
+    regression = dataclasses.replace(store.params, task="regression", reference_accuracy=None)
+    monitors.activate(ModelMonitoring("m", "1", None, FeedbackStore("m", regression, True)))
+    assert store.params.task == "regression" and store.figures() == [] and store.kept == 0

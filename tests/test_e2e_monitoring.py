@@ -227,3 +227,57 @@ def test_a_failed_reload_keeps_the_serving_versions_monitoring(
         client.close()
     finally:
         server.stop()
+
+
+def test_a_reload_takes_the_new_feedback_settings(examples_dir: Path, tmp_path: Path) -> None:
+    """Changed feedback_* parameters take effect on reload; predictions awaiting
+    feedback and the rolling figures carry over."""
+    import tritonclient.grpc as grpcclient
+
+    repo = make_repository(tmp_path / "repo", examples_dir, ("tiny",))
+    config = repo / "tiny" / "config.pbtxt"
+    original = config.read_text()
+
+    def configure(**parameters: str) -> None:
+        lines = [
+            f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+            for key, value in parameters.items()
+        ]
+        config.write_text(original + "".join(lines))
+
+    configure(feedback_reference_accuracy="0.9")
+    server = start_server(repo)
+    rng = np.random.default_rng(3)
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            stub = pb_grpc.MonitoringServiceStub(channel)
+
+            def judge(request_id: str, correct: bool) -> pb.FeedbackResponse:
+                x = rng.standard_normal((1, 16)).astype(np.float32)
+                top = int(np.argmax(_infer(server, x, request_id=request_id)[0]))
+                label = top if correct else (top + 1) % 16
+                reply: pb.FeedbackResponse = stub.Feedback(
+                    pb.FeedbackRequest(model_name="tiny", id=request_id, class_index=label)
+                )
+                return reply
+
+            assert judge("first", correct=True).window == 1
+            x = rng.standard_normal((1, 16)).astype(np.float32)
+            top = int(np.argmax(_infer(server, x, request_id="across")[0]))
+            configure(feedback_reference_accuracy="0.8", feedback_window="2")
+            client = grpcclient.InferenceServerClient(server.url)
+            client.load_model("tiny")
+            client.close()
+            reference = 'convoy_feedback_reference_accuracy{model="tiny",version="1"}'
+            assert _metric(server, reference) == 0.8
+            # Answered before the reload, judged after it: still kept.
+            reply = stub.Feedback(
+                pb.FeedbackRequest(model_name="tiny", id="across", class_index=top)
+            )
+            assert (reply.correct, reply.window) == (True, 2)  # the new window: 2 judgements
+            reply = judge("after", correct=False)
+            assert (reply.window, reply.rolling) == (2, 0.5)
+            status = stub.DriftStatus(pb.DriftStatusRequest(model_name="tiny"))
+            assert [(f.reference, f.window) for f in status.feedback] == [(0.8, 2)]
+    finally:
+        server.stop()

@@ -87,6 +87,14 @@ class _Rolling:
         self._sum += value
         self.accepted += 1
 
+    def resized(self, size: int) -> _Rolling:
+        """The same judgements over a window of `size`: the latest ones stay."""
+        rolling = _Rolling(size)
+        for value in list(self._values)[-size:]:
+            rolling.add(value)
+        rolling.accepted = self.accepted
+        return rolling
+
     @property
     def count(self) -> int:
         return len(self._values)
@@ -119,6 +127,35 @@ class FeedbackStore:
         self._rolling: dict[str, _Rolling] = {}
         self._refused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._lock = threading.Lock()
+
+    def reconfigure(self, settings: FeedbackStore) -> None:
+        """Take the settings of another store of the same model (a reload's feedback_*
+        parameters). What still means the same is kept: predictions awaiting feedback
+        (the oldest evicted past the new max_entries) and each version's rolling
+        figures (the latest judgements, up to the new window), unless the output, the
+        task, the class labels or batching changed, which makes them figures of another
+        question; refusal counts always stay. On the event loop, like record()."""
+        if settings is self:
+            return
+        with self._lock:
+            same_question = (
+                settings.params.output == self.params.output
+                and settings.params.task == self.params.task
+                and settings._labels == self._labels
+                and settings._batched == self._batched
+            )
+            self.params = settings.params
+            self._batched = settings._batched
+            self._labels = list(settings._labels)
+            self._label_index = dict(settings._label_index)
+            if same_question:
+                self._rolling = {v: r.resized(self.params.window) for v, r in self._rolling.items()}
+            else:
+                self._rolling = {}
+                self._predictions.clear()
+        predictions = self._predictions
+        while len(predictions) > self.params.max_entries:
+            predictions.popitem(last=False)
 
     # -- the event loop, per answered request -----------------------------------------
 

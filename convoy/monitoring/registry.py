@@ -103,10 +103,18 @@ class Monitors:
         """The version starts serving: its drift monitor replaces any other of the same
         model and version (a reload's predecessor, which stops when it is detached) and
         its thread starts; the version records into its model's feedback store (the
-        one its other versions use, if any). Call it where the version starts."""
+        one its other versions use, if any), which takes this version's settings:
+        feedback_* as this load read them. Call it where the version starts."""
         if handle.feedback is not None:
             with self._lock:
-                handle.feedback = self._feedback.setdefault(handle.model, handle.feedback)
+                current = self._feedback.get(handle.model)
+                if current is None:
+                    self._feedback[handle.model] = handle.feedback
+                else:
+                    # One store per model, so that feedback naming no version finds the
+                    # one that answered, across reloads too: the latest load sets it.
+                    current.reconfigure(handle.feedback)
+                    handle.feedback = current
                 self._feedback_users.setdefault(handle.model, set()).add(handle)
         if handle.drift is not None:
             self.add_monitor(handle.drift)
@@ -166,7 +174,8 @@ class Monitors:
         return sorted(found, key=lambda m: (m.model, _version_key(m.version)))
 
     def add_feedback(self, store: FeedbackStore) -> FeedbackStore:
-        """Register a model's store, or return the one its other versions already use."""
+        """Register a model's store, or return the one its other versions already use
+        (as it is: activate() is what applies a load's settings)."""
         with self._lock:
             return self._feedback.setdefault(store.model, store)
 
