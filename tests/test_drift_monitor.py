@@ -15,7 +15,7 @@ from convoy.monitoring.monitor import ModelMonitor
 from convoy.monitoring.params import parse_monitoring_params
 from convoy.monitoring.registry import Monitors
 from convoy.monitoring.sampler import ROW_BUDGET_BYTES, SampledTensor, Sampler
-from tests.drift_helpers import scores_of, tabular_spec, write_reference
+from tests.drift_helpers import model_spec, scores_of, tabular_spec, write_reference
 
 
 class FakeClock:
@@ -323,3 +323,45 @@ def test_non_finite_window_rows_are_left_out_and_counted(tmp_path: Path) -> None
     assert f"convoy_drift_nonfinite_rows_total{{{window}}} 3.0" in text
     reference = 'input="INPUT0",model="m",sample="reference",version="1"'
     assert f"convoy_drift_nonfinite_rows_total{{{reference}}} 0.0" in text
+
+
+def test_sampled_strings_keep_to_the_byte_budget() -> None:
+    """BYTES values have no size the config bounds: a sampled request keeps at most
+    ROW_BUDGET_BYTES of a tensor's strings alive; strings that do not fit are skipped
+    and counted, and the window still fills from the ones that do."""
+    text = SampledTensor(TensorSpec("TEXT", "BYTES", (1,)))
+    sampler = Sampler([text], batched=True, window=20, rows_per_request=4)
+    huge = b"x" * (4 * ROW_BUDGET_BYTES)  # e.g. a whole document pasted into a prompt
+    third = b"y" * (ROW_BUDGET_BYTES // 3 + 1)  # two fit a request's budget, not three
+    for _ in range(9):
+        sampler.offer({"TEXT": np.array([[huge], [third], [third], [third]], dtype=object)}, {})
+    sampler.offer({"TEXT": np.array([[b"short"], [b"text"]], dtype=object)}, {})
+    windows = [window for _, window in sampler.take()]
+    sizes = [len(s) for window in windows for s in window.tolist()]
+    assert max(sizes) <= ROW_BUDGET_BYTES
+    # Each long request gave the two strings that fit; the window filled all the same.
+    assert sizes == [len(third)] * 18 + [5, 4]
+    assert sampler.strings_skipped == {"TEXT": 9 * 2}  # the huge one and a third long one
+
+
+def test_skipped_strings_are_exported(tmp_path: Path) -> None:
+    spec = model_spec(
+        (TensorSpec("TEXT", "BYTES", (1,)),),
+        (TensorSpec("SCORE", "FP32", (1,)),),
+        {"drift_reference": "first:20", "drift_window": "20", "drift_interval_s": "3600"},
+    )
+    monitors = Monitors()
+    handle = monitors.attach(spec, "1", tmp_path, "config.pbtxt")
+    try:
+        big = np.array([[b"x" * (ROW_BUDGET_BYTES + 1)]], dtype=object)
+        handle.observe("r", {"TEXT": big}, {"SCORE": np.zeros((1, 1), np.float32)})
+        assert handle.drift is not None
+        [text] = [t for t in handle.drift.status().tensors if t.name == "TEXT"]
+        assert text.strings_skipped == 1
+        registry = CollectorRegistry()
+        registry.register(MonitoringCollector(monitors))
+        exported = generate_latest(registry).decode()
+        labels = 'input="TEXT",model="m",version="1"'
+        assert f"convoy_drift_strings_skipped_total{{{labels}}} 1.0" in exported
+    finally:
+        monitors.detach(handle)

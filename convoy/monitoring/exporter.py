@@ -14,6 +14,7 @@ docs/monitoring.md):
     convoy_drift_windows_dropped_total{model,version}      windows lost: the thread fell behind
     convoy_drift_sampled_requests_total{model,version}     requests copied into windows
     convoy_drift_nonfinite_rows_total{model,version,input,sample}  rows left out for NaN/inf
+    convoy_drift_strings_skipped_total{model,version,input}  BYTES over the byte budget
     convoy_feedback_accuracy{model,version}                rolling top-1 accuracy
     convoy_feedback_error{model,version}                   rolling mean absolute error
     convoy_feedback_reference_accuracy{model,version}      from config.pbtxt
@@ -64,6 +65,8 @@ class MonitoringCollector(Collector):
                 f["alarms"].add_metric(key, tensor.alarms)
                 f["nonfinite"].add_metric([*key, "reference"], tensor.nonfinite_reference_rows)
                 f["nonfinite"].add_metric([*key, "window"], tensor.nonfinite_window_rows)
+                if tensor.strings_skipped is not None:  # a BYTES tensor
+                    f["strings_skipped"].add_metric(key, tensor.strings_skipped)
                 result = tensor.result
                 if result is None:
                     continue  # no window yet: no figure rather than a misleading 0
@@ -132,6 +135,12 @@ class MonitoringCollector(Collector):
             "sampled": CounterMetricFamily(
                 "convoy_drift_sampled_requests", "Requests copied into drift windows",
                 labels=_VERSION,
+            ),
+            "strings_skipped": CounterMetricFamily(
+                "convoy_drift_strings_skipped",
+                "Sampled BYTES strings not kept: over what was left of the request's "
+                "64 KiB sampling budget",
+                labels=_TENSOR,
             ),
             "nonfinite": CounterMetricFamily(
                 "convoy_drift_nonfinite_rows",

@@ -41,6 +41,7 @@ class TensorStatus:
     scored_at_s: float | None  # clock time of that window
     nonfinite_reference_rows: int = 0  # first:N rows left out: NaN or infinite values
     nonfinite_window_rows: int = 0  # window rows left out before testing, for the same
+    strings_skipped: int | None = None  # BYTES: sampled strings over the byte budget
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,11 @@ class ModelMonitor:
             return sum(s.windows for s in self._states.values())
 
     def status(self) -> MonitorStatus:
+        skipped = self.sampler.strings_skipped
         with self._lock:
-            tensors = tuple(self._tensor_status(s) for s in self._states.values())
+            tensors = tuple(
+                self._tensor_status(s, skipped.get(name)) for name, s in self._states.items()
+            )
         return MonitorStatus(
             model=self.model,
             version=self.version,
@@ -252,7 +256,7 @@ class ModelMonitor:
         )
 
     @staticmethod
-    def _tensor_status(s: _TensorState) -> TensorStatus:
+    def _tensor_status(s: _TensorState, strings_skipped: int | None) -> TensorStatus:
         if s.detector is None:
             # No collector either: first:N found nothing this tensor can be tested with.
             state = "collecting_reference" if s.collector is not None else "not_tested"
@@ -274,4 +278,5 @@ class ModelMonitor:
             scored_at_s=s.scored_at_s,
             nonfinite_reference_rows=s.nonfinite_reference,
             nonfinite_window_rows=s.nonfinite_window,
+            strings_skipped=strings_skipped,
         )

@@ -3,10 +3,14 @@
 `offer()` runs on the event loop for every answered request, so it does only
 O(1) work: a credit counter decides whether this request is sampled (no random
 numbers), and a sampled request's first rows are copied into the current window
-of each monitored tensor (a preallocated buffer). A full window moves to a
-bounded hand-off queue that the monitor's thread drains; when that thread falls
-behind, the oldest full window is dropped and counted, so memory stays fixed:
-one filling window per tensor plus max_pending windows per tensor in the queue.
+of each monitored tensor (a preallocated buffer), at most ROW_BUDGET_BYTES of them
+a tensor. BYTES strings are kept, not copied, but no config bounds their size, so
+the same budget holds: a string that does not fit what is left of it is skipped
+and counted, and a window keeps at most `window` x ROW_BUDGET_BYTES of strings
+alive. A full window moves to a bounded hand-off queue that the monitor's thread
+drains; when that thread falls behind, the oldest full window is dropped and
+counted, so memory stays fixed: one filling window per tensor plus max_pending
+windows per tensor in the queue.
 No statistics here (DESIGN §9).
 """
 
@@ -16,13 +20,16 @@ import collections
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..config import TensorSpec
 from ..tensors import NUMPY_DTYPES, Array
 
-ROW_BUDGET_BYTES = 64 * 1024  # copied per tensor per sampled request, at most (one row always)
+# Copied (BYTES: kept) per tensor per sampled request, at most; a numeric row always
+# (its size is the config's), a string only if it fits.
+ROW_BUDGET_BYTES = 64 * 1024
 MAX_PENDING_WINDOWS = 2  # full windows per tensor waiting for the thread
 
 
@@ -50,6 +57,7 @@ class TensorSampler:
         spec = tensor.spec
         self.is_bytes = spec.datatype == "BYTES"
         self.window = window
+        self.skipped = 0  # BYTES: strings over what was left of a request's budget
         if self.is_bytes:
             self._row_shape: tuple[int, ...] = ()
             self._dtype: np.dtype[np.generic] = np.dtype(np.object_)
@@ -69,15 +77,43 @@ class TensorSampler:
         current = self._current
         room = self.window - current.filled
         if self.is_bytes:
-            rows = rows.reshape(-1)
-        count = min(self._take, room, len(rows))
-        current.buffer[current.filled : current.filled + count] = rows[:count]
-        current.filled += count
+            self._add_strings(current, rows.flat[: self._take].tolist(), room)
+        else:
+            count = min(self._take, room, len(rows))
+            current.buffer[current.filled : current.filled + count] = rows[:count]
+            current.filled += count
         if current.filled < self.window:
             return None
         # A fresh buffer per window (not per request): the full one now belongs to the thread.
         self._current = self._new_window()
         return current.buffer
+
+    def _add_strings(self, current: _Window, strings: list[Any], room: int) -> None:
+        """The first strings of a request (rows_per_request at most are looked at),
+        each kept if it fits what is left of the request's byte budget."""
+        left = ROW_BUDGET_BYTES
+        for item in strings:
+            if room == 0:
+                break
+            size = _string_size(item)
+            if size > left:
+                self.skipped += 1
+                continue
+            left -= size
+            if isinstance(item, (bytearray, memoryview)):
+                item = bytes(item)  # not a view that keeps a larger buffer alive
+            current.buffer[current.filled] = item
+            current.filled += 1
+            room -= 1
+
+
+def _string_size(item: object) -> int:
+    """The bytes a sampled BYTES element keeps alive (str: its characters)."""
+    if isinstance(item, memoryview):
+        return item.nbytes
+    if isinstance(item, (bytes, bytearray, str)):
+        return len(item)
+    return 0  # not a string (a number): small
 
 
 class Sampler:
@@ -143,3 +179,9 @@ class Sampler:
     @property
     def buffered_windows(self) -> int:
         return sum(len(pending) for pending in self._full.values())
+
+    @property
+    def strings_skipped(self) -> dict[str, int]:
+        """Per BYTES tensor: strings left out for the byte budget."""
+        samplers = (*self._inputs, *self._outputs)
+        return {s.tensor.spec.name: s.skipped for s in samplers if s.is_bytes}
