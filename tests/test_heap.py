@@ -35,7 +35,9 @@ def test_settle_freezes_what_is_alive_and_frees_frozen_cycles_next_time() -> Non
     ref = weakref.ref(node)
     first = settle()
     assert first.frozen > 0
-    assert gc.get_freeze_count() == first.frozen
+    # Other threads of the test process (earlier modules' servers and loops) may free a
+    # few frozen objects meanwhile: the count only falls, and by little.
+    assert first.frozen * 0.99 <= gc.get_freeze_count() <= first.frozen
     del node
     gc.collect()
     assert ref() is not None  # frozen: a full collection does not even look at it
