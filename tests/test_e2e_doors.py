@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -229,9 +230,15 @@ def test_shadow_compares_without_answering_callers(door: Door, rollouts: Rollout
 
 
 def test_a_repeated_request_is_a_cache_hit(door: Door) -> None:
+    """Counted in Triton's statistics as read through the same door (HTTP's too)."""
+
     def hits() -> int:
-        client = grpcclient.InferenceServerClient(door.server.url)
-        stats = client.get_inference_statistics("cached", "1", as_json=True)
+        if door.name == "http":
+            client: Any = httpclient.InferenceServerClient(door.server.http_url)
+            stats = client.get_inference_statistics("cached", "1")
+        else:
+            client = grpcclient.InferenceServerClient(door.server.url)
+            stats = client.get_inference_statistics("cached", "1", as_json=True)
         client.close()
         return int(stats["model_stats"][0]["inference_stats"]["cache_hit"].get("count", 0))
 

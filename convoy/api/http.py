@@ -50,7 +50,7 @@ from ..tensors import (
 )
 from ..tritonjson import message_to_dict
 from .auth import AccessPolicy, Metadata
-from .servicer import EXTENSIONS, _fill_statistics
+from .servicer import EXTENSIONS, _fill_statistics, unload_unless_rolling_out
 from .status import http_status
 
 log = logging.getLogger(__name__)
@@ -314,15 +314,7 @@ class HttpFrontend:
     async def _unload_model(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         _no_repository_parameters(body, allowed=("unload_dependents",))
-        name = request.match_info["name"]
-        if self._rollouts is not None and self._rollouts.versions_in_use(name):
-            for status in self._rollouts.status(name):
-                if status.phase in ("progressing", "paused"):
-                    raise InvalidInput(
-                        f"model '{name}' has a {status.strategy} rollout in progress; "
-                        "promote or roll it back before unloading"
-                    )
-        await self._repo.unload(name)
+        await unload_unless_rolling_out(self._repo, self._rollouts, request.match_info["name"])
         return web.Response(status=200)
 
     # -- inference -------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from ..inference.caller import Caller
 from ..inference.path import InferencePath
 from ..pb import grpc_service_pb2 as pb
 from ..pb import grpc_service_pb2_grpc as pb_grpc
+from ..repository.manager import ModelRepository
+from ..rollouts.controller import RolloutController
 from ..rollouts.policy import AB_KEY_HEADER
 from ..statistics import Duration, ModelStatistics
 from .auth import Metadata
@@ -173,14 +175,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> pb.RepositoryModelUnloadResponse:
         try:
             _no_repository_parameters(request.parameters, allowed=("unload_dependents",))
-            if self._rollouts is not None and self._rollouts.versions_in_use(request.model_name):
-                for status in self._rollouts.status(request.model_name):
-                    if status.phase in ("progressing", "paused"):
-                        raise InvalidInput(
-                            f"model '{request.model_name}' has a {status.strategy} rollout in "
-                            "progress; promote or roll it back before unloading"
-                        )
-            await self._repo.unload(request.model_name)
+            await unload_unless_rolling_out(self._repo, self._rollouts, request.model_name)
         except ConvoyError as exc:
             await _abort(context, exc)
             raise
@@ -385,6 +380,21 @@ def _header_key(context: grpc.aio.ServicerContext) -> str | None:
         if key == AB_KEY_HEADER:
             return value if isinstance(value, str) else value.decode()
     return None
+
+
+async def unload_unless_rolling_out(
+    repository: ModelRepository, rollouts: RolloutController | None, name: str
+) -> None:
+    """RepositoryModelUnload, over gRPC and HTTP alike: refused while a rollout of the
+    model is in progress (its versions would vanish under the analysis)."""
+    if rollouts is not None and rollouts.versions_in_use(name):
+        for status in rollouts.status(name):
+            if status.phase in ("progressing", "paused"):
+                raise InvalidInput(
+                    f"model '{name}' has a {status.strategy} rollout in progress; "
+                    "promote or roll it back before unloading"
+                )
+    await repository.unload(name)
 
 
 def _no_repository_parameters(params: object, allowed: tuple[str, ...] = ()) -> None:
