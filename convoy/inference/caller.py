@@ -16,7 +16,10 @@ def _no_key() -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed: a frozen dataclass sets each field through
+# object.__setattr__, 0.83 µs per construction against 0.19 µs (timeit, 7 fields, this
+# machine), and one is built per request on the event loop.
+@dataclass(slots=True)
 class Caller:
     """One request's caller, as its door saw it.
 

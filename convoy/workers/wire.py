@@ -32,7 +32,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -158,8 +158,7 @@ def encode_header(
     return _HEADER.pack(kind, seconds, flags, len(name)) + name + (ab_key or "").encode()
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):  # a tuple: built once per request, on the engine's loop
     kind: bytes
     time_remaining: float | None
     ab_key: str | None
