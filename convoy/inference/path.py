@@ -172,8 +172,11 @@ class InferencePath:
         caller: Caller,
         cacheable: bool,
         owned: bool,
+        mirror: bool = True,
     ) -> InferResult:
-        """Cache or queue, then monitoring and shadow; observers hear of every outcome."""
+        """Cache or queue, then monitoring and shadow; observers hear of every outcome.
+        `owned`: the inputs are the request's own (not a front end's ring, freed once
+        answered); `mirror`: a shadow run may read them after the answer."""
         cache_hit = False
         try:
             if cacheable and self.cache is not None and model.spec.response_cache:
@@ -186,7 +189,7 @@ class InferencePath:
             raise
         if model.monitoring is not None:  # a few rows copied; statistics off the loop
             model.monitoring.observe(request.id, request.inputs, result.outputs)
-        if self.shadow is not None and result.outputs:
+        if mirror and self.shadow is not None and result.outputs:
             self._shadow_run(model, request, result, owned)
         if self.observers:
             self._observe(caller, model, request, result, None, cache_hit)
@@ -251,16 +254,9 @@ class InferencePath:
         try:
             asked = self._decode(model, request, caller, self.regions, leases)
             outputs = shared_outputs(request, self.regions, leases)
-            try:
-                result = await model.infer(asked)
-            except ConvoyError as exc:
-                if self.observers:
-                    self._observe(caller, model, asked, None, exc, False)
-                raise
-            if model.monitoring is not None:
-                model.monitoring.observe(asked.id, asked.inputs, result.outputs)
-            if self.observers:
-                self._observe(caller, model, asked, result, None, False)
+            result = await self._serve(
+                model, asked, caller, cacheable=False, owned=False, mirror=False
+            )
             response = encode_response(
                 request, model.spec, model.version, asked, result, model.labels, outputs
             )
