@@ -69,7 +69,8 @@ class ConvoyServer:
         )
         self.metrics.watch_serving(self._pool_readings, lambda: self.repository.health.failed)
         state_dir = config.rollout_state_dir or repository_root / ".convoy" / "rollouts"
-        self.rollouts = RolloutController(self.repository, RolloutStore(state_dir))
+        self.rollout_store = RolloutStore(state_dir)
+        self.rollouts = RolloutController(self.repository, self.rollout_store)
         self.repository.outcomes = self.rollouts.record
         self.heap = HeapSettler(lambda: self.repository.busy) if config.freeze_heap else None
         self.gc_pauses = GcPauses(self.metrics.registry)
@@ -114,6 +115,7 @@ class ConvoyServer:
 
     async def start(self) -> None:
         cfg = self.config
+        await asyncio.to_thread(self.rollout_store.check_writable)  # ConfigError: nothing started
         self.gc_pauses.start()
         await self.repository.load_all()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version

@@ -242,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         frontend_shm_bytes=args.frontend_shm_mib << 20,
     )
     from .app import run
+    from .errors import ConfigError
 
-    run(config)
+    try:
+        run(config)
+    except ConfigError as exc:  # found at start-up, before serving: the message says it all
+        print(f"convoy serve: {exc.message}", file=sys.stderr)
+        return 2
     return 0
 
 

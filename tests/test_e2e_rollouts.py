@@ -363,3 +363,45 @@ def test_a_new_version_starts_the_declared_rollout_on_the_poll(tmp_path: Path) -
         client.close()
     finally:
         server.stop()
+
+
+def test_an_unwritable_state_dir_is_refused_at_start_up(tmp_path: Path) -> None:
+    repo = write_repository(tmp_path / "repo")
+    (tmp_path / "file").write_text("")
+    unwritable = tmp_path / "file" / "state"  # under a file: no one can create it
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "convoy.cli", "serve", "--model-repository", str(repo),
+             "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "-1",
+             "--metrics-port", "-1", "--rollout-state-dir", str(unwritable)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server started with an unwritable --rollout-state-dir")
+    assert result.returncode == 2, result.stderr
+    assert f"{unwritable}: --rollout-state-dir:" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_start_that_cannot_be_saved_is_refused_over_grpc(tmp_path: Path) -> None:
+    """The state directory breaks after start-up (here: replaced by a file): Start is
+    refused with UNAVAILABLE naming it, and serving is as it was; fixed, Start works."""
+    repo = write_repository(tmp_path / "repo")
+    state = tmp_path / "state"
+    state.mkdir()
+    server = start_server(repo, "--rollout-state-dir", str(state))
+    try:
+        state.rmdir()
+        state.write_text("")
+        args = ("start", "lin", "--version", "2", "--strategy", "canary", "--steps", "50,100")
+        refused = rollout(server, *args, check=False)
+        assert refused.returncode != 0, refused.stdout
+        assert "UNAVAILABLE" in refused.stderr and str(state) in refused.stderr, refused.stderr
+        assert status(server) == {}
+        assert {default_version(server) for _ in range(20)} == {"1"}
+        state.unlink()
+        rollout(server, *args)
+        assert status(server)["phase"] == "progressing"
+        assert (state / "lin.rollout.json").is_file()
+    finally:
+        server.stop()

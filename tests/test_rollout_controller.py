@@ -75,14 +75,16 @@ def healthy(version: str, i: int) -> tuple[ConvoyError | None, float, float]:
     return None, 1.0, 10.0  # error, queue ms, compute ms
 
 
-def feed(controller: RolloutController, n: int, behaviour: Behaviour = healthy) -> dict[str, int]:
+def feed(
+    controller: RolloutController, n: int, behaviour: Behaviour = healthy, model: str = "m"
+) -> dict[str, int]:
     """n unversioned requests routed and answered; returns how many each version got."""
     counts: dict[str, int] = {}
     for i in range(n):
-        version = controller.route("m") or "default"
+        version = controller.route(model) or "default"
         counts[version] = counts.get(version, 0) + 1
         error, queue_ms, compute_ms = behaviour(version, i)
-        controller.record("m", version, error, int(queue_ms * 1e6), int(compute_ms * 1e6))
+        controller.record(model, version, error, int(queue_ms * 1e6), int(compute_ms * 1e6))
     return counts
 
 

@@ -4,14 +4,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from convoy.errors import ConfigError
+from convoy.errors import ConfigError, InternalError, Unavailable
 from convoy.rollouts.declared import POLICY_FILENAME, read_policy
 from convoy.rollouts.spec import Gates, Strategy, make_spec
 from convoy.rollouts.store import RolloutStore
 from tests.test_rollout_controller import CANARY, FakeRepository, feed, make, run
+
+
+class FlakyStore(RolloutStore):
+    """A state directory that refuses to write the models in `broken` (a full disk)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.broken: set[str] = set()
+
+    def save(self, record: dict[str, Any]) -> None:
+        if record["model"] in self.broken:
+            raise OSError(28, "No space left on device")
+        super().save(record)
+
+    def saved(self, model: str) -> dict[str, Any]:
+        return dict(json.loads(self.path_of(model).read_text()))
+
+
+def failing_v2(version: str, i: int) -> tuple[InternalError | None, float, float]:
+    return (InternalError("boom") if version == "2" else None), 1.0, 10.0
 
 
 def _advance_to_second_step(tmp_path: Path) -> RolloutStore:
@@ -76,6 +97,75 @@ def test_state_files_are_replaced_whole(tmp_path: Path) -> None:
     record = json.loads((store.directory / files[0]).read_text())
     assert (record["format"], record["phase"], record["step"]) == (1, "progressing", 1)
     assert record["spec"]["gates"]["min_requests"] == 50
+
+
+def test_a_start_that_cannot_be_saved_is_refused_and_serving_is_unchanged(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("")
+    store = RolloutStore(tmp_path / "file" / "state")  # mkdir fails, whoever runs it
+    controller, repo, _ = make(store=store)
+    with pytest.raises(Unavailable, match=r"cannot be saved in .*file/state.*--rollout-state-dir"):
+        run(controller.start("m", "2", CANARY))
+    assert controller.route("m") is None and controller.status("m") == []
+    assert repo.pinned["m"] is None  # back to Triton's rule
+    assert repo.loaded["m"] == {"1"}  # the candidate this call loaded is unloaded again
+    assert controller.events == {}
+
+
+def test_operator_changes_that_cannot_be_saved_are_refused(tmp_path: Path) -> None:
+    store = FlakyStore(tmp_path)
+    controller, _, _ = make(store=store)
+    run(controller.start("m", "2", CANARY))
+    store.broken.add("m")
+    for call in (controller.promote, controller.pause):
+        with pytest.raises(Unavailable, match="No space left on device"):
+            run(call("m"))
+    status = controller.status("m")[0]
+    assert (status.phase, status.weights) == ("progressing", {"1": 95.0, "2": 5.0})
+    assert {controller.route("m") for _ in range(500)} == {"1", "2"}  # still the canary
+    assert store.saved("m")["phase"] == "progressing"
+
+
+def test_a_save_failing_for_one_model_holds_up_no_other(tmp_path: Path) -> None:
+    repo = FakeRepository(
+        on_disk={"a": ["1", "2"], "b": ["1", "2"]}, loaded={"a": {"1"}, "b": {"1"}}
+    )
+    store = FlakyStore(tmp_path)
+    controller, _, clock = make(repo, store)
+    run(controller.start("a", "2", CANARY))
+    run(controller.start("b", "2", CANARY))
+    store.broken.add("a")
+    feed(controller, 2000, model="a")  # healthy: its next step is due
+    feed(controller, 2000, failing_v2, model="b")
+    clock.now += 30
+    run(controller.tick())
+    assert controller.status("b")[0].phase == "rolled_back" and controller.route("b") is None
+    assert store.saved("b")["phase"] == "rolled_back"
+    # a's step could not be saved: not taken, serving as it was, tried again next tick.
+    assert controller.status("a")[0].weights == {"1": 95.0, "2": 5.0}
+    assert store.saved("a")["step"] == 0
+    store.broken.clear()
+    run(controller.tick())
+    assert controller.status("a")[0].weights == {"1": 75.0, "2": 25.0}
+    assert store.saved("a")["step"] == 1
+
+
+def test_a_rollback_goes_back_to_stable_even_when_it_cannot_be_saved(tmp_path: Path) -> None:
+    store = FlakyStore(tmp_path)
+    controller, repo, _ = make(store=store)
+    run(controller.start("m", "2", CANARY))
+    store.broken.add("m")
+    feed(controller, 2000, failing_v2)
+    run(controller.tick())
+    # The safety net does not wait on the disk: callers are back on stable at once.
+    assert controller.status("m")[0].phase == "rolled_back"
+    assert controller.route("m") is None and repo.pinned["m"] == "1"
+    assert store.saved("m")["phase"] == "progressing"
+    run(controller.tick())  # still broken: retried, nothing else happens
+    store.broken.clear()
+    run(controller.tick())
+    assert store.saved("m")["phase"] == "rolled_back"
 
 
 def test_an_unreadable_state_file_is_named(tmp_path: Path) -> None:

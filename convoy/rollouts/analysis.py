@@ -12,6 +12,7 @@ and the controller applies them (repository, routes, store, metrics, log).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -167,6 +168,11 @@ class Rollout:
         if not self.step_started_at:
             self.step_started_at = self.started_at
 
+    def copy(self) -> Rollout:
+        """A copy to change, then commit in place of this one (or drop, if that fails).
+        It shares this one's windows until it starts new ones."""
+        return copy.copy(self)
+
     # -- what it routes ------------------------------------------------------------
 
     def candidate_weight(self) -> float:
@@ -269,8 +275,8 @@ class Rollout:
 
     def _new_window(self, now: float) -> None:
         self.step_started_at = now
-        for window in self.windows.values():
-            window.reset()
+        # New objects, not a reset: a copy being committed must not touch the original's.
+        self.windows = {version: VersionWindow() for version in self.windows}
 
     # -- persistence ---------------------------------------------------------------
 

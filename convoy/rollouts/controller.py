@@ -6,6 +6,12 @@ write). Control calls (start, promote, rollback, pause, resume, set_weight) and
 tick() make the decisions; their side effects on the repository go through the
 small RolloutRepository protocol, so this module knows nothing of how models load.
 
+Persist, then apply: a change of serving is written to the state directory
+before routing sees it, so a change that cannot be saved is not made and a
+refused control call leaves serving as it was. Rollbacks are the exception: back
+to stable never waits on the disk (a full or read-only state directory must not
+keep a failing candidate in front of callers); their save is retried every tick.
+
 Default pinning: from the moment a rollout starts, the controller tells the
 repository which version is the default (set_default), and keeps telling it
 after the rollout has ended (the winner), across restarts too. Without that a
@@ -23,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import ConvoyError, InvalidInput, ModelNotFound
+from ..errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
 from .analysis import Rollout, Transition
 from .compare import Array, OutputDivergence, compare_outputs, divergence_score
 from .policy import TrafficPolicy
@@ -99,6 +105,7 @@ class RolloutController:
         self._routes: dict[str, TrafficPolicy] = {}  # active rollouts only: the hot path's map
         self._shadow_inflight: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per model: control calls await loads
+        self._unsaved: set[str] = set()  # models whose applied state the store refused
         self.events: dict[tuple[str, str], int] = {}  # (model, event) -> count
         self.shadow_shed: dict[tuple[str, str], int] = {}  # (model, version) -> count
         self.divergence: dict[tuple[str, str, str], BucketCounts] = {}  # model, version, output
@@ -214,48 +221,59 @@ class RolloutController:
 
     async def start(self, model: str, version: str, spec: RolloutSpec) -> RolloutStatus:
         async with self._lock(model):
-            on_disk = self._repo.versions_on_disk(model)  # ModelNotFound for an unknown model
-            if version not in on_disk:
-                raise ModelNotFound(
-                    f"model '{model}' has no version {version} (in the repository: "
-                    f"{', '.join(on_disk) or 'none'})"
-                )
-            existing = self._rollouts.get(model)
-            if existing is not None and existing.phase.active:
-                raise InvalidInput(
-                    f"model '{model}' already has a {existing.spec.strategy.value} rollout of "
-                    f"version {existing.candidate} ({existing.phase.value}); promote or roll "
-                    "it back first"
-                )
-            stable = self._repo.default_version(model)
-            if stable == version:
-                raise InvalidInput(
-                    f"version {version} of model '{model}' already serves by default"
-                )
-            was_loaded = version in self._repo.loaded_versions(model)
-            # Pin first: loading the candidate must not make it "the latest" for anyone.
-            self._repo.set_default(model, stable)
-            try:
-                await self._repo.ensure_loaded(model, version)
-            except ConvoyError:
-                self._repo.set_default(model, existing.winner if existing else None)
-                raise
-            if existing is not None and not existing.retired:
-                await self._retire_early(existing, keep=(stable, version))
-            now = self._clock()
-            rollout = Rollout(model, stable, version, spec, started_at=now)
-            rollout.candidate_was_loaded = was_loaded
-            self._rollouts[model] = rollout
-            weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
-            reason = f"started {spec.strategy.value} of version {version} over {stable}: {weights}"
-            rollout.reason = reason
-            self._apply(rollout, [Transition("started", rollout.phase, reason)])
-            return self._status(rollout)
+            return await self._start(model, version, spec)
+
+    async def _start(self, model: str, version: str, spec: RolloutSpec) -> RolloutStatus:
+        on_disk = self._repo.versions_on_disk(model)  # ModelNotFound for an unknown model
+        if version not in on_disk:
+            raise ModelNotFound(
+                f"model '{model}' has no version {version} (in the repository: "
+                f"{', '.join(on_disk) or 'none'})"
+            )
+        existing = self._rollouts.get(model)
+        if existing is not None and existing.phase.active:
+            raise InvalidInput(
+                f"model '{model}' already has a {existing.spec.strategy.value} rollout of "
+                f"version {existing.candidate} ({existing.phase.value}); promote or roll "
+                "it back first"
+            )
+        stable = self._repo.default_version(model)
+        if stable == version:
+            raise InvalidInput(f"version {version} of model '{model}' already serves by default")
+        was_loaded = version in self._repo.loaded_versions(model)
+        pinned_before = existing.winner if existing else None
+        # Pin first: loading the candidate must not make it "the latest" for anyone.
+        self._repo.set_default(model, stable)
+        try:
+            await self._repo.ensure_loaded(model, version)
+        except ConvoyError:
+            self._repo.set_default(model, pinned_before)
+            raise
+        now = self._clock()
+        rollout = Rollout(model, stable, version, spec, started_at=now)
+        rollout.candidate_was_loaded = was_loaded
+        weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
+        reason = f"started {spec.strategy.value} of version {version} over {stable}: {weights}"
+        rollout.reason = reason
+        try:
+            await self._save(rollout)
+        except Unavailable:
+            # Refused: serving as it was, without the candidate this call loaded.
+            self._repo.set_default(model, pinned_before)
+            if not was_loaded:
+                await self._unload(model, version)
+            raise
+        self._unsaved.discard(model)
+        self._apply(rollout, [Transition("started", rollout.phase, reason)])
+        if existing is not None and not existing.retired:
+            await self._retire_early(existing, keep=(stable, version))
+        return self._status(rollout)
 
     async def promote(self, model: str) -> RolloutStatus:
         async with self._lock(model):
-            rollout = self._active(model, "promote")
-            self._apply(rollout, [rollout.promote(self._clock(), "promoted by the operator")])
+            rollout = self._active(model, "promote").copy()
+            transition = rollout.promote(self._clock(), "promoted by the operator")
+            await self._commit(rollout, [transition])
             return self._status(rollout)
 
     async def rollback(self, model: str) -> RolloutStatus:
@@ -267,31 +285,33 @@ class RolloutController:
                 raise InvalidInput(f"model '{model}' rollout is already rolled back")
             if rollout.phase is Phase.PROMOTED and rollout.retired:
                 await self._repo.ensure_loaded(model, rollout.stable)
-            self._apply(rollout, [rollout.rollback(self._clock(), "rolled back by the operator")])
+            rollout = rollout.copy()
+            transition = rollout.rollback(self._clock(), "rolled back by the operator")
+            await self._commit(rollout, [transition])
             return self._status(rollout)
 
     async def pause(self, model: str) -> RolloutStatus:
         async with self._lock(model):
-            rollout = self._active(model, "pause")
+            rollout = self._active(model, "pause").copy()
             if rollout.phase is Phase.PAUSED:
                 raise InvalidInput(f"model '{model}' rollout is already paused")
             weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
             reason = f"paused by the operator at {weights}"
-            self._apply(rollout, [rollout.pause(self._clock(), reason)])
+            await self._commit(rollout, [rollout.pause(self._clock(), reason)])
             return self._status(rollout)
 
     async def resume(self, model: str) -> RolloutStatus:
         async with self._lock(model):
-            rollout = self._active(model, "resume")
+            rollout = self._active(model, "resume").copy()
             if rollout.phase is not Phase.PAUSED:
                 raise InvalidInput(f"model '{model}' rollout is not paused")
-            self._apply(rollout, [rollout.resume(self._clock(), "resumed by the operator")])
+            await self._commit(rollout, [rollout.resume(self._clock(), "resumed by the operator")])
             return self._status(rollout)
 
     async def set_weight(self, model: str, percent: float) -> RolloutStatus:
         """A/B only: change the candidate's share; sticky keys move only at the margin."""
         async with self._lock(model):
-            rollout = self._active(model, "set the weight of")
+            rollout = self._active(model, "set the weight of").copy()
             if rollout.spec.strategy is not Strategy.AB:
                 raise InvalidInput(
                     f"model '{model}' runs a {rollout.spec.strategy.value} rollout: its weights "
@@ -301,7 +321,7 @@ class RolloutController:
                 raise InvalidInput(f"weight: {percent:g} is out of range 0..100")
             rollout.weight_override = percent
             reason = f"weights set by the operator: candidate {percent:g}%"
-            self._apply(rollout, [Transition("weights_changed", rollout.phase, reason)])
+            await self._commit(rollout, [Transition("weights_changed", rollout.phase, reason)])
             return self._status(rollout)
 
     def status(self, model: str | None = None) -> list[RolloutStatus]:
@@ -319,14 +339,12 @@ class RolloutController:
     async def tick(self, now: float | None = None) -> None:
         """Advance every rollout's analysis; retire versions whose keep-warm ended.
 
-        Call it every second or so from a task the server owns.
+        Call it every second or so from a task the server owns. Models are
+        independent: one whose state cannot be saved, or that fails otherwise,
+        is logged and tried again at the next tick; the others go on.
         """
         now = self._clock() if now is None else now
-        for rollout in list(self._rollouts.values()):
-            # No await before a rollback: a failed gate takes effect in this call.
-            transitions = rollout.tick(now)
-            if transitions:
-                self._apply(rollout, transitions)
+        await asyncio.gather(*(self._tick_one(model, now) for model in list(self._rollouts)))
         for rollout in list(self._rollouts.values()):
             lock = self._lock(rollout.model)
             if (
@@ -337,6 +355,32 @@ class RolloutController:
             ):
                 async with lock:
                     await self._retire(rollout)
+
+    async def _tick_one(self, model: str, now: float) -> None:
+        lock = self._lock(model)
+        if lock.locked():
+            return  # a control call is under way: this model waits for the next tick
+        async with lock:
+            try:
+                # Read under the lock: a control call may have put a new rollout in place.
+                await self._advance(self._rollouts[model], now)
+            except Exception:
+                log.exception("rollout of model '%s': analysis failed", model)
+
+    async def _advance(self, rollout: Rollout, now: float) -> None:
+        if rollout.model in self._unsaved:
+            await self._save_or_retry(rollout)
+        changed = rollout.copy()
+        transitions = changed.tick(now)
+        if not transitions:
+            return
+        try:
+            # A failed gate rolls back in this call, before its state is written.
+            await self._commit(changed, transitions)
+        except Unavailable as exc:
+            events = ", ".join(t.event for t in transitions)
+            log.error("rollout of model '%s': %s not taken: %s; tried again at the next tick",
+                      rollout.model, events, exc.message)  # fmt: skip
 
     async def start_declared(
         self, model: str, version: str, spec: RolloutSpec
@@ -365,25 +409,25 @@ class RolloutController:
             rollout.phase is Phase.ROLLED_BACK and rollout.candidate_was_loaded
         ):
             return
-        try:
-            await self._repo.unload_version(rollout.model, rollout.loser)
-        except ConvoyError as exc:
-            log.error("model '%s': unloading version %s failed: %s",
-                      rollout.model, rollout.loser, exc)  # fmt: skip
+        await self._unload(rollout.model, rollout.loser)
 
     async def _retire(self, rollout: Rollout) -> None:
         loser = rollout.loser
-        rollout.retired = True
+        rollout.retired = True  # first: a reload meanwhile no longer keeps the loser
         if rollout.phase is Phase.ROLLED_BACK and rollout.candidate_was_loaded:
             # The repository served it before the rollout: leave it as it was found.
             self._apply(rollout, [])
-            return
+        else:
+            await self._unload(rollout.model, loser)
+            reason = f"keep-warm of {rollout.spec.keep_warm_s:g} s over: version {loser} unloaded"
+            self._apply(rollout, [Transition("retired", rollout.phase, reason)])
+        await self._save_or_retry(rollout)
+
+    async def _unload(self, model: str, version: str) -> None:
         try:
-            await self._repo.unload_version(rollout.model, loser)
+            await self._repo.unload_version(model, version)
         except ConvoyError as exc:
-            log.error("model '%s': unloading version %s failed: %s", rollout.model, loser, exc)
-        reason = f"keep-warm of {rollout.spec.keep_warm_s:g} s over: version {loser} unloaded"
-        self._apply(rollout, [Transition("retired", rollout.phase, reason)])
+            log.error("model '%s': unloading version %s failed: %s", model, version, exc)
 
     # -- restart ---------------------------------------------------------------------
 
@@ -414,18 +458,21 @@ class RolloutController:
         except ConvoyError as exc:
             log.error("model '%s': version %s does not load after restart: %s",
                       model, rollout.winner, exc.message)  # fmt: skip
+        # Serving resumes what the store holds: applied first, the new reason saved after.
         if not rollout.phase.active:
             self._apply(rollout, [])
-            return
-        try:
-            await self._repo.ensure_loaded(model, rollout.candidate)
-        except ConvoyError as exc:
-            reason = f"candidate version {rollout.candidate} failed to load after restart: {exc}"
-            self._apply(rollout, [rollout.rollback(self._clock(), reason)])
-            return
-        weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
-        reason = f"restored after restart: {rollout.phase.value} at {weights}"
-        self._apply(rollout, [Transition("restored", rollout.phase, reason)])
+        else:
+            try:
+                await self._repo.ensure_loaded(model, rollout.candidate)
+            except ConvoyError as exc:
+                candidate = rollout.candidate
+                reason = f"candidate version {candidate} failed to load after restart: {exc}"
+                self._apply(rollout, [rollout.rollback(self._clock(), reason)])
+            else:
+                weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
+                reason = f"restored after restart: {rollout.phase.value} at {weights}"
+                self._apply(rollout, [Transition("restored", rollout.phase, reason)])
+        await self._save_or_retry(rollout)
 
     # -- internals -------------------------------------------------------------------
 
@@ -450,9 +497,47 @@ class RolloutController:
             )
         return rollout
 
+    async def _commit(self, rollout: Rollout, transitions: list[Transition]) -> None:
+        """Save, then apply a changed rollout (a copy of the one in place, or a new one).
+
+        Unavailable when the state cannot be saved: nothing is applied, the rollout in
+        place stays as it was. A rollback is applied first and its save retried.
+        """
+        if rollout.phase is Phase.ROLLED_BACK:
+            self._apply(rollout, transitions)
+            await self._save_or_retry(rollout)
+            return
+        await self._save(rollout)
+        self._unsaved.discard(rollout.model)
+        self._apply(rollout, transitions)
+
+    async def _save(self, rollout: Rollout) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.save(rollout.to_record())
+        except OSError as exc:
+            raise Unavailable(
+                f"rollout state of model '{rollout.model}' cannot be saved in "
+                f"{self._store.directory} (--rollout-state-dir): {exc}"
+            ) from exc
+
+    async def _save_or_retry(self, rollout: Rollout) -> None:
+        """For what serving already shows: a failed save is logged and retried each tick."""
+        try:
+            await self._save(rollout)
+        except Unavailable as exc:
+            self._unsaved.add(rollout.model)
+            log.error("%s; serving has changed already, saving is retried every tick",
+                      exc.message)  # fmt: skip
+        else:
+            self._unsaved.discard(rollout.model)
+
     def _apply(self, rollout: Rollout, transitions: list[Transition]) -> None:
-        """Make routing, the repository's default, the store and the counters agree."""
+        """Put the rollout in place; make routing, the repository's default and the
+        counters agree with it. Saving is the caller's: _commit or _save_or_retry."""
         model = rollout.model
+        self._rollouts[model] = rollout
         if rollout.phase.active:
             self._routes[model] = rollout.policy()
         else:
@@ -464,8 +549,6 @@ class RolloutController:
             self.events[key] = self.events.get(key, 0) + 1
             log.info("rollout of model '%s' version %s: %s (%s): %s", model, rollout.candidate,
                      transition.event, transition.phase.value, transition.reason)  # fmt: skip
-        if self._store is not None:
-            self._store.save(rollout.to_record())
 
     def _status(self, rollout: Rollout) -> RolloutStatus:
         steps = rollout.spec.steps

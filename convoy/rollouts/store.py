@@ -31,7 +31,21 @@ class RolloutStore:
         # Model names are repository directory names: no separators, safe as file names.
         return self.directory / f"{model}{SUFFIX}"
 
+    def check_writable(self) -> None:
+        """At start-up, before anything serves: ConfigError naming the flag when state
+        cannot be written here, rather than a refused rollout later."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".tmp-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(
+                str(self.directory), "--rollout-state-dir", f"cannot write rollout state: {exc}"
+            ) from exc
+
     def save(self, record: dict[str, Any]) -> None:
+        """OSError when the directory cannot be written (full, read-only, gone)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.path_of(str(record["model"]))
         data = json.dumps({"format": FORMAT, **record}, indent=2, sort_keys=True)
