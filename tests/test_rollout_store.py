@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,21 @@ class FlakyStore(RolloutStore):
 
     def saved(self, model: str) -> dict[str, Any]:
         return dict(json.loads(self.path_of(model).read_text()))
+
+
+class SlowStore(FlakyStore):
+    """A disk that takes its time: each save waits until `release` is set."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.threads: list[int] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def save(self, record: dict[str, Any]) -> None:
+        self.threads.append(threading.get_ident())
+        self.release.wait(2)
+        super().save(record)
 
 
 def failing_v2(version: str, i: int) -> tuple[InternalError | None, float, float]:
@@ -166,6 +183,28 @@ def test_a_rollback_goes_back_to_stable_even_when_it_cannot_be_saved(tmp_path: P
     store.broken.clear()
     run(controller.tick())
     assert store.saved("m")["phase"] == "rolled_back"
+
+
+def test_state_is_written_off_the_event_loop_and_before_routing_changes(
+    tmp_path: Path,
+) -> None:
+    store = SlowStore(tmp_path)
+    controller, _, _ = make(store=store)
+
+    async def scenario() -> None:
+        await controller.start("m", "2", CANARY)
+        store.release.clear()
+        promoting = asyncio.create_task(controller.promote("m"))
+        await asyncio.sleep(0.1)  # the loop serves on while the save waits on the disk
+        assert not promoting.done()
+        assert controller.status("m")[0].phase == "progressing"  # not applied before saved
+        assert {controller.route("m") for _ in range(500)} == {"1", "2"}
+        store.release.set()
+        assert (await promoting).phase == "promoted"
+        assert controller.route("m") is None and store.saved("m")["phase"] == "promoted"
+
+    run(scenario())
+    assert store.threads and threading.get_ident() not in store.threads
 
 
 def test_an_unreadable_state_file_is_named(tmp_path: Path) -> None:

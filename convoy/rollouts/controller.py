@@ -514,8 +514,9 @@ class RolloutController:
     async def _save(self, rollout: Rollout) -> None:
         if self._store is None:
             return
+        record = rollout.to_record()  # read on the loop; written and fsynced off it
         try:
-            self._store.save(rollout.to_record())
+            await asyncio.to_thread(self._store.save, record)
         except OSError as exc:
             raise Unavailable(
                 f"rollout state of model '{rollout.model}' cannot be saved in "

@@ -1,9 +1,10 @@
 """Rollout state on disk: one JSON file per model, replaced atomically.
 
 Written at every phase or step change (a few times per rollout, about 1 KB),
-never per request. A write goes to a temporary file in the same directory,
-is fsynced, then renamed over the old one, so a crash leaves the old state or
-the new, never half of one.
+never per request, and from a worker thread: the fsyncs take milliseconds to
+seconds on a busy disk, which the event loop must not wait on. A write goes to
+a temporary file in the same directory, is fsynced, then renamed over the old
+one, so a crash leaves the old state or the new, never half of one.
 """
 
 from __future__ import annotations
