@@ -286,6 +286,7 @@ class ConvoyServer:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        await self.rollouts.close()
         if self._http is not None:
             await self._http.stop()
         if self._frontends is not None:  # they drain their calls through the engine first

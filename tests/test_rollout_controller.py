@@ -284,3 +284,46 @@ def test_what_the_server_asks_before_routing_and_reloading() -> None:
     clock.now += 300
     run(controller.tick())
     assert controller.versions_in_use("m") == {"2"}
+
+
+def test_a_draining_version_holds_up_no_other_rollout() -> None:
+    """Retiring a loser drains its queue (up to the grace period): the ticks go on
+    meanwhile, and a failing candidate elsewhere is rolled back at once."""
+    repo = FakeRepository(
+        on_disk={"a": ["1", "2"], "b": ["1", "2"]}, loaded={"a": {"1"}, "b": {"1"}}
+    )
+    controller, _, clock = make(repo)
+    unload = repo.unload_version
+
+    async def scenario() -> None:
+        drained = asyncio.Event()
+
+        async def slow_unload(model: str, version: str) -> None:
+            await drained.wait()
+            await unload(model, version)
+
+        repo.unload_version = slow_unload  # type: ignore[method-assign]
+        await controller.start("a", "2", CANARY)
+        await controller.promote("a")
+        await controller.start("b", "2", CANARY)
+        clock.now += 300  # a's keep-warm is over: v1 drains
+        await asyncio.wait_for(controller.tick(), 1)
+        assert controller.versions_in_use("a") == {"2"}  # retiring: a reload drops v1
+        feed(controller, 2000, lambda v, i: (InternalError("x") if v == "2" else None, 1, 1), "b")
+        await asyncio.wait_for(controller.tick(), 1)
+        assert controller.status("b")[0].phase == "rolled_back"
+        drained.set()
+        for _ in range(100):
+            if controller.events.get(("a", "retired")):
+                break
+            await asyncio.sleep(0.01)
+        assert repo.unloaded == ["1"] and controller.events[("a", "retired")] == 1
+        # A retirement still draining at shutdown is cancelled by its owner.
+        drained.clear()
+        clock.now += 300  # b's loser, v2, starts draining
+        await controller.tick()
+        await asyncio.sleep(0)
+        await asyncio.wait_for(controller.close(), 1)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    run(scenario())

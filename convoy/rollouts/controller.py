@@ -22,6 +22,7 @@ a rolled-back candidate in front of every caller.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -106,6 +107,7 @@ class RolloutController:
         self._shadow_inflight: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per model: control calls await loads
         self._unsaved: set[str] = set()  # models whose applied state the store refused
+        self._retiring: dict[str, asyncio.Task[None]] = {}  # model -> its loser draining
         self.events: dict[tuple[str, str], int] = {}  # (model, event) -> count
         self.shadow_shed: dict[tuple[str, str], int] = {}  # (model, version) -> count
         self.divergence: dict[tuple[str, str, str], BucketCounts] = {}  # model, version, output
@@ -346,15 +348,27 @@ class RolloutController:
         now = self._clock() if now is None else now
         await asyncio.gather(*(self._tick_one(model, now) for model in list(self._rollouts)))
         for rollout in list(self._rollouts.values()):
-            lock = self._lock(rollout.model)
+            model = rollout.model
             if (
                 rollout.finished_at is not None
                 and not rollout.retired
                 and now - rollout.finished_at >= rollout.spec.keep_warm_s
-                and not lock.locked()  # a control call is under way: retire on a later tick
+                and model not in self._retiring
+                and not self._lock(model).locked()  # a control call: retire on a later tick
             ):
-                async with lock:
-                    await self._retire(rollout)
+                # Its own task: a drain lasts up to the grace period, and no other
+                # model's analysis may wait for it.
+                task = asyncio.get_running_loop().create_task(self._retire_locked(rollout))
+                self._retiring[model] = task
+                task.add_done_callback(functools.partial(self._retired, model))
+
+    async def close(self) -> None:
+        """At shutdown, once tick() is no longer called: stop the retirements under way
+        (the repository finishes or abandons their drains within its own grace period)."""
+        tasks = list(self._retiring.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _tick_one(self, model: str, now: float) -> None:
         lock = self._lock(model)
@@ -410,6 +424,16 @@ class RolloutController:
         ):
             return
         await self._unload(rollout.model, rollout.loser)
+
+    async def _retire_locked(self, rollout: Rollout) -> None:
+        async with self._lock(rollout.model):
+            if self._rollouts.get(rollout.model) is rollout:  # not replaced meanwhile
+                await self._retire(rollout)
+
+    def _retired(self, model: str, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(model, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("model '%s': retiring the rollout's loser failed: %r", model, exc)
 
     async def _retire(self, rollout: Rollout) -> None:
         loser = rollout.loser
