@@ -80,8 +80,8 @@ class ConvoyServer:
         self.metrics.registry.register(RolloutCollector(self.rollouts))
         self.metrics.registry.register(MonitoringCollector(self.repository.monitors))
         self.cache = ResponseCache(config.cache) if config.cache is not None else None
+        self.repository.on_change = self._models_changed
         if self.cache is not None:
-            self.repository.on_change = self.cache.clear_model
             self.metrics.registry.register(CacheCollector(self.cache))
         self.shadow = ShadowRunner(self.rollouts)
         self.declared = DeclaredRollouts(self.repository, self.rollouts)
@@ -249,6 +249,12 @@ class ConvoyServer:
                 await self.rollouts.tick()
             except Exception:
                 log.exception("rollout analysis failed")
+
+    def _models_changed(self, name: str) -> None:
+        """A model's versions were loaded, reloaded or unloaded (synchronously with it)."""
+        self.rollouts.versions_changed(name)  # a vanished candidate: back to stable now
+        if self.cache is not None:
+            self.cache.clear_model(name)
 
     def _pool_readings(self) -> list[PoolReading]:
         return [

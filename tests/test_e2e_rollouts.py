@@ -405,3 +405,28 @@ def test_a_start_that_cannot_be_saved_is_refused_over_grpc(tmp_path: Path) -> No
         assert (state / "lin.rollout.json").is_file()
     finally:
         server.stop()
+
+
+def test_a_candidate_whose_directory_vanishes_is_rolled_back_at_once(tmp_path: Path) -> None:
+    """The candidate's version directory is removed mid-canary: at the reload (here the
+    poll) its share goes back to stable in the same step, no caller sees NOT_FOUND, and
+    the rollout is rolled back naming why."""
+    repo = write_repository(tmp_path / "repo")
+    server = start_server(repo, "--repository-poll-secs", "0.5")
+    try:
+        with Load(server.url) as load:
+            rollout(server, "start", "lin", "--version", "2", "--strategy", "canary",
+                    "--steps", "50,100", "--step-interval", "600s")  # fmt: skip
+            time.sleep(1.0)
+            assert load.versions()["2"] > 0
+            (repo / "lin" / "2").rename(tmp_path / "gone")
+            final = wait_phase(server, ("rolled_back",), timeout=30)
+            answered = len(load.answers)
+            time.sleep(1.0)
+            after = Counter(v for v, _, _ in load.answers[answered:])
+        assert "candidate version 2 no longer serves" in str(final["reason"]), final
+        assert not load.failures, load.failures[:3]
+        assert set(after) == {"1"}, after
+        assert default_version(server) == "1"
+    finally:
+        server.stop()

@@ -327,3 +327,22 @@ def test_a_draining_version_holds_up_no_other_rollout() -> None:
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
     run(scenario())
+
+
+def test_a_candidate_that_no_longer_serves_is_rolled_back_at_once() -> None:
+    """Its version directory left the repository and a reload dropped it: unversioned
+    requests go back to stable when the repository says so, or at the next tick."""
+    for told in (False, True):
+        controller, repo, _ = make()
+        run(controller.start("m", "2", CANARY))
+        repo.on_disk["m"] = ["1", "3"]
+        repo.loaded["m"].discard("2")
+        if told:  # the repository's change hook, in the same step as its reload
+            controller.versions_changed("m")
+        else:
+            run(controller.tick())
+        status = controller.status("m")[0]
+        assert status.phase == "rolled_back", told
+        assert "candidate version 2 no longer serves" in status.reason
+        assert controller.route("m") is None and repo.pinned["m"] == "1"
+        assert controller.events[("m", "rolled_back")] == 1

@@ -336,6 +336,19 @@ class RolloutController:
             return [self._status(rollout)]
         return [self._status(r) for _, r in sorted(self._rollouts.items())]
 
+    def versions_changed(self, model: str) -> None:
+        """The repository's change hook: it has just loaded, reloaded or unloaded versions
+        of the model. A candidate it dropped (its version directory is gone) rolls back
+        here, in the same step: no unversioned request is routed to it afterwards."""
+        rollout = self._rollouts.get(model)
+        if rollout is None or self._lock(model).locked():
+            return  # a control call is loading the arms: the next tick looks instead
+        vanished = self._vanished(rollout)
+        if vanished is not None:
+            changed, transition = vanished
+            self._apply(changed, [transition])
+            self._unsaved.add(model)  # saved by the next tick, off this synchronous hook
+
     # -- clock -----------------------------------------------------------------------
 
     async def tick(self, now: float | None = None) -> None:
@@ -384,6 +397,11 @@ class RolloutController:
     async def _advance(self, rollout: Rollout, now: float) -> None:
         if rollout.model in self._unsaved:
             await self._save_or_retry(rollout)
+        vanished = self._vanished(rollout)
+        if vanished is not None:
+            changed, transition = vanished
+            await self._commit(changed, [transition])
+            return
         changed = rollout.copy()
         transitions = changed.tick(now)
         if not transitions:
@@ -395,6 +413,21 @@ class RolloutController:
             events = ", ".join(t.event for t in transitions)
             log.error("rollout of model '%s': %s not taken: %s; tried again at the next tick",
                       rollout.model, events, exc.message)  # fmt: skip
+
+    def _vanished(self, rollout: Rollout) -> tuple[Rollout, Transition] | None:
+        """An active rollout whose candidate the repository no longer serves, rolled back
+        (a copy, to apply). Its share would answer NOT_FOUND, a client error that no gate
+        counts: the rollout would never end by itself. A model unloaded whole is left be."""
+        loaded = self._repo.loaded_versions(rollout.model)
+        if not rollout.phase.active or not loaded or rollout.candidate in loaded:
+            return None
+        changed = rollout.copy()
+        reason = (
+            f"candidate version {rollout.candidate} no longer serves: the repository reloaded "
+            f"model '{rollout.model}' without it (its version directory is gone); back to "
+            f"version {rollout.stable}"
+        )
+        return changed, changed.rollback(self._clock(), reason)
 
     async def start_declared(
         self, model: str, version: str, spec: RolloutSpec
