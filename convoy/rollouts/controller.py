@@ -12,6 +12,12 @@ refused control call leaves serving as it was. Rollbacks are the exception: back
 to stable never waits on the disk (a full or read-only state directory must not
 keep a failing candidate in front of callers); their save is retried every tick.
 
+Threads: everything here runs on the event loop but snapshot(), which the
+metrics scrape calls from its own thread. For it the loop never resizes a dict
+in place (a new key gets a new dict) and never changes the phase or weights of a
+rollout in place (a change commits a copy): one read of an attribute is a state
+that stays whole.
+
 Default pinning: from the moment a rollout starts, the controller tells the
 repository which version is the default (set_default), and keeps telling it
 after the rollout has ended (the winner), across restarts too. Without that a
@@ -28,7 +34,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
 from .analysis import Rollout, Transition
@@ -41,6 +47,8 @@ from .window import BucketCounts, WindowStats
 log = logging.getLogger(__name__)
 
 SHADOW_INFLIGHT = 8  # mirrored runs in flight per model; past it, shadow work is shed
+K = TypeVar("K")
+V = TypeVar("V")
 _COMPARES_BOTH_WAYS = (Strategy.CANARY, Strategy.BLUE_GREEN)
 
 
@@ -70,6 +78,17 @@ class RolloutRepository(Protocol):
     async def unload_version(self, model: str, version: str) -> None:
         """Stop routing to one version, drain its queue, free it."""
         ...
+
+
+@dataclass(frozen=True)
+class RolloutSnapshot:
+    """The figures the metrics scrape exports, taken at one moment."""
+
+    rollouts: tuple[tuple[str, str, dict[str, float]], ...]  # model, phase, weights; by model
+    events: dict[tuple[str, str], int]  # (model, event) -> count
+    shadow_shed: dict[tuple[str, str], int]  # (model, version) -> count
+    # (model, version, output) -> cumulative (bound, count) buckets and their sum
+    divergence: dict[tuple[str, str, str], tuple[list[tuple[str, int]], float]]
 
 
 @dataclass(frozen=True)
@@ -171,8 +190,7 @@ class RolloutController:
         inflight = self._shadow_inflight.get(model, 0)
         if inflight >= self._shadow_limit:
             rollout.windows[other].shadow_shed += 1
-            key = (model, other)
-            self.shadow_shed[key] = self.shadow_shed.get(key, 0) + 1
+            self.shadow_shed = _counted(self.shadow_shed, (model, other))
             return None
         self._shadow_inflight[model] = inflight + 1
         return other
@@ -216,7 +234,8 @@ class RolloutController:
             key = (model, candidate, output)
             counts = self.divergence.get(key)
             if counts is None:
-                counts = self.divergence[key] = BucketCounts()
+                counts = BucketCounts()
+                self.divergence = _with(self.divergence, key, counts)
             counts.observe(divergence.max_abs_diff)
 
     # -- control ---------------------------------------------------------------------
@@ -325,6 +344,20 @@ class RolloutController:
             reason = f"weights set by the operator: candidate {percent:g}%"
             await self._commit(rollout, [Transition("weights_changed", rollout.phase, reason)])
             return self._status(rollout)
+
+    def snapshot(self) -> RolloutSnapshot:
+        """For the metrics scrape, from its thread while the loop goes on: each dict and
+        rollout read here is one the loop no longer resizes or changes (see the module's
+        docstring); a histogram may be read between a bucket's count and its sum."""
+        rollouts = self._rollouts
+        return RolloutSnapshot(
+            rollouts=tuple(
+                (model, r.phase.value, r.weights()) for model, r in sorted(rollouts.items())
+            ),
+            events=dict(self.events),
+            shadow_shed=dict(self.shadow_shed),
+            divergence={k: (c.cumulative(), c.total) for k, c in self.divergence.items()},
+        )
 
     def status(self, model: str | None = None) -> list[RolloutStatus]:
         """One entry per model with a rollout (active or ended); [] for a model without."""
@@ -508,7 +541,7 @@ class RolloutController:
 
     async def _restore_one(self, rollout: Rollout) -> None:
         model = rollout.model
-        self._rollouts[model] = rollout
+        self._rollouts = _with(self._rollouts, model, rollout)
         try:
             self._repo.set_default(model, rollout.winner)
             await self._repo.ensure_loaded(model, rollout.winner)
@@ -595,7 +628,7 @@ class RolloutController:
         """Put the rollout in place; make routing, the repository's default and the
         counters agree with it. Saving is the caller's: _commit or _save_or_retry."""
         model = rollout.model
-        self._rollouts[model] = rollout
+        self._rollouts = _with(self._rollouts, model, rollout)
         if rollout.phase.active:
             self._routes[model] = rollout.policy()
         else:
@@ -603,8 +636,7 @@ class RolloutController:
             self._repo.set_default(model, rollout.winner)
             self._routes.pop(model, None)
         for transition in transitions:
-            key = (model, transition.event)
-            self.events[key] = self.events.get(key, 0) + 1
+            self.events = _counted(self.events, (model, transition.event))
             log.info("rollout of model '%s' version %s: %s (%s): %s", model, rollout.candidate,
                      transition.event, transition.phase.value, transition.reason)  # fmt: skip
 
@@ -625,6 +657,19 @@ class RolloutController:
             shadow_fraction=rollout.spec.shadow_fraction,
             windows=rollout.stats(),
         )
+
+
+def _with(mapping: dict[K, V], key: K, value: V) -> dict[K, V]:
+    """`mapping` with key set to value; a new dict if the key is new, so that the
+    metrics scrape's thread never iterates a dict that changes size under it."""
+    if key in mapping:
+        mapping[key] = value
+        return mapping
+    return {**mapping, key: value}
+
+
+def _counted(counts: dict[K, int], key: K) -> dict[K, int]:
+    return _with(counts, key, counts.get(key, 0) + 1)
 
 
 def _newer(version: str, than: str) -> bool:

@@ -8,7 +8,9 @@
                                                       against stable (version: the candidate)
 
 A collector rather than metric objects: nothing on the hot path touches a metric,
-and a model's series vanish with its rollout state.
+and a model's series vanish with its rollout state. The scrape runs on the metrics
+server's thread while the event loop changes the rollouts: it reads one snapshot
+(RolloutController.snapshot), never the controller's live dicts.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class RolloutCollector(Collector):
         return iter(())  # read only when scraped, not when registered
 
     def collect(self) -> Iterator[Metric]:
-        c = self._controller
+        snapshot = self._controller.snapshot()
         weight = GaugeMetricFamily(
             "convoy_rollout_weight",
             "Percent of unversioned requests routed to the version by its model's rollout",
@@ -47,29 +49,27 @@ class RolloutCollector(Collector):
             "Rollout phase: 1 progressing, 2 paused, 3 promoted, 4 rolled_back",
             labels=["model"],
         )
-        for status in c.status():
-            for version, percent in status.weights.items():
-                weight.add_metric([status.model, version], percent)
-            phase.add_metric([status.model], PHASE_VALUES[status.phase])
+        for model, phase_name, weights in snapshot.rollouts:
+            for version, percent in weights.items():
+                weight.add_metric([model, version], percent)
+            phase.add_metric([model], PHASE_VALUES[phase_name])
         events = CounterMetricFamily(
             "convoy_rollout_events", "Rollout events by kind", labels=["model", "event"]
         )
-        for (model, event), count in sorted(c.events.items()):
+        for (model, event), count in sorted(snapshot.events.items()):
             events.add_metric([model, event], count)
         shed = CounterMetricFamily(
             "convoy_rollout_shadow_shed",
             "Mirrored (shadow or comparison) runs dropped because the shadow budget was spent",
             labels=["model", "version"],
         )
-        for (model, version), count in sorted(c.shadow_shed.items()):
+        for (model, version), count in sorted(snapshot.shadow_shed.items()):
             shed.add_metric([model, version], count)
         divergence = HistogramMetricFamily(
             "convoy_rollout_divergence",
             "Per-request max absolute difference of an output, candidate against stable",
             labels=["model", "version", "output"],
         )
-        for (model, version, output), counts in sorted(c.divergence.items()):
-            divergence.add_metric(
-                [model, version, output], counts.cumulative(), sum_value=counts.total
-            )
+        for (model, version, output), (buckets, total) in sorted(snapshot.divergence.items()):
+            divergence.add_metric([model, version, output], buckets, sum_value=total)
         yield from (weight, phase, events, shed, divergence)
