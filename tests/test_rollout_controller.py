@@ -346,3 +346,27 @@ def test_a_candidate_that_no_longer_serves_is_rolled_back_at_once() -> None:
         assert "candidate version 2 no longer serves" in status.reason
         assert controller.route("m") is None and repo.pinned["m"] == "1"
         assert controller.events[("m", "rolled_back")] == 1
+
+
+def test_concurrent_declared_starts_start_one_rollout_and_refuse_none() -> None:
+    """The poll and a RepositoryModelLoad see the same new version at once: one starts
+    its declared rollout, the other is the documented no-op, not an error."""
+    controller, repo, _ = make()
+    spec = make_spec("canary")
+    load = repo.ensure_loaded
+
+    async def slow_load(model: str, version: str) -> None:
+        await asyncio.sleep(0.01)  # loading and warming up takes a while
+        await load(model, version)
+
+    repo.ensure_loaded = slow_load  # type: ignore[method-assign]
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(
+            controller.start_declared("m", "2", spec), controller.start_declared("m", "2", spec)
+        )
+
+    first, second = run(both())
+    assert first is not None and first.candidate == "2" and second is None
+    assert controller.events[("m", "started")] == 1
+    assert controller.status("m")[0].phase == "progressing"

@@ -470,17 +470,20 @@ class RolloutController:
         Idempotent, for a repository poll: no-op (None) when the version already
         serves by default, is an older one, was already rolled out (whatever the
         outcome: a rolled-back candidate is not retried), or another rollout runs.
+        The check and the start hold the model's lock together: of two polls or loads
+        that see the same new version at once, one starts it and the other is a no-op.
         """
-        existing = self._rollouts.get(model)
-        if existing is not None and (existing.phase.active or existing.candidate == version):
-            return None
-        try:
-            default = self._repo.default_version(model)
-        except ConvoyError:
-            default = None  # nothing serves yet: the first version is not a rollout
-        if default is None or not _newer(version, default):
-            return None
-        return await self.start(model, version, spec)
+        async with self._lock(model):
+            existing = self._rollouts.get(model)
+            if existing is not None and (existing.phase.active or existing.candidate == version):
+                return None
+            try:
+                default = self._repo.default_version(model)
+            except ConvoyError:
+                default = None  # nothing serves yet: the first version is not a rollout
+            if default is None or not _newer(version, default):
+                return None
+            return await self._start(model, version, spec)
 
     async def _retire_early(self, rollout: Rollout, keep: tuple[str, ...]) -> None:
         """A new rollout replaces an ended one still keeping its loser warm."""
