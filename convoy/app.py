@@ -25,8 +25,12 @@ from .api.http import HttpFrontend, server_ssl_context
 from .api.monitoring import SERVICE_NAME as MONITORING_SERVICE
 from .api.monitoring import add_monitoring_service
 from .api.servicer import InferenceServicer
+from .api.status import status_code
 from .cache import ResponseCache
 from .cache.exporter import CacheCollector
+from .capture.exporter import CaptureCollector
+from .capture.recorder import CaptureRecorder
+from .capture.writer import CaptureWriter
 from .config import ServerConfig
 from .errors import ConfigError
 from .heap import GcPauses, HeapSettler
@@ -99,6 +103,13 @@ class ConvoyServer:
             budget=budget,
         )
         self.repository.steps = self.path.run_step  # ensemble steps take the same path
+        self.capture: CaptureWriter | None = None
+        if config.capture is not None:
+            self.capture = CaptureWriter(config.capture)
+            self.metrics.registry.register(CaptureCollector(self.capture.counts))
+            self.path.observers.append(
+                CaptureRecorder(self.capture, lambda error: status_code(error).name)
+            )
         self.servicer = InferenceServicer(self.path, self.declared.load, self.policy.client)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -116,6 +127,8 @@ class ConvoyServer:
     async def start(self) -> None:
         cfg = self.config
         await asyncio.to_thread(self.rollout_store.check_writable)  # ConfigError: nothing started
+        if self.capture is not None:  # ConfigError naming --capture-dir: nothing started
+            await asyncio.to_thread(self.capture.open)
         self.gc_pauses.start()
         await self.repository.load_all()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
@@ -312,6 +325,8 @@ class ConvoyServer:
         self.gc_pauses.close()
         await self.repository.close(left())
         self.path.close()  # unmaps shared memory regions, now that nothing reads them
+        if self.capture is not None:  # every answered request's row, in a complete file
+            await asyncio.to_thread(self.capture.close, left() + 5.0)
         if self._metrics_http is not None:
             httpd = self._metrics_http
             await asyncio.to_thread(httpd.shutdown)  # type: ignore[attr-defined]

@@ -6,14 +6,37 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .cache import CacheConfigError, parse_cache_config
-from .config import ServerConfig, ServingLimits
+from .config import CaptureConfig, ServerConfig, ServingLimits
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .optimize.cli import add_optimize_parser, run_optimize
 from .progress import progress_bar
 from .rollouts.cli import add_rollout_parser, run_rollout_command
+
+
+def _number(kind: type[float] | type[int], low: float, strict: bool) -> Any:
+    """An argparse type: a number above (or from) `low`, or a usage error naming it."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(
+                f"'{text}' must be {'above' if strict else 'at least'} {low:g}"
+            )
+        return value
+
+    return parse
+
+
+_positive_float = _number(float, 0, strict=True)
+_positive_int = _number(int, 0, strict=True)
+_non_negative_int = _number(int, 0, strict=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +157,35 @@ def build_parser() -> argparse.ArgumentParser:
         "for models with response_cache { enable: true } (docs/cache.md)",
     )
     serve.add_argument(
+        "--capture-dir",
+        metavar="URI",
+        help="capture answered requests to Parquet here (a directory or a pyarrow "
+        "filesystem URI such as s3://bucket/prefix), for the models whose config sets "
+        "capture_sample_rate (docs/capture.md); off when not given",
+    )
+    serve.add_argument(
+        "--capture-flush-secs",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="write buffered capture rows at least this often (default 10)",
+    )
+    serve.add_argument(
+        "--capture-max-mib",
+        type=_positive_int,
+        default=64,
+        metavar="MIB",
+        help="memory for captured rows not yet written; past it rows are dropped and "
+        "counted, never waited for (default 64)",
+    )
+    serve.add_argument(
+        "--capture-retention-days",
+        type=_non_negative_int,
+        default=0,
+        metavar="DAYS",
+        help="delete capture partitions older than this many days (default 0: keep all)",
+    )
+    serve.add_argument(
         "--max-connection-age-ms",
         type=int,
         default=30_000,
@@ -217,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     except CacheConfigError as exc:
         print(f"convoy serve: --cache-config: {exc}", file=sys.stderr)
         return 2
+    capture = None
+    if args.capture_dir:
+        capture = CaptureConfig(
+            uri=args.capture_dir,
+            flush_s=args.capture_flush_secs,
+            max_bytes=args.capture_max_mib << 20,
+            retention_days=args.capture_retention_days,
+        )
     config = ServerConfig(
         model_repository=args.model_repository,
         host=args.host,
@@ -240,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         cache=cache,
         frontends=args.frontends,
         frontend_shm_bytes=args.frontend_shm_mib << 20,
+        capture=capture,
     )
     from .app import run
     from .errors import ConfigError

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,6 +69,16 @@ DEFAULT_LIMITS = ServingLimits()
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    """Where and how served requests are written (`--capture-*`, docs/capture.md)."""
+
+    uri: str  # a local directory or a pyarrow/fsspec filesystem URI (s3://bucket/prefix)
+    flush_s: float = 10.0
+    max_bytes: int = 64 << 20  # rows copied but not yet written; past it, rows are dropped
+    retention_days: int = 0  # 0: keep every partition
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Settings of one `convoy serve` process."""
 
@@ -96,6 +107,7 @@ class ServerConfig:
     cache: CacheConfig | None = None  # --cache-config local,size=BYTES; None: no cache
     frontends: int = 1  # gRPC front-end processes; 0: one per 4 cores (1 on 2 cores)
     frontend_shm_bytes: int = 16 << 20  # each front end's tensor segment; 0: none
+    capture: CaptureConfig | None = None  # --capture-dir and its settings; None: off
 
 
 @dataclass(frozen=True)
@@ -278,6 +290,28 @@ class EnsembleStep:
     output_map: tuple[tuple[str, str], ...]
 
 
+CAPTURE_SAMPLE_RATE = "capture_sample_rate"
+CAPTURE_BY = "capture_by"
+CAPTURE_OUTPUTS = "capture_outputs"
+CAPTURE_EXCLUDE = "capture_exclude"
+CAPTURE_HASH = "capture_hash"
+CAPTURE_KEYS = (CAPTURE_SAMPLE_RATE, CAPTURE_BY, CAPTURE_OUTPUTS, CAPTURE_EXCLUDE, CAPTURE_HASH)
+CAPTURE_BY_VALUES = ("random", "request_id", "ab_key")
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Which of a model's requests the server's capture (`--capture-dir`) writes, and how
+    (docs/capture.md). `by`: random, or by a hash of the request id or A/B key, so that
+    one key is always in or always out."""
+
+    sample_rate: float
+    by: str = "random"
+    outputs: bool = True
+    exclude: frozenset[str] = frozenset()  # input names never written
+    hashed: frozenset[str] = frozenset()  # input names written as salted SHA-256
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A validated model configuration."""
@@ -298,6 +332,7 @@ class ModelSpec:
     options: BackendOptions = BackendOptions()
     ensemble: tuple[EnsembleStep, ...] = ()  # platform "ensemble" only
     response_cache: bool = False  # Triton's response_cache { enable: true }
+    capture: CaptureSpec | None = None  # parameters capture_*; None: never captured
 
     @property
     def cuda(self) -> CudaOptions:
@@ -451,6 +486,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         warmup=_warmup(config, inputs, path),
         options=options,
         response_cache=config.response_cache.enable,
+        capture=capture_spec(parameters, inputs, path),
     )
 
 
@@ -518,6 +554,40 @@ def _check_bf16(
                     f"TYPE_BF16 needs a backend that computes in bfloat16 "
                     f"({', '.join(BF16_BACKENDS)}), not '{backend}'",
                 )
+
+
+def capture_spec(
+    parameters: dict[str, str], inputs: tuple[TensorSpec, ...], path: str
+) -> CaptureSpec | None:
+    """parameters capture_*; ConfigError names the parameter at fault. A sample rate of
+    0 or none: no capture (the other keys are still checked)."""
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(path, f"parameters.{key}", message)
+
+    text = parameters.get(CAPTURE_SAMPLE_RATE, "0")
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not 0.0 <= rate <= 1.0:
+        raise fail(CAPTURE_SAMPLE_RATE, f"'{text}' is not a fraction between 0 and 1")
+    by = parameters.get(CAPTURE_BY, "random")
+    if by not in CAPTURE_BY_VALUES:
+        raise fail(CAPTURE_BY, f"'{by}' is not one of {', '.join(CAPTURE_BY_VALUES)}")
+    outputs = parameters.get(CAPTURE_OUTPUTS, "true").strip().lower()
+    if outputs not in ("true", "false"):
+        raise fail(CAPTURE_OUTPUTS, f"'{outputs}' is not true or false")
+    names = {t.name for t in inputs}
+    chosen: dict[str, frozenset[str]] = {}
+    for key in (CAPTURE_EXCLUDE, CAPTURE_HASH):
+        chosen[key] = _names(parameters.get(key, ""))
+        unknown = sorted(chosen[key] - names)
+        if unknown:
+            raise fail(key, f"the model has no input(s) {unknown}")
+    if rate == 0.0:
+        return None
+    return CaptureSpec(rate, by, outputs == "true", chosen[CAPTURE_EXCLUDE], chosen[CAPTURE_HASH])
 
 
 def _check_positive(parameters: dict[str, str], path: str, key: str) -> None:

@@ -44,19 +44,22 @@ log = logging.getLogger(__name__)
 BuildRequest = Callable[[ModelVersion], InferRequest]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answered:
-    """One answered request, as the path's observers see it (the capture hook)."""
+    """One answered request, as the path's observers see it (the capture hook), on the
+    event loop, once per request: an observer copies what it keeps and returns."""
 
     transport: str
     client: str | None
-    model: str
-    version: str
-    arm: str  # stable | candidate | none (a mirrored run is not observed)
+    request_id: str  # the client's id ("" when it sent none), refused requests' too
+    served: ModelVersion
+    arm: str  # stable | candidate | shadow (a mirrored run) | none
     request: InferRequest | None  # None: refused before it was decoded
     result: InferResult | None
     error: ConvoyError | None
     cache_hit: bool
+    done_ns: int  # monotonic, when answered: with the request's arrival and dispatch
+    ab_key: Callable[[], str | None]  # read only by an observer that samples by it
 
 
 AnswerObserver = Callable[[Answered], None]
@@ -108,7 +111,10 @@ class InferencePath:
             # The bypass parameter is checked whether or not a cache serves this model, so
             # a client's bad value does not start failing the day an operator turns one on.
             cacheable = _cache_wanted(request)
-            result = await self._serve(model, asked, caller, cacheable, owned=leases is None)
+            result = await self._serve(
+                model, asked, caller, cacheable, owned=leases is None,
+                key=lambda: _ab_key(request.parameters, caller),
+            )  # fmt: skip
             return encode_response(
                 request, model.spec, model.version, asked, result, model.labels,
                 place=caller.place,
@@ -173,10 +179,12 @@ class InferencePath:
         cacheable: bool,
         owned: bool,
         mirror: bool = True,
+        key: Callable[[], str | None] | None = None,
     ) -> InferResult:
         """Cache or queue, then monitoring and shadow; observers hear of every outcome.
         `owned`: the inputs are the request's own (not a front end's ring, freed once
-        answered); `mirror`: a shadow run may read them after the answer."""
+        answered); `mirror`: a shadow run may read them after the answer; `key` reads the
+        request's A/B key for an observer (the caller's header where None)."""
         cache_hit = False
         try:
             if cacheable and self.cache is not None and model.spec.response_cache:
@@ -185,14 +193,14 @@ class InferencePath:
                 result = await model.infer(request)
         except ConvoyError as exc:
             if self.observers:
-                self._observe(caller, model, request, None, exc, False)
+                self._observe(caller, model, request, None, exc, False, key)
             raise
         if model.monitoring is not None:  # a few rows copied; statistics off the loop
             model.monitoring.observe(request.id, request.inputs, result.outputs)
         if mirror and self.shadow is not None and result.outputs:
-            self._shadow_run(model, request, result, owned)
+            self._shadow_run(model, request, result, owned, caller)
         if self.observers:
-            self._observe(caller, model, request, result, None, cache_hit)
+            self._observe(caller, model, request, result, None, cache_hit, key)
         return result
 
     def _decode(
@@ -218,7 +226,7 @@ class InferencePath:
         except ConvoyError as exc:
             model.record_rejection(exc)
             if self.observers:
-                self._observe(caller, model, None, None, exc, False)
+                self._observe(caller, model, None, None, exc, False, request_id=request.id)
             raise
         if caller.background:
             asked.background = True
@@ -275,7 +283,12 @@ class InferencePath:
                 committing.add_done_callback(lambda done: _released(done, leases))
 
     def _shadow_run(
-        self, model: ModelVersion, asked: InferRequest, result: InferResult, owned: bool
+        self,
+        model: ModelVersion,
+        asked: InferRequest,
+        result: InferResult,
+        owned: bool,
+        caller: Caller,
     ) -> None:
         """Maybe mirror this request on the other version. Inputs in a front end's
         shared memory are freed once answered: a mirrored run gets its own copy, and
@@ -301,15 +314,21 @@ class InferencePath:
             name,
             model.version_label,
             served,
-            lambda other: self._mirror(name, other, mirrored[0], tuple(served)),
+            lambda other: self._mirror(name, other, mirrored[0], tuple(served), caller),
             detach=detach,
         )
 
     async def _mirror(
-        self, name: str, version: str, asked: InferRequest, outputs: tuple[str, ...]
+        self,
+        name: str,
+        version: str,
+        asked: InferRequest,
+        outputs: tuple[str, ...],
+        caller: Caller,
     ) -> Mapping[str, Array]:
         """The same inputs on another version, queued behind every caller, off the caller's
-        path (the shadow's and the canary's output comparison)."""
+        path (the shadow's and the canary's output comparison); observers see it as the
+        arm `shadow`."""
         model = self.repository.get(name, version)
         mirrored = InferRequest(
             id=asked.id,
@@ -320,7 +339,15 @@ class InferencePath:
             future=asyncio.get_running_loop().create_future(),
             background=True,
         )
-        return (await model.infer(mirrored)).outputs
+        try:
+            result = await model.infer(mirrored)
+        except ConvoyError as exc:
+            if self.observers:
+                self._observe(caller, model, mirrored, None, exc, False, arm="shadow")
+            raise
+        if self.observers:
+            self._observe(caller, model, mirrored, result, None, False, arm="shadow")
+        return result.outputs
 
     def _observe(
         self,
@@ -330,14 +357,30 @@ class InferencePath:
         result: InferResult | None,
         error: ConvoyError | None,
         cache_hit: bool,
+        key: Callable[[], str | None] | None = None,
+        arm: str | None = None,
+        request_id: str = "",
     ) -> None:
-        name, version = model.spec.name, model.version_label
-        stable, candidate = ("", "")
-        if self.rollouts is not None:
-            stable, candidate = self.rollouts.compared_versions(name)
-        arm = "stable" if version == stable else "candidate" if version == candidate else "none"
+        if arm is None:
+            arm = "none"
+            if self.rollouts is not None:
+                stable, candidate = self.rollouts.compared_versions(model.spec.name)
+                version = model.version_label
+                arm = (
+                    "stable" if version == stable else "candidate" if version == candidate else arm
+                )
         answered = Answered(
-            caller.transport, caller.client, name, version, arm, request, result, error, cache_hit
+            caller.transport,
+            caller.client,
+            request.id if request is not None else request_id,
+            model,
+            arm,
+            request,
+            result,
+            error,
+            cache_hit,
+            time.monotonic_ns(),
+            key or caller.header_key,
         )
         for observer in self.observers:
             try:

@@ -1,0 +1,201 @@
+"""Captured rows: what is copied on the event loop, and how a batch of them becomes an
+Arrow table (on the writer's thread).
+
+One row per captured request. Its tensors go in two struct columns, `inputs` and
+`outputs`, one field per tensor, with the tensor's Triton shape in the field's metadata
+(`shape`, -1 where a dimension varies; `batched`: whether a batch dimension comes first):
+
+- a batching model's tensor: a list with one item per batch row; the item is a
+  fixed-size list of the row's values (flattened) when the dims are fixed, else a list;
+- a model without a batch dimension: the tensor's values (flattened), as a fixed-size
+  list when the dims are fixed, else a list;
+- numeric values in their dtype (BF16 as its uint16 bit pattern), BYTES as binary,
+  an input named in `capture_hash` as the hex of its salted SHA-256, one per element.
+
+The struct column `shapes` keeps each captured tensor's whole shape (list<int64>), so a
+replay sends exactly what was served whatever the dims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..config import ModelSpec, TensorSpec
+from ..tensors import NUMPY_DTYPES
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# The columns of a file besides inputs, outputs and shapes. `model` and `version` are not
+# among them: they are partition keys (model=<name>/version=<v> in the path), which every
+# Hive-aware reader (DuckDB, pyarrow.dataset, pandas, Spark) adds as columns; a file that
+# held them too would clash with them (pyarrow refuses a string beside an int partition).
+SCALARS = (
+    "request_id", "timestamp", "arm", "transport", "status", "error",
+    "queue_us", "compute_us", "total_us", "cache_hit", "client",
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class CapturedRow:
+    """One request's row, its tensors already copied (they outlive the request)."""
+
+    spec: ModelSpec
+    version: str
+    request_id: str
+    timestamp_us: int  # UTC microseconds since the epoch
+    arm: str
+    transport: str
+    status: str  # the gRPC code name: OK, INVALID_ARGUMENT, ...
+    error: str | None
+    queue_us: int | None
+    compute_us: int | None
+    total_us: int | None
+    cache_hit: bool
+    client: str | None
+    inputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    nbytes: int = 0  # what it holds in memory, for the writer's budget
+
+
+def hashed(values: np.ndarray[Any, Any], salt: bytes) -> np.ndarray[Any, Any]:
+    """Each element as the hex of SHA-256(salt + its bytes): joinable, not reversible."""
+    out = np.empty(values.shape, dtype=object)
+    flat, target = values.reshape(-1), out.reshape(-1)
+    for i, value in enumerate(flat):
+        raw = value if isinstance(value, bytes) else np.asarray(value).tobytes()
+        target[i] = hashlib.sha256(salt + raw).hexdigest()
+    return out
+
+
+def table(rows: Sequence[CapturedRow]) -> pa.Table:
+    """The rows of one model version as one Arrow table (the writer's thread)."""
+    import pyarrow as pa
+
+    spec = rows[0].spec
+    capture = spec.capture
+    hashed_names = capture.hashed if capture is not None else frozenset()
+    excluded = capture.exclude if capture is not None else frozenset()
+    columns: dict[str, pa.Array] = {
+        "request_id": pa.array([r.request_id for r in rows], pa.string()),
+        "timestamp": pa.array([r.timestamp_us for r in rows], pa.timestamp("us", tz="UTC")),
+        "arm": pa.array([r.arm for r in rows], pa.string()),
+        "transport": pa.array([r.transport for r in rows], pa.string()),
+        "status": pa.array([r.status for r in rows], pa.string()),
+        "error": pa.array([r.error for r in rows], pa.string()),
+        "queue_us": pa.array([r.queue_us for r in rows], pa.int64()),
+        "compute_us": pa.array([r.compute_us for r in rows], pa.int64()),
+        "total_us": pa.array([r.total_us for r in rows], pa.int64()),
+        "cache_hit": pa.array([r.cache_hit for r in rows], pa.bool_()),
+        "client": pa.array([r.client for r in rows], pa.string()),
+    }
+    inputs = [t for t in spec.inputs if t.name not in excluded]
+    # Parquet holds no struct without fields: with every input excluded, no `inputs`.
+    if inputs:
+        columns["inputs"] = _struct(
+            [(t, t.name in hashed_names, [r.inputs.get(t.name) for r in rows]) for t in inputs],
+            spec.batched,
+        )
+    outputs = [(t, False, [r.outputs.get(t.name) for r in rows]) for t in spec.outputs]
+    columns["outputs"] = _struct(outputs, spec.batched)
+    shapes = [
+        (t.name, [None if (a := r.inputs.get(t.name)) is None else list(a.shape) for r in rows])
+        for t in inputs
+    ] + [
+        (t.name, [None if (a := r.outputs.get(t.name)) is None else list(a.shape) for r in rows])
+        for t in spec.outputs
+    ]
+    columns["shapes"] = pa.StructArray.from_arrays(
+        [pa.array(values, pa.list_(pa.int64())) for _, values in shapes],
+        names=[name for name, _ in shapes],
+    )
+    return pa.table(columns)
+
+
+def _struct(
+    tensors: Iterable[tuple[TensorSpec, bool, list[np.ndarray[Any, Any] | None]]], batched: bool
+) -> pa.Array:
+    import pyarrow as pa
+
+    arrays, fields = [], []
+    for spec, is_hashed, values in tensors:
+        array = _tensor_column(spec, is_hashed, values, batched)
+        metadata = {"shape": json.dumps(list(spec.dims)), "batched": json.dumps(batched)}
+        fields.append(pa.field(spec.name, array.type, metadata=metadata))
+        arrays.append(array)
+    return pa.StructArray.from_arrays(arrays, fields=fields)
+
+
+def _value_type(spec: TensorSpec, is_hashed: bool) -> pa.DataType:
+    import pyarrow as pa
+
+    if is_hashed:
+        return pa.string()
+    if spec.datatype == "BYTES":
+        return pa.binary()
+    return pa.from_numpy_dtype(NUMPY_DTYPES[spec.datatype])
+
+
+def _tensor_column(
+    spec: TensorSpec, is_hashed: bool, values: list[np.ndarray[Any, Any] | None], batched: bool
+) -> pa.Array:
+    """One tensor of every row: nulls where a row has none (refused, or not asked for)."""
+    import pyarrow as pa
+
+    value_type = _value_type(spec, is_hashed)
+    fixed = -1 not in spec.dims
+    per_item = int(np.prod(spec.dims)) if fixed else 0
+    present = [v for v in values if v is not None]
+    flat = [v.reshape(-1) for v in present]
+    if value_type in (pa.binary(), pa.string()):
+        leaves = pa.array([x for f in flat for x in f.tolist()], value_type)
+    elif flat:
+        leaves = pa.array(np.concatenate(flat), value_type)
+    else:
+        leaves = pa.array([], value_type)
+    mask = pa.array([v is None for v in values], pa.bool_())
+    if batched:
+        # One item per batch row: a row's values are the elements past the batch dim.
+        items = [int(np.prod(v.shape[1:])) for v in present for _ in range(v.shape[0])]
+        if fixed:
+            inner: pa.Array = pa.FixedSizeListArray.from_arrays(leaves, per_item)
+        else:
+            inner = pa.ListArray.from_arrays(_offsets(items), leaves)
+        counts = [0 if v is None else v.shape[0] for v in values]
+        return pa.ListArray.from_arrays(_offsets(counts), inner, mask=mask)
+    if fixed:
+        whole = [per_item if v is not None else 0 for v in values]
+        full = _fill_nulls(leaves, whole, per_item, value_type)
+        return pa.FixedSizeListArray.from_arrays(full, per_item, mask=mask)
+    counts = [0 if v is None else v.size for v in values]
+    return pa.ListArray.from_arrays(_offsets(counts), leaves, mask=mask)
+
+
+def _fill_nulls(
+    leaves: pa.Array, sizes: list[int], per_item: int, value_type: pa.DataType
+) -> pa.Array:
+    """A fixed-size list holds per_item values for a null row too: fill those in."""
+    import pyarrow as pa
+
+    if all(sizes):
+        return leaves
+    parts, start = [], 0
+    for size in sizes:
+        if size:
+            parts.append(leaves.slice(start, size))
+            start += size
+        else:
+            parts.append(pa.nulls(per_item, value_type))
+    return pa.concat_arrays(parts)
+
+
+def _offsets(counts: list[int]) -> pa.Array:
+    import pyarrow as pa
+
+    return pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))

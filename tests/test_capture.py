@@ -1,0 +1,271 @@
+"""Capture without a server: the config parameters, sampling, the Parquet layout as DuckDB
+reads it, the writer's budget, failures, atomic files and retention."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from convoy.capture.recorder import CaptureRecorder, sampled
+from convoy.capture.rows import CapturedRow
+from convoy.capture.writer import CaptureWriter
+from convoy.config import CaptureConfig, CaptureSpec, read_model_config, validate_model_config
+from convoy.errors import ConfigError, InvalidInput
+
+duckdb = pytest.importorskip("duckdb", reason="duckdb missing: a test extra")
+pytest.importorskip("pyarrow", reason="pyarrow missing: a dependency of convoy")
+
+CONFIG = """
+name: "m"
+backend: "convoy_python"
+max_batch_size: 8
+input [
+  {{ name: "X" data_type: TYPE_FP32 dims: [ 2 ] }},
+  {{ name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "VAR" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "EMAIL" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 2 ] }} ]
+parameters [ {params} ]
+"""
+
+
+def spec_of(tmp_path: Path, **params: str) -> Any:
+    text = ", ".join(f'{{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items())
+    folder = tmp_path / "m"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.pbtxt").write_text(CONFIG.format(params=text))
+    return validate_model_config(read_model_config(folder), "m/config.pbtxt", "m")
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"capture_sample_rate": "1.5"}, "parameters.capture_sample_rate"),
+        ({"capture_sample_rate": "often"}, "parameters.capture_sample_rate"),
+        ({"capture_sample_rate": "0.5", "capture_by": "user"}, "parameters.capture_by"),
+        ({"capture_sample_rate": "0.5", "capture_outputs": "maybe"}, "parameters.capture_outputs"),
+        ({"capture_sample_rate": "1", "capture_exclude": "NOPE"}, "parameters.capture_exclude"),
+        ({"capture_sample_rate": "1", "capture_hash": "X, NOPE"}, "parameters.capture_hash"),
+    ],
+)
+def test_a_bad_capture_parameter_is_a_config_error_naming_it(
+    tmp_path: Path, params: dict[str, str], field: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        spec_of(tmp_path, **params)
+    assert raised.value.field == field
+
+
+def test_capture_parameters_are_read(tmp_path: Path) -> None:
+    assert spec_of(tmp_path, drift_seed="1").capture is None  # no sample rate: off
+    assert spec_of(tmp_path, capture_sample_rate="0").capture is None
+    spec = spec_of(
+        tmp_path, capture_sample_rate="0.25", capture_by="ab_key", capture_outputs="false",
+        capture_exclude="EMAIL", capture_hash="TEXT",
+    )  # fmt: skip
+    assert spec.capture == CaptureSpec(
+        0.25, "ab_key", False, frozenset({"EMAIL"}), frozenset({"TEXT"})
+    )
+
+
+class _Answer:
+    """The part of an Answered that sampling reads."""
+
+    def __init__(self, request_id: str, key: str | None = None) -> None:
+        self.request_id = request_id
+        self.ab_key = lambda: key
+
+
+def test_sampling_by_key_is_always_in_or_always_out() -> None:
+    spec = CaptureSpec(0.3, "request_id")
+    never: Any = lambda: pytest.fail("a keyed sample must not draw")  # noqa: E731
+    first = [sampled(spec, _Answer(f"id-{i}"), never) for i in range(2000)]  # type: ignore[arg-type]
+    again = [sampled(spec, _Answer(f"id-{i}"), never) for i in range(2000)]  # type: ignore[arg-type]
+    assert first == again
+    assert 0.25 < sum(first) / len(first) < 0.35
+    by_key = CaptureSpec(0.5, "ab_key")
+    keyed = {sampled(by_key, _Answer(f"r{i}", "user-7"), never) for i in range(50)}  # type: ignore[arg-type]
+    assert len(keyed) == 1  # one A/B key: every request in, or every one out
+
+
+def row(spec: Any, i: int, **overrides: Any) -> CapturedRow:
+    rows = 1 + i % 3
+    fields: dict[str, Any] = dict(
+        spec=spec, version="1", request_id=f"r{i}",
+        timestamp_us=int(dt.datetime(2026, 12, 7, 5, 30, tzinfo=dt.UTC).timestamp() * 1e6) + i,
+        arm="none", transport="grpc", status="OK", error=None, queue_us=10, compute_us=20,
+        total_us=35, cache_hit=False, client="anonymous",
+        inputs={
+            "X": np.arange(rows * 2, dtype=np.float32).reshape(rows, 2) + i,
+            "TEXT": np.array([[f"t{i}-{r}".encode()] for r in range(rows)], dtype=object),
+            "VAR": np.arange(rows * (i + 1), dtype=np.int64).reshape(rows, i + 1),
+            "EMAIL": np.array([[b"a@b.c"]] * rows, dtype=object),
+        },
+        outputs={"Y": np.full((rows, 2), 2.0 * i, np.float32)},
+        nbytes=1000,
+    )  # fmt: skip
+    fields.update(overrides)
+    return CapturedRow(**fields)
+
+
+def writer_at(tmp_path: Path, **settings: Any) -> CaptureWriter:
+    config = CaptureConfig(uri=str(tmp_path / "capture"), **settings)
+    writer = CaptureWriter(config)
+    writer.open()
+    return writer
+
+
+def files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "_salt")
+
+
+def test_rows_read_back_with_duckdb_as_written(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1", capture_exclude="EMAIL")
+    writer = writer_at(tmp_path, flush_s=60)
+    refused = row(spec, 9, status="INVALID_ARGUMENT", error="bad X", inputs={}, outputs={},
+                  queue_us=None, compute_us=None)  # fmt: skip
+    for r in [row(spec, i) for i in range(4)] + [refused]:
+        assert writer.put(r)
+    writer.close(30)
+    (written,) = files(tmp_path / "capture")
+    assert written.relative_to(tmp_path / "capture").parts[:5] == (
+        "requests", "model=m", "version=1", "date=2026-12-07", "hour=05",
+    )  # fmt: skip
+    glob = str(tmp_path / "capture" / "requests" / "**" / "*.parquet")
+    db = duckdb.connect()
+    got = db.execute(
+        f"SELECT request_id, model, version, status, error, queue_us, inputs.X, inputs.VAR, "
+        f"inputs.TEXT, outputs.Y, shapes.VAR, date, hour "
+        f"FROM read_parquet('{glob}', hive_partitioning = true) ORDER BY request_id"
+    ).fetchall()
+    assert [g[0] for g in got] == ["r0", "r1", "r2", "r3", "r9"]
+    r1 = got[1]
+    assert r1[1:6] == ("m", 1, "OK", None, 10)  # model and version: the partition keys
+    assert r1[6] == [[1.0, 2.0], [3.0, 4.0]]  # 2 batch rows of the fixed [2] dims
+    assert r1[7] == [[0, 1], [2, 3]] and r1[10] == [2, 2]  # variable dims, shape kept
+    assert r1[8] == [[b"t1-0"], [b"t1-1"]] and r1[9] == [[2.0, 2.0], [2.0, 2.0]]
+    assert str(r1[11]) == "2026-12-07" and int(r1[12]) == 5
+    assert got[4][3:5] == ("INVALID_ARGUMENT", "bad X") and got[4][6] is None
+    columns = {c[0] for c in db.execute(f"DESCRIBE SELECT inputs FROM '{glob}'").fetchall()}
+    assert columns == {"inputs"}
+    fields = db.execute(f"SELECT inputs FROM '{glob}' LIMIT 1").fetchone()[0]  # type: ignore[index]
+    assert "EMAIL" not in fields  # capture_exclude: never written
+
+
+def test_field_metadata_carries_the_triton_shape(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path)
+    writer.put(row(spec, 0))
+    writer.close(30)
+    (written,) = files(tmp_path / "capture")
+    inputs = pq.read_schema(written).field("inputs").type
+    x = inputs.field("X")
+    assert json.loads(x.metadata[b"shape"]) == [2] and json.loads(x.metadata[b"batched"])
+    assert x.type.value_type.list_size == 2  # fixed dims: fixed-size lists
+    assert json.loads(inputs.field("VAR").metadata[b"shape"]) == [-1]
+
+
+def test_hashed_inputs_are_salted_sha256_stable_across_restarts(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1", capture_hash="EMAIL")
+    statuses: list[str] = []
+    digests = []
+    for _ in range(2):  # two server lifetimes over one directory
+        writer = writer_at(tmp_path)
+        recorder = CaptureRecorder(writer, lambda e: statuses.append(e.message) or "X")
+        answered = fake_answered(spec, {"EMAIL": np.array([[b"ann@example.com"]], dtype=object)})
+        recorder(answered)
+        writer.close(30)
+        digests.append(writer.salt)
+    assert digests[0] == digests[1] and len(digests[0]) == 32
+    glob = str(tmp_path / "capture" / "requests" / "**" / "*.parquet")
+    values = duckdb.connect().execute(f"SELECT inputs.EMAIL FROM '{glob}'").fetchall()
+    assert len(values) == 2 and values[0] == values[1]
+    (digest,) = values[0][0][0]
+    assert len(digest) == 64 and "ann" not in digest
+
+
+def fake_answered(spec: Any, inputs: dict[str, Any], error: Exception | None = None) -> Any:
+    from convoy.batching.request import InferRequest, InferResult
+    from convoy.inference.path import Answered
+
+    served = type("Served", (), {"spec": spec, "version_label": "1"})()
+    request = InferRequest("", inputs, ("Y",), 1, (), None, arrival_ns=1_000, dispatch_ns=5_000)  # type: ignore[arg-type]
+    result = None if error else InferResult({"Y": np.zeros((1, 2), np.float32)})
+    return Answered("http", "anonymous", "", served, "none", request, result, error, False, 9_000,
+                    lambda: None)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_a_refused_request_is_captured_with_its_status(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path)
+    recorder = CaptureRecorder(writer, lambda e: "INVALID_ARGUMENT")
+    recorder(fake_answered(spec, {}, InvalidInput("input 'X' has the wrong shape")))
+    writer.close(30)
+    glob = str(tmp_path / "capture" / "requests" / "**" / "*.parquet")
+    got = (
+        duckdb.connect()
+        .execute(
+            f"SELECT status, error, transport, queue_us, total_us, outputs.Y, length(request_id) "
+            f"FROM '{glob}'"
+        )
+        .fetchall()
+    )
+    assert got == [("INVALID_ARGUMENT", "input 'X' has the wrong shape", "http", 4, 8, None, 32)]
+
+
+def test_a_full_budget_drops_and_counts_never_waits(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path, flush_s=60, max_bytes=2500)
+    stalled, flush = threading.Event(), writer.flush
+    writer.flush = lambda: (stalled.wait(30), flush())[1]  # type: ignore[method-assign]
+    outcomes = [writer.put(row(spec, i)) for i in range(4)]  # 1000 bytes each
+    assert outcomes == [True, True, False, False]  # a stalled store costs rows, not time
+    assert writer.counts.dropped == {("m", "1", "buffer_full"): 2}
+    stalled.set()
+    writer.close(30)
+    assert writer.counts.rows == {("m", "1"): 2} and writer.counts.files == 1
+
+
+def test_a_failing_write_drops_counts_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path, flush_s=60)
+    blocked = tmp_path / "capture" / "requests"
+    blocked.write_text("a file where the requests folder goes: every write fails")
+    writer.put(row(spec, 0))
+    writer.flush()
+    assert writer.counts.dropped == {("m", "1", "write_error"): 1}
+    blocked.unlink()
+    writer.put(row(spec, 1))  # the store is back: writing goes on
+    writer.close(30)
+    assert writer.counts.rows == {("m", "1"): 1}
+    assert [p.suffix for p in files(tmp_path / "capture")] == [".parquet"]
+
+
+def test_an_unwritable_capture_dir_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a directory")
+    writer = CaptureWriter(CaptureConfig(uri=str(tmp_path / "taken" / "capture")))
+    with pytest.raises(ConfigError, match="--capture-dir"):
+        writer.open()
+
+
+def test_retention_removes_old_date_partitions(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 12, 7, 12, tzinfo=dt.UTC).timestamp()
+    config = CaptureConfig(uri=str(tmp_path / "capture"), retention_days=2)
+    writer = CaptureWriter(config, clock=lambda: now)
+    writer.open()
+    base = tmp_path / "capture" / "requests" / "model=m" / "version=1"
+    for day in ("2026-12-01", "2026-12-04", "2026-12-05", "2026-12-07"):
+        (base / f"date={day}" / "hour=00").mkdir(parents=True)
+    writer._prune()
+    writer.close(30)
+    assert sorted(os.listdir(base)) == ["date=2026-12-05", "date=2026-12-07"]

@@ -1,0 +1,122 @@
+"""Capture end to end: the real server with --capture-dir, requests through gRPC and
+HTTP/REST (stock tritonclient), a refused request and a shadow rollout; after SIGTERM every
+answered request is a row of a complete Parquet file, read with DuckDB as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from convoy.pb import convoy_admin_pb2 as admin
+from convoy.pb import convoy_admin_pb2_grpc as admin_grpc
+
+from .conftest import ROOT, start_server
+
+pytestmark = pytest.mark.e2e
+duckdb = pytest.importorskip("duckdb", reason="duckdb missing: a test extra")
+
+SOURCE = """
+class Model:
+    def __init__(self, config):
+        pass
+
+    def __call__(self, inputs):
+        return {{"Y": inputs["X"] * {factor}}}
+"""
+CONFIG = """
+name: "lin"
+backend: "convoy_python"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+version_policy: { specific { versions: [ 1 ] } }
+parameters [ { key: "capture_sample_rate" value { string_value: "1" } } ]
+"""
+
+
+def repository(root: Path) -> Path:
+    for version, factor in ((1, 2), (2, 3)):
+        (root / "lin" / str(version)).mkdir(parents=True)
+        (root / "lin" / str(version) / "model.py").write_text(SOURCE.format(factor=factor))
+    (root / "lin" / "config.pbtxt").write_text(CONFIG)
+    return root
+
+
+def test_every_answered_request_is_a_row_after_sigterm(tmp_path: Path) -> None:
+    capture = tmp_path / "capture"
+    server = start_server(
+        repository(tmp_path / "repo"), "--capture-dir", str(capture), "--capture-flush-secs", "1"
+    )
+    try:
+        grpc_client = grpcclient.InferenceServerClient(server.url)
+        http_client = httpclient.InferenceServerClient(server.http_url)
+        for i in range(20):
+            x = grpcclient.InferInput("X", [1, 1], "FP32")
+            x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
+            grpc_client.infer("lin", [x], request_id=f"g{i}")
+        for i in range(5):
+            h = httpclient.InferInput("X", [2, 1], "FP32")
+            h.set_data_from_numpy(np.full((2, 1), float(i), np.float32))
+            http_client.infer("lin", [h], request_id=f"h{i}")
+        bad = grpcclient.InferInput("X", [1, 3], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3), np.float32))
+        with pytest.raises(InferenceServerException):
+            grpc_client.infer("lin", [bad], request_id="bad")
+        # A shadow rollout: the candidate's answers are captured too, as the arm `shadow`.
+        with grpc.insecure_channel(server.url) as channel:
+            rollouts = admin_grpc.RolloutServiceStub(channel)
+            spec = admin.RolloutSpec(strategy="shadow", step_interval_s=600, shadow_fraction=1)
+            rollouts.Start(admin.StartRolloutRequest(model="lin", version="2", spec=spec))
+            for i in range(5):
+                x = grpcclient.InferInput("X", [1, 1], "FP32")
+                x.set_data_from_numpy(np.full((1, 1), 100.0 + i, np.float32))
+                grpc_client.infer("lin", [x], request_id=f"s{i}")
+            time.sleep(1.0)  # mirrored runs queue behind callers
+        grpc_client.close()
+    finally:
+        assert server.stop() == 0, server.output()
+    leftovers = [p for p in capture.rglob("*.tmp")]
+    assert leftovers == []  # only complete files are ever visible
+    glob = capture / "requests" / "**" / "*.parquet"
+    db = duckdb.connect()
+    rows = db.execute(
+        f"SELECT request_id, version, arm, transport, status, outputs.Y, inputs.X, total_us "
+        f"FROM read_parquet('{glob}', hive_partitioning = true, hive_types_autocast = false)"
+    ).fetchall()
+    by_id: dict[tuple[str, str], tuple[object, ...]] = {(r[0], r[2]): r for r in rows}
+    callers = [r for r in rows if r[2] != "shadow"]
+    assert len(callers) == 20 + 5 + 1 + 5  # every answered request, exactly once
+    g3 = by_id[("g3", "none")]
+    assert g3[1:5] == ("1", "none", "grpc", "OK") and g3[5] == [[6.0]] and g3[6] == [[3.0]]
+    h1 = by_id[("h1", "none")]
+    assert h1[3] == "http" and h1[5] == [[2.0], [2.0]]
+    refused = by_id[("bad", "none")]
+    assert refused[4] == "INVALID_ARGUMENT" and refused[5] is None
+    assert all(r[7] is not None and r[7] >= 0 for r in callers if r[4] == "OK")
+    for i in range(5):
+        stable, shadow = by_id[(f"s{i}", "stable")], by_id[(f"s{i}", "shadow")]
+        assert stable[1] == "1" and stable[5] == [[2.0 * (100 + i)]]
+        assert shadow[1] == "2" and shadow[5] == [[3.0 * (100 + i)]]
+    metrics = server.output()
+    assert "convoy stopped" in metrics
+
+
+def test_an_unwritable_capture_dir_stops_start_up_naming_the_flag(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("in the way")
+    done = subprocess.run(
+        [sys.executable, "-m", "convoy.cli", "serve", "--grpc-port", "0", "--http-port", "-1",
+         "--metrics-port", "0", "--model-repository", str(repository(tmp_path / "repo")),
+         "--capture-dir", str(tmp_path / "file" / "capture")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--capture-dir" in done.stderr
