@@ -34,8 +34,10 @@ class InferRequest:
     settled: bool = field(default=False, repr=False)  # answered and counted (by the queue)
     # Work of the server's own (a rollout's comparison run): queued behind every caller.
     background: bool = False
-    # An ensemble's A/B key, kept for its steps' routing (the headers are gone by then).
+    # An ensemble's A/B key and door, kept for its steps (the headers are gone by then):
+    # a step routes by the key, and its captured row names the door.
     ab_key: str | None = field(default=None, repr=False)
+    transport: str = field(default="", repr=False)
 
     @property
     def abandoned(self) -> bool:

@@ -9,8 +9,6 @@ from .admission import ANONYMOUS
 from .codec import Place
 from .cuda_shm import SharedMemory
 
-TRANSPORTS = ("grpc", "http", "ensemble", "batch", "replay")
-
 
 def _no_key() -> str | None:
     return None
@@ -23,7 +21,8 @@ def _no_key() -> str | None:
 class Caller:
     """One request's caller, as its door saw it.
 
-    `client` names the rate budget it is charged to (admission.client_id); None is the
+    `transport`: grpc, http (batch, replay): the door; an ensemble's steps take their
+    ensemble request's. `client` names the rate budget it is charged to (admission.client_id); None is the
     server's own work (an ensemble's step, a mirrored run), charged to no one: its
     request was admitted once, at its door. `header_key` reads the A/B key from the
     transport's headers, called only when a rollout needs one. `regions` holds inputs

@@ -108,6 +108,7 @@ class InferencePath:
             asked = self._decode(model, request, caller, caller.regions, leases)
             if model.spec.ensemble:  # its steps route by the same key, past the headers
                 asked.ab_key = _ab_key(request.parameters, caller)
+                asked.transport = caller.transport
             # The bypass parameter is checked whether or not a cache serves this model, so
             # a client's bad value does not start failing the day an operator turns one on.
             cacheable = _cache_wanted(request)
@@ -142,7 +143,8 @@ class InferencePath:
         with its ensemble request, routed by the step model's rollout with the ensemble
         caller's A/B key, within the ensemble request's deadline."""
         key = parent.ab_key
-        return await self.run(name, version, build, Caller("ensemble", None, None, lambda: key))
+        caller = Caller(parent.transport or "grpc", None, None, lambda: key)
+        return await self.run(name, version, build, caller)
 
     # -- the steps, in order -------------------------------------------------------------
 
