@@ -22,12 +22,13 @@ class Caller:
     """One request's caller, as its door saw it.
 
     `transport`: grpc, http (batch, replay): the door; an ensemble's steps take their
-    ensemble request's. `client` names the rate budget it is charged to (admission.client_id); None is the
-    server's own work (an ensemble's step, a mirrored run), charged to no one: its
-    request was admitted once, at its door. `header_key` reads the A/B key from the
-    transport's headers, called only when a rollout needs one. `regions` holds inputs
-    that a front-end process put in its own shared memory, and `place` may take large
-    outputs there. `background` queues the work behind every caller (batch, replay).
+    ensemble request's. `client` names the rate budget it is charged to
+    (admission.client_id); None is the server's own work (an ensemble's step, a mirrored
+    run), charged to no one: its request was admitted once, at its door. `header_key`
+    reads the A/B key from the transport's headers, called only when a rollout needs
+    one. `regions` holds inputs that a front-end process put in its own shared memory,
+    and `place` may take large outputs there. `background` queues the work behind every
+    caller (batch, replay).
     """
 
     transport: str
