@@ -1,6 +1,6 @@
 """Soak: mixed load with random reloads and injected faults, reconciled to the request.
 
-    python -m loadtests.soak --duration 300 [--frontends 2]
+    python -m loadtests.soak --duration 300 [--frontends 2] [--capture]
 
 Starts its own `convoy serve` on a repository holding the built-in `tiny` model and
 a `faulty` convoy_python model (loadtests/faulty_model.py: raises, runs out of
@@ -53,12 +53,28 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def build_repository(root: Path) -> None:
+CAPTURE_ALL = 'parameters { key: "capture_sample_rate" value { string_value: "1" } }\n'
+
+
+def build_repository(root: Path, capture: bool = False) -> None:
     examples = ensure_examples(default_examples_dir())
     shutil.copytree(examples / "tiny", root / "tiny")
     (root / "faulty" / "1").mkdir(parents=True)
     (root / "faulty" / "1" / "model.py").write_text(faulty_model.SOURCE)
     (root / "faulty" / "config.pbtxt").write_text(FAULTY_CONFIG)
+    if capture:
+        for model in ("tiny", "faulty"):
+            config = root / model / "config.pbtxt"
+            config.write_text(config.read_text() + CAPTURE_ALL)
+
+
+def captured_rows(capture: Path) -> Counter[str]:
+    """Rows per model in the capture's complete Parquet files, as pyarrow reads them."""
+    import pyarrow.dataset as ds
+
+    files = ds.dataset(capture / "requests", partitioning="hive", format="parquet")
+    models = files.to_table(columns=["model"]).column("model").to_pylist()
+    return Counter(str(m) for m in models)
 
 
 # A connection of each client's own (gRPC would share one between a process's channels):
@@ -131,13 +147,20 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def soak(duration: float, clients: int, seed: int = 0, frontends: int = 1) -> dict[str, object]:
+def soak(
+    duration: float, clients: int, seed: int = 0, frontends: int = 1, capture: bool = False
+) -> dict[str, object]:
     """With `frontends` > 1 every call also goes through a front end, and the calls each
-    front end passed on must add up to what the clients sent."""
+    front end passed on must add up to what the clients sent. With `capture`, every
+    request is captured (files rotated each second), and after SIGTERM the Parquet files
+    must hold a row for each request the server answered."""
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        build_repository(root)
-        server = start_convoy(root, "--frontends", str(frontends))
+        root = Path(tmp) / "models"
+        build_repository(root, capture)
+        extra = []
+        if capture:
+            extra = ["--capture-dir", str(Path(tmp) / "capture"), "--capture-flush-secs", "1"]
+        server = start_convoy(root, "--frontends", str(frontends), *extra)
         proc, url, metrics_port = server.proc, server.url, server.metrics_port
         assert metrics_port is not None
         tally = Tally()
@@ -161,6 +184,7 @@ def soak(duration: float, clients: int, seed: int = 0, frontends: int = 1) -> di
             t.join()
         success, failure, passed = server_counters(metrics_port)
         code = server.stop()
+        captured = captured_rows(Path(tmp) / "capture") if capture else Counter()
     answered = {
         m: tally.ok[m] + sum(n for (mm, _), n in tally.errors.items() if mm == m)
         for m in tally.sent
@@ -181,6 +205,7 @@ def soak(duration: float, clients: int, seed: int = 0, frontends: int = 1) -> di
         "frontend_requests": dict(passed),
         "rss_mb": memory,
         "exit_code": code,
+        "captured": dict(captured),
     }
     report["reconciled"] = (
         all(v == 0 for v in lost.values())
@@ -192,6 +217,8 @@ def soak(duration: float, clients: int, seed: int = 0, frontends: int = 1) -> di
         )
         and code == 0
         and (frontends == 1 or sum(passed.values()) == sum(tally.sent.values()))
+        # Captured: what the server counted as answered by a model (success or failure).
+        and (not capture or all(captured[m] == success[m] + failure[m] for m in tally.sent))
     )
     return report
 
@@ -204,8 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--frontends", type=int, default=1, help="front-end processes")
+    parser.add_argument(
+        "--capture", action="store_true",
+        help="capture every request; the Parquet rows must match what was answered",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    report = soak(args.duration, args.clients, frontends=args.frontends)
+    report = soak(args.duration, args.clients, frontends=args.frontends, capture=args.capture)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
