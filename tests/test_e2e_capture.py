@@ -4,6 +4,7 @@ answered request is a row of a complete Parquet file, read with DuckDB as a user
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -120,3 +121,23 @@ def test_an_unwritable_capture_dir_stops_start_up_naming_the_flag(tmp_path: Path
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--capture-dir" in done.stderr
+
+
+def test_after_kill_9_every_visible_file_is_complete(tmp_path: Path) -> None:
+    """SIGKILL loses at most what was buffered; what a reader sees is whole Parquet."""
+    capture = tmp_path / "capture"
+    server = start_server(
+        repository(tmp_path / "repo"), "--capture-dir", str(capture), "--capture-flush-secs", "0.5"
+    )
+    client = grpcclient.InferenceServerClient(server.url)
+    for i in range(10):
+        x = grpcclient.InferInput("X", [1, 1], "FP32")
+        x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
+        client.infer("lin", [x], request_id=f"k{i}")
+    client.close()
+    time.sleep(2.0)  # a flush or more has passed
+    server.stop(signal.SIGKILL)
+    db = duckdb.connect()
+    glob = capture / "requests" / "**" / "*.parquet"
+    ids = {r[0] for r in db.execute(f"SELECT request_id FROM '{glob}'").fetchall()}
+    assert ids == {f"k{i}" for i in range(10)}  # flushed before the kill: all there
