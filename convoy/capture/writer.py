@@ -152,7 +152,9 @@ class CaptureWriter:
             data = table(rows)
             self._fs.create_dir(folder, recursive=True)
             with self._fs.open_output_stream(temporary) as out:
-                pq.write_table(data, out, compression="zstd")
+                # LZ4: 0.10 ms of CPU per 48 KiB image row against zstd's 0.41 (pyarrow,
+                # this machine), on a thread beside the model's; every reader has it.
+                pq.write_table(data, out, compression="lz4")
             self._fs.move(temporary, final)
             size = self._fs.get_file_info(final).size or 0
         except Exception as exc:  # a full disk, a failing store: drop, count, go on serving
