@@ -29,7 +29,7 @@ from .api.status import status_code
 from .cache import ResponseCache
 from .cache.exporter import CacheCollector
 from .capture.exporter import CaptureCollector
-from .capture.recorder import CaptureRecorder
+from .capture.recorder import CaptureRecorder, LabelRecorder
 from .capture.writer import CaptureWriter
 from .config import ServerConfig
 from .errors import ConfigError
@@ -104,12 +104,14 @@ class ConvoyServer:
         )
         self.repository.steps = self.path.run_step  # ensemble steps take the same path
         self.capture: CaptureWriter | None = None
+        self.labels: LabelRecorder | None = None
         if config.capture is not None:
             self.capture = CaptureWriter(config.capture)
             self.metrics.registry.register(CaptureCollector(self.capture.counts))
             self.path.observers.append(
                 CaptureRecorder(self.capture, lambda error: status_code(error).name)
             )
+            self.labels = LabelRecorder(self.capture, lambda m, v: self.repository.get(m, v).spec)
         self.servicer = InferenceServicer(self.path, self.declared.load, self.policy.client)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -162,7 +164,7 @@ class ConvoyServer:
         self._grpc = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._grpc)
         add_rollout_service(self._grpc, self.rollouts)
-        add_monitoring_service(self._grpc, self.repository.monitors)
+        add_monitoring_service(self._grpc, self.repository.monitors, on_label=self.labels)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if cfg.reflection:
             reflection.enable_server_reflection(

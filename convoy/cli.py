@@ -10,6 +10,7 @@ from typing import Any
 
 from . import __version__
 from .cache import CacheConfigError, parse_cache_config
+from .capture.cli import add_dataset_parser, run_dataset_command
 from .config import CaptureConfig, ServerConfig, ServingLimits
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .optimize.cli import add_optimize_parser, run_optimize
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rollout_parser(commands)
     add_monitor_parser(commands)
     add_optimize_parser(commands)
+    add_dataset_parser(commands)
     return parser
 
 
@@ -252,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_monitor(args)
     if args.command == "optimize":
         return run_optimize(args)
+    if args.command == "dataset":
+        return run_dataset_command(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 

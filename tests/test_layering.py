@@ -71,6 +71,7 @@ def reaches(deps: set[str], prefixes: tuple[str, ...]) -> list[str]:
         ("convoy.optimize", ("convoy.cli",)),
         ("convoy.rollouts", ("convoy.cli", "convoy.api")),
         ("convoy.monitoring", ("convoy.cli",)),
+        ("convoy.capture", ("convoy.cli", "convoy.api")),
     ],
 )
 def test_dependencies_point_down(floor: str, above: tuple[str, ...]) -> None:

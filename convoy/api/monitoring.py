@@ -21,14 +21,24 @@ from ..pb import convoy_monitoring_pb2 as pb
 from ..pb import convoy_monitoring_pb2_grpc as pb_grpc
 from .status import status_code
 
+# (model, version that answered, request id, label): an accepted label, e.g. to capture it.
+LabelSink = Callable[[str, str, str, FeedbackLabel], None]
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MonitoringService"].full_name
 
 
 class MonitoringServicer(pb_grpc.MonitoringServiceServicer):  # type: ignore[misc]
-    def __init__(self, monitors: Monitors, clock: Callable[[], float] = time.monotonic) -> None:
-        """`clock`: the monitors' clock, for the age of the latest figures."""
+    def __init__(
+        self,
+        monitors: Monitors,
+        clock: Callable[[], float] = time.monotonic,
+        on_label: LabelSink | None = None,
+    ) -> None:
+        """`clock`: the monitors' clock, for the age of the latest figures; `on_label`:
+        told of each accepted label (the capture's LabelRecorder)."""
         self._monitors = monitors
         self._clock = clock
+        self._on_label = on_label
 
     async def Feedback(
         self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext
@@ -41,6 +51,8 @@ class MonitoringServicer(pb_grpc.MonitoringServiceServicer):  # type: ignore[mis
         except ConvoyError as exc:
             await context.abort(status_code(exc), exc.message)
             raise
+        if self._on_label is not None:
+            self._on_label(request.model_name, outcome.version, request.id, label)
         return pb.FeedbackResponse(
             model_version=outcome.version,
             correct=bool(outcome.correct),
@@ -146,6 +158,10 @@ def _encode_feedback(out: pb.FeedbackFigures, figure: VersionFeedback) -> None:
 
 
 def add_monitoring_service(
-    server: grpc.aio.Server, monitors: Monitors, clock: Callable[[], float] = time.monotonic
+    server: grpc.aio.Server,
+    monitors: Monitors,
+    clock: Callable[[], float] = time.monotonic,
+    on_label: LabelSink | None = None,
 ) -> None:
-    pb_grpc.add_MonitoringServiceServicer_to_server(MonitoringServicer(monitors, clock), server)
+    servicer = MonitoringServicer(monitors, clock, on_label)
+    pb_grpc.add_MonitoringServiceServicer_to_server(servicer, server)

@@ -3,8 +3,10 @@
 convoy_capture_rows_total{model,version}            rows written to Parquet files
 convoy_capture_dropped_total{model,version,reason}  rows not written: buffer_full (the
                                                     --capture-max-mib budget), write_error
-convoy_capture_bytes_total                          bytes of Parquet files written
-convoy_capture_files_total                          Parquet files written
+convoy_capture_labels_total{model}                  labels (Feedback RPC) written
+convoy_capture_labels_dropped_total{model,reason}   labels not written: buffer_full, write_error
+convoy_capture_bytes_total                          bytes of Parquet files written (both kinds)
+convoy_capture_files_total                          Parquet files written (both kinds)
 """
 
 from __future__ import annotations
@@ -44,4 +46,16 @@ class CaptureCollector(Collector):
         written.add_metric([], counts.bytes)
         files = CounterMetricFamily("convoy_capture_files", "Capture files written")
         files.add_metric([], counts.files)
-        yield from (rows, dropped, written, files)
+        labels = CounterMetricFamily(
+            "convoy_capture_labels", "Feedback labels written to Parquet", labels=["model"]
+        )
+        for model, n in sorted(dict(counts.labels).items()):
+            labels.add_metric([model], n)
+        labels_dropped = CounterMetricFamily(
+            "convoy_capture_labels_dropped",
+            "Feedback labels not written (buffer_full, write_error)",
+            labels=["model", "reason"],
+        )
+        for (model, reason), n in sorted(dict(counts.labels_dropped).items()):
+            labels_dropped.add_metric([model, reason], n)
+        yield from (rows, dropped, labels, labels_dropped, written, files)

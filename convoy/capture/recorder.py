@@ -1,9 +1,11 @@
 """CaptureRecorder: the inference path's answer observer that samples, copies and
-buffers a row per captured request (on the event loop: a few copies, no I/O)."""
+buffers a row per captured request (on the event loop: a few copies, no I/O).
+LabelRecorder: the Feedback RPC's accepted labels, buffered the same way."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -11,11 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from ..config import CaptureSpec
+from ..config import CaptureSpec, ModelSpec
 from ..errors import ConvoyError
 from ..inference.path import Answered
 from .rows import CapturedRow, hashed
 from .writer import CaptureWriter
+
+log = logging.getLogger(__name__)
 
 # Each row costs this much besides its tensors (strings, numbers, the object itself).
 ROW_OVERHEAD_BYTES = 512
@@ -103,3 +107,43 @@ def _size(array: np.ndarray[Any, Any]) -> int:
     if array.dtype == object:
         return sum(len(x) if isinstance(x, bytes | str) else 8 for x in array.reshape(-1))
     return int(array.nbytes)
+
+
+class LabelRecorder:
+    """Each label the Feedback RPC accepted, buffered for <capture-dir>/labels/, for the
+    models that capture: the config of the version that answered the request sets
+    capture_sample_rate (that of the model's default version, if that one no longer
+    serves). Every such label is kept, its request sampled or not: labels are small,
+    and one whose request was not captured simply joins no row."""
+
+    def __init__(
+        self,
+        writer: CaptureWriter,
+        spec_of: Callable[[str, str], ModelSpec],
+        wall_clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+    ) -> None:
+        """`spec_of(model, version)`: the serving spec, ConvoyError when none serves
+        ("" for the default version), as ModelRepository.get gives it."""
+        self._writer = writer
+        self._spec_of = spec_of
+        self._now_us = wall_clock_us
+        self.failures = 0
+
+    def __call__(self, model: str, version: str, request_id: str, label: int | float | str) -> None:
+        """On the event loop, after the feedback was judged. Never raises: the label was
+        accepted, and the capture must not turn that into an error."""
+        try:
+            if self._captures(model, version):
+                self._writer.put_label(model, request_id, label, self._now_us(), version)
+        except Exception:
+            self.failures += 1
+            if self.failures == 1:
+                log.exception("capture of a label of model '%s' failed", model)
+
+    def _captures(self, model: str, version: str) -> bool:
+        for which in dict.fromkeys((version, "")):
+            try:
+                return self._spec_of(model, which).capture is not None
+            except ConvoyError:
+                continue
+        return False

@@ -14,6 +14,12 @@ One row per captured request. Its tensors go in two struct columns, `inputs` and
 
 The struct column `shapes` keeps each captured tensor's whole shape (list<int64>), so a
 replay sends exactly what was served whatever the dims.
+
+Labels (the Feedback RPC's true labels) are rows of their own, one per accepted feedback,
+in LABEL_COLUMNS: whatever the label's kind, `label` holds it as text (a class index in
+decimal, a regression value as Python's repr of the double, which reads back to the same
+double, a class label as sent), `kind` says which it was (the FeedbackRequest oneof:
+class_index, value, class_label) and `value` holds it as a double where it is a number.
 """
 
 from __future__ import annotations
@@ -62,6 +68,53 @@ class CapturedRow:
     inputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     outputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     nbytes: int = 0  # what it holds in memory, for the writer's budget
+
+
+LABEL_COLUMNS = ("request_id", "label", "kind", "value", "version", "timestamp")
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedLabel:
+    """One accepted feedback: the true label of an earlier request."""
+
+    model: str
+    version: str  # the version that answered the request
+    request_id: str
+    label: str  # the label as text, whatever its kind
+    kind: str  # class_index | value | class_label
+    value: float | None  # the label as a number; None for a class label
+    timestamp_us: int  # UTC microseconds since the epoch: when the label was accepted
+
+    @classmethod
+    def of(
+        cls, model: str, version: str, request_id: str, label: int | float | str, timestamp_us: int
+    ) -> CapturedLabel:
+        if isinstance(label, str):
+            return cls(model, version, request_id, label, "class_label", None, timestamp_us)
+        if isinstance(label, float):
+            return cls(model, version, request_id, repr(label), "value", label, timestamp_us)
+        text = str(int(label))
+        return cls(model, version, request_id, text, "class_index", float(label), timestamp_us)
+
+    @property
+    def nbytes(self) -> int:  # for the writer's budget
+        return 256 + len(self.request_id) + len(self.label)
+
+
+def labels_table(labels: Sequence[CapturedLabel]) -> pa.Table:
+    """Labels of one model as one Arrow table (the writer's thread)."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "request_id": pa.array([x.request_id for x in labels], pa.string()),
+            "label": pa.array([x.label for x in labels], pa.string()),
+            "kind": pa.array([x.kind for x in labels], pa.string()),
+            "value": pa.array([x.value for x in labels], pa.float64()),
+            "version": pa.array([x.version for x in labels], pa.string()),
+            "timestamp": pa.array([x.timestamp_us for x in labels], pa.timestamp("us", tz="UTC")),
+        }
+    )
 
 
 def hashed(values: np.ndarray[Any, Any], salt: bytes) -> np.ndarray[Any, Any]:

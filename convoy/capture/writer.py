@@ -2,9 +2,11 @@
 written by a thread of its own (DESIGN §12: a full buffer drops and counts, never waits).
 
     <capture-dir>/requests/model=<name>/version=<v>/date=<YYYY-MM-DD>/hour=<HH>/<uuid>.parquet
+    <capture-dir>/labels/model=<name>/date=<YYYY-MM-DD>/<uuid>.parquet
 
-Each file is written under a hidden temporary name in its partition and then moved to
-its final name, so a reader (DuckDB, pyarrow.dataset, Spark) never sees a partial file.
+Rows and labels share one buffer, its budget and the thread. Each file is written under
+a hidden temporary name in its partition and then moved to its final name, so a reader
+(DuckDB, pyarrow.dataset, Spark) never sees a partial file.
 The directory is any pyarrow filesystem URI (a local path, s3://bucket/prefix, ...).
 """
 
@@ -20,11 +22,12 @@ import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..config import CaptureConfig
 from ..errors import ConfigError
-from .rows import CapturedRow, table
+from .rows import CapturedLabel, CapturedRow, labels_table, table
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
@@ -40,6 +43,8 @@ class CaptureCounts:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], int] = defaultdict(int)  # (model, version)
         self.dropped: dict[tuple[str, str, str], int] = defaultdict(int)  # + reason
+        self.labels: dict[str, int] = defaultdict(int)  # model
+        self.labels_dropped: dict[tuple[str, str], int] = defaultdict(int)  # model, reason
         self.bytes = 0
         self.files = 0
 
@@ -66,6 +71,7 @@ class CaptureWriter:
         self._clock = clock
         self._fs, self._base = open_filesystem(config.uri)
         self._rows: deque[CapturedRow] = deque()
+        self._labels: deque[CapturedLabel] = deque()
         self._held = 0  # bytes in the buffer
         self._lock = threading.Lock()  # the buffer, between the loop and the thread
         self._wake = threading.Event()
@@ -112,10 +118,33 @@ class CaptureWriter:
                 self.counts.dropped[(row.spec.name, row.version, "buffer_full")] += 1
                 return False
             self._rows.append(row)
-            self._held += row.nbytes
-            if self._held > self.config.max_bytes // 2:
-                self._wake.set()  # write early rather than drop later
+            self._hold(row.nbytes)
         return True
+
+    def put_label(
+        self,
+        model: str,
+        request_id: str,
+        label: int | float | str,
+        timestamp_us: int,
+        version: str = "",
+    ) -> bool:
+        """Buffer the true label of an earlier request (a class index, a regression value
+        or a class label; rows.py says how each is written); False (dropped, counted)
+        when the budget is full."""
+        item = CapturedLabel.of(model, version, request_id, label, timestamp_us)
+        with self._lock:
+            if self._held + item.nbytes > self.config.max_bytes:
+                self.counts.labels_dropped[(model, "buffer_full")] += 1
+                return False
+            self._labels.append(item)
+            self._hold(item.nbytes)
+        return True
+
+    def _hold(self, nbytes: int) -> None:  # under the lock
+        self._held += nbytes
+        if self._held > self.config.max_bytes // 2:
+            self._wake.set()  # write early rather than drop later
 
     # -- the writer's thread ---------------------------------------------------------------
 
@@ -128,28 +157,44 @@ class CaptureWriter:
         self.flush()
 
     def flush(self) -> None:
-        """Write what is buffered now: one file per model, version and hour."""
+        """Write what is buffered now: one file per model, version and hour, and one of
+        labels per model and day."""
         with self._lock:
             rows, self._rows = self._rows, deque()
+            labels, self._labels = self._labels, deque()
             self._held = 0
         groups: dict[tuple[str, str, str, str], list[CapturedRow]] = defaultdict(list)
         for row in rows:
-            stamp = dt.datetime.fromtimestamp(row.timestamp_us / 1e6, dt.UTC)
+            stamp = _utc(row.timestamp_us)
             key = (row.spec.name, row.version, f"{stamp:%Y-%m-%d}", f"{stamp:%H}")
             groups[key].append(row)
         for (model, version, day, hour), group in groups.items():
-            self._write(model, version, day, hour, group)
+            folder = f"requests/model={model}/version={version}/date={day}/hour={hour}"
+            if self._write(folder, partial(table, group)):
+                self.counts.rows[(model, version)] += len(group)
+            else:
+                with self._lock:  # the loop counts its drops under the same lock
+                    self.counts.dropped[(model, version, "write_error")] += len(group)
+        by_day: dict[tuple[str, str], list[CapturedLabel]] = defaultdict(list)
+        for item in labels:
+            by_day[(item.model, f"{_utc(item.timestamp_us):%Y-%m-%d}")].append(item)
+        for (model, day), items in by_day.items():
+            if self._write(f"labels/model={model}/date={day}", partial(labels_table, items)):
+                self.counts.labels[model] += len(items)
+            else:
+                with self._lock:
+                    self.counts.labels_dropped[(model, "write_error")] += len(items)
 
-    def _write(
-        self, model: str, version: str, day: str, hour: str, rows: list[CapturedRow]
-    ) -> None:
+    def _write(self, folder: str, build: Callable[[], Any]) -> bool:
+        """One Parquet file in <capture-dir>/<folder>, atomically; False when it failed
+        (logged; the caller counts what it lost)."""
         import pyarrow.parquet as pq
 
-        folder = f"{self._base}/requests/model={model}/version={version}/date={day}/hour={hour}"
+        folder = f"{self._base}/{folder}"
         name = uuid.uuid4().hex
         temporary, final = f"{folder}/.{name}.parquet.tmp", f"{folder}/{name}.parquet"
         try:
-            data = table(rows)
+            data = build()
             self._fs.create_dir(folder, recursive=True)
             with self._fs.open_output_stream(temporary) as out:
                 # LZ4: 0.10 ms of CPU per 48 KiB image row against zstd's 0.41 (pyarrow,
@@ -158,15 +203,13 @@ class CaptureWriter:
             self._fs.move(temporary, final)
             size = self._fs.get_file_info(final).size or 0
         except Exception as exc:  # a full disk, a failing store: drop, count, go on serving
-            log.error("capture: %d rows of %s:%s not written: %r", len(rows), model, version, exc)
-            with self._lock:  # the loop counts its drops under the same lock
-                self.counts.dropped[(model, version, "write_error")] += len(rows)
+            log.error("capture: %s not written: %r", folder, exc)
             with contextlib.suppress(Exception):
                 self._fs.delete_file(temporary)
-            return
-        self.counts.rows[(model, version)] += len(rows)
+            return False
         self.counts.bytes += size
         self.counts.files += 1
+        return True
 
     def _prune(self) -> None:
         """--capture-retention-days: whole date partitions older than that go, once a day."""
@@ -178,13 +221,14 @@ class CaptureWriter:
         from pyarrow.fs import FileSelector
 
         oldest = today - dt.timedelta(days=days)
-        try:
-            found = self._fs.get_file_info(
-                FileSelector(f"{self._base}/requests", recursive=True, allow_not_found=True)
-            )
-        except OSError as exc:
-            log.warning("capture: retention could not list partitions: %r", exc)
-            return
+        found = []
+        for kind in ("requests", "labels"):
+            try:
+                found += self._fs.get_file_info(
+                    FileSelector(f"{self._base}/{kind}", recursive=True, allow_not_found=True)
+                )
+            except OSError as exc:
+                log.warning("capture: retention could not list %s partitions: %r", kind, exc)
         for info in found:
             part = info.base_name
             if info.type.name != "Directory" or not part.startswith("date="):
@@ -204,3 +248,7 @@ class CaptureWriter:
 
     def snapshot(self) -> dict[str, Any]:
         return {"buffered_bytes": self._held, "files": self.counts.files}
+
+
+def _utc(timestamp_us: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp_us / 1e6, dt.UTC)
