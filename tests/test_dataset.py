@@ -303,3 +303,16 @@ def test_no_matching_rows_is_a_clear_error(
     assert export(tmp_path, "m", *base, "--since", "2027-01-01")[0] == 1
     assert "no answered requests" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_retention_removes_old_label_partitions_too(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 12, 7, 12, tzinfo=dt.UTC).timestamp()
+    config = CaptureConfig(uri=str(tmp_path / "capture"), retention_days=2)
+    writer = CaptureWriter(config, clock=lambda: now)
+    writer.open()
+    base = tmp_path / "capture" / "labels" / "model=m"
+    for day in ("2026-12-01", "2026-12-05", "2026-12-07"):
+        (base / f"date={day}").mkdir(parents=True)
+    writer._prune()
+    writer.close(30)
+    assert sorted(p.name for p in base.iterdir()) == ["date=2026-12-05", "date=2026-12-07"]
