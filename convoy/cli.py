@@ -11,6 +11,7 @@ from typing import Any
 from . import __version__
 from .cache import CacheConfigError, parse_cache_config
 from .capture.cli import add_dataset_parser, run_dataset_command
+from .capture.replay_cli import add_replay_parser, run_replay
 from .config import CaptureConfig, ServerConfig, ServingLimits
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .optimize.cli import add_optimize_parser, run_optimize
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_monitor_parser(commands)
     add_optimize_parser(commands)
     add_dataset_parser(commands)
+    add_replay_parser(commands)
     return parser
 
 
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_optimize(args)
     if args.command == "dataset":
         return run_dataset_command(args)
+    if args.command == "replay":
+        return run_replay(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 

@@ -108,3 +108,14 @@ def test_the_deadline_is_the_earlier_of_timeout_and_caller(
     finally:
         loop.close()
     assert decoded.deadline_ns == expected_ns
+
+
+def test_the_background_parameter_queues_a_request_behind_every_caller(tmp_path: Path) -> None:
+    """`convoy replay --server` sends it: the request waits in the background queue."""
+    assert decode(tmp_path, request(("ids", 2))).background is False
+    asked = request(("ids", 2))
+    asked.parameters["background"].bool_param = True
+    assert decode(tmp_path, asked).background is True
+    asked.parameters["background"].string_param = "yes"
+    with pytest.raises(InvalidInput, match="parameter 'background' must be a bool"):
+        decode(tmp_path, asked)

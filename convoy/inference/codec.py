@@ -154,6 +154,7 @@ def decode_request(
         deadline_ns=_deadline(request.parameters, now_ns, time_remaining_s),
         priority=_priority(request.parameters, spec),
         classification=classification,
+        background=_background(request.parameters),
     )
 
 
@@ -347,6 +348,24 @@ def _priority(params: Mapping[str, pb.InferParameter], spec: ModelSpec) -> int:
             f"(priority_levels of model '{spec.name}')"
         )
     return priority
+
+
+# The request parameter a client sets to queue its request behind every caller's
+# (`convoy replay --server`, offline scoring against a live server): its own work
+# demoted, never anyone else's, so no role is needed to set it.
+BACKGROUND_PARAMETER = "background"
+
+
+def _background(params: Mapping[str, pb.InferParameter]) -> bool:
+    if not params or BACKGROUND_PARAMETER not in params:
+        return False
+    param = params[BACKGROUND_PARAMETER]
+    choice = param.WhichOneof("parameter_choice")
+    if choice != "bool_param":
+        raise InvalidInput(
+            f"parameter '{BACKGROUND_PARAMETER}' must be a bool, got {choice or 'nothing'}"
+        )
+    return bool(param.bool_param)
 
 
 def encode_response(

@@ -1,0 +1,342 @@
+"""`convoy replay MODEL --capture-dir URI --candidate N ...`: captured requests sent again
+to a candidate version and to a baseline, compared, and judged (docs/capture.md, Replay).
+
+Exit 0 when the gates pass, 1 when one fails (or the candidate does not load), 2 on a
+usage error (argparse's own, or one named here with its flag): a CI pipeline can run it.
+convoy/cli.py adds the subcommand with add_replay_parser() and runs it with run_replay().
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from .replay import CapturedRequest
+
+COMMAND = "replay"
+TOKEN_ENV = "CONVOY_TOKEN"
+# Against a live server a replay is capped at this many requests per second unless
+# --rate says otherwise: it shares the server with callers. In process, no cap.
+SERVER_RATE = 50.0
+
+PASSED, FAILED, USAGE = 0, 1, 2
+
+_AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class UsageError(Exception):
+    """A wrong invocation: the message names the flag."""
+
+
+def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """An ISO 8601 date or time (UTC unless it names a zone), or a duration ago: 30m,
+    6h, 7d."""
+    match = _AGO.match(text)
+    if match is not None:
+        now = now or dt.datetime.now(dt.UTC)
+        return now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is neither an ISO 8601 time (2026-12-07T05:00) nor a duration ago "
+            "(30m, 6h, 7d)"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def _number(low: float, strict: bool, kind: type[float] | type[int] = float) -> Any:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if value != value or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(
+                f"'{text}' must be {'above' if strict else 'at least'} {low:g}"
+            )
+        return value
+
+    return parse
+
+
+def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `replay` to the `convoy` subcommands (argparse's subparsers action)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        COMMAND,
+        help="replay captured requests against a candidate version and judge the difference",
+        description="Send the requests captured for MODEL (convoy serve --capture-dir) "
+        "again, inputs exactly as captured, to the candidate version and to the baseline "
+        "(default: the version that served them), compare the answers against the "
+        "baseline's own noise, and judge the gates. Exit 0: passed; 1: a gate failed; "
+        "2: a usage error. See docs/capture.md.",
+    )
+    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument(
+        "--capture-dir", required=True, metavar="URI",
+        help="the server's --capture-dir (a directory or a pyarrow filesystem URI)",
+    )  # fmt: skip
+    parser.add_argument("--candidate", required=True, metavar="N", help="the version judged")
+    parser.add_argument(
+        "--baseline", metavar="M",
+        help="the version compared against (default: the one version other than the "
+        "candidate that served the captured requests)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--since", type=parse_time, metavar="T",
+        help="requests answered from T: an ISO 8601 time (UTC unless zoned) or a duration "
+        "ago such as 6h or 7d (default: all)",
+    )  # fmt: skip
+    parser.add_argument("--until", type=parse_time, metavar="T", help="... and before T")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--model-repository", type=Path, metavar="DIR",
+        help="load both versions here, in this process, with the code convoy serve runs "
+        "(default: the built-in example models)",
+    )  # fmt: skip
+    where.add_argument(
+        "--server", metavar="HOST:PORT",
+        help="replay against a live server over KServe v2 gRPC instead (both versions "
+        "must be loaded there); requests are background priority and rate-capped",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-requests", type=_number(0, True, int), default=1000, metavar="K",
+        help="replay the K most recent captured requests (default 1000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rate", type=_number(0, True), metavar="R",
+        help=f"requests per second, both versions together (default {SERVER_RATE:g} with "
+        "--server, no cap in process)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rtol", type=_number(0, False), default=1e-5, metavar="R",
+        help="relative tolerance of an equal answer (default 1e-5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--atol", type=_number(0, False), default=1e-6, metavar="A",
+        help="absolute tolerance of an equal answer (default 1e-6)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-diff-rate", type=_number(0, False), default=0.01, metavar="X",
+        help="the share of requests whose answer may differ beyond the noise floor "
+        "(default 0.01)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-accuracy-drop", type=_number(0, False), default=0.01, metavar="Y",
+        help="how far the candidate's accuracy on labelled requests may fall below the "
+        "baseline's (default 0.01)",
+    )  # fmt: skip
+    parser.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="write an HTML report here")
+    parser.add_argument(
+        "--token", default=None,
+        help=f"bearer token for --server (default: ${TOKEN_ENV}, if set)",
+    )  # fmt: skip
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA to verify a TLS --server")
+    return parser
+
+
+def run_replay(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Replay, report, judge: 0 passed, 1 failed, 2 usage error."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        report = asyncio.run(_replay(args, err))
+    except UsageError as exc:
+        print(f"convoy replay: {exc}", file=err)
+        return USAGE
+    document = report.as_json()
+    try:
+        if args.report is not None:
+            args.report.write_text(json.dumps(document, indent=2) + "\n")
+        if args.html is not None:
+            from .replay_report import html_report
+
+            args.html.write_text(html_report(document))
+    except OSError as exc:
+        print(f"convoy replay: cannot write the report: {exc}", file=err)
+        return USAGE
+    _print_summary(document, out)
+    return PASSED if report.passed else FAILED
+
+
+async def _replay(args: argparse.Namespace, err: TextIO) -> Any:
+    from .replay import CaptureReadError, read_labels, read_requests, select
+    from .replay_report import Gates, Tolerance, build_report
+    from .replay_targets import (
+        Backoff,
+        InProcessTarget,
+        Pacer,
+        ServerTarget,
+        Target,
+        replay,
+    )
+
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        raise UsageError("--since must be before --until")
+    if args.baseline is not None and args.baseline == args.candidate:
+        raise UsageError("--baseline: the candidate cannot be its own baseline")
+    try:
+        rows = await asyncio.to_thread(
+            read_requests, args.capture_dir, args.model, args.since, args.until
+        )
+        labels = await asyncio.to_thread(read_labels, args.capture_dir, args.model)
+    except CaptureReadError as exc:
+        raise UsageError(f"--capture-dir: {exc}") from None
+    window = {
+        "since": args.since.isoformat() if args.since else None,
+        "until": args.until.isoformat() if args.until else None,
+    }
+    if not rows:
+        raise UsageError(
+            f"--capture-dir: no captured request of model '{args.model}' in {args.capture_dir}"
+            + (f" between {window['since'] or 'the start'} and {window['until'] or 'now'}"
+               if args.since or args.until else "")
+        )  # fmt: skip
+    baseline_version = args.baseline or _served_baseline(rows, args.candidate)
+    candidate_version = args.candidate
+
+    target: Target
+    if args.server is not None:
+        token = args.token or os.environ.get(TOKEN_ENV)
+        target = ServerTarget(args.server, args.model, token, args.tls_ca)
+        rate = args.rate or SERVER_RATE
+    else:
+        root = args.model_repository
+        if root is None:
+            from ..repository.examples import default_examples_dir, ensure_examples
+
+            root = ensure_examples(default_examples_dir())
+        if not (Path(root) / args.model).is_dir():
+            raise UsageError(f"--model-repository: no model '{args.model}' in {root}")
+        target = InProcessTarget.create(Path(root), args.model)
+        rate = args.rate
+    gates = Gates(args.max_diff_rate, args.max_accuracy_drop)
+    tolerance = Tolerance(args.rtol, args.atol)
+    try:
+        baseline = await _describe(target, baseline_version, "--baseline", args)
+        load_failure = None
+        try:
+            candidate = await _describe(target, candidate_version, "--candidate", args)
+        except _LoadFailed as failed:  # the candidate's own fault: a failed gate
+            load_failure = str(failed)
+        if load_failure is not None:
+            report = build_report(
+                args.model, candidate_version, baseline_version, [],
+                tolerance=tolerance, gates=gates, labels=labels, window=window,
+            )  # fmt: skip
+            return dataclasses.replace(report, reasons=[load_failure, *report.reasons])
+        selection = select(rows, baseline.required, args.max_requests)
+        if not selection.requests:
+            left = ", ".join(f"{n} {why}" for why, n in sorted(selection.skipped.items()))
+            raise UsageError(
+                f"--capture-dir: none of the {len(rows)} captured requests of model "
+                f"'{args.model}' can be replayed ({left})"
+            )
+        print(
+            f"replaying {len(selection.requests)} requests of '{args.model}' on versions "
+            f"{candidate_version} and {baseline_version}" + (f" at {rate:g}/s" if rate else ""),
+            file=err,
+        )
+        replayed = await replay(
+            target, selection.requests, candidate, baseline, Pacer(rate), Backoff()
+        )
+    finally:
+        await target.close()
+    output = next(iter(baseline.outputs), None)
+    return build_report(
+        args.model,
+        candidate_version,
+        baseline_version,
+        replayed,
+        tolerance=tolerance,
+        gates=gates,
+        labels=labels,
+        batched=baseline.batched,
+        label_output=output,
+        class_names=baseline.class_names.get(output) if output else None,
+        skipped=selection.skipped,
+        window=window,
+    )
+
+
+class _LoadFailed(Exception):
+    pass
+
+
+async def _describe(target: Any, version: str, flag: str, args: argparse.Namespace) -> Any:
+    """The version, loaded where it is loaded here; UsageError when it is not there,
+    _LoadFailed when it is but does not load."""
+    from ..errors import ConvoyError
+    from .replay_targets import InProcessTarget, Refused, UnknownVersion
+
+    where = args.server or args.model_repository or "the built-in examples"
+    try:
+        if isinstance(target, InProcessTarget):
+            await target.load(version)
+        return await target.describe(version)
+    except UnknownVersion as exc:
+        hint = " (load it there: version_policy, or a rollout)" if args.server else ""
+        raise UsageError(f"{flag}: {exc}{hint}") from None
+    except Refused as exc:
+        if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT"):
+            raise UsageError(f"{flag}: {exc.message}") from None
+        raise UsageError(f"--server: {where}: {exc}") from None
+    except ConvoyError as exc:
+        message = f"version {version} of '{args.model}' failed to load: {exc.message}"
+        if flag == "--candidate":
+            raise _LoadFailed(message) from None
+        raise UsageError(f"{flag}: {message}") from None
+
+
+def _served_baseline(rows: list[CapturedRequest], candidate: str) -> str:
+    """The one version other than the candidate that answered callers' requests."""
+    served = Counter(r.version for r in rows if r.arm != "shadow" and r.version != candidate)
+    if len(served) == 1:
+        return next(iter(served))
+    if not served:
+        raise UsageError(
+            f"--baseline: every captured request was served by the candidate, version "
+            f"{candidate}: name the version to compare with"
+        )
+    versions = ", ".join(f"{v} ({n} requests)" for v, n in sorted(served.items()))
+    raise UsageError(f"--baseline: the captured requests were served by {versions}: name one")
+
+
+def _print_summary(report: dict[str, Any], out: TextIO) -> None:
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    print(
+        f"{report['model']}: candidate {report['candidate']} against baseline "
+        f"{report['baseline']}: {verdict}",
+        file=out,
+    )
+    print(
+        f"  requests {report['requests']}, diff_rate {fmt(report['diff_rate'])}, "
+        f"noise_floor {fmt(report['noise_floor'])}",
+        file=out,
+    )
+    for version in (report["candidate"], report["baseline"]):
+        latency = report["latency_ms"].get(version) or {}
+        print(
+            f"  version {version}: errors {report['errors'][version]}, p50 "
+            f"{fmt(latency.get('p50'))} ms, p99 {fmt(latency.get('p99'))} ms, accuracy "
+            f"{fmt(report['accuracy'][version])}",
+            file=out,
+        )
+    for reason in report["reasons"]:
+        print(f"  - {reason}", file=out)
