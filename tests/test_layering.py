@@ -71,7 +71,8 @@ def reaches(deps: set[str], prefixes: tuple[str, ...]) -> list[str]:
         ("convoy.optimize", ("convoy.cli",)),
         ("convoy.rollouts", ("convoy.cli", "convoy.api")),
         ("convoy.monitoring", ("convoy.cli",)),
-        ("convoy.capture", ("convoy.cli", "convoy.api")),
+        # capture and replay go through the inference path, never a door
+        ("convoy.capture", ("convoy.cli", "convoy.api", "convoy.workers")),
     ],
 )
 def test_dependencies_point_down(floor: str, above: tuple[str, ...]) -> None:

@@ -266,6 +266,20 @@ def test_labels_are_the_latest_per_request_and_absent_without_a_folder(tmp_path:
         table = pa.table({"request_id": ids, "label": labels, "timestamp": pa.array(times, stamp)})
         pq.write_table(table, folder / f"{name}.parquet")
     assert read_labels(uri, "m") == {"r1": 5, "r2": 4}
+    # As the Feedback RPC writes them: text, with the kind it was sent as.
+    later = pa.array([HOUR + dt.timedelta(hours=1)] * 3, stamp)
+    table = pa.table(
+        {
+            "request_id": ["r3", "r4", "r5"],
+            "label": ["2", "0.1", "cat"],
+            "kind": ["class_index", "value", "class_label"],
+            "value": pa.array([2.0, 0.1, None], pa.float64()),
+            "version": ["1", "1", "1"],
+            "timestamp": later,
+        }
+    )
+    pq.write_table(table, folder / "feedback.parquet")
+    assert read_labels(uri, "m") == {"r1": 5, "r2": 4, "r3": 2, "r4": 0.1, "r5": "cat"}
 
 
 def test_a_request_carries_the_captured_inputs_exactly_and_answers_decode() -> None:
@@ -533,3 +547,69 @@ def test_usage_errors_exit_2_naming_the_flag(
         code = int(exit_.code or 0)
     assert code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_over_a_noise_floor_only_a_significant_excess_fails() -> None:
+    """A nondeterministic model's floor is a sample: 12 of 12 against 11 of 12 is chance,
+    45 of 50 against 5 of 50 is not."""
+
+    def run(differing: int, noisy: int, n: int) -> Any:
+        replayed = [
+            Replayed(
+                request_row(i, outputs={"Y": np.array([[1.0 if i < noisy else 0.0]], np.float32)}),
+                ok([[1.0 if i < differing else 0.0]]),
+                ok([[0.0]]),
+            )
+            for i in range(n)
+        ]
+        return build_report("m", "2", "1", replayed)
+
+    chance = run(12, 11, 12)
+    assert chance.diff_rate == 1.0 and chance.noise_floor == pytest.approx(11 / 12)
+    assert chance.passed and chance.diff_p_value == pytest.approx(0.5)
+    real = run(45, 5, 50)
+    assert not real.passed and real.diff_p_value is not None and real.diff_p_value < 1e-10
+    assert "one-sided Fisher exact p" in real.reasons[0]
+    assert run(2, 0, 100).diff_p_value is None and not run(2, 0, 100).passed  # exact
+
+
+LIN = """
+name: "lin"
+backend: "convoy_python"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+version_policy: { all { } }
+parameters [ { key: "capture_sample_rate" value { string_value: "1" } } ]
+"""
+
+
+def test_a_candidate_that_fails_to_load_fails_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = spec_of(tmp_path, LIN)
+    model = tmp_path / "models" / "lin"
+    for version, source in ((1, "return {'Y': i['X'] * 2}"), (2, "raise ValueError('no')")):
+        (model / str(version)).mkdir()
+        (model / str(version) / "model.py").write_text(
+            f"class Model:\n    def __init__(self, c):\n        pass\n\n"
+            f"    def __call__(self, i):\n        {source}\n"
+        )
+    (model / "3").mkdir()
+    (model / "3" / "model.py").write_text("raise ImportError('broken on purpose')\n")
+    x = np.ones((1, 1), np.float32)
+    uri = write(
+        tmp_path, [captured(spec, i, inputs={"X": x}, outputs={"Y": 2 * x}) for i in range(3)]
+    )
+    report = tmp_path / "report.json"
+    argv = ["replay", "lin", "--capture-dir", uri, "--model-repository", str(tmp_path / "models")]
+    assert main([*argv, "--candidate", "3", "--report", str(report)]) == 1
+    document = json.loads(report.read_text())
+    assert document["requests"] == 0 and not document["passed"]
+    assert document["reasons"][0].startswith("version 3 of 'lin' failed to load")
+    # A candidate that loads but fails every request: its errors fail the gate.
+    assert main([*argv, "--candidate", "2", "--report", str(report)]) == 1
+    document = json.loads(report.read_text())
+    assert document["errors"] == {"2": 3, "1": 0} and document["diff_rate"] == 1.0
+    assert any("the candidate failed 3 of 3" in r for r in document["reasons"])
+    assert "FAILED" in capsys.readouterr().out

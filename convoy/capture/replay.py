@@ -111,31 +111,49 @@ def select(
 
 
 def read_labels(uri: str, model: str) -> dict[str, Any] | None:
-    """request_id -> its latest label (by `timestamp`); None when the model has no
-    labels folder at all (no labels are being collected)."""
+    """request_id -> its latest label (by `timestamp`; labels of one instant by their
+    kind and text, as the dataset export picks them); None when the model has no labels
+    folder at all (no labels are being collected).
+
+    Where a file has the Feedback RPC's `kind` and `value` columns, a label is read as
+    what it was sent as: a class index (int), a value (float) or a class label (text)."""
     import pyarrow.parquet as pq
 
     fs, base = open_filesystem(uri)
     root = f"{base}/labels/model={model}"
     if fs.get_file_info(root).type.name != "Directory":
         return None
-    latest: dict[str, tuple[float, Any]] = {}
+    latest: dict[str, tuple[tuple[float, str, str], Any]] = {}
     for path in _files(fs, root):
         try:
             with fs.open_input_file(path) as source:
-                table = pq.ParquetFile(source).read(columns=["request_id", "label", "timestamp"])
+                table = pq.ParquetFile(source).read()
+            ids = table.column("request_id").to_pylist()
+            labels = table.column("label").to_pylist()
+            stamps = [_seconds(t) for t in table.column("timestamp").to_pylist()]
         except (OSError, KeyError, ValueError) as exc:
             raise CaptureReadError(f"{path}: not a labels file: {exc}") from None
-        ids = table.column("request_id").to_pylist()
-        labels = table.column("label").to_pylist()
-        stamps = [_seconds(t) for t in table.column("timestamp").to_pylist()]
-        for request_id, label, stamp in zip(ids, labels, stamps, strict=True):
+        names = set(table.column_names)
+        kinds = table.column("kind").to_pylist() if "kind" in names else [""] * len(ids)
+        values = table.column("value").to_pylist() if "value" in names else [None] * len(ids)
+        for request_id, label, stamp, kind, value in zip(
+            ids, labels, stamps, kinds, values, strict=True
+        ):
             if request_id is None or label is None:
                 continue
+            key = (stamp, kind or "", str(label))
             held = latest.get(request_id)
-            if held is None or stamp >= held[0]:
-                latest[request_id] = (stamp, label)
+            if held is None or key >= held[0]:
+                latest[request_id] = (key, _typed_label(label, kind, value))
     return {request_id: label for request_id, (_, label) in latest.items()}
+
+
+def _typed_label(label: Any, kind: str | None, value: float | None) -> Any:
+    if kind == "class_index" and value is not None:
+        return int(value)
+    if kind == "value" and value is not None:
+        return float(value)
+    return label
 
 
 # -- files and partitions ------------------------------------------------------------------

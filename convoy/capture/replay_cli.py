@@ -17,11 +17,14 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from .replay import CapturedRequest
+    from .replay_report import ReplayReport
+    from .replay_targets import Target, TargetModel
 
 COMMAND = "replay"
 TOKEN_ENV = "CONVOY_TOKEN"
@@ -172,7 +175,7 @@ def run_replay(
     return PASSED if report.passed else FAILED
 
 
-async def _replay(args: argparse.Namespace, err: TextIO) -> Any:
+async def _replay(args: argparse.Namespace, err: TextIO) -> ReplayReport:
     from .replay import CaptureReadError, read_labels, read_requests, select
     from .replay_report import Gates, Tolerance, build_report
     from .replay_targets import (
@@ -180,7 +183,6 @@ async def _replay(args: argparse.Namespace, err: TextIO) -> Any:
         InProcessTarget,
         Pacer,
         ServerTarget,
-        Target,
         replay,
     )
 
@@ -205,7 +207,8 @@ async def _replay(args: argparse.Namespace, err: TextIO) -> Any:
             + (f" between {window['since'] or 'the start'} and {window['until'] or 'now'}"
                if args.since or args.until else "")
         )  # fmt: skip
-    baseline_version = args.baseline or _served_baseline(rows, args.candidate)
+    # Callers' answered requests only: a shadow run or an earlier replay served nobody.
+    baseline_version = args.baseline or _served_baseline(select(rows).requests, args.candidate)
     candidate_version = args.candidate
 
     target: Target
@@ -276,13 +279,14 @@ class _LoadFailed(Exception):
     pass
 
 
-async def _describe(target: Any, version: str, flag: str, args: argparse.Namespace) -> Any:
+async def _describe(
+    target: Target, version: str, flag: str, args: argparse.Namespace
+) -> TargetModel:
     """The version, loaded where it is loaded here; UsageError when it is not there,
     _LoadFailed when it is but does not load."""
     from ..errors import ConvoyError
     from .replay_targets import InProcessTarget, Refused, UnknownVersion
 
-    where = args.server or args.model_repository or "the built-in examples"
     try:
         if isinstance(target, InProcessTarget):
             await target.load(version)
@@ -293,7 +297,7 @@ async def _describe(target: Any, version: str, flag: str, args: argparse.Namespa
     except Refused as exc:
         if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT"):
             raise UsageError(f"{flag}: {exc.message}") from None
-        raise UsageError(f"--server: {where}: {exc}") from None
+        raise UsageError(f"--server: {args.server}: {exc}") from None
     except ConvoyError as exc:
         message = f"version {version} of '{args.model}' failed to load: {exc.message}"
         if flag == "--candidate":
@@ -301,9 +305,9 @@ async def _describe(target: Any, version: str, flag: str, args: argparse.Namespa
         raise UsageError(f"{flag}: {message}") from None
 
 
-def _served_baseline(rows: list[CapturedRequest], candidate: str) -> str:
+def _served_baseline(rows: Sequence[CapturedRequest], candidate: str) -> str:
     """The one version other than the candidate that answered callers' requests."""
-    served = Counter(r.version for r in rows if r.arm != "shadow" and r.version != candidate)
+    served = Counter(r.version for r in rows if r.version != candidate)
     if len(served) == 1:
         return next(iter(served))
     if not served:

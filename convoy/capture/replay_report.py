@@ -21,7 +21,12 @@ server, no files (replay_cli.py sends the requests and writes the report).
   as wrong.
 
 The gates: the candidate's diff rate may exceed the noise floor by at most
-`max_diff_rate`; it may fail at most that share of the requests the baseline answered;
+`max_diff_rate`. Where the noise floor is above 0 it is itself a sample, as is the diff
+rate: the excess fails only when a one-sided Fisher exact test (scipy.stats) finds the
+diff rate greater than the noise floor at p < 0.05 (`diff_p_value`), so that a
+nondeterministic model's identical candidate does not fail one run in several by
+chance. A noise floor of 0 (a deterministic model) allows no such slack. The candidate
+may fail at most `max_diff_rate` of the requests the baseline answered;
 its accuracy may be at most `max_accuracy_drop` below the baseline's. Nothing compared
 fails (a gate with no data says nothing good). A gate that cannot be judged (no labels)
 is skipped, with a reason.
@@ -40,6 +45,8 @@ import numpy as np
 from ..rollouts.compare import compare_arrays
 from ..tensors import Array
 from .replay import CapturedRequest
+
+SIGNIFICANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class ReplayReport:
     diff_rate: float | None
     noise_compared: int  # requests the baseline served when captured, answers captured
     noise_floor: float | None
+    diff_p_value: float | None  # diff rate > noise floor, one-sided; None: floor 0 or unknown
     divergence: dict[str, OutputDivergence]
     labelled: int
     accuracy: dict[str, float | None]
@@ -147,6 +155,7 @@ class ReplayReport:
             "diff_rate": self.diff_rate,
             "noise_compared": self.noise_compared,
             "noise_floor": self.noise_floor,
+            "diff_p_value": self.diff_p_value,
             "divergence": {name: d.as_json() for name, d in self.divergence.items()},
             "labelled": self.labelled,
             "accuracy": dict(self.accuracy),
@@ -231,14 +240,14 @@ def label_matches(
         if class_names is not None and 0 <= prediction < len(class_names):
             return bool(_text(label) == class_names[prediction])
         return False
-    if isinstance(prediction, bytes | str) or isinstance(label, bytes | str):
+    if isinstance(prediction, bytes | str):
         return _text(prediction) == _text(label)
-    try:
+    try:  # a number, or a number as text (the Feedback RPC's labels are text)
         return bool(
             np.isclose(float(prediction), float(label), rtol=tolerance.rtol, atol=tolerance.atol)
         )
     except (TypeError, ValueError):
-        return False
+        return _text(prediction) == _text(label)
 
 
 def correct_rows(
@@ -316,6 +325,7 @@ def build_report(
                 noisy += 1
     diff_rate = _share(differing, compared)
     noise_floor = _share(noisy, noise_compared)
+    p_value = excess_p_value(differing, compared, noisy, noise_compared)
 
     labelled, accuracy = _accuracy(
         replayed, versions, labels, batched, label_output, class_names, tolerance
@@ -325,6 +335,7 @@ def build_report(
         compared=compared,
         diff_rate=diff_rate,
         noise_floor=noise_floor,
+        p_value=p_value,
         candidate_failed=candidate_failed,
         accuracy=(accuracy[baseline], accuracy[candidate]),
         labelled=labelled,
@@ -343,6 +354,7 @@ def build_report(
         diff_rate=diff_rate,
         noise_compared=noise_compared,
         noise_floor=noise_floor,
+        diff_p_value=p_value,
         divergence=divergence,
         labelled=labelled,
         accuracy=accuracy,
@@ -392,6 +404,7 @@ def judge(
     compared: int,
     diff_rate: float | None,
     noise_floor: float | None,
+    p_value: float | None,
     candidate_failed: int,
     accuracy: tuple[float | None, float | None],
     labelled: int,
@@ -410,10 +423,12 @@ def judge(
                 f"noise_floor: no captured answer of version {baseline} to re-score (none "
                 "served by it, or capture_outputs false): taken as 0"
             )
-        if diff_rate > floor + gates.max_diff_rate + 1e-12:
+        significant = p_value is None or p_value < SIGNIFICANCE
+        if diff_rate > floor + gates.max_diff_rate + 1e-12 and significant:
             failed.append(
                 f"diff_rate {diff_rate:.4f} exceeds the noise floor {floor:.4f} by more than "
                 f"max_diff_rate {gates.max_diff_rate:g}"
+                + ("" if p_value is None else f" (one-sided Fisher exact p = {p_value:.3g})")
             )
         failed_share = candidate_failed / compared
         if failed_share > gates.max_diff_rate + 1e-12:
@@ -432,6 +447,18 @@ def judge(
             f"baseline's {base_accuracy:.4f} (max_accuracy_drop {gates.max_accuracy_drop:g})"
         )
     return not failed, failed + notes
+
+
+def excess_p_value(differing: int, compared: int, noisy: int, noise_compared: int) -> float | None:
+    """How likely a diff rate this far above the noise floor is if the candidate differs
+    no more than the baseline differs from itself (one-sided Fisher exact test); None
+    where the floor is 0 or unmeasured (nothing to be unlucky against)."""
+    if not noisy or not compared or not noise_compared:
+        return None
+    from scipy.stats import fisher_exact
+
+    table = [[differing, compared - differing], [noisy, noise_compared - noisy]]
+    return float(fisher_exact(table, alternative="greater").pvalue)
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float] | None:

@@ -233,6 +233,7 @@ class InProcessTarget:
         self.repository = repository
         self.path = path
         self.model = model
+        self._steps_loaded = False
 
     @classmethod
     def create(cls, root: Path, model: str) -> InProcessTarget:
@@ -248,8 +249,15 @@ class InProcessTarget:
     async def load(self, version: str) -> None:
         """Load one version beside the others (whatever the version_policy says).
         UnknownVersion when it is not on disk; ConvoyError when it fails to load."""
+        from ..config import ENSEMBLE, read_model_config
         from ..errors import InvalidInput, ModelNotFound
 
+        config = read_model_config(self.repository.model_dir(self.model))
+        if config.platform == ENSEMBLE and not self._steps_loaded:
+            # An ensemble's steps must serve before it loads: each as the server loads it.
+            for step in sorted({s.model_name for s in config.ensemble_scheduling.step}):
+                await self.repository.load(step)
+            self._steps_loaded = True
         try:
             await self.repository.ensure_loaded(self.model, version)
         except (ModelNotFound, InvalidInput) as exc:
