@@ -46,9 +46,12 @@ def small_examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_repository(target: Path, examples: Path, models: tuple[str, ...] = ()) -> Path:
-    """A private repository: config copied, big model files linked, not copied."""
+    """A private repository: config copied, big model files linked, not copied. Hidden
+    folders are not models (the repository's own rule): serving the examples keeps its
+    rollout state in `<examples>/.convoy/`."""
     target.mkdir(parents=True, exist_ok=True)
-    for model in models or tuple(p.name for p in examples.iterdir() if p.is_dir()):
+    names = tuple(p.name for p in examples.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for model in models or names:
         link_model(examples / model, target / model)
     return target
 
