@@ -29,6 +29,7 @@ from .api.status import status_code
 from .cache import ResponseCache
 from .cache.exporter import CacheCollector
 from .capture.exporter import CaptureCollector
+from .capture.gate import ServerReplay
 from .capture.recorder import CaptureRecorder, LabelRecorder
 from .capture.writer import CaptureWriter
 from .config import ServerConfig
@@ -112,6 +113,8 @@ class ConvoyServer:
                 CaptureRecorder(self.capture, lambda error: status_code(error).name)
             )
             self.labels = LabelRecorder(self.capture, lambda m, v: self.repository.get(m, v).spec)
+            # A rollout's replay gate replays this capture on the server's own path.
+            self.rollouts.replay = ServerReplay(self.repository, self.path, config.capture.uri)
         self.servicer = InferenceServicer(self.path, self.declared.load, self.policy.client)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None

@@ -59,6 +59,11 @@ class RegionInUse(ConvoyError):
     """A shared memory region cannot be unregistered while requests use it."""
 
 
+class FailedPrecondition(ConvoyError):
+    """The server is not in a state to do this: a rollout's replay gate failed, or
+    needs a capture the server does not write (--capture-dir)."""
+
+
 class InternalError(ConvoyError):
     """A backend failed while running a batch."""
 

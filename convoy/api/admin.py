@@ -6,6 +6,7 @@ and rollouts/spec.py; errors map to gRPC codes in status.py, as for inference.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Awaitable, Callable
 
@@ -15,7 +16,7 @@ from ..errors import ConvoyError, InternalError
 from ..pb import convoy_admin_pb2 as pb
 from ..pb import convoy_admin_pb2_grpc as pb_grpc
 from ..rollouts.controller import RolloutController, RolloutStatus
-from ..rollouts.spec import Gates, RolloutSpec, make_spec
+from ..rollouts.spec import REPLAY_MAX_REQUESTS, Gates, ReplayGate, RolloutSpec, make_spec
 from .status import status_code
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RolloutService"].full_name
@@ -48,6 +49,24 @@ def spec_from_proto(message: pb.RolloutSpec) -> RolloutSpec:
         shadow_fraction=message.shadow_fraction if message.HasField("shadow_fraction") else None,
         keep_warm_s=message.keep_warm_s if message.HasField("keep_warm_s") else 300.0,
         salt=message.salt,
+        replay=_replay_gate(message),
+    )
+
+
+def _replay_gate(message: pb.RolloutSpec) -> ReplayGate | None:
+    if not message.HasField("replay_since"):
+        return None
+    return ReplayGate(
+        since=message.replay_since,
+        until=message.replay_until if message.HasField("replay_until") else None,
+        max_diff_rate=(
+            message.replay_max_diff_rate if message.HasField("replay_max_diff_rate") else 0.01
+        ),
+        max_requests=(
+            message.replay_max_requests
+            if message.HasField("replay_max_requests")
+            else REPLAY_MAX_REQUESTS
+        ),
     )
 
 
@@ -64,6 +83,7 @@ def status_to_proto(status: RolloutStatus) -> pb.RolloutStatus:
         step=status.step,
         steps=status.steps,
         shadow_fraction=status.shadow_fraction,
+        replay="" if status.replay is None else json.dumps(status.replay),
     )
     for version, stats in status.windows.items():
         window = out.windows[version]

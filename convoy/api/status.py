@@ -9,6 +9,7 @@ from ..errors import (
     ConfigError,
     ConvoyError,
     DeadlineExceeded,
+    FailedPrecondition,
     InternalError,
     InvalidInput,
     ModelNotFound,
@@ -34,6 +35,7 @@ _CODES: dict[type[ConvoyError], grpc.StatusCode] = {
     InternalError: grpc.StatusCode.INTERNAL,
     RegionNotFound: grpc.StatusCode.NOT_FOUND,
     RegionInUse: grpc.StatusCode.FAILED_PRECONDITION,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -58,6 +60,7 @@ _HTTP: dict[type[ConvoyError], int] = {
     Unavailable: 503,
     DeadlineExceeded: 503,  # Triton's "Request timeout expired" is UNAVAILABLE
     Unimplemented: 501,
+    FailedPrecondition: 400,
     InternalError: 500,
 }
 

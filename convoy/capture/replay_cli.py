@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from .replay import CapturedRequest
-    from .replay_report import ReplayReport
+    from .replay_report import Gates, ReplayReport, Tolerance
     from .replay_targets import Target, TargetModel
 
 COMMAND = "replay"
@@ -176,41 +176,14 @@ def run_replay(
 
 
 async def _replay(args: argparse.Namespace, err: TextIO) -> ReplayReport:
-    from .replay import CaptureReadError, read_labels, read_requests, select
-    from .replay_report import Gates, Tolerance, build_report
-    from .replay_targets import (
-        Backoff,
-        InProcessTarget,
-        Pacer,
-        ServerTarget,
-        replay,
-    )
+    from .replay_report import Gates, Tolerance
+    from .replay_targets import InProcessTarget, ServerTarget
 
     if args.since is not None and args.until is not None and args.since >= args.until:
         raise UsageError("--since must be before --until")
     if args.baseline is not None and args.baseline == args.candidate:
         raise UsageError("--baseline: the candidate cannot be its own baseline")
-    try:
-        rows = await asyncio.to_thread(
-            read_requests, args.capture_dir, args.model, args.since, args.until
-        )
-        labels = await asyncio.to_thread(read_labels, args.capture_dir, args.model)
-    except CaptureReadError as exc:
-        raise UsageError(f"--capture-dir: {exc}") from None
-    window = {
-        "since": args.since.isoformat() if args.since else None,
-        "until": args.until.isoformat() if args.until else None,
-    }
-    if not rows:
-        raise UsageError(
-            f"--capture-dir: no captured request of model '{args.model}' in {args.capture_dir}"
-            + (f" between {window['since'] or 'the start'} and {window['until'] or 'now'}"
-               if args.since or args.until else "")
-        )  # fmt: skip
-    # Callers' answered requests only: a shadow run or an earlier replay served nobody.
-    baseline_version = args.baseline or _served_baseline(select(rows).requests, args.candidate)
-    candidate_version = args.candidate
-
+    captured = await read_capture(args.capture_dir, args.model, args.since, args.until)
     target: Target
     if args.server is not None:
         token = args.token or os.environ.get(TOKEN_ENV)
@@ -226,41 +199,115 @@ async def _replay(args: argparse.Namespace, err: TextIO) -> ReplayReport:
             raise UsageError(f"--model-repository: no model '{args.model}' in {root}")
         target = InProcessTarget.create(Path(root), args.model)
         rate = args.rate
-    gates = Gates(args.max_diff_rate, args.max_accuracy_drop)
-    tolerance = Tolerance(args.rtol, args.atol)
     try:
-        baseline = await _describe(target, baseline_version, "--baseline", args)
-        load_failure = None
-        try:
-            candidate = await _describe(target, candidate_version, "--candidate", args)
-        except _LoadFailed as failed:  # the candidate's own fault: a failed gate
-            load_failure = str(failed)
-        if load_failure is not None:
-            report = build_report(
-                args.model, candidate_version, baseline_version, [],
-                tolerance=tolerance, gates=gates, labels=labels, window=window,
-            )  # fmt: skip
-            return dataclasses.replace(report, reasons=[load_failure, *report.reasons])
-        selection = select(rows, baseline.required, args.max_requests)
-        if not selection.requests:
-            left = ", ".join(f"{n} {why}" for why, n in sorted(selection.skipped.items()))
-            raise UsageError(
-                f"--capture-dir: none of the {len(rows)} captured requests of model "
-                f"'{args.model}' can be replayed ({left})"
-            )
-        print(
-            f"replaying {len(selection.requests)} requests of '{args.model}' on versions "
-            f"{candidate_version} and {baseline_version}" + (f" at {rate:g}/s" if rate else ""),
-            file=err,
-        )
-        replayed = await replay(
-            target, selection.requests, candidate, baseline, Pacer(rate), Backoff()
+        return await replay_captured(
+            target,
+            captured,
+            args.model,
+            args.candidate,
+            args.baseline,
+            max_requests=args.max_requests,
+            rate=rate,
+            tolerance=Tolerance(args.rtol, args.atol),
+            gates=Gates(args.max_diff_rate, args.max_accuracy_drop),
+            server=args.server,
+            err=err,
         )
     finally:
         await target.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Captured:
+    """What a replay reads from the capture directory: the rows, their labels (None:
+    none collected) and the window they were read from (ISO times, None: open)."""
+
+    rows: list[CapturedRequest]
+    labels: dict[str, Any] | None
+    window: dict[str, str | None]
+
+
+async def read_capture(
+    capture_dir: str, model: str, since: dt.datetime | None, until: dt.datetime | None
+) -> Captured:
+    """The model's captured rows in [since, until), read off the event loop; UsageError
+    naming --capture-dir when there are none or they cannot be read."""
+    from .replay import CaptureReadError, read_labels, read_requests
+
+    try:
+        rows = await asyncio.to_thread(read_requests, capture_dir, model, since, until)
+        labels = await asyncio.to_thread(read_labels, capture_dir, model)
+    except CaptureReadError as exc:
+        raise UsageError(f"--capture-dir: {exc}") from None
+    window = {
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+    }
+    if not rows:
+        raise UsageError(
+            f"--capture-dir: no captured request of model '{model}' in {capture_dir}"
+            + (f" between {window['since'] or 'the start'} and {window['until'] or 'now'}"
+               if since or until else "")
+        )  # fmt: skip
+    return Captured(rows, labels, window)
+
+
+async def replay_captured(
+    target: Target,
+    captured: Captured,
+    model: str,
+    candidate_version: str,
+    baseline_version: str | None,
+    *,
+    max_requests: int,
+    rate: float | None,
+    tolerance: Tolerance,
+    gates: Gates,
+    server: str | None = None,
+    err: TextIO | None = None,
+) -> ReplayReport:
+    """Replay the captured requests on both versions through `target` (left open: its
+    owner closes it), compare and judge. UsageError, naming the flag, when none can be
+    replayed or a version is not there. The server's
+    replay gate (docs/rollouts.md) runs this too, on its own inference path."""
+    from .replay import select
+    from .replay_report import build_report
+    from .replay_targets import Backoff, Pacer, replay
+
+    rows, labels, window = captured.rows, captured.labels, captured.window
+    # Callers' answered requests only: a shadow run or an earlier replay served nobody.
+    baseline_version = baseline_version or _served_baseline(
+        select(rows).requests, candidate_version
+    )
+    baseline = await _describe(target, model, baseline_version, "--baseline", server)
+    load_failure = None
+    try:
+        candidate = await _describe(target, model, candidate_version, "--candidate", server)
+    except _LoadFailed as failed:  # the candidate's own fault: a failed gate
+        load_failure = str(failed)
+    if load_failure is not None:
+        report = build_report(
+            model, candidate_version, baseline_version, [],
+            tolerance=tolerance, gates=gates, labels=labels, window=window,
+        )  # fmt: skip
+        return dataclasses.replace(report, reasons=[load_failure, *report.reasons])
+    selection = select(rows, baseline.required, max_requests)
+    if not selection.requests:
+        left = ", ".join(f"{n} {why}" for why, n in sorted(selection.skipped.items()))
+        raise UsageError(
+            f"--capture-dir: none of the {len(rows)} captured requests of model "
+            f"'{model}' can be replayed ({left})"
+        )
+    if err is not None:
+        print(
+            f"replaying {len(selection.requests)} requests of '{model}' on versions "
+            f"{candidate_version} and {baseline_version}" + (f" at {rate:g}/s" if rate else ""),
+            file=err,
+        )
+    replayed = await replay(target, selection.requests, candidate, baseline, Pacer(rate), Backoff())
     output = next(iter(baseline.outputs), None)
     return build_report(
-        args.model,
+        model,
         candidate_version,
         baseline_version,
         replayed,
@@ -280,7 +327,7 @@ class _LoadFailed(Exception):
 
 
 async def _describe(
-    target: Target, version: str, flag: str, args: argparse.Namespace
+    target: Target, model: str, version: str, flag: str, server: str | None
 ) -> TargetModel:
     """The version, loaded where it is loaded here; UsageError when it is not there,
     _LoadFailed when it is but does not load."""
@@ -292,14 +339,14 @@ async def _describe(
             await target.load(version)
         return await target.describe(version)
     except UnknownVersion as exc:
-        hint = " (load it there: version_policy, or a rollout)" if args.server else ""
+        hint = " (load it there: version_policy, or a rollout)" if server else ""
         raise UsageError(f"{flag}: {exc}{hint}") from None
     except Refused as exc:
         if exc.code in ("NOT_FOUND", "INVALID_ARGUMENT"):
             raise UsageError(f"{flag}: {exc.message}") from None
-        raise UsageError(f"--server: {args.server}: {exc}") from None
+        raise UsageError(f"--server: {server}: {exc}") from None
     except ConvoyError as exc:
-        message = f"version {version} of '{args.model}' failed to load: {exc.message}"
+        message = f"version {version} of '{model}' failed to load: {exc.message}"
         if flag == "--candidate":
             raise _LoadFailed(message) from None
         raise UsageError(f"{flag}: {message}") from None

@@ -229,11 +229,17 @@ class InProcessTarget:
     """The repository loaded here, with the code the server uses; each request through
     an InferencePath as the `replay` door, queued behind every caller."""
 
-    def __init__(self, repository: ModelRepository, path: InferencePath, model: str) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        path: InferencePath,
+        model: str,
+        steps_loaded: bool = False,  # a server's repository: its ensembles' steps serve
+    ) -> None:
         self.repository = repository
         self.path = path
         self.model = model
-        self._steps_loaded = False
+        self._steps_loaded = steps_loaded
 
     @classmethod
     def create(cls, root: Path, model: str) -> InProcessTarget:

@@ -21,7 +21,7 @@ class RolloutGates(_message.Message):
     def __init__(self, max_error_rate: _Optional[float] = ..., max_p99_ms: _Optional[float] = ..., max_queue_p99_ms: _Optional[float] = ..., max_divergence: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
 
 class RolloutSpec(_message.Message):
-    __slots__ = ("strategy", "steps", "step_interval_s", "gates", "shadow_fraction", "keep_warm_s", "salt")
+    __slots__ = ("strategy", "steps", "step_interval_s", "gates", "shadow_fraction", "keep_warm_s", "salt", "replay_since", "replay_until", "replay_max_diff_rate", "replay_max_requests")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     STEP_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,10 @@ class RolloutSpec(_message.Message):
     SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
     KEEP_WARM_S_FIELD_NUMBER: _ClassVar[int]
     SALT_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_SINCE_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_MAX_DIFF_RATE_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     steps: _containers.RepeatedScalarFieldContainer[float]
     step_interval_s: float
@@ -36,7 +40,11 @@ class RolloutSpec(_message.Message):
     shadow_fraction: float
     keep_warm_s: float
     salt: str
-    def __init__(self, strategy: _Optional[str] = ..., steps: _Optional[_Iterable[float]] = ..., step_interval_s: _Optional[float] = ..., gates: _Optional[_Union[RolloutGates, _Mapping]] = ..., shadow_fraction: _Optional[float] = ..., keep_warm_s: _Optional[float] = ..., salt: _Optional[str] = ...) -> None: ...
+    replay_since: str
+    replay_until: str
+    replay_max_diff_rate: float
+    replay_max_requests: int
+    def __init__(self, strategy: _Optional[str] = ..., steps: _Optional[_Iterable[float]] = ..., step_interval_s: _Optional[float] = ..., gates: _Optional[_Union[RolloutGates, _Mapping]] = ..., shadow_fraction: _Optional[float] = ..., keep_warm_s: _Optional[float] = ..., salt: _Optional[str] = ..., replay_since: _Optional[str] = ..., replay_until: _Optional[str] = ..., replay_max_diff_rate: _Optional[float] = ..., replay_max_requests: _Optional[int] = ...) -> None: ...
 
 class WindowStats(_message.Message):
     __slots__ = ("requests", "errors", "error_rate", "queue_p99_ms", "compute_p99_ms", "compared", "max_divergence", "top1_agreement", "shadow_shed")
@@ -61,7 +69,7 @@ class WindowStats(_message.Message):
     def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., queue_p99_ms: _Optional[float] = ..., compute_p99_ms: _Optional[float] = ..., compared: _Optional[int] = ..., max_divergence: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., shadow_shed: _Optional[int] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("model", "strategy", "phase", "stable", "candidate", "weights", "reason", "analysis", "step", "steps", "shadow_fraction", "windows")
+    __slots__ = ("model", "strategy", "phase", "stable", "candidate", "weights", "reason", "analysis", "step", "steps", "shadow_fraction", "windows", "replay")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +96,7 @@ class RolloutStatus(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     model: str
     strategy: str
     phase: str
@@ -100,7 +109,8 @@ class RolloutStatus(_message.Message):
     steps: _containers.RepeatedScalarFieldContainer[float]
     shadow_fraction: float
     windows: _containers.MessageMap[str, WindowStats]
-    def __init__(self, model: _Optional[str] = ..., strategy: _Optional[str] = ..., phase: _Optional[str] = ..., stable: _Optional[str] = ..., candidate: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., analysis: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[_Iterable[float]] = ..., shadow_fraction: _Optional[float] = ..., windows: _Optional[_Mapping[str, WindowStats]] = ...) -> None: ...
+    replay: str
+    def __init__(self, model: _Optional[str] = ..., strategy: _Optional[str] = ..., phase: _Optional[str] = ..., stable: _Optional[str] = ..., candidate: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., analysis: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[_Iterable[float]] = ..., shadow_fraction: _Optional[float] = ..., windows: _Optional[_Mapping[str, WindowStats]] = ..., replay: _Optional[str] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
     __slots__ = ("model", "version", "spec")

@@ -160,6 +160,7 @@ class Rollout:
     retired: bool = False  # the losing version has been unloaded
     candidate_was_loaded: bool = True  # False: the rollout loaded it, so it unloads it
     weight_override: float | None = None  # ab: the candidate's share, changed live
+    replay: dict[str, Any] | None = None  # the replay gate's report (JSON), if it had one
     windows: dict[str, VersionWindow] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -294,6 +295,7 @@ class Rollout:
             "retired": self.retired,
             "candidate_was_loaded": self.candidate_was_loaded,
             "weight_override": self.weight_override,
+            "replay": self.replay,
             "spec": {
                 "strategy": spec.strategy.value,
                 "steps": list(spec.steps),
@@ -343,4 +345,5 @@ class Rollout:
             retired=bool(record["retired"]),
             candidate_was_loaded=bool(record["candidate_was_loaded"]),
             weight_override=None if override is None else float(override),
+            replay=record.get("replay"),
         )

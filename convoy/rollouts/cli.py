@@ -49,6 +49,14 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def _time(text: str) -> str:
+    """A time for the server, as an absolute ISO 8601 time: "6h" means six hours
+    before now here, whatever the server's clock."""
+    from ..capture.replay_cli import parse_time
+
+    return parse_time(text).isoformat()
+
+
 def add_rollout_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `rollout` and its commands to the `convoy` parser's subparsers."""
     rollout: argparse.ArgumentParser = subparsers.add_parser(
@@ -126,6 +134,31 @@ def add_rollout_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="keep the replaced version loaded this long (default 5m)",
     )
     start.add_argument("--salt", default="", help="ab experiment salt")
+    start.add_argument(
+        "--replay-since",
+        type=_time,
+        metavar="T",
+        help="replay gate: first replay the requests captured since T (an ISO 8601 time, "
+        "UTC unless zoned, or a duration ago such as 6h) on the candidate against the "
+        "version serving now; the rollout starts only if they pass (needs the server's "
+        "--capture-dir)",
+    )
+    start.add_argument(
+        "--replay-until", type=_time, metavar="T", help="replay gate: ... and before T"
+    )
+    start.add_argument(
+        "--replay-max-diff-rate",
+        type=float,
+        metavar="X",
+        help="replay gate: the share of answers that may differ beyond the noise floor "
+        "(default 0.01)",
+    )
+    start.add_argument(
+        "--replay-max-requests",
+        type=_count,
+        metavar="K",
+        help="replay gate: the K most recent captured requests (default 1000)",
+    )
 
     status = commands.add_parser("status", parents=[client], help="show rollouts")
     status.add_argument("model", nargs="?", default="")
@@ -161,6 +194,15 @@ def start_request(args: argparse.Namespace) -> Any:
             setattr(spec.gates, name, value)
     if args.min_requests is not None:
         spec.gates.min_requests = args.min_requests
+    replay_flags = ("replay_until", "replay_max_diff_rate", "replay_max_requests")
+    if args.replay_since is None and any(getattr(args, f) is not None for f in replay_flags):
+        raise argparse.ArgumentTypeError(
+            "--replay-since: the replay gate's other flags need it (the window's start)"
+        )
+    for name in ("replay_since", *replay_flags):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(spec, name, value)
     return pb.StartRolloutRequest(model=args.model, version=args.version, spec=spec)
 
 
@@ -196,6 +238,7 @@ def status_json(status: Any) -> dict[str, Any]:
         "steps": list(status.steps),
         "shadow_fraction": status.shadow_fraction,
         "windows": windows,
+        "replay": json.loads(status.replay) if status.replay else None,
     }
 
 
@@ -210,6 +253,14 @@ def _print_human(statuses: list[Any], out: TextIO) -> None:
         print(f"  reason:   {s.reason}", file=out)
         if s.analysis:
             print(f"  analysis: {s.analysis}", file=out)
+        if s.replay:
+            report = json.loads(s.replay)
+            verdict = "passed" if report.get("passed") else "failed"
+            print(
+                f"  replay:   {verdict}: {report.get('requests')} requests, diff_rate "
+                f"{report.get('diff_rate')}, noise_floor {report.get('noise_floor')}",
+                file=out,
+            )
 
 
 def run_rollout_command(
@@ -224,6 +275,13 @@ def run_rollout_command(
     from ..pb import convoy_admin_pb2 as pb
     from ..pb import convoy_admin_pb2_grpc as pb_grpc
 
+    start = None
+    if args.rollout_command == "start":
+        try:
+            start = start_request(args)
+        except argparse.ArgumentTypeError as exc:
+            print(f"convoy rollout start: {exc}", file=err)
+            return 2
     channel = (channel_factory or _channel)(args)
     stub = pb_grpc.RolloutServiceStub(channel)
     token = args.token or os.environ.get(TOKEN_ENV)
@@ -243,7 +301,7 @@ def run_rollout_command(
                 _print_human(statuses, out)
             return 0
         if command == "start":
-            status = stub.Start(start_request(args), **call)
+            status = stub.Start(start, **call)
         elif command == "weight":
             request = pb.SetRolloutWeightRequest(model=args.model, candidate_percent=args.percent)
             status = stub.SetWeight(request, **call)

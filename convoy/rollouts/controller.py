@@ -32,15 +32,15 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from ..errors import ConvoyError, InvalidInput, ModelNotFound, Unavailable
+from ..errors import ConvoyError, FailedPrecondition, InvalidInput, ModelNotFound, Unavailable
 from .analysis import Rollout, Transition
 from .compare import Array, OutputDivergence, compare_outputs, divergence_score
 from .policy import TrafficPolicy
-from .spec import Phase, RolloutSpec, Strategy
+from .spec import Phase, ReplayGate, RolloutSpec, Strategy
 from .store import RolloutStore
 from .window import BucketCounts, WindowStats
 
@@ -50,6 +50,12 @@ SHADOW_INFLIGHT = 8  # mirrored runs in flight per model; past it, shadow work i
 K = TypeVar("K")
 V = TypeVar("V")
 _COMPARES_BOTH_WAYS = (Strategy.CANARY, Strategy.BLUE_GREEN)
+REFUSED = "refused"  # the phase status() shows for a start its replay gate refused
+
+# The replay gate: (model, baseline, candidate, gate) -> the replay report as JSON (its
+# "passed" and "reasons" read here). Both versions are loaded when it is called;
+# ConvoyError when there is nothing to replay. The server wires it (capture/gate.py).
+ReplayHook = Callable[[str, str, str, ReplayGate], Awaitable[dict[str, Any]]]
 
 
 class RolloutRepository(Protocol):
@@ -105,6 +111,7 @@ class RolloutStatus:
     steps: tuple[float, ...]
     shadow_fraction: float
     windows: dict[str, WindowStats]  # version -> its figures in the current window
+    replay: dict[str, Any] | None = None  # the replay gate's report, if the start had one
 
 
 class RolloutController:
@@ -115,8 +122,11 @@ class RolloutController:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         shadow_inflight: int = SHADOW_INFLIGHT,
+        replay: ReplayHook | None = None,
     ) -> None:
         self._repo = repository
+        # None: the server writes no capture, and a start with a replay gate is refused.
+        self.replay = replay
         self._store = store
         self._clock = clock
         self._rng = rng or random.Random()
@@ -127,6 +137,8 @@ class RolloutController:
         self._locks: dict[str, asyncio.Lock] = {}  # per model: control calls await loads
         self._unsaved: set[str] = set()  # models whose applied state the store refused
         self._retiring: dict[str, asyncio.Task[None]] = {}  # model -> its loser draining
+        # model -> the last start its replay gate refused, until a start succeeds
+        self._refused: dict[str, RolloutStatus] = {}
         self.events: dict[tuple[str, str], int] = {}  # (model, event) -> count
         self.shadow_shed: dict[tuple[str, str], int] = {}  # (model, version) -> count
         self.divergence: dict[tuple[str, str, str], BucketCounts] = {}  # model, version, output
@@ -261,6 +273,11 @@ class RolloutController:
         stable = self._repo.default_version(model)
         if stable == version:
             raise InvalidInput(f"version {version} of model '{model}' already serves by default")
+        if spec.replay is not None and self.replay is None:
+            raise FailedPrecondition(
+                f"model '{model}': a replay gate replays captured traffic, and this server "
+                "captures none: start it with --capture-dir, or start without --replay-since"
+            )
         was_loaded = version in self._repo.loaded_versions(model)
         pinned_before = existing.winner if existing else None
         # Pin first: loading the candidate must not make it "the latest" for anyone.
@@ -270,8 +287,12 @@ class RolloutController:
         except ConvoyError:
             self._repo.set_default(model, pinned_before)
             raise
+        report = None
+        if spec.replay is not None:
+            report = await self._replay_gate(model, stable, version, spec, pinned_before,
+                                             was_loaded)  # fmt: skip
         now = self._clock()
-        rollout = Rollout(model, stable, version, spec, started_at=now)
+        rollout = Rollout(model, stable, version, spec, started_at=now, replay=report)
         rollout.candidate_was_loaded = was_loaded
         weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
         reason = f"started {spec.strategy.value} of version {version} over {stable}: {weights}"
@@ -279,16 +300,70 @@ class RolloutController:
         try:
             await self._save(rollout)
         except Unavailable:
-            # Refused: serving as it was, without the candidate this call loaded.
-            self._repo.set_default(model, pinned_before)
-            if not was_loaded:
-                await self._unload(model, version)
+            await self._undo_start(model, version, pinned_before, was_loaded)
             raise
         self._unsaved.discard(model)
+        self._refused.pop(model, None)
         self._apply(rollout, [Transition("started", rollout.phase, reason)])
         if existing is not None and not existing.retired:
             await self._retire_early(existing, keep=(stable, version))
         return self._status(rollout)
+
+    async def _replay_gate(
+        self,
+        model: str,
+        stable: str,
+        version: str,
+        spec: RolloutSpec,
+        pinned_before: str | None,
+        was_loaded: bool,
+    ) -> dict[str, Any]:
+        """Replay captured traffic on the candidate (loaded, no traffic yet) against
+        stable; its report, or FailedPrecondition with serving as it was found."""
+        assert self.replay is not None and spec.replay is not None
+        try:
+            report = await self.replay(model, stable, version, spec.replay)
+        except BaseException:  # nothing to replay, or the caller went away
+            await self._undo_start(model, version, pinned_before, was_loaded)
+            raise
+        if report.get("passed"):
+            return report
+        await self._undo_start(model, version, pinned_before, was_loaded)
+        reasons = "; ".join(report.get("reasons") or ()) or "the replay did not pass"
+        reason = (
+            f"replay gate refused version {version} of model '{model}' against version "
+            f"{stable}: {reasons}; serving unchanged"
+        )
+        self._refused = _with(
+            self._refused,
+            model,
+            RolloutStatus(
+                model=model,
+                strategy=spec.strategy.value,
+                phase=REFUSED,
+                stable=stable,
+                candidate=version,
+                weights={stable: 100.0},
+                reason=reason,
+                analysis="",
+                step=0,
+                steps=spec.steps,
+                shadow_fraction=spec.shadow_fraction,
+                windows={},
+                replay=report,
+            ),
+        )
+        self.events = _counted(self.events, (model, "replay_refused"))
+        log.info("rollout of model '%s': %s", model, reason)
+        raise FailedPrecondition(reason)
+
+    async def _undo_start(
+        self, model: str, version: str, pinned_before: str | None, was_loaded: bool
+    ) -> None:
+        """A refused start: serving as it was, without the candidate this call loaded."""
+        self._repo.set_default(model, pinned_before)
+        if not was_loaded:
+            await self._unload(model, version)
 
     async def promote(self, model: str) -> RolloutStatus:
         async with self._lock(model):
@@ -360,14 +435,21 @@ class RolloutController:
         )
 
     def status(self, model: str | None = None) -> list[RolloutStatus]:
-        """One entry per model with a rollout (active or ended); [] for a model without."""
+        """One entry per model with a rollout (active or ended); [] for a model without.
+        A start its replay gate refused shows (phase "refused", with the report) until
+        a start of the model succeeds: it is the latest word on that model."""
         if model:
+            refused = self._refused.get(model)
+            if refused is not None:
+                return [refused]
             rollout = self._rollouts.get(model)
             if rollout is None:
                 self._repo.versions_on_disk(model)  # ModelNotFound for an unknown model
                 return []
             return [self._status(rollout)]
-        return [self._status(r) for _, r in sorted(self._rollouts.items())]
+        statuses = {m: self._status(r) for m, r in self._rollouts.items()}
+        statuses.update(self._refused)
+        return [statuses[m] for m in sorted(statuses)]
 
     def versions_changed(self, model: str) -> None:
         """The repository's change hook: it has just loaded, reloaded or unloaded versions
@@ -477,6 +559,9 @@ class RolloutController:
             existing = self._rollouts.get(model)
             if existing is not None and (existing.phase.active or existing.candidate == version):
                 return None
+            refused = self._refused.get(model)
+            if refused is not None and refused.candidate == version:
+                return None  # its replay gate refused it: a poll does not replay it again
             try:
                 default = self._repo.default_version(model)
             except ConvoyError:
@@ -659,6 +744,7 @@ class RolloutController:
             steps=steps,
             shadow_fraction=rollout.spec.shadow_fraction,
             windows=rollout.stats(),
+            replay=rollout.replay,
         )
 
 

@@ -12,8 +12,14 @@ the server already depends on nothing that reads YAML. Example:
       "max_error_rate": 0.01,
       "max_p99_ms": 50,
       "max_divergence": 0.001,
-      "min_requests": 200
+      "min_requests": 200,
+      "replay_since": "6h",
+      "replay_max_diff_rate": 0.01
     }
+
+replay_since (and replay_until, replay_max_diff_rate, replay_max_requests) add the
+replay gate: captured traffic is replayed on the new version before it gets any. A
+duration there counts back from the moment the new version appears.
 
 Keys are the CLI's flag names with underscores; unknown keys are errors, so a
 typo fails the load instead of silently dropping a gate.
@@ -27,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InvalidInput
-from .spec import Gates, RolloutSpec, make_spec, parse_duration
+from .spec import (
+    REPLAY_MAX_REQUESTS,
+    Gates,
+    ReplayGate,
+    RolloutSpec,
+    make_spec,
+    parse_duration,
+)
 
 POLICY_FILENAME = "rollout.json"
 
@@ -41,6 +54,10 @@ _KEYS = frozenset(
         "shadow_fraction",
         "keep_warm",
         "salt",
+        "replay_since",
+        "replay_until",
+        "replay_max_diff_rate",
+        "replay_max_requests",
         *_NUMBERS,
     }
 )
@@ -97,10 +114,32 @@ def parse_policy(data: Any, path: str) -> RolloutSpec:
             shadow_fraction=shadow_fraction,
             keep_warm_s=parse_duration(data.get("keep_warm", 300.0), "keep_warm"),
             salt=salt,
+            replay=_replay_gate(data, path),
         )
     except InvalidInput as exc:
         field, _, problem = exc.message.partition(": ")
         raise ConfigError(path, field, problem or exc.message) from None
+
+
+def _replay_gate(data: dict[str, Any], path: str) -> ReplayGate | None:
+    if "replay_since" not in data:
+        for key in ("replay_until", "replay_max_diff_rate", "replay_max_requests"):
+            if key in data:
+                raise ConfigError(path, key, "needs replay_since (the replay window's start)")
+        return None
+    since, until = data["replay_since"], data.get("replay_until")
+    for key, value in (("replay_since", since), ("replay_until", until)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(path, key, 'expected a time (ISO 8601) or a duration ago: "6h"')
+    rate = data.get("replay_max_diff_rate")
+    return ReplayGate(
+        since=since,
+        until=until,
+        max_diff_rate=0.01 if rate is None else _number(rate, path, "replay_max_diff_rate"),
+        max_requests=_integer(
+            data.get("replay_max_requests", REPLAY_MAX_REQUESTS), path, "replay_max_requests"
+        ),
+    )
 
 
 def _number(value: Any, path: str, key: str) -> float:

@@ -6,6 +6,8 @@ policy file, so all three reject the same input with the same message.
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import math
 import re
 from dataclasses import dataclass, field
@@ -44,6 +46,20 @@ class Gates:
 
 
 DEFAULT_STEPS = (5.0, 25.0, 50.0, 100.0)
+REPLAY_MAX_REQUESTS = 1000  # as `convoy replay --max-requests`
+
+
+@dataclass(frozen=True)
+class ReplayGate:
+    """Replay captured traffic on the candidate before it gets any (docs/rollouts.md).
+
+    Times are kept as given: an ISO 8601 time, or a duration before the start such
+    as 6h, so that a declared rollout's window is read when its version appears."""
+
+    since: str
+    until: str | None = None
+    max_diff_rate: float = 0.01  # as `convoy replay --max-diff-rate`
+    max_requests: int = REPLAY_MAX_REQUESTS
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ class RolloutSpec:
     shadow_fraction: float = 0.0
     keep_warm_s: float = 300.0  # the replaced version stays loaded this long
     salt: str = ""  # ab: experiment salt; empty: "<model>:<candidate>"
+    replay: ReplayGate | None = None  # the candidate is replayed first; None: no replay gate
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -97,6 +114,7 @@ def make_spec(
     shadow_fraction: float | None = None,
     keep_warm_s: float = 300.0,
     salt: str = "",
+    replay: ReplayGate | None = None,
 ) -> RolloutSpec:
     """Validate and fill defaults; InvalidInput names the field at fault."""
     try:
@@ -149,6 +167,8 @@ def make_spec(
             shadow_fraction = 0.0
     if kind is Strategy.SHADOW and shadow_fraction == 0.0:
         raise InvalidInput("shadow_fraction: a shadow rollout needs a fraction above 0")
+    if replay is not None:
+        _check_replay(replay)
     return RolloutSpec(
         strategy=kind,
         steps=tuple(float(s) for s in steps),
@@ -157,4 +177,33 @@ def make_spec(
         shadow_fraction=float(shadow_fraction),
         keep_warm_s=float(keep_warm_s),
         salt=salt,
+        replay=replay,
     )
+
+
+def replay_window(gate: ReplayGate, now: dt.datetime) -> tuple[dt.datetime, dt.datetime | None]:
+    """The gate's [since, until) as UTC times, durations counted back from `now`;
+    InvalidInput naming the field."""
+    from ..capture.replay_cli import parse_time
+
+    def parse(text: str, name: str) -> dt.datetime:
+        try:
+            return parse_time(text, now)
+        except argparse.ArgumentTypeError as exc:
+            raise InvalidInput(f"{name}: {exc}") from None
+
+    since = parse(gate.since, "replay_since")
+    until = None if gate.until is None else parse(gate.until, "replay_until")
+    if until is not None and since >= until:
+        raise InvalidInput(f"replay_since: {gate.since} must be before replay_until {gate.until}")
+    return since, until
+
+
+def _check_replay(gate: ReplayGate) -> None:
+    if not gate.since.strip():
+        raise InvalidInput("replay_since: empty; give a time or a duration ago such as 6h")
+    replay_window(gate, dt.datetime.now(dt.UTC))
+    if not (math.isfinite(gate.max_diff_rate) and 0.0 <= gate.max_diff_rate <= 1.0):
+        raise InvalidInput(f"replay_max_diff_rate: {gate.max_diff_rate} is not between 0 and 1")
+    if gate.max_requests < 1:
+        raise InvalidInput(f"replay_max_requests: {gate.max_requests} must be at least 1")
