@@ -21,35 +21,18 @@ from convoy.pb import convoy_admin_pb2 as admin
 from convoy.pb import convoy_admin_pb2_grpc as admin_grpc
 
 from .conftest import ROOT, start_server
+from .linear import linear_source, write_linear_model
 
 pytestmark = pytest.mark.e2e
 duckdb = pytest.importorskip("duckdb", reason="duckdb missing: a test extra")
 
-SOURCE = """
-class Model:
-    def __init__(self, config):
-        pass
-
-    def __call__(self, inputs):
-        return {{"Y": inputs["X"] * {factor}}}
-"""
-CONFIG = """
-name: "lin"
-backend: "convoy_python"
-max_batch_size: 4
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
-version_policy: { specific { versions: [ 1 ] } }
-parameters [ { key: "capture_sample_rate" value { string_value: "1" } } ]
-"""
-
 
 def repository(root: Path) -> Path:
-    for version, factor in ((1, 2), (2, 3)):
-        (root / "lin" / str(version)).mkdir(parents=True)
-        (root / "lin" / str(version) / "model.py").write_text(SOURCE.format(factor=factor))
-    (root / "lin" / "config.pbtxt").write_text(CONFIG)
-    return root
+    """lin: version 1 (y = 2x) serves, version 2 (y = 3x) is there for a shadow rollout."""
+    return write_linear_model(
+        root, "lin", {1: linear_source(2), 2: linear_source(3)},
+        parameters={"capture_sample_rate": "1"},
+    )  # fmt: skip
 
 
 def test_every_answered_request_is_a_row_after_sigterm(tmp_path: Path) -> None:

@@ -20,38 +20,19 @@ from convoy.pb import convoy_monitoring_pb2 as pb
 from convoy.pb import convoy_monitoring_pb2_grpc as pb_grpc
 
 from .conftest import ROOT, start_server
+from .linear import linear_source, write_linear_model
 
 pytestmark = pytest.mark.e2e
 duckdb = pytest.importorskip("duckdb", reason="duckdb missing: a test extra")
 pd = pytest.importorskip("pandas", reason="pandas missing: a test extra")
 
-SOURCE = """
-class Model:
-    def __init__(self, config):
-        pass
-
-    def __call__(self, inputs):
-        return {"Y": inputs["X"] * 2}
-"""
-CONFIG = """
-name: "{name}"
-backend: "convoy_python"
-max_batch_size: 4
-input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-parameters [ {params} ]
-"""
-FEEDBACK = '{ key: "feedback_output" value { string_value: "Y" } }'
-CAPTURE = '{ key: "capture_sample_rate" value { string_value: "1" } }'
-
 
 def repository(root: Path) -> Path:
-    # lin: captured, takes feedback; plain: takes feedback, not captured
-    for name, params in (("lin", f"{FEEDBACK}, {CAPTURE}"), ("plain", FEEDBACK)):
-        (root / name / "1").mkdir(parents=True)
-        (root / name / "1" / "model.py").write_text(SOURCE)
-        (root / name / "config.pbtxt").write_text(CONFIG.format(name=name, params=params))
-    return root
+    """lin: captured, takes feedback; plain: takes feedback, not captured (y = 2x both)."""
+    feedback = {"feedback_output": "Y"}
+    write_linear_model(root, "lin", {1: linear_source(2)},
+                       parameters={**feedback, "capture_sample_rate": "1"})  # fmt: skip
+    return write_linear_model(root, "plain", {1: linear_source(2)}, parameters=feedback)
 
 
 def scrape(port: int | None) -> str:

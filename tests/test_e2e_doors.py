@@ -29,27 +29,10 @@ from convoy.pb import convoy_admin_pb2_grpc as admin_grpc
 from convoy.rollouts.policy import AB_KEY_HEADER
 
 from .conftest import ServerProcess, start_server
+from .linear import linear_source, write_linear_model
 
 pytestmark = pytest.mark.e2e
 
-SOURCE = """
-class Model:
-    def __init__(self, config):
-        pass
-
-    def __call__(self, inputs):
-        return {{"Y": inputs["X"] * {factor}}}
-"""
-LIN = """
-name: "{name}"
-backend: "convoy_python"
-max_batch_size: 1
-input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-version_policy: {{ specific {{ versions: [ 1 ] }} }}
-{extra}
-"""
 ENSEMBLE = """
 name: "ens"
 platform: "ensemble"
@@ -65,11 +48,10 @@ FACTOR_VERSION = {2.0: "1", 3.0: "2"}
 
 
 def write_repository(root: Path) -> Path:
-    for name, extra in (("lin", ""), ("cached", "response_cache { enable: true }")):
-        for version, factor in ((1, 2), (2, 3)):
-            (root / name / str(version)).mkdir(parents=True)
-            (root / name / str(version) / "model.py").write_text(SOURCE.format(factor=factor))
-        (root / name / "config.pbtxt").write_text(LIN.format(name=name, extra=extra))
+    one_instance = "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+    for name, extra in (("lin", ""), ("cached", "response_cache { enable: true }\n")):
+        versions = {1: linear_source(2), 2: linear_source(3)}
+        write_linear_model(root, name, versions, max_batch_size=1, extra=one_instance + extra)
     (root / "ens" / "1").mkdir(parents=True)
     (root / "ens" / "config.pbtxt").write_text(ENSEMBLE)
     return root

@@ -22,18 +22,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from .conftest import ROOT, ServerProcess, start_server
+from .linear import linear_source, write_linear_model
 
 pytestmark = pytest.mark.e2e
 pa = pytest.importorskip("pyarrow", reason="pyarrow missing: a dependency of convoy")
 
-LINEAR = """
-class Model:
-    def __init__(self, config):
-        pass
-
-    def __call__(self, inputs):
-        return {{"Y": inputs["X"] * {factor}}}
-"""
 NOISY = """
 import numpy as np
 
@@ -46,30 +39,19 @@ class Model:
         x = inputs["X"]
         return {"Y": x * 2 + self.rng.normal(0, 1e-3, x.shape).astype(x.dtype)}
 """
-CONFIG = """
-name: "{name}"
-backend: "convoy_python"
-max_batch_size: 4
-input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-version_policy: {{ all {{ }} }}
-parameters [ {{ key: "capture_sample_rate" value {{ string_value: "1" }} }} ]
-"""
 LIN_REQUESTS = 24
 NOISY_REQUESTS = 12
 LABELLED = 8
 
 
 def repository(root: Path) -> Path:
-    for name, sources in (
-        ("lin", {v: LINEAR.format(factor=f) for v, f in ((1, 2), (2, 3), (3, 2))}),
-        ("noisy", {1: NOISY, 2: NOISY}),
-    ):
-        for version, source in sources.items():
-            (root / name / str(version)).mkdir(parents=True)
-            (root / name / str(version) / "model.py").write_text(source)
-        (root / name / "config.pbtxt").write_text(CONFIG.format(name=name))
-    return root
+    """lin: version 1 y = 2x, 2 y = 3x, 3 y = 2x again; noisy: 2x plus noise, twice."""
+    capture = {"capture_sample_rate": "1"}
+    lin = {v: linear_source(f) for v, f in ((1, 2), (2, 3), (3, 2))}
+    write_linear_model(root, "lin", lin, parameters=capture, version_policy="all { }")
+    return write_linear_model(
+        root, "noisy", {1: NOISY, 2: NOISY}, parameters=capture, version_policy="all { }"
+    )
 
 
 @dataclass

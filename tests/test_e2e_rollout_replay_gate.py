@@ -19,20 +19,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from .conftest import ROOT, ServerProcess, start_server
-from .test_e2e_replay import LINEAR, wait_for
+from .linear import linear_source, write_linear_model
+from .test_e2e_replay import wait_for
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("pyarrow", reason="pyarrow missing: a dependency of convoy")
 
-CONFIG = """
-name: "lin"
-backend: "convoy_python"
-max_batch_size: 4
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
-version_policy: { specific { versions: [ 1 ] } }
-parameters [ { key: "capture_sample_rate" value { string_value: "1" } } ]
-"""
 REQUESTS = 16
 
 
@@ -61,10 +53,8 @@ def answer(
 
 def test_a_candidate_is_replayed_before_it_gets_traffic(tmp_path: Path) -> None:
     repo, capture = tmp_path / "repo", tmp_path / "capture"
-    for version, factor in ((1, 2), (2, 3), (3, 2)):
-        (repo / "lin" / str(version)).mkdir(parents=True)
-        (repo / "lin" / str(version) / "model.py").write_text(LINEAR.format(factor=factor))
-    (repo / "lin" / "config.pbtxt").write_text(CONFIG)
+    lin = {v: linear_source(f) for v, f in ((1, 2), (2, 3), (3, 2))}
+    write_linear_model(repo, "lin", lin, parameters={"capture_sample_rate": "1"})
     server = start_server(repo, "--capture-dir", str(capture), "--capture-flush-secs", "0.5")
     try:
         since = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)).isoformat()
