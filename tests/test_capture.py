@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +270,71 @@ def test_retention_removes_old_date_partitions(tmp_path: Path) -> None:
     writer._prune()
     writer.close(30)
     assert sorted(os.listdir(base)) == ["date=2026-12-05", "date=2026-12-07"]
+
+
+@pytest.mark.parametrize("salt", ["", "not hex", "ab" * 8])
+def test_a_damaged_salt_is_refused_naming_the_flag(tmp_path: Path, salt: str) -> None:
+    """An empty salt would make capture_hash a plain SHA-256 (reversible for an email)."""
+    (tmp_path / "capture").mkdir()
+    (tmp_path / "capture" / "_salt").write_text(salt)
+    with pytest.raises(ConfigError, match="--capture-dir"):
+        writer_at(tmp_path)
+
+
+def test_rows_of_two_configs_of_one_version_go_to_files_of_their_own(tmp_path: Path) -> None:
+    """A version reloaded with another config.pbtxt between flushes: each row is written
+    with its own schema, none re-chunked into the other's dims."""
+    old = spec_of(tmp_path, capture_sample_rate="1")
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        (tmp_path / "m" / "config.pbtxt").read_text().replace("dims: [ 2 ]", "dims: [ 4 ]")
+    )
+    new = validate_model_config(read_model_config(tmp_path / "m"), "m/config.pbtxt", "m")
+    writer = writer_at(tmp_path, flush_s=60)
+    writer.put(row(old, 0))
+    four = row(new, 1, inputs={"X": np.arange(8, dtype=np.float32).reshape(2, 4)}, outputs={})
+    writer.put(four)
+    writer.close(30)
+    assert len(files(tmp_path / "capture")) == 2
+    got = {}
+    for path in files(tmp_path / "capture"):
+        (r,) = duckdb.connect().execute(f"SELECT request_id, inputs.X FROM '{path}'").fetchall()
+        got[r[0]] = r[1]
+    assert got == {"r0": [[0.0, 1.0]], "r1": [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]}
+
+
+def test_rows_being_written_still_count_against_the_budget(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path, flush_s=60, max_bytes=2500)
+    writing, release, write_all = threading.Event(), threading.Event(), writer._write_all
+
+    def slow_store(*args: Any) -> None:
+        writing.set()
+        release.wait(30)
+        write_all(*args)
+
+    writer._write_all = slow_store  # type: ignore[method-assign]
+    assert writer.put(row(spec, 0)) and writer.put(row(spec, 1))  # 2000 bytes: wakes it
+    assert writing.wait(30)
+    assert not writer.put(row(spec, 2))  # the 2000 bytes in the store's hands still count
+    release.set()
+    writer.close(30)
+    assert writer.counts.rows == {("m", "1"): 2}
+
+
+def test_a_failing_pass_does_not_end_the_writer(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path, flush_s=0.05, retention_days=1)
+    failures = []
+
+    def broken() -> None:
+        failures.append(1)
+        raise ValueError("a bug in retention")
+
+    writer._prune = broken  # type: ignore[method-assign]
+    deadline = time.monotonic() + 10
+    while len(failures) < 2:  # failed at least twice: the thread went on
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    writer.put(row(spec, 0))
+    writer.close(30)
+    assert writer.counts.rows == {("m", "1"): 1}

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLAG = "--capture-dir"
+SALT_BYTES = 32
 
 
 class CaptureCounts:
@@ -92,21 +93,26 @@ class CaptureWriter:
                 out.write(b"ok")
             self._fs.delete_file(probe)
             self.salt = self._read_salt()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise ConfigError(FLAG, self.config.uri, f"cannot write there: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="convoy-capture", daemon=True)
         self._thread.start()
 
     def _read_salt(self) -> bytes:
-        """One salt per capture directory: hashes stay joinable across restarts."""
+        """One salt per capture directory: hashes stay joinable across restarts and
+        replicas. Written under a temporary name and moved, then read back: of replicas
+        starting together, all keep the one that is there. ValueError for a salt that is
+        not 32 bytes of hex (an empty one would make hashed personal data reversible)."""
         path = f"{self._base}/_salt"
-        info = self._fs.get_file_info(path)
-        if info.type.name == "File":
-            with self._fs.open_input_stream(path) as source:
-                return bytes.fromhex(source.read().decode().strip())
-        salt = secrets.token_bytes(32)
-        with self._fs.open_output_stream(path) as out:
-            out.write(salt.hex().encode())
+        if self._fs.get_file_info(path).type.name != "File":
+            temporary = f"{self._base}/.salt-{uuid.uuid4().hex}.tmp"
+            with self._fs.open_output_stream(temporary) as out:
+                out.write(secrets.token_bytes(SALT_BYTES).hex().encode())
+            self._fs.move(temporary, path)
+        with self._fs.open_input_stream(path) as source:
+            salt = bytes.fromhex(source.read().decode().strip())
+        if len(salt) != SALT_BYTES:
+            raise ValueError(f"{path} holds {len(salt)} bytes of salt, not {SALT_BYTES}")
         return salt
 
     # -- the event loop's side -----------------------------------------------------------
@@ -152,9 +158,16 @@ class CaptureWriter:
         while not self._stop.is_set():
             self._wake.wait(self.config.flush_s)
             self._wake.clear()
-            self.flush()
-            self._prune()
-        self.flush()
+            self._pass(self.flush)
+            self._pass(self._prune)
+        self._pass(self.flush)
+
+    def _pass(self, step: Callable[[], None]) -> None:
+        """A bug in one pass must not end the thread: every later row would be dropped."""
+        try:
+            step()
+        except Exception:
+            log.exception("capture: the writer's %s failed", step.__name__)
 
     def flush(self) -> None:
         """Write what is buffered now: one file per model, version and hour, and one of
@@ -162,13 +175,24 @@ class CaptureWriter:
         with self._lock:
             rows, self._rows = self._rows, deque()
             labels, self._labels = self._labels, deque()
-            self._held = 0
-        groups: dict[tuple[str, str, str, str], list[CapturedRow]] = defaultdict(list)
+            # What is being written still counts against the budget until it is written:
+            # a slow store must not let the loop buffer a second budget meanwhile.
+            taken = self._held
+        try:
+            self._write_all(rows, labels)
+        finally:
+            with self._lock:
+                self._held -= taken
+
+    def _write_all(self, rows: deque[CapturedRow], labels: deque[CapturedLabel]) -> None:
+        # By the config too: a version reloaded with another config.pbtxt between two
+        # flushes has rows of two schemas, each written with its own.
+        groups: dict[tuple[str, str, str, str, int], list[CapturedRow]] = defaultdict(list)
         for row in rows:
             stamp = _utc(row.timestamp_us)
-            key = (row.spec.name, row.version, f"{stamp:%Y-%m-%d}", f"{stamp:%H}")
+            key = (row.spec.name, row.version, f"{stamp:%Y-%m-%d}", f"{stamp:%H}", id(row.spec))
             groups[key].append(row)
-        for (model, version, day, hour), group in groups.items():
+        for (model, version, day, hour, _), group in groups.items():
             folder = f"requests/model={model}/version={version}/date={day}/hour={hour}"
             if self._write(folder, partial(table, group)):
                 self.counts.rows[(model, version)] += len(group)
@@ -221,21 +245,29 @@ class CaptureWriter:
         from pyarrow.fs import FileSelector
 
         oldest = today - dt.timedelta(days=days)
-        found = []
-        for kind in ("requests", "labels"):
-            try:
-                found += self._fs.get_file_info(
-                    FileSelector(f"{self._base}/{kind}", recursive=True, allow_not_found=True)
-                )
-            except OSError as exc:
-                log.warning("capture: retention could not list %s partitions: %r", kind, exc)
-        for info in found:
-            part = info.base_name
-            if info.type.name != "Directory" or not part.startswith("date="):
+
+        def folders(path: str) -> list[str]:
+            """One level down, never the files below: a store may hold millions."""
+            found = self._fs.get_file_info(FileSelector(path, allow_not_found=True))
+            return [i.path for i in found if i.type.name == "Directory"]
+
+        try:  # requests/model=/version=/date=, labels/model=/date=
+            dated = [
+                day
+                for model in folders(f"{self._base}/requests")
+                for version in folders(model)
+                for day in folders(version)
+            ] + [day for model in folders(f"{self._base}/labels") for day in folders(model)]
+        except OSError as exc:
+            log.warning("capture: retention could not list the partitions: %r", exc)
+            return
+        for path in dated:
+            part = path.rsplit("/", 1)[-1]
+            if not part.startswith("date="):
                 continue
             with contextlib.suppress(ValueError, OSError):
                 if dt.date.fromisoformat(part[5:]) < oldest:
-                    self._fs.delete_dir(info.path)
+                    self._fs.delete_dir(path)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Flush what is buffered and stop the thread (SIGTERM: nothing answered is lost)."""
