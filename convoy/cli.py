@@ -212,12 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     security.add_argument(
         "--rate-limit",
-        type=float,
+        type=_positive_float,
         metavar="RPS",
         help="requests per second allowed per client (per token with --auth-tokens)",
     )
     security.add_argument(
-        "--rate-burst", type=float, metavar="N", help="burst size for --rate-limit (default RPS)"
+        "--rate-burst",
+        type=_positive_float,
+        metavar="N",
+        help="burst size for --rate-limit (default RPS, at least 1)",
     )
 
     examples = commands.add_parser(

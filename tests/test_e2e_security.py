@@ -168,3 +168,13 @@ def test_policy_unit() -> None:
     assert (
         policy.check(infer, (("authorization", "Basic t"),)).code == grpc.StatusCode.UNAUTHENTICATED
     )  # type: ignore[union-attr]
+
+
+def test_a_rate_below_one_per_second_still_lets_requests_in() -> None:
+    clock = [0.0]
+    budget = RateBudget(0.5, clock=lambda: clock[0])
+    budget.admit("c")  # the first: a full bucket holds one request
+    with pytest.raises(RateLimited):
+        budget.admit("c")
+    clock[0] += 2.0  # one request every two seconds
+    budget.admit("c")

@@ -55,7 +55,9 @@ class RateBudget:
         self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.rate = rate
-        self.burst = burst or rate
+        # At least one token: a bucket that can never hold one refuses every request
+        # (--rate-limit 0.5 means one request every two seconds, not none).
+        self.burst = max(1.0, burst or rate)
         self._buckets: dict[str, TokenBucket] = {}
         self._clock = clock
 
