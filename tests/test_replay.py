@@ -17,6 +17,7 @@ from convoy.capture.replay import (
     REPLAY_ID_PREFIX,
     CapturedRequest,
     read_labels,
+    read_recent,
     read_requests,
     select,
 )
@@ -212,6 +213,73 @@ def test_the_window_reads_only_its_rows_and_never_a_temporary_file(tmp_path: Pat
     assert [r.request_id for r in read_requests(uri, "m", since)] == ["r1", "r2"]
     assert [r.request_id for r in read_requests(uri, "m")] == ["r0", "r1", "r2"]
     assert read_requests(uri, "other") == []
+
+
+def test_the_newest_k_replayable_rows_are_read_without_converting_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_requests bounds what becomes numpy: the hours are walked newest first, rows
+    that cannot be replayed are left out on their Arrow columns, and older hours unread."""
+    import convoy.capture.replay as replay_module
+
+    spec = spec_of(tmp_path, BATCHED)
+    inputs, outputs = batched_tensors(0)
+    rows = []
+    for h in range(6):  # 6 hours of 20 rows each: the newest hour ends in 5 refused rows
+        for j in range(20):
+            i = h * 20 + j
+            when = HOUR - dt.timedelta(hours=5 - h) + dt.timedelta(seconds=j)
+            extra: dict[str, Any] = {}
+            if h == 5 and j >= 15:
+                extra = dict(status="UNAVAILABLE", error="x", inputs={}, outputs={})
+            elif h == 5 and j == 14:
+                extra = dict(transport="replay", request_id=f"{REPLAY_ID_PREFIX}r{i}")
+            elif h == 5 and j == 13:
+                extra = dict(arm="shadow")
+            rows.append(captured(spec, i, when, **{"inputs": inputs, "outputs": outputs, **extra}))
+    uri = write(tmp_path, rows)
+    converted: list[int] = []
+    real = replay_module._rows_of
+
+    def counting(table: Any, version: str) -> list[CapturedRequest]:
+        converted.append(table.num_rows)
+        return real(table, version)
+
+    monkeypatch.setattr(replay_module, "_rows_of", counting)
+    got, skipped = read_recent(uri, "m", max_requests=25)
+    # The 25 most recent replayable: hour 5's first 13, hour 4's last 12; oldest first.
+    assert [r.request_id for r in got] == [f"r{i}" for i in range(88, 100)] + [
+        f"r{i}" for i in range(100, 113)
+    ]
+    assert skipped == {"not_ok": 5, "replay": 1, "shadow": 1}
+    assert sum(converted) == 25  # hours 0 to 3 never read into numpy
+    # The same selection as reading everything and selecting.
+    everything = select(read_requests(uri, "m"), max_requests=25)
+    assert [r.request_id for r in everything.requests] == [r.request_id for r in got]
+    got_all, skipped_all = read_recent(uri, "m")
+    assert len(got_all) == 113 and skipped_all == skipped
+
+
+def test_a_corrupt_or_foreign_parquet_file_is_a_read_error_naming_the_capture_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = spec_of(tmp_path, BATCHED)
+    inputs, outputs = batched_tensors(0)
+    uri = write(tmp_path, [captured(spec, 0, inputs=inputs, outputs=outputs)])
+    folder = Path(uri, "requests", "model=m", "version=1", "date=2026-12-07", "hour=05")
+    (folder / "corrupt.parquet").write_bytes(b"PAR1 not really")
+    code = main(["replay", "m", "--capture-dir", uri, "--candidate", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--capture-dir" in err and "corrupt.parquet" in err and "Traceback" not in err
+    (folder / "corrupt.parquet").unlink()
+    pq.write_table(pa.table({"a": [1]}), folder / "foreign.parquet")
+    code = main(
+        ["replay", "m", "--capture-dir", uri, "--candidate", "2", "--since", "2026-12-07T00:00"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--capture-dir" in err and "foreign.parquet" in err
 
 
 def request_row(i: int, **overrides: Any) -> CapturedRequest:

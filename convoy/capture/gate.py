@@ -42,7 +42,7 @@ class ServerReplay:
         # borrows the server's repository and path, and is not closed here.
         target = InProcessTarget(self._repo, self._path, model, steps_loaded=True)
         try:
-            captured = await read_capture(self._uri, model, since, until)
+            captured = await read_capture(self._uri, model, since, until, gate.max_requests)
             report = await replay_captured(
                 target,
                 captured,

@@ -69,8 +69,7 @@ def read_requests(
     until: dt.datetime | None = None,
 ) -> list[CapturedRequest]:
     """Every captured row of `model` answered in [since, until), oldest first."""
-    fs, base = open_filesystem(uri)
-    root = f"{base}/requests/model={model}"
+    fs, root = _requests_root(uri, model)
     rows: list[CapturedRequest] = []
     for path in _files(fs, root):
         parts = _partitions(path[len(root) :])
@@ -79,6 +78,49 @@ def read_requests(
         rows.extend(_read_file(fs, path, parts["version"], since, until))
     rows.sort(key=lambda r: r.timestamp)
     return rows
+
+
+def read_recent(
+    uri: str,
+    model: str,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    max_requests: int | None = None,
+) -> tuple[list[CapturedRequest], dict[str, int]]:
+    """The replayable rows of `model` answered in [since, until), oldest first, and the
+    rows read but left out, by select's reasons (shadow, replay, not_ok, hashed_inputs).
+
+    The window is walked newest hour first and rows are filtered on their Arrow columns
+    before any tensor becomes a numpy array; with `max_requests`, reading stops once that
+    many replayable rows are held, so a replay of the newest K reads about K rows' worth
+    of tensors whatever the window holds (the counts then cover only the hours read)."""
+    fs, root = _requests_root(uri, model)
+    hours: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    for path in _files(fs, root):
+        parts = _partitions(path[len(root) :])
+        if "version" not in parts or not _hour_overlaps(parts, since, until):
+            continue
+        hours.setdefault(_hour_key(parts), []).append((path, parts["version"]))
+    skipped: Counter[str] = Counter()
+    newest_first: list[CapturedRequest] = []
+    for key in sorted(hours, reverse=True):
+        need = None if max_requests is None else max_requests - len(newest_first)
+        if need is not None and need <= 0:
+            break
+        held: list[tuple[pa.Table, str, str]] = []
+        for path, version in hours[key]:
+            table = _filtered(fs, path, since, until, skipped)
+            if table.num_rows:
+                held.append((table, path, version))
+        if need is not None:
+            held = _newest(held, need)
+        rows: list[CapturedRequest] = []
+        for table, path, version in held:
+            rows.extend(_convert(table, path, version))
+        rows.sort(key=lambda r: r.timestamp, reverse=True)
+        newest_first.extend(rows if need is None else rows[:need])
+    newest_first.reverse()
+    return newest_first, dict(skipped)
 
 
 def select(
@@ -119,10 +161,13 @@ def read_labels(uri: str, model: str) -> dict[str, Any] | None:
     what it was sent as: a class index (int), a value (float) or a class label (text)."""
     import pyarrow.parquet as pq
 
-    fs, base = open_filesystem(uri)
-    root = f"{base}/labels/model={model}"
-    if fs.get_file_info(root).type.name != "Directory":
-        return None
+    try:
+        fs, base = open_filesystem(uri)
+        root = f"{base}/labels/model={model}"
+        if fs.get_file_info(root).type.name != "Directory":
+            return None
+    except (OSError, ValueError) as exc:
+        raise CaptureReadError(f"{uri}: cannot open: {exc}") from None
     latest: dict[str, tuple[tuple[float, str, str], Any]] = {}
     for path in _files(fs, root):
         try:
@@ -192,6 +237,58 @@ def _hour_overlaps(
     return (since is None or end > since) and (until is None or start < until)
 
 
+def _requests_root(uri: str, model: str) -> tuple[FileSystem, str]:
+    try:
+        fs, base = open_filesystem(uri)
+    except (OSError, ValueError) as exc:
+        raise CaptureReadError(f"{uri}: cannot open: {exc}") from None
+    return fs, f"{base}/requests/model={model}"
+
+
+def _hour_key(parts: Mapping[str, str]) -> tuple[int, str]:
+    """Orders hour partitions, newest last; a file outside the writer's layout sorts
+    after every hour, so it is always read."""
+    try:
+        day = dt.date.fromisoformat(parts["date"])
+        return (0, f"{day.isoformat()}T{int(parts['hour']):02d}")
+    except (KeyError, ValueError):
+        return (1, "")
+
+
+def _read_table(fs: FileSystem, path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open_input_file(path) as source:
+            return pq.ParquetFile(source).read()
+    except (OSError, ValueError) as exc:
+        raise CaptureReadError(f"{path}: cannot read as Parquet: {exc}") from None
+
+
+def _in_window(
+    table: pa.Table, path: str, since: dt.datetime | None, until: dt.datetime | None
+) -> pa.Table:
+    import pyarrow.compute as pc
+
+    try:
+        if since is not None:
+            table = table.filter(pc.greater_equal(table.column("timestamp"), _scalar(since)))
+        if until is not None:
+            table = table.filter(pc.less(table.column("timestamp"), _scalar(until)))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CaptureReadError(f"{path}: not a capture file as Convoy writes them: {exc}") from None
+    return table
+
+
+def _convert(table: pa.Table, path: str, version: str) -> list[CapturedRequest]:
+    if table.num_rows == 0:
+        return []
+    try:
+        return _rows_of(table, version)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CaptureReadError(f"{path}: not a capture file as Convoy writes them: {exc}") from None
+
+
 def _read_file(
     fs: FileSystem,
     path: str,
@@ -199,24 +296,86 @@ def _read_file(
     since: dt.datetime | None,
     until: dt.datetime | None,
 ) -> list[CapturedRequest]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    table = _in_window(_read_table(fs, path), path, since, until)
+    return _convert(table, path, version)
 
-    try:
-        with fs.open_input_file(path) as source:
-            table = pq.ParquetFile(source).read()
-    except OSError as exc:
-        raise CaptureReadError(f"{path}: cannot read: {exc}") from None
-    if since is not None:
-        table = table.filter(pc.greater_equal(table.column("timestamp"), _scalar(since)))
-    if until is not None:
-        table = table.filter(pc.less(table.column("timestamp"), _scalar(until)))
+
+def _filtered(
+    fs: FileSystem,
+    path: str,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    skipped: Counter[str],
+) -> pa.Table:
+    """The file's replayable rows of the window, still Arrow; the others counted in
+    `skipped` under select's reasons, in its order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = _in_window(_read_table(fs, path), path, since, until)
     if table.num_rows == 0:
-        return []
+        return table
     try:
-        return _rows_of(table, version)
-    except (KeyError, ValueError) as exc:
+        keep = pa.array([True] * table.num_rows)
+        ids = pc.fill_null(table.column("request_id"), "")
+        reasons = [
+            ("shadow", pc.equal(pc.fill_null(table.column("arm"), ""), "shadow")),
+            (
+                "replay",
+                pc.or_(
+                    pc.equal(pc.fill_null(table.column("transport"), ""), "replay"),
+                    pc.starts_with(ids, REPLAY_ID_PREFIX),
+                ),
+            ),
+            ("not_ok", pc.not_equal(pc.fill_null(table.column("status"), ""), "OK")),
+            ("hashed_inputs", _hashed_mask(table)),
+        ]
+        for reason, out in reasons:
+            dropped = pc.and_(keep, pc.fill_null(out, False))
+            count = pc.sum(dropped).as_py() or 0
+            if count:
+                skipped[reason] += count
+                keep = pc.and_(keep, pc.invert(dropped))
+        return table.filter(keep)
+    except (KeyError, ValueError, TypeError) as exc:
         raise CaptureReadError(f"{path}: not a capture file as Convoy writes them: {exc}") from None
+
+
+def _hashed_mask(table: pa.Table) -> pa.ChunkedArray | pa.Array:
+    """Rows holding an input written as a salted hash (a string leaf, as _tensors reads)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mask: Any = pa.array([False] * table.num_rows)
+    if "inputs" not in table.column_names:
+        return mask
+    struct = table.column("inputs").combine_chunks()
+    for index in range(struct.type.num_fields):
+        leaf = struct.type.field(index).type
+        while pa.types.is_list(leaf) or pa.types.is_fixed_size_list(leaf):
+            leaf = leaf.value_type
+        if pa.types.is_string(leaf) or pa.types.is_large_string(leaf):
+            mask = pc.or_(mask, struct.field(index).is_valid())
+    return mask
+
+
+def _newest(held: list[tuple[pa.Table, str, str]], need: int) -> list[tuple[pa.Table, str, str]]:
+    """The files' rows down to the `need` newest of them all (ties at the cut kept)."""
+    import pyarrow.compute as pc
+
+    stamps = sorted(
+        (t for table, _, _ in held for t in table.column("timestamp").to_pylist() if t),
+        reverse=True,
+    )
+    if len(stamps) <= need:
+        return held
+    cut = _scalar(stamps[need - 1])
+    out = []
+    for table, path, version in held:
+        kept = table.filter(pc.greater_equal(table.column("timestamp"), cut))
+        if kept.num_rows:
+            out.append((kept, path, version))
+    return out
 
 
 def _scalar(when: dt.datetime) -> pa.Scalar:

@@ -183,7 +183,9 @@ async def _replay(args: argparse.Namespace, err: TextIO) -> ReplayReport:
         raise UsageError("--since must be before --until")
     if args.baseline is not None and args.baseline == args.candidate:
         raise UsageError("--baseline: the candidate cannot be its own baseline")
-    captured = await read_capture(args.capture_dir, args.model, args.since, args.until)
+    captured = await read_capture(
+        args.capture_dir, args.model, args.since, args.until, args.max_requests
+    )
     target: Target
     if args.server is not None:
         token = args.token or os.environ.get(TOKEN_ENV)
@@ -225,17 +227,26 @@ class Captured:
     rows: list[CapturedRequest]
     labels: dict[str, Any] | None
     window: dict[str, str | None]
+    # Rows read but not replayable, by select's reasons (read_recent leaves them out).
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 async def read_capture(
-    capture_dir: str, model: str, since: dt.datetime | None, until: dt.datetime | None
+    capture_dir: str,
+    model: str,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    max_requests: int | None = None,
 ) -> Captured:
-    """The model's captured rows in [since, until), read off the event loop; UsageError
+    """The model's replayable rows in [since, until), the newest `max_requests` of them
+    at most (read no further back than that), read off the event loop; UsageError
     naming --capture-dir when there are none or they cannot be read."""
-    from .replay import CaptureReadError, read_labels, read_requests
+    from .replay import CaptureReadError, read_labels, read_recent
 
     try:
-        rows = await asyncio.to_thread(read_requests, capture_dir, model, since, until)
+        rows, skipped = await asyncio.to_thread(
+            read_recent, capture_dir, model, since, until, max_requests
+        )
         labels = await asyncio.to_thread(read_labels, capture_dir, model)
     except CaptureReadError as exc:
         raise UsageError(f"--capture-dir: {exc}") from None
@@ -243,13 +254,13 @@ async def read_capture(
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
     }
-    if not rows:
+    if not rows and not skipped:
         raise UsageError(
             f"--capture-dir: no captured request of model '{model}' in {capture_dir}"
             + (f" between {window['since'] or 'the start'} and {window['until'] or 'now'}"
                if since or until else "")
         )  # fmt: skip
-    return Captured(rows, labels, window)
+    return Captured(rows, labels, window, skipped)
 
 
 async def replay_captured(
@@ -275,6 +286,8 @@ async def replay_captured(
     from .replay_targets import Backoff, Pacer, replay
 
     rows, labels, window = captured.rows, captured.labels, captured.window
+    if not rows:
+        raise _none_replayable(model, captured.skipped)
     # Callers' answered requests only: a shadow run or an earlier replay served nobody.
     baseline_version = baseline_version or _served_baseline(
         select(rows).requests, candidate_version
@@ -292,12 +305,11 @@ async def replay_captured(
         )  # fmt: skip
         return dataclasses.replace(report, reasons=[load_failure, *report.reasons])
     selection = select(rows, baseline.required, max_requests)
+    skipped = Counter(captured.skipped)
+    skipped.update(selection.skipped)
+    selection = dataclasses.replace(selection, skipped=dict(skipped))
     if not selection.requests:
-        left = ", ".join(f"{n} {why}" for why, n in sorted(selection.skipped.items()))
-        raise UsageError(
-            f"--capture-dir: none of the {len(rows)} captured requests of model "
-            f"'{model}' can be replayed ({left})"
-        )
+        raise _none_replayable(model, selection.skipped)
     if err is not None:
         print(
             f"replaying {len(selection.requests)} requests of '{model}' on versions "
@@ -319,6 +331,14 @@ async def replay_captured(
         class_names=baseline.class_names.get(output) if output else None,
         skipped=selection.skipped,
         window=window,
+    )
+
+
+def _none_replayable(model: str, skipped: dict[str, int]) -> UsageError:
+    left = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+    return UsageError(
+        f"--capture-dir: none of the {sum(skipped.values())} captured requests of model "
+        f"'{model}' can be replayed ({left})"
     )
 
 
