@@ -316,3 +316,78 @@ def test_retention_removes_old_label_partitions_too(tmp_path: Path) -> None:
     writer._prune()
     writer.close(30)
     assert sorted(p.name for p in base.iterdir()) == ["date=2026-12-05", "date=2026-12-07"]
+
+
+def test_the_dataset_id_does_not_depend_on_which_version_s_file_comes_first(
+    tmp_path: Path,
+) -> None:
+    """Versions of different dims: each file's tensor fields carry their own shape
+    metadata, and the id must not depend on whose the unified schema keeps."""
+    import numpy as np
+
+    from convoy.config import read_model_config, validate_model_config
+
+    from .test_capture import CONFIG
+
+    one = spec_of(tmp_path, capture_sample_rate="1")
+    folder = tmp_path / "wide" / "m"
+    folder.mkdir(parents=True)
+    text = CONFIG.format(params='{ key: "capture_sample_rate" value { string_value: "1" } }')
+    (folder / "config.pbtxt").write_text(text.replace("dims: [ 2 ] }},", "dims: [ 3 ] }},")
+                                         .replace("dims: [ 2 ] }", "dims: [ 3 ] }"))  # fmt: skip
+    two = validate_model_config(read_model_config(folder), "m/config.pbtxt", "m")
+    wide = {"X": np.ones((1, 3), np.float32)}
+    first = row(one, 0, timestamp_us=us(DAY))
+    outputs = {"Y": np.ones((1, 3), np.float32)}
+    inputs = {**row(two, 1).inputs, **wide}
+    second = row(two, 1, timestamp_us=us(DAY) + 1, version="2", inputs=inputs, outputs=outputs)
+    ids = []
+    for name, order in (("a", (first, second)), ("b", (second, first))):
+        writer = capture_dir(tmp_path, name)
+        for r in order:
+            writer.put(r)
+            writer.flush()
+        writer.close(30)
+        files = sorted((tmp_path / name).rglob("*.parquet"))
+        assert len(files) == 2
+        for i, path in enumerate(files):  # names that sort the other way round
+            prefix = "a" if (name == "a") == (i == 1) else "z"
+            path.rename(path.with_name(f"{prefix}{path.name}"))
+        code, manifest = export(
+            tmp_path, "m", "--capture-dir", str(tmp_path / name),
+            "--out", str(tmp_path / f"{name}.parquet"),
+        )  # fmt: skip
+        assert code == 0 and manifest["rows"] == 2
+        ids.append(manifest["dataset_id"])
+    assert ids[0] == ids[1]
+
+
+def test_the_server_s_own_replay_traffic_is_not_exported(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = capture_dir(tmp_path)
+    writer.put(row(spec, 0, timestamp_us=us(DAY)))
+    writer.put(row(spec, 1, timestamp_us=us(DAY) + 1, transport="replay", request_id="replay:r0"))
+    writer.put(row(spec, 2, timestamp_us=us(DAY) + 2, request_id="replay:r0"))
+    writer.close(30)
+    out = tmp_path / "o.parquet"
+    code, manifest = export(
+        tmp_path, "m", "--capture-dir", str(tmp_path / "capture"), "--out", str(out)
+    )
+    assert code == 0 and manifest["rows"] == 1
+    assert duckdb.execute(f"SELECT request_id FROM '{out}'").fetchall() == [("r0",)]
+
+
+def test_a_corrupt_parquet_file_exits_2_naming_the_capture_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = capture_dir(tmp_path)
+    writer.put(row(spec, 0, timestamp_us=us(DAY)))
+    writer.close(30)
+    (written,) = (tmp_path / "capture" / "requests").rglob("*.parquet")
+    (written.parent / "corrupt.parquet").write_bytes(b"PAR1 not really")
+    base = ["--capture-dir", str(tmp_path / "capture"), "--out", str(tmp_path / "o")]
+    code = export(tmp_path, "m", *base)[0]
+    err = capsys.readouterr().err
+    assert code == 2 and "--capture-dir" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

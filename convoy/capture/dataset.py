@@ -12,8 +12,10 @@ a row's digest is the SHA-256 of its values as canonical JSON. It depends on wha
 hold, never on the names, number or write order of the files they came from: the same
 command over the same captured files names the same dataset.
 
-Only answered requests are exported (status OK): a refused request has no answer to learn
-from. Every arm is (a shadow run is a row of its own, of the candidate's version); the
+Only callers' answered requests are exported (status OK): a refused request has no answer
+to learn from, and the server's own replay traffic (the rollout replay gate's and `convoy
+replay --server`'s requests: transport `replay`, request ids `replay:...`) is not callers'.
+Every arm is (a shadow run is a row of its own, of the candidate's version); the
 `arm` and `version` columns tell them apart. Labels are joined whenever they arrived,
 --since and --until select requests only.
 """
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
 STATUS = "OK"
+REPLAY_TRANSPORT = "replay"
+REPLAY_ID_PREFIX = "replay:"  # replay.REPLAY_ID_PREFIX
 SORT_KEYS = ("timestamp", "request_id", "version", "arm")
 # What --with-labels adds to each row: the latest label's columns (rows.py LABEL_COLUMNS).
 LABEL_COLUMNS = {"label": "label", "kind": "label_kind", "value": "label_value",
@@ -109,13 +113,19 @@ def export(request: ExportRequest) -> Exported:
         raise ExportError(
             f"--since {iso(request.since)} is not before --until {iso(request.until)}", "--since"
         )
-    filesystem, base = open_filesystem(request.capture_dir)
-    if filesystem.get_file_info(base).type.name != "Directory":
-        raise ExportError(f"'{request.capture_dir}' is not a directory", "--capture-dir")
-    rows = read_requests(filesystem, base, request)
+    try:
+        filesystem, base = open_filesystem(request.capture_dir)
+        if filesystem.get_file_info(base).type.name != "Directory":
+            raise ExportError(f"'{request.capture_dir}' is not a directory", "--capture-dir")
+        rows = read_requests(filesystem, base, request)
+        labels = read_labels(filesystem, base, request.model) if request.with_labels else None
+    except (OSError, ValueError, KeyError) as exc:  # ArrowInvalid is a ValueError
+        raise ExportError(
+            f"cannot read the captured files in '{request.capture_dir}': {exc}", "--capture-dir"
+        ) from None
     coverage = None
-    if request.with_labels:
-        rows = join_labels(rows, read_labels(filesystem, base, request.model))
+    if labels is not None:
+        rows = join_labels(rows, labels)
         coverage = (rows.num_rows - rows.column("label").null_count) / rows.num_rows
     rows, dataset_id = canonical(rows)
     versions = sorted(set(rows.column("version").to_pylist()), key=version_order)
@@ -153,7 +163,13 @@ def read_requests(filesystem: FileSystem, base: str, request: ExportRequest) -> 
     keys = pa.schema([("version", pa.string()), ("date", pa.string()), ("hour", pa.string())])
     partitioning = ds.HivePartitioning(keys, segment_encoding="none")
     found = ds.dataset(root, filesystem=filesystem, format="parquet", partitioning=partitioning)
-    where = pc.field("status") == STATUS
+    # Callers' answered requests: the replay gate's and `convoy replay --server`'s own
+    # requests (transport replay, ids replay:...) are the server's, not traffic.
+    where = (
+        (pc.field("status") == STATUS)
+        & (pc.field("transport") != REPLAY_TRANSPORT)
+        & ~pc.starts_with(pc.field("request_id"), REPLAY_ID_PREFIX)
+    )
     by_path = None  # the partitions that may hold rows: only their files are opened
     if request.versions:
         by_path = pc.field("version").isin(list(request.versions))
@@ -168,10 +184,9 @@ def read_requests(filesystem: FileSystem, base: str, request: ExportRequest) -> 
     fragments = list(found.get_fragments(filter=by_path))
     if not fragments:
         raise ExportError(_no_rows(request))
+    schemas = [f.physical_schema for f in fragments]  # a corrupt file: ArrowInvalid
     try:
-        schema = pa.unify_schemas(
-            [f.physical_schema for f in fragments] + [keys], promote_options="permissive"
-        )
+        schema = pa.unify_schemas([*schemas, keys], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
         raise ExportError(
             f"the captured files of model '{request.model}' disagree on a column's type "
@@ -242,7 +257,7 @@ def canonical(rows: pa.Table) -> tuple[pa.Table, str]:
     digests = [row_digest(row) for batch in rows.to_batches(4096) for row in batch.to_pylist()]
     keyed = rows.append_column("__digest", pa.array(digests, pa.binary()))
     keyed = keyed.sort_by([(k, "ascending") for k in (*SORT_KEYS, "__digest")])
-    total = hashlib.sha256(json.dumps(schema_of(rows), sort_keys=True).encode())
+    total = hashlib.sha256(json.dumps(canonical_schema(rows.schema)).encode())
     for digest in keyed.column("__digest").to_pylist():
         total.update(digest)
     return keyed.drop_columns(["__digest"]), total.hexdigest()
@@ -263,6 +278,31 @@ def _json_value(value: Any) -> Any:
 
 def schema_of(rows: pa.Table) -> list[dict[str, str]]:
     return [{"name": f.name, "type": str(f.type)} for f in rows.schema]
+
+
+def canonical_schema(schema: pa.Schema) -> list[dict[str, Any]]:
+    """The schema as the dataset_id hashes it: fields by name at every level, no
+    metadata (a tensor field's shape and batched are per file, and which file's the
+    unified schema keeps depends on the files' order and names)."""
+    return sorted((_canonical_field(f) for f in schema), key=lambda f: f["name"])
+
+
+def _canonical_field(field: pa.Field) -> dict[str, Any]:
+    return {"name": field.name, "type": _canonical_type(field.type)}
+
+
+def _canonical_type(type_: pa.DataType) -> Any:
+    import pyarrow as pa
+
+    if pa.types.is_struct(type_):
+        children = [_canonical_field(type_.field(i)) for i in range(type_.num_fields)]
+        return {"struct": sorted(children, key=lambda f: f["name"])}
+    if pa.types.is_fixed_size_list(type_):
+        return {"fixed_size_list": _canonical_type(type_.value_type), "size": type_.list_size}
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        kind = "list" if pa.types.is_list(type_) else "large_list"
+        return {kind: _canonical_type(type_.value_type)}
+    return str(type_)
 
 
 def write(rows: pa.Table, manifest: dict[str, Any], out: str) -> tuple[str, str]:
