@@ -258,7 +258,7 @@ class InProcessTarget:
         from ..config import ENSEMBLE, read_model_config
         from ..errors import InvalidInput, ModelNotFound
 
-        config = read_model_config(self.repository.model_dir(self.model))
+        config = await asyncio.to_thread(read_model_config, self.repository.model_dir(self.model))
         if config.platform == ENSEMBLE and not self._steps_loaded:
             # An ensemble's steps must serve before it loads: each as the server loads it.
             for step in sorted({s.model_name for s in config.ensemble_scheduling.step}):
