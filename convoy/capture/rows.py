@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -157,16 +158,10 @@ def table(rows: Sequence[CapturedRow]) -> pa.Table:
         )
     outputs = [(t, False, [r.outputs.get(t.name) for r in rows]) for t in spec.outputs]
     columns["outputs"] = _struct(outputs, spec.batched)
-    shapes = [
-        (t.name, [None if (a := r.inputs.get(t.name)) is None else list(a.shape) for r in rows])
-        for t in inputs
-    ] + [
-        (t.name, [None if (a := r.outputs.get(t.name)) is None else list(a.shape) for r in rows])
-        for t in spec.outputs
-    ]
+    shapes = [(t.name, [r.inputs.get(t.name) for r in rows]) for t in inputs]
+    shapes += [(t.name, [r.outputs.get(t.name) for r in rows]) for t in spec.outputs]
     columns["shapes"] = pa.StructArray.from_arrays(
-        [pa.array(values, pa.list_(pa.int64())) for _, values in shapes],
-        names=[name for name, _ in shapes],
+        [_shape_column(values) for _, values in shapes], names=[name for name, _ in shapes]
     )
     return pa.table(columns)
 
@@ -215,10 +210,10 @@ def _tensor_column(
     mask = pa.array([v is None for v in values], pa.bool_())
     if batched:
         # One item per batch row: a row's values are the elements past the batch dim.
-        items = [int(np.prod(v.shape[1:])) for v in present for _ in range(v.shape[0])]
         if fixed:
             inner: pa.Array = pa.FixedSizeListArray.from_arrays(leaves, per_item)
         else:
+            items = [n for v in present for n in [math.prod(v.shape[1:])] * v.shape[0]]
             inner = pa.ListArray.from_arrays(_offsets(items), leaves)
         counts = [0 if v is None else v.shape[0] for v in values]
         return pa.ListArray.from_arrays(_offsets(counts), inner, mask=mask)
@@ -228,6 +223,18 @@ def _tensor_column(
         return pa.FixedSizeListArray.from_arrays(full, per_item, mask=mask)
     counts = [0 if v is None else v.size for v in values]
     return pa.ListArray.from_arrays(_offsets(counts), leaves, mask=mask)
+
+
+def _shape_column(values: list[np.ndarray[Any, Any] | None]) -> pa.Array:
+    """Each tensor's shape as list<int64> (null where a row has none), built from flat
+    numbers: the writer's thread holds the GIL the event loop needs while it works."""
+    import pyarrow as pa
+
+    present = [v.shape for v in values if v is not None]
+    counts = [0 if v is None else v.ndim for v in values]
+    flat = np.fromiter((d for shape in present for d in shape), np.int64)
+    mask = pa.array([v is None for v in values], pa.bool_())
+    return pa.ListArray.from_arrays(_offsets(counts), pa.array(flat, pa.int64()), mask=mask)
 
 
 def _fill_nulls(
