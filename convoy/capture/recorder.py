@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -64,14 +63,17 @@ class CaptureRecorder:
         inputs: dict[str, np.ndarray[Any, Any]] = {}
         outputs: dict[str, np.ndarray[Any, Any]] = {}
         queue_us = compute_us = total_us = None
+        nbytes = ROW_OVERHEAD_BYTES  # summed as it goes: this runs on the loop per request
         if request is not None:
             for name, value in request.inputs.items():
                 if name in capture.exclude:
                     continue
                 if name in capture.hashed:
-                    inputs[name] = hashed(value, self._writer.salt)
+                    kept = hashed(value, self._writer.salt)
                 else:  # a copy: the request's buffers (a front end's ring) are reused
-                    inputs[name] = np.array(value, copy=True)
+                    kept = np.array(value, copy=True)
+                inputs[name] = kept
+                nbytes += _size(kept)
             arrival, dispatch = request.arrival_ns, request.dispatch_ns
             if arrival:
                 total_us = (answered.done_ns - arrival) // 1000
@@ -79,14 +81,13 @@ class CaptureRecorder:
                     queue_us = (dispatch - arrival) // 1000
                     compute_us = (answered.done_ns - dispatch) // 1000
         if result is not None and capture.outputs:
-            outputs = {k: np.array(v, copy=True) for k, v in result.outputs.items()}
-        nbytes = ROW_OVERHEAD_BYTES + sum(_size(a) for a in (*inputs.values(), *outputs.values()))
+            for name, value in result.outputs.items():
+                kept = outputs[name] = np.array(value, copy=True)
+                nbytes += _size(kept)
         return CapturedRow(
             spec=answered.served.spec,
             version=answered.served.version_label,
-            # A request without an id gets one: rows stay distinct (labels join by the id
-            # the client sent, so a client that wants labels sends one).
-            request_id=answered.request_id or uuid.uuid4().hex,
+            request_id=answered.request_id,  # "" gets an id on the writer's thread (rows.py)
             timestamp_us=self._now_us(),
             arm=answered.arm,
             transport=answered.transport,
@@ -104,9 +105,9 @@ class CaptureRecorder:
 
 
 def _size(array: np.ndarray[Any, Any]) -> int:
-    if array.dtype == object:
-        return sum(len(x) if isinstance(x, bytes | str) else 8 for x in array.reshape(-1))
-    return int(array.nbytes)
+    if array.dtype != object:
+        return int(array.nbytes)
+    return sum(len(x) if isinstance(x, bytes | str) else 8 for x in array.reshape(-1))
 
 
 class LabelRecorder:
