@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from . import __version__
+from .arguments import number
 from .cache import CacheConfigError, parse_cache_config
 from .capture.cli import add_dataset_parser, run_dataset_command
 from .capture.replay_cli import add_replay_parser, run_replay
@@ -18,27 +18,9 @@ from .optimize.cli import add_optimize_parser, run_optimize
 from .progress import progress_bar
 from .rollouts.cli import add_rollout_parser, run_rollout_command
 
-
-def _number(kind: type[float] | type[int], low: float, strict: bool) -> Any:
-    """An argparse type: a number above (or from) `low`, or a usage error naming it."""
-
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(
-                f"'{text}' must be {'above' if strict else 'at least'} {low:g}"
-            )
-        return value
-
-    return parse
-
-
-_positive_float = _number(float, 0, strict=True)
-_positive_int = _number(int, 0, strict=True)
-_non_negative_int = _number(int, 0, strict=False)
+_positive_float = number(float, 0, strict=True)
+_positive_int = number(int, 0, strict=True)
+_non_negative_int = number(int, 0, strict=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

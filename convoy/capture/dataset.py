@@ -43,7 +43,7 @@ SORT_KEYS = ("timestamp", "request_id", "version", "arm")
 # What --with-labels adds to each row: the latest label's columns (rows.py LABEL_COLUMNS).
 LABEL_COLUMNS = {"label": "label", "kind": "label_kind", "value": "label_value",
                  "timestamp": "label_timestamp"}  # fmt: skip
-_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _AGE_UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 

@@ -14,12 +14,14 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+from ..arguments import number
+from .dataset import parse_instant
 
 if TYPE_CHECKING:
     from .replay import CapturedRequest
@@ -34,44 +36,19 @@ SERVER_RATE = 50.0
 
 PASSED, FAILED, USAGE = 0, 1, 2
 
-_AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
-_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
 
 class UsageError(Exception):
     """A wrong invocation: the message names the flag."""
 
 
 def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
-    """An ISO 8601 date or time (UTC unless it names a zone), or a duration ago: 30m,
-    6h, 7d."""
-    match = _AGO.match(text)
-    if match is not None:
-        now = now or dt.datetime.now(dt.UTC)
-        return now - dt.timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+    """An ISO 8601 date or time (UTC unless it names a zone), or an age before `now`
+    (30m, 6h, 7d): dataset export's parse_instant, resolved."""
     try:
-        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is neither an ISO 8601 time (2026-12-07T05:00) nor a duration ago "
-            "(30m, 6h, 7d)"
-        ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
-
-
-def _number(low: float, strict: bool, kind: type[float] | type[int] = float) -> Any:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if value != value or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(
-                f"'{text}' must be {'above' if strict else 'at least'} {low:g}"
-            )
-        return value
-
-    return parse
+        instant = parse_instant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return instant.resolve(now or dt.datetime.now(dt.UTC))
 
 
 def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -114,29 +91,29 @@ def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
         "must be loaded there); requests are background priority and rate-capped",
     )  # fmt: skip
     parser.add_argument(
-        "--max-requests", type=_number(0, True, int), default=1000, metavar="K",
+        "--max-requests", type=number(int, 0, strict=True), default=1000, metavar="K",
         help="replay the K most recent captured requests (default 1000)",
     )  # fmt: skip
     parser.add_argument(
-        "--rate", type=_number(0, True), metavar="R",
+        "--rate", type=number(float, 0, strict=True), metavar="R",
         help=f"requests per second, both versions together (default {SERVER_RATE:g} with "
         "--server, no cap in process)",
     )  # fmt: skip
     parser.add_argument(
-        "--rtol", type=_number(0, False), default=1e-5, metavar="R",
+        "--rtol", type=number(float, 0, strict=False), default=1e-5, metavar="R",
         help="relative tolerance of an equal answer (default 1e-5)",
     )  # fmt: skip
     parser.add_argument(
-        "--atol", type=_number(0, False), default=1e-6, metavar="A",
+        "--atol", type=number(float, 0, strict=False), default=1e-6, metavar="A",
         help="absolute tolerance of an equal answer (default 1e-6)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-diff-rate", type=_number(0, False), default=0.01, metavar="X",
+        "--max-diff-rate", type=number(float, 0, strict=False), default=0.01, metavar="X",
         help="the share of requests whose answer may differ beyond the noise floor "
         "(default 0.01)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-accuracy-drop", type=_number(0, False), default=0.01, metavar="Y",
+        "--max-accuracy-drop", type=number(float, 0, strict=False), default=0.01, metavar="Y",
         help="how far the candidate's accuracy on labelled requests may fall below the "
         "baseline's (default 0.01)",
     )  # fmt: skip
