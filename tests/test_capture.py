@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from convoy.capture.recorder import CaptureRecorder, sampled
-from convoy.capture.rows import CapturedRow
+from convoy.capture.recorder import CaptureRecorder, kept_input, sampled
+from convoy.capture.rows import Row, row_of
 from convoy.capture.writer import CaptureWriter
 from convoy.config import CaptureConfig, CaptureSpec, read_model_config, validate_model_config
 from convoy.errors import ConfigError, InvalidInput
@@ -97,10 +97,11 @@ def test_sampling_by_key_is_always_in_or_always_out() -> None:
     assert len(keyed) == 1  # one A/B key: every request in, or every one out
 
 
-def row(spec: Any, i: int, **overrides: Any) -> CapturedRow:
+def row(spec: Any, i: int, **overrides: Any) -> tuple[Any, str, Row, int]:
+    """writer.put's arguments for a row of `spec`'s version 1: 1000 bytes."""
     rows = 1 + i % 3
     fields: dict[str, Any] = dict(
-        spec=spec, version="1", request_id=f"r{i}",
+        request_id=f"r{i}",
         timestamp_us=int(dt.datetime(2026, 12, 7, 5, 30, tzinfo=dt.UTC).timestamp() * 1e6) + i,
         arm="none", transport="grpc", status="OK", error=None, queue_us=10, compute_us=20,
         total_us=35, cache_hit=False, client="anonymous",
@@ -111,10 +112,10 @@ def row(spec: Any, i: int, **overrides: Any) -> CapturedRow:
             "EMAIL": np.array([[b"a@b.c"]] * rows, dtype=object),
         },
         outputs={"Y": np.full((rows, 2), 2.0 * i, np.float32)},
-        nbytes=1000,
     )  # fmt: skip
+    version = overrides.pop("version", "1")
     fields.update(overrides)
-    return CapturedRow(**fields)
+    return spec, version, row_of(spec, **fields), 1000
 
 
 def writer_at(tmp_path: Path, **settings: Any) -> CaptureWriter:
@@ -134,7 +135,7 @@ def test_rows_read_back_with_duckdb_as_written(tmp_path: Path) -> None:
     refused = row(spec, 9, status="INVALID_ARGUMENT", error="bad X", inputs={}, outputs={},
                   queue_us=None, compute_us=None)  # fmt: skip
     for r in [row(spec, i) for i in range(4)] + [refused]:
-        assert writer.put(r)
+        assert writer.put(*r)
     writer.close(30)
     (written,) = files(tmp_path / "capture")
     assert written.relative_to(tmp_path / "capture").parts[:5] == (
@@ -166,7 +167,7 @@ def test_field_metadata_carries_the_triton_shape(tmp_path: Path) -> None:
 
     spec = spec_of(tmp_path, capture_sample_rate="1")
     writer = writer_at(tmp_path)
-    writer.put(row(spec, 0))
+    writer.put(*row(spec, 0))
     writer.close(30)
     (written,) = files(tmp_path / "capture")
     inputs = pq.read_schema(written).field("inputs").type
@@ -229,7 +230,7 @@ def test_a_full_budget_drops_and_counts_never_waits(tmp_path: Path) -> None:
     writer = writer_at(tmp_path, flush_s=60, max_bytes=2500)
     stalled, flush = threading.Event(), writer.flush
     writer.flush = lambda: (stalled.wait(30), flush())[1]  # type: ignore[method-assign]
-    outcomes = [writer.put(row(spec, i)) for i in range(4)]  # 1000 bytes each
+    outcomes = [writer.put(*row(spec, i)) for i in range(4)]  # 1000 bytes each
     assert outcomes == [True, True, False, False]  # a stalled store costs rows, not time
     assert writer.counts.dropped == {("m", "1", "buffer_full"): 2}
     stalled.set()
@@ -242,11 +243,11 @@ def test_a_failing_write_drops_counts_and_leaves_no_partial_file(tmp_path: Path)
     writer = writer_at(tmp_path, flush_s=60)
     blocked = tmp_path / "capture" / "requests"
     blocked.write_text("a file where the requests folder goes: every write fails")
-    writer.put(row(spec, 0))
+    writer.put(*row(spec, 0))
     writer.flush()
     assert writer.counts.dropped == {("m", "1", "write_error"): 1}
     blocked.unlink()
-    writer.put(row(spec, 1))  # the store is back: writing goes on
+    writer.put(*row(spec, 1))  # the store is back: writing goes on
     writer.close(30)
     assert writer.counts.rows == {("m", "1"): 1}
     assert [p.suffix for p in files(tmp_path / "capture")] == [".parquet"]
@@ -290,9 +291,9 @@ def test_rows_of_two_configs_of_one_version_go_to_files_of_their_own(tmp_path: P
     )
     new = validate_model_config(read_model_config(tmp_path / "m"), "m/config.pbtxt", "m")
     writer = writer_at(tmp_path, flush_s=60)
-    writer.put(row(old, 0))
+    writer.put(*row(old, 0))
     four = row(new, 1, inputs={"X": np.arange(8, dtype=np.float32).reshape(2, 4)}, outputs={})
-    writer.put(four)
+    writer.put(*four)
     writer.close(30)
     assert len(files(tmp_path / "capture")) == 2
     got = {}
@@ -313,9 +314,9 @@ def test_rows_being_written_still_count_against_the_budget(tmp_path: Path) -> No
         write_all(*args)
 
     writer._write_all = slow_store  # type: ignore[method-assign]
-    assert writer.put(row(spec, 0)) and writer.put(row(spec, 1))  # 2000 bytes: wakes it
+    assert writer.put(*row(spec, 0)) and writer.put(*row(spec, 1))  # 2000 bytes: wakes it
     assert writing.wait(30)
-    assert not writer.put(row(spec, 2))  # the 2000 bytes in the store's hands still count
+    assert not writer.put(*row(spec, 2))  # the 2000 bytes in the store's hands still count
     release.set()
     writer.close(30)
     assert writer.counts.rows == {("m", "1"): 2}
@@ -335,6 +336,35 @@ def test_a_failing_pass_does_not_end_the_writer(tmp_path: Path) -> None:
     while len(failures) < 2:  # failed at least twice: the thread went on
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    writer.put(row(spec, 0))
+    writer.put(*row(spec, 0))
     writer.close(30)
     assert writer.counts.rows == {("m", "1"): 1}
+
+
+def test_rows_of_one_flush_across_an_hour_go_to_each_hours_partition(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path, flush_s=60)
+    hour = 3_600_000_000
+    five = int(dt.datetime(2026, 12, 7, 5, 0, tzinfo=dt.UTC).timestamp() * 1e6)
+    for i, stamp in enumerate([five + hour - 1, five + hour, five + 2, five + 2 * hour + 7]):
+        writer.put(*row(spec, i, timestamp_us=stamp))
+    writer.close(30)
+    by_hour: dict[str, list[str]] = {}
+    for path in files(tmp_path / "capture"):
+        found = duckdb.connect().execute(f"SELECT request_id FROM '{path}'").fetchall()
+        by_hour[path.parent.name] = sorted(r for (r,) in found)
+    assert by_hour == {"hour=05": ["r0", "r2"], "hour=06": ["r1"], "hour=07": ["r3"]}
+    assert writer.counts.rows == {("m", "1"): 4}
+
+
+def test_an_input_is_kept_by_reference_only_where_its_memory_cannot_change() -> None:
+    image = np.arange(4096, dtype=np.float32)
+    decoded = np.frombuffer(image.tobytes(), np.float32).reshape(1, 4096)  # gRPC's, HTTP's
+    assert kept_input(decoded) is decoded
+    ring = bytearray(image.tobytes())  # a front end's ring, a client's shared memory
+    shared = np.frombuffer(memoryview(ring), np.float32)
+    kept = kept_input(shared)
+    ring[:4] = b"\xff\xff\xff\xff"
+    assert kept is not shared and kept[0] == 0.0
+    small = np.frombuffer(b"\x00" * 64, np.float32)
+    assert kept_input(small) is not small  # a copy costs less than the check

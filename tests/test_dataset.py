@@ -95,7 +95,7 @@ def test_labels_share_the_rows_budget_and_their_drops_are_counted(tmp_path: Path
     spec = spec_of(tmp_path, capture_sample_rate="1")
     writer = capture_dir(tmp_path, max_bytes=1300)
     writer.flush = lambda: None  # type: ignore[method-assign]  # nothing leaves the buffer
-    assert writer.put(row(spec, 0))  # 1000 bytes
+    assert writer.put(*row(spec, 0))  # 1000 bytes
     assert writer.put_label("m", "r0", 1, us(DAY))
     assert not writer.put_label("m", "r" * 200, 1, us(DAY))
     assert writer.counts.labels_dropped == {("m", "buffer_full"): 1}
@@ -142,7 +142,7 @@ def test_export_joins_each_request_with_its_latest_label(tmp_path: Path) -> None
     spec = spec_of(tmp_path, capture_sample_rate="1")
     writer = capture_dir(tmp_path)
     for r in requests_of(spec):
-        writer.put(r)
+        writer.put(*r)
     writer.put_label("m", "r0", 1, us(DAY))
     writer.put_label("m", "r0", 2, us(DAY) + 5)  # the later label wins
     writer.put_label("m", "r3", "dog", us(DAY + dt.timedelta(days=30)))  # weeks later
@@ -185,11 +185,11 @@ def test_the_dataset_id_depends_on_the_rows_not_on_the_files(tmp_path: Path) -> 
     rows = requests_of(spec)
     at_once = capture_dir(tmp_path, "once")
     for r in rows:
-        at_once.put(r)
+        at_once.put(*r)
     at_once.close(30)
     piecewise = capture_dir(tmp_path, "piecewise")  # reversed, one flush (file) per row
     for r in reversed(rows):
-        piecewise.put(r)
+        piecewise.put(*r)
         piecewise.flush()
     piecewise.close(30)
     assert len(list((tmp_path / "piecewise").rglob("*.parquet"))) == 6
@@ -217,7 +217,7 @@ def test_version_since_and_until_select_rows(tmp_path: Path) -> None:
     spec = spec_of(tmp_path, capture_sample_rate="1")
     writer = capture_dir(tmp_path)
     for r in requests_of(spec):
-        writer.put(r)
+        writer.put(*r)
     writer.close(30)
     base = ["m", "--capture-dir", str(tmp_path / "capture"), "--out", str(tmp_path / "o.parquet")]
 
@@ -242,10 +242,10 @@ def test_files_of_different_schemas_are_read_as_one(tmp_path: Path) -> None:
     """A config that stopped excluding an input: its field is null in the older rows."""
     without = spec_of(tmp_path, capture_sample_rate="1", capture_exclude="EMAIL")
     writer = capture_dir(tmp_path)
-    writer.put(row(without, 0, timestamp_us=us(DAY)))
+    writer.put(*row(without, 0, timestamp_us=us(DAY)))
     writer.flush()
     with_email = spec_of(tmp_path, capture_sample_rate="1")
-    writer.put(row(with_email, 1, timestamp_us=us(DAY) + 1, version="2"))
+    writer.put(*row(with_email, 1, timestamp_us=us(DAY) + 1, version="2"))
     writer.close(30)
     out = tmp_path / "o.parquet"
     code, _ = export(tmp_path, "m", "--capture-dir", str(tmp_path / "capture"), "--out", str(out))
@@ -295,7 +295,7 @@ def test_no_matching_rows_is_a_clear_error(
 ) -> None:
     spec = spec_of(tmp_path, capture_sample_rate="1")
     writer = capture_dir(tmp_path)
-    writer.put(row(spec, 0, timestamp_us=us(DAY)))
+    writer.put(*row(spec, 0, timestamp_us=us(DAY)))
     writer.close(30)
     base = ["--capture-dir", str(tmp_path / "capture"), "--out", str(tmp_path / "o")]
     assert export(tmp_path, "other", *base)[0] == 1
@@ -325,6 +325,7 @@ def test_the_dataset_id_does_not_depend_on_which_version_s_file_comes_first(
     metadata, and the id must not depend on whose the unified schema keeps."""
     import numpy as np
 
+    from convoy.capture.rows import SCALARS
     from convoy.config import read_model_config, validate_model_config
 
     from .test_capture import CONFIG
@@ -336,16 +337,17 @@ def test_the_dataset_id_does_not_depend_on_which_version_s_file_comes_first(
     (folder / "config.pbtxt").write_text(text.replace("dims: [ 2 ] }},", "dims: [ 3 ] }},")
                                          .replace("dims: [ 2 ] }", "dims: [ 3 ] }"))  # fmt: skip
     two = validate_model_config(read_model_config(folder), "m/config.pbtxt", "m")
-    wide = {"X": np.ones((1, 3), np.float32)}
     first = row(one, 0, timestamp_us=us(DAY))
     outputs = {"Y": np.ones((1, 3), np.float32)}
-    inputs = {**row(two, 1).inputs, **wide}
+    _, _, narrow, _ = row(two, 1)
+    inputs = {t.name: value for t, value in zip(two.inputs, narrow[len(SCALARS) :], strict=False)}
+    inputs["X"] = np.ones((1, 3), np.float32)
     second = row(two, 1, timestamp_us=us(DAY) + 1, version="2", inputs=inputs, outputs=outputs)
     ids = []
     for name, order in (("a", (first, second)), ("b", (second, first))):
         writer = capture_dir(tmp_path, name)
         for r in order:
-            writer.put(r)
+            writer.put(*r)
             writer.flush()
         writer.close(30)
         files = sorted((tmp_path / name).rglob("*.parquet"))
@@ -365,9 +367,9 @@ def test_the_dataset_id_does_not_depend_on_which_version_s_file_comes_first(
 def test_the_server_s_own_replay_traffic_is_not_exported(tmp_path: Path) -> None:
     spec = spec_of(tmp_path, capture_sample_rate="1")
     writer = capture_dir(tmp_path)
-    writer.put(row(spec, 0, timestamp_us=us(DAY)))
-    writer.put(row(spec, 1, timestamp_us=us(DAY) + 1, transport="replay", request_id="replay:r0"))
-    writer.put(row(spec, 2, timestamp_us=us(DAY) + 2, request_id="replay:r0"))
+    writer.put(*row(spec, 0, timestamp_us=us(DAY)))
+    writer.put(*row(spec, 1, timestamp_us=us(DAY) + 1, transport="replay", request_id="replay:r0"))
+    writer.put(*row(spec, 2, timestamp_us=us(DAY) + 2, request_id="replay:r0"))
     writer.close(30)
     out = tmp_path / "o.parquet"
     code, manifest = export(
@@ -382,7 +384,7 @@ def test_a_corrupt_parquet_file_exits_2_naming_the_capture_dir(
 ) -> None:
     spec = spec_of(tmp_path, capture_sample_rate="1")
     writer = capture_dir(tmp_path)
-    writer.put(row(spec, 0, timestamp_us=us(DAY)))
+    writer.put(*row(spec, 0, timestamp_us=us(DAY)))
     writer.close(30)
     (written,) = (tmp_path / "capture" / "requests").rglob("*.parquet")
     (written.parent / "corrupt.parquet").write_bytes(b"PAR1 not really")

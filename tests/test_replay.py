@@ -38,7 +38,7 @@ from convoy.capture.replay_targets import (
     send,
     to_request,
 )
-from convoy.capture.rows import CapturedRow
+from convoy.capture.rows import Row, row_of
 from convoy.capture.writer import CaptureWriter
 from convoy.cli import main
 from convoy.config import CaptureConfig, read_model_config, validate_model_config
@@ -84,10 +84,11 @@ def spec_of(tmp_path: Path, text: str) -> Any:
     return validate_model_config(read_model_config(folder), f"{name}/config.pbtxt", name)
 
 
-def captured(spec: Any, i: int, when: dt.datetime = HOUR, **overrides: Any) -> CapturedRow:
+def captured(
+    spec: Any, i: int, when: dt.datetime = HOUR, **overrides: Any
+) -> tuple[Any, str, Row, int]:
+    """writer.put's arguments for a row of `spec`'s version 1."""
     fields: dict[str, Any] = dict(
-        spec=spec,
-        version="1",
         request_id=f"r{i}",
         timestamp_us=int(when.timestamp() * 1e6) + i,
         arm="none",
@@ -101,18 +102,18 @@ def captured(spec: Any, i: int, when: dt.datetime = HOUR, **overrides: Any) -> C
         client="anonymous",
         inputs={},
         outputs={},
-        nbytes=100,
     )
+    version = overrides.pop("version", "1")
     fields.update(overrides)
-    return CapturedRow(**fields)
+    return spec, version, row_of(spec, **fields), 100
 
 
-def write(tmp_path: Path, rows: list[CapturedRow]) -> str:
+def write(tmp_path: Path, rows: list[tuple[Any, str, Row, int]]) -> str:
     uri = str(tmp_path / "capture")
     writer = CaptureWriter(CaptureConfig(uri=uri, flush_s=60))
     writer.open()
     for r in rows:
-        assert writer.put(r)
+        assert writer.put(*r)
     writer.close(30)
     return uri
 
@@ -146,12 +147,11 @@ def test_rows_read_back_in_their_exact_shapes_bytes_and_variable_dims(tmp_path: 
         inputs, outputs = batched_tensors(i)
         rows.append(captured(spec, i, inputs=inputs, outputs=outputs))
     refused = captured(spec, 9, status="INVALID_ARGUMENT", error="bad", inputs={}, outputs={})
-    email = np.array([[b"ann@example.com"]], dtype=object)
-    inputs, outputs = batched_tensors(0)
-    hashed = captured(spec, 7, inputs={**inputs, "EMAIL": email}, outputs=outputs)
     from convoy.capture.rows import hashed as hash_of
 
-    hashed.inputs["EMAIL"] = hash_of(email, b"salt")
+    email = hash_of(np.array([[b"ann@example.com"]], dtype=object), b"salt")
+    inputs, outputs = batched_tensors(0)
+    hashed = captured(spec, 7, inputs={**inputs, "EMAIL": email}, outputs=outputs)
     uri = write(tmp_path, [*rows, refused, hashed])
 
     back = {r.request_id: r for r in read_requests(uri, "m")}
