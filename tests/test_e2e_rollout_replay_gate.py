@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,39 @@ def test_a_candidate_is_replayed_before_it_gets_traffic(tmp_path: Path) -> None:
         # The first replay's own requests were captured as replays and are left out:
         # the callers' requests only, the check of serving above included.
         assert shown["replay"]["requests"] == REQUESTS + 1
+        client.close()
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_a_declared_rollout_replays_a_new_version_found_on_disk(tmp_path: Path) -> None:
+    """rollout.json with replay_since: version 2 (y = 3x) appears on disk, the poll
+    starts the declared rollout, the replay of the last hour's captured traffic refuses
+    it, and the callers never see it."""
+    repo, capture = tmp_path / "repo", tmp_path / "capture"
+    write_linear_model(repo, "lin", {1: linear_source(2)}, parameters={"capture_sample_rate": "1"},
+                       version_policy="latest { num_versions: 1 }")  # fmt: skip
+    (repo / "lin" / "rollout.json").write_text(json.dumps({
+        "strategy": "canary", "steps": [50, 100], "step_interval": "600s",
+        "replay_since": "1h", "replay_max_diff_rate": 0.01,
+    }))  # fmt: skip
+    server = start_server(repo, "--capture-dir", str(capture), "--capture-flush-secs", "0.5",
+                          "--repository-poll-secs", "0.5")  # fmt: skip
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        for i in range(REQUESTS):
+            assert answer(client, 0.5 + i) == ("1", 2 * (0.5 + i))
+        wait_for(capture, "lin", REQUESTS)
+        (repo / "lin" / "2").mkdir()
+        (repo / "lin" / "2" / "model.py").write_text(linear_source(3))
+        deadline = time.monotonic() + 60
+        while (shown := status(server)).get("phase") != "refused":
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.3)
+        assert (shown["stable"], shown["candidate"]) == ("1", "2")
+        assert shown["replay"]["passed"] is False and shown["replay"]["diff_rate"] == 1.0
+        assert shown["replay"]["requests"] == REQUESTS
+        assert {answer(client, 1.0)[0] for _ in range(10)} == {"1"}  # serving unchanged
         client.close()
     finally:
         assert server.stop() == 0, server.output()

@@ -58,6 +58,9 @@ class FakeRepository:
     def set_default(self, model: str, version: str | None) -> None:
         self.pinned[model] = version
 
+    def pinned_default(self, model: str) -> str | None:
+        return self.pinned.get(model)
+
     async def ensure_loaded(self, model: str, version: str) -> None:
         if version in self.fail_load:
             raise ConfigError(f"/repo/{model}", "model file", f"version {version} is corrupt")

@@ -329,6 +329,10 @@ class ModelRepository:
         entry = self._models.setdefault(name, ModelEntry(name))
         entry.pinned = None if version is None else _version_number(version)
 
+    def pinned_default(self, name: str) -> str | None:
+        entry = self._models.get(name)
+        return None if entry is None or entry.pinned is None else str(entry.pinned)
+
     async def ensure_loaded(self, name: str, version: str) -> None:
         """Load one version beside those serving, whatever the version_policy says;
         it stays loaded across reloads until unload_version."""

@@ -77,6 +77,10 @@ class RolloutRepository(Protocol):
         """Pin the default version; None: back to Triton's rule. Never blocks."""
         ...
 
+    def pinned_default(self, model: str) -> str | None:
+        """The pinned default version; None: none is pinned (Triton's rule)."""
+        ...
+
     async def ensure_loaded(self, model: str, version: str) -> None:
         """Load and warm up one version, whatever version_policy says; ConvoyError on failure."""
         ...
@@ -279,7 +283,11 @@ class RolloutController:
                 "captures none: start it with --capture-dir, or start without --replay-since"
             )
         was_loaded = version in self._repo.loaded_versions(model)
-        pinned_before = existing.winner if existing else None
+        # The pin in effect now, restored if the start is refused: a declared rollout's
+        # (autostart pins the serving version before the reload that found the new one),
+        # or an ended rollout's winner. Without it Triton's rule would hand a refused
+        # candidate, loaded by that reload, all the traffic.
+        pinned_before = self._repo.pinned_default(model)
         # Pin first: loading the candidate must not make it "the latest" for anyone.
         self._repo.set_default(model, stable)
         try:
