@@ -114,3 +114,35 @@ def test_labels_from_feedback_and_a_reproducible_dataset(tmp_path: Path) -> None
 
     bad = export("lin", "--capture-dir", str(capture), "--until", "soon", "--out", str(out))
     assert bad.returncode == 2 and "--until" in bad.stderr
+
+
+def test_labels_and_rows_through_front_end_processes(tmp_path: Path) -> None:
+    """--frontends 2: requests answered by the front ends are captured by the engine,
+    and Feedback (proxied to the engine) writes their labels, as with one process."""
+    capture = tmp_path / "capture"
+    server = start_server(repository(tmp_path / "repo"), "--frontends", "2",
+                          "--capture-dir", str(capture), "--capture-flush-secs", "1")  # fmt: skip
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        for i in range(6):
+            x = grpcclient.InferInput("X", [1, 1], "FP32")
+            x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
+            client.infer("lin", [x], request_id=f"lin-{i}")
+        client.close()
+        with grpc.insecure_channel(server.url) as channel:
+            feedback = pb_grpc.MonitoringServiceStub(channel).Feedback
+            for i in range(3):
+                feedback(pb.FeedbackRequest(model_name="lin", id=f"lin-{i}", value=i + 0.5))
+    finally:
+        assert server.stop() == 0, server.output()  # SIGTERM: the buffer is written
+    joined = duckdb.execute(
+        f"SELECT r.request_id, r.transport, r.outputs.Y, l.label, l.kind FROM read_parquet("
+        f"'{capture}/requests/**/*.parquet', hive_partitioning = true) r LEFT JOIN "
+        f"read_parquet('{capture}/labels/**/*.parquet', hive_partitioning = true) l "
+        f"USING (request_id) ORDER BY r.request_id"
+    ).fetchall()
+    assert joined == [
+        (f"lin-{i}", "grpc", [[2.0 * i]], repr(i + 0.5) if i < 3 else None,
+         "value" if i < 3 else None)
+        for i in range(6)
+    ]  # fmt: skip
