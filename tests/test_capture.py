@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from convoy.capture.recorder import CaptureRecorder, kept_input, sampled
-from convoy.capture.rows import Row, row_of
+from convoy.capture.rows import Row
 from convoy.capture.writer import CaptureWriter
 from convoy.config import CaptureConfig, CaptureSpec, read_model_config, validate_model_config
 from convoy.errors import ConfigError, InvalidInput
@@ -116,6 +116,30 @@ def row(spec: Any, i: int, **overrides: Any) -> tuple[Any, str, Row, int]:
     version = overrides.pop("version", "1")
     fields.update(overrides)
     return spec, version, row_of(spec, **fields), 1000
+
+
+def row_of(
+    spec: Any,
+    request_id: str,
+    timestamp_us: int,
+    arm: str,
+    transport: str,
+    status: str,
+    error: str | None,
+    queue_us: int | None,
+    compute_us: int | None,
+    total_us: int | None,
+    cache_hit: bool,
+    client: str | None,
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+) -> Row:
+    """A row as the recorder lays it out (rows.Row): SCALARS, inputs, outputs."""
+    return (
+        request_id, timestamp_us, arm, transport, status, error, queue_us, compute_us,
+        total_us, cache_hit, client,
+        *[inputs.get(t.name) for t in spec.inputs], *[outputs.get(t.name) for t in spec.outputs],
+    )  # fmt: skip
 
 
 def writer_at(tmp_path: Path, **settings: Any) -> CaptureWriter:

@@ -38,12 +38,14 @@ from convoy.capture.replay_targets import (
     send,
     to_request,
 )
-from convoy.capture.rows import Row, row_of
+from convoy.capture.rows import Row
 from convoy.capture.writer import CaptureWriter
 from convoy.cli import main
 from convoy.config import CaptureConfig, read_model_config, validate_model_config
 from convoy.pb import grpc_service_pb2 as pb
 from convoy.tensors import float_to_bf16
+
+from .test_capture import row_of
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow missing: a dependency of convoy")
 pq = pytest.importorskip("pyarrow.parquet")

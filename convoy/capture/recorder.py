@@ -16,7 +16,7 @@ from ..config import CaptureSpec, ModelSpec
 from ..errors import ConvoyError
 from ..inference.path import Answered
 from ..repository.model import ModelVersion
-from .rows import hashed, row_of
+from .rows import hashed
 from .writer import CaptureWriter
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,30 @@ def sampled(spec: CaptureSpec, answered: Answered, draw: Callable[[], float]) ->
     return int.from_bytes(digest, "big") / 2.0**64 < spec.sample_rate
 
 
+# How a row keeps an input: not at all (capture_exclude), as salted hashes
+# (capture_hash), or the values themselves.
+EXCLUDE, HASH, KEEP = 0, 1, 2
+
+
+class _Plan:
+    """What a row of one model config keeps, in the row's order (rows.Row), worked out
+    once per config rather than per request."""
+
+    __slots__ = ("inputs", "outputs", "spec")
+
+    def __init__(self, spec: ModelSpec, capture: CaptureSpec) -> None:
+        self.spec = spec
+
+        def how(name: str) -> int:
+            return EXCLUDE if name in capture.exclude else HASH if name in capture.hashed else KEEP
+
+        # (name, how, holds Python objects: BYTES, whose size is summed item by item)
+        self.inputs = tuple((t.name, how(t.name), t.datatype == "BYTES") for t in spec.inputs)
+        self.outputs = tuple(
+            (t.name, t.datatype == "BYTES") for t in spec.outputs if capture.outputs
+        )
+
+
 class CaptureRecorder:
     def __init__(
         self,
@@ -50,45 +74,39 @@ class CaptureRecorder:
         self._status_of = status_of  # the gRPC code name of an error (api/status.py)
         self._draw = draw or np.random.default_rng().random
         self._now_us = wall_clock_us
+        self._plans: dict[int, _Plan] = {}  # by id() of the config, checked by identity
 
     def __call__(self, answered: Answered) -> None:
         served = answered.served
         capture = served.spec.capture
-        if capture is None or not sampled(capture, answered, self._draw):
+        if capture is None:
             return
-        self._put(answered, served, capture)  # False: dropped and counted by the writer
+        if capture.sample_rate < 1.0 and not sampled(capture, answered, self._draw):
+            return
+        self._put(answered, served, self._plan(served.spec, capture))
 
-    def _put(self, answered: Answered, served: ModelVersion, capture: CaptureSpec) -> bool:
-        """Copy what the row keeps and buffer it (on the loop, per request: µs count)."""
+    def _plan(self, spec: ModelSpec, capture: CaptureSpec) -> _Plan:
+        plan = self._plans.get(id(spec))
+        if plan is None or plan.spec is not spec:
+            if len(self._plans) > 256:  # configs of versions long unloaded
+                self._plans.clear()
+            plan = self._plans[id(spec)] = _Plan(spec, capture)
+        return plan
+
+    def _put(self, answered: Answered, served: ModelVersion, plan: _Plan) -> bool:
+        """Copy what the row keeps and buffer it; False: dropped (the writer counts it).
+        On the loop, per request: every µs here is one the callers wait for."""
         request, result, error = answered.request, answered.result, answered.error
-        inputs: dict[str, np.ndarray[Any, Any]] = {}
-        outputs: dict[str, np.ndarray[Any, Any]] = {}
         queue_us = compute_us = total_us = None
-        nbytes = ROW_OVERHEAD_BYTES
         if request is not None:
-            for name, value in request.inputs.items():
-                if name in capture.exclude:
-                    continue
-                if name in capture.hashed:
-                    kept = hashed(value, self._writer.salt)
-                else:
-                    kept = kept_input(value)
-                inputs[name] = kept
-                nbytes += _size(kept)
             arrival, dispatch = request.arrival_ns, request.dispatch_ns
             if arrival:
                 total_us = (answered.done_ns - arrival) // 1000
                 if dispatch:
                     queue_us = (dispatch - arrival) // 1000
                     compute_us = (answered.done_ns - dispatch) // 1000
-        if result is not None and capture.outputs:
-            for name, value in result.outputs.items():
-                # A copy: a backend's own code (a Python model) may reuse its buffers.
-                kept = outputs[name] = value.copy()
-                nbytes += _size(kept)
-        row = row_of(
-            served.spec,
-            answered.request_id,
+        row: list[Any] = [
+            answered.request_id,  # "" gets an id on the writer's thread (rows.table)
             self._now_us(),
             answered.arm,
             answered.transport,
@@ -99,10 +117,30 @@ class CaptureRecorder:
             total_us,
             answered.cache_hit,
             answered.client,
-            inputs,
-            outputs,
-        )
-        return self._writer.put(served.spec, served.version_label, row, nbytes)
+        ]
+        keep = row.append
+        nbytes = ROW_OVERHEAD_BYTES
+        given = request.inputs if request is not None else {}
+        for name, how, objects in plan.inputs:
+            value = given.get(name)
+            if value is None or how == EXCLUDE:
+                keep(None)
+                continue
+            kept = kept_input(value) if how == KEEP else hashed(value, self._writer.salt)
+            keep(kept)
+            nbytes += _objects_size(kept) if objects or how == HASH else kept.nbytes
+        answers = result.outputs if result is not None else {}
+        for name, objects in plan.outputs:
+            value = answers.get(name)
+            if value is None:
+                keep(None)
+                continue
+            kept = value.copy()  # a backend's own code (a Python model) may reuse its buffers
+            keep(kept)
+            nbytes += _objects_size(kept) if objects else kept.nbytes
+        if len(plan.outputs) < len(served.spec.outputs):  # capture_outputs: false
+            row.extend([None] * len(served.spec.outputs))
+        return self._writer.put(served.spec, served.version_label, tuple(row), nbytes)
 
 
 # Inputs smaller than this are copied whatever holds them: the copy costs less than
@@ -125,9 +163,8 @@ def kept_input(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return value if isinstance(base, bytes) else value.copy()
 
 
-def _size(array: np.ndarray[Any, Any]) -> int:
-    if not array.dtype.hasobject:
-        return array.nbytes
+def _objects_size(array: np.ndarray[Any, Any]) -> int:
+    """What a BYTES tensor (or hashed input) holds: its items' lengths."""
     return sum(len(x) if isinstance(x, bytes | str) else 8 for x in array.reshape(-1))
 
 

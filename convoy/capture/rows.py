@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,29 +57,6 @@ SCALARS = (
 # buffered as objects with dicts (seconds' worth, tens of thousands) were what its older
 # generations walked on every collection, 4.5 of 9 µs per tiny row on the loop.
 Row = tuple[Any, ...]
-
-
-def row_of(
-    spec: ModelSpec,
-    request_id: str,  # "" gets an id on the writer's thread (table)
-    timestamp_us: int,
-    arm: str,
-    transport: str,
-    status: str,
-    error: str | None,
-    queue_us: int | None,
-    compute_us: int | None,
-    total_us: int | None,
-    cache_hit: bool,
-    client: str | None,
-    inputs: Mapping[str, np.ndarray[Any, Any]],  # already copied: they outlive the request
-    outputs: Mapping[str, np.ndarray[Any, Any]],
-) -> Row:
-    return (
-        request_id, timestamp_us, arm, transport, status, error, queue_us, compute_us,
-        total_us, cache_hit, client,
-        *[inputs.get(t.name) for t in spec.inputs], *[outputs.get(t.name) for t in spec.outputs],
-    )  # fmt: skip
 
 
 LABEL_COLUMNS = ("request_id", "label", "kind", "value", "version", "timestamp")
