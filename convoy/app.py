@@ -108,6 +108,7 @@ class ConvoyServer:
         self.repository.steps = self.path.run_step  # ensemble steps take the same path
         self.slos: SloTracker | None = None
         declared = load_objectives(repository_root, config.slo_config)  # ConfigError: exit 2
+        self.rollouts.objectives = declared  # the max_burn_rate gate judges them
         if declared:
             slos = self.slos = SloTracker(declared)
             self.path.slos = slos

@@ -82,7 +82,7 @@ class Objective:
     @property
     def budget(self) -> float:
         """The share of events that may be bad (99.9 -> 0.001)."""
-        return 1.0 - self.target / 100.0
+        return round(100.0 - self.target, 9) / 100.0  # 99.9 -> 0.001, not 0.000999...
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from .spec import (
 
 POLICY_FILENAME = "rollout.json"
 
-_NUMBERS = ("max_error_rate", "max_p99_ms", "max_queue_p99_ms", "max_divergence")
+_NUMBERS = ("max_error_rate", "max_p99_ms", "max_queue_p99_ms", "max_divergence", "max_burn_rate")
 _KEYS = frozenset(
     {
         "strategy",
@@ -92,6 +92,7 @@ def parse_policy(data: Any, path: str) -> RolloutSpec:
         max_p99_ms=numbers["max_p99_ms"],
         max_queue_p99_ms=numbers["max_queue_p99_ms"],
         max_divergence=numbers["max_divergence"],
+        max_burn_rate=numbers["max_burn_rate"],
         min_requests=_integer(data.get("min_requests", 100), path, "min_requests"),
     )
     steps = data.get("steps")
