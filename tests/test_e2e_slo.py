@@ -71,7 +71,7 @@ objectives:
 
 
 def _repository(root: Path) -> Path:
-    write_linear_model(root, "lin", {1: ON_DEMAND}, max_batch_size=1)
+    write_linear_model(root, "lin", {1: ON_DEMAND, 2: ON_DEMAND}, max_batch_size=1)
     (root / "lin" / "slo.yaml").write_text(SLO)
     write_linear_model(root, "can", {1: ON_DEMAND, 2: FLAKY}, max_batch_size=1)
     (root / "can" / "slo.yaml").write_text(SLO)
@@ -150,6 +150,27 @@ def _rollout(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[s
         [sys.executable, "-m", "convoy.cli", "rollout", *args, "--server", server.url],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+
+
+def test_shadow_copies_are_shed_while_the_budget_burns_fast(slo_server: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(slo_server.url)
+    for _ in range(10):
+        _infer(client, "lin", -1.0)
+    time.sleep(1.5)
+    before = _value(_metrics(slo_server), "convoy_slo_shed_total", model="lin") or 0.0
+    started = _rollout(slo_server, "start", "lin", "--version", "2", "--strategy", "shadow",
+                       "--shadow-fraction", "1")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        assert {_infer(client, "lin", 1.0) for _ in range(20)} == {"OK"}  # callers served
+        time.sleep(1.5)
+        text = _metrics(slo_server)
+        shed = _value(text, "convoy_slo_shed_total", model="lin", reason="fast_burn")
+        assert shed is not None and shed - before == 20  # every copy, none run on version 2
+        assert _value(text, "convoy_request_success_total", model="lin", version="2") in (None, 0)
+    finally:
+        assert _rollout(slo_server, "rollback", "lin").returncode == 0
+        client.close()
 
 
 def test_a_canary_rolls_back_on_its_burn_rate(slo_server: ServerProcess) -> None:
