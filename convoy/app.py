@@ -147,6 +147,10 @@ class ConvoyServer:
         self.gc_pauses.start()
         await self.repository.load_all()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
+        if self.slos is not None:
+            served = {m.spec.name for m in self.repository.ready_models()}
+            for name in sorted(set(self.slos.declared) - served):
+                log.warning("SLO objectives declared for model '%s', which is not loaded", name)
         if self.heap is not None:  # the models' objects out of full collections from now
             self.heap.now()
         if self.cache is None:

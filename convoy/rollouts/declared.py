@@ -2,8 +2,8 @@
 
 When a model directory holds this file and a new version appears (a
 RepositoryModelLoad or a repository poll), the declared rollout starts by
-itself. A model without it keeps Triton's behaviour exactly. JSON, because
-the server already depends on nothing that reads YAML. Example:
+itself. A model without it keeps Triton's behaviour exactly. JSON (chosen when
+the server read no YAML; slo.yaml came later). Example:
 
     {
       "strategy": "canary",
