@@ -113,9 +113,16 @@ class SloReading:
     model: str
     slo: str
     target: float  # the objective as a ratio: 99.9% -> 0.999
-    good: int  # events since start
+    # Events since start, and burn rates by window (5m, 30m, 1h, 6h); None where the
+    # server does not count the objective's events (quality: the drift counters).
+    counts: SloCounts | None
+
+
+@dataclass(frozen=True)
+class SloCounts:
+    good: int
     bad: int
-    burn_rates: Mapping[str, float]  # window (5m, 30m, 1h, 6h) -> burn rate
+    burn_rates: Mapping[str, float]
 
 
 class SloCollector(Collector):
@@ -162,10 +169,13 @@ class SloCollector(Collector):
         for reading in self._readings():
             key = [reading.model, reading.slo]
             objective.add_metric(key, reading.target)
-            for window, rate in reading.burn_rates.items():
+            counts = reading.counts
+            if counts is None:
+                continue
+            for window, rate in counts.burn_rates.items():
                 burn.add_metric([*key, window], rate)
-            events.add_metric([*key, "true"], reading.good)
-            events.add_metric([*key, "false"], reading.bad)
+            events.add_metric([*key, "true"], counts.good)
+            events.add_metric([*key, "false"], counts.bad)
         for (model, reason), count in sorted(list(self._shed().items())):
             shed.add_metric([model, reason], count)
         yield from (objective, burn, events, shed)

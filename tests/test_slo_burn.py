@@ -82,7 +82,8 @@ class Fixture:
 
     def reading(self, slo: str) -> tuple[int, int, dict[str, float]]:
         r = next(r for r in self.tracker.readings if r.slo == slo)
-        return r.good, r.bad, dict(r.burn_rates)
+        assert r.counts is not None
+        return r.counts.good, r.counts.bad, dict(r.counts.burn_rates)
 
 
 def test_server_failures_spend_the_budget_and_client_mistakes_do_not() -> None:
@@ -110,7 +111,8 @@ def test_latency_counts_answers_over_the_threshold() -> None:
     good, bad, rates = f.reading("fast")
     assert (good, bad) == (8, 2)
     assert rates["1h"] == pytest.approx(0.2 / 0.1)
-    assert {r.slo for r in f.tracker.readings} == {"availability", "fast"}  # quality: Prometheus
+    counted = {r.slo for r in f.tracker.readings if r.counts is not None}
+    assert counted == {"availability", "fast"}  # quality: counted by Prometheus
 
 
 def test_windows_forget_what_is_older_than_them() -> None:
@@ -166,4 +168,9 @@ def test_exported_series() -> None:
     assert 'convoy_slo_events_total{good="false",model="m",slo="availability"} 1.0' in text
     assert 'convoy_slo_burn_rate{model="m",slo="availability",window="5m"} 25.0' in text
     assert 'convoy_slo_burn_rate{model="m",slo="fast",window="6h"} 0.0' in text
+    assert 'convoy_slo_objective{model="m",slo="drift_free"} 0.95' in text
+    assert (
+        'slo="drift_free",window' not in text
+        and 'good="true",model="m",slo="drift_free"' not in text
+    )
     assert 'convoy_slo_shed_total{model="m",reason="fast_burn"} 2.0' in text

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import ConvoyError, Unavailable
-from ..metrics import SloReading
+from ..metrics import SloCounts, SloReading
 from .objectives import Kind, ModelObjectives, Objective, counts_for_availability
 
 BURN_WINDOWS: tuple[tuple[str, int], ...] = (("5m", 300), ("30m", 1800), ("1h", 3600),
@@ -172,9 +172,7 @@ class SloTracker:
                     counts.model,
                     counts.objective.name,
                     counts.objective.ratio,
-                    counts.good,
-                    counts.bad,
-                    rates,
+                    SloCounts(counts.good, counts.bad, rates),
                 )
             )
             if counts.model not in burning and all(rates[w] > FAST_BURN for w in FAST_WINDOWS):
@@ -183,6 +181,10 @@ class SloTracker:
                     f"SLO '{counts.objective.name}' burns its error budget fast ({figures}; "
                     f"over {FAST_BURN:g}x)"
                 )
+        for model, declared in self.declared.items():  # the target alone: Prometheus counts
+            for objective in declared.objectives:
+                if objective.kind is Kind.QUALITY:
+                    readings.append(SloReading(model, objective.name, objective.ratio, None))
         self.readings = tuple(readings)
         self.burning = burning
 
@@ -195,12 +197,6 @@ class SloTracker:
         key = (model, SHED_REASON)
         self.shed[key] = self.shed.get(key, 0) + 1
         return Unavailable(f"model '{model}': background work shed while its {why}")
-
-    def burn_rate(self, model: str, slo: str, window: str) -> float | None:
-        for reading in self.readings:
-            if reading.model == model and reading.slo == slo:
-                return reading.burn_rates.get(window)
-        return None
 
     def _all(self) -> Iterable[ObjectiveCounts]:
         for counts in self._counts.values():
