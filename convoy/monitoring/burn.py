@@ -98,8 +98,7 @@ class ObjectiveCounts:
         """Bad share of the events since the snapshot `slots_back` intervals ago (the
         oldest one while the server is younger than that), over the budget; 0 without
         events."""
-        index = max(0, len(self.history) - slots_back)
-        good, bad = self.history[index] if index < len(self.history) else self.history[-1]
+        good, bad = self.history[max(0, len(self.history) - max(1, slots_back))]
         events = (self.good - good) + (self.bad - bad)
         if events <= 0:
             return 0.0
