@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
+from convoy.api.admin import status_to_proto
 from convoy.cli import build_parser
 from convoy.errors import DeadlineExceeded, FailedPrecondition, InternalError, InvalidInput
 from convoy.monitoring.objectives import parse_objectives
 from convoy.rollouts.analysis import Outcome, evaluate
-from convoy.rollouts.cli import run_rollout_command
+from convoy.rollouts.cli import run_rollout_command, status_json
 from convoy.rollouts.declared import parse_policy
 from convoy.rollouts.spec import Gates, make_spec
 from convoy.rollouts.window import VersionWindow
@@ -89,6 +90,10 @@ def test_a_canary_rolls_back_on_its_burn_rate() -> None:
     assert status.phase == "rolled_back"
     assert "max_burn_rate 10" in status.reason and "SLO 'availability'" in status.reason
     assert repo.pinned["m"] == "1"
+    # What `convoy rollout status --json` shows of it, through the admin API's message.
+    shown = status_json(status_to_proto(status))["windows"]
+    assert shown["2"]["burn_slo"] == "availability" and shown["2"]["burn_rate"] > 10
+    assert shown["1"]["burn_rate"] == 0.0
 
 
 def test_a_healthy_canary_under_the_gate_steps_on() -> None:
@@ -200,3 +205,21 @@ def test_an_unreachable_prometheus_refuses_unless_ignored() -> None:
     code, err, started = _start("http://127.0.0.1:9")
     assert (code, started) == (2, []) and "cannot query Prometheus at http://127.0.0.1:9" in err
     assert _start("http://127.0.0.1:9", "--ignore-budget")[2] == ["start"]
+
+
+def test_the_gate_survives_a_restart_and_judges_again(tmp_path: Any) -> None:
+    from convoy.rollouts.store import RolloutStore
+
+    store = RolloutStore(tmp_path)
+    controller, repo, _ = make(store=store)
+    controller.objectives = {"m": OBJECTIVES}
+    run(controller.start("m", "2", GATED))
+    again, _, _ = make(repo, RolloutStore(tmp_path))
+    again.objectives = {"m": OBJECTIVES}
+    run(again.restore())
+    (status,) = again.status("m")
+    assert status.phase == "progressing"
+    feed(again, 2000, lambda v, i: (InternalError("x") if v == "2" else None, 1.0, 1.0))
+    run(again.tick())
+    assert again.status("m")[0].phase == "rolled_back"
+    assert "max_burn_rate 10" in again.status("m")[0].reason
