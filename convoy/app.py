@@ -38,7 +38,9 @@ from .heap import GcPauses, HeapSettler
 from .inference.admission import DRAIN_SETTLE_MAX_S, RateBudget
 from .inference.path import InferencePath
 from .metrics import Metrics, PoolReading
+from .monitoring.burn import SloTracker
 from .monitoring.exporter import MonitoringCollector
+from .monitoring.objectives import load_objectives
 from .pb import grpc_service_pb2 as pb
 from .pb import grpc_service_pb2_grpc as pb_grpc
 from .pb._pool import POOL
@@ -104,6 +106,14 @@ class ConvoyServer:
             budget=budget,
         )
         self.repository.steps = self.path.run_step  # ensemble steps take the same path
+        self.slos: SloTracker | None = None
+        declared = load_objectives(repository_root, config.slo_config)  # ConfigError: exit 2
+        self.rollouts.objectives = declared  # the max_burn_rate gate judges them
+        if declared:
+            slos = self.slos = SloTracker(declared)
+            self.path.slos = slos
+            self.path.observers.append(slos.observe)
+            self.metrics.slos.watch(lambda: slos.readings, lambda: dict(slos.shed))
         self.capture: CaptureWriter | None = None
         self.labels: LabelRecorder | None = None
         if config.capture is not None:
@@ -137,6 +147,10 @@ class ConvoyServer:
         self.gc_pauses.start()
         await self.repository.load_all()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
+        if self.slos is not None:
+            served = {m.spec.name for m in self.repository.ready_models()}
+            for name in sorted(set(self.slos.declared) - served):
+                log.warning("SLO objectives declared for model '%s', which is not loaded", name)
         if self.heap is not None:  # the models' objects out of full collections from now
             self.heap.now()
         if self.cache is None:
@@ -264,6 +278,8 @@ class ConvoyServer:
         while True:
             await asyncio.sleep(1.0)
             try:
+                if self.slos is not None:  # burn rates first: the rollout gates read them
+                    self.slos.tick()
                 await self.rollouts.tick()
             except Exception:
                 log.exception("rollout analysis failed")

@@ -14,6 +14,7 @@ from .capture.cli import add_dataset_parser, run_dataset_command
 from .capture.replay_cli import add_replay_parser, run_replay
 from .config import CaptureConfig, ServerConfig, ServingLimits
 from .monitoring.cli import add_monitor_parser, run_monitor
+from .monitoring.slo_cli import add_slo_parser, run_slo
 from .optimize.cli import add_optimize_parser, run_optimize
 from .progress import progress_bar
 from .rollouts.cli import add_rollout_parser, run_rollout_command
@@ -178,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         "grpc.max_connection_age_ms), so long-lived channels rebalance across replicas "
         "(default 30000; 0: never)",
     )
+    serve.add_argument(
+        "--slo-config",
+        type=Path,
+        metavar="FILE",
+        help="service-level objectives of many models ('models: {MODEL: {objectives: "
+        "[...]}}'), besides each <model>/slo.yaml; the server exports their burn rates and "
+        "sheds background work while one burns fast (docs/slo.md)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     security = serve.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS")
@@ -228,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimize_parser(commands)
     add_dataset_parser(commands)
     add_replay_parser(commands)
+    add_slo_parser(commands)
     return parser
 
 
@@ -245,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_dataset_command(args)
     if args.command == "replay":
         return run_replay(args)
+    if args.command == "slo":
+        return run_slo(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 
@@ -294,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         frontends=args.frontends,
         frontend_shm_bytes=args.frontend_shm_mib << 20,
         capture=capture,
+        slo_config=args.slo_config,
     )
     from .app import run
     from .errors import ConfigError

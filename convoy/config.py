@@ -108,6 +108,8 @@ class ServerConfig:
     frontends: int = 1  # gRPC front-end processes; 0: one per 4 cores (1 on 2 cores)
     frontend_shm_bytes: int = 16 << 20  # each front end's tensor segment; 0: none
     capture: CaptureConfig | None = None  # --capture-dir and its settings; None: off
+    # --slo-config: objectives of many models, besides each <model>/slo.yaml
+    slo_config: Path | None = None
 
 
 @dataclass(frozen=True)

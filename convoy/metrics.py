@@ -87,6 +87,10 @@ class Metrics:
             "convoy_model_load_failures", "Loads of a model version that failed", labels,
             registry=r,
         )  # fmt: skip
+        # Service-level objectives (monitoring/burn.py), read when scraped: none until
+        # the server declares some (watch_slos).
+        self.slos = SloCollector()
+        r.register(self.slos)
         # (model, version) -> the ModelMetrics whose model currently serves those labels.
         # A reload builds the new version before closing the old one, and both share
         # the label children: only the current owner may switch them off.
@@ -102,6 +106,79 @@ class Metrics:
     ) -> None:
         """Instance-pool counters and failed devices, read at scrape time."""
         self.registry.register(ServingCollector(pools, failed_devices))
+
+
+@dataclass(frozen=True)
+class SloReading:
+    model: str
+    slo: str
+    target: float  # the objective as a ratio: 99.9% -> 0.999
+    # Events since start, and burn rates by window (5m, 30m, 1h, 6h); None where the
+    # server does not count the objective's events (quality: the drift counters).
+    counts: SloCounts | None
+
+
+@dataclass(frozen=True)
+class SloCounts:
+    good: int
+    bad: int
+    burn_rates: Mapping[str, float]
+
+
+class SloCollector(Collector):
+    """convoy_slo_objective, convoy_slo_burn_rate, convoy_slo_events_total (what the
+    generated recording rules read) and convoy_slo_shed_total, from the server's
+    SloTracker at scrape time: its counting on the loop takes no metric lock."""
+
+    def __init__(self) -> None:
+        self._readings: Callable[[], Iterable[SloReading]] = tuple
+        self._shed: Callable[[], Mapping[tuple[str, str], int]] = dict
+
+    def watch(
+        self,
+        readings: Callable[[], Iterable[SloReading]],
+        shed: Callable[[], Mapping[tuple[str, str], int]],
+    ) -> None:
+        self._readings = readings
+        self._shed = shed
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        objective = GaugeMetricFamily(
+            "convoy_slo_objective", "The objective's target, a ratio of good events",
+            labels=["model", "slo"],
+        )  # fmt: skip
+        burn = GaugeMetricFamily(
+            "convoy_slo_burn_rate",
+            "Error-budget burn rate over the window, from the server's own counts "
+            "(1: the budget lasts exactly its period)",
+            labels=["model", "slo", "window"],
+        )
+        events = CounterMetricFamily(
+            "convoy_slo_events",
+            "Requests counted by an availability or latency objective, good or bad",
+            labels=["model", "slo", "good"],
+        )
+        shed = CounterMetricFamily(
+            "convoy_slo_shed",
+            "Background requests refused while the model's budget burned fast",
+            labels=["model", "reason"],
+        )
+        for reading in self._readings():
+            key = [reading.model, reading.slo]
+            objective.add_metric(key, reading.target)
+            counts = reading.counts
+            if counts is None:
+                continue
+            for window, rate in counts.burn_rates.items():
+                burn.add_metric([*key, window], rate)
+            events.add_metric([*key, "true"], counts.good)
+            events.add_metric([*key, "false"], counts.bad)
+        for (model, reason), count in sorted(list(self._shed().items())):
+            shed.add_metric([model, reason], count)
+        yield from (objective, burn, events, shed)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ FULLNAME = "prod-convoy"
 MONITORING_API = "monitoring.coreos.com/v1"
 # Custom resources: kubernetes-validate ships only the built-in kinds' schemas, so these
 # get the structural checks in test_custom_resources instead of a schema.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject"),
+             ("monitoring.coreos.com/v1", "PrometheusRule")}  # fmt: skip
 
 Objects = list[dict[str, Any]]
 

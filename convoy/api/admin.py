@@ -42,6 +42,7 @@ def spec_from_proto(message: pb.RolloutSpec) -> RolloutSpec:
             max_p99_ms=gate("max_p99_ms", None),
             max_queue_p99_ms=gate("max_queue_p99_ms", None),
             max_divergence=gate("max_divergence", None),
+            max_burn_rate=gate("max_burn_rate", None),
             min_requests=(
                 gates.min_requests if gates.HasField("min_requests") else defaults.min_requests
             ),
@@ -92,7 +93,9 @@ def status_to_proto(status: RolloutStatus) -> pb.RolloutStatus:
         window.error_rate = stats.error_rate
         window.compared = stats.compared
         window.shadow_shed = stats.shadow_shed
-        for name in ("queue_p99_ms", "compute_p99_ms", "max_divergence", "top1_agreement"):
+        window.burn_slo = stats.burn_slo
+        names = ("queue_p99_ms", "compute_p99_ms", "max_divergence", "top1_agreement", "burn_rate")
+        for name in names:
             value = getattr(stats, name)
             if value is not None:
                 # A shape mismatch is an infinite divergence; proto doubles carry inf.

@@ -24,6 +24,7 @@ from ..batching.request import InferRequest, InferResult
 from ..cache import BYPASS_PARAMETER, ResponseCache, request_key, request_uses_cache
 from ..config import DEFAULT_LIMITS, ServingLimits
 from ..errors import ConvoyError
+from ..monitoring.burn import SloTracker
 from ..pb import grpc_service_pb2 as pb
 from ..repository.manager import ModelRepository
 from ..repository.model import ModelVersion
@@ -93,6 +94,8 @@ class InferencePath:
         # Called once per answered request (success or failure), on the loop: each must
         # only copy what it keeps and return (capture writes off the loop).
         self.observers: list[AnswerObserver] = []
+        # Declared objectives: background work on a model in fast burn is shed first.
+        self.slos: SloTracker | None = None
 
     # -- the doors' entry points -------------------------------------------------------
 
@@ -189,6 +192,8 @@ class InferencePath:
         request's A/B key for an observer (the caller's header where None)."""
         cache_hit = False
         try:
+            if request.background and self.slos is not None:
+                self._shed(model.spec.name)
             if cacheable and self.cache is not None and model.spec.response_cache:
                 result, cache_hit = await self._cached(model, request, caller.time_remaining)
             else:
@@ -204,6 +209,12 @@ class InferencePath:
         if self.observers:
             self._observe(caller, model, request, result, None, cache_hit, key)
         return result
+
+    def _shed(self, name: str) -> None:
+        assert self.slos is not None
+        refused = self.slos.refuse_background(name)
+        if refused is not None:
+            raise refused
 
     def _decode(
         self,
@@ -332,6 +343,8 @@ class InferencePath:
         path (the shadow's and the canary's output comparison); observers see it as the
         arm `shadow`."""
         model = self.repository.get(name, version)
+        if self.slos is not None:
+            self._shed(name)
         mirrored = InferRequest(
             id=asked.id,
             inputs=asked.inputs,

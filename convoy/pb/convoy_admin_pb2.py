@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x12\x63onvoy_admin.proto\x12\x0c\x63onvoy.admin\"\xf6\x01\n\x0cRolloutGates\x12\x1b\n\x0emax_error_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_p99_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1d\n\x10max_queue_p99_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0emax_divergence\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cmin_requests\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x11\n\x0f_max_error_rateB\r\n\x0b_max_p99_msB\x13\n\x11_max_queue_p99_msB\x11\n\x0f_max_divergenceB\x0f\n\r_min_requests\"\xc3\x03\n\x0bRolloutSpec\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x01\x12\x1c\n\x0fstep_interval_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12)\n\x05gates\x18\x04 \x01(\x0b\x32\x1a.convoy.admin.RolloutGates\x12\x1c\n\x0fshadow_fraction\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bkeep_warm_s\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04salt\x18\x07 \x01(\t\x12\x19\n\x0creplay_since\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\x19\n\x0creplay_until\x18\t \x01(\tH\x04\x88\x01\x01\x12!\n\x14replay_max_diff_rate\x18\n \x01(\x01H\x05\x88\x01\x01\x12 \n\x13replay_max_requests\x18\x0b \x01(\x04H\x06\x88\x01\x01\x42\x12\n\x10_step_interval_sB\x12\n\x10_shadow_fractionB\x0e\n\x0c_keep_warm_sB\x0f\n\r_replay_sinceB\x0f\n\r_replay_untilB\x17\n\x15_replay_max_diff_rateB\x16\n\x14_replay_max_requests\"\xa6\x02\n\x0bWindowStats\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x02 \x01(\x04\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x19\n\x0cqueue_p99_ms\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x63ompute_p99_ms\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x63ompared\x18\x06 \x01(\x04\x12\x1b\n\x0emax_divergence\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0etop1_agreement\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x13\n\x0bshadow_shed\x18\t \x01(\x04\x42\x0f\n\r_queue_p99_msB\x11\n\x0f_compute_p99_msB\x11\n\x0f_max_divergenceB\x11\n\x0f_top1_agreement\"\xbb\x03\n\rRolloutStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x0e\n\x06stable\x18\x04 \x01(\t\x12\x11\n\tcandidate\x18\x05 \x01(\t\x12\x39\n\x07weights\x18\x06 \x03(\x0b\x32(.convoy.admin.RolloutStatus.WeightsEntry\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08\x61nalysis\x18\x08 \x01(\t\x12\x0c\n\x04step\x18\t \x01(\r\x12\r\n\x05steps\x18\n \x03(\x01\x12\x17\n\x0fshadow_fraction\x18\x0b \x01(\x01\x12\x39\n\x07windows\x18\x0c \x03(\x0b\x32(.convoy.admin.RolloutStatus.WindowsEntry\x12\x0e\n\x06replay\x18\r \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aI\n\x0cWindowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.convoy.admin.WindowStats:\x02\x38\x01\"^\n\x13StartRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.convoy.admin.RolloutSpec\"%\n\x14RolloutStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"F\n\x15RolloutStatusResponse\x12-\n\x08rollouts\x18\x01 \x03(\x0b\x32\x1b.convoy.admin.RolloutStatus\"$\n\x13RolloutModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"C\n\x17SetRolloutWeightRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ndidate_percent\x18\x02 \x01(\x01\x32\xb5\x04\n\x0eRolloutService\x12I\n\x05Start\x12!.convoy.admin.StartRolloutRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12S\n\x06Status\x12\".convoy.admin.RolloutStatusRequest\x1a#.convoy.admin.RolloutStatusResponse\"\x00\x12K\n\x07Promote\x12!.convoy.admin.RolloutModelRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12L\n\x08Rollback\x12!.convoy.admin.RolloutModelRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12I\n\x05Pause\x12!.convoy.admin.RolloutModelRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12J\n\x06Resume\x12!.convoy.admin.RolloutModelRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12Q\n\tSetWeight\x12%.convoy.admin.SetRolloutWeightRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x12\x63onvoy_admin.proto\x12\x0c\x63onvoy.admin\"\xa4\x02\n\x0cRolloutGates\x12\x1b\n\x0emax_error_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nmax_p99_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1d\n\x10max_queue_p99_ms\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0emax_divergence\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cmin_requests\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1a\n\rmax_burn_rate\x18\x06 \x01(\x01H\x05\x88\x01\x01\x42\x11\n\x0f_max_error_rateB\r\n\x0b_max_p99_msB\x13\n\x11_max_queue_p99_msB\x11\n\x0f_max_divergenceB\x0f\n\r_min_requestsB\x10\n\x0e_max_burn_rate\"\xc3\x03\n\x0bRolloutSpec\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x01\x12\x1c\n\x0fstep_interval_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12)\n\x05gates\x18\x04 \x01(\x0b\x32\x1a.convoy.admin.RolloutGates\x12\x1c\n\x0fshadow_fraction\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bkeep_warm_s\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04salt\x18\x07 \x01(\t\x12\x19\n\x0creplay_since\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\x19\n\x0creplay_until\x18\t \x01(\tH\x04\x88\x01\x01\x12!\n\x14replay_max_diff_rate\x18\n \x01(\x01H\x05\x88\x01\x01\x12 \n\x13replay_max_requests\x18\x0b \x01(\x04H\x06\x88\x01\x01\x42\x12\n\x10_step_interval_sB\x12\n\x10_shadow_fractionB\x0e\n\x0c_keep_warm_sB\x0f\n\r_replay_sinceB\x0f\n\r_replay_untilB\x17\n\x15_replay_max_diff_rateB\x16\n\x14_replay_max_requests\"\xde\x02\n\x0bWindowStats\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x02 \x01(\x04\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x19\n\x0cqueue_p99_ms\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x63ompute_p99_ms\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x63ompared\x18\x06 \x01(\x04\x12\x1b\n\x0emax_divergence\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0etop1_agreement\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12\x13\n\x0bshadow_shed\x18\t \x01(\x04\x12\x16\n\tburn_rate\x18\n \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08\x62urn_slo\x18\x0b \x01(\tB\x0f\n\r_queue_p99_msB\x11\n\x0f_compute_p99_msB\x11\n\x0f_max_divergenceB\x11\n\x0f_top1_agreementB\x0c\n\n_burn_rate\"\xbb\x03\n\rRolloutStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x0e\n\x06stable\x18\x04 \x01(\t\x12\x11\n\tcandidate\x18\x05 \x01(\t\x12\x39\n\x07weights\x18\x06 \x03(\x0b\x32(.convoy.admin.RolloutStatus.WeightsEntry\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08\x61nalysis\x18\x08 \x01(\t\x12\x0c\n\x04step\x18\t \x01(\r\x12\r\n\x05steps\x18\n \x03(\x01\x12\x17\n\x0fshadow_fraction\x18\x0b \x01(\x01\x12\x39\n\x07windows\x18\x0c \x03(\x0b\x32(.convoy.admin.RolloutStatus.WindowsEntry\x12\x0e\n\x06replay\x18\r \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aI\n\x0cWindowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.convoy.admin.WindowStats:\x02\x38\x01\"^\n\x13StartRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.convoy.admin.RolloutSpec\"%\n\x14RolloutStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"F\n\x15RolloutStatusResponse\x12-\n\x08rollouts\x18\x01 \x03(\x0b\x32\x1b.convoy.admin.RolloutStatus\"$\n\x13RolloutModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"C\n\x17SetRolloutWeightRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ndidate_percent\x18\x02 \x01(\x01\x32\xb5\x04\n\x0eRolloutService\x12I\n\x05Start\x12!.convoy.admin.StartRolloutRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12S\n\x06Status\x12\".convoy.admin.RolloutStatusRequest\x1a#.convoy.admin.RolloutStatusResponse\"\x00\x12K\n\x07Promote\x12!.convoy.admin.RolloutModelRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12L\n\x08Rollback\x12!.convoy.admin.RolloutModelRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12I\n\x05Pause\x12!.convoy.admin.RolloutModelRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12J\n\x06Resume\x12!.convoy.admin.RolloutModelRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x12Q\n\tSetWeight\x12%.convoy.admin.SetRolloutWeightRequest\x1a\x1b.convoy.admin.RolloutStatus\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROLLOUTSTATUS_WINDOWSENTRY']._loaded_options = None
   _globals['_ROLLOUTSTATUS_WINDOWSENTRY']._serialized_options = b'8\001'
   _globals['_ROLLOUTGATES']._serialized_start=37
-  _globals['_ROLLOUTGATES']._serialized_end=283
-  _globals['_ROLLOUTSPEC']._serialized_start=286
-  _globals['_ROLLOUTSPEC']._serialized_end=737
-  _globals['_WINDOWSTATS']._serialized_start=740
-  _globals['_WINDOWSTATS']._serialized_end=1034
-  _globals['_ROLLOUTSTATUS']._serialized_start=1037
-  _globals['_ROLLOUTSTATUS']._serialized_end=1480
-  _globals['_ROLLOUTSTATUS_WEIGHTSENTRY']._serialized_start=1359
-  _globals['_ROLLOUTSTATUS_WEIGHTSENTRY']._serialized_end=1405
-  _globals['_ROLLOUTSTATUS_WINDOWSENTRY']._serialized_start=1407
-  _globals['_ROLLOUTSTATUS_WINDOWSENTRY']._serialized_end=1480
-  _globals['_STARTROLLOUTREQUEST']._serialized_start=1482
-  _globals['_STARTROLLOUTREQUEST']._serialized_end=1576
-  _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=1578
-  _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=1615
-  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_start=1617
-  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_end=1687
-  _globals['_ROLLOUTMODELREQUEST']._serialized_start=1689
-  _globals['_ROLLOUTMODELREQUEST']._serialized_end=1725
-  _globals['_SETROLLOUTWEIGHTREQUEST']._serialized_start=1727
-  _globals['_SETROLLOUTWEIGHTREQUEST']._serialized_end=1794
-  _globals['_ROLLOUTSERVICE']._serialized_start=1797
-  _globals['_ROLLOUTSERVICE']._serialized_end=2362
+  _globals['_ROLLOUTGATES']._serialized_end=329
+  _globals['_ROLLOUTSPEC']._serialized_start=332
+  _globals['_ROLLOUTSPEC']._serialized_end=783
+  _globals['_WINDOWSTATS']._serialized_start=786
+  _globals['_WINDOWSTATS']._serialized_end=1136
+  _globals['_ROLLOUTSTATUS']._serialized_start=1139
+  _globals['_ROLLOUTSTATUS']._serialized_end=1582
+  _globals['_ROLLOUTSTATUS_WEIGHTSENTRY']._serialized_start=1461
+  _globals['_ROLLOUTSTATUS_WEIGHTSENTRY']._serialized_end=1507
+  _globals['_ROLLOUTSTATUS_WINDOWSENTRY']._serialized_start=1509
+  _globals['_ROLLOUTSTATUS_WINDOWSENTRY']._serialized_end=1582
+  _globals['_STARTROLLOUTREQUEST']._serialized_start=1584
+  _globals['_STARTROLLOUTREQUEST']._serialized_end=1678
+  _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=1680
+  _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=1717
+  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_start=1719
+  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_end=1789
+  _globals['_ROLLOUTMODELREQUEST']._serialized_start=1791
+  _globals['_ROLLOUTMODELREQUEST']._serialized_end=1827
+  _globals['_SETROLLOUTWEIGHTREQUEST']._serialized_start=1829
+  _globals['_SETROLLOUTWEIGHTREQUEST']._serialized_end=1896
+  _globals['_ROLLOUTSERVICE']._serialized_start=1899
+  _globals['_ROLLOUTSERVICE']._serialized_end=2464
 # @@protoc_insertion_point(module_scope)

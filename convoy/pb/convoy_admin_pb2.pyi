@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RolloutGates(_message.Message):
-    __slots__ = ("max_error_rate", "max_p99_ms", "max_queue_p99_ms", "max_divergence", "min_requests")
+    __slots__ = ("max_error_rate", "max_p99_ms", "max_queue_p99_ms", "max_divergence", "min_requests", "max_burn_rate")
     MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_P99_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_P99_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
     MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BURN_RATE_FIELD_NUMBER: _ClassVar[int]
     max_error_rate: float
     max_p99_ms: float
     max_queue_p99_ms: float
     max_divergence: float
     min_requests: int
-    def __init__(self, max_error_rate: _Optional[float] = ..., max_p99_ms: _Optional[float] = ..., max_queue_p99_ms: _Optional[float] = ..., max_divergence: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+    max_burn_rate: float
+    def __init__(self, max_error_rate: _Optional[float] = ..., max_p99_ms: _Optional[float] = ..., max_queue_p99_ms: _Optional[float] = ..., max_divergence: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_burn_rate: _Optional[float] = ...) -> None: ...
 
 class RolloutSpec(_message.Message):
     __slots__ = ("strategy", "steps", "step_interval_s", "gates", "shadow_fraction", "keep_warm_s", "salt", "replay_since", "replay_until", "replay_max_diff_rate", "replay_max_requests")
@@ -47,7 +49,7 @@ class RolloutSpec(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., steps: _Optional[_Iterable[float]] = ..., step_interval_s: _Optional[float] = ..., gates: _Optional[_Union[RolloutGates, _Mapping]] = ..., shadow_fraction: _Optional[float] = ..., keep_warm_s: _Optional[float] = ..., salt: _Optional[str] = ..., replay_since: _Optional[str] = ..., replay_until: _Optional[str] = ..., replay_max_diff_rate: _Optional[float] = ..., replay_max_requests: _Optional[int] = ...) -> None: ...
 
 class WindowStats(_message.Message):
-    __slots__ = ("requests", "errors", "error_rate", "queue_p99_ms", "compute_p99_ms", "compared", "max_divergence", "top1_agreement", "shadow_shed")
+    __slots__ = ("requests", "errors", "error_rate", "queue_p99_ms", "compute_p99_ms", "compared", "max_divergence", "top1_agreement", "shadow_shed", "burn_rate", "burn_slo")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +59,8 @@ class WindowStats(_message.Message):
     MAX_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
     TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     SHADOW_SHED_FIELD_NUMBER: _ClassVar[int]
+    BURN_RATE_FIELD_NUMBER: _ClassVar[int]
+    BURN_SLO_FIELD_NUMBER: _ClassVar[int]
     requests: int
     errors: int
     error_rate: float
@@ -66,7 +70,9 @@ class WindowStats(_message.Message):
     max_divergence: float
     top1_agreement: float
     shadow_shed: int
-    def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., queue_p99_ms: _Optional[float] = ..., compute_p99_ms: _Optional[float] = ..., compared: _Optional[int] = ..., max_divergence: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., shadow_shed: _Optional[int] = ...) -> None: ...
+    burn_rate: float
+    burn_slo: str
+    def __init__(self, requests: _Optional[int] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., queue_p99_ms: _Optional[float] = ..., compute_p99_ms: _Optional[float] = ..., compared: _Optional[int] = ..., max_divergence: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., shadow_shed: _Optional[int] = ..., burn_rate: _Optional[float] = ..., burn_slo: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
     __slots__ = ("model", "strategy", "phase", "stable", "candidate", "weights", "reason", "analysis", "step", "steps", "shadow_fraction", "windows", "replay")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from ..monitoring.objectives import Objective
 from .policy import TrafficPolicy
 from .spec import Gates, Phase, RolloutSpec, Strategy
 from .window import VersionWindow, WindowStats
@@ -77,6 +78,33 @@ def _blame_latency(mine: float, theirs: float | None, limit: float, judged: bool
     return not judged or theirs is None or theirs <= limit or mine > SLOWER * theirs
 
 
+def _judge_burn(
+    limit: float,
+    candidate: WindowStats,
+    stable: WindowStats | None,
+    enough: bool,
+    gates: Gates,
+    passes: list[str],
+    failures: list[str],
+) -> None:
+    """max_burn_rate: the candidate's worst SLO burn rate in this window. Blamed on the
+    candidate as latency is: unless stable, judged in the same window, burns as fast."""
+    mine = candidate.burn_rate
+    assert mine is not None
+    theirs = stable.burn_rate if stable is not None else None
+    note = f" (stable {theirs:.1f}x)" if theirs is not None and stable and stable.requests else ""
+    figure = (
+        f"burn rate {mine:.1f}x of SLO '{candidate.burn_slo}' over {candidate.burn_events} "
+        f"events{note}"
+    )
+    if not enough or mine <= limit:
+        passes.append(f"{figure} <= {limit:g}")
+    elif _blame_latency(mine, theirs, limit, _stable_judged(stable, gates)):
+        failures.append(f"{figure} > max_burn_rate {limit:g}")
+    else:
+        passes.append(f"{figure}: stable burns as fast in the same window, not the candidate")
+
+
 def evaluate(gates: Gates, candidate: WindowStats, stable: WindowStats | None) -> Verdict:
     """Judge the candidate's window against the gates and stable's same window."""
     enough = candidate.requests >= gates.min_requests
@@ -119,6 +147,8 @@ def evaluate(gates: Gates, candidate: WindowStats, stable: WindowStats | None) -
             failures.append(f"{figure} > {gate} {limit:g}")
         else:
             passes.append(f"{figure}: stable as slow in the same window, not the candidate")
+    if gates.max_burn_rate is not None and candidate.burn_rate is not None:
+        _judge_burn(gates.max_burn_rate, candidate, stable, enough, gates, passes, failures)
     if gates.max_divergence is not None:
         worst = candidate.max_divergence
         figure = f"divergence {worst:g} over {candidate.compared} compared"
@@ -162,10 +192,12 @@ class Rollout:
     weight_override: float | None = None  # ab: the candidate's share, changed live
     replay: dict[str, Any] | None = None  # the replay gate's report (JSON), if it had one
     windows: dict[str, VersionWindow] = field(default_factory=dict)
+    # The model's SLOs, counted in each window where a max_burn_rate gate judges them.
+    objectives: tuple[Objective, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.windows:
-            self.windows = {self.stable: VersionWindow(), self.candidate: VersionWindow()}
+            self.windows = {v: self._window() for v in (self.stable, self.candidate)}
         if not self.step_started_at:
             self.step_started_at = self.started_at
 
@@ -277,7 +309,10 @@ class Rollout:
     def _new_window(self, now: float) -> None:
         self.step_started_at = now
         # New objects, not a reset: a copy being committed must not touch the original's.
-        self.windows = {version: VersionWindow() for version in self.windows}
+        self.windows = {version: self._window() for version in self.windows}
+
+    def _window(self) -> VersionWindow:
+        return VersionWindow(objectives=self.objectives)
 
     # -- persistence ---------------------------------------------------------------
 
@@ -305,6 +340,7 @@ class Rollout:
                     "max_p99_ms": spec.gates.max_p99_ms,
                     "max_queue_p99_ms": spec.gates.max_queue_p99_ms,
                     "max_divergence": spec.gates.max_divergence,
+                    "max_burn_rate": spec.gates.max_burn_rate,
                     "min_requests": spec.gates.min_requests,
                 },
                 "shadow_fraction": spec.shadow_fraction,

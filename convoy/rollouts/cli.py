@@ -116,6 +116,24 @@ def add_rollout_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="largest max-abs-diff of any compared output",
     )
     start.add_argument(
+        "--max-burn-rate",
+        type=float,
+        metavar="X",
+        help="the candidate's SLO burn rate in the step window (the model's declared "
+        "objectives, docs/slo.md); e.g. 14.4",
+    )
+    start.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="refuse to start while the model's error budget (its SLOs' whole period, 28d "
+        "by default) is spent, as Prometheus records it from `convoy slo rules`",
+    )
+    start.add_argument(
+        "--ignore-budget",
+        action="store_true",
+        help="start even though --prometheus-url shows the error budget spent",
+    )
+    start.add_argument(
         "--min-requests",
         type=_count,
         metavar="N",
@@ -188,7 +206,8 @@ def start_request(args: argparse.Namespace) -> Any:
         spec.shadow_fraction = args.shadow_fraction
     if args.keep_warm is not None:
         spec.keep_warm_s = args.keep_warm
-    for name in ("max_error_rate", "max_p99_ms", "max_queue_p99_ms", "max_divergence"):
+    gates = ("max_error_rate", "max_p99_ms", "max_queue_p99_ms", "max_divergence", "max_burn_rate")
+    for name in gates:
         value = getattr(args, name)
         if value is not None:
             setattr(spec.gates, name, value)
@@ -224,6 +243,8 @@ def status_json(status: Any) -> dict[str, Any]:
             "max_divergence": number(w.max_divergence) if w.HasField("max_divergence") else None,
             "top1_agreement": w.top1_agreement if w.HasField("top1_agreement") else None,
             "shadow_shed": w.shadow_shed,
+            "burn_rate": w.burn_rate if w.HasField("burn_rate") else None,
+            "burn_slo": w.burn_slo or None,
         }
     return {
         "model": status.model,
@@ -263,6 +284,37 @@ def _print_human(statuses: list[Any], out: TextIO) -> None:
             )
 
 
+def _budget_refusal(args: argparse.Namespace, err: TextIO) -> int | None:
+    """`start --prometheus-url`: the exit status when the model's error budget is spent
+    (1) or cannot be read (2); None to go on."""
+    if args.prometheus_url is None:
+        return None
+    from ..monitoring.budget import BudgetUnknown, read_budgets, refusal
+
+    try:
+        budgets = read_budgets(args.prometheus_url, args.model, min(args.timeout, 30.0))
+    except BudgetUnknown as exc:
+        if args.ignore_budget:
+            return None
+        print(f"convoy rollout start: {exc}; --ignore-budget starts without it", file=err)
+        return 2
+    if not budgets:
+        print(
+            f"convoy rollout start: note: Prometheus records no error budget for model "
+            f"'{args.model}' (no SLO, or the rules of `convoy slo rules` not loaded)",
+            file=err,
+        )
+        return None
+    why = refusal(args.model, budgets)
+    if why is None:
+        return None
+    if args.ignore_budget:
+        print(f"convoy rollout start: --ignore-budget: starting although {why}", file=err)
+        return None
+    print(f"convoy rollout start: refused: {why}", file=err)
+    return 1
+
+
 def run_rollout_command(
     args: argparse.Namespace,
     out: TextIO = sys.stdout,
@@ -282,6 +334,9 @@ def run_rollout_command(
         except argparse.ArgumentTypeError as exc:
             print(f"convoy rollout start: {exc}", file=err)
             return 2
+        refused = _budget_refusal(args, err)
+        if refused is not None:
+            return refused
     channel = (channel_factory or _channel)(args)
     stub = pb_grpc.RolloutServiceStub(channel)
     token = args.token or os.environ.get(TOKEN_ENV)

@@ -28,6 +28,7 @@ a rolled-back candidate in front of every caller.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import random
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..errors import ConvoyError, FailedPrecondition, InvalidInput, ModelNotFound, Unavailable
+from ..monitoring.objectives import ModelObjectives, Objective
 from .analysis import Rollout, Transition
 from .compare import Array, OutputDivergence, compare_outputs, divergence_score
 from .policy import TrafficPolicy
@@ -136,6 +138,8 @@ class RolloutController:
         self._rng = rng or random.Random()
         self._shadow_limit = shadow_inflight
         self._rollouts: dict[str, Rollout] = {}
+        # The models' declared SLOs (the server's, read at start): the max_burn_rate gate.
+        self.objectives: Mapping[str, ModelObjectives] = {}
         self._routes: dict[str, TrafficPolicy] = {}  # active rollouts only: the hot path's map
         self._shadow_inflight: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per model: control calls await loads
@@ -277,6 +281,11 @@ class RolloutController:
         stable = self._repo.default_version(model)
         if stable == version:
             raise InvalidInput(f"version {version} of model '{model}' already serves by default")
+        if spec.gates.max_burn_rate is not None and model not in self.objectives:
+            raise FailedPrecondition(
+                f"model '{model}' declares no SLO (<model>/slo.yaml or the server's "
+                "--slo-config): the max_burn_rate gate has no burn rate to judge"
+            )
         if spec.replay is not None and self.replay is None:
             raise FailedPrecondition(
                 f"model '{model}': a replay gate replays captured traffic, and this server "
@@ -300,7 +309,10 @@ class RolloutController:
             report = await self._replay_gate(model, stable, version, spec, pinned_before,
                                              was_loaded)  # fmt: skip
         now = self._clock()
-        rollout = Rollout(model, stable, version, spec, started_at=now, replay=report)
+        rollout = Rollout(
+            model, stable, version, spec, started_at=now, replay=report,
+            objectives=self._objectives_judged(model, spec),
+        )  # fmt: skip
         rollout.candidate_was_loaded = was_loaded
         weights = ", ".join(f"v{v} {w:g}%" for v, w in rollout.weights().items())
         reason = f"started {spec.strategy.value} of version {version} over {stable}: {weights}"
@@ -617,6 +629,20 @@ class RolloutController:
 
     # -- restart ---------------------------------------------------------------------
 
+    def _objectives_judged(self, model: str, spec: RolloutSpec) -> tuple[Objective, ...]:
+        """The model's SLOs, where a max_burn_rate gate judges them (counting costs a
+        little per request: none without the gate)."""
+        declared = self.objectives.get(model)
+        if spec.gates.max_burn_rate is None or declared is None:
+            return ()
+        return declared.objectives
+
+    def _judging_burn(self, rollout: Rollout) -> Rollout:
+        objectives = self._objectives_judged(rollout.model, rollout.spec)
+        if not objectives:
+            return rollout
+        return dataclasses.replace(rollout, objectives=objectives, windows={})
+
     async def restore(self) -> None:
         """At start-up, after the repository has loaded: resume every saved rollout.
 
@@ -629,6 +655,7 @@ class RolloutController:
         for record in self._store.load_all():
             try:
                 rollout = Rollout.from_record(record, self._clock())
+                rollout = self._judging_burn(rollout)
             except (KeyError, ValueError, TypeError) as exc:
                 log.error("rollout state for %s is unusable: %r", record.get("model"), exc)
                 continue

@@ -2,8 +2,8 @@
 
 When a model directory holds this file and a new version appears (a
 RepositoryModelLoad or a repository poll), the declared rollout starts by
-itself. A model without it keeps Triton's behaviour exactly. JSON, because
-the server already depends on nothing that reads YAML. Example:
+itself. A model without it keeps Triton's behaviour exactly. JSON (chosen when
+the server read no YAML; slo.yaml came later). Example:
 
     {
       "strategy": "canary",
@@ -44,7 +44,7 @@ from .spec import (
 
 POLICY_FILENAME = "rollout.json"
 
-_NUMBERS = ("max_error_rate", "max_p99_ms", "max_queue_p99_ms", "max_divergence")
+_NUMBERS = ("max_error_rate", "max_p99_ms", "max_queue_p99_ms", "max_divergence", "max_burn_rate")
 _KEYS = frozenset(
     {
         "strategy",
@@ -92,6 +92,7 @@ def parse_policy(data: Any, path: str) -> RolloutSpec:
         max_p99_ms=numbers["max_p99_ms"],
         max_queue_p99_ms=numbers["max_queue_p99_ms"],
         max_divergence=numbers["max_divergence"],
+        max_burn_rate=numbers["max_burn_rate"],
         min_requests=_integer(data.get("min_requests", 100), path, "min_requests"),
     )
     steps = data.get("steps")

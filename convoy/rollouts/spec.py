@@ -43,6 +43,8 @@ class Gates:
     max_queue_p99_ms: float | None = None
     max_divergence: float | None = None  # largest max-abs-diff of any compared output
     min_requests: int = 100  # per version per window; fewer: inconclusive, hold
+    # The candidate's SLO burn rate in the step window (the model's declared objectives).
+    max_burn_rate: float | None = None
 
 
 DEFAULT_STEPS = (5.0, 25.0, 50.0, 100.0)
@@ -127,6 +129,7 @@ def make_spec(
     _positive(gates.max_p99_ms, "max_p99_ms")
     _positive(gates.max_queue_p99_ms, "max_queue_p99_ms")
     _positive(gates.max_divergence, "max_divergence")
+    _positive(gates.max_burn_rate, "max_burn_rate")
     if gates.min_requests < 1:
         raise InvalidInput(f"min_requests: {gates.min_requests} must be at least 1")
     if step_interval_s <= 0:

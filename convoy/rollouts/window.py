@@ -7,6 +7,7 @@ computed only when the analysis reads a snapshot, once per tick.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from ..errors import (
     ModelNotFound,
     Unimplemented,
 )
+from ..monitoring.objectives import Kind, Objective, counts_for_availability
 
 SAMPLES = 4096  # latency samples kept per window: the p99 of the most recent ones
 
@@ -49,6 +51,10 @@ class WindowStats:
     max_divergence: float | None  # the largest divergence score among them
     top1_agreement: float | None  # share of compared classification rows whose top-1 agreed
     shadow_shed: int  # mirror runs skipped because the shadow budget was spent
+    # The highest burn rate among the model's SLOs in this window (None: none judged).
+    burn_rate: float | None = None
+    burn_slo: str = ""
+    burn_events: int = 0  # the events that burn rate is computed over
 
     @property
     def error_rate(self) -> float:
@@ -77,11 +83,13 @@ class _Ring:
 
 
 class VersionWindow:
-    """One version's figures since the window was last reset."""
+    """One version's figures since the window was last reset. With `objectives` (the
+    model's SLOs, for a max_burn_rate gate) it also counts their good and bad events."""
 
-    def __init__(self, samples: int = SAMPLES) -> None:
+    def __init__(self, samples: int = SAMPLES, objectives: Sequence[Objective] = ()) -> None:
         self._queue = _Ring(samples)
         self._compute = _Ring(samples)
+        self.objectives = tuple(o for o in objectives if o.kind is not Kind.QUALITY)
         self.reset()
 
     def reset(self) -> None:
@@ -92,6 +100,8 @@ class VersionWindow:
         self.top1_rows = 0
         self.top1_agreed = 0
         self.shadow_shed = 0
+        self.slo_good = [0] * len(self.objectives)
+        self.slo_bad = [0] * len(self.objectives)
         self._queue.clear()
         self._compute.clear()
 
@@ -99,6 +109,8 @@ class VersionWindow:
         self, error: ConvoyError | BaseException | None, queue_ns: int, compute_ns: int
     ) -> None:
         """One answered request. Client mistakes are not the version's fault: skipped."""
+        if self.objectives:
+            self._count_slo_events(error, (queue_ns + compute_ns) / 1e6)
         if error is not None and not is_server_error(error):
             return
         self.requests += 1
@@ -108,6 +120,32 @@ class VersionWindow:
         self._queue.add(queue_ns / 1e6)
         self._compute.add(compute_ns / 1e6)
 
+    def _count_slo_events(self, error: ConvoyError | BaseException | None, ms: float) -> None:
+        """As the server's own SLO counts (monitoring/burn.py), over this window."""
+        for i, objective in enumerate(self.objectives):
+            if objective.kind is Kind.AVAILABILITY:
+                if not counts_for_availability(error):
+                    continue
+                bad = error is not None
+            elif error is None:  # latency: answers only
+                assert objective.threshold_ms is not None
+                bad = ms > objective.threshold_ms
+            else:
+                continue
+            if bad:
+                self.slo_bad[i] += 1
+            else:
+                self.slo_good[i] += 1
+
+    def _worst_burn(self) -> tuple[float | None, str, int]:
+        worst: tuple[float | None, str, int] = (None, "", 0)
+        for objective, good, bad in zip(self.objectives, self.slo_good, self.slo_bad, strict=True):
+            events = good + bad
+            rate = (bad / events) / objective.budget if events else 0.0
+            if worst[0] is None or rate > worst[0]:
+                worst = (rate, objective.name, events)
+        return worst
+
     def record_divergence(self, score: float, top1_rows: int = 0, top1_agreed: int = 0) -> None:
         self.compared += 1
         if self.max_divergence is None or not score <= self.max_divergence:
@@ -116,6 +154,7 @@ class VersionWindow:
         self.top1_agreed += top1_agreed
 
     def snapshot(self) -> WindowStats:
+        burn, slo, events = self._worst_burn()
         return WindowStats(
             requests=self.requests,
             errors=self.errors,
@@ -125,6 +164,9 @@ class VersionWindow:
             max_divergence=self.max_divergence,
             top1_agreement=self.top1_agreed / self.top1_rows if self.top1_rows else None,
             shadow_shed=self.shadow_shed,
+            burn_rate=burn,
+            burn_slo=slo,
+            burn_events=events,
         )
 
 

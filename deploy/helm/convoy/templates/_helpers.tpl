@@ -138,6 +138,10 @@ sum by (<<.GroupBy>>) (avg_over_time(<<.Series>>{<<.LabelMatchers>>}[{{ .Values.
 - {{ .Values.auth.rateBurst | quote }}
 {{- end }}
 {{- end }}
+{{- if include "convoy.sloConfig" . }}
+- --slo-config
+- /etc/convoy/slo/slo.yaml
+{{- end }}
 {{- range .Values.server.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -201,4 +205,29 @@ scaleDown:
     - type: Percent
       value: {{ $down.percent }}
       periodSeconds: {{ $down.periodSeconds }}
+{{- end }}
+
+{{- /* The objectives passed to `convoy serve --slo-config` (docs/slo.md): slo.config, else,
+serving the built-in examples, the chart's files/slo.yaml; empty: none (a repository of
+your own declares them in slo.yaml beside each model). */}}
+{{- define "convoy.sloConfig" -}}
+{{- if .Values.slo.enabled }}
+{{- if .Values.slo.config }}
+{{- .Values.slo.config }}
+{{- else if eq .Values.modelRepository.source "examples" }}
+{{- .Files.Get "files/slo.yaml" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- /* The rules `convoy slo rules` generated for those objectives: slo.rules, else, serving
+the built-in examples, the chart's files/slo-rules.yml (generated from files/slo.yaml). */}}
+{{- define "convoy.sloRules" -}}
+{{- if .Values.slo.enabled }}
+{{- if .Values.slo.rules }}
+{{- .Values.slo.rules }}
+{{- else if eq .Values.modelRepository.source "examples" }}
+{{- .Files.Get "files/slo-rules.yml" }}
+{{- end }}
+{{- end }}
 {{- end }}
