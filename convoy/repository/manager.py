@@ -8,6 +8,7 @@ instances (file I/O, runtime start-up) runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -41,6 +42,7 @@ from ..scheduling.health import DeviceHealth
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
 from .ensemble import EnsembleModel, StepRunner
+from .memory import HOST, MemoryProbe, ProcessMemory, files_size, growth
 from .model import ModelVersion, OutcomeSink, ServedModel
 from .warmup import warm_up
 
@@ -63,6 +65,9 @@ class ModelEntry:
     # (None: Triton's rule, the latest), and versions loaded beyond the version_policy.
     pinned: int | None = None
     extra: set[int] = field(default_factory=set)
+    # version -> device -> bytes its last load measured; kept after an unload, as the
+    # estimate of the next load of the model (on-demand budgets).
+    memory: dict[int, dict[str, int]] = field(default_factory=dict)
 
     def latest(self) -> ModelVersion | None:
         return self.versions[max(self.versions)] if self.versions else None
@@ -111,8 +116,12 @@ class ModelRepository:
         limits: ServingLimits = DEFAULT_LIMITS,
         drain_timeout_s: float | None = None,
         health: DeviceHealth | None = None,
+        memory: MemoryProbe | None = None,
     ) -> None:
         self.root = root.resolve()
+        self.memory = memory or ProcessMemory()  # read around every load
+        # RepositoryIndex's reason for a model on disk that is not loaded.
+        self.absent_reason = "unloaded"
         self.limits = limits
         self.health = health or DeviceHealth()
         self._metrics = metrics
@@ -186,7 +195,7 @@ class ModelRepository:
             entry = self._models.get(name)
             if entry is None:
                 if not ready_only:
-                    rows.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
+                    rows.append(IndexEntry(name, "", UNAVAILABLE, self.absent_reason))
                 continue
             if entry.versions:
                 rows.extend(IndexEntry(name, str(v), READY, "") for v in sorted(entry.versions))
@@ -218,17 +227,19 @@ class ModelRepository:
             except ConvoyError as exc:
                 log.error("model '%s' failed to load: %s", name, exc.message)
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, reason: str = "explicit") -> None:
         """Load (or reload) a model; the old versions serve until the new ones are ready.
+        `reason` (first_request, explicit, poll) labels convoy_model_loads_total.
 
         The load runs as a task the repository owns: a caller that leaves (deadline,
         disconnect) stops waiting, not loading; nothing is left half-built.
         """
-        await self._owned(self._load(name))
+        await self._owned(self._load(name, reason))
 
-    async def unload(self, name: str) -> None:
-        """Stop routing to the model, finish its queued requests, free its instances."""
-        await self._owned(self._unload(name))
+    async def unload(self, name: str, reason: str = "unloaded") -> None:
+        """Stop routing to the model, finish its queued requests, free its instances;
+        `reason` is what RepositoryIndex says of it afterwards."""
+        await self._owned(self._unload(name, reason))
 
     async def _owned(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -248,7 +259,7 @@ class ModelRepository:
         """A load or unload is in progress."""
         return bool(self._tasks)
 
-    async def _load(self, name: str) -> None:
+    async def _load(self, name: str, reason: str) -> None:
         model_dir = self._model_dir(name)
         entry = self._models.setdefault(name, ModelEntry(name))
         async with entry.lock:
@@ -259,12 +270,15 @@ class ModelRepository:
                 keep = set(entry.extra) | ({entry.pinned} if entry.pinned is not None else set())
                 if self.keep_loaded is not None:
                     keep |= {_version_number(v) for v in self.keep_loaded(name)}
+                before = await asyncio.to_thread(self.memory.used)
+                started = time.perf_counter()
                 try:
                     new_versions = await asyncio.to_thread(self._build, model_dir, keep)
                 except _VersionFailed as failed:
                     version = failed.version
                     raise failed.cause from None
                 _check_ensembles(new_versions)
+                grown = growth(before, await asyncio.to_thread(self.memory.used))
             except ConvoyError as exc:
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, exc.message
@@ -278,17 +292,20 @@ class ModelRepository:
                 self._load_failed(name, version, error)
                 raise error from exc
             self._failures.pop(name, None)
+            self._metrics.model_load_seconds.observe(time.perf_counter() - started)
+            self._metrics.model_loads.labels(name, reason).inc()
             old = entry.versions
             for served in new_versions.values():
                 served.start()
             entry.versions = new_versions
             entry.state, entry.reason = READY, ""
+            self._measured(entry, model_dir, grown, old)
             self._changed(name)
             log.info("model '%s' ready, versions %s", name, sorted(new_versions))
             for served in old.values():
                 await served.close(drain=True, timeout_s=self._drain_timeout)
 
-    async def _unload(self, name: str) -> None:
+    async def _unload(self, name: str, reason: str) -> None:
         entry = self._models.get(name)
         if entry is None:
             self._model_dir(name)  # NOT_FOUND vs. merely not loaded
@@ -299,9 +316,85 @@ class ModelRepository:
             self._changed(name)
             for served in old.values():
                 await served.close(drain=True, timeout_s=self._drain_timeout)
-            entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            self._forget_memory(name, old)
+            entry.state, entry.reason = UNAVAILABLE, reason
             self._failures.pop(name, None)
+            if old:
+                await asyncio.to_thread(self.memory.release)
             log.info("model '%s' unloaded", name)
+
+    # -- memory (on-demand budgets) ---------------------------------------------------
+
+    def _measured(
+        self,
+        entry: ModelEntry,
+        model_dir: Path,
+        grown: dict[str, int],
+        old: dict[int, ModelVersion],
+    ) -> None:
+        """Keep what the load measured, split evenly across the versions it built. A
+        host measure below the version's files (memory freed earlier and reused) is
+        raised to them where an instance runs on the CPU: its weights are there once
+        at least, and counting less would let the next load pass the budget."""
+        self._forget_memory(entry.name, {v: m for v, m in old.items() if v not in entry.versions})
+        share = max(1, len(entry.versions))
+        for number, served in entry.versions.items():
+            memory = {device: size // share for device, size in grown.items()}
+            if HOST in memory and any(d == HOST for d in _devices_of(served)):
+                memory[HOST] = max(memory[HOST], files_size(model_dir / str(number)))
+            entry.memory[number] = memory
+            for device, size in memory.items():
+                self._metrics.model_memory.labels(entry.name, str(number), device).set(size)
+
+    def _forget_memory(self, name: str, versions: dict[int, ModelVersion]) -> None:
+        """The versions' gauges go; their measures stay as the next load's estimate."""
+        entry = self._models.get(name)
+        for number in versions:
+            for device in [] if entry is None else entry.memory.get(number, {}):
+                with contextlib.suppress(KeyError):
+                    self._metrics.model_memory.remove(name, str(number), device)
+
+    def is_loaded(self, name: str) -> bool:
+        entry = self._models.get(name)
+        return entry is not None and bool(entry.versions)
+
+    def loaded_names(self) -> list[str]:
+        return [name for name, entry in self._models.items() if entry.versions]
+
+    def memory_held(self, name: str) -> dict[str, int]:
+        """Device -> bytes the model's loaded versions measured at their load."""
+        entry = self._models.get(name)
+        held: dict[str, int] = {}
+        if entry is not None:
+            for number in entry.versions:
+                for device, size in entry.memory.get(number, {}).items():
+                    held[device] = held.get(device, 0) + size
+        return held
+
+    def estimate(self, name: str) -> dict[str, int]:
+        """Blocking (reads the disk): what loading the model will take, by device: its
+        last measure, else the size of its files as host memory."""
+        entry = self._models.get(name)
+        if entry is not None and entry.memory:
+            held: dict[str, int] = {}
+            for memory in entry.memory.values():
+                for device, size in memory.items():
+                    held[device] = held.get(device, 0) + size
+            return held
+        return {HOST: files_size(self._model_dir(name))}
+
+    def model_busy(self, name: str) -> bool:
+        """A version of the model has requests queued or running, or it is loading or
+        unloading."""
+        entry = self._models.get(name)
+        if entry is None:
+            return False
+        if entry.lock.locked():
+            return True
+        for served in entry.versions.values():
+            if isinstance(served, ServedModel) and (served.inflight or served.queue.depth):
+                return True
+        return False
 
     # -- single versions, for rollouts -------------------------------------------------
 
@@ -617,3 +710,7 @@ def _autocomplete(config: mc.ModelConfig, backend: str, version_dir: Path) -> No
                 data_type=mc.DataType.Value(WIRE_TO_CONFIG[tensor.datatype]),
                 dims=list(tensor.dims[skip:]),
             )
+
+
+def _devices_of(served: ModelVersion) -> list[str]:
+    return served.devices if isinstance(served, ServedModel) else []
