@@ -42,7 +42,7 @@ from ..scheduling.health import DeviceHealth
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
 from .ensemble import EnsembleModel, StepRunner
-from .memory import HOST, MemoryProbe, ProcessMemory, files_size, growth
+from .memory import HOST, MemoryProbe, PeakSampler, ProcessMemory, files_size, growth
 from .model import ModelVersion, OutcomeSink, ServedModel
 from .warmup import warm_up
 
@@ -68,6 +68,8 @@ class ModelEntry:
     # version -> device -> bytes its last load measured; kept after an unload, as the
     # estimate of the next load of the model (on-demand budgets).
     memory: dict[int, dict[str, int]] = field(default_factory=dict)
+    # device -> the most the last load of the model took while it ran (transients too).
+    peak: dict[str, int] = field(default_factory=dict)
 
     def latest(self) -> ModelVersion | None:
         return self.versions[max(self.versions)] if self.versions else None
@@ -122,6 +124,9 @@ class ModelRepository:
         self.memory = memory or ProcessMemory()  # read around every load
         # RepositoryIndex's reason for a model on disk that is not loaded.
         self.absent_reason = "unloaded"
+        # Peak host memory per byte of model files, the most any load measured: scales
+        # the files' size into the first estimate of a model never loaded.
+        self._per_file_byte = 1.0
         self.limits = limits
         self.health = health or DeviceHealth()
         self._metrics = metrics
@@ -273,12 +278,14 @@ class ModelRepository:
                 before = await asyncio.to_thread(self.memory.used)
                 started = time.perf_counter()
                 try:
-                    new_versions = await asyncio.to_thread(self._build, model_dir, keep)
+                    with PeakSampler(self.memory) as sampled:
+                        new_versions = await asyncio.to_thread(self._build, model_dir, keep)
                 except _VersionFailed as failed:
                     version = failed.version
                     raise failed.cause from None
                 _check_ensembles(new_versions)
                 grown = growth(before, await asyncio.to_thread(self.memory.used))
+                entry.peak = growth(before, sampled.peak)
             except ConvoyError as exc:
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, exc.message
@@ -345,6 +352,11 @@ class ModelRepository:
             entry.memory[number] = memory
             for device, size in memory.items():
                 self._metrics.model_memory.labels(entry.name, str(number), device).set(size)
+        steady = sum(m.get(HOST, 0) for m in entry.memory.values() if m)
+        entry.peak[HOST] = max(entry.peak.get(HOST, 0), steady)
+        files = files_size(model_dir)
+        if files >= _RATIO_MIN_FILES:  # below, a load's fixed costs swamp the ratio
+            self._per_file_byte = max(self._per_file_byte, entry.peak[HOST] / files)
 
     def _forget_memory(self, name: str, versions: dict[int, ModelVersion]) -> None:
         """The versions' gauges go; their measures stay as the next load's estimate."""
@@ -372,16 +384,13 @@ class ModelRepository:
         return held
 
     def estimate(self, name: str) -> dict[str, int]:
-        """Blocking (reads the disk): what loading the model will take, by device: its
-        last measure, else the size of its files as host memory."""
+        """Blocking (reads the disk): the most loading the model will take while it runs,
+        by device: its last load's peak, else its files' size as host memory, scaled by
+        the largest peak per file byte that loads so far measured (1 before any)."""
         entry = self._models.get(name)
-        if entry is not None and entry.memory:
-            held: dict[str, int] = {}
-            for memory in entry.memory.values():
-                for device, size in memory.items():
-                    held[device] = held.get(device, 0) + size
-            return held
-        return {HOST: files_size(self._model_dir(name))}
+        if entry is not None and entry.peak:
+            return dict(entry.peak)
+        return {HOST: int(files_size(self._model_dir(name)) * self._per_file_byte)}
 
     def model_busy(self, name: str) -> bool:
         """A version of the model has requests queued or running, or it is loading or
@@ -710,6 +719,9 @@ def _autocomplete(config: mc.ModelConfig, backend: str, version_dir: Path) -> No
                 data_type=mc.DataType.Value(WIRE_TO_CONFIG[tensor.datatype]),
                 dims=list(tensor.dims[skip:]),
             )
+
+
+_RATIO_MIN_FILES = 16 << 20
 
 
 def _devices_of(served: ModelVersion) -> list[str]:

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +55,37 @@ class ProcessMemory:
     def release(self) -> None:
         if self._trim is not None:
             self._trim(0)
+
+
+class PeakSampler:
+    """The most each device used while a load ran, sampled every `period_s` on a thread
+    of its own: a runtime's transient copies (a parsed model file beside the session
+    built from it) are gone by the time the load returns, yet they were resident."""
+
+    def __init__(self, probe: MemoryProbe, period_s: float = 0.005) -> None:
+        self._probe = probe
+        self._period = period_s
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-peak", daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self._sample()
+
+    def _sample(self) -> None:
+        for device, used in self._probe.used().items():
+            self.peak[device] = max(self.peak.get(device, 0), used)
 
 
 def growth(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
