@@ -55,6 +55,7 @@ class Run:
     refused: int = 0
     wrong: int = 0
     failed: dict[str, int] = field(default_factory=dict)
+    messages: dict[str, str] = field(default_factory=dict)  # code -> its first message
     latencies_ms: list[float] = field(default_factory=list)
     loads: float = 0.0
     evictions: float = 0.0
@@ -71,7 +72,7 @@ class Run:
         lines = [
             f"budget {self.budget_mib} MiB (fits {self.fits} copies):",
             f"  requests answered {self.answered}, refused {self.refused}, wrong {self.wrong}, "
-            f"other errors {sum(self.failed.values())} {self.failed or ''}",
+            f"other errors {sum(self.failed.values())} {self.failed or ''} {self.messages or ''}",
             f"  resident memory: base {self.base_rss / MIB:.0f} MiB, max {self.max_rss / MIB:.0f} "
             f"MiB = base + {over:.0f} MiB (budget {self.budget_mib}: "
             f"{'within' if over <= self.budget_mib else 'OVER'}), {self.samples} samples",
@@ -140,6 +141,7 @@ async def caller(
                 else:
                     name = exc.code().name
                     run.failed[name] = run.failed.get(name, 0) + 1
+                    run.messages.setdefault(name, str(exc.details()))
                 continue
             run.latencies_ms.append((time.perf_counter() - start) * 1e3)
             logits = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32)
@@ -188,7 +190,7 @@ def one_run(
         stop = threading.Event()
         sampler = threading.Thread(target=sample_rss, args=(server.proc.pid, run, stop))
         sampler.start()
-        models = sorted(p.name for p in repo.iterdir())
+        models = sorted(p.name for p in repo.iterdir() if not p.name.startswith("."))
         order = draws(zipf_cdf(len(models), args.zipf), 100_000, seed=7)
         until = time.monotonic() + args.duration
         started = time.monotonic()

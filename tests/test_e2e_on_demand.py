@@ -58,8 +58,9 @@ def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerP
     for i in range(3):
         write_sized_model(repo, f"m{i}", 40, factor=i + 1)
     write_sized_model(repo, "pinned", 10, factor=10)
-    write_sized_model(repo, "slow", 40, factor=5, delay_s=2.0)
+    write_sized_model(repo, "slow", 40, factor=5, delay_s=4.0)
     write_sized_model(repo, "big", 90, factor=7)
+    write_sized_model(repo, "huge", 105, factor=9)
     write_sized_model(repo, "bad", 5, factor=3, broken_if=root / "broken")
     (root / "broken").touch()
     server = start_server(
@@ -83,7 +84,7 @@ def test_every_model_is_listed_and_only_the_pinned_one_loaded(
 ) -> None:
     found = states(client)
     assert found["pinned"] == ("READY", "")
-    for name in ("m0", "m1", "m2", "slow", "big", "bad"):
+    for name in ("m0", "m1", "m2", "slow", "big", "huge", "bad"):
         assert found[name] == ("UNAVAILABLE", "not loaded"), name
 
 
@@ -138,26 +139,30 @@ def test_a_model_in_flight_is_never_evicted_and_what_cannot_fit_is_refused(
         running = pool.submit(answer, grpcclient.InferenceServerClient(server.url), "slow", 2.0)
         wait_for(lambda: states(client)["slow"][0] == "READY", "slow to load")
         # Each load below needs room; the least recently used is `slow`, but it runs.
-        for name, factor in (("m0", 1.0), ("m1", 2.0), ("m2", 3.0)):
+        for name, factor in (("m0", 1.0), ("m1", 2.0)):
             assert answer(client, name, 1.0) == factor
             assert not running.done()
             assert states(client)["slow"] == ("READY", "")
-        # slow (40) + pinned (10) cannot be evicted: big (90) cannot fit in 110.
+        # huge (105) and the pinned model (10) can never fit in 110: refused at once.
         with pytest.raises(InferenceServerException) as refused:
-            client.infer("big", [x()])
+            client.infer("huge", [x()])
         assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert "--memory-budget-mib 110" in refused.value.message()
-        assert "'big'" in refused.value.message()
-        assert running.result(timeout=30) == 10.0
+        assert "'huge'" in refused.value.message()
+        assert not running.done()
+        # big (90) fits only with slow gone too: it waits for slow's request to be
+        # answered, then slow is evicted.
+        assert answer(client, "big", 1.0) == 7.0
+        assert running.done()
+        assert running.result() == 10.0
     metrics = scrape(server.metrics_port)
-    assert metric_value(metrics, "convoy_model_evictions_total", model="slow") == 0
-    assert metric_value(metrics, "convoy_model_loads_total", model="big") == 0
-    assert states(client)["big"] == ("UNAVAILABLE", "not loaded")
-    # Nothing runs now: big fits once the idle models make way, the pinned one stays.
-    assert answer(client, "big", 1.0) == 7.0
+    assert metric_value(metrics, "convoy_model_evictions_total", model="slow") == 1
+    assert metric_value(metrics, "convoy_model_loads_total", model="huge") == 0
+    assert states(client)["huge"] == ("UNAVAILABLE", "not loaded")
+    assert states(client)["slow"] == ("UNAVAILABLE", "not loaded")
     assert states(client)["pinned"] == ("READY", "")
     busy = metric_value(metrics, "convoy_model_busy_seconds_total", model="slow", device="cpu")
-    assert busy >= 1.5  # one 2 s batch
+    assert busy >= 3.5  # one 4 s batch
 
 
 def test_an_unload_while_a_batch_runs_waits_for_it(
@@ -174,6 +179,8 @@ def test_an_unload_while_a_batch_runs_waits_for_it(
         client.unload_model("slow")
         assert running.done()  # the unload returned only once its batch was answered
         assert running.result() == 15.0
+        assert metric_value(scrape(server.metrics_port), "convoy_model_evictions_total",
+                            model="slow") == 1  # fmt: skip
     assert states(client)["slow"][0] == "UNAVAILABLE"
 
 

@@ -209,7 +209,7 @@ def test_a_waiter_leaves_at_its_deadline_and_the_load_goes_on() -> None:
         repo = FakeRepository({"a": MIB})
         loader, _ = loader_over(repo)
         repo.gate.clear()
-        with pytest.raises(DeadlineExceeded, match="did not load within"):
+        with pytest.raises(DeadlineExceeded, match="did not load in time"):
             await use(loader, "a", wait_s=0.01)
         repo.gate.set()
         assert await use(loader, "a") == "a"
@@ -218,24 +218,42 @@ def test_a_waiter_leaves_at_its_deadline_and_the_load_goes_on() -> None:
     asyncio.run(scenario())
 
 
-def test_the_loader_evicts_what_is_not_held_by_a_request() -> None:
+def test_the_loader_evicts_idle_models_then_drains_busy_ones_and_refuses_what_never_fits() -> None:
     async def scenario() -> None:
-        repo = FakeRepository({"a": 40 * MIB, "b": 40 * MIB, "c": 40 * MIB, "p": 10 * MIB})
+        sizes = {"a": 40 * MIB, "b": 40 * MIB, "c": 40 * MIB, "p": 10 * MIB, "huge": 95 * MIB}
+        repo = FakeRepository(sizes)
         loader, now = loader_over(repo, budget=100 * MIB, pinned=("p",))
         await use(loader, "p")
         now[0] = 1
         await use(loader, "a")
         now[0] = 2
-        async with loader.held("b", None):  # b and c held while c loads: a goes
+        async with loader.held("b", None):
             now[0] = 3
-            async with loader.held("c", None):
+            async with loader.held("c", None):  # a, idle, makes way
                 assert repo.unloads == ["a"]
                 now[0] = 4
+                # No idle model left: b (held, the least recently used) is drained first;
+                # this caller's deadline passes meanwhile, the load goes on.
+                with pytest.raises(DeadlineExceeded, match="did not load in time"):
+                    await use(loader, "a", wait_s=0.05)
+                assert repo.unloads == ["a"]  # b still answers its request
                 with pytest.raises(Overloaded, match="--memory-budget-mib 100"):
-                    await use(loader, "a")  # b, c held, p pinned: 40+40+10 (+40) > 100
-        now[0] = 5
-        assert await use(loader, "a") == "a"  # nothing held now: b, the oldest, goes
+                    await use(loader, "huge")  # 95 + 10 pinned can never fit
+            now[0] = 5
+        assert await use(loader, "a") == "a"  # b's request answered: b went, a came
         assert repo.unloads == ["a", "b"]
         assert repo.memory.released == 2
 
     asyncio.run(scenario())
+
+
+def test_busy_models_are_chosen_only_when_asked_and_after_idle_ones() -> None:
+    policy = EvictionPolicy(100 * MIB, None)
+    residents = [
+        resident("busy-old", 40, used=0, busy=True),
+        resident("idle-new", 40, used=9),
+        resident("busy-new", 10, used=5, busy=True),
+    ]
+    assert policy.plan({"cpu": 90 * MIB}, residents).shortfall is not None
+    plan = policy.plan({"cpu": 90 * MIB}, residents, include_busy=True)
+    assert plan.victims == ("idle-new", "busy-old")

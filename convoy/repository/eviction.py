@@ -2,9 +2,10 @@
 
 A load that would pass a memory budget evicts the least recently used models that
 nothing holds (no request queued, running or waiting for them) and that are not pinned,
-oldest first, just enough for it to fit; if even evicting all of them would not make
-room, nothing is evicted and the load is refused. A model idle for `idle_ns` is unloaded.
-Sizes are what each load measured (DESIGN §14); the clock is injected.
+oldest first, just enough for it to fit; where those are not enough, the loader may ask
+again with busy models included (after the idle ones: it drains them first). If even
+that would not make room, nothing is evicted and the load is refused. A model idle for
+`idle_ns` is unloaded. Sizes are what each load measured (DESIGN §14); the clock is injected.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ class EvictionPolicy:
     def budget(self, device: str) -> int | None:
         return self.host_budget if device == HOST else self.gpu_budget
 
-    def plan(self, need: Mapping[str, int], residents: Sequence[Resident]) -> EvictionPlan:
-        """What to evict so a load needing `need` (device -> bytes) fits."""
+    def plan(
+        self, need: Mapping[str, int], residents: Sequence[Resident], include_busy: bool = False
+    ) -> EvictionPlan:
+        """What to evict so a load needing `need` (device -> bytes) fits; with
+        `include_busy`, busy models too (after every idle one), to be drained first."""
         held: dict[str, int] = {}
         for resident in residents:
             for device, size in resident.memory.items():
@@ -76,8 +80,8 @@ class EvictionPolicy:
 
         victims: list[str] = []
         evictable = sorted(
-            (r for r in residents if not r.busy and not r.pinned),
-            key=lambda r: (r.last_used_ns, r.name),
+            (r for r in residents if (include_busy or not r.busy) and not r.pinned),
+            key=lambda r: (r.busy, r.last_used_ns, r.name),
         )
         for resident in evictable:
             devices = over()

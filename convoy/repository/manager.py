@@ -532,6 +532,8 @@ class ModelRepository:
         # Model names come from clients: never let one point outside the repository.
         if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
             raise InvalidInput(f"model_name '{name}' is not a valid model directory name")
+        if name.startswith("."):  # hidden folders are not models (on_disk's rule)
+            raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
         path = (self.root / name).resolve()
         if path.parent != self.root or not path.is_dir():
             raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")

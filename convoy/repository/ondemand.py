@@ -6,8 +6,10 @@ starts it, or joins the one running, and waits for it within its deadline (else
 `--load-wait-secs`); the load goes on for the next caller if a waiter leaves. A failed
 load fails its waiters with its error and is tried again only by a later request.
 
-Every request holds its model (a reference count) from before its wait to its answer,
-so eviction never takes a model with a request waiting, queued or running. Loads run
+Every request holds its model (a reference count) from its admission to its answer, so
+eviction never takes a model with a request queued or running: a model chosen while
+busy takes no new requests (they wait for its reload) and goes once those it admitted
+are answered. Idle models are chosen before busy ones. Loads run
 one at a time: each one's measured memory is its own, and each budget check sees the
 evictions before it finished (DESIGN §14). Evictions follow EvictionPolicy.
 """
@@ -57,7 +59,10 @@ class OnDemandLoader:
         # the heap is frozen): its memory must be free before the next load measures.
         self._settle = settle
         self._clock = clock
-        self._holds: dict[str, int] = {}  # model -> requests holding it
+        self._holds: dict[str, int] = {}  # model -> requests admitted to it, unanswered
+        self._waiting: dict[str, int] = {}  # model -> requests waiting for its load
+        self._evicting: set[str] = set()  # chosen to go: new requests wait, then reload
+        self._drained: dict[str, asyncio.Event] = {}  # evicting, set when its holds end
         self._last_used: dict[str, int] = {}  # model -> when its last hold ended (ns)
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._one_load = asyncio.Lock()
@@ -69,11 +74,14 @@ class OnDemandLoader:
     @contextlib.asynccontextmanager
     async def held(self, name: str, wait_s: float | None) -> AsyncIterator[None]:
         """Hold the model for one request: loaded first if it is not (waiting at most
-        `wait_s`, else --load-wait-secs), never evicted until the request is answered."""
-        self._holds[name] = self._holds.get(name, 0) + 1
+        `wait_s`, else --load-wait-secs), never evicted until the request is answered.
+        A model chosen for eviction takes no new request: those wait for its reload."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._load_wait_s if wait_s is None else wait_s)
+        while not self._repo.is_loaded(name) or name in self._evicting:
+            await self._wait_loaded(name, deadline - loop.time())
+        self._holds[name] = self._holds.get(name, 0) + 1  # no await since the check
         try:
-            if not self._repo.is_loaded(name):
-                await self._wait_loaded(name, self._load_wait_s if wait_s is None else wait_s)
             yield
         finally:
             left = self._holds[name] - 1
@@ -81,6 +89,9 @@ class OnDemandLoader:
                 self._holds[name] = left
             else:
                 del self._holds[name]
+                drained = self._drained.get(name)
+                if drained is not None:
+                    drained.set()
             self._last_used[name] = self._clock()
 
     async def _wait_loaded(self, name: str, wait_s: float) -> None:
@@ -92,15 +103,22 @@ class OnDemandLoader:
             task.add_done_callback(lambda done: self._loaded(name, done))
         waiting = self._metrics.model_waiting.labels(name)
         waiting.inc()
+        # Waiters make a model busy: just loaded, it is not evicted before they run.
+        self._waiting[name] = self._waiting.get(name, 0) + 1
         try:
             await asyncio.wait_for(asyncio.shield(task), max(0.0, wait_s))
         except TimeoutError:
             raise DeadlineExceeded(
-                f"model '{name}' did not load within {wait_s:.3g} s (the request's deadline, "
-                "else --load-wait-secs); its load goes on"
+                f"model '{name}' did not load in time (the request's deadline, else "
+                f"--load-wait-secs {self._load_wait_s:g}); its load goes on"
             ) from None
         finally:
             waiting.dec()
+            left = self._waiting[name] - 1
+            if left:
+                self._waiting[name] = left
+            else:
+                del self._waiting[name]
 
     def _loaded(self, name: str, task: asyncio.Task[None]) -> None:
         if self._loading.get(name) is task:
@@ -111,6 +129,11 @@ class OnDemandLoader:
             log.warning("on-demand load of model '%s' failed: %s", name, message)
 
     async def _load(self, name: str) -> None:
+        # What can never fit is refused now, not after the loads queued before it.
+        need = await asyncio.to_thread(self._repo.estimate, name)
+        plan = self._policy.plan(need, self._residents(exclude=name), include_busy=True)
+        if plan.shortfall is not None:
+            raise Overloaded(_refusal(name, plan.shortfall))
         async with self._one_load:
             if self._repo.is_loaded(name):
                 return  # loaded meanwhile (RepositoryModelLoad)
@@ -121,13 +144,18 @@ class OnDemandLoader:
 
     async def _make_room(self, name: str, need: dict[str, int]) -> None:
         """Evict, one at a time and planning again after each (a model may be asked
-        for meanwhile), until `need` fits; Overloaded when it cannot."""
+        for meanwhile), until `need` fits. Idle models first; where they are not enough,
+        busy ones too, once their requests are answered. Overloaded only when even that
+        cannot make room (the pinned models and the budget leave too little)."""
         evicted = False
         try:
             while True:
-                plan = self._policy.plan(need, self._residents(exclude=name))
+                residents = self._residents(exclude=name)
+                plan = self._policy.plan(need, residents)
                 if plan.shortfall is not None:
-                    raise Overloaded(_refusal(name, plan.shortfall))
+                    plan = self._policy.plan(need, residents, include_busy=True)
+                    if plan.shortfall is not None:
+                        raise Overloaded(_refusal(name, plan.shortfall))
                 if not plan.victims:
                     return
                 await self._evict(plan.victims[0], "memory")
@@ -143,8 +171,17 @@ class OnDemandLoader:
         await asyncio.to_thread(self._repo.memory.release)
 
     async def _evict(self, name: str, reason: str) -> None:
+        """New requests wait (for its reload), those admitted are answered, then it goes."""
         log.info("evicting model '%s' (%s)", name, reason)
-        await self._repo.unload(name, reason=NOT_LOADED)
+        self._evicting.add(name)
+        try:
+            if name in self._holds:
+                drained = self._drained[name] = asyncio.Event()
+                await drained.wait()  # set by the last hold's release
+            await self._repo.unload(name, reason=NOT_LOADED)  # drains any other run
+        finally:
+            self._evicting.discard(name)
+            self._drained.pop(name, None)
         self._metrics.model_evictions.labels(name, reason).inc()
 
     def _residents(self, exclude: str = "") -> list[Resident]:
@@ -154,7 +191,7 @@ class OnDemandLoader:
                 name,
                 self._repo.memory_held(name),
                 self._last_used.setdefault(name, now),  # loaded by another door
-                busy=name in self._holds or self._repo.model_busy(name),
+                busy=name in self._holds or name in self._waiting or self._repo.model_busy(name),
                 pinned=self._pinned(name),
             )
             for name in self._repo.loaded_names()
