@@ -1,14 +1,15 @@
 """Many models on one small machine: on-demand loading under a memory budget.
 
-    python -m loadtests.on_demand [--copies 30] [--fits 6 12] [--duration 60]
-                                  [--callers 16] [--zipf 1.1]
+    python -m loadtests.on_demand [--copies 30] [--fits 6 12] [--requests 600]
+                                  [--duration 120] [--callers 16] [--zipf 1.1]
 
 A repository of `--copies` copies of the example image_classifier (its ~118 MB
 model.onnx linked, not copied: each copy is a model of its own to the server) is
 served with `--model-control-mode on-demand` and a `--memory-budget-mib` that holds
 `fits` of them (each budget a run of its own, on a fresh server). `--callers` closed-loop
-callers pick the next model from a Zipf law (seeded: every run sees the same sequence),
-each request one image whose answer is checked against ONNX Runtime run here.
+callers take the next of `--requests` requests (at most `--duration` seconds), whose
+models follow a Zipf law (seeded: every run serves the same sequence), each request one
+image whose answer is checked against ONNX Runtime run here.
 
 Printed per run: requests answered, refused (RESOURCE_EXHAUSTED, none expected: a copy
 fits the budget alone) and wrong; the server's resident memory sampled from /proc every
@@ -27,6 +28,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +84,8 @@ class Run:
             f"  resident memory: base {self.base_rss / MIB:.0f} MiB, max {self.max_rss / MIB:.0f} "
             f"MiB = base + {over:.0f} MiB (budget {self.budget_mib}: "
             f"{'within' if over <= self.budget_mib else 'OVER'}), {self.samples} samples",
-            f"  loads {self.loads:.0f}, evictions {self.evictions:.0f}, "
+            f"  loads {self.loads:.0f} ({1000 * self.loads / max(1, self.answered):.0f} per "
+            f"1,000 requests), evictions {self.evictions:.0f}, "
             f"{self.answered / self.duration_s:.1f} req/s over {self.duration_s:.0f} s",
             f"  cold start (server, load time): mean {mean_load:.2f} s"
             f", p50 <= {_quantile(self.load_seconds, self.load_count, 0.5):.2f} s, "
@@ -124,16 +127,16 @@ def sample_rss(pid: int, run: Run, stop: threading.Event) -> None:
 
 
 async def caller(
-    url: str, models: list[str], order: np.ndarray, images: np.ndarray, expected: np.ndarray,
-    until: float, run: Run, seed: int,
+    url: str, models: list[str], order: Iterator[int], images: np.ndarray,
+    expected: np.ndarray, until: float, run: Run, seed: int,
 ) -> None:  # fmt: skip
     rng = np.random.default_rng(seed)
     async with grpc.aio.insecure_channel(url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        i = 0
-        while time.monotonic() < until:
-            model = models[order[i % len(order)]]
-            i += 1
+        for index in order:  # shared by every caller: the one sequence, in order
+            if time.monotonic() >= until:
+                return
+            model = models[index]
             which = int(rng.integers(len(images)))
             request = service_pb2.ModelInferRequest(model_name=model)
             tensor = request.inputs.add(name="INPUT", datatype="FP32", shape=[1, 3, 64, 64])
@@ -198,13 +201,13 @@ def one_run(
         sampler = threading.Thread(target=sample_rss, args=(server.proc.pid, run, stop))
         sampler.start()
         models = sorted(p.name for p in repo.iterdir() if not p.name.startswith("."))
-        order = draws(zipf_cdf(len(models), args.zipf), 100_000, seed=7)
+        order = iter(draws(zipf_cdf(len(models), args.zipf), args.requests, seed=7).tolist())
         until = time.monotonic() + args.duration
         started = time.monotonic()
 
         async def callers() -> None:
             await asyncio.gather(*(
-                caller(server.url, models, np.roll(order, c * 997), images, expected, until,
+                caller(server.url, models, order, images, expected, until,
                        run, seed=c)
                 for c in range(args.callers)
             ))  # fmt: skip
@@ -223,7 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=30)
     parser.add_argument("--fits", type=int, nargs="+", default=[6, 12])
-    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--duration", type=float, default=120.0, help="at most, per run")
     parser.add_argument("--callers", type=int, default=16)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument(
@@ -242,7 +246,8 @@ def main() -> None:
     del session
     print(
         f"{args.copies} copies of {MODEL} (~{model_mib} MiB each), {args.callers} callers, "
-        f"Zipf s={args.zipf}, {args.duration:.0f} s per run, {os.cpu_count()} cores"
+        f"Zipf s={args.zipf}, {args.requests} requests per run (at most {args.duration:.0f} s), "
+        f"{os.cpu_count()} cores"
     )
     runs = []
     with tempfile.TemporaryDirectory(prefix="convoy-on-demand-") as tmp:

@@ -287,3 +287,60 @@ def _cost(server: ServerProcess) -> dict[str, dict[str, float]]:
         }
         for row in body["models"]
     }
+
+
+# -- Triton's modes beside it --------------------------------------------------------
+
+
+def test_explicit_mode_loads_only_the_named_models(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        write_sized_model(tmp_path, name, 1)
+    server = start_server(tmp_path, "--model-control-mode", "explicit", "--load-model", "a")
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        assert states(client) == {"a": ("READY", ""), "b": ("UNAVAILABLE", "unloaded")}
+        with pytest.raises(InferenceServerException):
+            client.infer("b", [x()])  # not loaded on demand in this mode
+        client.load_model("b")
+        assert answer(client, "b", 2.0) == 4.0
+        metrics = scrape(server.metrics_port)
+        assert metric_value(metrics, "convoy_model_loads_total", model="a", reason="explicit") == 1
+        assert metric_value(metrics, "convoy_model_loads_total", model="b", reason="explicit") == 1
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_poll_mode_counts_its_loads_as_poll(tmp_path: Path) -> None:
+    write_sized_model(tmp_path, "a", 1)
+    server = start_server(tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", "0.3")
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        write_sized_model(tmp_path, "late", 1, factor=4)
+        wait_for(lambda: states(client).get("late", ("",))[0] == "READY", "the poll to load it")
+        assert answer(client, "late") == 4.0
+        metrics = scrape(server.metrics_port)
+        assert metric_value(metrics, "convoy_model_loads_total", model="late", reason="poll") == 1
+        assert metric_value(metrics, "convoy_model_loads_total", model="a", reason="explicit") == 1
+        client.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (("--memory-budget-mib", "100"), "--memory-budget-mib"),
+        (("--model-control-mode", "poll", "--load-model", "a"), "--load-model"),
+    ],
+)
+def test_flags_that_do_not_fit_the_mode_stop_the_server(
+    tmp_path: Path, flags: tuple[str, ...], named: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "convoy.cli", "serve", "--model-repository", str(tmp_path),
+         "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert named in done.stderr and "needs --model-control-mode" in done.stderr
