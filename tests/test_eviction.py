@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from convoy.config import ModelControl
-from convoy.errors import ConfigError, DeadlineExceeded, ModelNotFound, Overloaded
+from convoy.errors import ConfigError, DeadlineExceeded, ModelNotFound, Overloaded, Unavailable
 from convoy.metrics import Metrics
 from convoy.repository.eviction import EvictionPolicy, Resident
 from convoy.repository.memory import growth
@@ -257,3 +257,17 @@ def test_busy_models_are_chosen_only_when_asked_and_after_idle_ones() -> None:
     assert policy.plan({"cpu": 90 * MIB}, residents).shortfall is not None
     plan = policy.plan({"cpu": 90 * MIB}, residents, include_busy=True)
     assert plan.victims == ("idle-new", "busy-old")
+
+
+def test_stopping_answers_the_waiting_requests_unavailable() -> None:
+    async def scenario() -> None:
+        repo = FakeRepository({"a": MIB})
+        loader, _ = loader_over(repo)
+        repo.gate.clear()
+        waiter = asyncio.create_task(use(loader, "a"))
+        await asyncio.sleep(0.01)
+        await loader.stop()
+        with pytest.raises(Unavailable, match="stopping"):
+            await waiter
+
+    asyncio.run(scenario())

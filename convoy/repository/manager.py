@@ -286,6 +286,7 @@ class ModelRepository:
                 _check_ensembles(new_versions)
                 grown = growth(before, await asyncio.to_thread(self.memory.used))
                 entry.peak = growth(before, sampled.peak)
+                files = await asyncio.to_thread(_files_by_version, model_dir, new_versions)
             except ConvoyError as exc:
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, exc.message
@@ -306,7 +307,7 @@ class ModelRepository:
                 served.start()
             entry.versions = new_versions
             entry.state, entry.reason = READY, ""
-            self._measured(entry, model_dir, grown, old)
+            self._measured(entry, files, grown, old)
             self._changed(name)
             log.info("model '%s' ready, versions %s", name, sorted(new_versions))
             for served in old.values():
@@ -335,7 +336,7 @@ class ModelRepository:
     def _measured(
         self,
         entry: ModelEntry,
-        model_dir: Path,
+        files: dict[int, int],
         grown: dict[str, int],
         old: dict[int, ModelVersion],
     ) -> None:
@@ -348,15 +349,15 @@ class ModelRepository:
         for number, served in entry.versions.items():
             memory = {device: size // share for device, size in grown.items()}
             if HOST in memory and any(d == HOST for d in _devices_of(served)):
-                memory[HOST] = max(memory[HOST], files_size(model_dir / str(number)))
+                memory[HOST] = max(memory[HOST], files.get(number, 0))
             entry.memory[number] = memory
             for device, size in memory.items():
                 self._metrics.model_memory.labels(entry.name, str(number), device).set(size)
         steady = sum(m.get(HOST, 0) for m in entry.memory.values() if m)
         entry.peak[HOST] = max(entry.peak.get(HOST, 0), steady)
-        files = files_size(model_dir)
-        if files >= _RATIO_MIN_FILES:  # below, a load's fixed costs swamp the ratio
-            self._per_file_byte = max(self._per_file_byte, entry.peak[HOST] / files)
+        total = files[_WHOLE]
+        if total >= _RATIO_MIN_FILES:  # below, a load's fixed costs swamp the ratio
+            self._per_file_byte = max(self._per_file_byte, entry.peak[HOST] / total)
 
     def _forget_memory(self, name: str, versions: dict[int, ModelVersion]) -> None:
         """The versions' gauges go; their measures stay as the next load's estimate."""
@@ -724,6 +725,14 @@ def _autocomplete(config: mc.ModelConfig, backend: str, version_dir: Path) -> No
 
 
 _RATIO_MIN_FILES = 16 << 20
+_WHOLE = -1  # _files_by_version's key for the whole model directory
+
+
+def _files_by_version(model_dir: Path, versions: Iterable[int]) -> dict[int, int]:
+    """Blocking: bytes of files per version folder, and of the whole model (_WHOLE)."""
+    sizes = {number: files_size(model_dir / str(number)) for number in versions}
+    sizes[_WHOLE] = files_size(model_dir)
+    return sizes
 
 
 def _devices_of(served: ModelVersion) -> list[str]:

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from ..batching.queue import Clock
-from ..errors import ConvoyError, DeadlineExceeded, Overloaded
+from ..errors import ConvoyError, DeadlineExceeded, Overloaded, Unavailable
 from ..metrics import Metrics
 from .eviction import EvictionPolicy, Resident, Shortfall
 from .manager import ModelRepository
@@ -111,6 +111,12 @@ class OnDemandLoader:
                 f"model '{name}' did not load in time (the request's deadline, else "
                 f"--load-wait-secs {self._load_wait_s:g}); its load goes on"
             ) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                stopping = f"model '{name}' was not loaded: the server is stopping"
+                raise Unavailable(stopping) from None
+            raise
         finally:
             waiting.dec()
             left = self._waiting[name] - 1
@@ -226,12 +232,13 @@ class OnDemandLoader:
                 await self._freed()
 
     async def stop(self) -> None:
-        """Stop evicting; loads in progress are the repository's (its close waits)."""
-        if self._idle is not None:
-            self._idle.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._idle
-            self._idle = None
+        """Stop evicting and starting loads (their waiters are answered UNAVAILABLE); a
+        load the repository has begun is its own, and its close waits for it."""
+        tasks = [*self._loading.values(), *([self._idle] if self._idle is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._idle = None
 
 
 def prime_runtimes() -> None:
