@@ -271,3 +271,17 @@ def test_stopping_answers_the_waiting_requests_unavailable() -> None:
             await waiter
 
     asyncio.run(scenario())
+
+
+def test_the_server_pins_load_model_names_and_models_under_a_rollout(tmp_path: Path) -> None:
+    from convoy.app import ConvoyServer
+    from convoy.config import ServerConfig
+
+    control = ModelControl(mode="on-demand", load_models=("named",))
+    server = ConvoyServer(ServerConfig(model_control=control), tmp_path)
+    assert server.path.on_demand is server.on_demand is not None
+    server.rollouts.versions_in_use = lambda name: {"1", "2"} if name == "rolling" else set()  # type: ignore[method-assign]
+    assert server._pinned("named") and server._pinned("rolling")
+    assert not server._pinned("other")
+    plain = ConvoyServer(ServerConfig(), tmp_path)
+    assert plain.path.on_demand is None and plain.on_demand is None
