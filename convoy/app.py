@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
 import os
 import shutil
@@ -32,8 +34,8 @@ from .capture.exporter import CaptureCollector
 from .capture.gate import ServerReplay
 from .capture.recorder import CaptureRecorder, LabelRecorder
 from .capture.writer import CaptureWriter
-from .config import ServerConfig
-from .errors import ConfigError
+from .config import DEFAULT_POLL_S, ServerConfig
+from .errors import ConfigError, ConvoyError
 from .heap import GcPauses, HeapSettler
 from .inference.admission import DRAIN_SETTLE_MAX_S, RateBudget
 from .inference.path import InferencePath
@@ -44,8 +46,11 @@ from .monitoring.objectives import load_objectives
 from .pb import grpc_service_pb2 as pb
 from .pb import grpc_service_pb2_grpc as pb_grpc
 from .pb._pool import POOL
+from .repository.eviction import EvictionPolicy
 from .repository.manager import ModelRepository
+from .repository.memory import ProcessMemory
 from .repository.model import ServedModel
+from .repository.ondemand import OnDemandLoader, prime_runtimes
 from .repository.poll import RepositoryPoller
 from .rollouts.autostart import DeclaredRollouts
 from .rollouts.controller import RolloutController
@@ -67,12 +72,15 @@ class ConvoyServer:
 
     def __init__(self, config: ServerConfig, repository_root: Path) -> None:
         self.config = config
+        control = config.model_control
+        control.check()  # ConfigError naming the flag: nothing started
         self.metrics = Metrics()
         self.repository = ModelRepository(
             repository_root,
             self.metrics,
             limits=config.limits,
             drain_timeout_s=config.grace_period_s,
+            memory=ProcessMemory(gpus=control.gpu_memory_budget_bytes is not None),
         )
         self.metrics.watch_serving(self._pool_readings, lambda: self.repository.health.failed)
         state_dir = config.rollout_state_dir or repository_root / ".convoy" / "rollouts"
@@ -114,6 +122,21 @@ class ConvoyServer:
             self.path.slos = slos
             self.path.observers.append(slos.observe)
             self.metrics.slos.watch(lambda: slos.readings, lambda: dict(slos.shed))
+        self.on_demand: OnDemandLoader | None = None
+        if control.mode == "on-demand":
+            self.on_demand = OnDemandLoader(
+                self.repository,
+                EvictionPolicy(
+                    control.memory_budget_bytes,
+                    control.gpu_memory_budget_bytes,
+                    None if control.evict_idle_s is None else int(control.evict_idle_s * 1e9),
+                ),
+                self.metrics,
+                load_wait_s=control.load_wait_s,
+                pinned=self._pinned,
+                settle=self.heap.now if self.heap is not None else gc.collect,
+            )
+            self.path.on_demand = self.on_demand
         self.capture: CaptureWriter | None = None
         self.labels: LabelRecorder | None = None
         if config.capture is not None:
@@ -145,7 +168,7 @@ class ConvoyServer:
         if self.capture is not None:  # ConfigError naming --capture-dir: nothing started
             await asyncio.to_thread(self.capture.open)
         self.gc_pauses.start()
-        await self.repository.load_all()
+        await self._load_at_start()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
         if self.slos is not None:
             served = {m.spec.name for m in self.repository.ready_models()}
@@ -214,11 +237,15 @@ class ConvoyServer:
             self.http_port = await self._http.start(cfg.host, cfg.http_port, tls)
         self._start_metrics()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_rollouts())
-        if cfg.repository_poll_s:
+        if cfg.repository_poll_s or cfg.model_control.mode == "poll":
             self._poller = RepositoryPoller(
-                self.repository, self.declared.load, cfg.repository_poll_s
+                self.repository,
+                functools.partial(self.declared.load, reason="poll"),
+                cfg.repository_poll_s or DEFAULT_POLL_S,
             )
             await self._poller.start()
+        if self.on_demand is not None:
+            self.on_demand.start()
         self.servicer.accepting = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -229,6 +256,26 @@ class ConvoyServer:
             self.metrics_port if self.metrics_port else "off",
             self.http_port if self._http is not None else "off",
             [m.spec.name for m in self.repository.ready_models()],
+        )
+
+    async def _load_at_start(self) -> None:
+        """none and poll: every model; explicit and on-demand: those --load-model names."""
+        control = self.config.model_control
+        if control.mode in ("none", "poll"):
+            await self.repository.load_all()
+            return
+        if self.on_demand is not None:
+            await asyncio.to_thread(prime_runtimes)
+        for name in control.load_models:
+            try:
+                await self.declared.load(name)
+            except ConvoyError as exc:
+                log.error("model '%s' (--load-model) failed to load: %s", name, exc.message)
+
+    def _pinned(self, name: str) -> bool:
+        """Never evicted: models named by --load-model, and models under a rollout."""
+        return name in self.config.model_control.load_models or bool(
+            self.rollouts.versions_in_use(name)
         )
 
     async def _serve_through_frontends(self, count: int) -> None:
@@ -322,6 +369,8 @@ class ConvoyServer:
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
             await self._poller.stop()
+        if self.on_demand is not None:
+            await self.on_demand.stop()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

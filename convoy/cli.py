@@ -12,7 +12,14 @@ from .arguments import number
 from .cache import CacheConfigError, parse_cache_config
 from .capture.cli import add_dataset_parser, run_dataset_command
 from .capture.replay_cli import add_replay_parser, run_replay
-from .config import CaptureConfig, ServerConfig, ServingLimits
+from .config import (
+    MODEL_CONTROL_MODES,
+    CaptureConfig,
+    ModelControl,
+    ServerConfig,
+    ServingLimits,
+)
+from .cost.cli import add_cost_parser, run_cost
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .monitoring.slo_cli import add_slo_parser, run_slo
 from .optimize.cli import add_optimize_parser, run_optimize
@@ -108,6 +115,55 @@ def build_parser() -> argparse.ArgumentParser:
         "changed (Triton's poll mode); a model with a rollout.json gets its declared rollout; "
         "a failed load is tried again, at once when its files change, else with a back-off "
         "(default: off)",
+    )
+    serve.add_argument(
+        "--model-control-mode",
+        choices=MODEL_CONTROL_MODES,
+        default="none",
+        help="none: load every model at start-up; poll: also reload changed ones "
+        "(--repository-poll-secs, default 15); explicit: load only --load-model; "
+        "on-demand: list every model, load each on its first request, evict by measured "
+        "memory (docs/models.md). Default none",
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="explicit and on-demand modes: load this model at start-up (repeatable); "
+        "on-demand keeps it loaded (never evicted)",
+    )
+    serve.add_argument(
+        "--load-wait-secs",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="on-demand: how long a request without a deadline waits for its model to "
+        "load (default 30); a request's own deadline bounds it otherwise",
+    )
+    serve.add_argument(
+        "--memory-budget-mib",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="on-demand: host memory the loaded models may take, as measured at each "
+        "load; a load past it evicts the least recently used idle models first, and "
+        "fails RESOURCE_EXHAUSTED if they cannot make room (default: no budget)",
+    )
+    serve.add_argument(
+        "--gpu-memory-budget-mib",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="on-demand: the same, per GPU, measured as each GPU's used memory "
+        "(default: no budget)",
+    )
+    serve.add_argument(
+        "--evict-idle-secs",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="on-demand: unload a model no request has used for this long (default: never)",
     )
     serve.add_argument(
         "--rollout-state-dir",
@@ -238,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_parser(commands)
     add_replay_parser(commands)
     add_slo_parser(commands)
+    add_cost_parser(commands)
     return parser
 
 
@@ -257,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_replay(args)
     if args.command == "slo":
         return run_slo(args)
+    if args.command == "cost":
+        return run_cost(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 
@@ -307,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         frontend_shm_bytes=args.frontend_shm_mib << 20,
         capture=capture,
         slo_config=args.slo_config,
+        model_control=ModelControl(
+            mode=args.model_control_mode,
+            load_models=tuple(args.load_model),
+            load_wait_s=args.load_wait_secs,
+            memory_budget_bytes=_mib(args.memory_budget_mib),
+            gpu_memory_budget_bytes=_mib(args.gpu_memory_budget_mib),
+            evict_idle_s=args.evict_idle_secs,
+        ),
     )
     from .app import run
     from .errors import ConfigError
@@ -317,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convoy serve: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _mib(value: int | None) -> int | None:
+    return None if value is None else value << 20
 
 
 def build_engine_command(model_dir: Path, gpu: int) -> int:

@@ -78,6 +78,43 @@ class CaptureConfig:
     retention_days: int = 0  # 0: keep every partition
 
 
+MODEL_CONTROL_MODES = ("none", "poll", "explicit", "on-demand")
+DEFAULT_POLL_S = 15.0  # Triton's --repository-poll-secs default
+
+
+@dataclass(frozen=True)
+class ModelControl:
+    """Which models load when (`--model-control-mode`, docs/models.md): none loads every
+    model at start-up, poll also reloads changed ones, explicit loads only `load_models`,
+    on-demand lists every model and loads each on its first request, within budgets."""
+
+    mode: str = "none"
+    load_models: tuple[str, ...] = ()  # --load-model: loaded at start-up; pinned on-demand
+    load_wait_s: float = 30.0  # how long a request without a deadline waits for a load
+    memory_budget_bytes: int | None = None  # host memory for models (on-demand)
+    gpu_memory_budget_bytes: int | None = None  # per GPU (on-demand)
+    evict_idle_s: float | None = None  # unload a model idle this long (on-demand)
+
+    def check(self) -> None:
+        """ConfigError naming the flag that does not fit the mode."""
+        if self.mode not in MODEL_CONTROL_MODES:
+            raise ConfigError(
+                "--model-control-mode", "mode", f"'{self.mode}' is not one of {MODEL_CONTROL_MODES}"
+            )
+        if self.load_models and self.mode not in ("explicit", "on-demand"):
+            raise ConfigError(
+                "--load-model", "mode", "needs --model-control-mode explicit or on-demand"
+            )
+        on_demand_only = {
+            "--memory-budget-mib": self.memory_budget_bytes,
+            "--gpu-memory-budget-mib": self.gpu_memory_budget_bytes,
+            "--evict-idle-secs": self.evict_idle_s,
+        }
+        for flag, value in on_demand_only.items():
+            if value is not None and self.mode != "on-demand":
+                raise ConfigError(flag, "mode", "needs --model-control-mode on-demand")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of one `convoy serve` process."""
@@ -110,6 +147,7 @@ class ServerConfig:
     capture: CaptureConfig | None = None  # --capture-dir and its settings; None: off
     # --slo-config: objectives of many models, besides each <model>/slo.yaml
     slo_config: Path | None = None
+    model_control: ModelControl = ModelControl()  # --model-control-mode and its flags
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -91,6 +92,35 @@ class Metrics:
         # the server declares some (watch_slos).
         self.slos = SloCollector()
         r.register(self.slos)
+        # Model lifecycle (docs/models.md): rare events, counted where they happen.
+        self.model_loads = Counter(
+            "convoy_model_loads", "Model loads that succeeded, by what asked for them "
+            "(first_request, explicit, poll)", ("model", "reason"), registry=r,
+        )  # fmt: skip
+        self.model_evictions = Counter(
+            "convoy_model_evictions", "Models unloaded by on-demand loading (memory, idle)",
+            ("model", "reason"), registry=r,
+        )  # fmt: skip
+        self.model_load_seconds = PromHistogram(
+            "convoy_model_load_seconds", "Time to load a model: the cold start its first "
+            "callers wait for", registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120),
+        )  # fmt: skip
+        self.model_waiting = Gauge(
+            "convoy_model_waiting_requests", "Requests waiting for their model to load",
+            ("model",), registry=r,
+        )  # fmt: skip
+        self.model_memory = Gauge(
+            "convoy_model_memory_bytes", "Memory a loaded model version took, measured at "
+            "its load (device cpu: resident; cuda:N: that GPU's)",
+            ("model", "version", "device"), registry=r,
+        )  # fmt: skip
+        # Per batch, not per request; kept after an unload, so totals since start-up
+        # include evicted models (convoy cost).
+        self.model_busy = Counter(
+            "convoy_model_busy_seconds", "Instance time spent executing batches",
+            ("model", "version", "device"), registry=r,
+        )  # fmt: skip
         # (model, version) -> the ModelMetrics whose model currently serves those labels.
         # A reload builds the new version before closing the old one, and both share
         # the label children: only the current owner may switch them off.
@@ -443,6 +473,14 @@ class ModelMetrics:
         self._series = series
         self._read: ModelStatistics | None = None
         self.ready = metrics.model_ready.labels(model, version)
+        self._busy: dict[str, Counter] = {}  # device -> its convoy_model_busy_seconds
+
+    def busy(self, device: str, ns: int) -> None:
+        """A batch's time on an instance (InstancePool.on_busy): counted for good."""
+        counter = self._busy.get(device)
+        if counter is None:
+            counter = self._busy[device] = self._metrics.model_busy.labels(*self._labels, device)
+        counter.inc(ns / 1e9)
 
     def read(self, stats: ModelStatistics) -> None:
         """Export `stats` (this version's own counts) under this version's labels

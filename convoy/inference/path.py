@@ -28,6 +28,7 @@ from ..monitoring.burn import SloTracker
 from ..pb import grpc_service_pb2 as pb
 from ..repository.manager import ModelRepository
 from ..repository.model import ModelVersion
+from ..repository.ondemand import OnDemandLoader
 from ..rollouts.controller import RolloutController
 from ..rollouts.policy import AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
@@ -96,6 +97,8 @@ class InferencePath:
         self.observers: list[AnswerObserver] = []
         # Declared objectives: background work on a model in fast burn is shed first.
         self.slos: SloTracker | None = None
+        # --model-control-mode on-demand: a request holds its model, loaded first.
+        self.on_demand: OnDemandLoader | None = None
 
     # -- the doors' entry points -------------------------------------------------------
 
@@ -103,6 +106,12 @@ class InferencePath:
         """One KServe v2 request: gRPC, HTTP/REST (its JSON translated) and the front
         ends (the bytes their callers sent) all come here. ConvoyError on refusal."""
         self.admit(caller)
+        if self.on_demand is None:
+            return await self._infer(request, caller)
+        async with self.on_demand.held(request.model_name, caller.time_remaining):
+            return await self._infer(request, caller)
+
+    async def _infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
         model = self.route(request.model_name, request.model_version, caller, request.parameters)
         if caller.regions is None and _uses_shared_memory(request):
             return await self._infer_shared(request, caller, model)
@@ -133,6 +142,14 @@ class InferencePath:
         """Tensors in, tensors out: an ensemble's step (and, later, batch and replay
         rows), with the same admission, routing, cache, queue, shadow and monitoring."""
         self.admit(caller)
+        if self.on_demand is None:
+            return await self._run(name, version, build, caller)
+        async with self.on_demand.held(name, caller.time_remaining):
+            return await self._run(name, version, build, caller)
+
+    async def _run(
+        self, name: str, version: str, build: BuildRequest, caller: Caller
+    ) -> InferResult:
         model = self.route(name, version, caller, None)
         request = build(model)
         if caller.background:

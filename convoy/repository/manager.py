@@ -8,6 +8,7 @@ instances (file I/O, runtime start-up) runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -41,6 +42,7 @@ from ..scheduling.health import DeviceHealth
 from ..scheduling.pool import InstancePool, ModelInstance
 from ..tensors import WIRE_TO_CONFIG
 from .ensemble import EnsembleModel, StepRunner
+from .memory import HOST, MemoryProbe, PeakSampler, ProcessMemory, files_size, growth
 from .model import ModelVersion, OutcomeSink, ServedModel
 from .warmup import warm_up
 
@@ -63,6 +65,11 @@ class ModelEntry:
     # (None: Triton's rule, the latest), and versions loaded beyond the version_policy.
     pinned: int | None = None
     extra: set[int] = field(default_factory=set)
+    # version -> device -> bytes its last load measured; kept after an unload, as the
+    # estimate of the next load of the model (on-demand budgets).
+    memory: dict[int, dict[str, int]] = field(default_factory=dict)
+    # device -> the most the last load of the model took while it ran (transients too).
+    peak: dict[str, int] = field(default_factory=dict)
 
     def latest(self) -> ModelVersion | None:
         return self.versions[max(self.versions)] if self.versions else None
@@ -111,8 +118,15 @@ class ModelRepository:
         limits: ServingLimits = DEFAULT_LIMITS,
         drain_timeout_s: float | None = None,
         health: DeviceHealth | None = None,
+        memory: MemoryProbe | None = None,
     ) -> None:
         self.root = root.resolve()
+        self.memory = memory or ProcessMemory()  # read around every load
+        # RepositoryIndex's reason for a model on disk that is not loaded.
+        self.absent_reason = "unloaded"
+        # Peak host memory per byte of model files, the most any load measured: scales
+        # the files' size into the first estimate of a model never loaded.
+        self._per_file_byte = 1.0
         self.limits = limits
         self.health = health or DeviceHealth()
         self._metrics = metrics
@@ -186,7 +200,7 @@ class ModelRepository:
             entry = self._models.get(name)
             if entry is None:
                 if not ready_only:
-                    rows.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
+                    rows.append(IndexEntry(name, "", UNAVAILABLE, self.absent_reason))
                 continue
             if entry.versions:
                 rows.extend(IndexEntry(name, str(v), READY, "") for v in sorted(entry.versions))
@@ -218,17 +232,19 @@ class ModelRepository:
             except ConvoyError as exc:
                 log.error("model '%s' failed to load: %s", name, exc.message)
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, reason: str = "explicit") -> None:
         """Load (or reload) a model; the old versions serve until the new ones are ready.
+        `reason` (first_request, explicit, poll) labels convoy_model_loads_total.
 
         The load runs as a task the repository owns: a caller that leaves (deadline,
         disconnect) stops waiting, not loading; nothing is left half-built.
         """
-        await self._owned(self._load(name))
+        await self._owned(self._load(name, reason))
 
-    async def unload(self, name: str) -> None:
-        """Stop routing to the model, finish its queued requests, free its instances."""
-        await self._owned(self._unload(name))
+    async def unload(self, name: str, reason: str = "unloaded") -> None:
+        """Stop routing to the model, finish its queued requests, free its instances;
+        `reason` is what RepositoryIndex says of it afterwards."""
+        await self._owned(self._unload(name, reason))
 
     async def _owned(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -248,7 +264,7 @@ class ModelRepository:
         """A load or unload is in progress."""
         return bool(self._tasks)
 
-    async def _load(self, name: str) -> None:
+    async def _load(self, name: str, reason: str) -> None:
         model_dir = self._model_dir(name)
         entry = self._models.setdefault(name, ModelEntry(name))
         async with entry.lock:
@@ -259,12 +275,18 @@ class ModelRepository:
                 keep = set(entry.extra) | ({entry.pinned} if entry.pinned is not None else set())
                 if self.keep_loaded is not None:
                     keep |= {_version_number(v) for v in self.keep_loaded(name)}
+                before = await asyncio.to_thread(self.memory.used)
+                started = time.perf_counter()
                 try:
-                    new_versions = await asyncio.to_thread(self._build, model_dir, keep)
+                    with PeakSampler(self.memory) as sampled:
+                        new_versions = await asyncio.to_thread(self._build, model_dir, keep)
                 except _VersionFailed as failed:
                     version = failed.version
                     raise failed.cause from None
                 _check_ensembles(new_versions)
+                grown = growth(before, await asyncio.to_thread(self.memory.used))
+                entry.peak = growth(before, sampled.peak)
+                files = await asyncio.to_thread(_files_by_version, model_dir, new_versions)
             except ConvoyError as exc:
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, exc.message
@@ -278,17 +300,20 @@ class ModelRepository:
                 self._load_failed(name, version, error)
                 raise error from exc
             self._failures.pop(name, None)
+            self._metrics.model_load_seconds.observe(time.perf_counter() - started)
+            self._metrics.model_loads.labels(name, reason).inc()
             old = entry.versions
             for served in new_versions.values():
                 served.start()
             entry.versions = new_versions
             entry.state, entry.reason = READY, ""
+            self._measured(entry, files, grown, old)
             self._changed(name)
             log.info("model '%s' ready, versions %s", name, sorted(new_versions))
             for served in old.values():
                 await served.close(drain=True, timeout_s=self._drain_timeout)
 
-    async def _unload(self, name: str) -> None:
+    async def _unload(self, name: str, reason: str) -> None:
         entry = self._models.get(name)
         if entry is None:
             self._model_dir(name)  # NOT_FOUND vs. merely not loaded
@@ -299,9 +324,87 @@ class ModelRepository:
             self._changed(name)
             for served in old.values():
                 await served.close(drain=True, timeout_s=self._drain_timeout)
-            entry.state, entry.reason = UNAVAILABLE, "unloaded"
+            self._forget_memory(name, old)
+            entry.state, entry.reason = UNAVAILABLE, reason
             self._failures.pop(name, None)
+            if old:
+                await asyncio.to_thread(self.memory.release)
             log.info("model '%s' unloaded", name)
+
+    # -- memory (on-demand budgets) ---------------------------------------------------
+
+    def _measured(
+        self,
+        entry: ModelEntry,
+        files: dict[int, int],
+        grown: dict[str, int],
+        old: dict[int, ModelVersion],
+    ) -> None:
+        """Keep what the load measured, split evenly across the versions it built. A
+        host measure below the version's files (memory freed earlier and reused) is
+        raised to them where an instance runs on the CPU: its weights are there once
+        at least, and counting less would let the next load pass the budget."""
+        self._forget_memory(entry.name, {v: m for v, m in old.items() if v not in entry.versions})
+        share = max(1, len(entry.versions))
+        for number, served in entry.versions.items():
+            memory = {device: size // share for device, size in grown.items()}
+            if HOST in memory and any(d == HOST for d in _devices_of(served)):
+                memory[HOST] = max(memory[HOST], files.get(number, 0))
+            entry.memory[number] = memory
+            for device, size in memory.items():
+                self._metrics.model_memory.labels(entry.name, str(number), device).set(size)
+        steady = sum(m.get(HOST, 0) for m in entry.memory.values() if m)
+        entry.peak[HOST] = max(entry.peak.get(HOST, 0), steady)
+        total = files[_WHOLE]
+        if total >= _RATIO_MIN_FILES:  # below, a load's fixed costs swamp the ratio
+            self._per_file_byte = max(self._per_file_byte, entry.peak[HOST] / total)
+
+    def _forget_memory(self, name: str, versions: dict[int, ModelVersion]) -> None:
+        """The versions' gauges go; their measures stay as the next load's estimate."""
+        entry = self._models.get(name)
+        for number in versions:
+            for device in [] if entry is None else entry.memory.get(number, {}):
+                with contextlib.suppress(KeyError):
+                    self._metrics.model_memory.remove(name, str(number), device)
+
+    def is_loaded(self, name: str) -> bool:
+        entry = self._models.get(name)
+        return entry is not None and bool(entry.versions)
+
+    def loaded_names(self) -> list[str]:
+        return [name for name, entry in self._models.items() if entry.versions]
+
+    def memory_held(self, name: str) -> dict[str, int]:
+        """Device -> bytes the model's loaded versions measured at their load."""
+        entry = self._models.get(name)
+        held: dict[str, int] = {}
+        if entry is not None:
+            for number in entry.versions:
+                for device, size in entry.memory.get(number, {}).items():
+                    held[device] = held.get(device, 0) + size
+        return held
+
+    def estimate(self, name: str) -> dict[str, int]:
+        """Blocking (reads the disk): the most loading the model will take while it runs,
+        by device: its last load's peak, else its files' size as host memory, scaled by
+        the largest peak per file byte that loads so far measured (1 before any)."""
+        entry = self._models.get(name)
+        if entry is not None and entry.peak:
+            return dict(entry.peak)
+        return {HOST: int(files_size(self._model_dir(name)) * self._per_file_byte)}
+
+    def model_busy(self, name: str) -> bool:
+        """A version of the model has requests queued or running, or it is loading or
+        unloading."""
+        entry = self._models.get(name)
+        if entry is None:
+            return False
+        if entry.lock.locked():
+            return True
+        for served in entry.versions.values():
+            if isinstance(served, ServedModel) and (served.inflight or served.queue.depth):
+                return True
+        return False
 
     # -- single versions, for rollouts -------------------------------------------------
 
@@ -434,6 +537,8 @@ class ModelRepository:
         # Model names come from clients: never let one point outside the repository.
         if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
             raise InvalidInput(f"model_name '{name}' is not a valid model directory name")
+        if name.startswith("."):  # hidden folders are not models (on_disk's rule)
+            raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
         path = (self.root / name).resolve()
         if path.parent != self.root or not path.is_dir():
             raise ModelNotFound(f"model '{name}' is not in the repository {self.root}")
@@ -621,3 +726,18 @@ def _autocomplete(config: mc.ModelConfig, backend: str, version_dir: Path) -> No
                 data_type=mc.DataType.Value(WIRE_TO_CONFIG[tensor.datatype]),
                 dims=list(tensor.dims[skip:]),
             )
+
+
+_RATIO_MIN_FILES = 16 << 20
+_WHOLE = -1  # _files_by_version's key for the whole model directory
+
+
+def _files_by_version(model_dir: Path, versions: Iterable[int]) -> dict[int, int]:
+    """Blocking: bytes of files per version folder, and of the whole model (_WHOLE)."""
+    sizes = {number: files_size(model_dir / str(number)) for number in versions}
+    sizes[_WHOLE] = files_size(model_dir)
+    return sizes
+
+
+def _devices_of(served: ModelVersion) -> list[str]:
+    return served.devices if isinstance(served, ServedModel) else []

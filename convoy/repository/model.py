@@ -108,6 +108,7 @@ class ServedModel:
         self.queue.start()
         self.pool.on_change = self.queue.wake
         self.pool.on_lost = self._lost
+        self.pool.on_busy = self.metrics.busy
         self.metrics.watch(lambda: self.queue.depth, lambda: self.inflight)
         self.metrics.read(self.stats)  # Prometheus's request series, read when scraped
         if self.queue.slo is not None:

@@ -25,11 +25,12 @@ class DeclaredRollouts:
         self._repo = repository
         self._controller = controller
 
-    async def load(self, name: str) -> None:
-        """Load (or reload) a model; start its declared rollout for a new version."""
+    async def load(self, name: str, reason: str = "explicit") -> None:
+        """Load (or reload) a model; start its declared rollout for a new version.
+        `reason`: what asked (explicit, poll), as convoy_model_loads_total counts it."""
         spec = await asyncio.to_thread(read_policy, self._repo.model_dir(name))
         if spec is None:
-            await self._repo.load(name)
+            await self._repo.load(name, reason)
             return
         try:
             current: str | None = self._repo.default_version(name)
@@ -37,7 +38,7 @@ class DeclaredRollouts:
             current = None  # nothing serves yet: the first load follows Triton's rule
         if current is not None:
             self._repo.set_default(name, current)
-        await self._repo.load(name)
+        await self._repo.load(name, reason)
         if current is None:
             return
         newest = max(self._repo.versions_on_disk(name), key=int)

@@ -238,6 +238,7 @@ class _Run:
     job: _Job
     timer: asyncio.TimerHandle | None = None  # the execution timeout, where one is set
     returned: bool = False  # the instance has answered
+    started_ns: int = 0  # monotonic, when handed to the instance
 
 
 @dataclass
@@ -298,6 +299,9 @@ class InstancePool:
         self.replaced = 0
         self.on_change: Callable[[], None] | None = None
         self.on_lost: Callable[[ConvoyError], None] | None = None
+        # Told (device, ns) of each batch's time on its instance, failed ones too: the
+        # busy time that convoy cost divides among models.
+        self.on_busy: Callable[[str, int], None] | None = None
         self.lost: ConvoyError | None = None
         self._health = health or DeviceHealth()
         self._health.subscribe(self._device_failed)
@@ -445,7 +449,7 @@ class InstancePool:
             loop.call_soon(job.answer, error)
 
     def _start(self, instance: ModelInstance, job: _Job) -> None:
-        run = _Run(instance, job)
+        run = _Run(instance, job, started_ns=time.monotonic_ns())
         if self._timeout is not None:
             loop = asyncio.get_running_loop()
             run.timer = loop.call_later(self._timeout, self._overran, run)
@@ -456,6 +460,8 @@ class InstancePool:
         if run.timer is not None:
             run.timer.cancel()
         instance, job = run.instance, run.job
+        if self.on_busy is not None:
+            self.on_busy(instance.device, time.monotonic_ns() - run.started_ns)
         if instance.retired:
             return  # the overrun already answered this batch
         # The instance is free again before the queue hears the answer, so the batch
