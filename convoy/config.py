@@ -79,6 +79,14 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """`--trace-endpoint` and `--trace-sample-rate` (docs/tracing.md)."""
+
+    endpoint: str  # HOST:PORT of an OTLP/gRPC collector (plaintext)
+    sample_rate: float = 0.0  # of requests that arrive without a traceparent
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Settings of one `convoy serve` process."""
 
@@ -108,6 +116,7 @@ class ServerConfig:
     frontends: int = 1  # gRPC front-end processes; 0: one per 4 cores (1 on 2 cores)
     frontend_shm_bytes: int = 16 << 20  # each front end's tensor segment; 0: none
     capture: CaptureConfig | None = None  # --capture-dir and its settings; None: off
+    tracing: TracingConfig | None = None  # --trace-endpoint and its rate; None: off
 
 
 @dataclass(frozen=True)
