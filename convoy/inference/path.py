@@ -243,6 +243,8 @@ class InferencePath:
             )
         except ConvoyError as exc:
             model.record_rejection(exc)
+            if caller.span is not None:
+                caller.span.routed(model)
             if self.observers:
                 self._observe(caller, model, None, None, exc, False, request_id=request.id)
             raise

@@ -146,11 +146,14 @@ class RequestSpan:
         self.span = span
         self.request: InferRequest | None = None  # once routed and decoded
 
-    def serves(self, model: ModelVersion, request: InferRequest) -> None:
-        """The path routed and decoded the request: the version that answers it is
-        known, and its batch will link to this span."""
+    def routed(self, model: ModelVersion) -> None:
+        """The version that answers (or refused) the request."""
         self.span.set_attribute(MODEL, model.spec.name)
         self.span.set_attribute(VERSION, model.version_label)
+
+    def serves(self, model: ModelVersion, request: InferRequest) -> None:
+        """The path routed and decoded the request: its batch will link to this span."""
+        self.routed(model)
         self.span.set_attribute(ROWS, request.rows)
         self.request = request
         request.trace = self

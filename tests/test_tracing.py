@@ -1,0 +1,176 @@
+"""Tracing's pieces without a server: the flags, the traceparent, the sampling decision,
+the front ends' wire header, and the missing-extra refusal (docs/tracing.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import pytest
+
+from convoy.cli import main
+from convoy.config import TracingConfig
+from convoy.errors import ConfigError, ConvoyError
+from convoy.inference.caller import Caller
+from convoy.inference.tracing import (
+    Parent,
+    Tracing,
+    open_tracing,
+    parse_endpoint,
+    parse_sample_rate,
+    parse_traceparent,
+)
+from convoy.workers.wire import TRACED, decode_header, encode_header
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+SPAN = "b7ad6b7169203331"
+
+
+def test_a_traceparent_is_read_as_w3c_writes_it() -> None:
+    assert parse_traceparent(f"00-{TRACE}-{SPAN}-01") == Parent(int(TRACE, 16), int(SPAN, 16), 1)
+    assert not parse_traceparent(f"00-{TRACE}-{SPAN}-00").sampled  # type: ignore[union-attr]
+    # a later version may append fields; version 00 may not
+    assert parse_traceparent(f"01-{TRACE}-{SPAN}-01-extra") is not None
+    for bad in (
+        f"00-{TRACE}-{SPAN}-01-extra",
+        f"ff-{TRACE}-{SPAN}-01",  # the forbidden version
+        f"00-{'0' * 32}-{SPAN}-01",  # all-zero ids are invalid
+        f"00-{TRACE}-{'0' * 16}-01",
+        f"00-{TRACE.upper()}-{SPAN}-01",  # lower-case hex only
+        f"00-{TRACE}-{SPAN}",
+        "",
+    ):
+        assert parse_traceparent(bad) is None, bad
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["localhost:4317", "10.0.0.2:55680", "[::1]:4317", "collector.svc:1"]
+)
+def test_good_endpoints(endpoint: str) -> None:
+    assert parse_endpoint(endpoint) == endpoint
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["localhost", "http://localhost:4317", ":4317", "localhost:0", "localhost:70000", "::1:4317"],
+)
+def test_bad_endpoints_are_refused(endpoint: str) -> None:
+    with pytest.raises(ValueError, match=endpoint.replace("[", r"\[")):
+        parse_endpoint(endpoint)
+
+
+def test_sample_rates_are_fractions() -> None:
+    assert parse_sample_rate("0") == 0.0 and parse_sample_rate("0.01") == 0.01
+    assert parse_sample_rate("1") == 1.0
+    for bad in ("-0.1", "1.5", "nan", "often"):
+        with pytest.raises(ValueError):
+            parse_sample_rate(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (
+            ["--trace-endpoint", "localhost:4317", "--trace-sample-rate", "1.5"],
+            "--trace-sample-rate",
+        ),
+        (
+            ["--trace-endpoint", "localhost:4317", "--trace-sample-rate", "-1"],
+            "--trace-sample-rate",
+        ),
+        (["--trace-endpoint", "localhost"], "--trace-endpoint"),
+        (["--trace-endpoint", "grpc://localhost:4317"], "--trace-endpoint"),
+        (["--trace-sample-rate", "0.5"], "--trace-sample-rate needs --trace-endpoint"),
+    ],
+)
+def test_bad_flags_are_refused_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["serve", *argv])
+    except SystemExit as exc:  # argparse's usage error
+        code = int(exc.code or 0)
+    assert code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_without_the_extra_the_server_refuses_to_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.trace_exporter", None)
+    with pytest.raises(ConfigError, match=r"--trace-endpoint.*convoy\[otel\]"):
+        open_tracing(TracingConfig("localhost:4317", 0.1), lambda e: "INTERNAL")
+
+
+def test_the_front_ends_header_carries_the_traceparent() -> None:
+    traceparent = f"00-{TRACE}-{SPAN}-01"
+    head = decode_header(encode_header(1.5, "user-7", 2, client="alice", traceparent=traceparent))
+    assert head.traceparent == traceparent and head.flags & TRACED
+    assert (head.ab_key, head.client, head.time_remaining, head.flags & 3) == (
+        "user-7",
+        "alice",
+        1.5,
+        2,
+    )
+    plain = decode_header(encode_header(None, "user-7", client="alice"))
+    assert plain.traceparent is None and plain.ab_key == "user-7" and not plain.flags & TRACED
+    with pytest.raises(ValueError, match="traceparent"):
+        decode_header(encode_header(None, None, traceparent=traceparent)[:-10])
+
+
+# -- the sampling decision, with the SDK's in-memory exporter ----------------------------
+
+
+class Request:
+    """What the decision reads of a ModelInferRequest."""
+
+    model_name = "m"
+    model_version = ""
+    id = ""
+
+
+def traced(rate: float, draws: list[float]) -> tuple[Tracing, Any]:
+    sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="the otel extra is missing")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    rolls = iter(draws)
+    return Tracing(provider, rate, lambda e: "NOT_FOUND", rng=lambda: next(rolls)), exporter
+
+
+def serve(tracing: Tracing, traceparent: str | None = None, fail: bool = False) -> None:
+    async def infer(request: Any, caller: Caller) -> str:
+        if fail:
+            raise ConvoyError("no such model")
+        return "answer"
+
+    caller = Caller("grpc", traceparent=traceparent)
+    try:
+        asyncio.run(tracing.request(infer, Request(), caller))  # type: ignore[arg-type]
+    except ConvoyError:
+        pass
+
+
+def test_requests_without_a_traceparent_are_sampled_at_the_rate() -> None:
+    tracing, exporter = traced(0.25, [0.5, 0.1, 0.25, 0.0, 0.9])
+    for _ in range(5):
+        serve(tracing)
+    assert len(exporter.get_finished_spans()) == 2  # the draws below 0.25
+
+
+def test_the_callers_decision_wins_over_the_rate() -> None:
+    tracing, exporter = traced(1.0, [])  # a draw would raise StopIteration
+    serve(tracing, f"00-{TRACE}-{SPAN}-00")
+    assert exporter.get_finished_spans() == ()
+    zero, exporter = traced(0.0, [])
+    serve(zero, f"00-{TRACE}-{SPAN}-01", fail=True)
+    (span,) = exporter.get_finished_spans()
+    assert span.context.trace_id == int(TRACE, 16) and span.parent.span_id == int(SPAN, 16)
+    assert span.attributes["convoy.status_code"] == "NOT_FOUND"
+    # a malformed traceparent starts a trace of its own, at the rate
+    serve(zero, "00-nonsense")
+    assert len(exporter.get_finished_spans()) == 1
