@@ -9,15 +9,25 @@ imported), once with `--trace-endpoint` to an OTLP/gRPC receiver in this process
 a queue and a batch span exported by the SDK's thread); rounds alternate which comes
 first. Printed: req/s, p50 and p99 off and on and their ratios (target: throughput
 on/off >= 0.97), the server's CPU per request from /proc, and the spans received.
+
+The served ratio moves by tens of percent on a shared 2-core machine, so the script first
+measures the work itself, in this process, on the thread that would be the event loop's:
+what `Tracing.request` adds to an unsampled request (the decision, and one coroutine
+frame), and the CPU of a sampled request's spans (request, queue, a batch span of its own,
+as the path and the queue make them), exporter thread included (process CPU, flushed).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from .bench import build_request, run_closed_loop
 from .launch import cpu_seconds, start_convoy
@@ -57,6 +67,77 @@ def run_server(repo: Path, receiver: Receiver | None, args: argparse.Namespace) 
     return m
 
 
+def work_per_request(receiver: Receiver, rate: float, n: int = 20_000) -> str:
+    """The tracing's own cost per request, in-process (see the module's doc)."""
+    from convoy.batching.batch import Batch
+    from convoy.batching.queue import BatchOutcome
+    from convoy.batching.request import InferRequest
+    from convoy.config import TracingConfig
+    from convoy.inference.caller import Caller
+    from convoy.inference.tracing import open_tracing
+    from convoy.pb import grpc_service_pb2 as pb
+
+    tracing = open_tracing(TracingConfig(receiver.endpoint, 0.0), lambda error: "INTERNAL")
+    request = pb.ModelInferRequest(model_name=MODEL, id="r")
+    model: Any = SimpleNamespace(spec=SimpleNamespace(name=MODEL), version_label="1")
+    outcome = BatchOutcome({}, 0, 0, "cpu")
+
+    async def answer(asked: pb.ModelInferRequest, caller: Caller) -> None:
+        if caller.span is not None:  # what the path and the queue do for a sampled one
+            now = time.monotonic_ns()
+            queued = InferRequest("r", {}, (), 1, (), loop.create_future(), arrival_ns=now)
+            caller.span.serves(model, queued)
+            queued.dispatch_ns, queued.settled = now, True
+            tracing.batch_span(MODEL, "1", Batch((queued,), True), [caller.span], outcome, now)
+
+    async def direct(count: int) -> None:
+        for _ in range(count):
+            await answer(request, Caller("grpc"))
+
+    async def traced(count: int) -> None:
+        for _ in range(count):
+            await tracing.request(answer, request, Caller("grpc"))  # type: ignore[arg-type]
+
+    loop = asyncio.new_event_loop()
+    try:
+        figures = {}
+        for sampled in (0.0, 1.0):
+            tracing.sample_rate = sampled
+            # Sampled: in chunks the exporter's queue (2048 spans) holds, each flushed, so
+            # the exporter's thread's CPU is counted and no span is dropped.
+            chunk, count = (500, n // 10) if sampled else (n, n)
+            best = []
+            for run in (direct, traced) * 3:
+                start, start_loop = time.process_time(), time.thread_time()
+                for _ in range(count // chunk):
+                    loop.run_until_complete(run(chunk))
+                    if run is traced and sampled:
+                        tracing._provider.force_flush()
+                on_loop = time.thread_time() - start_loop  # less the flush's wait: it sleeps
+                every = time.process_time() - start
+                best.append((run.__name__, on_loop / count * 1e6, every / count * 1e6))
+            figures[sampled] = {
+                (name, i): min(b[i] for b in best if b[0] == name)
+                for name in ("direct", "traced")
+                for i in (1, 2)
+            }
+    finally:
+        loop.close()
+        tracing.close()
+
+    def added(sampled: float, i: int) -> float:
+        return figures[sampled][("traced", i)] - figures[sampled][("direct", i)]
+
+    unsampled, loop_us, all_us = added(0.0, 1), added(1.0, 1), added(1.0, 2)
+    return (
+        f"  tracing's work: {unsampled:.2f} µs per unsampled request on the loop; per sampled "
+        f"one (3 spans) {loop_us:.0f} µs on the loop, {all_us:.0f} µs of CPU in all (the "
+        f"exporter's thread and this script's receiver included); at rate {rate:g}: "
+        f"{unsampled * (1 - rate) + loop_us * rate:.2f} µs on the loop per request, "
+        f"{unsampled * (1 - rate) + all_us * rate:.2f} µs in all"
+    )
+
+
 def summarise(measurements: list[Measurement]) -> str:
     """On/off ratios paired by round: the median and the range."""
     off = [m for m in measurements if not m.monitored]
@@ -94,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         tempfile.TemporaryDirectory(prefix="convoy-tracing-overhead-") as tmp,
         otlp_receiver(keep=False) as receiver,
     ):
+        work = work_per_request(receiver, args.rate)
+        print(work, flush=True)
         repo = make_repository(Path(tmp) / "models", examples())
         for i in range(args.rounds):
             print(f"round {i + 1}/{args.rounds}", flush=True)
@@ -104,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         f"median [range] over {args.rounds} round(s):"
     )
     print(summarise(measurements))
+    print(work)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,20 @@ class Tracing:
         self.sample_rate = sample_rate
         self._status_name = status_name
         self._random = rng or random.Random().random
+        # Every span's times are the queue's monotonic clock, shifted to the wall clock by
+        # one offset, so a request's queue wait and batch fall inside its span to the
+        # nanosecond; the offset follows the wall clock only when it steps (NTP).
+        self._offset = time.time_ns() - time.monotonic_ns()
+
+    def _wall(self, monotonic_ns: int) -> int:
+        return monotonic_ns + self._offset
+
+    def _now(self) -> int:
+        """Wall-clock now, in the spans' time."""
+        offset = time.time_ns() - time.monotonic_ns()
+        if abs(offset - self._offset) > 1_000_000:  # the wall clock stepped
+            self._offset = offset
+        return time.monotonic_ns() + self._offset
 
     # -- the doors' requests ---------------------------------------------------------------
 
@@ -225,6 +239,7 @@ class Tracing:
             context=context,
             kind=self._trace.SpanKind.SERVER,
             attributes=attributes,
+            start_time=self._now(),
         )
         return RequestSpan(self, span)
 
@@ -277,7 +292,9 @@ class Tracing:
 
     def _child(self, parent: RequestSpan, name: str, model: str) -> RequestSpan:
         context = self._trace.set_span_in_context(parent.span, self._empty)
-        span = self._tracer.start_span(name, context=context, attributes={MODEL: model})
+        span = self._tracer.start_span(
+            name, context=context, attributes={MODEL: model}, start_time=self._now()
+        )
         return RequestSpan(self, span)
 
     # -- the end of a span, and its queue wait -----------------------------------------------
@@ -286,7 +303,8 @@ class Tracing:
         span = handle.span
         request = handle.request
         code = self._code(error)
-        end_ns = time.time_ns()
+        end_ns = self._wall(time.monotonic_ns())
+        handle.request = None  # the request holds its span, not the other way: no cycle
         try:
             if request is not None and request.settled:  # it went through a model's queue
                 self._queue_span(handle, request, code, end_ns)
@@ -296,13 +314,12 @@ class Tracing:
 
     def _queue_span(self, handle: RequestSpan, request: InferRequest, code: str, end: int) -> None:
         """arrival to dispatch (or to the answer, for one that never left the queue)."""
-        offset = time.time_ns() - time.monotonic_ns()
-        left = request.dispatch_ns + offset if request.dispatch_ns else end
+        left = self._wall(request.dispatch_ns) if request.dispatch_ns else end
         context = self._trace.set_span_in_context(handle.span, self._empty)
         queue = self._tracer.start_span(
             "queue",
             context=context,
-            start_time=request.arrival_ns + offset,
+            start_time=self._wall(request.arrival_ns),
             attributes={PRIORITY: request.queue_level + 1},
         )
         if not request.dispatch_ns:  # answered in the queue: its status is the request's
@@ -341,7 +358,6 @@ class Tracing:
         end_ns: int,
     ) -> None:
         trace = self._trace
-        offset = time.time_ns() - time.monotonic_ns()
         links = [trace.Link(t.span.get_span_context()) for t in traced]
         attributes: dict[str, Any] = {
             MODEL: model,
@@ -355,16 +371,18 @@ class Tracing:
             f"batch {model}",
             context=self._empty,
             links=links,
-            start_time=batch.requests[0].dispatch_ns + offset,
+            start_time=self._wall(batch.requests[0].dispatch_ns),
             attributes=attributes,
         )
         error = outcome if isinstance(outcome, BaseException) else None
         self._status(span, self._code(error), error)
-        span.end(end_time=end_ns + offset)
+        span.end(end_time=self._wall(end_ns))
         context = span.get_span_context()
         for handle in traced:  # from the request's side too: its trace shows its batch
-            handle.span.set_attribute(BATCH_SIZE, batch.rows)
-            handle.span.add_link(context)
+            # (not where the request was answered first: a batch failed by an unload)
+            if handle.span.is_recording():
+                handle.span.set_attribute(BATCH_SIZE, batch.rows)
+                handle.span.add_link(context)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Blocking: export what is buffered, then stop the exporter's thread."""
