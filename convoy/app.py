@@ -337,7 +337,7 @@ class ConvoyServer:
         await self.repository.close(left())
         self.path.close()  # unmaps shared memory regions, now that nothing reads them
         if self.tracing is not None:  # the last batches' spans, exported
-            await asyncio.to_thread(self.tracing.close, min(5.0, left() + 1.0))
+            await asyncio.to_thread(self.tracing.close)
         if self.capture is not None:  # every answered request's row, in a complete file
             await asyncio.to_thread(self.capture.close, left() + 5.0)
         if self._metrics_http is not None:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 TRACEPARENT = "traceparent"  # the W3C Trace Context header (gRPC metadata or HTTP)
 EXTRA = "otel"  # pip install 'convoy[otel]'
+EXPORT_TIMEOUT_S = 5.0
 
 # Attribute names (docs/tracing.md). OpenTelemetry's RPC conventions where one fits;
 # Convoy's own under `convoy.`, in the same lower-case dotted style.
@@ -384,9 +385,9 @@ class Tracing:
                 handle.span.set_attribute(BATCH_SIZE, batch.rows)
                 handle.span.add_link(context)
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Blocking: export what is buffered, then stop the exporter's thread."""
-        self._provider.force_flush(int(timeout_s * 1000))
+    def close(self) -> None:
+        """Blocking: export what is buffered (within the exporter's timeout, retries
+        included, where the collector is down), then stop the exporter's thread."""
         self._provider.shutdown()
 
 
@@ -434,6 +435,8 @@ def open_tracing(config: TracingConfig, status_name: StatusName) -> Tracing:
         # Named by OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES where the operator did.
         resource = resource.merge(Resource({"service.name": "convoy"}))
     provider = TracerProvider(sampler=ALWAYS_ON, resource=resource)
-    exporter = OTLPSpanExporter(endpoint=config.endpoint, insecure=True)
+    # An export gives up after EXPORT_TIMEOUT_S, retries included: it bounds the server's
+    # stop where the collector is down (the SDK's default is 10 s).
+    exporter = OTLPSpanExporter(endpoint=config.endpoint, insecure=True, timeout=EXPORT_TIMEOUT_S)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return Tracing(provider, config.sample_rate, status_name)
