@@ -149,13 +149,13 @@ class RequestSpan:
 
     def routed(self, model: ModelVersion) -> None:
         """The version that answers (or refused) the request."""
-        self.span.set_attribute(MODEL, model.spec.name)
-        self.span.set_attribute(VERSION, model.version_label)
+        self.span.set_attributes({MODEL: model.spec.name, VERSION: model.version_label})
 
     def serves(self, model: ModelVersion, request: InferRequest) -> None:
         """The path routed and decoded the request: its batch will link to this span."""
-        self.routed(model)
-        self.span.set_attribute(ROWS, request.rows)
+        self.span.set_attributes(
+            {MODEL: model.spec.name, VERSION: model.version_label, ROWS: request.rows}
+        )
         self.request = request
         request.trace = self
 
@@ -337,8 +337,7 @@ class Tracing:
         return self._status_name(InternalError(repr(error)))
 
     def _status(self, span: Span, code: str, error: BaseException | None) -> None:
-        span.set_attribute(STATUS, code)
-        span.set_attribute(RPC_STATUS, _CODES.get(code, _CODES["UNKNOWN"]))
+        span.set_attributes({STATUS: code, RPC_STATUS: _CODES.get(code, _CODES["UNKNOWN"])})
         if code in _SERVER_FAULTS:
             message = error.message if isinstance(error, ConvoyError) else code
             span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, message))
