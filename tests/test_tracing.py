@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -174,3 +175,43 @@ def test_the_callers_decision_wins_over_the_rate() -> None:
     # a malformed traceparent starts a trace of its own, at the rate
     serve(zero, "00-nonsense")
     assert len(exporter.get_finished_spans()) == 1
+
+
+def test_a_failed_batch_is_an_error_linked_to_its_sampled_requests_only() -> None:
+    from opentelemetry.trace import StatusCode
+
+    from convoy.api.status import status_code
+    from convoy.batching.batch import Batch
+    from convoy.batching.request import InferRequest
+    from convoy.errors import Unavailable
+
+    tracing, exporter = traced(1.0, [])
+    tracing._status_name = lambda error: status_code(error).name
+    loop = asyncio.new_event_loop()
+    try:
+        requests = [
+            InferRequest(str(i), {}, (), 1, (), loop.create_future(), dispatch_ns=5)
+            for i in range(3)
+        ]
+    finally:
+        loop.close()
+    model: Any = SimpleNamespace(spec=SimpleNamespace(name="m"), version_label="3")
+    spans = []
+    for request in requests[:2]:  # the third was not sampled
+        caller = Caller("grpc")
+        span = tracing._begin(caller, Request())  # type: ignore[arg-type]
+        assert span is not None
+        span.serves(model, request)
+        spans.append(span)
+    failure = Unavailable("the instance died")
+    tracing.batches("m", "3").batch_done(Batch(tuple(requests), True), failure, 10)
+    (batch,) = exporter.get_finished_spans()
+    assert batch.name == "batch m" and batch.status.status_code is StatusCode.ERROR
+    assert batch.status.description == "the instance died"
+    assert batch.attributes["convoy.status_code"] == "UNAVAILABLE"
+    assert batch.attributes["convoy.batch.requests"] == 3
+    assert [link.context.span_id for link in batch.links] == [
+        s.span.get_span_context().span_id for s in spans
+    ]
+    for span in spans:  # and each request links back to its batch
+        assert [link.context.span_id for link in span.span.links] == [batch.context.span_id]
