@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from ..repository.model import ModelVersion
     from .caller import Caller
+    from .path import BuildRequest
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,9 @@ class RequestSpan:
     """A sampled request's span (or an ensemble step's, or a shadow copy's), as the path
     and the queue hold it: on the Caller, then on the InferRequest the queue batches."""
 
-    __slots__ = ("request", "span", "tracing")
+    __slots__ = ("request", "span")
 
-    def __init__(self, tracing: Tracing, span: Span) -> None:
-        self.tracing = tracing
+    def __init__(self, span: Span) -> None:
         self.span = span
         self.request: InferRequest | None = None  # once routed and decoded
 
@@ -162,7 +162,7 @@ class RequestSpan:
 
 class Tracing:
     """The server's tracer: owns the OpenTelemetry TracerProvider (and the exporter's
-    thread), made in the server's start and shut down, flushed, at its stop."""
+    thread), made with the server and shut down, flushed, at its stop."""
 
     def __init__(
         self,
@@ -242,7 +242,7 @@ class Tracing:
             attributes=attributes,
             start_time=self._now(),
         )
-        return RequestSpan(self, span)
+        return RequestSpan(span)
 
     def _remote(self, parent: Parent) -> Any:
         trace = self._trace
@@ -255,10 +255,10 @@ class Tracing:
 
     async def step(
         self,
-        run: Callable[[str, str, Any, Caller], Awaitable[InferResult]],
+        run: Callable[[str, str, BuildRequest, Caller], Awaitable[InferResult]],
         name: str,
         version: str,
-        build: Any,
+        build: BuildRequest,
         caller: Caller,
         parent: object,
     ) -> InferResult:
@@ -296,7 +296,7 @@ class Tracing:
         span = self._tracer.start_span(
             name, context=context, attributes={MODEL: model}, start_time=self._now()
         )
-        return RequestSpan(self, span)
+        return RequestSpan(span)
 
     # -- the end of a span, and its queue wait -----------------------------------------------
 
