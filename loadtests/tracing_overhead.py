@@ -15,6 +15,10 @@ measures the work itself, in this process, on the thread that would be the event
 what `Tracing.request` adds to an unsampled request (the decision, and one coroutine
 frame), and the CPU of a sampled request's spans (request, queue, a batch span of its own,
 as the path and the queue make them), exporter thread included (process CPU, flushed).
+Then the engine's whole path, as `loadtests.engine_cost` drives it (the front ends' messages
+handed to its EngineLink in-process, 32 callers in a closed loop): the loop thread's CPU
+per request with tracing off and at the rate, alternating servers, which bounds what one
+event loop serves where it is the bottleneck.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -112,7 +117,7 @@ def work_per_request(receiver: Receiver, rate: float, n: int = 20_000) -> str:
                 for _ in range(count // chunk):
                     loop.run_until_complete(run(chunk))
                     if run is traced and sampled:
-                        tracing._provider.force_flush()
+                        tracing._processor.force_flush()
                 on_loop = time.thread_time() - start_loop  # less the flush's wait: it sleeps
                 every = time.process_time() - start
                 best.append((run.__name__, on_loop / count * 1e6, every / count * 1e6))
@@ -135,6 +140,57 @@ def work_per_request(receiver: Receiver, rate: float, n: int = 20_000) -> str:
         f"exporter's thread and this script's receiver included); at rate {rate:g}: "
         f"{unsampled * (1 - rate) + loop_us * rate:.2f} µs on the loop per request, "
         f"{unsampled * (1 - rate) + all_us * rate:.2f} µs in all"
+    )
+
+
+async def engine_loop_cpu(
+    endpoint: str | None, rate: float, requests: int, rounds: int
+) -> list[float]:
+    """The engine loop's CPU µs per tiny request, per round (see the module's doc)."""
+    from convoy.app import ConvoyServer
+    from convoy.config import ServerConfig, TracingConfig
+    from convoy.workers.engine_link import EngineLink
+
+    from .engine_cost import ClosedLoop, _request
+    from .launch import link_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "models"
+        link_model(examples() / MODEL, root / MODEL)
+        tracing = TracingConfig(endpoint, rate) if endpoint is not None else None
+        config = ServerConfig(model_repository=root, tracing=tracing)
+        sys.setswitchinterval(config.gil_switch_interval_s)  # as `convoy serve` sets it
+        server = ConvoyServer(config, root)
+        await server.repository.load_all()
+        if server.heap is not None:
+            server.heap.now()
+        loop = ClosedLoop(_request())
+        link = EngineLink(f"ipc://{tmp}/engine.ipc", server.path.infer, loop.sent)
+        loop.link = link
+        await link.start()
+        try:
+            await loop.run(8, 2000)  # warm-up
+            return [(await loop.run(CONCURRENCY, requests))[0] for _ in range(rounds)]
+        finally:
+            await link.stop(5.0)
+            await server.repository.close()
+            if server.tracing is not None:
+                await asyncio.to_thread(server.tracing.close)
+
+
+def engine_loop(receiver: Receiver, rate: float, requests: int, pairs: int) -> str:
+    off: list[float] = []
+    on: list[float] = []
+    for i in range(pairs):
+        for traced in (False, True) if i % 2 == 0 else (True, False):
+            endpoint = receiver.endpoint if traced else None
+            figures = asyncio.run(engine_loop_cpu(endpoint, rate, requests, 5))
+            (on if traced else off).extend(figures)
+    a, b = statistics.median(off), statistics.median(on)
+    return (
+        f"  engine loop CPU per request (c={CONCURRENCY}, {pairs} pairs of servers, 5 rounds of "
+        f"{requests}): off {a:.1f} µs [{min(off):.1f}..{max(off):.1f}], at {rate:g} "
+        f"{b:.1f} µs [{min(on):.1f}..{max(on):.1f}]: x{b / a:.3f}"
     )
 
 
@@ -169,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each")
     parser.add_argument("--rounds", type=int, default=3, help="off/on pairs of server starts")
     parser.add_argument("--rate", type=float, default=0.01, help="--trace-sample-rate when on")
+    parser.add_argument("--engine-requests", type=int, default=4000, help="per engine round")
+    parser.add_argument("--engine-pairs", type=int, default=3, help="off/on engine servers")
     args = parser.parse_args(argv)
     measurements: list[Measurement] = []
     with (
@@ -177,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     ):
         work = work_per_request(receiver, args.rate)
         print(work, flush=True)
+        work += "\n" + engine_loop(receiver, args.rate, args.engine_requests, args.engine_pairs)
+        print(work.splitlines()[-1], flush=True)
         repo = make_repository(Path(tmp) / "models", examples())
         for i in range(args.rounds):
             print(f"round {i + 1}/{args.rounds}", flush=True)

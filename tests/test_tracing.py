@@ -132,15 +132,22 @@ class Request:
 
 
 def traced(rate: float, draws: list[float]) -> tuple[Tracing, Any]:
-    sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="the otel extra is missing")
+    pytest.importorskip("opentelemetry.sdk.trace", reason="the otel extra is missing")
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
-    provider = sdk.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    resource = Resource.create({})
     rolls = iter(draws)
-    return Tracing(provider, rate, lambda e: "NOT_FOUND", rng=lambda: next(rolls)), exporter
+    tracing = Tracing(
+        SimpleSpanProcessor(exporter),
+        resource,
+        rate,
+        lambda e: "NOT_FOUND",
+        rng=lambda: next(rolls),
+    )
+    return tracing, exporter
 
 
 def serve(tracing: Tracing, traceparent: str | None = None, fail: bool = False) -> None:
@@ -210,8 +217,10 @@ def test_a_failed_batch_is_an_error_linked_to_its_sampled_requests_only() -> Non
     assert batch.status.description == "the instance died"
     assert batch.attributes["convoy.status_code"] == "UNAVAILABLE"
     assert batch.attributes["convoy.batch.requests"] == 3
-    assert [link.context.span_id for link in batch.links] == [
-        s.span.get_span_context().span_id for s in spans
-    ]
-    for span in spans:  # and each request links back to its batch
-        assert [link.context.span_id for link in span.span.links] == [batch.context.span_id]
+    assert [link.context.span_id for link in batch.links] == [s.context.span_id for s in spans]
+    for span in spans:  # and each request links back to its batch, when it ends
+        assert [link.context.span_id for link in span.links] == [batch.context.span_id]
+        tracing._end(span, None)
+    ended = exporter.get_finished_spans()[1:]
+    assert [s.links[0].context.span_id for s in ended] == [batch.context.span_id] * 2
+    assert [s.attributes["convoy.batch.size"] for s in ended] == [3, 3]
