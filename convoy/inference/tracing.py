@@ -11,9 +11,10 @@ A sampled request's spans: the request (SERVER) with its queue wait as a child; 
 executed batch holding a sampled request gets one span of its own trace, linked to each
 sampled request in it (and each request links back to it: a batch belongs to no one
 trace); ensemble steps and shadow copies are children of the request that caused them.
-Queue and batch spans are written once their end is known, from the monotonic
-timestamps the queue already keeps, so tracing adds no work to the queue's hot loop.
-Spans leave through a BatchSpanProcessor: exported on its own thread, off the event loop.
+Every span is written once, when its end is known, as a finished span (queue and batch
+spans from the monotonic timestamps the queue already keeps: no work in the queue's hot
+loop), and leaves through a BatchSpanProcessor: exported on its own thread, off the
+event loop.
 """
 
 from __future__ import annotations
