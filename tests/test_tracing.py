@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -224,3 +225,35 @@ def test_a_failed_batch_is_an_error_linked_to_its_sampled_requests_only() -> Non
     ended = exporter.get_finished_spans()[1:]
     assert [s.links[0].context.span_id for s in ended] == [batch.context.span_id] * 2
     assert [s.attributes["convoy.batch.size"] for s in ended] == [3, 3]
+
+
+def test_a_request_that_timed_out_in_the_queue_is_the_servers_fault() -> None:
+    from opentelemetry.trace import StatusCode
+
+    from convoy.api.status import status_code
+    from convoy.batching.request import InferRequest
+    from convoy.errors import DeadlineExceeded
+
+    tracing, exporter = traced(1.0, [])
+    tracing._status_name = lambda error: status_code(error).name
+    model: Any = SimpleNamespace(spec=SimpleNamespace(name="m"), version_label="1")
+
+    async def infer(request: Any, caller: Caller) -> str:
+        assert caller.span is not None
+        queued = InferRequest(
+            "q", {}, (), 1, (), asyncio.get_running_loop().create_future(), arrival_ns=1
+        )
+        caller.span.serves(model, queued)
+        queued.arrival_ns, queued.settled = time.monotonic_ns(), True  # never dispatched
+        raise DeadlineExceeded("model 'm': request timed out in the queue after 5.0 ms")
+
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(tracing.request(infer, Request(), Caller("grpc")))  # type: ignore[arg-type]
+    queue, request = exporter.get_finished_spans()
+    assert request.status.status_code is StatusCode.ERROR
+    assert "timed out in the queue" in (request.status.description or "")
+    assert request.attributes["convoy.status_code"] == "DEADLINE_EXCEEDED"
+    assert request.attributes["rpc.grpc.status_code"] == 4
+    assert queue.parent.span_id == request.context.span_id
+    assert queue.attributes["convoy.status_code"] == "DEADLINE_EXCEEDED"
+    assert queue.end_time == request.end_time  # it waited until answered
