@@ -39,6 +39,7 @@ from .errors import ConfigError, ConvoyError
 from .heap import GcPauses, HeapSettler
 from .inference.admission import DRAIN_SETTLE_MAX_S, RateBudget
 from .inference.path import InferencePath
+from .inference.tracing import Tracing, open_tracing
 from .metrics import Metrics, PoolReading
 from .monitoring.burn import SloTracker
 from .monitoring.exporter import MonitoringCollector
@@ -105,6 +106,10 @@ class ConvoyServer:
         self.policy = AccessPolicy(
             load_tokens(config.auth_tokens) if config.auth_tokens else None, budget
         )
+        self.tracing: Tracing | None = None
+        if config.tracing is not None:  # only now is OpenTelemetry imported
+            self.tracing = open_tracing(config.tracing, lambda error: status_code(error).name)
+            self.repository.batch_tracing = self.tracing.batches
         self.path = InferencePath(
             self.repository,
             limits=config.limits,
@@ -112,6 +117,7 @@ class ConvoyServer:
             shadow=self.shadow,
             cache=self.cache,
             budget=budget,
+            tracing=self.tracing,
         )
         self.repository.steps = self.path.run_step  # ensemble steps take the same path
         self.slos: SloTracker | None = None
@@ -395,6 +401,8 @@ class ConvoyServer:
         self.gc_pauses.close()
         await self.repository.close(left())
         self.path.close()  # unmaps shared memory regions, now that nothing reads them
+        if self.tracing is not None:  # the last batches' spans, exported
+            await asyncio.to_thread(self.tracing.close)
         if self.capture is not None:  # every answered request's row, in a complete file
             await asyncio.to_thread(self.capture.close, left() + 5.0)
         if self._metrics_http is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from . import __version__
 from .arguments import number
@@ -18,8 +20,10 @@ from .config import (
     ModelControl,
     ServerConfig,
     ServingLimits,
+    TracingConfig,
 )
 from .cost.cli import add_cost_parser, run_cost
+from .inference.tracing import parse_endpoint, parse_sample_rate
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .monitoring.slo_cli import add_slo_parser, run_slo
 from .optimize.cli import add_optimize_parser, run_optimize
@@ -29,6 +33,19 @@ from .rollouts.cli import add_rollout_parser, run_rollout_command
 _positive_float = number(float, 0, strict=True)
 _positive_int = number(int, 0, strict=True)
 _non_negative_int = number(int, 0, strict=False)
+T = TypeVar("T")
+
+
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser that raises ValueError with its reason."""
+
+    def typed(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return typed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete capture partitions older than this many days (default 0: keep all)",
     )
     serve.add_argument(
+        "--trace-endpoint",
+        type=_argument(parse_endpoint),
+        metavar="HOST:PORT",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector (e.g. localhost:4317; "
+        "needs the otel extra); a caller's sampled W3C traceparent is continued "
+        "(docs/tracing.md); off when not given",
+    )
+    serve.add_argument(
+        "--trace-sample-rate",
+        type=_argument(parse_sample_rate),
+        default=None,
+        metavar="R",
+        help="trace this fraction (0 to 1) of the requests that come without a "
+        "traceparent (default 0: only those a caller sampled); needs --trace-endpoint",
+    )
+    serve.add_argument(
         "--max-connection-age-ms",
         type=int,
         default=30_000,
@@ -341,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
             max_bytes=args.capture_max_mib << 20,
             retention_days=args.capture_retention_days,
         )
+    if args.trace_sample_rate is not None and args.trace_endpoint is None:
+        print("convoy serve: --trace-sample-rate needs --trace-endpoint", file=sys.stderr)
+        return 2
+    tracing = None
+    if args.trace_endpoint is not None:
+        tracing = TracingConfig(args.trace_endpoint, args.trace_sample_rate or 0.0)
     config = ServerConfig(
         model_repository=args.model_repository,
         host=args.host,
@@ -374,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_memory_budget_bytes=_mib(args.gpu_memory_budget_mib),
             evict_idle_s=args.evict_idle_secs,
         ),
+        tracing=tracing,
     )
     from .app import run
     from .errors import ConfigError

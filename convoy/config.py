@@ -116,6 +116,14 @@ class ModelControl:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """`--trace-endpoint` and `--trace-sample-rate` (docs/tracing.md)."""
+
+    endpoint: str  # HOST:PORT of an OTLP/gRPC collector (plaintext)
+    sample_rate: float = 0.0  # of requests that arrive without a traceparent
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Settings of one `convoy serve` process."""
 
@@ -148,6 +156,7 @@ class ServerConfig:
     # --slo-config: objectives of many models, besides each <model>/slo.yaml
     slo_config: Path | None = None
     model_control: ModelControl = ModelControl()  # --model-control-mode and its flags
+    tracing: TracingConfig | None = None  # --trace-endpoint and its rate; None: off
 
 
 @dataclass(frozen=True)

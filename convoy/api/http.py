@@ -38,6 +38,7 @@ from ..errors import (
 from ..inference.admission import ANONYMOUS
 from ..inference.caller import Caller
 from ..inference.path import InferencePath
+from ..inference.tracing import TRACEPARENT
 from ..pb import grpc_service_pb2 as pb
 from ..rollouts.policy import AB_KEY_HEADER
 from ..tensors import (
@@ -342,6 +343,8 @@ class HttpFrontend:
             None,  # HTTP carries no deadline; the "timeout" parameter does
             lambda: request.headers.get(AB_KEY_HEADER),
         )
+        if self._path.tracing is not None:  # read only while tracing is on
+            caller.traceparent = request.headers.get(TRACEPARENT)
         response = await self._path.infer(infer_request, caller)
         if sum(len(raw) for raw in response.raw_output_contents) <= _INLINE_BYTES:
             answer = _from_pb(response, binary_outputs)

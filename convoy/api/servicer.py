@@ -16,6 +16,7 @@ from ..errors import ConvoyError, InternalError, InvalidInput, Unimplemented
 from ..inference.admission import ANONYMOUS
 from ..inference.caller import Caller
 from ..inference.path import InferencePath
+from ..inference.tracing import TRACEPARENT
 from ..pb import grpc_service_pb2 as pb
 from ..pb import grpc_service_pb2_grpc as pb_grpc
 from ..repository.manager import ModelRepository
@@ -205,6 +206,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             context.time_remaining(),
             lambda: _header_key(context),
         )
+        if self._path.tracing is not None:  # read only while tracing is on
+            caller.traceparent = _metadata_value(context, TRACEPARENT)
         return await self._path.infer(request, caller)
 
     # -- Triton's system shared-memory extension ---------------------------------------
@@ -376,8 +379,12 @@ for _rpc in (
 
 
 def _header_key(context: grpc.aio.ServicerContext) -> str | None:
+    return _metadata_value(context, AB_KEY_HEADER)
+
+
+def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
-        if key == AB_KEY_HEADER:
+        if key == name:
             return value if isinstance(value, str) else value.decode()
     return None
 

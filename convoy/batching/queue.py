@@ -70,6 +70,13 @@ class BatchRunner(Protocol):
         ...
 
 
+class BatchTracer(Protocol):
+    def batch_done(self, batch: Batch, outcome: BatchOutcome | BaseException, end_ns: int) -> None:
+        """Once per batch run, on the loop, after its callers were answered; never raises
+        (a span for it where it held a sampled request: inference/tracing.py)."""
+        ...
+
+
 class QueueObserver(Protocol):
     def on_batch(self, batch: Batch, outcome: BatchOutcome, output_ns: int) -> None: ...
 
@@ -103,6 +110,7 @@ class ModelQueue:
         self._observer = observer
         self._clock = clock
         self.slo: SloController | None = None
+        self.tracer: BatchTracer | None = None  # set by the repository while tracing is on
         if slo_target_ns and batching is not None and max_batch_size > 0:
             self.slo = SloController(slo_target_ns, max_batch_size, self._limits.max_delay_ns)
             self._apply_slo()
@@ -389,6 +397,8 @@ class ModelQueue:
             else:
                 answer()
         finally:
+            if self.tracer is not None:
+                self.tracer.batch_done(batch, outcome, self._clock())
             self._pump()  # the next batch goes out even if answering this one failed
 
     def _answer_batch(

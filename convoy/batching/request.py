@@ -38,6 +38,9 @@ class InferRequest:
     # a step routes by the key, and its captured row names the door.
     ab_key: str | None = field(default=None, repr=False)
     transport: str = field(default="", repr=False)
+    # Tracing on and this request sampled: its span (inference/tracing.RequestSpan), which
+    # the span of the batch it runs in links to. None otherwise.
+    trace: object | None = field(default=None, repr=False)
 
     @property
     def abandoned(self) -> bool:

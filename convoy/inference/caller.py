@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .admission import ANONYMOUS
 from .codec import Place
 from .cuda_shm import SharedMemory
+
+if TYPE_CHECKING:
+    from .tracing import RequestSpan
 
 
 def _no_key() -> str | None:
@@ -28,7 +32,8 @@ class Caller:
     reads the A/B key from the transport's headers, called only when a rollout needs
     one. `regions` holds inputs that a front-end process put in its own shared memory,
     and `place` may take large outputs there. `background` queues the work behind every
-    caller (batch, replay).
+    caller (batch, replay). `traceparent`: the W3C header, read by the doors only while
+    tracing is on; `span` is set by the tracing once the request is sampled.
     """
 
     transport: str
@@ -38,3 +43,5 @@ class Caller:
     regions: SharedMemory | None = None
     place: Place | None = None
     background: bool = False
+    traceparent: str | None = None
+    span: RequestSpan | None = None

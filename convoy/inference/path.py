@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +40,9 @@ from .caller import Caller
 from .codec import decode_request, encode_response, shared_outputs
 from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
 from .shm import REGION, Leases, SharedMemoryRegistry
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,7 @@ class InferencePath:
         budget: RateBudget | None = None,
         shm: SharedMemoryRegistry | None = None,
         cuda_shm: CudaSharedMemoryRegistry | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.repository = repository
         self.limits = limits
@@ -86,6 +92,7 @@ class InferencePath:
         self.shadow = shadow
         self.cache = cache
         self.budget = budget
+        self.tracing = tracing  # None: off (--trace-endpoint not given), nothing imported
         self.draining = Draining()  # on from SIGTERM: new requests UNAVAILABLE
         self.shm = shm or SharedMemoryRegistry()
         # cuda_shm: tests inject a registry over a fake driver; None is cuda-python's
@@ -105,13 +112,20 @@ class InferencePath:
     async def infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
         """One KServe v2 request: gRPC, HTTP/REST (its JSON translated) and the front
         ends (the bytes their callers sent) all come here. ConvoyError on refusal."""
-        self.admit(caller)
-        if self.on_demand is None:
-            return await self._infer(request, caller)
-        async with self.on_demand.held(request.model_name, caller.time_remaining):
-            return await self._infer(request, caller)
+        if self.tracing is not None:  # sampled or not, decided there (docs/tracing.md)
+            return await self.tracing.request(self._infer, request, caller)
+        return await self._infer(request, caller)
 
     async def _infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
+        self.admit(caller)
+        if self.on_demand is None:
+            return await self._route_and_serve(request, caller)
+        async with self.on_demand.held(request.model_name, caller.time_remaining):
+            return await self._route_and_serve(request, caller)
+
+    async def _route_and_serve(
+        self, request: pb.ModelInferRequest, caller: Caller
+    ) -> pb.ModelInferResponse:
         model = self.route(request.model_name, request.model_version, caller, request.parameters)
         if caller.regions is None and _uses_shared_memory(request):
             return await self._infer_shared(request, caller, model)
@@ -164,6 +178,8 @@ class InferencePath:
         caller's A/B key, within the ensemble request's deadline."""
         key = parent.ab_key
         caller = Caller(parent.transport or "grpc", None, None, lambda: key)
+        if parent.trace is not None and self.tracing is not None:  # a sampled ensemble's
+            return await self.tracing.step(self.run, name, version, build, caller, parent.trace)
         return await self.run(name, version, build, caller)
 
     # -- the steps, in order -------------------------------------------------------------
@@ -208,6 +224,8 @@ class InferencePath:
         answered); `mirror`: a shadow run may read them after the answer; `key` reads the
         request's A/B key for an observer (the caller's header where None)."""
         cache_hit = False
+        if caller.span is not None:  # sampled: its batch links to it
+            caller.span.serves(model, request)
         try:
             if request.background and self.slos is not None:
                 self._shed(model.spec.name)
@@ -255,6 +273,8 @@ class InferencePath:
             )
         except ConvoyError as exc:
             model.record_rejection(exc)
+            if caller.span is not None:
+                caller.span.routed(model)
             if self.observers:
                 self._observe(caller, model, None, None, exc, False, request_id=request.id)
             raise
@@ -371,8 +391,11 @@ class InferencePath:
             future=asyncio.get_running_loop().create_future(),
             background=True,
         )
+        infer = model.infer
+        if asked.trace is not None and self.tracing is not None:  # a sampled request's copy
+            infer = functools.partial(self.tracing.shadow, model, asked.trace)
         try:
-            result = await model.infer(mirrored)
+            result = await infer(mirrored)
         except ConvoyError as exc:
             if self.observers:
                 self._observe(caller, model, mirrored, None, exc, False, arm="shadow")

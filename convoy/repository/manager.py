@@ -19,7 +19,7 @@ from typing import Any
 
 from ..backends import load_backend, probe_signature
 from ..backends.base import BackendSignature, default_threads
-from ..batching.queue import Clock
+from ..batching.queue import BatchTracer, Clock
 from ..batching.request import InferRequest, InferResult
 from ..config import (
     CONFIG_FILENAME,
@@ -146,6 +146,8 @@ class ModelRepository:
         # How an ensemble's steps run: the inference path's own (routing by the step
         # model's rollout, cache, shadow, monitoring); None runs them on the model directly.
         self.steps: StepRunner | None = None
+        # Tracing on: (model, version) -> the span writer of that version's batches.
+        self.batch_tracing: Callable[[str, str], BatchTracer] | None = None
 
     async def _run_step(
         self,
@@ -635,6 +637,8 @@ class ModelRepository:
             spec, version, config, pool, metrics, self._clock, self.limits, self.outcomes
         )
         served.labels = labels
+        if self.batch_tracing is not None:
+            served.queue.tracer = self.batch_tracing(spec.name, str(version))
         served.attach_monitoring(self.monitors, monitoring)
         return served
 

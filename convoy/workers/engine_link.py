@@ -203,6 +203,7 @@ class EngineLink:
             caller = Caller(
                 "grpc", head.client or ANONYMOUS, head.time_remaining, lambda: key, regions, placed
             )
+            caller.traceparent = head.traceparent
             response = await self._infer(request, caller)
             status = bytes([OK, PLACED if placed is not None and placed.offsets else 0])
             reply = (rid, status, response.SerializeToString())

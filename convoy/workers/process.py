@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 REPORT_INTERVAL_S = 2.0  # how often a front end's own figures reach the engine
 _AB_KEY_HEADER = "convoy-ab-key"
+_TRACEPARENT = "traceparent"  # forwarded: the engine decides whether it is traced
 
 
 @dataclass(frozen=True)
@@ -323,8 +324,13 @@ class _InferLink:
         future: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         metadata = context.invocation_metadata() or ()
+        ab_key, traceparent = _ab_key_and_trace(metadata)
         header = encode_header(
-            context.time_remaining(), _ab_key(context), flags, client=self._client(metadata)
+            context.time_remaining(),
+            ab_key,
+            flags,
+            client=self._client(metadata),
+            traceparent=traceparent,
         )
         try:
             self._outbox.put(None, (rid, header, payload))
@@ -366,11 +372,15 @@ def _int64s(values: list[int]) -> bytes:
     return array.array("q", values).tobytes()
 
 
-def _ab_key(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
+def _ab_key_and_trace(metadata: Metadata) -> tuple[str | None, str | None]:
+    """The A/B key and the W3C traceparent the caller sent, in one pass."""
+    ab_key = traceparent = None
+    for key, value in metadata:
         if key == _AB_KEY_HEADER:
-            return value if isinstance(value, str) else value.decode()
-    return None
+            ab_key = value if isinstance(value, str) else value.decode()
+        elif key == _TRACEPARENT:
+            traceparent = value if isinstance(value, str) else value.decode()
+    return ab_key, traceparent
 
 
 def _forwarded(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:

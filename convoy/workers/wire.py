@@ -39,13 +39,15 @@ import grpc
 log = logging.getLogger(__name__)
 
 # kind, remaining seconds (negative: none), flags, the client name's length; then the
-# client name and the A/B key, both UTF-8.
+# client name, with TRACED a traceparent (one length byte, then it), and the A/B key;
+# each UTF-8.
 _HEADER = struct.Struct("<cdBB")
 OK = 0
 INFER, HELLO, FREE, REPORT = b"I", b"H", b"F", b"R"  # REPORT: a front end's own figures
 CANCEL = b"C"  # the caller of an earlier INFER (same request id) has gone
 RING_INPUTS = 1  # the request's inputs are in the front end's segment
 RING_OUTPUTS = 2  # the engine may place large outputs there
+TRACED = 4  # the caller sent a W3C traceparent: the header carries it
 PLACED = 1  # status frame's second byte: some outputs are in the segment
 
 # gRPC status code number <-> enum (StatusCode values are (number, name) pairs).
@@ -152,10 +154,18 @@ def encode_header(
     flags: int = 0,
     kind: bytes = INFER,
     client: str = "",
+    traceparent: str | None = None,
 ) -> bytes:
     seconds = -1.0 if time_remaining is None else time_remaining
     name = client.encode()
-    return _HEADER.pack(kind, seconds, flags, len(name)) + name + (ab_key or "").encode()
+    trace = b""
+    if traceparent:
+        # W3C's is 55 bytes; one longer than a length byte holds is not a traceparent.
+        trace = traceparent.encode()[:255]
+        flags |= TRACED
+        trace = bytes([len(trace)]) + trace
+    ab = (ab_key or "").encode()
+    return _HEADER.pack(kind, seconds, flags, len(name)) + name + trace + ab
 
 
 class Header(NamedTuple):  # a tuple: built once per request, on the engine's loop
@@ -164,6 +174,7 @@ class Header(NamedTuple):  # a tuple: built once per request, on the engine's lo
     ab_key: str | None
     flags: int
     client: str  # the caller's rate-budget name; "" for the front end's own messages
+    traceparent: str | None = None  # the caller's W3C trace context, where it sent one
 
 
 def decode_header(frame: bytes) -> Header:
@@ -177,8 +188,16 @@ def decode_header(frame: bytes) -> Header:
         raise ValueError(f"a {len(frame)}-byte header names a {length}-byte client")
     # UnicodeDecodeError is a ValueError
     client = frame[start : start + length].decode()
-    key = frame[start + length :].decode() or None
-    return Header(kind, None if seconds < 0 else seconds, key, flags, client)
+    start += length
+    traceparent = None
+    if flags & TRACED:
+        if len(frame) <= start or len(frame) < start + 1 + frame[start]:
+            raise ValueError(f"a {len(frame)}-byte header with a torn traceparent")
+        end = start + 1 + frame[start]
+        traceparent = frame[start + 1 : end].decode()
+        start = end
+    key = frame[start:].decode() or None
+    return Header(kind, None if seconds < 0 else seconds, key, flags, client, traceparent)
 
 
 def status_number(code: grpc.StatusCode) -> int:
