@@ -80,6 +80,10 @@ class CaptureRecorder:
                 if dispatch:
                     queue_us = (dispatch - arrival) // 1000
                     compute_us = (answered.done_ns - dispatch) // 1000
+        if result is not None:  # features looked up for it: what the model saw
+            for name, value in result.added_inputs.items():
+                inputs[name] = value  # the lookup's own arrays, made per batch: no copy
+                nbytes += _size(value)
         if result is not None and capture.outputs:
             for name, value in result.outputs.items():
                 kept = outputs[name] = np.array(value, copy=True)

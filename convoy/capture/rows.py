@@ -152,7 +152,7 @@ def table(rows: Sequence[CapturedRow]) -> pa.Table:
         "cache_hit": pa.array([r.cache_hit for r in rows], pa.bool_()),
         "client": pa.array([r.client for r in rows], pa.string()),
     }
-    inputs = [t for t in spec.inputs if t.name not in excluded]
+    inputs = [t for t in spec.captured_inputs if t.name not in excluded]
     # Parquet holds no struct without fields: with every input excluded, no `inputs`.
     if inputs:
         columns["inputs"] = _struct(
