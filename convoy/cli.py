@@ -13,6 +13,7 @@ from .cache import CacheConfigError, parse_cache_config
 from .capture.cli import add_dataset_parser, run_dataset_command
 from .capture.replay_cli import add_replay_parser, run_replay
 from .config import CaptureConfig, ServerConfig, ServingLimits
+from .features.cli import add_skew_parser, run_skew
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .optimize.cli import add_optimize_parser, run_optimize
 from .progress import progress_bar
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimize_parser(commands)
     add_dataset_parser(commands)
     add_replay_parser(commands)
+    add_skew_parser(commands)
     return parser
 
 
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_dataset_command(args)
     if args.command == "replay":
         return run_replay(args)
+    if args.command == "skew":
+        return run_skew(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 
