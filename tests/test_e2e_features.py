@@ -5,19 +5,27 @@ capture on, called through tritonclient."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from convoy.cli import main
+
 from .conftest import ServerProcess, start_server
 from .feast_repo import (
-    FEATURES,
+    USERS,
     FeatureRepo,
     age,
     build_feature_repo,
@@ -28,6 +36,7 @@ from .feast_repo import (
 )
 
 pytestmark = pytest.mark.e2e
+FEATURES_CAPTURED = ("age", "age__ts", "score", "score__ts", "clicks", "clicks__ts")
 pytest.importorskip("feast", reason="feast missing: the `feast` extra (pulled by `test`)")
 duckdb = pytest.importorskip("duckdb", reason="duckdb missing: a test extra")
 
@@ -44,40 +53,65 @@ ensemble_scheduling {
 """
 
 
-@pytest.fixture(scope="module")
-def feature_repo(tmp_path_factory: pytest.TempPathFactory) -> FeatureRepo:
-    return build_feature_repo(tmp_path_factory.mktemp("feast") / "repo")
+@dataclass
+class Served:
+    server: ServerProcess
+    capture: Path
+    models: Path
+    repo: FeatureRepo  # read by every model but `skewed`
+    skew_repo: FeatureRepo  # `skewed`'s own: the skew test plants bugs in it
 
 
 @pytest.fixture(scope="module")
-def served(
-    feature_repo: FeatureRepo, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[ServerProcess, Path]]:
-    models = tmp_path_factory.mktemp("models")
-    capture = tmp_path_factory.mktemp("capture")
-    repo = feature_repo.root
-    write_feature_model(models, "scored", repo, parameters={"capture_sample_rate": "1"})
-    write_feature_model(models, "with_default", repo, parameters={"feast_missing": "default:-1"})
-    write_feature_model(models, "with_nan", repo, parameters={"feast_missing": "nan"})
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("features")
+    repo = build_feature_repo(root / "feast")
+    skew_repo = build_feature_repo(root / "feast-skew")
+    models, capture = root / "models", root / "capture"
+    captured = {"capture_sample_rate": "1"}
+    write_feature_model(models, "scored", repo.root, parameters=captured)
+    write_feature_model(models, "skewed", skew_repo.root, parameters=captured)
     write_feature_model(
-        models, "by_service", repo, max_batch_size=0,
+        models, "with_default", repo.root, parameters={"feast_missing": "default:-1"}
+    )
+    write_feature_model(models, "with_nan", repo.root, parameters={"feast_missing": "nan"})
+    write_feature_model(
+        models, "by_service", repo.root, max_batch_size=0,
         parameters={"feast_features": "", "feast_feature_service": "scoring"},
     )  # fmt: skip
-    write_feature_model(models, "no_repo", repo, parameters={"feast_repo": "elsewhere"})
-    write_feature_model(models, "bad_view", repo, parameters={"feast_features": "nope:age,a:b,c:d"})
-    (models / "pipeline").mkdir()
-    (models / "pipeline" / "1").mkdir()
+    write_feature_model(models, "no_repo", repo.root, parameters={"feast_repo": "elsewhere"})
+    write_feature_model(
+        models, "bad_view", repo.root, parameters={"feast_features": "nope:age,a:b,c:d"}
+    )
+    (models / "pipeline" / "1").mkdir(parents=True)
     (models / "pipeline" / "config.pbtxt").write_text(ENSEMBLE)
-    server = start_server(models, "--capture-dir", str(capture), "--capture-flush-secs", "1")
-    yield server, capture
+    server = start_server(models, "--capture-dir", str(capture), "--capture-flush-secs", "0.2")
+    yield Served(server, capture, models, repo, skew_repo)
     server.stop()
 
 
 @pytest.fixture()
-def client(served: tuple[ServerProcess, Path]) -> Iterator[grpcclient.InferenceServerClient]:
-    c = grpcclient.InferenceServerClient(served[0].url)
+def client(served: Served) -> Iterator[grpcclient.InferenceServerClient]:
+    c = grpcclient.InferenceServerClient(served.server.url)
     yield c
     c.close()
+
+
+def captured_rows(
+    capture: Path, model: str, select: str, where: str, at_least: int
+) -> list[tuple[Any, ...]]:
+    """`select` of `model`'s captured rows matching `where`, once `at_least` are written."""
+    glob = capture / "requests" / f"model={model}" / "**" / "*.parquet"
+    query = f"SELECT {select} FROM read_parquet('{glob}', hive_partitioning = true) WHERE {where}"
+    for _ in range(300):
+        try:
+            rows = duckdb.connect().execute(query).fetchall()
+        except duckdb.IOException:  # no file yet
+            rows = []
+        if len(rows) >= at_least:
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {at_least} captured rows of {model} where {where}")
 
 
 def users(*ids: int, name: str = "USER") -> grpcclient.InferInput:
@@ -158,9 +192,9 @@ def test_an_ensemble_step_looks_features_up(client: object) -> None:
     )
 
 
-def test_metrics(served: tuple[ServerProcess, Path], client: object) -> None:
+def test_metrics(served: Served, client: object) -> None:
     client.infer("with_default", [users(1, 999)])  # type: ignore[attr-defined]
-    port = served[0].metrics_port
+    port = served.server.metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     lines = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -187,22 +221,14 @@ def test_metrics(served: tuple[ServerProcess, Path], client: object) -> None:
 
 
 def test_captured_rows_hold_the_served_features_and_their_timestamps(
-    served: tuple[ServerProcess, Path], client: object, feature_repo: FeatureRepo
+    served: Served, client: object
 ) -> None:
     client.infer("scored", [users(11, 12)], request_id="captured")  # type: ignore[attr-defined]
-    server, capture = served
-    assert server.stop() == 0, server.output()
-    glob = capture / "requests" / "model=scored" / "**" / "*.parquet"
-    row = (
-        duckdb.connect()
-        .execute(
-            "SELECT inputs.USER, inputs.age, inputs.score, inputs.clicks, inputs.age__ts, "
-            f"inputs.clicks__ts FROM read_parquet('{glob}', hive_partitioning = true) "
-            "WHERE request_id = 'captured'"
-        )
-        .fetchone()
+    capture, feature_repo = served.capture, served.repo
+    select = (
+        "inputs.USER, inputs.age, inputs.score, inputs.clicks, inputs.age__ts, inputs.clicks__ts"
     )
-    assert row is not None
+    (row,) = captured_rows(capture, "scored", select, "request_id = 'captured'", 1)
     assert [x[0] for x in row[0]] == [11, 12]
     assert [x[0] for x in row[1]] == pytest.approx([age(11, 1), age(12, 1)])
     assert [x[0] for x in row[2]] == pytest.approx([score(11, 1), score(12, 1)])
@@ -210,4 +236,116 @@ def test_captured_rows_hold_the_served_features_and_their_timestamps(
     hour_ago_us = int((feature_repo.now.timestamp() - 3600) * 1e6)
     assert [x[0] for x in row[4]] == [hour_ago_us, hour_ago_us]
     assert [x[0] for x in row[5]] == [hour_ago_us, hour_ago_us]
-    assert FEATURES.count(":") == 3
+    # Marked as looked up: a replay sends USER and leaves the features to the lookup.
+    import pyarrow.parquet as pq
+
+    (first,) = list((capture / "requests" / "model=scored").rglob("*.parquet"))[:1]
+    fields = {f.name: f for f in pq.read_schema(first).field("inputs").type}
+    assert set(fields) == {"USER", *FEATURES_CAPTURED}
+    assert fields["age"].metadata[b"looked_up"] == b"true"
+    assert b"looked_up" not in (fields["USER"].metadata or {})
+
+
+# -- convoy skew: planted bugs found, and only them --------------------------------------
+
+WRONG = range(1, 6)  # the users whose online score went through the wrong transformation
+
+
+def serve_every_user(served: Served, already: int) -> int:
+    """Every user once, two per request; waits until the capture holds the new rows."""
+    client = grpcclient.InferenceServerClient(served.server.url)
+    for first in range(1, USERS + 1, 2):
+        x = grpcclient.InferInput("USER", [2, 1], "INT64")
+        x.set_data_from_numpy(np.array([[first], [first + 1]], np.int64))
+        client.infer("skewed", [x])
+    client.close()
+    total = already + USERS // 2
+    captured_rows(served.capture, "skewed", "request_id", "true", total)
+    return total
+
+
+def skew(models: Path, capture: Path, tmp_path: Path, *extra: str) -> tuple[int, dict]:
+    report = tmp_path / "skew.json"
+    words = ["--capture-dir", str(capture), "--model-repository", str(models)]
+    words += ["--report", str(report), "--html", str(tmp_path / "skew.html"), *extra]
+    code = main(["skew", "skewed", *words])
+    return code, json.loads(report.read_text())
+
+
+def test_a_correct_setup_reports_no_mismatch_then_the_planted_bugs_and_only_them(
+    served: Served, tmp_path: Path
+) -> None:
+    repo, models, capture = served.skew_repo, served.models, served.capture
+    done = serve_every_user(served, 0)
+    code, report = skew(models, capture, tmp_path)
+    assert code == 0, report
+    assert report["rows"] == USERS
+    assert set(report["features"]) == {"age", "score", "clicks"}
+    for feature in report["features"].values():
+        assert feature == {"mismatch_rate": 0.0, "mean_abs_diff": 0.0, "staleness_s": 0.0,
+                           "missing": 0, "rows": USERS}  # fmt: skip
+
+    planted = dt.datetime.now(dt.UTC)
+    store = repo.store()
+    hour_ago = repo.now - pd.Timedelta(hours=1)
+    # Bug 1: the online pipeline doubles `score` for users 1-5 (offline is right).
+    wrong = pd.DataFrame(
+        {
+            "user_id": list(WRONG),
+            "event_timestamp": [hour_ago] * len(WRONG),
+            "age": np.array([u + 0.5 for u in WRONG], np.float32),
+            "score": [2 * score(u, 1) for u in WRONG],
+        }
+    )
+    store.write_to_online_store("user_stats", wrong)
+    # Bug 2: `clicks` gets new offline rows ten minutes ago, never materialised.
+    activity = pd.read_parquet(repo.root / "user_activity.parquet")
+    fresh = pd.DataFrame(
+        {
+            "user_id": range(1, USERS + 1),
+            "event_timestamp": [repo.now - pd.Timedelta(minutes=10)] * USERS,
+            "clicks": [1000 + u for u in range(1, USERS + 1)],
+        }
+    )
+    pd.concat([activity, fresh]).to_parquet(repo.root / "user_activity.parquet")
+    serve_every_user(served, done)
+
+    code, report = skew(models, capture, tmp_path, "--since", planted.isoformat())
+    assert code == 1
+    features = report["features"]
+    assert report["failed"] == ["clicks", "score"]
+    assert features["score"]["mismatch_rate"] == pytest.approx(len(WRONG) / USERS)
+    assert features["score"]["staleness_s"] == 0.0
+    assert features["clicks"]["mismatch_rate"] == 1.0
+    assert features["clicks"]["staleness_s"] == pytest.approx(50 * 60)
+    assert features["age"]["mismatch_rate"] == 0.0
+    assert all(f["missing"] == 0 for f in features.values())
+    assert "clicks" in (tmp_path / "skew.html").read_text()
+    # A threshold above both rates passes.
+    code, _ = skew(
+        models, capture, tmp_path, "--since", planted.isoformat(), "--max-mismatch-rate", "1"
+    )
+    assert code == 0
+
+
+def test_usage_errors_name_the_flag(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models, capture = served.models, served.capture
+    assert (
+        main(["skew", "nope", "--capture-dir", str(capture), "--model-repository", str(models)])
+        == 2
+    )
+    assert "--model-repository" in capsys.readouterr().err
+    code = main(
+        [
+            "skew",
+            "skewed",
+            "--capture-dir",
+            str(tmp_path / "none"),
+            "--model-repository",
+            str(models),
+        ]
+    )
+    assert code == 2
+    assert "--capture-dir" in capsys.readouterr().err

@@ -72,6 +72,9 @@ class CapturedRow:
     nbytes: int = 0  # what it holds in memory, for the writer's budget
 
 
+# Field metadata of an `inputs` field the server looked up (a feature), not sent.
+LOOKED_UP = "looked_up"
+
 LABEL_COLUMNS = ("request_id", "label", "kind", "value", "version", "timestamp")
 
 
@@ -155,9 +158,12 @@ def table(rows: Sequence[CapturedRow]) -> pa.Table:
     inputs = [t for t in spec.captured_inputs if t.name not in excluded]
     # Parquet holds no struct without fields: with every input excluded, no `inputs`.
     if inputs:
+        # Looked-up features are marked: a replay sends the entity keys, not them.
+        looked_up = frozenset(t.name for t in spec.features.captured) if spec.features else None
         columns["inputs"] = _struct(
             [(t, t.name in hashed_names, [r.inputs.get(t.name) for r in rows]) for t in inputs],
             spec.batched,
+            looked_up,
         )
     outputs = [(t, False, [r.outputs.get(t.name) for r in rows]) for t in spec.outputs]
     columns["outputs"] = _struct(outputs, spec.batched)
@@ -170,7 +176,9 @@ def table(rows: Sequence[CapturedRow]) -> pa.Table:
 
 
 def _struct(
-    tensors: Iterable[tuple[TensorSpec, bool, list[np.ndarray[Any, Any] | None]]], batched: bool
+    tensors: Iterable[tuple[TensorSpec, bool, list[np.ndarray[Any, Any] | None]]],
+    batched: bool,
+    looked_up: frozenset[str] | None = None,
 ) -> pa.Array:
     import pyarrow as pa
 
@@ -178,6 +186,8 @@ def _struct(
     for spec, is_hashed, values in tensors:
         array = _tensor_column(spec, is_hashed, values, batched)
         metadata = {"shape": json.dumps(list(spec.dims)), "batched": json.dumps(batched)}
+        if looked_up and spec.name in looked_up:
+            metadata[LOOKED_UP] = "true"
         fields.append(pa.field(spec.name, array.type, metadata=metadata))
         arrays.append(array)
     return pa.StructArray.from_arrays(arrays, fields=fields)
