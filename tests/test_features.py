@@ -16,8 +16,9 @@ import pytest
 
 from convoy.backends.base import AddedInputs, RequestInputs
 from convoy.config import TensorSpec, feature_spec
-from convoy.errors import ConfigError, InternalError, InvalidInput, Unavailable
+from convoy.errors import ConfigError, InvalidInput, Unavailable
 from convoy.features.backend import FeatureBackend
+from convoy.features.lookup import entity_values
 from convoy.features.skew import Offline, Served, compare
 
 from .conftest import ROOT
@@ -205,7 +206,7 @@ def test_a_request_without_its_entity_input_is_refused_alone() -> None:
     assert isinstance(bad, InvalidInput) and "USER" in bad.message
     assert isinstance(good, AddedInputs)
     (only,) = made.run_requests([empty])
-    assert isinstance(only, InvalidInput | InternalError)
+    assert isinstance(only, InvalidInput)
 
 
 # -- skew arithmetic ---------------------------------------------------------------------
@@ -240,3 +241,14 @@ def test_convoy_serve_does_not_import_feast() -> None:
         "convoy.cli.build_parser(); assert 'feast' not in sys.modules, 'feast imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_entity_keys_as_feast_takes_them() -> None:
+    assert entity_values(np.array([[3], [4]], np.int64), "INT64") == [3, 4]
+    keys = np.array([[b"alice"], [b"b\xc3\xb6b"]], dtype=object)
+    assert entity_values(keys, "BYTES") == ["alice", "b\u00f6b"]
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        entity_values(np.array([b"\xff"], dtype=object), "BYTES")
+    made, _, _ = backend(FakeStore({1: (1.0, 1.0)}))
+    (empty,) = made.run_requests([RequestInputs("z", {"USER": np.zeros((0, 1), np.int64)}, ("Y",))])
+    assert isinstance(empty, InvalidInput) and "no keys" in empty.message

@@ -65,8 +65,8 @@ class FeatureBackend:
                 keys[key].extend(values)
             spans.append((start, start + rows))
             start += rows
-        if start == 0:
-            return [a if a is not None else InternalError("no rows") for a in answers]
+        if start == 0:  # every request refused: nothing to look up
+            return [a if a is not None else InternalError("unanswered") for a in answers]
         began = time.perf_counter()
         looked = lookup(self._store, self._spec, keys)
         self._record(time.perf_counter() - began, looked)
@@ -107,8 +107,11 @@ class FeatureBackend:
             if array is None:
                 raise InvalidInput(f"entity input '{name}' (feast_entities '{key}') is missing")
             found[key] = list(entity_values(array, self._key_types[name]))
-        if len({len(v) for v in found.values()}) != 1:
+        counts = {len(v) for v in found.values()}
+        if len(counts) != 1:
             raise InvalidInput("entity inputs carry different numbers of rows")
+        if counts == {0}:
+            raise InvalidInput(f"entity inputs {[n for _, n in self._spec.entities]} hold no keys")
         return found
 
     def _record(self, seconds: float, looked: LookedUp) -> None:
