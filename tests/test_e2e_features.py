@@ -22,9 +22,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from convoy.cli import main
-
-from .conftest import ServerProcess, start_server
-from .feast_repo import (
+from loadtests.feast_repo import (
     USERS,
     FeatureRepo,
     age,
@@ -34,6 +32,8 @@ from .feast_repo import (
     score,
     write_feature_model,
 )
+
+from .conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e
 FEATURES_CAPTURED = ("age", "age__ts", "score", "score__ts", "clicks", "clicks__ts")
@@ -83,6 +83,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     write_feature_model(
         models, "bad_view", repo.root, parameters={"feast_features": "nope:age,a:b,c:d"}
     )
+    broken = root / "broken-feast"
+    broken.mkdir()
+    (broken / "feature_store.yaml").write_text("project: [unclosed\n")
+    write_feature_model(models, "broken_repo", broken)
     (models / "pipeline" / "1").mkdir(parents=True)
     (models / "pipeline" / "config.pbtxt").write_text(ENSEMBLE)
     server = start_server(models, "--capture-dir", str(capture), "--capture-flush-secs", "0.2")
@@ -163,11 +167,13 @@ def test_missing_features_by_policy(client: object) -> None:
     assert np.isnan(got[0]) and got[1] == pytest.approx(expected(4))
 
 
-def test_metadata_shows_the_entity_input_not_the_filled_one(client: object) -> None:
+def test_metadata_shows_the_entity_input_not_the_filled_one(served: Served, client: object) -> None:
     meta = client.get_model_metadata("scored", as_json=True)  # type: ignore[attr-defined]
     assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
         ("USER", "INT64", ["-1", "1"])
     ]
+    http = urllib.request.urlopen(f"http://{served.server.http_url}/v2/models/scored", timeout=10)
+    assert [i["name"] for i in json.loads(http.read())["inputs"]] == ["USER"]
     with pytest.raises(InferenceServerException, match="F"):
         f = grpcclient.InferInput("F", [1, 3], "FP32")
         f.set_data_from_numpy(np.zeros((1, 3), np.float32))
@@ -182,6 +188,8 @@ def test_a_missing_or_broken_repository_fails_the_load_naming_the_parameter(
     assert "parameters.feast_repo" in index["no_repo"]["reason"]
     assert "parameters.feast_features" in index["bad_view"]["reason"]
     assert "'nope:age'" in index["bad_view"]["reason"]
+    assert "parameters.feast_repo" in index["broken_repo"]["reason"]
+    assert "broken" in index["broken_repo"]["reason"]
     assert client.is_model_ready("scored")  # type: ignore[attr-defined]
 
 

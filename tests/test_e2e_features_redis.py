@@ -13,8 +13,15 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from loadtests.feast_repo import (
+    FeatureRepo,
+    RedisServer,
+    build_feature_repo,
+    expected,
+    write_feature_model,
+)
+
 from .conftest import ServerProcess, start_server
-from .feast_repo import FeatureRepo, RedisServer, build_feature_repo, expected, write_feature_model
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("feast", reason="feast missing: the `feast` extra (pulled by `test`)")

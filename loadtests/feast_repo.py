@@ -1,6 +1,7 @@
-"""A real Feast repository for the feature tests: Parquet offline sources, an Entity, two
-FeatureViews and a FeatureService, applied with FeatureStore.apply and materialised into
-the SQLite online store (or Redis), plus a convoy_python model that reads the features.
+"""A real Feast repository for the feature tests and loadtests/feature_lookup.py: Parquet
+offline sources, an Entity, two FeatureViews and a FeatureService, applied with
+FeatureStore.apply and materialised into the SQLite online store (or Redis), plus a
+convoy_python model that reads the features.
 
 users 1..USERS: user_stats (age FLOAT32, score FLOAT64) and user_activity (clicks INT64),
 two rows each, two hours and one hour before `now`. The model answers
@@ -156,6 +157,7 @@ def write_feature_model(
     *,
     parameters: dict[str, str] | None = None,
     max_batch_size: int = 8,
+    queue_delay_us: int = 20_000,
     extra: str = "",
 ) -> Path:
     """<models>/<name>: the model above, its features from `repo` (linked in as `features`)."""
@@ -173,7 +175,7 @@ def write_feature_model(
     text = ", ".join(
         f'{{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items() if v
     )
-    batching = "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
+    batching = f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
     (model / "config.pbtxt").write_text(
         f'name: "{name}"\nbackend: "convoy_python"\nmax_batch_size: {max_batch_size}\n'
         'input [ { name: "F" data_type: TYPE_FP32 dims: [ 3 ] } ]\n'
