@@ -77,7 +77,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     write_feature_model(models, "with_nan", repo.root, parameters={"feast_missing": "nan"})
     write_feature_model(
         models, "by_service", repo.root, max_batch_size=0,
-        parameters={"feast_features": "", "feast_feature_service": "scoring"},
+        parameters={"feast_features": "", "feast_feature_service": "scoring", **captured},
     )  # fmt: skip
     write_feature_model(models, "no_repo", repo.root, parameters={"feast_repo": "elsewhere"})
     write_feature_model(
@@ -357,3 +357,20 @@ def test_usage_errors_name_the_flag(
     )
     assert code == 2
     assert "--capture-dir" in capsys.readouterr().err
+
+
+def test_skew_of_a_model_without_batching_by_feature_service(
+    served: Served, client: object, tmp_path: Path
+) -> None:
+    for user in (1, 2, 3):
+        x = grpcclient.InferInput("USER", [1], "INT64")
+        x.set_data_from_numpy(np.array([user], np.int64))
+        client.infer("by_service", [x], request_id=f"svc{user}")  # type: ignore[attr-defined]
+    rows = captured_rows(served.capture, "by_service", "request_id", "status = 'OK'", 3)
+    report = tmp_path / "skew.json"
+    words = ["--capture-dir", str(served.capture), "--model-repository", str(served.models)]
+    assert main(["skew", "by_service", *words, "--report", str(report)]) == 0
+    found = json.loads(report.read_text())
+    assert found["rows"] == len(rows)
+    assert list(found["features"]) == ["age", "score", "clicks"]
+    assert all(f["mismatch_rate"] == 0 and f["missing"] == 0 for f in found["features"].values())

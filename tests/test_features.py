@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -252,3 +253,47 @@ def test_entity_keys_as_feast_takes_them() -> None:
     made, _, _ = backend(FakeStore({1: (1.0, 1.0)}))
     (empty,) = made.run_requests([RequestInputs("z", {"USER": np.zeros((0, 1), np.int64)}, ("Y",))])
     assert isinstance(empty, InvalidInput) and "no keys" in empty.message
+
+
+def test_a_replay_reads_the_entity_keys_back_not_the_looked_up_features(tmp_path: Path) -> None:
+    """Captured with the features; read back for a replay without them."""
+    import datetime as dt
+
+    from convoy.capture.replay import read_requests
+    from convoy.capture.rows import CapturedRow
+    from convoy.capture.writer import CaptureWriter
+    from convoy.config import CaptureConfig, read_model_config, validate_model_config
+
+    folder = tmp_path / "models" / "m"
+    folder.mkdir(parents=True)
+    params = {**BASE, "feast_features": "stats:age,stats:score", "capture_sample_rate": "1"}
+    text = ", ".join(f'{{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in params.items())
+    (folder / "config.pbtxt").write_text(
+        'name: "m"\nbackend: "convoy_python"\nmax_batch_size: 4\n'
+        'input [ { name: "F" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        f"parameters [ {text} ]\n"
+    )
+    model = validate_model_config(read_model_config(folder), "m/config.pbtxt", "m")
+    users = np.array([[1], [2]], np.int64)
+    looked = {
+        "age": np.array([[10.0], [20.0]], np.float32),
+        "age__ts": np.array([[5], [6]], np.int64),
+        "score": np.array([[0.5], [1.5]], np.float32),
+        "score__ts": np.array([[5], [6]], np.int64),
+    }
+    now_us = int(dt.datetime.now(dt.UTC).timestamp() * 1e6)
+    row = CapturedRow(
+        spec=model, version="1", request_id="r", timestamp_us=now_us,
+        arm="none", transport="grpc", status="OK", error=None, queue_us=1, compute_us=1,
+        total_us=1, cache_hit=False, client=None, inputs={"USER": users, **looked},
+        outputs={"Y": np.zeros((2, 1), np.float32)}, nbytes=100,
+    )  # fmt: skip
+    uri = str(tmp_path / "capture")
+    writer = CaptureWriter(CaptureConfig(uri=uri, flush_s=60))
+    writer.open()
+    assert writer.put(row)
+    writer.close(30)
+    (back,) = read_requests(uri, "m")
+    assert list(back.inputs) == ["USER"]
+    assert back.inputs["USER"].tolist() == [[1], [2]]
