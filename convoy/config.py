@@ -755,9 +755,8 @@ def _check_feature_refs(
         if not view or not name or ":" in name:
             raise ConfigError(path, key, f"'{ref}' is not a view:feature reference")
         names.append(name)
-    clashes = sorted(
-        {n for n in names if names.count(n) > 1} | ({t.name for t in inputs} & set(names))
-    )
+    fields = {*names, *(n + FEATURE_TIMESTAMP_SUFFIX for n in names)}  # captured beside inputs
+    clashes = sorted({n for n in names if names.count(n) > 1} | ({t.name for t in inputs} & fields))
     if clashes:
         raise ConfigError(path, key, f"feature names {clashes} are not unique among the inputs")
     if output.dims[0] not in (-1, len(refs)):

@@ -59,6 +59,7 @@ def test_callers_send_entity_keys_and_the_runtime_gets_its_own_inputs() -> None:
         ({"feast_features": "age,stats:score"}, "feast_features", "'age'"),
         ({"feast_features": "stats:age"}, "feast_output", "1 features fill it"),
         ({"feast_features": "a:X,b:Y"}, "feast_features", "not unique"),
+        ({"feast_features": "a:USER,b:Y"}, "feast_features", "not unique"),
         ({"feast_output": "G"}, "feast_output", "'G' is not an input"),
         ({"feast_output": "X"}, "feast_output", "dims"),
         ({"feast_entities": "user_id"}, "feast_entities", "entity_key:INPUT"),
