@@ -22,9 +22,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client import (
-    Histogram as PromHistogram,
-)
+from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,

@@ -493,12 +493,13 @@ class ModelRepository:
         devices = [d for g in spec.instance_groups for d in place_group(spec.name, g, failed)]
         threads = default_threads(len(devices))
         labels = _read_labels(spec, model_dir)
-        # First: a bad drift reference fails the load before any runtime starts.
-        monitoring = self._attach_monitoring(spec, model_dir, version, labels)
-        # parameters feast_*: the repository checked first, then each runtime behind a lookup.
+        # parameters feast_*: the Feast repository checked before anything is built, then
+        # each runtime put behind a lookup.
         features = self._features(spec, model_dir)
         if features is not None:
             spec = features.served(spec)
+        # First: a bad drift reference fails the load before any runtime starts.
+        monitoring = self._attach_monitoring(spec, model_dir, version, labels)
 
         def build(device: str) -> Backend:
             if features is None:
