@@ -6,6 +6,7 @@ capture on, called through tritonclient."""
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import time
 import urllib.request
@@ -37,7 +38,9 @@ from .conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e
 FEATURES_CAPTURED = ("age", "age__ts", "score", "score__ts", "clicks", "clicks__ts")
-pytest.importorskip("feast", reason="feast missing: the `feast` extra (pulled by `test`)")
+# Found, not imported: Feast takes seconds to import, paid by the fixtures that use it.
+if importlib.util.find_spec("feast") is None:
+    pytest.skip("feast missing: the `feast` extra (pulled by `test`)", allow_module_level=True)
 duckdb = pytest.importorskip("duckdb", reason="duckdb missing: a test extra")
 
 ENSEMBLE = """

@@ -4,6 +4,7 @@ while the server keeps serving, and they succeed again once Redis is back."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,11 @@ from loadtests.feast_repo import (
 from .conftest import ServerProcess, start_server
 
 pytestmark = pytest.mark.e2e
-pytest.importorskip("feast", reason="feast missing: the `feast` extra (pulled by `test`)")
-pytest.importorskip("redis", reason="redis missing: the `feast` extra (pulled by `test`)")
+# Found, not imported: Feast takes seconds to import, paid by the fixtures that use it.
+if importlib.util.find_spec("feast") is None:
+    pytest.skip("feast missing: the `feast` extra (pulled by `test`)", allow_module_level=True)
+if importlib.util.find_spec("redis") is None:
+    pytest.skip("redis missing: the `feast` extra (pulled by `test`)", allow_module_level=True)
 if shutil.which("redis-server") is None:
     pytest.skip(
         "redis-server missing (apt-get install redis-server; .ci/run does)", allow_module_level=True
