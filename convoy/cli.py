@@ -23,6 +23,7 @@ from .config import (
     TracingConfig,
 )
 from .cost.cli import add_cost_parser, run_cost
+from .features.cli import add_skew_parser, run_skew
 from .inference.tracing import parse_endpoint, parse_sample_rate
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .monitoring.slo_cli import add_slo_parser, run_slo
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_parser(commands)
     add_slo_parser(commands)
     add_cost_parser(commands)
+    add_skew_parser(commands)
     return parser
 
 
@@ -349,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_slo(args)
     if args.command == "cost":
         return run_cost(args)
+    if args.command == "skew":
+        return run_skew(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -382,6 +382,14 @@ class ModelSpec:
     ensemble: tuple[EnsembleStep, ...] = ()  # platform "ensemble" only
     response_cache: bool = False  # Triton's response_cache { enable: true }
     capture: CaptureSpec | None = None  # parameters capture_*; None: never captured
+    # parameters feast_*: `inputs` are then what callers send (entity keys), and the
+    # runtime is built with features.model_inputs (convoy/features/).
+    features: FeatureSpec | None = None
+
+    @property
+    def captured_inputs(self) -> tuple[TensorSpec, ...]:
+        """What capture writes as `inputs`: the request's, plus each looked-up feature."""
+        return self.inputs if self.features is None else self.inputs + self.features.captured
 
     @property
     def cuda(self) -> CudaOptions:
@@ -519,6 +527,9 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
     _check_softmax(parameters, outputs, path)
     _check_bf16(backend, inputs, outputs, path)
     options = backend_options(parameters, backend, config, inputs, path)
+    features = feature_spec(parameters, inputs, path)
+    if features is not None:  # callers send entity keys, not the input the features fill
+        inputs = features.caller_inputs
     return ModelSpec(
         name=config.name,
         backend=backend,
@@ -536,6 +547,7 @@ def validate_model_config(config: mc.ModelConfig, path: str, dir_name: str) -> M
         options=options,
         response_cache=config.response_cache.enable,
         capture=capture_spec(parameters, inputs, path),
+        features=features,
     )
 
 
@@ -637,6 +649,170 @@ def capture_spec(
     if rate == 0.0:
         return None
     return CaptureSpec(rate, by, outputs == "true", chosen[CAPTURE_EXCLUDE], chosen[CAPTURE_HASH])
+
+
+FEAST_REPO = "feast_repo"
+FEAST_FEATURES = "feast_features"
+FEAST_SERVICE = "feast_feature_service"
+FEAST_ENTITIES = "feast_entities"
+FEAST_OUTPUT = "feast_output"
+FEAST_MISSING = "feast_missing"
+FEAST_KEYS = (
+    FEAST_REPO,
+    FEAST_FEATURES,
+    FEAST_SERVICE,
+    FEAST_ENTITIES,
+    FEAST_OUTPUT,
+    FEAST_MISSING,
+)
+FEATURE_TIMESTAMP_SUFFIX = "__ts"  # a captured feature's timestamp field (Feast's own suffix)
+_FLOATS = ("FP16", "FP32", "FP64")
+_FEATURE_DATATYPES = (*_FLOATS, "INT32", "INT64")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """parameters feast_*: a model input filled from a Feast feature store, per batch, with
+    features looked up by entity keys the request carries (docs/features.md). The Feast
+    repository itself is opened at load (convoy/features/), where a feature service's
+    features and the entities' key types become known."""
+
+    repo: str  # a directory with feature_store.yaml, relative to the model directory
+    features: tuple[str, ...]  # "view:feature" references; () when a service names them
+    service: str | None
+    entities: tuple[tuple[str, str], ...]  # (Feast join key, the request input carrying it)
+    output: TensorSpec  # the model input the features fill, concatenated in declared order
+    missing: str  # error | default | nan
+    default: float
+    model_inputs: tuple[TensorSpec, ...]  # what the runtime takes (config.pbtxt's inputs)
+    caller_inputs: tuple[TensorSpec, ...]  # what callers send: entity keys, not `output`
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The features' own names (past "view:"), as capture and skew name them."""
+        return tuple(ref.split(":", 1)[1] for ref in self.features)
+
+    @property
+    def captured(self) -> tuple[TensorSpec, ...]:
+        """Each feature as the model saw it, and its feature timestamp (UTC µs; 0: none)."""
+        specs: list[TensorSpec] = []
+        for name in self.names:
+            specs.append(TensorSpec(name, self.output.datatype, (1,)))
+            specs.append(TensorSpec(name + FEATURE_TIMESTAMP_SUFFIX, "INT64", (1,)))
+        return tuple(specs)
+
+    def with_features(self, references: tuple[str, ...], path: str) -> FeatureSpec:
+        """The features a service named (at load), checked like declared ones."""
+        _check_feature_refs(references, self.output, self.caller_inputs, path)
+        return replace(self, features=references)
+
+
+def feature_spec(
+    parameters: dict[str, str], inputs: tuple[TensorSpec, ...], path: str
+) -> FeatureSpec | None:
+    """parameters feast_*; ConfigError names the parameter at fault. None without
+    feast_repo (and then no other feast_* key may be set)."""
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(path, f"parameters.{key}", message)
+
+    repo = parameters.get(FEAST_REPO, "").strip()
+    if not repo:
+        for key in FEAST_KEYS:
+            if key in parameters:
+                raise fail(key, f"has no effect without parameters.{FEAST_REPO}")
+        return None
+    if Path(repo).is_absolute() or ".." in Path(repo).parts:
+        raise fail(FEAST_REPO, f"'{repo}' must be a directory inside the model directory")
+    refs = tuple(r.strip() for r in parameters.get(FEAST_FEATURES, "").split(",") if r.strip())
+    service = parameters.get(FEAST_SERVICE, "").strip() or None
+    if bool(refs) == bool(service):
+        raise fail(FEAST_FEATURES, f"give either {FEAST_FEATURES} or {FEAST_SERVICE}")
+    by_name = {t.name: t for t in inputs}
+    output_name = parameters.get(FEAST_OUTPUT, "").strip()
+    output = by_name.get(output_name)
+    if output is None:
+        raise fail(FEAST_OUTPUT, f"'{output_name}' is not an input of the model")
+    if output.datatype not in _FEATURE_DATATYPES or len(output.dims) != 1:
+        raise fail(
+            FEAST_OUTPUT,
+            f"input '{output_name}' must be one of {list(_FEATURE_DATATYPES)} with dims "
+            f"[ N ] (N features), got {output.datatype} {list(output.dims)}",
+        )
+    entities: list[tuple[str, str]] = []
+    for pair in parameters.get(FEAST_ENTITIES, "").split(","):
+        key, _, name = pair.strip().partition(":")
+        if not key.strip() or not name.strip():
+            raise fail(FEAST_ENTITIES, f"'{pair.strip()}' is not an entity_key:INPUT pair")
+        entities.append((key.strip(), name.strip()))
+    entity_inputs: list[TensorSpec] = []
+    for _, name in entities:
+        if name == output_name:
+            raise fail(FEAST_ENTITIES, f"input '{name}' is the one the features fill")
+        declared = by_name.get(name, TensorSpec(name, "INT64", (1,)))
+        if declared.datatype not in ("INT64", "BYTES") or declared.dims != (1,):
+            raise fail(
+                FEAST_ENTITIES,
+                f"entity input '{name}' must be INT64 or BYTES (TYPE_STRING) with dims [ 1 ]",
+            )
+        entity_inputs.append(replace(declared, optional=False))
+    if len({name for _, name in entities}) != len(entities):
+        raise fail(FEAST_ENTITIES, "each entity needs an input of its own")
+    missing, default = _missing_policy(parameters.get(FEAST_MISSING, "error"), output, fail)
+    entity_names = {name for _, name in entities}
+    model_inputs = tuple(t for t in inputs if t.name not in entity_names)
+    caller = tuple(t for t in model_inputs if t.name != output_name) + tuple(entity_inputs)
+    spec = FeatureSpec(
+        repo=repo, features=(), service=service, entities=tuple(entities), output=output,
+        missing=missing, default=default, model_inputs=model_inputs, caller_inputs=caller,
+    )  # fmt: skip
+    return spec.with_features(refs, path) if refs else spec
+
+
+def _missing_policy(
+    text: str, output: TensorSpec, fail: Callable[[str, str], ConfigError]
+) -> tuple[str, float]:
+    policy, _, value = text.strip().partition(":")
+    if policy == "error" and not value:
+        return "error", 0.0
+    if policy == "nan" and not value:
+        if output.datatype not in _FLOATS:
+            raise fail(
+                FEAST_MISSING, f"nan needs a floating input, '{output.name}' is {output.datatype}"
+            )
+        return "nan", math.nan
+    if policy == "default":
+        try:
+            number = float(value)
+        except ValueError:
+            raise fail(FEAST_MISSING, f"'{value}' is not a number (default:<value>)") from None
+        if output.datatype not in _FLOATS and not number.is_integer():
+            raise fail(
+                FEAST_MISSING, f"'{value}' does not fit input '{output.name}' ({output.datatype})"
+            )
+        return "default", number
+    raise fail(FEAST_MISSING, f"'{text}' is not one of error, default:<value>, nan")
+
+
+def _check_feature_refs(
+    refs: tuple[str, ...], output: TensorSpec, inputs: tuple[TensorSpec, ...], path: str
+) -> None:
+    key = f"parameters.{FEAST_FEATURES}"
+    names: list[str] = []
+    for ref in refs:
+        view, _, name = ref.partition(":")
+        if not view or not name or ":" in name:
+            raise ConfigError(path, key, f"'{ref}' is not a view:feature reference")
+        names.append(name)
+    fields = {*names, *(n + FEATURE_TIMESTAMP_SUFFIX for n in names)}  # captured beside inputs
+    clashes = sorted({n for n in names if names.count(n) > 1} | ({t.name for t in inputs} & fields))
+    if clashes:
+        raise ConfigError(path, key, f"feature names {clashes} are not unique among the inputs")
+    if output.dims[0] not in (-1, len(refs)):
+        raise ConfigError(
+            path, f"parameters.{FEAST_OUTPUT}",
+            f"input '{output.name}' has dims {list(output.dims)}, but {len(refs)} features fill it",
+        )  # fmt: skip
 
 
 def _check_positive(parameters: dict[str, str], path: str, key: str) -> None:

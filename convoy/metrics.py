@@ -125,6 +125,7 @@ class Metrics:
         # A reload builds the new version before closing the old one, and both share
         # the label children: only the current owner may switch them off.
         self._owners: dict[tuple[str, str], ModelMetrics] = {}
+        self.features = FeatureMetrics(r)
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version, self.series.series(model, version))
@@ -530,3 +531,43 @@ class ModelMetrics:
             except KeyError:
                 pass
         self.ready.set(0)
+
+
+# Feature ages: from a second (just materialised) to a week (a forgotten job).
+STALENESS_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400)
+
+
+class FeatureMetrics:
+    """Feature-store lookups (convoy/features/): observed once per batch on the instance's
+    thread, off the loop, so prometheus_client's locks cost no caller anything."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lookup_seconds = PromHistogram(
+            "convoy_feature_lookup_seconds", "Time of one batch's online feature lookup",
+            ("model",), registry=registry,
+        )  # fmt: skip
+        self.missing = Counter(
+            "convoy_feature_missing_total", "Rows the online store had no value of a feature for",
+            ("model", "feature"), registry=registry,
+        )  # fmt: skip
+        self.staleness = PromHistogram(
+            "convoy_feature_staleness_seconds",
+            "Age of each served feature value (lookup time minus its feature timestamp)",
+            ("model", "feature"), buckets=STALENESS_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def observe(
+        self,
+        model: str,
+        seconds: float,
+        missing: Mapping[str, int],
+        ages_s: Mapping[str, Iterable[float]],
+    ) -> None:
+        self.lookup_seconds.labels(model).observe(seconds)
+        for feature, count in missing.items():
+            if count:
+                self.missing.labels(model, feature).inc(count)
+        for feature, ages in ages_s.items():
+            child = self.staleness.labels(model, feature)
+            for age in ages:
+                child.observe(age)

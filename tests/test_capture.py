@@ -138,7 +138,8 @@ def row_of(
     return (
         request_id, timestamp_us, arm, transport, status, error, queue_us, compute_us,
         total_us, cache_hit, client,
-        *[inputs.get(t.name) for t in spec.inputs], *[outputs.get(t.name) for t in spec.outputs],
+        *[inputs.get(t.name) for t in spec.captured_inputs],
+        *[outputs.get(t.name) for t in spec.outputs],
     )  # fmt: skip
 
 

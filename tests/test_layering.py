@@ -73,6 +73,8 @@ def reaches(deps: set[str], prefixes: tuple[str, ...]) -> list[str]:
         ("convoy.monitoring", ("convoy.cli",)),
         # capture and replay go through the inference path, never a door
         ("convoy.capture", ("convoy.cli", "convoy.api", "convoy.workers")),
+        # feature lookups sit in front of a backend; skew reads captures, never a door
+        ("convoy.features", ("convoy.cli", "convoy.api", "convoy.workers", "convoy.inference")),
     ],
 )
 def test_dependencies_point_down(floor: str, above: tuple[str, ...]) -> None:

@@ -58,6 +58,15 @@ class RequestInputs:
     output_names: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class AddedInputs:
+    """A request's outputs, plus inputs the backend added to it before running the model
+    (features from a feature store): captured with the request, as the model saw them."""
+
+    outputs: dict[str, Array]
+    inputs: dict[str, Array]
+
+
 @runtime_checkable
 class RunsRequests(Protocol):
     """A backend that runs a batch as its separate requests (Triton's python backend)
@@ -66,7 +75,7 @@ class RunsRequests(Protocol):
 
     def run_requests(
         self, requests: Sequence[RequestInputs]
-    ) -> list[dict[str, Array] | ConvoyError]: ...
+    ) -> list[dict[str, Array] | AddedInputs | ConvoyError]: ...
 
 
 @runtime_checkable

@@ -12,6 +12,8 @@ from ..tensors import Array, Ranked
 class InferResult:
     outputs: dict[str, Array]  # the outputs asked for in full
     ranked: dict[str, Ranked] = field(default_factory=dict)  # those asked for classification
+    # Inputs the server added before the model ran (looked-up features): captured, not sent.
+    added_inputs: dict[str, Array] = field(default_factory=dict)
 
 
 @dataclass(eq=False)

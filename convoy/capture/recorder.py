@@ -56,7 +56,9 @@ class _Plan:
             return EXCLUDE if name in capture.exclude else HASH if name in capture.hashed else KEEP
 
         # (name, how, holds Python objects: BYTES, whose size is summed item by item)
-        self.inputs = tuple((t.name, how(t.name), t.datatype == "BYTES") for t in spec.inputs)
+        self.inputs = tuple(
+            (t.name, how(t.name), t.datatype == "BYTES") for t in spec.captured_inputs
+        )
         self.outputs = tuple(
             (t.name, t.datatype == "BYTES") for t in spec.outputs if capture.outputs
         )
@@ -121,6 +123,8 @@ class CaptureRecorder:
         keep = row.append
         nbytes = ROW_OVERHEAD_BYTES
         given = request.inputs if request is not None else {}
+        if result is not None and result.added_inputs:  # looked-up features: what the model saw
+            given = {**given, **result.added_inputs}
         for name, how, objects in plan.inputs:
             value = given.get(name)
             if value is None or how == EXCLUDE:

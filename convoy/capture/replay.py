@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..tensors import Array
+from .rows import LOOKED_UP
 from .writer import open_filesystem
 
 if TYPE_CHECKING:
@@ -429,6 +430,8 @@ def _tensors(
     hashed: dict[str, list[bool]] = {}
     for index in range(struct.type.num_fields):
         name = struct.type.field(index).name
+        if LOOKED_UP.encode() in (struct.type.field(index).metadata or {}):
+            continue  # a feature the server looked up: the replay's server looks it up again
         column = struct.field(index)
         valid = column.is_valid().to_pylist()
         leaves = column

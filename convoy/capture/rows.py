@@ -59,6 +59,9 @@ SCALARS = (
 Row = tuple[Any, ...]
 
 
+# Field metadata of an `inputs` field the server looked up (a feature), not sent.
+LOOKED_UP = "looked_up"
+
 LABEL_COLUMNS = ("request_id", "label", "kind", "value", "version", "timestamp")
 
 
@@ -141,7 +144,7 @@ def table(pending: PendingRows) -> pa.Table:
     excluded = capture.exclude if capture is not None else frozenset()
     values = list(zip(*pending.rows, strict=True))  # one tuple per column, in C
     scalars = dict(zip(SCALARS, values, strict=False))
-    names = [t.name for t in (*spec.inputs, *spec.outputs)]
+    names = [t.name for t in (*spec.captured_inputs, *spec.outputs)]
     tensors = {n: list(column) for n, column in zip(names, values[len(SCALARS) :], strict=True)}
     columns: dict[str, pa.Array] = {
         # A request without an id gets one here, off the loop (uuid4: ~1.5 µs): rows stay
@@ -158,11 +161,15 @@ def table(pending: PendingRows) -> pa.Table:
         "cache_hit": pa.array(scalars["cache_hit"], pa.bool_()),
         "client": pa.array(scalars["client"], pa.string()),
     }
-    inputs = [t for t in spec.inputs if t.name not in excluded]
+    inputs = [t for t in spec.captured_inputs if t.name not in excluded]
     # Parquet holds no struct without fields: with every input excluded, no `inputs`.
     if inputs:
+        # Looked-up features are marked: a replay sends the entity keys, not them.
+        looked_up = frozenset(t.name for t in spec.features.captured) if spec.features else None
         columns["inputs"] = _struct(
-            [(t, t.name in hashed_names, tensors[t.name]) for t in inputs], spec.batched
+            [(t, t.name in hashed_names, tensors[t.name]) for t in inputs],
+            spec.batched,
+            looked_up,
         )
     outputs = [(t, False, tensors[t.name]) for t in spec.outputs]
     columns["outputs"] = _struct(outputs, spec.batched)
@@ -174,7 +181,9 @@ def table(pending: PendingRows) -> pa.Table:
 
 
 def _struct(
-    tensors: Iterable[tuple[TensorSpec, bool, list[np.ndarray[Any, Any] | None]]], batched: bool
+    tensors: Iterable[tuple[TensorSpec, bool, list[np.ndarray[Any, Any] | None]]],
+    batched: bool,
+    looked_up: frozenset[str] | None = None,
 ) -> pa.Array:
     import pyarrow as pa
 
@@ -182,6 +191,8 @@ def _struct(
     for spec, is_hashed, values in tensors:
         array = _tensor_column(spec, is_hashed, values, batched)
         metadata = {"shape": json.dumps(list(spec.dims)), "batched": json.dumps(batched)}
+        if looked_up and spec.name in looked_up:
+            metadata[LOOKED_UP] = "true"
         fields.append(pa.field(spec.name, array.type, metadata=metadata))
         arrays.append(array)
     return pa.StructArray.from_arrays(arrays, fields=fields)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import load_backend, probe_signature
-from ..backends.base import BackendSignature, default_threads
+from ..backends.base import Backend, BackendSignature, default_threads
 from ..batching.queue import BatchTracer, Clock
 from ..batching.request import InferRequest, InferResult
 from ..config import (
@@ -33,6 +33,7 @@ from ..config import (
     version_policy_of,
 )
 from ..errors import ConfigError, ConvoyError, InvalidInput, ModelNotFound, ModelNotReady
+from ..features.serving import FeatureSource, open_features
 from ..metrics import Metrics
 from ..monitoring.registry import ModelMonitoring, Monitors
 from ..monitoring.tokens import tokenizer_hook
@@ -603,12 +604,24 @@ class ModelRepository:
         devices = [d for g in spec.instance_groups for d in place_group(spec.name, g, failed)]
         threads = default_threads(len(devices))
         labels = _read_labels(spec, model_dir)
+        # parameters feast_*: the Feast repository checked before anything is built, then
+        # each runtime put behind a lookup.
+        features = self._features(spec, model_dir)
+        if features is not None:
+            spec = features.served(spec)
         # First: a bad drift reference fails the load before any runtime starts.
         monitoring = self._attach_monitoring(spec, model_dir, version, labels)
+
+        def build(device: str) -> Backend:
+            if features is None:
+                return load_backend(spec, model_path, device, threads)
+            runtime = load_backend(features.runtime(spec), model_path, device, threads)
+            return features.wrap(runtime, spec.batched)
+
         instances: list[ModelInstance] = []
         try:
             for index, device in enumerate(devices):
-                backend = load_backend(spec, model_path, device, threads)
+                backend = build(device)
                 name = f"{spec.name}-v{version}-{index}"
                 instances.append(ModelInstance(name, backend, spec.softmax_outputs, labels))
             warm_up([i.backend for i in instances], spec, model_dir)
@@ -622,7 +635,7 @@ class ModelRepository:
 
         def replacement(device: str) -> ModelInstance:
             name = f"{spec.name}-v{version}-r{next(replacements)}"
-            backend = load_backend(spec, model_path, device, threads)
+            backend = build(device)
             warm_up([backend], spec, model_dir)
             return ModelInstance(name, backend, spec.softmax_outputs, labels)
 
@@ -641,6 +654,12 @@ class ModelRepository:
             served.queue.tracer = self.batch_tracing(spec.name, str(version))
         served.attach_monitoring(self.monitors, monitoring)
         return served
+
+    def _features(self, spec: ModelSpec, model_dir: Path) -> FeatureSource | None:
+        if spec.features is None:
+            return None
+        config_path = str(model_dir / CONFIG_FILENAME)
+        return open_features(spec, model_dir, config_path, self._metrics.features)
 
     def _attach_monitoring(
         self, spec: ModelSpec, model_dir: Path, version: int, labels: dict[str, list[str]]

@@ -20,13 +20,19 @@ from dataclasses import dataclass
 from convoy.kernels.classify import format_classes
 
 from ..backends import Backend
-from ..backends.base import RanksOnDevice, RequestInputs, RunsRequests, StagesInputs
+from ..backends.base import (
+    AddedInputs,
+    RanksOnDevice,
+    RequestInputs,
+    RunsRequests,
+    StagesInputs,
+)
 from ..backends.ranking import rank_on_host
 from ..batching.batch import Batch
 from ..batching.queue import BatchDone, BatchOutcome
 from ..batching.request import InferResult
 from ..errors import ConvoyError, InternalError, Unavailable
-from ..tensors import Ranked, Ranking
+from ..tensors import Array, Ranked, Ranking
 from .devices import is_device_fault, is_fatal_device_fault
 from .health import DeviceHealth
 
@@ -129,6 +135,9 @@ class ModelInstance:
             if isinstance(answer, ConvoyError):
                 results.append(answer)
                 continue
+            added: dict[str, Array] = {}
+            if isinstance(answer, AddedInputs):
+                added, answer = answer.inputs, answer.outputs
             ranked: dict[str, Ranked] = {}
             if request.classification:
                 rankings = {
@@ -144,7 +153,7 @@ class ModelInstance:
                     for name, r in rank_on_host(answer, rankings).items()
                 }
             full = {n: answer[n] for n in request.outputs if n not in request.classification}
-            results.append(InferResult(full, ranked))
+            results.append(InferResult(full, ranked, added))
         return BatchOutcome(
             outputs={}, input_ns=0, infer_ns=ran - start, device=self.device, answers=tuple(results)
         )

@@ -1,0 +1,164 @@
+"""One model's Feast repository: opened and checked at load, and the online lookup of
+one batch's rows (blocking: called on an instance's thread, never on the event loop).
+
+Feast is imported here, inside functions, and only for a model that declares
+feast_repo: `convoy serve` without one never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..config import FEAST_ENTITIES, FEAST_FEATURES, FEAST_REPO, FEAST_SERVICE, FeatureSpec
+from ..errors import ConfigError, ConvoyError, InternalError, InvalidInput, Unavailable
+
+# Feast's value types a feature may have to fill a numeric input.
+NUMERIC_TYPES = frozenset({"INT32", "INT64", "FLOAT", "DOUBLE", "BOOL"})
+# Feast's key types and the request datatype that carries them.
+KEY_DATATYPES = {"INT64": "INT64", "INT32": "INT64", "STRING": "BYTES"}
+# A store that cannot be reached raises one of these (redis-py, sqlite3, sockets): the
+# batch fails UNAVAILABLE and the next one tries again. Matched by name: no import of
+# redis where the store is SQLite.
+_UNREACHABLE = frozenset({"ConnectionError", "TimeoutError", "OperationalError", "OSError"})
+_PRESENT = 1  # feast.protos FieldStatus.PRESENT
+
+
+@dataclass(frozen=True)
+class LookedUp:
+    """A batch's features, one row per entity row, columns in the declared order."""
+
+    values: npt.NDArray[np.float64]  # [rows, features]; NaN where missing
+    timestamps_us: npt.NDArray[np.int64]  # feature timestamps, UTC µs; 0 where missing
+    present: npt.NDArray[np.bool_]
+
+
+def repo_dir(spec: FeatureSpec, model_dir: Path) -> Path:
+    return model_dir / spec.repo
+
+
+def open_store(spec: FeatureSpec, model_dir: Path, config_path: str) -> Any:
+    """The Feast FeatureStore of `spec`; ConfigError naming feast_repo where it is missing
+    or cannot be read."""
+    root = repo_dir(spec, model_dir)
+    field = f"parameters.{FEAST_REPO}"
+    if not (root / "feature_store.yaml").is_file():
+        raise ConfigError(config_path, field, f"no feature_store.yaml in '{root}'")
+    try:
+        from feast import FeatureStore
+    except ImportError as exc:
+        raise ConfigError(
+            config_path, field, f"Feast is not installed (pip install 'convoy[feast]'): {exc}"
+        ) from None
+    try:
+        store = FeatureStore(repo_path=str(root))
+        store.list_feature_views()  # reads the registry: a broken one fails the load here
+    except Exception as exc:
+        raise ConfigError(
+            config_path, field, f"the Feast repository '{root}' is broken: {exc}"
+        ) from None
+    return store
+
+
+def resolve(spec: FeatureSpec, store: Any, config_path: str) -> FeatureSpec:
+    """`spec` with a feature service's features filled in, each feature and entity checked
+    against the repository: ConfigError naming the parameter at fault."""
+    if spec.service is not None:
+        try:
+            service = store.get_feature_service(spec.service)
+        except Exception as exc:
+            raise ConfigError(config_path, f"parameters.{FEAST_SERVICE}", str(exc)) from None
+        refs = tuple(
+            f"{projection.name_to_use()}:{feature.name}"
+            for projection in service.feature_view_projections
+            for feature in projection.features
+        )
+        spec = spec.with_features(refs, config_path)
+    declared = dict(spec.entities)
+    key_inputs = {t.name: t for t in spec.caller_inputs}
+    for ref in spec.features:
+        view_name, feature_name = ref.split(":", 1)
+        field = f"parameters.{FEAST_FEATURES}"
+        try:
+            view = store.get_feature_view(view_name)
+        except Exception:
+            raise ConfigError(
+                config_path, field, f"'{ref}': no feature view '{view_name}'"
+            ) from None
+        types = {f.name: f.dtype.to_value_type().name for f in view.features}
+        if feature_name not in types:
+            raise ConfigError(
+                config_path, field, f"'{ref}': view '{view_name}' has no feature '{feature_name}'"
+            )
+        if types[feature_name] not in NUMERIC_TYPES:
+            raise ConfigError(
+                config_path, field, f"'{ref}' is {types[feature_name]}; a model input needs numbers"
+            )
+        for column in view.entity_columns:
+            key = column.name
+            if key not in declared:
+                raise ConfigError(
+                    config_path,
+                    f"parameters.{FEAST_ENTITIES}",
+                    f"view '{view_name}' needs entity key '{key}': add '{key}:INPUT'",
+                )
+            wanted = KEY_DATATYPES.get(column.dtype.to_value_type().name)
+            have = key_inputs[declared[key]].datatype
+            if wanted is not None and wanted != have:
+                raise ConfigError(
+                    config_path,
+                    f"parameters.{FEAST_ENTITIES}",
+                    f"entity key '{key}' is {column.dtype} in Feast: input '{declared[key]}' "
+                    f"must be {'TYPE_STRING' if wanted == 'BYTES' else 'TYPE_INT64'}, not {have}",
+                )
+    return spec
+
+
+def lookup(store: Any, spec: FeatureSpec, keys: dict[str, list[Any]]) -> LookedUp:
+    """The online features of every row (`keys`: join key -> one value per row), in one
+    call to the store. Unavailable where the store cannot be reached."""
+    rows = len(next(iter(keys.values())))
+    try:
+        response = store.get_online_features(features=list(spec.features), entity_rows=keys)
+    except Exception as exc:
+        raise _failure(exc) from exc
+    proto = response.proto
+    column = {name: i for i, name in enumerate(proto.metadata.feature_names.val)}
+    values = np.full((rows, len(spec.features)), np.nan)
+    stamps = np.zeros((rows, len(spec.features)), np.int64)
+    present = np.zeros((rows, len(spec.features)), np.bool_)
+    for j, name in enumerate(spec.names):
+        result = proto.results[column[name]]
+        for i, (value, status, stamp) in enumerate(
+            zip(result.values, result.statuses, result.event_timestamps, strict=True)
+        ):
+            kind = value.WhichOneof("val")
+            if status != _PRESENT or kind is None or kind == "null_val":
+                continue
+            values[i, j] = float(getattr(value, kind))
+            stamps[i, j] = stamp.seconds * 1_000_000 + stamp.nanos // 1000
+            present[i, j] = True
+    return LookedUp(values, stamps, present)
+
+
+def _failure(exc: Exception) -> ConvoyError:
+    names = {kind.__name__ for kind in type(exc).__mro__}
+    if names & _UNREACHABLE:
+        return Unavailable(f"feature store unreachable: {type(exc).__name__}: {exc}")
+    return InternalError(f"feature lookup failed: {type(exc).__name__}: {exc}")
+
+
+def entity_values(array: npt.NDArray[Any], datatype: str) -> Sequence[Any]:
+    """One request input's keys as Feast takes them: ints, or BYTES decoded as UTF-8."""
+    flat = array.reshape(-1)
+    if datatype != "BYTES":
+        return [int(v) for v in flat]
+    try:
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"an entity key is not UTF-8 text: {exc}") from None
