@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .arguments import number
+from .batch.cli import add_batch_parser, run_batch
 from .cache import CacheConfigError, parse_cache_config
 from .capture.cli import add_dataset_parser, run_dataset_command
 from .capture.replay_cli import add_replay_parser, run_replay
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimize_parser(commands)
     add_dataset_parser(commands)
     add_replay_parser(commands)
+    add_batch_parser(commands)
     return parser
 
 
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_dataset_command(args)
     if args.command == "replay":
         return run_replay(args)
+    if args.command == "batch":
+        return run_batch(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 
