@@ -66,18 +66,16 @@ def plan(schema: pa.Schema, signature: ModelSignature, mapping: Mapping[str, str
             )
     bindings: list[Binding] = []
     for tensor in signature.inputs:
-        column: str | None = mapping.get(tensor.name) or (
-            tensor.name if tensor.name in columns else None
-        )
-        if column is None:
+        fed = mapping.get(tensor.name) or (tensor.name if tensor.name in columns else None)
+        if fed is None:
             if tensor.optional:
                 continue
             raise MappingError(
                 f"model input '{tensor.name}' has no column: the input has none of that "
                 f"name (columns: {', '.join(columns)}); use --map COLUMN={tensor.name}"
             )
-        _check(column, schema.field(column).type, tensor)
-        bindings.append(Binding(column, tensor))
+        _check(fed, schema.field(fed).type, tensor)
+        bindings.append(Binding(fed, tensor))
     return bindings
 
 
