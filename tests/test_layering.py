@@ -73,6 +73,8 @@ def reaches(deps: set[str], prefixes: tuple[str, ...]) -> list[str]:
         ("convoy.monitoring", ("convoy.cli",)),
         # capture and replay go through the inference path, never a door
         ("convoy.capture", ("convoy.cli", "convoy.api", "convoy.workers")),
+        # batch jobs too (DESIGN §11): the inference path in process, or a server's wire
+        ("convoy.batch", ("convoy.cli", "convoy.api", "convoy.workers")),
     ],
 )
 def test_dependencies_point_down(floor: str, above: tuple[str, ...]) -> None:

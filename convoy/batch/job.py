@@ -68,82 +68,32 @@ class Progress:
     parts: int = 0
 
 
-class BatchJob:
-    def __init__(
-        self,
-        plan: JobPlan,
-        scorer: Scorer,
-        sink: Sink,
-        manifest: Manifest,
-        on_progress: Callable[[Progress], None] | None = None,
-    ) -> None:
+class PartScorer:
+    """A part's rows through the model: converted, sent in batches (as many in flight
+    as `concurrency`), a refused batch bisected to its bad rows, reassembled in order.
+    Shared by the in-process job and ConvoyPredictor (Ray Data)."""
+
+    def __init__(self, plan: JobPlan, scorer: Scorer) -> None:
         self.plan = plan
         self.scorer = scorer
-        self.sink = sink
-        self.manifest = manifest
-        self.progress = Progress()
-        self._on_progress = on_progress
         self._slots = asyncio.Semaphore(plan.concurrency)
-        self._manifest_lock = asyncio.Lock()
 
-    async def run(self, dataset: ds.Dataset) -> Progress:
-        """Every part not yet done; TooManyErrors past --max-errors, JobFailed where the
-        model cannot go on. The manifest is complete when this returns."""
-        done = frozenset(self.manifest.parts)
-        await asyncio.to_thread(self.sink.prepare)
-        reader = parts(dataset, self.plan.columns, self.plan.part_rows, done)
-        running: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                part = await asyncio.to_thread(next, reader, None)
-                if part is None:
-                    break
-                task = asyncio.create_task(self._part(part))
-                running.add(task)
-                task.add_done_callback(running.discard)
-                if len(running) >= PARTS_IN_FLIGHT:
-                    finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    for t in finished:
-                        t.result()  # the first failure stops the job
-            while running:
-                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for t in finished:
-                    t.result()
-        finally:
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-        self.manifest.complete = True
-        await asyncio.to_thread(self.sink.write_manifest, self.manifest)
-        return self.progress
-
-    async def _part(self, part: Part) -> None:
+    async def score(self, part: Part) -> tuple[pa.Table, list[tuple[Any, str]]]:
+        """The part's scored rows (id, --keep columns, outputs) and its refused rows
+        (id, error)."""
         converted = await asyncio.to_thread(convert, part.table, self.plan.bindings)
         errors: dict[int, str] = dict(converted.errors)
         scored: list[tuple[Array, dict[str, Array]]] = []
+        size = self.plan.batch_size
         chunks = [
-            (positions[i : i + self.plan.batch_size], _rows(inputs, i, i + self.plan.batch_size))
+            (positions[i : i + size], _rows(inputs, i, i + size))
             for positions, inputs in converted.groups
-            for i in range(0, len(positions), self.plan.batch_size)
+            for i in range(0, len(positions), size)
         ]
         await asyncio.gather(
             *(self._score(part, pos, inputs, scored, errors) for pos, inputs in chunks)
         )
-        table, dead = await asyncio.to_thread(self._assemble, part, scored, errors)
-        await asyncio.to_thread(self.sink.write_part, part.index, table, dead)
-        async with self._manifest_lock:
-            self.manifest.parts[part.index] = {"rows": table.num_rows, "errors": len(dead)}
-            await asyncio.to_thread(self.sink.write_manifest, self.manifest)
-        self.progress.rows += table.num_rows
-        self.progress.errors += len(dead)
-        self.progress.parts += 1
-        if self._on_progress is not None:
-            self._on_progress(self.progress)
-        limit = self.plan.max_errors
-        if limit is not None and self.manifest.errors > limit:
-            raise TooManyErrors(
-                f"{self.manifest.errors} rows refused, more than --max-errors {limit}"
-            )
+        return await asyncio.to_thread(self._assemble, part, scored, errors)
 
     async def _score(
         self,
@@ -246,6 +196,73 @@ class BatchJob:
             return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         start = part.first_row
         return pa.array(np.arange(start, start + part.table.num_rows, dtype=np.int64))
+
+
+class BatchJob:
+    def __init__(
+        self,
+        plan: JobPlan,
+        scorer: Scorer,
+        sink: Sink,
+        manifest: Manifest,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.scorer = scorer
+        self.sink = sink
+        self.manifest = manifest
+        self.progress = Progress()
+        self._on_progress = on_progress
+        self._parts = PartScorer(plan, scorer)
+        self._manifest_lock = asyncio.Lock()
+
+    async def run(self, dataset: ds.Dataset) -> Progress:
+        """Every part not yet done; TooManyErrors past --max-errors, JobFailed where the
+        model cannot go on. The manifest is complete when this returns."""
+        done = frozenset(self.manifest.parts)
+        await asyncio.to_thread(self.sink.prepare)
+        reader = parts(dataset, self.plan.columns, self.plan.part_rows, done)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                part = await asyncio.to_thread(next, reader, None)
+                if part is None:
+                    break
+                task = asyncio.create_task(self._part(part))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                if len(running) >= PARTS_IN_FLIGHT:
+                    finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for t in finished:
+                        t.result()  # the first failure stops the job
+            while running:
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for t in finished:
+                    t.result()
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        self.manifest.complete = True
+        await asyncio.to_thread(self.sink.write_manifest, self.manifest)
+        return self.progress
+
+    async def _part(self, part: Part) -> None:
+        table, dead = await self._parts.score(part)
+        await asyncio.to_thread(self.sink.write_part, part.index, table, dead)
+        async with self._manifest_lock:
+            self.manifest.parts[part.index] = {"rows": table.num_rows, "errors": len(dead)}
+            await asyncio.to_thread(self.sink.write_manifest, self.manifest)
+        self.progress.rows += table.num_rows
+        self.progress.errors += len(dead)
+        self.progress.parts += 1
+        if self._on_progress is not None:
+            self._on_progress(self.progress)
+        limit = self.plan.max_errors
+        if limit is not None and self.manifest.errors > limit:
+            raise TooManyErrors(
+                f"{self.manifest.errors} rows refused, more than --max-errors {limit}"
+            )
 
 
 def _rows(inputs: dict[str, Array], start: int, end: int) -> dict[str, Array]:
