@@ -149,11 +149,13 @@ class Sink:
         """The part's dead letters, then its rows, each moved into place whole."""
         name = f"part-{index:05d}"
         if dead:
-            lines = "".join(
-                json.dumps({"id": _jsonable(i), "error": e}) + "\n" for i, e in dead
-            ).encode()
-            self._put(self._dead_fs, self._dead, f"{name}.jsonl", lines)
+            self.write_dead_letters(name, dead)
         self._put(self._fs, self._base, name + SUFFIX[self.format], encode(table, self.format))
+
+    def write_dead_letters(self, name: str, dead: Sequence[tuple[Any, str]]) -> None:
+        """<dead-letter>/<name>.jsonl: one {"id", "error"} line per refused row."""
+        lines = "".join(json.dumps({"id": _jsonable(i), "error": e}) + "\n" for i, e in dead)
+        self._put(self._dead_fs, self._dead, f"{name}.jsonl", lines.encode())
 
     def write_manifest(self, manifest: Manifest) -> None:
         text = json.dumps(manifest.as_json(), indent=1).encode()
