@@ -267,3 +267,18 @@ def test_max_errors_stops_after_the_part_that_passes_it(tmp_path: Path) -> None:
     with pytest.raises(TooManyErrors, match="3 rows refused, more than --max-errors 2"):
         asyncio.run(job.run(dataset))
     assert not job.manifest.complete and 0 in job.manifest.parts
+
+
+def test_requests_are_background_work_for_every_output() -> None:
+    from convoy.batch.engine import to_request
+    from convoy.inference.codec import BACKGROUND_PARAMETER
+
+    sig = signature(TensorSpec("X", "FP32", (1,)), TensorSpec("T", "BYTES", (1,)))
+    inputs = {"X": np.ones((2, 1), np.float32), "T": np.array([[b"a"], [b"bc"]], object)}
+    request = to_request(sig, inputs, "batch-0-2")
+    assert request.parameters[BACKGROUND_PARAMETER].bool_param is True
+    assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == [
+        ("X", "FP32", [2, 1]),
+        ("T", "BYTES", [2, 1]),
+    ]
+    assert not request.outputs  # none named: every output

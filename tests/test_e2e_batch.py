@@ -279,6 +279,24 @@ def test_an_existing_output_needs_resume(repository: Path, tmp_path: Path) -> No
     assert code == 2 and "--resume: the output was written by another job" in err
 
 
+def test_a_busy_server_is_tried_again(repository: Path, tmp_path: Path) -> None:
+    """A queue of 2 requests and 8 batches in flight: RESOURCE_EXHAUSTED, retried."""
+    busy = start_server(repository, "--max-queue-size", "2")
+    try:
+        pq.write_table(lin_table(160), tmp_path / "in.parquet")
+        code, summary, err = batch(
+            "slow", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+            "--server", busy.url, "--map", "x=X", "--id-column", "id", "--concurrency", "8",
+        )  # fmt: skip
+    finally:
+        assert busy.stop() == 0, busy.output()
+    assert code == 0, err
+    assert (summary["rows"], summary["errors"]) == (160, 0) and summary["retries"] > 0
+    out = read_output(tmp_path / "out")
+    values = dict(zip(out.column("id").to_pylist(), out.column("Y").to_pylist(), strict=True))
+    assert values == {f"row-{i}": [2 * ((i % 50) + 0.5)] for i in range(160)}
+
+
 def test_killed_job_resumes_every_id_exactly_once(repository: Path, tmp_path: Path) -> None:
     rows = 640  # 10 parts of 64 rows (16 batches of 4), 20 ms a batch
     pq.write_table(lin_table(rows), tmp_path / "in.parquet")

@@ -293,7 +293,7 @@ async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
             progress = await job.run(dataset)
         except TooManyErrors as exc:
             progress, stopped = job.progress, str(exc)
-        return Outcome(summary(progress, manifest, now() - start), stopped)
+        return Outcome(summary(progress, manifest, now() - start, scorer.retries), stopped)
     finally:
         await scorer.close()
 

@@ -80,6 +80,7 @@ class Scorer:
         self.signature = signature
         self._backoff = backoff
         self._sleep = sleep
+        self.retries = 0  # busy answers tried again (the summary reports them)
 
     async def score(self, inputs: dict[str, Array], request_id: str) -> dict[str, Array]:
         """Outputs of one batch; Refused with a row error code for the rows' own fault,
@@ -96,6 +97,7 @@ class Scorer:
                     raise JobFailed(str(refused)) from None
                 if not delays:
                     raise JobFailed(f"{refused} (after {self._backoff.attempts} tries)") from None
+            self.retries += 1
             await self._sleep(delays.pop(0))
 
     async def close(self) -> None:

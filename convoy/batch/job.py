@@ -282,7 +282,9 @@ def rows_per_second(rows: int, seconds: float) -> float:
     return rows / seconds if seconds > 0 else math.inf
 
 
-def summary(progress: Progress, manifest: Manifest, seconds: float) -> dict[str, Any]:
+def summary(
+    progress: Progress, manifest: Manifest, seconds: float, retries: int = 0
+) -> dict[str, Any]:
     return {
         "model": manifest.model,
         "version": manifest.version,
@@ -294,6 +296,7 @@ def summary(progress: Progress, manifest: Manifest, seconds: float) -> dict[str,
         "total_rows": manifest.rows,
         "total_errors": manifest.errors,
         "complete": manifest.complete,
+        "retries": retries,
     }
 
 
