@@ -289,11 +289,14 @@ async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
         total = _count(dataset) if err.isatty() else None
         job = BatchJob(plan, scorer, sink, manifest, _bar(err, total, start, manifest.rows))
         stopped = None
+        scoring = now()
         try:
             progress = await job.run(dataset)
         except TooManyErrors as exc:
             progress, stopped = job.progress, str(exc)
-        return Outcome(summary(progress, manifest, now() - start, scorer.retries), stopped)
+        end = now()
+        result = summary(progress, manifest, end - start, end - scoring, scorer.retries)
+        return Outcome(result, stopped)
     finally:
         await scorer.close()
 

@@ -13,7 +13,6 @@ and no other.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -279,12 +278,14 @@ def default_part_rows(batch_size: int) -> int:
 
 
 def rows_per_second(rows: int, seconds: float) -> float:
-    return rows / seconds if seconds > 0 else math.inf
+    return rows / seconds if seconds > 0 else 0.0
 
 
 def summary(
-    progress: Progress, manifest: Manifest, seconds: float, retries: int = 0
+    progress: Progress, manifest: Manifest, seconds: float, scoring_s: float, retries: int = 0
 ) -> dict[str, Any]:
+    """`seconds` is the whole run, the model's load included; rows_per_s is over the
+    scoring alone (`scoring_seconds`), the rate a longer job keeps up."""
     return {
         "model": manifest.model,
         "version": manifest.version,
@@ -292,7 +293,8 @@ def summary(
         "errors": progress.errors,
         "parts": progress.parts,
         "seconds": round(seconds, 3),
-        "rows_per_s": round(rows_per_second(progress.rows + progress.errors, seconds), 1),
+        "scoring_seconds": round(scoring_s, 3),
+        "rows_per_s": round(rows_per_second(progress.rows + progress.errors, scoring_s), 1),
         "total_rows": manifest.rows,
         "total_errors": manifest.errors,
         "complete": manifest.complete,
