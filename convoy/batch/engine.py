@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -190,35 +190,45 @@ def _signature_of(repository: ModelRepository, model: str, version: str) -> Mode
 # -- a live server --------------------------------------------------------------------------------
 
 
-async def open_server(
-    address: str, model: str, version: str, token: str | None = None, tls_ca: Path | None = None
-) -> tuple[Scorer, ModelSignature]:
-    """A KServe v2 gRPC server; the model's config read from it (ModelConfig)."""
-    import grpc
+class BatchServerTarget(ServerTarget):
+    """A live server (replay's target), asked for the model's whole config too."""
 
-    from ..pb import model_config_pb2 as mc
+    async def model_config(self, version: str) -> Any:
+        """The ModelConfig the server reports; JobFailed where the model is not ready."""
+        import grpc
 
-    target = ServerTarget(address, model, token, tls_ca)
-    try:
         try:
-            ready = await target._stub.ModelReady(
-                pb.ModelReadyRequest(name=model, version=version),
-                metadata=target._metadata,
-                timeout=30,
+            ready = await self._stub.ModelReady(
+                pb.ModelReadyRequest(name=self.model, version=version),
+                metadata=self._metadata,
+                timeout=self._timeout,
             )
             if not ready.ready:
                 where = f"version {version} " if version else ""
-                raise JobFailed(f"model '{model}' {where}is not ready on {address}")
-            reply = await target._stub.ModelConfig(
-                pb.ModelConfigRequest(name=model, version=version),
-                metadata=target._metadata,
-                timeout=30,
+                raise JobFailed(f"model '{self.model}' {where}is not ready on {self.address}")
+            reply = await self._stub.ModelConfig(
+                pb.ModelConfigRequest(name=self.model, version=version),
+                metadata=self._metadata,
+                timeout=self._timeout,
             )
         except grpc.RpcError as exc:
-            raise JobFailed(f"--server {address}: {exc.code().name}: {exc.details()}") from None
-        config = reply.config
+            raise JobFailed(
+                f"--server {self.address}: {exc.code().name}: {exc.details()}"
+            ) from None
+        return reply.config
 
-        def tensors(entries: object) -> tuple[TensorSpec, ...]:
+
+async def open_server(
+    address: str, model: str, version: str, token: str | None = None, tls_ca: Path | None = None
+) -> tuple[Scorer, ModelSignature]:
+    """A KServe v2 gRPC server; the model's inputs, outputs and instances from its config."""
+    from ..pb import model_config_pb2 as mc
+
+    target = BatchServerTarget(address, model, token, tls_ca)
+    try:
+        config = await target.model_config(version)
+
+        def tensors(entries: Any) -> tuple[TensorSpec, ...]:
             return tuple(
                 TensorSpec(
                     t.name,
@@ -226,17 +236,16 @@ async def open_server(
                     tuple(int(d) for d in t.dims),
                     bool(getattr(t, "optional", False)),
                 )
-                for t in entries  # type: ignore[attr-defined]
+                for t in entries
             )
 
-        instances = sum(max(1, g.count) for g in config.instance_group) or 1
         signature = ModelSignature(
             name=model,
             version=version,
             inputs=tensors(config.input),
             outputs=tensors(config.output),
             max_batch_size=max(0, config.max_batch_size),
-            instances=instances,
+            instances=sum(max(1, g.count) for g in config.instance_group) or 1,
         )
     except BaseException:
         await target.close()
