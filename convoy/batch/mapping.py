@@ -161,7 +161,7 @@ def convert(batch: pa.RecordBatch | pa.Table, bindings: Sequence[Binding]) -> Co
         for binding, shape in zip(bindings, key, strict=True):
             name = binding.tensor.name
             leaves = values[name][1]
-            if len(groups) == 1:  # every good row, in order: their leaves are all there are
+            if len(groups) == 1 and not errors:  # every row, in order: its leaves are all there are
                 inputs[name] = leaves.reshape((len(members), *shape))
                 continue
             size = math.prod(shape)
