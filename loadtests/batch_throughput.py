@@ -5,26 +5,28 @@
 For each model, on one Parquet file of --rows rows:
 - bare: the model's backend loaded as Convoy loads it (loadtests.bare), called in a loop at
   its max_batch_size over the file's rows: the compute ceiling;
-- in-process: `convoy batch MODEL --input FILE` in a subprocess (its rows/s over scoring,
-  the model's load excluded; its peak RSS from the kernel);
-- server: `convoy batch MODEL --server URL` against `convoy serve` on the examples, at the
-  job's default concurrency cap.
-Prints rows/s and each ratio to bare (target for in-process: >= 0.9).
+- in-process: `convoy batch`'s engine (BatchJob over the model loaded once, as the command
+  runs it; the load is not scored), rounds alternating with the bare model's;
+- server: the same job against `convoy serve` on the examples (`--server`), at the job's
+  default concurrency cap;
+- the peak RSS of a whole `convoy batch` run in a process of its own.
+Prints rows/s and CPU ms per row, and each ratio to bare (target for in-process: >= 0.9).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
+import asyncio
+import dataclasses
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -66,44 +68,87 @@ def examples() -> Path:
     return ensure_examples(default_examples_dir())
 
 
-def bare(model: str, inputs: dict[str, np.ndarray]) -> float:
-    """Rows/s of the backend alone at max_batch_size over the same rows (one warm-up)."""
-    model_dir = examples() / model
-    spec = load_spec(model_dir)
-    version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-    instances = sum(g.count for g in spec.instance_groups)
-    backend = load_backend(
-        spec, model_dir / str(version) / spec.default_model_filename, "cpu",
-        default_threads(instances),
-    )  # fmt: skip
-    outputs = [t.name for t in spec.outputs]
-    rows = len(next(iter(inputs.values())))
-    step = spec.max_batch_size
-    if spec.options.text is not None:  # the tokenizer takes text, as the server decodes it
-        inputs = {
-            k: np.vectorize(lambda b: b.decode(), otypes=[object])(v) for k, v in inputs.items()
-        }
-    backend.run({k: v[:step] for k, v in inputs.items()}, outputs)
-    start = time.perf_counter()
-    for i in range(0, rows, step):
-        backend.run({k: v[i : i + step] for k, v in inputs.items()}, outputs)
-    seconds = time.perf_counter() - start
-    backend.close()
-    return rows / seconds
+@dataclass
+class Rate:
+    rows_per_s: float
+    cpu_ms_per_row: float  # this process's CPU (every thread) per row
 
 
-def job(model: str, source: Path, output: Path, *extra: str) -> dict[str, Any]:
-    """One `convoy batch` in this process (as the command line runs it): its summary."""
-    from convoy.batch.cli import run_batch
-    from convoy.cli import build_parser
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
-    shutil.rmtree(output, ignore_errors=True)
-    out, err = io.StringIO(), io.StringIO()
-    argv = ["batch", model, "--input", str(source), "--output", str(output), *extra]
-    if run_batch(build_parser().parse_args(argv), out, err) != 0:
-        raise SystemExit(f"convoy batch failed: {err.getvalue()}")
-    summary: dict[str, Any] = json.loads(out.getvalue().strip().splitlines()[-1])
-    return summary
+
+class Bare:
+    """The backend alone, loaded as Convoy loads it (loadtests.bare), at max_batch_size."""
+
+    def __init__(self, model: str, inputs: dict[str, np.ndarray]) -> None:
+        model_dir = examples() / model
+        spec = load_spec(model_dir)
+        version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+        instances = sum(g.count for g in spec.instance_groups)
+        self.backend = load_backend(
+            spec, model_dir / str(version) / spec.default_model_filename, "cpu",
+            default_threads(instances),
+        )  # fmt: skip
+        self.outputs = [t.name for t in spec.outputs]
+        self.step = spec.max_batch_size
+        if spec.options.text is not None:  # the tokenizer takes text, as the server decodes it
+            decode = np.vectorize(lambda b: b.decode(), otypes=[object])
+            inputs = {k: decode(v) for k, v in inputs.items()}
+        self.inputs = inputs
+        self.backend.run({k: v[: self.step] for k, v in inputs.items()}, self.outputs)  # warm-up
+
+    def measure(self) -> Rate:
+        rows = len(next(iter(self.inputs.values())))
+        start, cpu = time.perf_counter(), cpu_seconds()
+        for i in range(0, rows, self.step):
+            self.backend.run(
+                {k: v[i : i + self.step] for k, v in self.inputs.items()}, self.outputs
+            )
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        return Rate(rows / seconds, 1000 * cpu / rows)
+
+
+class InProcess:
+    """`convoy batch`'s in-process engine, the model loaded once (its load is not scored)."""
+
+    def __init__(self, model: str, source: Path, work: Path, server: str | None = None) -> None:
+        from convoy.batch.cli import BatchConfig, make_plan
+        from convoy.batch.engine import open_in_process, open_server
+        from convoy.batch.job import default_part_rows
+        from convoy.batch.source import open_source
+
+        self.loop = asyncio.new_event_loop()
+        opened = (
+            open_server(server, model, "") if server else open_in_process(examples(), model, "")
+        )
+        self.scorer, signature = self.loop.run_until_complete(opened)
+        self.dataset = open_source(str(source))
+        config = BatchConfig(model=model, input=str(source), output=str(work))
+        plan = make_plan(config, self.dataset.schema, signature)
+        self.plan = dataclasses.replace(plan, part_rows=default_part_rows(plan.batch_size))
+        self.signature = signature
+        self.work = work
+        # One job through the model first: its instances warmed up as the bare one was.
+        self.measure()
+
+    def measure(self) -> Rate:
+        from convoy.batch.job import BatchJob
+        from convoy.batch.sink import Manifest, Sink
+
+        shutil.rmtree(self.work, ignore_errors=True)
+        sink = Sink(str(self.work), None, "parquet")
+        manifest = Manifest("", self.signature.name, "", self.plan.part_rows, "parquet", None)
+        job = BatchJob(self.plan, self.scorer, sink, manifest)
+        start, cpu = time.perf_counter(), cpu_seconds()
+        progress = self.loop.run_until_complete(job.run(self.dataset))
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        return Rate(progress.rows / seconds, 1000 * cpu / progress.rows)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.scorer.close())
+        self.loop.close()
 
 
 def peak_rss(model: str, source: Path, output: Path) -> float:
@@ -133,32 +178,39 @@ def main() -> None:
         try:
             for model in args.models.split(","):
                 source = work / f"{model}.parquet"
-                inputs = write_input(model, args.rows, source)
-                ratios, remote_ratios = [], []
+                ceiling = Bare(model, write_input(model, args.rows, source))
+                local = InProcess(model, source, work / "local")
+                remote = InProcess(model, source, work / "remote", server.url) if server else None
+                ratios, cpu, remote_ratios = [], [], []
                 for r in range(args.rounds):
-                    ceiling = bare(model, inputs)
-                    local = job(model, source, work / "local")["rows_per_s"]
-                    ratios.append(local / ceiling)
+                    base = ceiling.measure()
+                    mine = local.measure()
+                    ratios.append(mine.rows_per_s / base.rows_per_s)
+                    cpu.append(mine.cpu_ms_per_row / base.cpu_ms_per_row)
                     line = (
-                        f"{model} round {r + 1}: bare {ceiling:.1f} rows/s, in-process "
-                        f"{local:.1f} rows/s (x{local / ceiling:.3f})"
+                        f"{model} round {r + 1}: bare {base.rows_per_s:.1f} rows/s "
+                        f"({base.cpu_ms_per_row:.2f} CPU ms/row), in-process "
+                        f"{mine.rows_per_s:.1f} rows/s ({mine.cpu_ms_per_row:.2f} CPU ms/row) "
+                        f"x{ratios[-1]:.3f}"
                     )
-                    if server is not None:
-                        remote = job(model, source, work / "remote", "--server", server.url)
-                        remote_ratios.append(remote["rows_per_s"] / ceiling)
-                        line += (
-                            f", --server {remote['rows_per_s']:.1f} rows/s "
-                            f"(x{remote['rows_per_s'] / ceiling:.3f})"
-                        )
+                    if remote is not None:
+                        far = remote.measure()
+                        remote_ratios.append(far.rows_per_s / base.rows_per_s)
+                        line += f", --server {far.rows_per_s:.1f} rows/s x{remote_ratios[-1]:.3f}"
                     print(line, flush=True)
-                summary = f"{model}: in-process / bare median x{statistics.median(ratios):.3f} "
-                summary += f"[{min(ratios):.3f}..{max(ratios):.3f}]"
+                local.close()
+                if remote is not None:
+                    remote.close()
+                summary = (
+                    f"{model}: in-process / bare rows/s median x{statistics.median(ratios):.3f} "
+                    f"[{min(ratios):.3f}..{max(ratios):.3f}], CPU per row "
+                    f"x{statistics.median(cpu):.3f}"
+                )
                 if remote_ratios:
                     summary += f", --server / bare median x{statistics.median(remote_ratios):.3f}"
                 rss = peak_rss(model, source, work / "rss")
-                print(
-                    f"{summary}; peak RSS of a job on {args.rows} rows: {rss:.0f} MiB", flush=True
-                )
+                summary += f"; peak RSS of a job on {args.rows} rows: {rss:.0f} MiB"
+                print(summary, flush=True)
         finally:
             if server is not None:
                 server.stop()
