@@ -220,6 +220,8 @@ class BatchJob:
         model cannot go on. The manifest is complete when this returns."""
         done = frozenset(self.manifest.parts)
         await asyncio.to_thread(self.sink.prepare)
+        # Before any part: a job killed during its first part is still one to --resume.
+        await asyncio.to_thread(self.sink.write_manifest, self.manifest)
         reader = parts(dataset, self.plan.columns, self.plan.part_rows, done)
         running: set[asyncio.Task[None]] = set()
         try:

@@ -57,7 +57,7 @@ def run_on_ray(config: BatchConfig, err: TextIO) -> Outcome:
     from .predictor import ConvoyPredictor
 
     files = sorted(dataset.files)
-    kind = dataset.format.default_extname
+    kind = dataset.format.default_extname  # parquet, csv or json
     filesystem = dataset.filesystem
     if kind == "parquet":
         rows = ray.data.read_parquet(files, filesystem=filesystem)

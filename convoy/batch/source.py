@@ -103,7 +103,7 @@ def parts(
     held = 0
     index = 0
     first_row = 0
-    for batch in dataset.to_batches(columns=list(columns), batch_size=min(part_rows, 65_536)):
+    for batch in _batches(dataset, columns, min(part_rows, 65_536)):
         while batch.num_rows:
             take = min(part_rows - held, batch.num_rows)
             if index not in skip:
@@ -116,3 +116,20 @@ def parts(
                 pending, held, first_row, index = [], 0, first_row + part_rows, index + 1
     if held and index not in skip:
         yield Part(index, first_row, pa.Table.from_batches(pending))
+
+
+def _batches(dataset: ds.Dataset, columns: Sequence[str], size: int) -> Iterator[pa.RecordBatch]:
+    """The dataset's record batches in order, read with little ahead: the scanner's
+    read-ahead holds several row groups (hundreds of MiB of wide rows such as images),
+    where a Parquet file read row group by row group holds about one."""
+    import pyarrow.parquet as pq
+
+    if dataset.format.default_extname != "parquet":
+        yield from dataset.to_batches(
+            columns=list(columns), batch_size=size, batch_readahead=1, fragment_readahead=1
+        )
+        return
+    for path in dataset.files:
+        with dataset.filesystem.open_input_file(path) as source:
+            reader = pq.ParquetFile(source, pre_buffer=False)
+            yield from reader.iter_batches(batch_size=size, columns=list(columns))
