@@ -152,17 +152,20 @@ class InProcess:
 
 
 def peak_rss(model: str, source: Path, output: Path) -> float:
-    """The peak RSS (MiB) of `convoy batch` in a process of its own."""
+    """The peak RSS (MiB) of `convoy batch` in a process of its own: VmHWM, which starts
+    anew at exec (ru_maxrss keeps the forking parent's high-water mark across it)."""
     shutil.rmtree(output, ignore_errors=True)
     code = (
-        "import resource, sys; from convoy.cli import main; "
+        "import sys; from convoy.cli import main; "
         f"main(['batch', {model!r}, '--input', {str(source)!r}, '--output', {str(output)!r}]); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0], "
+        "file=sys.stderr)"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    return int(done.stderr.strip().splitlines()[-1]) / 1024
+    line = [x for x in done.stderr.splitlines() if x.startswith("VmHWM")][-1]
+    return int(line.split()[1]) / 1024
 
 
 def main() -> None:
