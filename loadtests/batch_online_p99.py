@@ -28,10 +28,12 @@ from loadtests.bench import run_open_loop
 from loadtests.launch import ROOT, start_convoy
 
 
-def start_job(model: str, source: Path, output: Path, url: str) -> subprocess.Popen[str]:
+def start_job(
+    model: str, source: Path, output: Path, url: str, extra: list[str]
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "convoy.cli", "batch", model, "--input", str(source),
-         "--output", str(output), "--server", url],
+         "--output", str(output), "--server", url, *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
 
@@ -48,6 +50,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rows", type=int, default=200_000, help="rows of the batch input")
+    parser.add_argument(
+        "--job-args", default="", help="more `convoy batch` flags, e.g. '--concurrency 1'"
+    )
     args = parser.parse_args()
     spec = load_spec(examples() / args.model)
     print(f"{args.model}: max_batch_size {spec.max_batch_size}, online {args.rate:g} req/s")
@@ -64,7 +69,7 @@ def main() -> None:
                 quiet = run_open_loop(server.url, args.model, args.rate, args.duration)
                 alone.append(quiet.p99_ms)
                 output = work / f"out-{r}"
-                job = start_job(args.model, source, output, server.url)
+                job = start_job(args.model, source, output, server.url, args.job_args.split())
                 deadline = time.monotonic() + 120
                 while scored_rows(output) == 0 and time.monotonic() < deadline:
                     time.sleep(0.2)  # the job has loaded and scores
