@@ -282,3 +282,21 @@ def test_requests_are_background_work_for_every_output() -> None:
         ("T", "BYTES", [2, 1]),
     ]
     assert not request.outputs  # none named: every output
+
+
+def test_a_progress_bar_only_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from convoy.batch.cli import _bar
+    from convoy.batch.job import Progress, now
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert _bar(io.StringIO(), 100, now(), 0) is None
+    show = _bar(Terminal(), 100, now() - 1.0, 20)
+    assert show is not None
+    show(Progress(rows=25, errors=5, parts=1))
+    bar = capsys.readouterr().err
+    assert "rows/s ETA" in bar and "50/100" in bar
