@@ -256,7 +256,8 @@ def test_a_refused_batch_is_bisected_to_its_bad_rows(tmp_path: Path) -> None:
     out = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert out.column("id").to_pylist() == [i for i in range(32) if i != 13]
     assert out.column("Y").to_pylist()[:2] == [[0.0], [2.0]]
-    assert target.batches.count(8) == 5  # 4 full batches + the tail's one
+    # 4 full batches and the second part's one, and each refused one once more, alone
+    assert target.batches.count(8) == 7
     letters = (tmp_path / "out" / "_dead_letter" / "part-00001.jsonl").read_text()
     assert json.loads(letters) == {"id": 33, "error": "INTERNAL: 13 is refused"}
     assert job.manifest.complete and sorted(job.manifest.parts) == [0, 1]

@@ -162,7 +162,7 @@ def test_refused_rows_go_to_the_dead_letters(repository: Path, tmp_path: Path) -
     code, summary, err = batch(
         "lin", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
         "--model-repository", str(repository), "--map", "x=X", "--id-column", "id",
-        "--dead-letter", str(dead), "--concurrency", "1",
+        "--dead-letter", str(dead), "--concurrency", "4",
     )  # fmt: skip
     assert code == 0, err
     assert (summary["rows"], summary["errors"]) == (97, 3)

@@ -13,8 +13,9 @@ and no other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,7 @@ class PartScorer:
         self.plan = plan
         self.scorer = scorer
         self._slots = asyncio.Semaphore(plan.concurrency)
+        self._bisecting = asyncio.Lock()  # one bisection at a time holds every slot
 
     async def score(self, part: Part) -> tuple[pa.Table, list[tuple[Any, str]]]:
         """The part's scored rows (id, --keep columns, outputs) and its refused rows
@@ -115,18 +117,48 @@ class PartScorer:
         try:
             async with self._slots:
                 outputs = await self.scorer.score(inputs, request_id)
+        except Refused:
+            async with self._alone():
+                await self._bisect(part, positions, inputs, scored, errors)
+            return
+        scored.append((positions, outputs))
+
+    @contextlib.asynccontextmanager
+    async def _alone(self) -> AsyncIterator[None]:
+        """Every slot held: none of this job's other requests in flight, so the model's
+        queue cannot batch a bisected half with another request (a good row would fail
+        beside another request's bad one)."""
+        async with self._bisecting:
+            for _ in range(self.plan.concurrency):
+                await self._slots.acquire()
+            try:
+                yield
+            finally:
+                for _ in range(self.plan.concurrency):
+                    self._slots.release()
+
+    async def _bisect(
+        self,
+        part: Part,
+        positions: Array,
+        inputs: dict[str, Array],
+        scored: list[tuple[Array, dict[str, Array]]],
+        errors: dict[int, str],
+    ) -> None:
+        """A refused batch again, then each half on its own, down to the refused rows."""
+        request_id = f"batch-{part.first_row + int(positions[0])}-{len(positions)}"
+        try:
+            scored.append((positions, await self.scorer.score(inputs, request_id)))
+            return
         except Refused as refused:
             if len(positions) == 1:
                 errors[int(positions[0])] = str(refused)
                 return
-            half = len(positions) // 2
-            # One half after the other: two halves queued together could share a batch.
-            await self._score(part, positions[:half], _rows(inputs, 0, half), scored, errors)
-            await self._score(
-                part, positions[half:], _rows(inputs, half, len(positions)), scored, errors
-            )
-            return
-        scored.append((positions, outputs))
+        half = len(positions) // 2
+        await self._bisect(part, positions[:half], _rows(inputs, 0, half), scored, errors)
+        await self._bisect(
+            part, positions[half:], _rows(inputs, half, len(positions)), scored, errors
+        )
 
     async def _score_one(
         self,
