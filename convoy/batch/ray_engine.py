@@ -65,7 +65,7 @@ def run_on_ray(config: BatchConfig, err: TextIO) -> Outcome:
         rows = ray.data.read_csv(files, filesystem=filesystem)
     else:
         rows = ray.data.read_json(files, filesystem=filesystem, lines=True)
-    dead_letter = config.dead_letter or posixpath.join(config.output, "_dead_letter")
+    dead_letter = config.dead_letter or _child(config.output, "_dead_letter")
     actors = config.concurrency or 1
     scored = rows.map_batches(
         ConvoyPredictor,
@@ -112,6 +112,12 @@ def run_on_ray(config: BatchConfig, err: TextIO) -> Outcome:
         "complete": True,
     }
     return Outcome(summary)
+
+
+def _child(uri: str, name: str) -> str:
+    """A folder inside a directory URI, its query (s3 options) kept."""
+    base, sep, query = uri.partition("?")
+    return posixpath.join(base, name) + sep + query
 
 
 def _repository(config: BatchConfig) -> Path:
