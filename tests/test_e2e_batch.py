@@ -46,6 +46,29 @@ class Model:
         return {{"Y": x * 2}}
 """
 ROWS = 300
+TEXT = """
+import numpy as np
+
+
+class Model:
+    def __init__(self, config):
+        pass
+
+    def __call__(self, inputs):
+        text = inputs["TEXT"]
+        return {
+            "LEN": np.vectorize(len, otypes=[np.int32])(text),
+            "UPPER": np.vectorize(lambda b: b.upper(), otypes=[object])(text),
+        }
+"""
+TEXT_CONFIG = """
+name: "text"
+backend: "convoy_python"
+max_batch_size: 16
+input [ { name: "TEXT" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [ { name: "LEN" data_type: TYPE_INT32 dims: [ 1 ] },
+         { name: "UPPER" data_type: TYPE_STRING dims: [ 1 ] } ]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +77,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory, examples_dir: Path) -> 
     make_repository(root, examples_dir, ("tiny",))
     write_linear_model(root, "lin", {1: LIN.format(delay=0)}, max_batch_size=8)
     write_linear_model(root, "slow", {1: LIN.format(delay=0.02)}, max_batch_size=4)
+    (root / "text" / "1").mkdir(parents=True)
+    (root / "text" / "1" / "model.py").write_text(TEXT)
+    (root / "text" / "config.pbtxt").write_text(TEXT_CONFIG)
     return root
 
 
@@ -134,6 +160,34 @@ def test_outputs_equal_the_online_answers(
     manifest = json.loads((tmp_path / "out" / "_convoy_batch.json").read_text())
     assert manifest["model"] == "tiny" and manifest["rows"] == ROWS and manifest["complete"]
     assert manifest["input"] == str(tmp_path / "in.parquet")
+
+
+@pytest.mark.parametrize("where", ["in-process", "server"])
+def test_text_in_and_out_equal_the_online_answers(
+    where: str, server: ServerProcess, repository: Path, tmp_path: Path
+) -> None:
+    words = [f"word {i} é" for i in range(40)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"n": i, "body": w}) + "\n" for i, w in enumerate(words)))
+    door = (
+        ["--server", server.url] if where == "server" else ["--model-repository", str(repository)]
+    )
+    code, summary, err = batch(
+        "text", "--input", str(source), "--output", str(tmp_path / "out"), "--map", "body=TEXT",
+        "--id-column", "n", *door,
+    )  # fmt: skip
+    assert code == 0 and summary["rows"] == 40, err
+    table = read_output(tmp_path / "out").sort_by("n")
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        tensor = grpcclient.InferInput("TEXT", [16, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[w.encode()] for w in words[:16]], dtype=object))
+        online = client.infer("text", [tensor])
+    finally:
+        client.close()
+    assert table.column("UPPER").to_pylist()[:16] == online.as_numpy("UPPER").tolist()
+    assert table.column("LEN").to_pylist()[:16] == online.as_numpy("LEN").tolist()
+    assert table.column("UPPER").to_pylist()[39] == ["WORD 39 é".encode()]
 
 
 def test_duckdb_reads_the_output(repository: Path, tmp_path: Path) -> None:
@@ -248,6 +302,7 @@ def test_bad_mappings_are_refused_before_any_row(repository: Path, tmp_path: Pat
         ("--map", "x=X", "--keep", "zz"): "--keep zz: the input has no such column",
         ("--map", "x=X", "--id-column", "zz"): "--id-column zz: the input has no such column",
         ("--map", "x=X", "--batch-size", "9"): "--batch-size 9: model 'lin' takes at most 8",
+        ("--map", "x=X", "--version", "7"): "--version 7: model 'lin' has no version 7",
     }
     for extra, message in cases.items():
         code, _, err = batch(

@@ -236,7 +236,7 @@ class Outcome:
 
 
 async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
-    from .engine import open_in_process, open_server
+    from .engine import NoSuchVersion, open_in_process, open_server
     from .job import (
         BatchJob,
         TooManyErrors,
@@ -259,13 +259,16 @@ async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
             f"--output {config.output} holds a batch job's output already: add --resume to "
             "continue it, or name another --output"
         )
-    if config.server is not None:
-        scorer, signature = await open_server(
-            config.server, config.model, config.version, config.token, config.tls_ca
-        )
-    else:
-        root = _repository(config)
-        scorer, signature = await open_in_process(root, config.model, config.version)
+    try:
+        if config.server is not None:
+            scorer, signature = await open_server(
+                config.server, config.model, config.version, config.token, config.tls_ca
+            )
+        else:
+            root = _repository(config)
+            scorer, signature = await open_in_process(root, config.model, config.version)
+    except NoSuchVersion as exc:
+        raise UsageError(str(exc)) from None
     try:
         plan = make_plan(config, dataset.schema, signature)
         if plan.part_rows == 0:

@@ -66,6 +66,10 @@ class JobFailed(Exception):
     """The job cannot go on (the model is gone, the server refuses every try)."""
 
 
+class NoSuchVersion(JobFailed):
+    """--version names a version that is not there: a usage error."""
+
+
 class Scorer:
     """Sends one batch of rows and returns its outputs; retries what is only busy."""
 
@@ -162,7 +166,7 @@ async def open_in_process(root: Path, model: str, version: str) -> tuple[Scorer,
             else:
                 await target.repository.load(model)
         except UnknownVersion as exc:
-            raise JobFailed(f"--version: {exc}") from None
+            raise NoSuchVersion(f"--version {version}: {exc}") from None
         except ConvoyError as exc:
             raise JobFailed(f"model '{model}' did not load: {exc.message}") from None
         served = target.repository.get(model, version)
@@ -203,9 +207,13 @@ class BatchServerTarget(ServerTarget):
                 metadata=self._metadata,
                 timeout=self._timeout,
             )
+            if not ready.ready and version:
+                raise NoSuchVersion(
+                    f"--version {version}: model '{self.model}' version {version} is not "
+                    f"ready on {self.address}"
+                )
             if not ready.ready:
-                where = f"version {version} " if version else ""
-                raise JobFailed(f"model '{self.model}' {where}is not ready on {self.address}")
+                raise JobFailed(f"model '{self.model}' is not ready on {self.address}")
             reply = await self._stub.ModelConfig(
                 pb.ModelConfigRequest(name=self.model, version=version),
                 metadata=self._metadata,
