@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..arguments import number
-from .engine import JobFailed
 
 DONE, STOPPED, USAGE = 0, 1, 2
 TOKEN_ENV = "CONVOY_TOKEN"
@@ -207,6 +206,8 @@ def add_batch_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_batch(
     args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
+    from .engine import JobFailed  # the model runtimes' side, loaded for a job only
+
     out, err = out or sys.stdout, err or sys.stderr
     config = BatchConfig.from_args(args)
     try:
