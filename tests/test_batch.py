@@ -301,3 +301,12 @@ def test_a_progress_bar_only_on_a_terminal(capsys: pytest.CaptureFixture[str]) -
     show(Progress(rows=25, errors=5, parts=1))
     bar = capsys.readouterr().err
     assert "rows/s ETA" in bar and "50/100" in bar
+
+
+def test_a_part_of_refused_rows_keeps_the_output_columns(tmp_path: Path) -> None:
+    job, _, dataset = run_job(tmp_path, [13.0] * 32 + [1.0] * 8)
+    asyncio.run(job.run(dataset))
+    empty = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    full = pq.read_table(tmp_path / "out" / "part-00001.parquet")
+    assert empty.num_rows == 0 and full.num_rows == 8
+    assert empty.schema.equals(full.schema)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..capture.replay_targets import Refused
-from ..tensors import Array
+from ..config import TensorSpec
+from ..tensors import NUMPY_DTYPES, Array
 from .engine import ModelSignature, Scorer
 from .mapping import Binding, convert
 from .sink import Manifest, Sink, output_column
@@ -204,9 +205,12 @@ class PartScorer:
             columns[name] = part.table.column(name).take(pa.array(rows))
             fields.append(pa.field(name, columns[name].type))
         for spec in self.plan.signature.outputs:
-            if not scored or spec.name not in scored[0][1]:
-                continue
+            if scored and spec.name not in scored[0][1]:
+                continue  # a server that left an output out
             pieces = [output_column(spec, outputs[spec.name]) for _, outputs in scored]
+            if not pieces:  # every row refused: the columns all the same, with no rows
+                empty = np.zeros((0, *(max(d, 0) for d in spec.dims)), _numpy_dtype(spec))
+                pieces = [output_column(spec, empty)]
             field = pieces[0][0]
             whole = pa.concat_arrays([array for _, array in pieces]).take(pa.array(order))
             columns[spec.name] = whole
@@ -296,6 +300,12 @@ class BatchJob:
             raise TooManyErrors(
                 f"{self.manifest.errors} rows refused, more than --max-errors {limit}"
             )
+
+
+def _numpy_dtype(spec: TensorSpec) -> Any:
+    if spec.datatype == "BYTES":
+        return object
+    return np.float32 if spec.datatype == "BF16" else NUMPY_DTYPES[spec.datatype]
 
 
 def _rows(inputs: dict[str, Array], start: int, end: int) -> dict[str, Array]:
