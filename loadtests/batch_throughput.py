@@ -62,6 +62,26 @@ def write_input(model: str, rows: int, path: Path) -> dict[str, np.ndarray]:
     return {tensor.name: values}
 
 
+def write_large_input(model: str, gib: float, path: Path) -> int:
+    """A Parquet file of about `gib` GiB of random rows, written 1024 rows at a time (the
+    writer never holds it whole); its row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    [tensor] = load_spec(examples() / model).inputs
+    size = int(np.prod(tensor.dims))
+    chunk = 1024
+    total = max(chunk, int(gib * 2**30 / (4 * size)) // chunk * chunk)
+    rng = np.random.default_rng(1)
+    schema = pa.schema([(tensor.name, pa.list_(pa.float32(), size))])
+    with pq.ParquetWriter(path, schema) as writer:
+        for _ in range(total // chunk):
+            values = pa.array(rng.random(chunk * size, dtype=np.float32))
+            column = pa.FixedSizeListArray.from_arrays(values, size)
+            writer.write_table(pa.table({tensor.name: column}, schema=schema))
+    return total
+
+
 def examples() -> Path:
     from convoy.repository.examples import default_examples_dir, ensure_examples
 
@@ -174,6 +194,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="bare and batch alternate")
     parser.add_argument("--models", default="image_classifier,minilm_embedding")
     parser.add_argument("--no-server", action="store_true", help="skip the --server figures")
+    parser.add_argument(
+        "--memory-gib",
+        type=float,
+        default=0.0,
+        help="also score an image_classifier input of this many GiB and print the peak RSS",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
@@ -204,6 +230,8 @@ def main() -> None:
                 local.close()
                 if remote is not None:
                     remote.close()
+                if not ratios:
+                    continue
                 summary = (
                     f"{model}: in-process / bare rows/s median x{statistics.median(ratios):.3f} "
                     f"[{min(ratios):.3f}..{max(ratios):.3f}], CPU per row "
@@ -214,6 +242,16 @@ def main() -> None:
                 rss = peak_rss(model, source, work / "rss")
                 summary += f"; peak RSS of a job on {args.rows} rows: {rss:.0f} MiB"
                 print(summary, flush=True)
+            if args.memory_gib:
+                large = work / "large.parquet"
+                rows = write_large_input("image_classifier", args.memory_gib, large)
+                start = time.perf_counter()
+                rss = peak_rss("image_classifier", large, work / "large-out")
+                print(
+                    f"image_classifier on {args.memory_gib:g} GiB of Parquet ({rows} rows): "
+                    f"peak RSS {rss:.0f} MiB, {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
         finally:
             if server is not None:
                 server.stop()
