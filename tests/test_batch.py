@@ -310,3 +310,23 @@ def test_a_part_of_refused_rows_keeps_the_output_columns(tmp_path: Path) -> None
     full = pq.read_table(tmp_path / "out" / "part-00001.parquet")
     assert empty.num_rows == 0 and full.num_rows == 8
     assert empty.schema.equals(full.schema)
+
+
+def test_the_fast_path_and_the_general_one_agree() -> None:
+    """Columns without nulls skip the per-element bookkeeping: same tensors, same errors
+    as the general path that a null in the column takes."""
+    sig = signature(TensorSpec("F", "INT8", (4,)), TensorSpec("V", "FP32", (-1,)))
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 3, 4, 5, 6, 7, 300] * 2 + [0] * 4), 4)
+    rows = [[1.0], [2.0, 3.0], [4.0], [5.0, 6.0]]
+    clean = pa.table({"F": fixed, "V": pa.array([*rows, [7.0, 8.0]])})
+    nulls = pa.table({"F": fixed, "V": pa.array([*rows, None])})
+    out_of_range = "column 'F' -> input 'F': a value out of range for INT8"
+    for table, last in ((clean, None), (nulls, "column 'V' -> input 'V': null")):
+        converted = convert(table, plan(table.schema, sig, {}))
+        expected = {1: out_of_range, 3: out_of_range} | ({4: last} if last else {})
+        assert converted.errors == expected
+        groups = {
+            tuple(r.tolist()): {k: v.tolist() for k, v in i.items()} for r, i in converted.groups
+        }
+        assert groups[(0, 2)] == {"F": [[1, 2, 3, 4]] * 2, "V": [[1.0], [4.0]]}
+        assert len(groups) == (2 if last is None else 1)
