@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from . import __version__
 from .arguments import number
+from .batch.cli import add_batch_parser, run_batch
 from .cache import CacheConfigError, parse_cache_config
 from .capture.cli import add_dataset_parser, run_dataset_command
 from .capture.replay_cli import add_replay_parser, run_replay
@@ -330,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_slo_parser(commands)
     add_cost_parser(commands)
     add_skew_parser(commands)
+    add_batch_parser(commands)
     return parser
 
 
@@ -353,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cost(args)
     if args.command == "skew":
         return run_skew(args)
+    if args.command == "batch":
+        return run_batch(args)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 

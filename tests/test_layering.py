@@ -75,6 +75,8 @@ def reaches(deps: set[str], prefixes: tuple[str, ...]) -> list[str]:
         ("convoy.capture", ("convoy.cli", "convoy.api", "convoy.workers")),
         # feature lookups sit in front of a backend; skew reads captures, never a door
         ("convoy.features", ("convoy.cli", "convoy.api", "convoy.workers", "convoy.inference")),
+        # batch jobs too (DESIGN §11): the inference path in process, or a server's wire
+        ("convoy.batch", ("convoy.cli", "convoy.api", "convoy.workers")),
     ],
 )
 def test_dependencies_point_down(floor: str, above: tuple[str, ...]) -> None:
