@@ -19,8 +19,9 @@ from convoy.backends.base import AddedInputs, RequestInputs
 from convoy.config import TensorSpec, feature_spec
 from convoy.errors import ConfigError, InvalidInput, Unavailable
 from convoy.features.backend import FeatureBackend
+from convoy.features.cli import failing
 from convoy.features.lookup import entity_values
-from convoy.features.skew import Offline, Served, compare
+from convoy.features.skew import Offline, Served, _complete, _items, compare
 
 from .conftest import ROOT
 
@@ -235,6 +236,41 @@ def test_compare_counts_mismatches_missing_rows_and_staleness() -> None:
     assert found["clicks"].mismatch_rate == pytest.approx(2 / 4)
     assert found["clicks"].staleness_s == pytest.approx(1.0)
     assert found["clicks"].missing == 0
+
+
+def test_a_feature_the_online_store_never_served_fails_the_missing_rate() -> None:
+    served = Served(
+        keys={"user_id": [1, 2]},
+        event_us=np.full(2, 10_000_000, np.int64),
+        values=np.zeros((2, 2)),
+        stamps_us=np.array([[0, 1_000_000], [0, 1_000_000]]),  # age: never materialised
+    )
+    offline = Offline(values=np.zeros((2, 2)), stamps_us=None)
+    found = compare(served, offline, ("age", "clicks"), "FP32")
+    assert found["age"].mismatch_rate == 0.0 and found["age"].missing == 2
+    assert failing(found, 2, 0.0, 0.5) == ["age"]
+    assert failing(found, 2, 0.0, 1.0) == []
+
+
+def test_captured_rows_without_served_features_are_skipped_not_misaligned() -> None:
+    import pyarrow as pa
+
+    one = pa.list_(pa.list_(pa.int64(), 1))
+    users = pa.array([[[1], [2]], [[3]], [[4]], [[5], [6]], [[7]]], one)
+    # Row 1: a cache hit captured without features; row 2: a null item; row 3: too few.
+    age = pa.array([[[10.0], [20.0]], None, [[None]], [[50.0]], [[70.0]]],
+                   pa.list_(pa.list_(pa.float64(), 1)))  # fmt: skip
+    inputs = pa.StructArray.from_arrays([users, age], ["USER", "age"])
+    complete = _complete(inputs, ["USER", "age"])
+    assert complete.tolist() == [True, False, False, False, True]
+    counts, columns = _items(inputs.filter(complete), ["USER", "age"])
+    assert counts.tolist() == [2, 1]
+    assert columns["USER"] == [1, 2, 7] and columns["age"] == [10.0, 20.0, 70.0]
+    # A model without a batch dimension: a null timestamp field, row by row.
+    flat = pa.array([[1], [2], None], pa.list_(pa.int64(), 1))
+    stamps = pa.array([[5], [None], [7]], pa.list_(pa.int64(), 1))
+    inputs = pa.StructArray.from_arrays([flat, stamps], ["USER", "age__ts"])
+    assert _complete(inputs, ["USER", "age__ts"]).tolist() == [True, False, False]
 
 
 def test_convoy_serve_does_not_import_feast() -> None:
