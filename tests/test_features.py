@@ -17,7 +17,7 @@ import pytest
 
 from convoy.backends.base import AddedInputs, RequestInputs
 from convoy.config import TensorSpec, feature_spec
-from convoy.errors import ConfigError, InvalidInput, Unavailable
+from convoy.errors import ConfigError, InternalError, InvalidInput, Unavailable
 from convoy.features.backend import FeatureBackend
 from convoy.features.cli import failing
 from convoy.features.lookup import entity_values
@@ -110,11 +110,17 @@ class FakeStore:
     rows: Mapping[int, tuple[float, float]]
     calls: list[list[int]] = field(default_factory=list)
     down: bool = False
+    stale: frozenset[int] = frozenset()  # users whose rows are older than the view's ttl
+    fails: Exception | None = None
 
     def get_online_features(self, features: list[str], entity_rows: dict[str, list[int]]) -> Any:
         if self.down:
             raise Down("connection refused")
+        if self.fails is not None:
+            raise self.fails
         users = entity_rows["user_id"]
+        if any(u >= 2**31 for u in users):  # as Feast with an INT32 entity: the whole call
+            raise ValueError("Value out of range for int32")
         self.calls.append(list(users))
         results = []
         for j in range(2):
@@ -122,7 +128,10 @@ class FakeStore:
             results.append(
                 SimpleNamespace(
                     values=[Value(None if r is None else r[j]) for r in found],
-                    statuses=[1 if r is not None else 3 for r in found],
+                    statuses=[
+                        1 if r is not None else 4 if u in self.stale else 3
+                        for u, r in zip(users, found, strict=True)
+                    ],
                     event_timestamps=[SimpleNamespace(seconds=1000, nanos=0) for _ in found],
                 )
             )
@@ -200,6 +209,54 @@ def test_an_unreachable_store_fails_the_batch_unavailable() -> None:
     with pytest.raises(Unavailable, match="feature store unreachable"):
         made.run_requests([request(1), request(1)])
     assert inner.runs == []
+
+
+def test_a_key_out_of_its_feast_type_range_fails_its_request_alone() -> None:
+    store = FakeStore({1: (1.0, 1.0)})
+    features = feature_spec(BASE, (F,), "p")
+    assert features is not None
+    inner = Doubler()
+    made = FeatureBackend(
+        inner, store, features, True, lambda *a: None, feast_key_types={"user_id": "INT32"}
+    )
+    bad, good = made.run_requests([request(1, 2**31), request(1)])
+    assert isinstance(bad, InvalidInput)
+    assert "user_id=2147483648" in bad.message and "INT32" in bad.message
+    assert isinstance(good, AddedInputs) and store.calls == [[1]]
+
+
+def test_a_stale_value_is_said_to_be_stale_not_unknown() -> None:
+    made, _, _ = backend(FakeStore({1: (1.0, 1.0)}, stale=frozenset({7})))
+    stale, unknown = made.run_requests([request(7), request(8)])
+    assert isinstance(stale, InvalidInput) and isinstance(unknown, InvalidInput)
+    assert "user_id=7" in stale.message and "stale (outside the view's ttl)" in stale.message
+    assert "unknown entity user_id=8" in unknown.message
+
+
+class OperationalError(Exception):  # as sqlite3's: matched by name
+    pass
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [("database is locked", Unavailable), ("no such table: p_user_stats", InternalError)],
+)
+def test_only_a_busy_or_unopenable_sqlite_file_is_unavailable(
+    message: str, kind: type[Exception]
+) -> None:
+    made, _, _ = backend(FakeStore({1: (1.0, 1.0)}, fails=OperationalError(message)))
+    with pytest.raises(kind, match=message):
+        made.run_requests([request(1)])
+
+
+def test_closing_releases_the_online_store_client() -> None:
+    closed: list[str] = []
+    online = SimpleNamespace(_conn=SimpleNamespace(close=lambda: closed.append("sqlite")))
+    store = SimpleNamespace(_provider=SimpleNamespace(_online_store=online))
+    features = feature_spec(BASE, (F,), "p")
+    assert features is not None
+    FeatureBackend(Doubler(), store, features, True, lambda *a: None).close()
+    assert closed == ["sqlite"] and online._conn is None
 
 
 def test_a_request_without_its_entity_input_is_refused_alone() -> None:
