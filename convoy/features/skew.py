@@ -277,7 +277,8 @@ def _check_keys_captured(spec: ModelSpec, path: str) -> None:
         if named:
             raise SkewError(
                 f"{path}: {parameter} names the entity input(s) {named}: the captured rows "
-                "do not hold the keys that were served, so there is nothing to ask Feast"
+                "do not hold the keys that were served, so there is nothing to ask Feast",
+                "--model-repository",
             )
 
 
