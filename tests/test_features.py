@@ -21,7 +21,7 @@ from convoy.errors import ConfigError, InternalError, InvalidInput, Unavailable
 from convoy.features.backend import FeatureBackend
 from convoy.features.cli import failing
 from convoy.features.lookup import entity_values
-from convoy.features.skew import Offline, Served, _complete, _items, compare
+from convoy.features.skew import Offline, Served, _complete, _items, compare, offline
 
 from .conftest import ROOT
 
@@ -328,6 +328,29 @@ def test_captured_rows_without_served_features_are_skipped_not_misaligned() -> N
     stamps = pa.array([[5], [None], [7]], pa.list_(pa.int64(), 1))
     inputs = pa.StructArray.from_arrays([flat, stamps], ["USER", "age__ts"])
     assert _complete(inputs, ["USER", "age__ts"]).tolist() == [True, False, False]
+
+
+def test_staleness_left_out_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("pandas")
+
+    def historical(entity_df: Any, features: list[str]) -> Any:
+        return SimpleNamespace(to_df=lambda: entity_df.assign(age=1.0, score=2.0))
+
+    def no_provider() -> Any:
+        raise RuntimeError("no offline store here")
+
+    store = SimpleNamespace(get_historical_features=historical, _get_provider=no_provider)
+    served = Served(
+        keys={"user_id": [1, 2]},
+        event_us=np.array([1_000_000, 2_000_000], np.int64),
+        values=np.ones((2, 2)),
+        stamps_us=np.ones((2, 2), np.int64),
+    )
+    found = offline(store, spec(), served)
+    assert found.values.tolist() == [[1.0, 2.0], [1.0, 2.0]]
+    assert found.stamps_us is None
+    assert found.stamps_error == "RuntimeError: no offline store here"
+    assert "no offline store here" in caplog.text
 
 
 def test_convoy_serve_does_not_import_feast() -> None:
