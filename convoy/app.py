@@ -401,10 +401,10 @@ class ConvoyServer:
         self.gc_pauses.close()
         await self.repository.close(left())
         self.path.close()  # unmaps shared memory regions, now that nothing reads them
-        if self.tracing is not None:  # the last batches' spans, exported
-            await asyncio.to_thread(self.tracing.close)
         if self.capture is not None:  # every answered request's row, in a complete file
             await asyncio.to_thread(self.capture.close, left() + 5.0)
+        if self.tracing is not None:  # the last batches' spans: after the rows, which matter more
+            await asyncio.to_thread(self.tracing.close, left() + 1.0)
         if self._metrics_http is not None:
             httpd = self._metrics_http
             await asyncio.to_thread(httpd.shutdown)  # type: ignore[attr-defined]

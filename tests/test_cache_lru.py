@@ -64,6 +64,20 @@ def test_the_cache_counts_what_it_holds_not_the_batch_a_view_came_from() -> None
     assert held == result_bytes(stored) + ENTRY_OVERHEAD_BYTES == cache.bytes_used
 
 
+def test_a_stored_result_keeps_the_inputs_the_server_added_and_counts_them() -> None:
+    cache = ResponseCache(CacheConfig(size_bytes=1 << 20))
+    key = request_key("m", 1, {"X": np.zeros(1)}, ("LOGITS",))
+    assert cache.begin(key) is None
+    features = np.arange(2_000, dtype=np.float64)
+    plain = result_bytes(_result(1, 0))
+    stored = cache.complete(key, InferResult(_result(1, 0).outputs, {}, {"f": features[:1000]}))
+    # A hit is captured with the features the cached answer was computed from.
+    hit = cache.lookup(key)
+    assert hit is not None and hit.added_inputs["f"].tolist() == list(range(1000))
+    assert stored.added_inputs["f"].base is None and not stored.added_inputs["f"].flags.writeable
+    assert result_bytes(stored) >= plain + 8_000
+
+
 def test_the_cache_stays_within_its_size_and_counts_evictions_per_model() -> None:
     capacity = 100_000
     cache = ResponseCache(CacheConfig(size_bytes=capacity))

@@ -82,6 +82,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         models, "by_service", repo.root, max_batch_size=0,
         parameters={"feast_features": "", "feast_feature_service": "scoring", **captured},
     )  # fmt: skip
+    write_feature_model(
+        models, "cached", repo.root, parameters=captured, extra="response_cache { enable: true }\n"
+    )
+    write_feature_model(
+        models, "hashed", repo.root, parameters={**captured, "capture_hash": "USER"}
+    )
     write_feature_model(models, "no_repo", repo.root, parameters={"feast_repo": "elsewhere"})
     write_feature_model(
         models, "bad_view", repo.root, parameters={"feast_features": "nope:age,a:b,c:d"}
@@ -92,7 +98,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     write_feature_model(models, "broken_repo", broken)
     (models / "pipeline" / "1").mkdir(parents=True)
     (models / "pipeline" / "config.pbtxt").write_text(ENSEMBLE)
-    server = start_server(models, "--capture-dir", str(capture), "--capture-flush-secs", "0.2")
+    server = start_server(
+        models, "--capture-dir", str(capture), "--capture-flush-secs", "0.2",
+        "--cache-config", "local,size=16777216",
+    )  # fmt: skip
     yield Served(server, capture, models, repo, skew_repo)
     server.stop()
 
@@ -377,3 +386,36 @@ def test_skew_of_a_model_without_batching_by_feature_service(
     assert found["rows"] == len(rows)
     assert list(found["features"]) == ["age", "score", "clicks"]
     assert all(f["mismatch_rate"] == 0 and f["missing"] == 0 for f in found["features"].values())
+
+
+def test_a_response_cache_hit_is_captured_with_the_features_and_compared(
+    served: Served, client: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for request_id in ("computed", "hit"):
+        client.infer("cached", [users(3, 4)], request_id=request_id)  # type: ignore[attr-defined]
+    stats = client.get_inference_statistics("cached", as_json=True)  # type: ignore[attr-defined]
+    assert int(stats["model_stats"][0]["inference_stats"]["cache_hit"]["count"]) == 1
+    rows = captured_rows(
+        served.capture, "cached", "request_id, inputs.age, inputs.age__ts", "status = 'OK'", 2
+    )
+    assert sorted(r[0] for r in rows) == ["computed", "hit"]
+    assert rows[0][1:] == rows[1][1:] and None not in rows[0][1] + rows[0][2]
+    report = tmp_path / "skew.json"
+    words = ["--capture-dir", str(served.capture), "--model-repository", str(served.models)]
+    assert main(["skew", "cached", *words, "--report", str(report)]) == 0
+    found = json.loads(report.read_text())
+    assert found["rows"] == 4 and found["skipped_rows"] == 0 and found["notes"] == []
+    assert all(f["mismatch_rate"] == 0 and f["missing"] == 0 for f in found["features"].values())
+    # Nothing in the window: nothing to compare, a failure.
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)).isoformat()
+    assert main(["skew", "cached", *words, "--since", later]) == 1
+    capsys.readouterr()
+
+
+def test_skew_refuses_hashed_entity_inputs_naming_the_parameter(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    words = ["--capture-dir", str(served.capture), "--model-repository", str(served.models)]
+    assert main(["skew", "hashed", *words]) == 2
+    err = capsys.readouterr().err
+    assert "capture_hash" in err and "USER" in err

@@ -17,10 +17,11 @@ import pytest
 
 from convoy.backends.base import AddedInputs, RequestInputs
 from convoy.config import TensorSpec, feature_spec
-from convoy.errors import ConfigError, InvalidInput, Unavailable
+from convoy.errors import ConfigError, InternalError, InvalidInput, Unavailable
 from convoy.features.backend import FeatureBackend
+from convoy.features.cli import failing
 from convoy.features.lookup import entity_values
-from convoy.features.skew import Offline, Served, compare
+from convoy.features.skew import Offline, Served, _complete, _items, compare, offline
 
 from .conftest import ROOT
 
@@ -109,11 +110,17 @@ class FakeStore:
     rows: Mapping[int, tuple[float, float]]
     calls: list[list[int]] = field(default_factory=list)
     down: bool = False
+    stale: frozenset[int] = frozenset()  # users whose rows are older than the view's ttl
+    fails: Exception | None = None
 
     def get_online_features(self, features: list[str], entity_rows: dict[str, list[int]]) -> Any:
         if self.down:
             raise Down("connection refused")
+        if self.fails is not None:
+            raise self.fails
         users = entity_rows["user_id"]
+        if any(u >= 2**31 for u in users):  # as Feast with an INT32 entity: the whole call
+            raise ValueError("Value out of range for int32")
         self.calls.append(list(users))
         results = []
         for j in range(2):
@@ -121,7 +128,10 @@ class FakeStore:
             results.append(
                 SimpleNamespace(
                     values=[Value(None if r is None else r[j]) for r in found],
-                    statuses=[1 if r is not None else 3 for r in found],
+                    statuses=[
+                        1 if r is not None else 4 if u in self.stale else 3
+                        for u, r in zip(users, found, strict=True)
+                    ],
                     event_timestamps=[SimpleNamespace(seconds=1000, nanos=0) for _ in found],
                 )
             )
@@ -201,6 +211,54 @@ def test_an_unreachable_store_fails_the_batch_unavailable() -> None:
     assert inner.runs == []
 
 
+def test_a_key_out_of_its_feast_type_range_fails_its_request_alone() -> None:
+    store = FakeStore({1: (1.0, 1.0)})
+    features = feature_spec(BASE, (F,), "p")
+    assert features is not None
+    inner = Doubler()
+    made = FeatureBackend(
+        inner, store, features, True, lambda *a: None, feast_key_types={"user_id": "INT32"}
+    )
+    bad, good = made.run_requests([request(1, 2**31), request(1)])
+    assert isinstance(bad, InvalidInput)
+    assert "user_id=2147483648" in bad.message and "INT32" in bad.message
+    assert isinstance(good, AddedInputs) and store.calls == [[1]]
+
+
+def test_a_stale_value_is_said_to_be_stale_not_unknown() -> None:
+    made, _, _ = backend(FakeStore({1: (1.0, 1.0)}, stale=frozenset({7})))
+    stale, unknown = made.run_requests([request(7), request(8)])
+    assert isinstance(stale, InvalidInput) and isinstance(unknown, InvalidInput)
+    assert "user_id=7" in stale.message and "stale (outside the view's ttl)" in stale.message
+    assert "unknown entity user_id=8" in unknown.message
+
+
+class OperationalError(Exception):  # as sqlite3's: matched by name
+    pass
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [("database is locked", Unavailable), ("no such table: p_user_stats", InternalError)],
+)
+def test_only_a_busy_or_unopenable_sqlite_file_is_unavailable(
+    message: str, kind: type[Exception]
+) -> None:
+    made, _, _ = backend(FakeStore({1: (1.0, 1.0)}, fails=OperationalError(message)))
+    with pytest.raises(kind, match=message):
+        made.run_requests([request(1)])
+
+
+def test_closing_releases_the_online_store_client() -> None:
+    closed: list[str] = []
+    online = SimpleNamespace(_conn=SimpleNamespace(close=lambda: closed.append("sqlite")))
+    store = SimpleNamespace(_provider=SimpleNamespace(_online_store=online))
+    features = feature_spec(BASE, (F,), "p")
+    assert features is not None
+    FeatureBackend(Doubler(), store, features, True, lambda *a: None).close()
+    assert closed == ["sqlite"] and online._conn is None
+
+
 def test_a_request_without_its_entity_input_is_refused_alone() -> None:
     made, _, _ = backend(FakeStore({1: (1.0, 1.0)}))
     empty = RequestInputs("e", {}, ("Y",))
@@ -235,6 +293,64 @@ def test_compare_counts_mismatches_missing_rows_and_staleness() -> None:
     assert found["clicks"].mismatch_rate == pytest.approx(2 / 4)
     assert found["clicks"].staleness_s == pytest.approx(1.0)
     assert found["clicks"].missing == 0
+
+
+def test_a_feature_the_online_store_never_served_fails_the_missing_rate() -> None:
+    served = Served(
+        keys={"user_id": [1, 2]},
+        event_us=np.full(2, 10_000_000, np.int64),
+        values=np.zeros((2, 2)),
+        stamps_us=np.array([[0, 1_000_000], [0, 1_000_000]]),  # age: never materialised
+    )
+    offline = Offline(values=np.zeros((2, 2)), stamps_us=None)
+    found = compare(served, offline, ("age", "clicks"), "FP32")
+    assert found["age"].mismatch_rate == 0.0 and found["age"].missing == 2
+    assert failing(found, 2, 0.0, 0.5) == ["age"]
+    assert failing(found, 2, 0.0, 1.0) == []
+
+
+def test_captured_rows_without_served_features_are_skipped_not_misaligned() -> None:
+    import pyarrow as pa
+
+    one = pa.list_(pa.list_(pa.int64(), 1))
+    users = pa.array([[[1], [2]], [[3]], [[4]], [[5], [6]], [[7]]], one)
+    # Row 1: a cache hit captured without features; row 2: a null item; row 3: too few.
+    age = pa.array([[[10.0], [20.0]], None, [[None]], [[50.0]], [[70.0]]],
+                   pa.list_(pa.list_(pa.float64(), 1)))  # fmt: skip
+    inputs = pa.StructArray.from_arrays([users, age], ["USER", "age"])
+    complete = _complete(inputs, ["USER", "age"])
+    assert complete.tolist() == [True, False, False, False, True]
+    counts, columns = _items(inputs.filter(complete), ["USER", "age"])
+    assert counts.tolist() == [2, 1]
+    assert columns["USER"] == [1, 2, 7] and columns["age"] == [10.0, 20.0, 70.0]
+    # A model without a batch dimension: a null timestamp field, row by row.
+    flat = pa.array([[1], [2], None], pa.list_(pa.int64(), 1))
+    stamps = pa.array([[5], [None], [7]], pa.list_(pa.int64(), 1))
+    inputs = pa.StructArray.from_arrays([flat, stamps], ["USER", "age__ts"])
+    assert _complete(inputs, ["USER", "age__ts"]).tolist() == [True, False, False]
+
+
+def test_staleness_left_out_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("pandas")
+
+    def historical(entity_df: Any, features: list[str]) -> Any:
+        return SimpleNamespace(to_df=lambda: entity_df.assign(age=1.0, score=2.0))
+
+    def no_provider() -> Any:
+        raise RuntimeError("no offline store here")
+
+    store = SimpleNamespace(get_historical_features=historical, _get_provider=no_provider)
+    served = Served(
+        keys={"user_id": [1, 2]},
+        event_us=np.array([1_000_000, 2_000_000], np.int64),
+        values=np.ones((2, 2)),
+        stamps_us=np.ones((2, 2), np.int64),
+    )
+    found = offline(store, spec(), served)
+    assert found.values.tolist() == [[1.0, 2.0], [1.0, 2.0]]
+    assert found.stamps_us is None
+    assert found.stamps_error == "RuntimeError: no offline store here"
+    assert "no offline store here" in caplog.text
 
 
 def test_convoy_serve_does_not_import_feast() -> None:

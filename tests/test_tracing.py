@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -257,3 +258,31 @@ def test_a_request_that_timed_out_in_the_queue_is_the_servers_fault() -> None:
     assert queue.parent.span_id == request.context.span_id
     assert queue.attributes["convoy.status_code"] == "DEADLINE_EXCEEDED"
     assert queue.end_time == request.end_time  # it waited until answered
+
+
+class Stuck:
+    """A span processor whose shutdown waits for a collector that never answers."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def shutdown(self) -> None:
+        self.entered.set()
+        self.release.wait()
+
+
+def test_close_gives_up_at_its_timeout_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("opentelemetry.sdk.trace", reason="the otel extra is missing")
+    from opentelemetry.sdk.resources import Resource
+
+    stuck = Stuck()
+    tracing = Tracing(stuck, Resource.create({}), 1.0, lambda e: "NOT_FOUND")  # type: ignore[arg-type]
+    try:
+        assert tracing.close(0.01) is False  # returns though shutdown never does
+        assert stuck.entered.is_set()
+        assert "dropped" in caplog.text
+    finally:
+        stuck.release.set()
+    tracing, _ = traced(1.0, [])
+    assert tracing.close(5.0) is True

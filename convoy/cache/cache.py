@@ -160,6 +160,9 @@ def result_bytes(result: InferResult) -> int:
         total += _RANKED_BYTES + _array_bytes(ranked.values) + _array_bytes(ranked.indices)
         if ranked.text is not None:
             total += _array_bytes(ranked.text)
+    if result.added_inputs:
+        total += sys.getsizeof(result.added_inputs)
+        total += sum(_array_bytes(array) for array in result.added_inputs.values())
     return total
 
 
@@ -186,7 +189,9 @@ def _compact(result: InferResult) -> InferResult:
         )
         for name, r in result.ranked.items()
     }
-    return InferResult({name: _owned(a) for name, a in result.outputs.items()}, ranked)
+    # Looked-up features kept: a hit is captured with what the model saw for the answer.
+    added = {name: _owned(a) for name, a in result.added_inputs.items()}
+    return InferResult({name: _owned(a) for name, a in result.outputs.items()}, ranked, added)
 
 
 class ResponseCache:

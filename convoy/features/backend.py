@@ -5,7 +5,9 @@ store in one call, each request's feature input is filled with its rows (feature
 declared order), and the model runs once on the requests whose keys were found. A
 request with a key the store does not know (feast_missing: error) is answered
 INVALID_ARGUMENT alone; a store that cannot be reached fails the batch UNAVAILABLE. Each
-answer carries the features it was served and their timestamps, for capture.
+answer carries the features it was served and their timestamps, for capture. A key out
+of its Feast type's range (an INT64 sent for an INT32 entity) fails its request alone,
+before the lookup, which Feast would fail as a whole.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..backends.base import AddedInputs, Array, Backend, RequestInputs, RunsRequ
 from ..config import FEATURE_TIMESTAMP_SUFFIX, FeatureSpec
 from ..errors import ConvoyError, InternalError, InvalidInput
 from ..tensors import NUMPY_DTYPES
-from .lookup import LookedUp, entity_values, lookup
+from .lookup import LookedUp, check_keys, close_store, entity_values, lookup
 
 # (lookup seconds, missing rows per feature, ages in seconds per feature)
 Observe = Callable[[float, dict[str, int], dict[str, list[float]]], None]
@@ -36,6 +38,7 @@ class FeatureBackend:
         batched: bool,
         observe: Observe,
         wall_clock: Callable[[], float] = time.time,
+        feast_key_types: Mapping[str, str] | None = None,
     ) -> None:
         self._inner = inner
         self.device = inner.device
@@ -46,6 +49,7 @@ class FeatureBackend:
         self._now = wall_clock
         self._dtype = NUMPY_DTYPES[spec.output.datatype]
         self._key_types = {t.name: t.datatype for t in spec.caller_inputs}
+        self._feast_key_types = dict(feast_key_types or {})  # join key -> Feast value type
         self._per_request = inner if isinstance(inner, RunsRequests) else None
 
     def run_requests(self, requests: Sequence[RequestInputs]) -> list[Answer]:
@@ -96,7 +100,10 @@ class FeatureBackend:
         return answer.outputs if isinstance(answer, AddedInputs) else answer
 
     def close(self) -> None:
-        self._inner.close()
+        try:
+            self._inner.close()
+        finally:
+            close_store(self._store)
 
     # -- one batch -------------------------------------------------------------
 
@@ -112,6 +119,7 @@ class FeatureBackend:
             raise InvalidInput("entity inputs carry different numbers of rows")
         if counts == {0}:
             raise InvalidInput(f"entity inputs {[n for _, n in self._spec.entities]} hold no keys")
+        check_keys(found, self._feast_key_types)
         return found
 
     def _record(self, seconds: float, looked: LookedUp) -> None:
@@ -139,6 +147,11 @@ class FeatureBackend:
             if spec.missing == "error":
                 row, column = (int(i) for i in np.argwhere(~present)[0])
                 entity = ", ".join(f"{k}={keys[k][first + row]!r}" for k, _ in spec.entities)
+                if looked.stale[first + row, column]:
+                    raise InvalidInput(
+                        f"entity {entity}: the feature store's '{spec.features[column]}' for it "
+                        "is stale (outside the view's ttl) (feast_missing: error)"
+                    )
                 raise InvalidInput(
                     f"unknown entity {entity}: the feature store has no '{spec.features[column]}' "
                     "for it (feast_missing: error)"

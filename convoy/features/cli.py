@@ -1,7 +1,8 @@
 """`convoy skew MODEL --capture-dir URI ...`: argument parsing and the report (skew.py).
 
-Exit codes: 0 no feature past --max-mismatch-rate; 1 one is (or nothing to compare);
-2 a usage error (the message names the flag).
+Exit codes: 0 no feature past --max-mismatch-rate or --max-missing-rate; 1 one is, or
+nothing to compare (no captured row holds served features); 2 a usage error (the
+message names the flag).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..arguments import number
 from ..capture.dataset import Instant, iso, parse_instant
+
+if TYPE_CHECKING:
+    from .skew import FeatureSkew
 
 COMMAND = "skew"
 
@@ -64,6 +68,11 @@ def add_skew_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--max-mismatch-rate", type=number(float, 0, strict=False), default=0.0, metavar="X",
         help="exit 1 when a feature's mismatch rate is above X (default 0: any mismatch)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-missing-rate", type=number(float, 0, strict=False), default=0.5, metavar="X",
+        help="exit 1 when the share of rows the online store had no value for is above X "
+        "for a feature (default 0.5: a feature never materialised fails)",
+    )  # fmt: skip
     parser.add_argument("--report", metavar="PATH", help="write the report as JSON")
     parser.add_argument("--html", metavar="PATH", help="write the report as an HTML page")
     return parser
@@ -87,20 +96,30 @@ def run_skew(
     try:
         spec, store = open_features(args.model_repository, args.model)
         served = read_served(args.capture_dir, args.model, spec, since, until, args.sample)
-        found = compare(served, offline(store, spec, served), spec.names, spec.output.datatype)
+        if served.items == 0:
+            why = f": {served.skipped_reason}" if served.skipped_reason else ""
+            raise SkewError(f"nothing to compare: no captured row of '{args.model}'{why}")
+        looked = offline(store, spec, served)
+        found = compare(served, looked, spec.names, spec.output.datatype)
     except SkewError as exc:
         flag = f"{exc.flag}: " if exc.flag and exc.flag not in exc.message else ""
         print(f"convoy skew: {flag}{exc.message}", file=err)
         return 2 if exc.flag else 1
-    failed = sorted(n for n, f in found.items() if f.mismatch_rate > args.max_mismatch_rate)
+    failed = failing(found, served.items, args.max_mismatch_rate, args.max_missing_rate)
+    notes = [served.skipped_reason] if served.skipped_reason else []
+    if looked.stamps_error:
+        notes.append(f"staleness not measured: {looked.stamps_error}")
     report = {
         "model": args.model,
         "capture_dir": args.capture_dir,
         "since": iso(since) if since else None,
         "until": iso(until) if until else None,
         "rows": served.items,
+        "skipped_rows": served.skipped,
+        "notes": notes,
         "features": {name: skew.as_json() for name, skew in found.items()},
         "max_mismatch_rate": args.max_mismatch_rate,
+        "max_missing_rate": args.max_missing_rate,
         "failed": failed,
         "passed": not failed,
     }
@@ -112,6 +131,18 @@ def run_skew(
     return 1 if failed else 0
 
 
+def failing(
+    found: dict[str, FeatureSkew], rows: int, max_mismatch_rate: float, max_missing_rate: float
+) -> list[str]:
+    """The features past a threshold. Missing rows count too: mismatch_rate is over the
+    rows the online store had a value for, so a feature never materialised has none."""
+    return sorted(
+        name
+        for name, f in found.items()
+        if f.mismatch_rate > max_mismatch_rate or f.missing / max(rows, 1) > max_missing_rate
+    )
+
+
 def _text(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']}: {report['rows']} served rows compared with Feast's offline store",
@@ -119,11 +150,12 @@ def _text(report: dict[str, Any]) -> str:
     ]
     for name, f in report["features"].items():
         staleness = "-" if f["staleness_s"] is None else f"{f['staleness_s']:.1f}"
-        mark = "  <- above --max-mismatch-rate" if name in report["failed"] else ""
+        mark = "  <- above a threshold" if name in report["failed"] else ""
         lines.append(
             f"{name:<24} {f['mismatch_rate']:>9.2%} {f['mean_abs_diff']:>12.4g} "
             f"{staleness:>12} {f['missing']:>8}{mark}"
         )
+    lines += [f"note: {note}" for note in report["notes"]]
     lines.append("PASS" if report["passed"] else f"FAIL: {', '.join(report['failed'])}")
     return "\n".join(lines)
 
@@ -144,7 +176,9 @@ def _html(report: dict[str, Any]) -> str:
         ".failed{background:#fdd}</style></head><body>"
         f"<h1>{title}</h1><p>{report['rows']} served rows, {html.escape(str(report['since']))}"
         f" to {html.escape(str(report['until']))}; --max-mismatch-rate "
-        f"{report['max_mismatch_rate']}</p><table><tr><th>feature</th><th>mismatch rate</th>"
+        f"{report['max_mismatch_rate']}, --max-missing-rate {report['max_missing_rate']}</p>"
+        + "".join(f"<p>note: {html.escape(n)}</p>" for n in report["notes"])
+        + "<table><tr><th>feature</th><th>mismatch rate</th>"
         "<th>mean |diff|</th><th>staleness s</th><th>missing</th></tr>"
         f"{rows}</table><p>{verdict}</p></body></html>\n"
     )

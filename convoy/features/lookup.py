@@ -7,7 +7,8 @@ feast_repo: `convoy serve` without one never imports it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,20 @@ from ..errors import ConfigError, ConvoyError, InternalError, InvalidInput, Unav
 NUMERIC_TYPES = frozenset({"INT32", "INT64", "FLOAT", "DOUBLE", "BOOL"})
 # Feast's key types and the request datatype that carries them.
 KEY_DATATYPES = {"INT64": "INT64", "INT32": "INT64", "STRING": "BYTES"}
-# A store that cannot be reached raises one of these (redis-py, sqlite3, sockets): the
-# batch fails UNAVAILABLE and the next one tries again. Matched by name: no import of
-# redis where the store is SQLite.
-_UNREACHABLE = frozenset({"ConnectionError", "TimeoutError", "OperationalError", "OSError"})
+# The range of an integer key of each Feast type: a key out of it fails its request
+# INVALID_ARGUMENT (Feast would raise for the whole batch).
+KEY_RANGES = {"INT32": (-(2**31), 2**31 - 1), "INT64": (-(2**63), 2**63 - 1)}
+# A store that cannot be reached raises one of these (redis-py, sockets): the batch fails
+# UNAVAILABLE and the next one tries again. Matched by name: no import of redis where the
+# store is SQLite.
+_UNREACHABLE = frozenset({"ConnectionError", "TimeoutError", "OSError"})
+# sqlite3.OperationalError is also "no such table" (a permanent fault, INTERNAL): only
+# these messages say the file is busy or cannot be opened right now.
+_SQLITE_TRANSIENT = ("locked", "busy", "unable to open", "disk i/o")
 _PRESENT = 1  # feast.protos FieldStatus.PRESENT
+_OUTSIDE_MAX_AGE = 4  # ... FieldStatus.OUTSIDE_MAX_AGE: older than the view's ttl
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class LookedUp:
     values: npt.NDArray[np.float64]  # [rows, features]; NaN where missing
     timestamps_us: npt.NDArray[np.int64]  # feature timestamps, UTC µs; 0 where missing
     present: npt.NDArray[np.bool_]
+    stale: npt.NDArray[np.bool_]  # not present because older than the view's ttl
 
 
 def repo_dir(spec: FeatureSpec, model_dir: Path) -> Path:
@@ -119,6 +130,47 @@ def resolve(spec: FeatureSpec, store: Any, config_path: str) -> FeatureSpec:
     return spec
 
 
+def key_types(store: Any, spec: FeatureSpec) -> dict[str, str]:
+    """Each entity join key's Feast value type (INT32, INT64, STRING...), from the views
+    of `spec`'s features."""
+    found: dict[str, str] = {}
+    for view_name in dict.fromkeys(ref.split(":", 1)[0] for ref in spec.features):
+        for column in store.get_feature_view(view_name).entity_columns:
+            found[column.name] = column.dtype.to_value_type().name
+    return found
+
+
+def check_keys(keys: Mapping[str, Sequence[Any]], types: Mapping[str, str]) -> None:
+    """InvalidInput naming the first integer key outside its Feast type's range."""
+    for key, values in keys.items():
+        bounds = KEY_RANGES.get(types.get(key, ""))
+        if bounds is None:
+            continue
+        low, high = bounds
+        for value in values:
+            if not low <= value <= high:
+                raise InvalidInput(
+                    f"entity key {key}={value} is out of range: Feast's '{key}' is "
+                    f"{types[key]} ({low} to {high})"
+                )
+
+
+def close_store(store: Any) -> None:
+    """Release the online store's client (SQLite connection, redis-py pool): Feast's own
+    close() is async and releases only its async clients. Reads Feast's private
+    attributes, so a failure is logged, never raised: closing must not fail an unload."""
+    try:
+        provider = getattr(store, "_provider", None)  # None: never used
+        online = getattr(provider, "_online_store", None)
+        for attribute in ("_conn", "_client"):  # SqliteOnlineStore, RedisOnlineStore
+            client = getattr(online, attribute, None)
+            if client is not None:
+                setattr(online, attribute, None)
+                client.close()
+    except Exception:
+        log.warning("closing the Feast online store's client failed", exc_info=True)
+
+
 def lookup(store: Any, spec: FeatureSpec, keys: dict[str, list[Any]]) -> LookedUp:
     """The online features of every row (`keys`: join key -> one value per row), in one
     call to the store. Unavailable where the store cannot be reached."""
@@ -132,6 +184,7 @@ def lookup(store: Any, spec: FeatureSpec, keys: dict[str, list[Any]]) -> LookedU
     values = np.full((rows, len(spec.features)), np.nan)
     stamps = np.zeros((rows, len(spec.features)), np.int64)
     present = np.zeros((rows, len(spec.features)), np.bool_)
+    stale = np.zeros((rows, len(spec.features)), np.bool_)
     for j, name in enumerate(spec.names):
         result = proto.results[column[name]]
         for i, (value, status, stamp) in enumerate(
@@ -139,16 +192,20 @@ def lookup(store: Any, spec: FeatureSpec, keys: dict[str, list[Any]]) -> LookedU
         ):
             kind = value.WhichOneof("val")
             if status != _PRESENT or kind is None or kind == "null_val":
+                stale[i, j] = status == _OUTSIDE_MAX_AGE
                 continue
             values[i, j] = float(getattr(value, kind))
             stamps[i, j] = stamp.seconds * 1_000_000 + stamp.nanos // 1000
             present[i, j] = True
-    return LookedUp(values, stamps, present)
+    return LookedUp(values, stamps, present, stale)
 
 
 def _failure(exc: Exception) -> ConvoyError:
     names = {kind.__name__ for kind in type(exc).__mro__}
-    if names & _UNREACHABLE:
+    transient = names & _UNREACHABLE or (
+        "OperationalError" in names and any(w in str(exc).lower() for w in _SQLITE_TRANSIENT)
+    )
+    if transient:
         return Unavailable(f"feature store unreachable: {type(exc).__name__}: {exc}")
     return InternalError(f"feature lookup failed: {type(exc).__name__}: {exc}")
 

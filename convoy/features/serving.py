@@ -12,7 +12,7 @@ from ..backends.base import Backend
 from ..config import FeatureSpec, ModelSpec
 from ..metrics import FeatureMetrics
 from .backend import FeatureBackend
-from .lookup import open_store, resolve
+from .lookup import close_store, key_types, open_store, resolve
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,14 @@ class FeatureSource:
 
     def wrap(self, backend: Backend, batched: bool) -> FeatureBackend:
         store = open_store(self.spec, self.model_dir, self.config_path)
-        return FeatureBackend(backend, store, self.spec, batched, self._observe)
+        try:
+            types = key_types(store, self.spec)
+        except Exception:
+            close_store(store)
+            raise
+        return FeatureBackend(
+            backend, store, self.spec, batched, self._observe, feast_key_types=types
+        )
 
     def _observe(
         self, seconds: float, missing: dict[str, int], ages: dict[str, list[float]]
@@ -48,5 +55,8 @@ def open_features(
     fault where the repository is missing, broken or lacks what the config names."""
     assert spec.features is not None
     store: Any = open_store(spec.features, model_dir, config_path)
-    resolved = resolve(spec.features, store, config_path)
+    try:
+        resolved = resolve(spec.features, store, config_path)
+    finally:
+        close_store(store)  # each instance opens its own
     return FeatureSource(resolved, model_dir, config_path, spec.name, metrics)

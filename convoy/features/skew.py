@@ -9,11 +9,16 @@ against what Feast's offline store gives for the same entities at the same momen
 - staleness_s: how far the served value's feature timestamp lags the offline row's,
   in seconds, averaged over those rows (0 when the online store kept up);
 - missing: rows the online store had no value for (served a default, NaN, or refused).
+
+Captured rows without every feature field (captured before the model gained its feast_*
+parameters, or a response-cache hit captured before the cache kept looked-up features)
+are skipped and counted: they hold nothing to compare.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,12 +28,14 @@ import numpy.typing as npt
 
 from ..capture.dataset import ExportError, ExportRequest, read_requests
 from ..capture.writer import open_filesystem
-from ..config import FEATURE_TIMESTAMP_SUFFIX, FeatureSpec
+from ..config import CAPTURE_EXCLUDE, CAPTURE_HASH, FEATURE_TIMESTAMP_SUFFIX, FeatureSpec, ModelSpec
 from ..tensors import NUMPY_DTYPES
 from .lookup import open_store, resolve
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+log = logging.getLogger(__name__)
 
 ROW_ID = "__convoy_row"  # joins Feast's answer (which reorders rows) back to ours
 EVENT_TIME = "event_timestamp"
@@ -51,6 +58,8 @@ class Served:
     event_us: npt.NDArray[np.int64]  # when the request was answered (UTC µs)
     values: npt.NDArray[np.float64]  # [items, features]
     stamps_us: npt.NDArray[np.int64]  # served feature timestamps; 0: the store had none
+    skipped: int = 0  # captured rows left out: they lack a feature field
+    skipped_reason: str | None = None
 
     @property
     def items(self) -> int:
@@ -61,6 +70,7 @@ class Served:
 class Offline:
     values: npt.NDArray[np.float64]  # [items, features]; NaN where none
     stamps_us: npt.NDArray[np.int64] | None  # the offline rows' timestamps; 0 where none
+    stamps_error: str | None = None  # why stamps_us is None
 
 
 @dataclass(frozen=True)
@@ -148,8 +158,18 @@ def read_served(
             f"the captured rows of '{model}' lack {absent}: were they captured with "
             "feast_* parameters, and none of them in capture_exclude?"
         )
+    complete = _complete(inputs, wanted)
+    skipped = int(len(inputs) - np.count_nonzero(complete))
+    reason = None
+    if skipped:
+        reason = (
+            f"{skipped} of {len(inputs)} captured rows lack served features (captured before "
+            "the model had feast_* parameters, or a response-cache hit captured before the "
+            "cache kept looked-up features)"
+        )
+        inputs = inputs.filter(complete)
     counts, columns = _items(inputs, wanted)
-    stamps = table.column("timestamp").cast("int64").to_numpy()
+    stamps = table.column("timestamp").cast("int64").to_numpy()[complete]
     event_us = np.repeat(stamps, counts)
     order = np.argsort(event_us, kind="stable")
     if sample is not None and order.size > sample:
@@ -157,7 +177,45 @@ def read_served(
     keys = {key: [_key(columns[name][i]) for i in order] for key, name in spec.entities}
     values = np.stack([np.asarray(columns[n], np.float64)[order] for n in spec.names], axis=1)
     ts = [np.asarray(columns[n + FEATURE_TIMESTAMP_SUFFIX], np.int64)[order] for n in spec.names]
-    return Served(keys, event_us[order], values, np.stack(ts, axis=1))
+    return Served(keys, event_us[order], values, np.stack(ts, axis=1), skipped, reason)
+
+
+def _complete(inputs: pa.StructArray, names: list[str]) -> npt.NDArray[np.bool_]:
+    """Per captured row, whether every field in `names` holds one value per item, as
+    many items as the first: flattening drops null entries, which would shift later
+    items' values onto other rows' keys."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def array(values: Any) -> npt.NDArray[Any]:
+        return np.asarray(values.to_numpy(zero_copy_only=False))
+
+    rows = len(inputs)
+    valid = array(pc.is_valid(inputs)).astype(np.bool_)
+    lengths: npt.NDArray[np.int64] | None = None
+    for name in names:
+        column = inputs.field(name)
+        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            items = array(pc.fill_null(pc.list_value_length(column), -1)).astype(np.int64)
+            whole = _one_value(column.flatten())  # per item: one non-null value
+            parents = array(pc.list_parent_indices(column)).astype(np.int64)
+            good = np.bincount(parents, whole.astype(np.float64), minlength=rows)
+            valid &= (items >= 0) & (good == items)
+            if lengths is None:
+                lengths = items
+            valid &= items == lengths
+        else:  # a model without a batch dimension: one item
+            valid &= _one_value(column)
+    return valid
+
+
+def _one_value(column: Any) -> npt.NDArray[np.bool_]:
+    """Per list entry, whether it holds exactly one non-null value."""
+    import pyarrow.compute as pc
+
+    length = pc.fill_null(pc.list_value_length(column), 0)
+    first = pc.list_element(pc.if_else(pc.equal(length, 1), column, None), 0)
+    return np.asarray(pc.is_valid(first).to_numpy(zero_copy_only=False), np.bool_)
 
 
 def _key(value: Any) -> Any:
@@ -199,10 +257,29 @@ def open_features(repository: Path, model: str) -> tuple[FeatureSpec, Any]:
         spec = validate_model_config(read_model_config(model_dir), path, model)
         if spec.features is None:
             raise SkewError(f"{path} declares no feast_repo: model '{model}' looks up no features")
+        _check_keys_captured(spec, path)
         store = open_store(spec.features, model_dir, path)
         return resolve(spec.features, store, path), store
     except ConvoyError as exc:
         raise SkewError(exc.message, "--model-repository") from None
+
+
+def _check_keys_captured(spec: ModelSpec, path: str) -> None:
+    """Refuse entity inputs that capture leaves out or hashes: Feast would be asked for
+    hex digests, not the keys that were served."""
+    assert spec.features is not None
+    capture = spec.capture
+    if capture is None:
+        return
+    entities = [name for _, name in spec.features.entities]
+    for parameter, names in ((CAPTURE_EXCLUDE, capture.exclude), (CAPTURE_HASH, capture.hashed)):
+        named = [n for n in entities if n in names]
+        if named:
+            raise SkewError(
+                f"{path}: {parameter} names the entity input(s) {named}: the captured rows "
+                "do not hold the keys that were served, so there is nothing to ask Feast",
+                "--model-repository",
+            )
 
 
 def offline(store: Any, spec: FeatureSpec, served: Served) -> Offline:
@@ -221,47 +298,49 @@ def offline(store: Any, spec: FeatureSpec, served: Served) -> Offline:
         [pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64) for name in spec.names],
         axis=1,
     )
-    return Offline(values, _offline_stamps(store, spec, entity_df))
+    try:
+        return Offline(values, _offline_stamps(store, spec, entity_df))
+    except Exception as exc:  # staleness left out, not guessed; the rest still reported
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning("staleness not measured: the offline rows' timestamps: %s", reason)
+        return Offline(values, None, reason)
 
 
-def _offline_stamps(store: Any, spec: FeatureSpec, entity_df: Any) -> npt.NDArray[np.int64] | None:
+def _offline_stamps(store: Any, spec: FeatureSpec, entity_df: Any) -> npt.NDArray[np.int64]:
     """The timestamp of the offline row each point-in-time value came from, per feature:
-    the same as-of join over the view's rows, read through Feast's offline store. None
-    where the store cannot list them (staleness is then left out, not guessed)."""
+    the same as-of join over the view's rows, read through Feast's offline store (which
+    may fail to list them: the caller says so)."""
     import pandas as pd
 
-    try:
-        provider = store._get_provider()  # Feast has no public call for a source's rows
-        stamps = np.zeros((len(entity_df), len(spec.features)), np.int64)
-        start = entity_df[EVENT_TIME].min()
-        end = entity_df[EVENT_TIME].max()
-        for j, ref in enumerate(spec.features):
-            view = store.get_feature_view(ref.split(":", 1)[0])
-            source = view.batch_source
-            keys = [c.name for c in view.entity_columns]
-            ttl = view.ttl if view.ttl else dt.timedelta(days=3650)
-            rows = provider.offline_store.pull_all_from_table_or_query(
-                config=store.config, data_source=source, join_key_columns=keys,
-                feature_name_columns=[ref.split(":", 1)[1]],
-                timestamp_field=source.timestamp_field,
-                created_timestamp_column=source.created_timestamp_column or None,
-                start_date=(start - ttl).to_pydatetime(), end_date=end.to_pydatetime(),
-            ).to_df()  # fmt: skip
-            rows = rows.rename(columns={source.timestamp_field: "__feature_ts"})
-            rows["__feature_ts"] = _utc_ns(rows["__feature_ts"])
-            rows = rows.sort_values("__feature_ts")
-            left = entity_df.assign(**{EVENT_TIME: _utc_ns(entity_df[EVENT_TIME])})
-            left = left.sort_values(EVENT_TIME)
-            joined = pd.merge_asof(
-                left, rows[[*keys, "__feature_ts"]], left_on=EVENT_TIME,
-                right_on="__feature_ts", by=keys, tolerance=pd.Timedelta(ttl),
-            ).set_index(ROW_ID).sort_index()  # fmt: skip
-            at = joined["__feature_ts"]
-            nanos = at.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64)
-            stamps[:, j] = np.where(at.isna().to_numpy(), 0, nanos // 1000)
-        return stamps
-    except Exception:
-        return None
+    provider = store._get_provider()  # Feast has no public call for a source's rows
+    stamps = np.zeros((len(entity_df), len(spec.features)), np.int64)
+    start = entity_df[EVENT_TIME].min()
+    end = entity_df[EVENT_TIME].max()
+    for j, ref in enumerate(spec.features):
+        view = store.get_feature_view(ref.split(":", 1)[0])
+        source = view.batch_source
+        keys = [c.name for c in view.entity_columns]
+        ttl = view.ttl if view.ttl else dt.timedelta(days=3650)
+        rows = provider.offline_store.pull_all_from_table_or_query(
+            config=store.config, data_source=source, join_key_columns=keys,
+            feature_name_columns=[ref.split(":", 1)[1]],
+            timestamp_field=source.timestamp_field,
+            created_timestamp_column=source.created_timestamp_column or None,
+            start_date=(start - ttl).to_pydatetime(), end_date=end.to_pydatetime(),
+        ).to_df()  # fmt: skip
+        rows = rows.rename(columns={source.timestamp_field: "__feature_ts"})
+        rows["__feature_ts"] = _utc_ns(rows["__feature_ts"])
+        rows = rows.sort_values("__feature_ts")
+        left = entity_df.assign(**{EVENT_TIME: _utc_ns(entity_df[EVENT_TIME])})
+        left = left.sort_values(EVENT_TIME)
+        joined = pd.merge_asof(
+            left, rows[[*keys, "__feature_ts"]], left_on=EVENT_TIME,
+            right_on="__feature_ts", by=keys, tolerance=pd.Timedelta(ttl),
+        ).set_index(ROW_ID).sort_index()  # fmt: skip
+        at = joined["__feature_ts"]
+        nanos = at.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64)
+        stamps[:, j] = np.where(at.isna().to_numpy(), 0, nanos // 1000)
+    return stamps
 
 
 def _utc_ns(column: Any) -> Any:

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -475,10 +476,20 @@ class Tracing:
                 span.attributes[BATCH_SIZE] = batch.rows
                 span.links.append(link(context))
 
-    def close(self) -> None:
-        """Blocking: export what is buffered (within the exporter's timeout, retries
-        included, where the collector is down), then stop the exporter's thread."""
-        self._processor.shutdown()
+    def close(self, timeout_s: float) -> bool:
+        """Blocking, at most `timeout_s`: export what is buffered, then stop the exporter's
+        thread. The SDK's shutdown takes no timeout (30 s, retries included, where the
+        collector is down), so it runs on a daemon thread that a stop does not wait past
+        its grace period for. False: gave up, the remaining spans dropped."""
+        worker = threading.Thread(
+            target=self._processor.shutdown, name="convoy-tracing-close", daemon=True
+        )
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            log.warning("tracing: spans not exported within %.1f s are dropped", timeout_s)
+            return False
+        return True
 
 
 class BatchSpans:

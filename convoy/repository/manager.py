@@ -616,7 +616,11 @@ class ModelRepository:
             if features is None:
                 return load_backend(spec, model_path, device, threads)
             runtime = load_backend(features.runtime(spec), model_path, device, threads)
-            return features.wrap(runtime, spec.batched)
+            try:
+                return features.wrap(runtime, spec.batched)
+            except BaseException:  # the runtime is not an instance yet: nobody else closes it
+                runtime.close()
+                raise
 
         instances: list[ModelInstance] = []
         try:
