@@ -114,6 +114,18 @@ def test_the_gate_needs_declared_objectives() -> None:
         run(controller.start("m", "2", GATED))
 
 
+def test_the_gate_needs_an_objective_the_server_counts() -> None:
+    controller, _, _ = make()
+    quality = parse_objectives(
+        {"objectives": [{"name": "drift_free", "kind": "quality", "target": 95.0}]},
+        "slo.yaml", "m",
+    )  # fmt: skip
+    controller.objectives = {"m": quality}
+    with pytest.raises(FailedPrecondition, match="only quality objectives"):
+        run(controller.start("m", "2", GATED))
+    assert controller.status("m") == []  # refused: no rollout started
+
+
 def test_the_gate_in_rollout_json_and_its_validation() -> None:
     spec = parse_policy({"strategy": "canary", "max_burn_rate": 14.4}, "rollout.json")
     assert spec.gates.max_burn_rate == 14.4
