@@ -108,6 +108,17 @@ def test_a_healthy_canary_under_the_gate_steps_on() -> None:
     assert "burn rate 0.0x of SLO" in status.analysis
 
 
+def test_window_latency_is_the_whole_server_side_time() -> None:
+    """Queue + compute, as the server's SLO's arrival to answer: a request that waited
+    45 ms and computed 10 is over a 50 ms threshold, though neither part is."""
+    window = VersionWindow(objectives=OBJECTIVES.objectives)
+    window.record(None, 45_000_000, 10_000_000)
+    window.record(None, 20_000_000, 20_000_000)
+    stats = window.snapshot()
+    assert (stats.burn_slo, stats.burn_events) == ("fast", 2)
+    assert stats.burn_rate == pytest.approx(0.5 / 0.05)
+
+
 def test_the_gate_needs_declared_objectives() -> None:
     controller, _, _ = make()
     with pytest.raises(FailedPrecondition, match="model 'm' declares no SLO"):

@@ -153,6 +153,8 @@ class SloTracker:
         request = answered.request
         if request is not None and request.background:
             return
+        # Server-side request time: arrival to answer (cache hits included), as
+        # convoy_request_seconds; the rollout window's queue + compute is the same span.
         seconds = (answered.done_ns - request.arrival_ns) / 1e9 if request is not None else 0.0
         for objective in counts:
             objective.record(answered.error, seconds)
