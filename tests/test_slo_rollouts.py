@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from convoy.api.admin import status_to_proto
 from convoy.cli import build_parser
 from convoy.errors import DeadlineExceeded, FailedPrecondition, InternalError, InvalidInput
+from convoy.monitoring.budget import read_budgets
 from convoy.monitoring.objectives import parse_objectives
 from convoy.rollouts.analysis import Outcome, evaluate
 from convoy.rollouts.cli import run_rollout_command, status_json
@@ -246,3 +248,12 @@ def test_the_gate_survives_a_restart_and_judges_again(tmp_path: Any) -> None:
     run(again.tick())
     assert again.status("m")[0].phase == "rolled_back"
     assert "max_burn_rate 10" in again.status("m")[0].reason
+
+
+def test_the_budget_query_escapes_the_model_name(
+    prometheus: tuple[str, type[_Prometheus]],
+) -> None:
+    url, handler = prometheus
+    assert read_budgets(url, 'we"ird\\name') == []
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.queries[-1]).query)["query"]
+    assert query == ['convoy_slo:error_budget_remaining:ratio{model="we\\"ird\\\\name"}']
