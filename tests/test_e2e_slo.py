@@ -56,6 +56,15 @@ class Model:
             raise RuntimeError("flaky candidate")
         return {"Y": inputs["X"] * 2}
 """
+# A model whose load fails: every request is refused before a version is picked.
+BROKEN = """
+class Model:
+    def __init__(self, config):
+        raise RuntimeError("injected load failure")
+
+    def __call__(self, inputs):
+        return {"Y": inputs["X"]}
+"""
 SLO = """
 objectives:
   - name: availability
@@ -76,6 +85,8 @@ def _repository(root: Path) -> Path:
     write_linear_model(root, "can", {1: ON_DEMAND, 2: FLAKY}, max_batch_size=1)
     (root / "can" / "slo.yaml").write_text(SLO)
     write_linear_model(root, "plain", {1: ON_DEMAND, 2: ON_DEMAND}, max_batch_size=1)
+    write_linear_model(root, "broken", {1: BROKEN}, max_batch_size=1)
+    (root / "broken" / "slo.yaml").write_text(SLO)
     return root
 
 
@@ -142,6 +153,29 @@ def test_failures_drive_the_burn_rate_up_and_shed_background_work(
     text = _metrics(slo_server)
     assert _value(text, "convoy_slo_shed_total", model="lin", reason="fast_burn") == 1
     assert _value(text, "convoy_slo_events_total", good="true", **labels) == 41  # shed: no event
+    client.close()
+
+
+def test_a_model_whose_load_failed_burns_its_availability_budget(
+    slo_server: ServerProcess,
+) -> None:
+    """Refused before a version is picked (no answer observer hears of it): still bad
+    events for the model's callers, so a model that is down pages."""
+    client = grpcclient.InferenceServerClient(slo_server.url)
+    refusals = {_infer(client, "broken", 1.0) for _ in range(5)}
+    assert len(refusals) == 1 and "StatusCode.UNAVAILABLE" in refusals.pop()
+    labels = {"model": "broken", "slo": "availability"}
+    deadline = time.monotonic() + 30  # exported as of the server's next tick
+    while True:
+        text = _metrics(slo_server)
+        burn = _value(text, "convoy_slo_burn_rate", window="5m", **labels)
+        if burn or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert _value(text, "convoy_slo_events_total", good="false", **labels) == 5
+    assert _value(text, "convoy_slo_events_total", good="true", **labels) == 0
+    assert burn == pytest.approx(1.0 / 0.01)  # every event bad, over a 1% budget
+    assert _value(text, "convoy_slo_burn_rate", model="broken", slo="fast", window="5m") == 0.0
     client.close()
 
 

@@ -4,8 +4,12 @@ background work it causes; and the metrics they are exported as."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from prometheus_client.exposition import generate_latest
@@ -16,13 +20,18 @@ from convoy.errors import (
     DeadlineExceeded,
     InternalError,
     InvalidInput,
+    ModelNotFound,
     ModelNotReady,
     Overloaded,
     Unavailable,
 )
+from convoy.inference.caller import Caller
+from convoy.inference.path import BuildRequest, InferencePath
 from convoy.metrics import Metrics
 from convoy.monitoring.burn import SloTracker
 from convoy.monitoring.objectives import parse_objectives
+from convoy.repository.manager import ModelRepository
+from convoy.repository.ondemand import OnDemandLoader
 
 DECLARED = {
     "objectives": [
@@ -174,3 +183,59 @@ def test_exported_series() -> None:
         and 'good="true",model="m",slo="drift_free"' not in text
     )
     assert 'convoy_slo_shed_total{model="m",reason="fast_burn"} 2.0' in text
+
+
+def test_refusals_before_a_version_is_picked_spend_the_availability_budget() -> None:
+    f = Fixture()
+    f.answer(n=6)
+    f.tracker.record_refused("m", ModelNotReady("load failed"), background=False)
+    f.tracker.record_refused("m", DeadlineExceeded("load wait over"), background=False)
+    f.tracker.record_refused("m", ModelNotFound("x"), background=False)  # the caller's mistake
+    f.tracker.record_refused("m", Overloaded("x"), background=False)  # excluded: its excess
+    f.tracker.record_refused("m", ModelNotReady("x"), background=True)  # background work
+    f.tracker.record_refused("unknown", ModelNotReady("x"), background=False)
+    f.tracker.tick()
+    assert f.reading("availability")[:2] == (6, 2)
+    assert f.reading("fast")[:2] == (6, 0)  # no answer, no request time
+
+
+class _NotReady:
+    """A repository whose model is down (its load failed)."""
+
+    def get(self, name: str, version: str = "") -> None:
+        raise ModelNotReady(f"model '{name}' is not ready: load failed")
+
+
+class _LoadWaitOver:
+    """An on-demand loader whose load outlasts every request's wait."""
+
+    @contextlib.asynccontextmanager
+    async def held(self, name: str, wait_s: float | None) -> AsyncIterator[None]:
+        raise DeadlineExceeded(f"model '{name}' did not load in time")
+        yield
+
+
+def _path(tracker: SloTracker) -> InferencePath:
+    path = InferencePath(cast(ModelRepository, _NotReady()))
+    path.slos = tracker
+    return path
+
+
+def test_the_path_counts_a_model_that_is_down_against_its_objectives() -> None:
+    f = Fixture()
+    path = _path(f.tracker)
+
+    async def ask(background: bool = False) -> None:
+        build = cast(BuildRequest, lambda model: None)
+        await path.run("m", "", build, Caller("grpc", background=background))
+
+    for background in (False, False, True):
+        with pytest.raises(ModelNotReady):
+            asyncio.run(ask(background))
+    path.on_demand = cast(OnDemandLoader, _LoadWaitOver())
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(ask())
+    f.tracker.tick()
+    good, bad, rates = f.reading("availability")
+    assert (good, bad) == (0, 3)  # two not ready, one load wait over; background: none
+    assert rates["5m"] == pytest.approx(1.0 / 0.01)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from convoy.api.admin import status_to_proto
 from convoy.cli import build_parser
 from convoy.errors import DeadlineExceeded, FailedPrecondition, InternalError, InvalidInput
+from convoy.monitoring.budget import read_budgets
 from convoy.monitoring.objectives import parse_objectives
 from convoy.rollouts.analysis import Outcome, evaluate
 from convoy.rollouts.cli import run_rollout_command, status_json
@@ -108,10 +110,33 @@ def test_a_healthy_canary_under_the_gate_steps_on() -> None:
     assert "burn rate 0.0x of SLO" in status.analysis
 
 
+def test_window_latency_is_the_whole_server_side_time() -> None:
+    """Queue + compute, as the server's SLO's arrival to answer: a request that waited
+    45 ms and computed 10 is over a 50 ms threshold, though neither part is."""
+    window = VersionWindow(objectives=OBJECTIVES.objectives)
+    window.record(None, 45_000_000, 10_000_000)
+    window.record(None, 20_000_000, 20_000_000)
+    stats = window.snapshot()
+    assert (stats.burn_slo, stats.burn_events) == ("fast", 2)
+    assert stats.burn_rate == pytest.approx(0.5 / 0.05)
+
+
 def test_the_gate_needs_declared_objectives() -> None:
     controller, _, _ = make()
     with pytest.raises(FailedPrecondition, match="model 'm' declares no SLO"):
         run(controller.start("m", "2", GATED))
+
+
+def test_the_gate_needs_an_objective_the_server_counts() -> None:
+    controller, _, _ = make()
+    quality = parse_objectives(
+        {"objectives": [{"name": "drift_free", "kind": "quality", "target": 95.0}]},
+        "slo.yaml", "m",
+    )  # fmt: skip
+    controller.objectives = {"m": quality}
+    with pytest.raises(FailedPrecondition, match="only quality objectives"):
+        run(controller.start("m", "2", GATED))
+    assert controller.status("m") == []  # refused: no rollout started
 
 
 def test_the_gate_in_rollout_json_and_its_validation() -> None:
@@ -223,3 +248,12 @@ def test_the_gate_survives_a_restart_and_judges_again(tmp_path: Any) -> None:
     run(again.tick())
     assert again.status("m")[0].phase == "rolled_back"
     assert "max_burn_rate 10" in again.status("m")[0].reason
+
+
+def test_the_budget_query_escapes_the_model_name(
+    prometheus: tuple[str, type[_Prometheus]],
+) -> None:
+    url, handler = prometheus
+    assert read_budgets(url, 'we"ird\\name') == []
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.queries[-1]).query)["query"]
+    assert query == ['convoy_slo:error_budget_remaining:ratio{model="we\\"ird\\\\name"}']

@@ -14,8 +14,14 @@ import pytest
 import yaml
 
 from convoy.cli import build_parser, main
-from convoy.monitoring.objectives import load_config_file
-from convoy.monitoring.slo_rules import BURN_ALERTS, generate_rules, render_rules
+from convoy.monitoring.objectives import load_config_file, parse_objectives
+from convoy.monitoring.slo_rules import (
+    BURN_ALERTS,
+    generate_rules,
+    promql_string,
+    ratio_record,
+    render_rules,
+)
 from tests.test_dashboard import unknown_metrics
 
 PROMTOOL = shutil.which("promtool")
@@ -120,12 +126,19 @@ def test_generated_rules_pass_promtool_check(tmp_path: Path) -> None:
     assert "SUCCESS: 42 rules found" in result.stdout
 
 
-def _burn_case(alert: dict[str, Any], factor: float, bad_share: float) -> dict[str, Any]:
-    """A constant error ratio of `bad_share` times the alert's threshold, for 3 days."""
-    ratio = factor * 0.001 * bad_share  # tiny/availability: 99.9%
+def _burn_case(
+    alert: dict[str, Any],
+    factor: float,
+    bad_share: float,
+    model: str = "tiny",
+    minutes: int = 73 * 60,
+) -> dict[str, Any]:
+    """A constant error ratio of `bad_share` times the alert's threshold, for 3 days (or
+    `minutes`), on `model`'s availability objective (99.9%)."""
+    ratio = factor * 0.001 * bad_share
     bad = round(PER_STEP * ratio)
-    labels = 'model="tiny",slo="availability"'
-    steps = (73 * 60 + 6) // 2  # one sample per 2 minutes: 2 or 3 in the 5m window
+    labels = f'model={promql_string(model)},slo="availability"'
+    steps = (minutes + 6) // 2  # one sample per 2 minutes: 2 or 3 in the 5m window
     fires = bad_share > 1
     return {
         "interval": "2m",
@@ -146,6 +159,49 @@ def _burn_case(alert: dict[str, Any], factor: float, bad_share: float) -> dict[s
     }  # fmt: skip
 
 
+# How long a stopped burn has been over when the alert is checked again: past its short
+# window, well inside its long one.
+STOPPED_FOR = {"ConvoySloFastBurn": 10, "ConvoySloMediumBurn": 46, "ConvoySloSlowBurn": 540}
+
+
+def _minutes(duration: str) -> int:
+    return int(duration[:-1]) * {"m": 1, "h": 60, "d": 1440}[duration[-1]]
+
+
+def _stopped_case(alert: dict[str, Any], factor: float, long: str, short: str) -> dict[str, Any]:
+    """Three times the alert's rate until it fires, then no failure at all: once the short
+    window has none, the alert is silent though the long window is still over it."""
+    ratio = 3 * factor * 0.001
+    bad = round(PER_STEP * ratio)
+    labels = 'model="tiny",slo="availability"'
+    burning = _minutes(EVAL_AT[alert["alert"]]) // 2  # steps of 2 minutes
+    stopped = STOPPED_FOR[alert["alert"]] // 2
+    good = PER_STEP - bad
+    limit = factor * 0.001
+    checked = f"{(burning + stopped) * 2}m"
+    return {
+        "interval": "2m",
+        "input_series": [
+            {"series": f'convoy_slo_events_total{{{labels},good="true"}}',
+             "values": f"0+{good}x{burning} {burning * good + PER_STEP}+{PER_STEP}x{stopped}"},
+            {"series": f'convoy_slo_events_total{{{labels},good="false"}}',
+             "values": f"0+{bad}x{burning} {burning * bad}+0x{stopped}"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": EVAL_AT[alert["alert"]], "alertname": alert["alert"],
+             "exp_alerts": [{"exp_labels": alert["labels"],
+                             "exp_annotations": alert["annotations"]}]},
+            {"eval_time": checked, "alertname": alert["alert"], "exp_alerts": []},
+        ],
+        "promql_expr_test": [  # the long window alone would still fire; the short has none
+            {"expr": f"{ratio_record(long)}{{{labels}}} > bool {limit:g}", "eval_time": checked,
+             "exp_samples": [{"labels": "{" + labels + "}", "value": 1}]},
+            {"expr": f"{ratio_record(short)}{{{labels}}}", "eval_time": checked,
+             "exp_samples": [{"labels": f"{ratio_record(short)}{{{labels}}}", "value": 0}]},
+        ],
+    }  # fmt: skip
+
+
 @needs_promtool
 def test_each_alert_fires_at_its_burn_rate_and_not_below(tmp_path: Path) -> None:
     # One objective's rules (the others' would only slow the 3-day evaluation down).
@@ -161,6 +217,8 @@ def test_each_alert_fires_at_its_burn_rate_and_not_below(tmp_path: Path) -> None
     for burn in BURN_ALERTS:
         for share in (1.05, 0.95):  # just over the alert's factor, and just under it
             tests.append(_burn_case(alerts[burn.alert], burn.factor, share))
+    for burn in BURN_ALERTS:  # a burn that stopped: the short window keeps it silent
+        tests.append(_stopped_case(alerts[burn.alert], burn.factor, burn.long, burn.short))
     # A burn that pages at 6x stays under the fast alert's 14.4x.
     tests.append(_burn_case(alerts["ConvoySloFastBurn"], 6.0, 1.05))
     tests[-1]["alert_rule_test"][0]["exp_alerts"] = []
@@ -175,3 +233,50 @@ def test_each_alert_fires_at_its_burn_rate_and_not_below(tmp_path: Path) -> None
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_model_names_are_escaped_as_promql_strings() -> None:
+    assert promql_string("tiny") == '"tiny"'
+    assert promql_string('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
+    odd = 'we"ird\\name'
+    objectives = parse_objectives(
+        {"objectives": [{"name": "availability", "kind": "availability", "target": 99.9},
+                        {"name": "drift_free", "kind": "quality", "target": 95}]},
+        "slo.yaml", odd,
+    )  # fmt: skip
+    rules = _rules(generate_rules({odd: objectives}))
+    exprs = "\n".join(str(r["expr"]) for r in rules)
+    assert 'model="we\\"ird\\\\name",slo="availability"' in exprs
+    assert 'convoy_drift_alarms_total{model="we\\"ird\\\\name"}' in exprs
+    assert 'model="we"ird' not in exprs
+
+
+@needs_promtool
+def test_an_odd_model_name_passes_promtool_and_its_alert_fires(tmp_path: Path) -> None:
+    """A quote and a backslash in a model's name: the rules parse, and its fast-burn
+    alert fires on that model's series (the name read back exactly)."""
+    odd = 'we"ird\\name'
+    objectives = parse_objectives(
+        {"objectives": [{"name": "availability", "kind": "availability", "target": 99.9}]},
+        "slo.yaml", odd,
+    )  # fmt: skip
+    content = generate_rules({odd: objectives})
+    out = tmp_path / "odd.yml"
+    out.write_text(render_rules(content))
+    assert PROMTOOL is not None
+    check = subprocess.run(
+        [PROMTOOL, "check", "rules", str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    alert = next(r for r in _rules(content) if r.get("alert") == "ConvoySloFastBurn")
+    case = _burn_case(alert, 14.4, 1.05, model=odd, minutes=70)
+    assert case["alert_rule_test"][0]["exp_alerts"][0]["exp_labels"]["model"] == odd
+    spec = tmp_path / "odd_test.yml"
+    spec.write_text(
+        yaml.safe_dump({"rule_files": [out.name], "evaluation_interval": "2m", "tests": [case]})
+    )
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", spec.name],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

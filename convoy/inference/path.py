@@ -12,11 +12,12 @@ DESIGN §11.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -120,7 +121,7 @@ class InferencePath:
         self.admit(caller)
         if self.on_demand is None:
             return await self._route_and_serve(request, caller)
-        async with self.on_demand.held(request.model_name, caller.time_remaining):
+        async with self._held(request.model_name, caller, caller.time_remaining):
             return await self._route_and_serve(request, caller)
 
     async def _route_and_serve(
@@ -158,8 +159,21 @@ class InferencePath:
         self.admit(caller)
         if self.on_demand is None:
             return await self._run(name, version, build, caller)
-        async with self.on_demand.held(name, caller.time_remaining):
+        async with self._held(name, caller, caller.time_remaining):
             return await self._run(name, version, build, caller)
+
+    @contextlib.asynccontextmanager
+    async def _held(self, name: str, caller: Caller, wait_s: float | None) -> AsyncIterator[None]:
+        """The on-demand loader's hold; a load that failed or outlasted the wait is
+        counted against the model's objectives (route() counts the rest)."""
+        assert self.on_demand is not None
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.on_demand.held(name, wait_s))
+            except ConvoyError as exc:
+                self._refused(name, exc, caller)
+                raise
+            yield
 
     async def _run(
         self, name: str, version: str, build: BuildRequest, caller: Caller
@@ -207,7 +221,18 @@ class InferencePath:
         if not version and rollouts is not None:
             key = _ab_key(parameters, caller) if rollouts.needs_key(name) else None
             version = rollouts.route(name, key) or ""
-        return self.repository.get(name, version)
+        try:
+            return self.repository.get(name, version)
+        except ConvoyError as exc:  # no version to answer: no observer hears of it
+            self._refused(name, exc, caller)
+            raise
+
+    def _refused(self, name: str, error: ConvoyError, caller: Caller) -> None:
+        """A failure before a version was picked (not ready, load failed, load wait
+        over) spends the model's availability budget. Draining's UNAVAILABLE (admit)
+        does not come here: a planned shutdown, retried on another replica."""
+        if self.slos is not None:
+            self.slos.record_refused(name, error, caller.background)
 
     async def _serve(
         self,

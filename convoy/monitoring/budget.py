@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from .slo_rules import REMAINING_RECORD
+from .slo_rules import REMAINING_RECORD, model_matcher
 
 
 class BudgetUnknown(Exception):
@@ -33,7 +33,7 @@ def read_budgets(prometheus_url: str, model: str, timeout_s: float = 10.0) -> li
     """Every objective's budget left for `model`, by Prometheus's HTTP API (an instant
     query of the recorded ratio). Empty: nothing recorded (rules not loaded, or a model
     without objectives)."""
-    query = f'{REMAINING_RECORD}{{model="{model}"}}'
+    query = f"{REMAINING_RECORD}{{{model_matcher(model)}}}"
     url = prometheus_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as reply:

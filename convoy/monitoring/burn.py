@@ -18,7 +18,13 @@ from typing import Protocol
 
 from ..errors import ConvoyError, Unavailable
 from ..metrics import SloCounts, SloReading
-from .objectives import Kind, ModelObjectives, Objective, counts_for_availability
+from .objectives import (
+    Kind,
+    ModelObjectives,
+    Objective,
+    counts_for_availability,
+    is_server_failure,
+)
 
 BURN_WINDOWS: tuple[tuple[str, int], ...] = (("5m", 300), ("30m", 1800), ("1h", 3600),
                                              ("6h", 21600))  # fmt: skip
@@ -147,9 +153,22 @@ class SloTracker:
         request = answered.request
         if request is not None and request.background:
             return
+        # Server-side request time: arrival to answer (cache hits included), as
+        # convoy_request_seconds; the rollout window's queue + compute is the same span.
         seconds = (answered.done_ns - request.arrival_ns) / 1e9 if request is not None else 0.0
         for objective in counts:
             objective.record(answered.error, seconds)
+
+    def record_refused(self, model: str, error: ConvoyError, background: bool) -> None:
+        """A caller's request that failed before a version was picked (the model not
+        loaded, its load failed or outlasted the wait): no answer observer hears of it,
+        yet a model that is down must burn its availability budget. Counted as observe()
+        counts a failure: server-side failures only, callers' requests only."""
+        if background or not is_server_failure(error):
+            return
+        for objective in self._counts.get(model, ()):
+            if objective.objective.kind is Kind.AVAILABILITY:
+                objective.bad += 1
 
     def tick(self) -> None:
         """Take the snapshots that are due, then recompute burn rates and the fast-burn

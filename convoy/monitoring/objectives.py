@@ -47,7 +47,9 @@ class Kind(StrEnum):
 # What the server answered with that spends an availability budget: its own failures
 # (INTERNAL, UNAVAILABLE, and DEADLINE_EXCEEDED: time spent in its queue or compute).
 # Client mistakes (INVALID_ARGUMENT, NOT_FOUND, CANCELLED) and refusals of a client's
-# excess (RESOURCE_EXHAUSTED) are neither good nor bad events.
+# excess (RESOURCE_EXHAUSTED) are neither good nor bad events. A draining server's
+# UNAVAILABLE is never offered (the path counts no admission refusal): a planned
+# shutdown, retried on another replica.
 SERVER_FAILURES: tuple[type[ConvoyError], ...] = (
     InternalError,
     Unavailable,

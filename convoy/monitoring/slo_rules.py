@@ -61,8 +61,22 @@ def _range(seconds: int, nominal: str | None, scale: float) -> str:
     return f"{scaled}s"
 
 
+_PROMQL_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def promql_string(value: str) -> str:
+    """`value` as a double-quoted PromQL string literal (Go's escapes): a model name is
+    a directory name, and a quote or a backslash in it must not end or bend the
+    matcher."""
+    return '"' + "".join(_PROMQL_ESCAPES.get(c, c) for c in value) + '"'
+
+
+def model_matcher(model: str) -> str:
+    return f"model={promql_string(model)}"
+
+
 def _selector(model: str, objective: Objective) -> str:
-    return f'model="{model}",slo="{objective.name}"'
+    return f"{model_matcher(model)},slo={promql_string(objective.name)}"
 
 
 def error_ratio_expr(model: str, objective: Objective, window: str) -> str:
@@ -70,8 +84,8 @@ def error_ratio_expr(model: str, objective: Objective, window: str) -> str:
     if objective.kind is Kind.QUALITY:
         # A drift test window that alarmed is a bad event (every input of every version).
         return (
-            f'sum(rate(convoy_drift_alarms_total{{model="{model}"}}[{window}]))\n'
-            f'/\nsum(rate(convoy_drift_windows_total{{model="{model}"}}[{window}]))'
+            f"sum(rate(convoy_drift_alarms_total{{{model_matcher(model)}}}[{window}]))\n"
+            f"/\nsum(rate(convoy_drift_windows_total{{{model_matcher(model)}}}[{window}]))"
         )
     sel = _selector(model, objective)
     return (

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..errors import ConvoyError, FailedPrecondition, InvalidInput, ModelNotFound, Unavailable
-from ..monitoring.objectives import ModelObjectives, Objective
+from ..monitoring.objectives import Kind, ModelObjectives, Objective
 from .analysis import Rollout, Transition
 from .compare import Array, OutputDivergence, compare_outputs, divergence_score
 from .policy import TrafficPolicy
@@ -281,11 +281,8 @@ class RolloutController:
         stable = self._repo.default_version(model)
         if stable == version:
             raise InvalidInput(f"version {version} of model '{model}' already serves by default")
-        if spec.gates.max_burn_rate is not None and model not in self.objectives:
-            raise FailedPrecondition(
-                f"model '{model}' declares no SLO (<model>/slo.yaml or the server's "
-                "--slo-config): the max_burn_rate gate has no burn rate to judge"
-            )
+        if spec.gates.max_burn_rate is not None:
+            self._refuse_unjudged_burn(model)
         if spec.replay is not None and self.replay is None:
             raise FailedPrecondition(
                 f"model '{model}': a replay gate replays captured traffic, and this server "
@@ -628,6 +625,23 @@ class RolloutController:
             log.error("model '%s': unloading version %s failed: %s", model, version, exc)
 
     # -- restart ---------------------------------------------------------------------
+
+    def _refuse_unjudged_burn(self, model: str) -> None:
+        """FailedPrecondition unless the model declares an objective the server counts
+        per request (availability or latency): quality is counted by Prometheus only, so
+        a gate over it alone would never judge."""
+        declared = self.objectives.get(model)
+        if declared is None:
+            raise FailedPrecondition(
+                f"model '{model}' declares no SLO (<model>/slo.yaml or the server's "
+                "--slo-config): the max_burn_rate gate has no burn rate to judge"
+            )
+        if all(o.kind is Kind.QUALITY for o in declared.objectives):
+            raise FailedPrecondition(
+                f"model '{model}' declares only quality objectives, whose burn rate "
+                "Prometheus computes, not the server: the max_burn_rate gate needs an "
+                "availability or latency objective to judge"
+            )
 
     def _objectives_judged(self, model: str, spec: RolloutSpec) -> tuple[Objective, ...]:
         """The model's SLOs, where a max_burn_rate gate judges them (counting costs a

@@ -121,7 +121,13 @@ class VersionWindow:
         self._compute.add(compute_ns / 1e6)
 
     def _count_slo_events(self, error: ConvoyError | BaseException | None, ms: float) -> None:
-        """As the server's own SLO counts (monitoring/burn.py), over this window."""
+        """The server's own SLO events (monitoring/burn.py) over this window, with two
+        differences. Latency is `ms`, queue + compute: for a caller's request that is
+        arrival to the queue's answer, the server-side request time burn.py reads (it
+        stops its clock when the path hears the answer, a loop hop later). Background
+        runs (shadow copies, replays), which burn.py does not count, count here, with
+        their compute time alone (ServedModel passes no queue time for them): in a shadow
+        rollout they are all the candidate has. Cache hits never reach a window."""
         for i, objective in enumerate(self.objectives):
             if objective.kind is Kind.AVAILABILITY:
                 if not counts_for_availability(error):
