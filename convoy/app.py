@@ -176,7 +176,8 @@ class ConvoyServer:
         self.gc_pauses.start()
         await self._load_at_start()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
-        if self.slos is not None:
+        # On demand, declared models are listed but not loaded by design: no warning.
+        if self.slos is not None and self.on_demand is None:
             served = {m.spec.name for m in self.repository.ready_models()}
             for name in sorted(set(self.slos.declared) - served):
                 log.warning("SLO objectives declared for model '%s', which is not loaded", name)
