@@ -126,6 +126,7 @@ class FakeRepository:
         self.gate.set()
         self.memory = FakeMemory()
         self.absent_reason = "unloaded"
+        self.ensembles: set[str] = set()
 
     def is_loaded(self, name: str) -> bool:
         return name in self.loaded
@@ -157,6 +158,9 @@ class FakeRepository:
 
     def model_busy(self, name: str) -> bool:
         return False
+
+    def is_loaded_ensemble(self, name: str) -> bool:
+        return name in self.loaded and name in self.ensembles
 
 
 def loader_over(
@@ -285,3 +289,20 @@ def test_the_server_pins_load_model_names_and_models_under_a_rollout(tmp_path: P
     assert not server._pinned("other")
     plain = ConvoyServer(ServerConfig(), tmp_path)
     assert plain.path.on_demand is None and plain.on_demand is None
+
+
+def test_an_ensemble_is_never_chosen_to_make_room() -> None:
+    async def scenario() -> None:
+        # The ensemble's made-up 50 MiB stands for RSS noise measured at its load.
+        repo = FakeRepository({"ens": 50 * MIB, "a": 40 * MIB, "b": 70 * MIB})
+        repo.ensembles.add("ens")
+        loader, now = loader_over(repo, budget=100 * MIB)
+        await use(loader, "ens")  # the least recently used from here on
+        now[0] = 1
+        await use(loader, "a")
+        now[0] = 2
+        async with loader.held("ens", None):  # its request waits in a step, say
+            assert await use(loader, "b") == "b"
+        assert repo.unloads == ["a"]  # a went; the ensemble, busy or not, never does
+
+    asyncio.run(scenario())

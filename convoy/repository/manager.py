@@ -289,6 +289,9 @@ class ModelRepository:
                 _check_ensembles(new_versions)
                 grown = growth(before, await asyncio.to_thread(self.memory.used))
                 entry.peak = growth(before, sampled.peak)
+                if _ensembles(new_versions):  # it holds no weights: what grew is noise
+                    grown = dict.fromkeys(grown, 0)
+                    entry.peak = dict.fromkeys(entry.peak, 0)
                 files = await asyncio.to_thread(_files_by_version, model_dir, new_versions)
             except ConvoyError as exc:
                 if not entry.versions:
@@ -395,6 +398,11 @@ class ModelRepository:
         if entry is not None and entry.peak:
             return dict(entry.peak)
         return {HOST: int(files_size(self._model_dir(name)) * self._per_file_byte)}
+
+    def is_loaded_ensemble(self, name: str) -> bool:
+        """The model is loaded and is an ensemble (its loaded spec: no disk read)."""
+        entry = self._models.get(name)
+        return entry is not None and _ensembles(entry.versions)
 
     def model_busy(self, name: str) -> bool:
         """A version of the model has requests queued or running, or it is loading or
@@ -672,6 +680,10 @@ class ModelRepository:
         return self.monitors.prepare(
             spec, str(version), model_dir, config_path, labels, tokenizer=tokenizer
         )
+
+
+def _ensembles(versions: dict[int, ModelVersion]) -> bool:
+    return bool(versions) and all(served.spec.ensemble for served in versions.values())
 
 
 def _check_ensembles(versions: dict[int, ModelVersion]) -> None:

@@ -200,7 +200,9 @@ class OnDemandLoader:
                 pinned=self._pinned(name),
             )
             for name in self._repo.loaded_names()
-            if name != exclude
+            # Never an ensemble: it holds no weights, and draining one whose request
+            # waits in a step for this very load would wait out the load's deadline.
+            if name != exclude and not self._repo.is_loaded_ensemble(name)
         ]
 
     # -- idle eviction ---------------------------------------------------------------
