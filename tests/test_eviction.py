@@ -10,6 +10,7 @@ import pytest
 
 from convoy.config import ModelControl
 from convoy.errors import ConfigError, DeadlineExceeded, ModelNotFound, Overloaded, Unavailable
+from convoy.inference.caller import deadline_in
 from convoy.metrics import Metrics
 from convoy.repository.eviction import EvictionPolicy, Resident
 from convoy.repository.memory import growth
@@ -180,7 +181,7 @@ def loader_over(
 
 
 async def use(loader: OnDemandLoader, name: str, wait_s: float | None = None) -> str:
-    async with loader.held(name, wait_s):
+    async with loader.held(name, deadline_in(wait_s)):
         return name
 
 

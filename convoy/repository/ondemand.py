@@ -71,12 +71,17 @@ class OnDemandLoader:
     # -- the request path -----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def held(self, name: str, wait_s: float | None) -> AsyncIterator[None]:
-        """Hold the model for one request: loaded first if it is not (waiting at most
-        `wait_s`, else --load-wait-secs), never evicted until the request is answered.
-        A model chosen for eviction takes no new request: those wait for its reload."""
+    async def held(self, name: str, deadline_ns: int | None) -> AsyncIterator[None]:
+        """Hold the model for one request: loaded first if it is not (waiting until the
+        request's `deadline_ns`, time.monotonic_ns, else --load-wait-secs), never evicted
+        until the request is answered. A model chosen for eviction takes no new request:
+        those wait for its reload."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self._load_wait_s if wait_s is None else wait_s)
+        if deadline_ns is None:
+            wait_s = self._load_wait_s
+        else:
+            wait_s = (deadline_ns - time.monotonic_ns()) / 1e9
+        deadline = loop.time() + wait_s
         while not self._repo.is_loaded(name) or name in self._evicting:
             await self._wait_loaded(name, deadline - loop.time())
         self._holds[name] = self._holds.get(name, 0) + 1  # no await since the check
