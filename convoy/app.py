@@ -74,7 +74,7 @@ class ConvoyServer:
     def __init__(self, config: ServerConfig, repository_root: Path) -> None:
         self.config = config
         control = config.model_control
-        control.check()  # ConfigError naming the flag: nothing started
+        control.check(config.repository_poll_s)  # ConfigError naming the flag: nothing started
         self.metrics = Metrics()
         self.repository = ModelRepository(
             repository_root,
@@ -143,6 +143,8 @@ class ConvoyServer:
                 settle=self.heap.now if self.heap is not None else gc.collect,
             )
             self.path.on_demand = self.on_demand
+            # Explicit loads too make room within the budget, one load at a time.
+            self.declared = DeclaredRollouts(self.repository, self.rollouts, self.on_demand.load)
         self.capture: CaptureWriter | None = None
         self.labels: LabelRecorder | None = None
         if config.capture is not None:

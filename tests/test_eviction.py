@@ -307,3 +307,30 @@ def test_an_ensemble_is_never_chosen_to_make_room() -> None:
         assert repo.unloads == ["a"]  # a went; the ensemble, busy or not, never does
 
     asyncio.run(scenario())
+
+
+def test_an_explicit_load_makes_room_within_the_budget() -> None:
+    async def scenario() -> None:
+        repo = FakeRepository({"a": 60 * MIB, "b": 60 * MIB})
+        loader, now = loader_over(repo, budget=100 * MIB)
+        await loader.load("a")
+        now[0] = 1
+        await loader.load("b", reason="explicit")  # RepositoryModelLoad: a makes way
+        assert (repo.loads, repo.unloads) == (["a", "b"], ["a"])
+        with pytest.raises(ModelNotFound):
+            await loader.load("missing")
+
+    asyncio.run(scenario())
+
+
+def test_on_demand_refuses_the_repository_poll_and_routes_explicit_loads(tmp_path: Path) -> None:
+    from convoy.app import ConvoyServer
+    from convoy.config import ServerConfig
+
+    control = ModelControl(mode="on-demand")
+    with pytest.raises(ConfigError, match="--repository-poll-secs"):
+        ConvoyServer(ServerConfig(model_control=control, repository_poll_s=5.0), tmp_path)
+    ModelControl(mode="none").check(repository_poll_s=5.0)  # Triton's poll, as before
+    server = ConvoyServer(ServerConfig(model_control=control), tmp_path)
+    assert server.on_demand is not None
+    assert server.declared._load == server.on_demand.load  # RepositoryModelLoad, --load-model

@@ -152,6 +152,16 @@ class OnDemandLoader:
             await self._repo.load(name, reason="first_request")
             self._last_used[name] = self._clock()
 
+    async def load(self, name: str, reason: str = "explicit") -> None:
+        """A load not asked for by a request (RepositoryModelLoad, --load-model): one at
+        a time with the others, after making room within the budget."""
+        self._repo.model_dir(name)  # NOT_FOUND, INVALID_ARGUMENT: before the queue
+        async with self._one_load:
+            need = await asyncio.to_thread(self._repo.estimate, name)
+            await self._make_room(name, need)
+            await self._repo.load(name, reason=reason)
+            self._last_used[name] = self._clock()
+
     async def _make_room(self, name: str, need: dict[str, int]) -> None:
         """Evict, one at a time and planning again after each (a model may be asked
         for meanwhile), until `need` fits. Idle models first; where they are not enough,
