@@ -128,6 +128,7 @@ class FakeRepository:
         self.memory = FakeMemory()
         self.absent_reason = "unloaded"
         self.ensembles: set[str] = set()
+        self.root = Path("/models")  # a test with files to change sets its own
 
     def is_loaded(self, name: str) -> bool:
         return name in self.loaded
@@ -135,7 +136,7 @@ class FakeRepository:
     def model_dir(self, name: str) -> Path:
         if name not in self.sizes:
             raise ModelNotFound(f"model '{name}' is not in the repository")
-        return Path("/models") / name
+        return self.root / name
 
     def estimate(self, name: str) -> dict[str, int]:
         return {"cpu": self.sizes[name]}
@@ -334,3 +335,34 @@ def test_on_demand_refuses_the_repository_poll_and_routes_explicit_loads(tmp_pat
     server = ConvoyServer(ServerConfig(model_control=control), tmp_path)
     assert server.on_demand is not None
     assert server.declared._load == server.on_demand.load  # RepositoryModelLoad, --load-model
+
+
+def test_a_broken_model_evicts_healthy_ones_only_when_its_files_change(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        repo = FakeRepository({"good": 60 * MIB, "bad": 60 * MIB})
+        repo.root = tmp_path
+        (tmp_path / "bad").mkdir()
+        loader, now = loader_over(repo, budget=100 * MIB)
+        await use(loader, "good")
+        repo.fail["bad"] = Unavailable("bad model file")
+        now[0] = 1
+        with pytest.raises(Unavailable, match="bad model file"):
+            await use(loader, "bad")  # its first try makes room: good goes
+        now[0] = 2
+        await use(loader, "good")
+        assert (repo.loads, repo.unloads) == (["good", "bad", "good"], ["good"])
+        # The same files again: nothing is evicted for them, the error comes at once.
+        with pytest.raises(Unavailable, match="bad model file"):
+            await use(loader, "bad")
+        assert (repo.loads, repo.unloads) == (["good", "bad", "good"], ["good"])
+        # Its files changed: a fresh try, room made.
+        (tmp_path / "bad" / "config.pbtxt").write_text("fixed?")
+        with pytest.raises(Unavailable, match="bad model file"):
+            await use(loader, "bad")
+        assert repo.unloads == ["good", "good"]
+        # Still the files that failed, but it fits as things are: tried on this request.
+        del repo.fail["bad"]
+        assert await use(loader, "bad") == "bad"
+        assert repo.loads == ["good", "bad", "good", "bad", "bad"]
+
+    asyncio.run(scenario())

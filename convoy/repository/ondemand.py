@@ -4,7 +4,10 @@ the repository is listed, and loads on its first request.
 The loader owns one load task per model: a request for a model that is not loaded
 starts it, or joins the one running, and waits for it within its deadline (else
 `--load-wait-secs`); the load goes on for the next caller if a waiter leaves. A failed
-load fails its waiters with its error and is tried again only by a later request.
+load fails its waiters with its error and is tried again only by a later request; while
+the model's files are unchanged since, that retry evicts nothing: it runs only if the
+model fits as things are, else fails at once with the remembered error (a broken model
+must not empty the server of healthy ones, request after request).
 
 Every request holds its model (a reference count) from its admission to its answer, so
 eviction never takes a model with a request queued or running: a model chosen while
@@ -23,6 +26,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from ..batching.queue import Clock
 from ..errors import ConvoyError, DeadlineExceeded, Overloaded, Unavailable
@@ -30,11 +34,20 @@ from ..metrics import Metrics
 from .eviction import EvictionPolicy, Resident, Shortfall
 from .manager import ModelRepository
 from .memory import HOST
+from .poll import Signature, signature
 
 log = logging.getLogger(__name__)
 
 NOT_LOADED = "not loaded"
 _BUDGET_FLAGS = {True: "--memory-budget-mib", False: "--gpu-memory-budget-mib"}
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """A model's last load failed with `error`, its files then being `files`."""
+
+    files: Signature
+    error: BaseException
 
 
 class OnDemandLoader:
@@ -64,6 +77,7 @@ class OnDemandLoader:
         self._drained: dict[str, asyncio.Event] = {}  # evicting, set when its holds end
         self._last_used: dict[str, int] = {}  # model -> when its last hold ended (ns)
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._failed: dict[str, LoadFailed] = {}  # model -> its last load's failure
         self._one_load = asyncio.Lock()
         self._idle: asyncio.Task[None] | None = None
         repository.absent_reason = NOT_LOADED
@@ -148,9 +162,26 @@ class OnDemandLoader:
             if self._repo.is_loaded(name):
                 return  # loaded meanwhile (RepositoryModelLoad)
             need = await asyncio.to_thread(self._repo.estimate, name)
-            await self._make_room(name, need)
-            await self._repo.load(name, reason="first_request")
-            self._last_used[name] = self._clock()
+            files = await asyncio.to_thread(signature, self._repo.model_dir(name))
+            failed = self._failed.get(name)
+            if failed is not None and failed.files == files:
+                # The same files failed: try again only where nothing need go for it.
+                plan = self._policy.plan(need, self._residents(exclude=name))
+                if plan.victims or plan.shortfall is not None:
+                    raise failed.error.with_traceback(None)
+            else:
+                await self._make_room(name, need)
+            await self._load_now(name, "first_request", files)
+
+    async def _load_now(self, name: str, reason: str, files: Signature) -> None:
+        """Under _one_load, room made: load, remembering a failure with its files."""
+        try:
+            await self._repo.load(name, reason=reason)
+        except Exception as exc:
+            self._failed[name] = LoadFailed(files, exc)
+            raise
+        self._failed.pop(name, None)
+        self._last_used[name] = self._clock()
 
     async def load(self, name: str, reason: str = "explicit") -> None:
         """A load not asked for by a request (RepositoryModelLoad, --load-model): one at
@@ -158,9 +189,9 @@ class OnDemandLoader:
         self._repo.model_dir(name)  # NOT_FOUND, INVALID_ARGUMENT: before the queue
         async with self._one_load:
             need = await asyncio.to_thread(self._repo.estimate, name)
-            await self._make_room(name, need)
-            await self._repo.load(name, reason=reason)
-            self._last_used[name] = self._clock()
+            files = await asyncio.to_thread(signature, self._repo.model_dir(name))
+            await self._make_room(name, need)  # an operator asked: tried whatever failed
+            await self._load_now(name, reason, files)
 
     async def _make_room(self, name: str, need: dict[str, int]) -> None:
         """Evict, one at a time and planning again after each (a model may be asked
