@@ -366,3 +366,66 @@ def test_a_broken_model_evicts_healthy_ones_only_when_its_files_change(tmp_path:
         assert repo.loads == ["good", "bad", "good", "bad", "bad"]
 
     asyncio.run(scenario())
+
+
+def test_evictions_are_collected_once_before_the_next_load_and_never_per_idle_pass() -> None:
+    async def scenario() -> None:
+        repo = FakeRepository({"a": 60 * MIB, "b": 60 * MIB})
+        now = [0]
+        settles: list[int] = []
+        loader = OnDemandLoader(
+            repo,  # type: ignore[arg-type]
+            EvictionPolicy(100 * MIB, None, idle_ns=10, clock=lambda: now[0]),
+            Metrics(),
+            load_wait_s=5.0,
+            pinned=lambda name: False,
+            settle=lambda: settles.append(now[0]),
+            clock=lambda: now[0],
+        )
+        await use(loader, "a")
+        assert settles == []  # nothing evicted: nothing to collect
+        now[0] = 1
+        await use(loader, "b")  # a makes way: collected once, before b's load
+        assert (repo.unloads, settles) == (["a"], [1])
+        now[0] = 100
+        await loader.evict_idle()
+        assert (repo.unloads, settles) == (["a", "b"], [1])  # the idle pass collects not
+        now[0] = 101
+        await use(loader, "a")  # its load measures after b's garbage is collected
+        assert settles == [1, 101]
+
+    asyncio.run(scenario())
+
+
+def test_a_loads_memory_is_sampled_off_the_event_loop(tmp_path: Path) -> None:
+    import threading
+
+    from convoy.repository.manager import ModelRepository
+    from tests.linear import linear_source, write_linear_model
+
+    class Probe:
+        """Records the thread of every read (a GPU probe's may initialise CUDA)."""
+
+        def __init__(self) -> None:
+            self.threads: list[threading.Thread] = []
+
+        def used(self) -> dict[str, int]:
+            self.threads.append(threading.current_thread())
+            return {"cpu": 0}
+
+        def release(self) -> None:
+            pass
+
+    write_linear_model(tmp_path, "m", {1: linear_source(2.0)})
+    probe = Probe()
+
+    async def scenario() -> None:
+        repository = ModelRepository(tmp_path, Metrics(), memory=probe)
+        try:
+            await repository.load("m")
+        finally:
+            await repository.close()
+
+    asyncio.run(scenario())
+    assert len(probe.threads) >= 3  # before, the sampler's first and last, after
+    assert threading.main_thread() not in probe.threads

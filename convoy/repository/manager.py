@@ -281,14 +281,15 @@ class ModelRepository:
                 before = await asyncio.to_thread(self.memory.used)
                 started = time.perf_counter()
                 try:
-                    with PeakSampler(self.memory) as sampled:
-                        new_versions = await asyncio.to_thread(self._build, model_dir, keep)
+                    new_versions, peak = await asyncio.to_thread(
+                        self._build_sampled, model_dir, keep
+                    )
                 except _VersionFailed as failed:
                     version = failed.version
                     raise failed.cause from None
                 _check_ensembles(new_versions)
                 grown = growth(before, await asyncio.to_thread(self.memory.used))
-                entry.peak = growth(before, sampled.peak)
+                entry.peak = growth(before, peak)
                 if _ensembles(new_versions):  # it holds no weights: what grew is noise
                     grown = dict.fromkeys(grown, 0)
                     entry.peak = dict.fromkeys(entry.peak, 0)
@@ -556,6 +557,16 @@ class ModelRepository:
         return path
 
     # -- building (worker thread) ----------------------------------------------
+
+    def _build_sampled(
+        self, model_dir: Path, extra: set[int]
+    ) -> tuple[dict[int, ModelVersion], dict[str, int]]:
+        """Blocking: _build with its peak memory sampled. The sampler starts, takes its
+        first sample and is joined here, off the loop: a GPU probe's read may be the
+        process's first CUDA call, which initialises CUDA."""
+        with PeakSampler(self.memory) as sampled:
+            versions = self._build(model_dir, extra)
+        return versions, sampled.peak
 
     def _build(
         self, model_dir: Path, extra: set[int], only: int | None = None

@@ -78,6 +78,7 @@ class OnDemandLoader:
         self._last_used: dict[str, int] = {}  # model -> when its last hold ended (ns)
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._failed: dict[str, LoadFailed] = {}  # model -> its last load's failure
+        self._uncollected = False  # evictions since the last collection
         self._one_load = asyncio.Lock()
         self._idle: asyncio.Task[None] | None = None
         repository.absent_reason = NOT_LOADED
@@ -175,6 +176,7 @@ class OnDemandLoader:
 
     async def _load_now(self, name: str, reason: str, files: Signature) -> None:
         """Under _one_load, room made: load, remembering a failure with its files."""
+        await self._collected()  # evicted models' memory free before this load measures
         try:
             await self._repo.load(name, reason=reason)
         except Exception as exc:
@@ -197,27 +199,30 @@ class OnDemandLoader:
         """Evict, one at a time and planning again after each (a model may be asked
         for meanwhile), until `need` fits. Idle models first; where they are not enough,
         busy ones too, once their requests are answered. Overloaded only when even that
-        cannot make room (the pinned models and the budget leave too little)."""
-        evicted = False
-        try:
-            while True:
-                residents = self._residents(exclude=name)
-                plan = self._policy.plan(need, residents)
+        cannot make room (the pinned models and the budget leave too little). Plans
+        read the memory measured at load, so no collection is needed between them."""
+        while True:
+            residents = self._residents(exclude=name)
+            plan = self._policy.plan(need, residents)
+            if plan.shortfall is not None:
+                plan = self._policy.plan(need, residents, include_busy=True)
                 if plan.shortfall is not None:
-                    plan = self._policy.plan(need, residents, include_busy=True)
-                    if plan.shortfall is not None:
-                        raise Overloaded(_refusal(name, plan.shortfall))
-                if not plan.victims:
-                    return
-                await self._evict(plan.victims[0], "memory")
-                evicted = True
-        finally:
-            if evicted:
-                await self._freed()
+                    raise Overloaded(_refusal(name, plan.shortfall))
+            if not plan.victims:
+                return
+            await self._evict(plan.victims[0], "memory")
 
-    async def _freed(self) -> None:
-        """After evictions: collect and trim, so resident memory shows them (one
-        collection pause, ~0.3 s with a frozen heap of 250k objects)."""
+    async def _collected(self) -> None:
+        """After evictions, before the next load measures: collect the evicted models'
+        cyclic garbage once and trim, so resident memory shows them gone (one pause,
+        ~0.3 s with a frozen heap of 250k objects). On the loop: gc.collect holds the
+        GIL whatever thread runs it, and the heap settler's timer belongs to the loop;
+        so collections are kept few instead: none per idle pass (the repository's
+        unload already trims, the settler collects once it is quiet) and at most one
+        per load, only where something was evicted since the last."""
+        if not self._uncollected:
+            return
+        self._uncollected = False
         self._settle()
         await asyncio.to_thread(self._repo.memory.release)
 
@@ -230,6 +235,7 @@ class OnDemandLoader:
                 drained = self._drained[name] = asyncio.Event()
                 await drained.wait()  # set by the last hold's release
             await self._repo.unload(name, reason=NOT_LOADED)  # drains any other run
+            self._uncollected = True
         finally:
             self._evicting.discard(name)
             self._drained.pop(name, None)
@@ -270,14 +276,10 @@ class OnDemandLoader:
     async def evict_idle(self) -> None:
         """One pass: unload each model idle for --evict-idle-secs that nothing holds."""
         async with self._one_load:
-            evicted = False
             for name in self._policy.idle(self._residents()):
                 # Checked again: an earlier unload in this pass let requests in.
                 if name not in self._holds and not self._repo.model_busy(name):
-                    await self._evict(name, "idle")
-                    evicted = True
-            if evicted:
-                await self._freed()
+                    await self._evict(name, "idle")  # collected before the next load
 
     async def stop(self) -> None:
         """Stop evicting and starting loads (their waiters are answered UNAVAILABLE); a
