@@ -118,8 +118,8 @@ class ModelControl:
             raise ConfigError(
                 "--repository-poll-secs",
                 "mode",
-                "cannot be used with --model-control-mode "
-                "on-demand (models load on their first request; RepositoryModelLoad reloads one)",
+                "needs --model-control-mode none, poll or explicit (on-demand loads each "
+                "model on its first request)",
             )
 
 

@@ -335,6 +335,10 @@ def test_poll_mode_counts_its_loads_as_poll(tmp_path: Path) -> None:
     [
         (("--memory-budget-mib", "100"), "--memory-budget-mib"),
         (("--model-control-mode", "poll", "--load-model", "a"), "--load-model"),
+        (
+            ("--model-control-mode", "on-demand", "--repository-poll-secs", "5"),
+            "--repository-poll-secs",
+        ),
     ],
 )
 def test_flags_that_do_not_fit_the_mode_stop_the_server(
