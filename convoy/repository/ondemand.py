@@ -218,8 +218,9 @@ class OnDemandLoader:
         ~0.3 s with a frozen heap of 250k objects). On the loop: gc.collect holds the
         GIL whatever thread runs it, and the heap settler's timer belongs to the loop;
         so collections are kept few instead: none per idle pass (the repository's
-        unload already trims, the settler collects once it is quiet) and at most one
-        per load, only where something was evicted since the last."""
+        unload already trims; where the heap is frozen its settler collects once the
+        repository is quiet) and at most one per load, only where something was
+        evicted since the last."""
         if not self._uncollected:
             return
         self._uncollected = False
