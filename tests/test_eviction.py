@@ -429,3 +429,46 @@ def test_a_loads_memory_is_sampled_off_the_event_loop(tmp_path: Path) -> None:
     asyncio.run(scenario())
     assert len(probe.threads) >= 3  # before, the sampler's first and last, after
     assert threading.main_thread() not in probe.threads
+
+
+def test_an_ensemble_is_measured_as_holding_no_memory(tmp_path: Path) -> None:
+    from convoy.repository.manager import ModelRepository
+    from tests.linear import linear_source, write_linear_model
+
+    class Growing:
+        """Resident memory 50 MiB more at every read: noise a load would measure."""
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def used(self) -> dict[str, int]:
+            self.reads += 1
+            return {"cpu": self.reads * 50 * MIB}
+
+        def release(self) -> None:
+            pass
+
+    write_linear_model(tmp_path, "lin", {1: linear_source(2.0)}, max_batch_size=1)
+    (tmp_path / "ens" / "1").mkdir(parents=True)
+    (tmp_path / "ens" / "config.pbtxt").write_text(
+        'name: "ens"\nplatform: "ensemble"\nmax_batch_size: 1\n'
+        'input [ { name: "IN" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'ensemble_scheduling { step [ { model_name: "lin" model_version: -1\n'
+        '  input_map { key: "X" value: "IN" } output_map { key: "Y" value: "OUT" } } ] }\n'
+    )
+
+    async def scenario() -> None:
+        repository = ModelRepository(tmp_path, Metrics(), memory=Growing())
+        try:
+            await repository.load("lin")
+            await repository.load("ens")
+            assert repository.is_loaded_ensemble("ens")
+            assert not repository.is_loaded_ensemble("lin")
+            assert not any(repository.memory_held("ens").values())
+            assert not any(repository.estimate("ens").values())
+            assert any(repository.memory_held("lin").values())  # the noise, counted
+        finally:
+            await repository.close()
+
+    asyncio.run(scenario())
