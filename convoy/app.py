@@ -74,7 +74,7 @@ class ConvoyServer:
     def __init__(self, config: ServerConfig, repository_root: Path) -> None:
         self.config = config
         control = config.model_control
-        control.check()  # ConfigError naming the flag: nothing started
+        control.check(config.repository_poll_s)  # ConfigError naming the flag: nothing started
         self.metrics = Metrics()
         self.repository = ModelRepository(
             repository_root,
@@ -143,6 +143,8 @@ class ConvoyServer:
                 settle=self.heap.now if self.heap is not None else gc.collect,
             )
             self.path.on_demand = self.on_demand
+            # Explicit loads too make room within the budget, one load at a time.
+            self.declared = DeclaredRollouts(self.repository, self.rollouts, self.on_demand.load)
         self.capture: CaptureWriter | None = None
         self.labels: LabelRecorder | None = None
         if config.capture is not None:
@@ -176,7 +178,8 @@ class ConvoyServer:
         self.gc_pauses.start()
         await self._load_at_start()
         await self.rollouts.restore()  # before serving: never 100% of an unvetted version
-        if self.slos is not None:
+        # On demand, declared models are listed but not loaded by design: no warning.
+        if self.slos is not None and self.on_demand is None:
             served = {m.spec.name for m in self.repository.ready_models()}
             for name in sorted(set(self.slos.declared) - served):
                 log.warning("SLO objectives declared for model '%s', which is not loaded", name)

@@ -95,7 +95,7 @@ class ModelControl:
     gpu_memory_budget_bytes: int | None = None  # per GPU (on-demand)
     evict_idle_s: float | None = None  # unload a model idle this long (on-demand)
 
-    def check(self) -> None:
+    def check(self, repository_poll_s: float | None = None) -> None:
         """ConfigError naming the flag that does not fit the mode."""
         if self.mode not in MODEL_CONTROL_MODES:
             raise ConfigError(
@@ -113,6 +113,14 @@ class ModelControl:
         for flag, value in on_demand_only.items():
             if value is not None and self.mode != "on-demand":
                 raise ConfigError(flag, "mode", "needs --model-control-mode on-demand")
+        if repository_poll_s and self.mode == "on-demand":
+            # The poller would reload evicted models and retry failed loads in a loop.
+            raise ConfigError(
+                "--repository-poll-secs",
+                "mode",
+                "needs --model-control-mode none, poll or explicit (on-demand loads each "
+                "model on its first request)",
+            )
 
 
 @dataclass(frozen=True)

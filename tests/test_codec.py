@@ -104,7 +104,9 @@ def test_the_deadline_is_the_earlier_of_timeout_and_caller(
         message.parameters["timeout"].int64_param = timeout_us
     loop = asyncio.new_event_loop()
     try:
-        decoded = decode_request(message, spec(tmp_path), loop, 0, remaining_s)
+        # The caller's deadline is an instant (its door fixed it); 0 is now here.
+        caller = None if remaining_s is None else int(remaining_s * 1e9)
+        decoded = decode_request(message, spec(tmp_path), loop, 0, caller)
     finally:
         loop.close()
     assert decoded.deadline_ns == expected_ns

@@ -10,6 +10,7 @@ import pytest
 
 from convoy.config import ModelControl
 from convoy.errors import ConfigError, DeadlineExceeded, ModelNotFound, Overloaded, Unavailable
+from convoy.inference.caller import deadline_in
 from convoy.metrics import Metrics
 from convoy.repository.eviction import EvictionPolicy, Resident
 from convoy.repository.memory import growth
@@ -126,6 +127,8 @@ class FakeRepository:
         self.gate.set()
         self.memory = FakeMemory()
         self.absent_reason = "unloaded"
+        self.ensembles: set[str] = set()
+        self.root = Path("/models")  # a test with files to change sets its own
 
     def is_loaded(self, name: str) -> bool:
         return name in self.loaded
@@ -133,7 +136,7 @@ class FakeRepository:
     def model_dir(self, name: str) -> Path:
         if name not in self.sizes:
             raise ModelNotFound(f"model '{name}' is not in the repository")
-        return Path("/models") / name
+        return self.root / name
 
     def estimate(self, name: str) -> dict[str, int]:
         return {"cpu": self.sizes[name]}
@@ -158,6 +161,9 @@ class FakeRepository:
     def model_busy(self, name: str) -> bool:
         return False
 
+    def is_loaded_ensemble(self, name: str) -> bool:
+        return name in self.loaded and name in self.ensembles
+
 
 def loader_over(
     repo: FakeRepository, budget: int | None = None, pinned: tuple[str, ...] = ()
@@ -176,7 +182,7 @@ def loader_over(
 
 
 async def use(loader: OnDemandLoader, name: str, wait_s: float | None = None) -> str:
-    async with loader.held(name, wait_s):
+    async with loader.held(name, deadline_in(wait_s)):
         return name
 
 
@@ -285,3 +291,184 @@ def test_the_server_pins_load_model_names_and_models_under_a_rollout(tmp_path: P
     assert not server._pinned("other")
     plain = ConvoyServer(ServerConfig(), tmp_path)
     assert plain.path.on_demand is None and plain.on_demand is None
+
+
+def test_an_ensemble_is_never_chosen_to_make_room() -> None:
+    async def scenario() -> None:
+        # The ensemble's made-up 50 MiB stands for RSS noise measured at its load.
+        repo = FakeRepository({"ens": 50 * MIB, "a": 40 * MIB, "b": 70 * MIB})
+        repo.ensembles.add("ens")
+        loader, now = loader_over(repo, budget=100 * MIB)
+        await use(loader, "ens")  # the least recently used from here on
+        now[0] = 1
+        await use(loader, "a")
+        now[0] = 2
+        async with loader.held("ens", None):  # its request waits in a step, say
+            assert await use(loader, "b") == "b"
+        assert repo.unloads == ["a"]  # a went; the ensemble, busy or not, never does
+
+    asyncio.run(scenario())
+
+
+def test_an_explicit_load_makes_room_within_the_budget() -> None:
+    async def scenario() -> None:
+        repo = FakeRepository({"a": 60 * MIB, "b": 60 * MIB})
+        loader, now = loader_over(repo, budget=100 * MIB)
+        await loader.load("a")
+        now[0] = 1
+        await loader.load("b", reason="explicit")  # RepositoryModelLoad: a makes way
+        assert (repo.loads, repo.unloads) == (["a", "b"], ["a"])
+        with pytest.raises(ModelNotFound):
+            await loader.load("missing")
+
+    asyncio.run(scenario())
+
+
+def test_on_demand_refuses_the_repository_poll_and_routes_explicit_loads(tmp_path: Path) -> None:
+    from convoy.app import ConvoyServer
+    from convoy.config import ServerConfig
+
+    control = ModelControl(mode="on-demand")
+    with pytest.raises(ConfigError, match="--repository-poll-secs"):
+        ConvoyServer(ServerConfig(model_control=control, repository_poll_s=5.0), tmp_path)
+    ModelControl(mode="none").check(repository_poll_s=5.0)  # Triton's poll, as before
+    server = ConvoyServer(ServerConfig(model_control=control), tmp_path)
+    assert server.on_demand is not None
+    assert server.declared._load == server.on_demand.load  # RepositoryModelLoad, --load-model
+
+
+def test_a_broken_model_evicts_healthy_ones_only_when_its_files_change(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        repo = FakeRepository({"good": 60 * MIB, "bad": 60 * MIB})
+        repo.root = tmp_path
+        (tmp_path / "bad").mkdir()
+        loader, now = loader_over(repo, budget=100 * MIB)
+        await use(loader, "good")
+        repo.fail["bad"] = Unavailable("bad model file")
+        now[0] = 1
+        with pytest.raises(Unavailable, match="bad model file"):
+            await use(loader, "bad")  # its first try makes room: good goes
+        now[0] = 2
+        await use(loader, "good")
+        assert (repo.loads, repo.unloads) == (["good", "bad", "good"], ["good"])
+        # The same files again: nothing is evicted for them, the error comes at once.
+        with pytest.raises(Unavailable, match="bad model file"):
+            await use(loader, "bad")
+        assert (repo.loads, repo.unloads) == (["good", "bad", "good"], ["good"])
+        # Its files changed: a fresh try, room made.
+        (tmp_path / "bad" / "config.pbtxt").write_text("fixed?")
+        with pytest.raises(Unavailable, match="bad model file"):
+            await use(loader, "bad")
+        assert repo.unloads == ["good", "good"]
+        # Still the files that failed, but it fits as things are: tried on this request.
+        del repo.fail["bad"]
+        assert await use(loader, "bad") == "bad"
+        assert repo.loads == ["good", "bad", "good", "bad", "bad"]
+
+    asyncio.run(scenario())
+
+
+def test_evictions_are_collected_once_before_the_next_load_and_never_per_idle_pass() -> None:
+    async def scenario() -> None:
+        repo = FakeRepository({"a": 60 * MIB, "b": 60 * MIB})
+        now = [0]
+        settles: list[int] = []
+        loader = OnDemandLoader(
+            repo,  # type: ignore[arg-type]
+            EvictionPolicy(100 * MIB, None, idle_ns=10, clock=lambda: now[0]),
+            Metrics(),
+            load_wait_s=5.0,
+            pinned=lambda name: False,
+            settle=lambda: settles.append(now[0]),
+            clock=lambda: now[0],
+        )
+        await use(loader, "a")
+        assert settles == []  # nothing evicted: nothing to collect
+        now[0] = 1
+        await use(loader, "b")  # a makes way: collected once, before b's load
+        assert (repo.unloads, settles) == (["a"], [1])
+        now[0] = 100
+        await loader.evict_idle()
+        assert (repo.unloads, settles) == (["a", "b"], [1])  # the idle pass collects not
+        now[0] = 101
+        await use(loader, "a")  # its load measures after b's garbage is collected
+        assert settles == [1, 101]
+
+    asyncio.run(scenario())
+
+
+def test_a_loads_memory_is_sampled_off_the_event_loop(tmp_path: Path) -> None:
+    import threading
+
+    from convoy.repository.manager import ModelRepository
+    from tests.linear import linear_source, write_linear_model
+
+    class Probe:
+        """Records the thread of every read (a GPU probe's may initialise CUDA)."""
+
+        def __init__(self) -> None:
+            self.threads: list[threading.Thread] = []
+
+        def used(self) -> dict[str, int]:
+            self.threads.append(threading.current_thread())
+            return {"cpu": 0}
+
+        def release(self) -> None:
+            pass
+
+    write_linear_model(tmp_path, "m", {1: linear_source(2.0)})
+    probe = Probe()
+
+    async def scenario() -> None:
+        repository = ModelRepository(tmp_path, Metrics(), memory=probe)
+        try:
+            await repository.load("m")
+        finally:
+            await repository.close()
+
+    asyncio.run(scenario())
+    assert len(probe.threads) >= 3  # before, the sampler's first and last, after
+    assert threading.main_thread() not in probe.threads
+
+
+def test_an_ensemble_is_measured_as_holding_no_memory(tmp_path: Path) -> None:
+    from convoy.repository.manager import ModelRepository
+    from tests.linear import linear_source, write_linear_model
+
+    class Growing:
+        """Resident memory 50 MiB more at every read: noise a load would measure."""
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def used(self) -> dict[str, int]:
+            self.reads += 1
+            return {"cpu": self.reads * 50 * MIB}
+
+        def release(self) -> None:
+            pass
+
+    write_linear_model(tmp_path, "lin", {1: linear_source(2.0)}, max_batch_size=1)
+    (tmp_path / "ens" / "1").mkdir(parents=True)
+    (tmp_path / "ens" / "config.pbtxt").write_text(
+        'name: "ens"\nplatform: "ensemble"\nmax_batch_size: 1\n'
+        'input [ { name: "IN" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'ensemble_scheduling { step [ { model_name: "lin" model_version: -1\n'
+        '  input_map { key: "X" value: "IN" } output_map { key: "Y" value: "OUT" } } ] }\n'
+    )
+
+    async def scenario() -> None:
+        repository = ModelRepository(tmp_path, Metrics(), memory=Growing())
+        try:
+            await repository.load("lin")
+            await repository.load("ens")
+            assert repository.is_loaded_ensemble("ens")
+            assert not repository.is_loaded_ensemble("lin")
+            assert not any(repository.memory_held("ens").values())
+            assert not any(repository.estimate("ens").values())
+            assert any(repository.memory_held("lin").values())  # the noise, counted
+        finally:
+            await repository.close()
+
+    asyncio.run(scenario())

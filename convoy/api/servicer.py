@@ -14,7 +14,7 @@ from ..cache import (
 )
 from ..errors import ConvoyError, InternalError, InvalidInput, Unimplemented
 from ..inference.admission import ANONYMOUS
-from ..inference.caller import Caller
+from ..inference.caller import Caller, deadline_in
 from ..inference.path import InferencePath
 from ..inference.tracing import TRACEPARENT
 from ..pb import grpc_service_pb2 as pb
@@ -203,7 +203,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         caller = Caller(
             "grpc",
             self._client(context.invocation_metadata() or ()),
-            context.time_remaining(),
+            deadline_in(context.time_remaining()),
             lambda: _header_key(context),
         )
         if self._path.tracing is not None:  # read only while tracing is on

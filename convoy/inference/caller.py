@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,12 @@ if TYPE_CHECKING:
 
 def _no_key() -> str | None:
     return None
+
+
+def deadline_in(seconds: float | None) -> int | None:
+    """The monotonic instant (time.monotonic_ns) `seconds` from now: a door's deadline,
+    fixed once so that every wait after it (an on-demand load) spends it."""
+    return None if seconds is None else time.monotonic_ns() + int(seconds * 1e9)
 
 
 # Not frozen, though never changed: a frozen dataclass sets each field through
@@ -34,14 +41,23 @@ class Caller:
     and `place` may take large outputs there. `background` queues the work behind every
     caller (batch, replay). `traceparent`: the W3C header, read by the doors only while
     tracing is on; `span` is set by the tracing once the request is sampled.
+    `deadline_ns`: when the caller stops waiting (time.monotonic_ns; None: never), set
+    at the door (deadline_in) and tightened by the request's `timeout` parameter.
     """
 
     transport: str
     client: str | None = ANONYMOUS
-    time_remaining: float | None = None
+    deadline_ns: int | None = None
     header_key: Callable[[], str | None] = _no_key
     regions: SharedMemory | None = None
     place: Place | None = None
     background: bool = False
     traceparent: str | None = None
     span: RequestSpan | None = None
+
+    @property
+    def time_remaining(self) -> float | None:
+        """Seconds left before the deadline, as of now (never below zero)."""
+        if self.deadline_ns is None:
+            return None
+        return max(0.0, (self.deadline_ns - time.monotonic_ns()) / 1e9)

@@ -40,7 +40,7 @@ def decode_request(
     spec: ModelSpec,
     loop: asyncio.AbstractEventLoop,
     now_ns: int,
-    time_remaining_s: float | None,
+    caller_deadline_ns: int | None,
     max_elements: int = 1 << 28,
     bounds: Mapping[str, ShapeRange] | None = None,
     shm: SharedMemory | None = None,
@@ -151,7 +151,7 @@ def decode_request(
         shape_key=spec.shape_key(item_shapes),
         future=loop.create_future(),
         arrival_ns=now_ns,
-        deadline_ns=_deadline(request.parameters, now_ns, time_remaining_s),
+        deadline_ns=_deadline(request.parameters, now_ns, caller_deadline_ns),
         priority=_priority(request.parameters, spec),
         classification=classification,
         background=_background(request.parameters),
@@ -325,16 +325,19 @@ def _int_param(params: Mapping[str, pb.InferParameter], key: str) -> int | None:
 
 
 def _deadline(
-    params: Mapping[str, pb.InferParameter], now_ns: int, time_remaining_s: float | None
+    params: Mapping[str, pb.InferParameter], now_ns: int, caller: int | None
 ) -> int | None:
-    caller = None if time_remaining_s is None else now_ns + int(time_remaining_s * 1e9)
-    timeout_us = (
-        _int_param(params, "timeout") if params else None
-    )  # Triton's request timeout, in microseconds
-    if not timeout_us:
+    timeout = timeout_deadline(params, now_ns)
+    if timeout is None:
         return caller
-    timeout = now_ns + timeout_us * 1000
     return timeout if caller is None else min(timeout, caller)
+
+
+def timeout_deadline(params: Mapping[str, pb.InferParameter], now_ns: int) -> int | None:
+    """When Triton's `timeout` request parameter (microseconds) ends, counted from
+    `now_ns`; None without one. InvalidInput for a value that is no count."""
+    timeout_us = _int_param(params, "timeout") if params else None
+    return now_ns + timeout_us * 1000 if timeout_us else None
 
 
 def _priority(params: Mapping[str, pb.InferParameter], spec: ModelSpec) -> int:

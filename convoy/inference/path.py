@@ -26,7 +26,7 @@ import numpy as np
 from ..batching.request import InferRequest, InferResult
 from ..cache import BYPASS_PARAMETER, ResponseCache, request_key, request_uses_cache
 from ..config import DEFAULT_LIMITS, ServingLimits
-from ..errors import ConvoyError
+from ..errors import ConvoyError, DeadlineExceeded, InvalidInput
 from ..monitoring.burn import SloTracker
 from ..pb import grpc_service_pb2 as pb
 from ..repository.manager import ModelRepository
@@ -38,7 +38,7 @@ from ..rollouts.shadow import ShadowRunner
 from ..tensors import Array
 from .admission import Draining, RateBudget
 from .caller import Caller
-from .codec import decode_request, encode_response, shared_outputs
+from .codec import decode_request, encode_response, shared_outputs, timeout_deadline
 from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
 from .shm import REGION, Leases, SharedMemoryRegistry
 
@@ -121,7 +121,8 @@ class InferencePath:
         self.admit(caller)
         if self.on_demand is None:
             return await self._route_and_serve(request, caller)
-        async with self._held(request.model_name, caller, caller.time_remaining):
+        _bound_by_timeout(request, caller)  # from the door, not from after the load
+        async with self._held(request.model_name, caller):
             return await self._route_and_serve(request, caller)
 
     async def _route_and_serve(
@@ -159,17 +160,19 @@ class InferencePath:
         self.admit(caller)
         if self.on_demand is None:
             return await self._run(name, version, build, caller)
-        async with self._held(name, caller, caller.time_remaining):
+        async with self._held(name, caller):
             return await self._run(name, version, build, caller)
 
     @contextlib.asynccontextmanager
-    async def _held(self, name: str, caller: Caller, wait_s: float | None) -> AsyncIterator[None]:
-        """The on-demand loader's hold; a load that failed or outlasted the wait is
-        counted against the model's objectives (route() counts the rest)."""
+    async def _held(self, name: str, caller: Caller) -> AsyncIterator[None]:
+        """The on-demand loader's hold, within the caller's deadline; a load that failed
+        or outlasted the deadline is counted against the model's objectives (route()
+        counts the rest)."""
         assert self.on_demand is not None
         async with contextlib.AsyncExitStack() as stack:
             try:
-                await stack.enter_async_context(self.on_demand.held(name, wait_s))
+                await stack.enter_async_context(self.on_demand.held(name, caller.deadline_ns))
+                _check_deadline(name, caller)  # loaded, but after the caller's deadline
             except ConvoyError as exc:
                 self._refused(name, exc, caller)
                 raise
@@ -191,7 +194,7 @@ class InferencePath:
         with its ensemble request, routed by the step model's rollout with the ensemble
         caller's A/B key, within the ensemble request's deadline."""
         key = parent.ab_key
-        caller = Caller(parent.transport or "grpc", None, None, lambda: key)
+        caller = Caller(parent.transport or "grpc", None, parent.deadline_ns, lambda: key)
         if parent.trace is not None and self.tracing is not None:  # a sampled ensemble's
             return await self.tracing.step(self.run, name, version, build, caller, parent.trace)
         return await self.run(name, version, build, caller)
@@ -290,7 +293,7 @@ class InferencePath:
                 model.spec,
                 asyncio.get_running_loop(),
                 time.monotonic_ns(),
-                caller.time_remaining,
+                caller.deadline_ns,
                 self.limits.max_elements,
                 model.input_bounds,
                 regions,
@@ -470,6 +473,23 @@ class InferencePath:
 
     def close(self) -> None:
         self.regions.close()  # unmaps system regions, closes CUDA IPC handles
+
+
+def _bound_by_timeout(request: pb.ModelInferRequest, caller: Caller) -> None:
+    """Tighten the caller's deadline by the request's `timeout` parameter, counted from
+    now (its arrival), so that an on-demand load's wait spends it."""
+    try:
+        timeout = timeout_deadline(request.parameters, time.monotonic_ns())
+    except InvalidInput:
+        return  # decoding refuses it, counted against the model
+    if timeout is not None and (caller.deadline_ns is None or timeout < caller.deadline_ns):
+        caller.deadline_ns = timeout
+
+
+def _check_deadline(name: str, caller: Caller) -> None:
+    """A load that took the whole deadline: answer now, computing nothing late."""
+    if caller.deadline_ns is not None and time.monotonic_ns() >= caller.deadline_ns:
+        raise DeadlineExceeded(f"model '{name}' loaded after the request's deadline")
 
 
 def _released(commit: asyncio.Task[None], leases: Leases) -> None:

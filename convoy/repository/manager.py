@@ -281,14 +281,18 @@ class ModelRepository:
                 before = await asyncio.to_thread(self.memory.used)
                 started = time.perf_counter()
                 try:
-                    with PeakSampler(self.memory) as sampled:
-                        new_versions = await asyncio.to_thread(self._build, model_dir, keep)
+                    new_versions, peak = await asyncio.to_thread(
+                        self._build_sampled, model_dir, keep
+                    )
                 except _VersionFailed as failed:
                     version = failed.version
                     raise failed.cause from None
                 _check_ensembles(new_versions)
                 grown = growth(before, await asyncio.to_thread(self.memory.used))
-                entry.peak = growth(before, sampled.peak)
+                entry.peak = growth(before, peak)
+                if _ensembles(new_versions):  # it holds no weights: what grew is noise
+                    grown = dict.fromkeys(grown, 0)
+                    entry.peak = dict.fromkeys(entry.peak, 0)
                 files = await asyncio.to_thread(_files_by_version, model_dir, new_versions)
             except ConvoyError as exc:
                 if not entry.versions:
@@ -395,6 +399,11 @@ class ModelRepository:
         if entry is not None and entry.peak:
             return dict(entry.peak)
         return {HOST: int(files_size(self._model_dir(name)) * self._per_file_byte)}
+
+    def is_loaded_ensemble(self, name: str) -> bool:
+        """The model is loaded and is an ensemble (its loaded spec: no disk read)."""
+        entry = self._models.get(name)
+        return entry is not None and _ensembles(entry.versions)
 
     def model_busy(self, name: str) -> bool:
         """A version of the model has requests queued or running, or it is loading or
@@ -549,6 +558,16 @@ class ModelRepository:
 
     # -- building (worker thread) ----------------------------------------------
 
+    def _build_sampled(
+        self, model_dir: Path, extra: set[int]
+    ) -> tuple[dict[int, ModelVersion], dict[str, int]]:
+        """Blocking: _build with its peak memory sampled. The sampler starts, takes its
+        first sample and is joined here, off the loop: a GPU probe's read may be the
+        process's first CUDA call, which initialises CUDA."""
+        with PeakSampler(self.memory) as sampled:
+            versions = self._build(model_dir, extra)
+        return versions, sampled.peak
+
     def _build(
         self, model_dir: Path, extra: set[int], only: int | None = None
     ) -> dict[int, ModelVersion]:
@@ -676,6 +695,10 @@ class ModelRepository:
         return self.monitors.prepare(
             spec, str(version), model_dir, config_path, labels, tokenizer=tokenizer
         )
+
+
+def _ensembles(versions: dict[int, ModelVersion]) -> bool:
+    return bool(versions) and all(served.spec.ensemble for served in versions.values())
 
 
 def _check_ensembles(versions: dict[int, ModelVersion]) -> None:

@@ -4,7 +4,10 @@ the repository is listed, and loads on its first request.
 The loader owns one load task per model: a request for a model that is not loaded
 starts it, or joins the one running, and waits for it within its deadline (else
 `--load-wait-secs`); the load goes on for the next caller if a waiter leaves. A failed
-load fails its waiters with its error and is tried again only by a later request.
+load fails its waiters with its error and is tried again only by a later request; while
+the model's files are unchanged since, that retry evicts nothing: it runs only if the
+model fits as things are, else fails at once with the remembered error (a broken model
+must not empty the server of healthy ones, request after request).
 
 Every request holds its model (a reference count) from its admission to its answer, so
 eviction never takes a model with a request queued or running: a model chosen while
@@ -23,6 +26,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from ..batching.queue import Clock
 from ..errors import ConvoyError, DeadlineExceeded, Overloaded, Unavailable
@@ -30,11 +34,20 @@ from ..metrics import Metrics
 from .eviction import EvictionPolicy, Resident, Shortfall
 from .manager import ModelRepository
 from .memory import HOST
+from .poll import Signature, signature
 
 log = logging.getLogger(__name__)
 
 NOT_LOADED = "not loaded"
 _BUDGET_FLAGS = {True: "--memory-budget-mib", False: "--gpu-memory-budget-mib"}
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """A model's last load failed with `error`, its files then being `files`."""
+
+    files: Signature
+    error: BaseException
 
 
 class OnDemandLoader:
@@ -64,6 +77,8 @@ class OnDemandLoader:
         self._drained: dict[str, asyncio.Event] = {}  # evicting, set when its holds end
         self._last_used: dict[str, int] = {}  # model -> when its last hold ended (ns)
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._failed: dict[str, LoadFailed] = {}  # model -> its last load's failure
+        self._uncollected = False  # evictions since the last collection
         self._one_load = asyncio.Lock()
         self._idle: asyncio.Task[None] | None = None
         repository.absent_reason = NOT_LOADED
@@ -71,12 +86,17 @@ class OnDemandLoader:
     # -- the request path -----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def held(self, name: str, wait_s: float | None) -> AsyncIterator[None]:
-        """Hold the model for one request: loaded first if it is not (waiting at most
-        `wait_s`, else --load-wait-secs), never evicted until the request is answered.
-        A model chosen for eviction takes no new request: those wait for its reload."""
+    async def held(self, name: str, deadline_ns: int | None) -> AsyncIterator[None]:
+        """Hold the model for one request: loaded first if it is not (waiting until the
+        request's `deadline_ns`, time.monotonic_ns, else --load-wait-secs), never evicted
+        until the request is answered. A model chosen for eviction takes no new request:
+        those wait for its reload."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self._load_wait_s if wait_s is None else wait_s)
+        if deadline_ns is None:
+            wait_s = self._load_wait_s
+        else:
+            wait_s = (deadline_ns - time.monotonic_ns()) / 1e9
+        deadline = loop.time() + wait_s
         while not self._repo.is_loaded(name) or name in self._evicting:
             await self._wait_loaded(name, deadline - loop.time())
         self._holds[name] = self._holds.get(name, 0) + 1  # no await since the check
@@ -143,35 +163,67 @@ class OnDemandLoader:
             if self._repo.is_loaded(name):
                 return  # loaded meanwhile (RepositoryModelLoad)
             need = await asyncio.to_thread(self._repo.estimate, name)
-            await self._make_room(name, need)
-            await self._repo.load(name, reason="first_request")
-            self._last_used[name] = self._clock()
+            files = await asyncio.to_thread(signature, self._repo.model_dir(name))
+            failed = self._failed.get(name)
+            if failed is not None and failed.files == files:
+                # The same files failed: try again only where nothing need go for it.
+                plan = self._policy.plan(need, self._residents(exclude=name))
+                if plan.victims or plan.shortfall is not None:
+                    raise failed.error.with_traceback(None)
+            else:
+                await self._make_room(name, need)
+            await self._load_now(name, "first_request", files)
+
+    async def _load_now(self, name: str, reason: str, files: Signature) -> None:
+        """Under _one_load, room made: load, remembering a failure with its files."""
+        await self._collected()  # evicted models' memory free before this load measures
+        try:
+            await self._repo.load(name, reason=reason)
+        except Exception as exc:
+            self._failed[name] = LoadFailed(files, exc)
+            raise
+        self._failed.pop(name, None)
+        self._last_used[name] = self._clock()
+
+    async def load(self, name: str, reason: str = "explicit") -> None:
+        """A load not asked for by a request (RepositoryModelLoad, --load-model): one at
+        a time with the others, after making room within the budget."""
+        self._repo.model_dir(name)  # NOT_FOUND, INVALID_ARGUMENT: before the queue
+        async with self._one_load:
+            need = await asyncio.to_thread(self._repo.estimate, name)
+            files = await asyncio.to_thread(signature, self._repo.model_dir(name))
+            await self._make_room(name, need)  # an operator asked: tried whatever failed
+            await self._load_now(name, reason, files)
 
     async def _make_room(self, name: str, need: dict[str, int]) -> None:
         """Evict, one at a time and planning again after each (a model may be asked
         for meanwhile), until `need` fits. Idle models first; where they are not enough,
         busy ones too, once their requests are answered. Overloaded only when even that
-        cannot make room (the pinned models and the budget leave too little)."""
-        evicted = False
-        try:
-            while True:
-                residents = self._residents(exclude=name)
-                plan = self._policy.plan(need, residents)
+        cannot make room (the pinned models and the budget leave too little). Plans
+        read the memory measured at load, so no collection is needed between them."""
+        while True:
+            residents = self._residents(exclude=name)
+            plan = self._policy.plan(need, residents)
+            if plan.shortfall is not None:
+                plan = self._policy.plan(need, residents, include_busy=True)
                 if plan.shortfall is not None:
-                    plan = self._policy.plan(need, residents, include_busy=True)
-                    if plan.shortfall is not None:
-                        raise Overloaded(_refusal(name, plan.shortfall))
-                if not plan.victims:
-                    return
-                await self._evict(plan.victims[0], "memory")
-                evicted = True
-        finally:
-            if evicted:
-                await self._freed()
+                    raise Overloaded(_refusal(name, plan.shortfall))
+            if not plan.victims:
+                return
+            await self._evict(plan.victims[0], "memory")
 
-    async def _freed(self) -> None:
-        """After evictions: collect and trim, so resident memory shows them (one
-        collection pause, ~0.3 s with a frozen heap of 250k objects)."""
+    async def _collected(self) -> None:
+        """After evictions, before the next load measures: collect the evicted models'
+        cyclic garbage once and trim, so resident memory shows them gone (one pause,
+        ~0.3 s with a frozen heap of 250k objects). On the loop: gc.collect holds the
+        GIL whatever thread runs it, and the heap settler's timer belongs to the loop;
+        so collections are kept few instead: none per idle pass (the repository's
+        unload already trims; where the heap is frozen its settler collects once the
+        repository is quiet) and at most one per load, only where something was
+        evicted since the last."""
+        if not self._uncollected:
+            return
+        self._uncollected = False
         self._settle()
         await asyncio.to_thread(self._repo.memory.release)
 
@@ -184,6 +236,7 @@ class OnDemandLoader:
                 drained = self._drained[name] = asyncio.Event()
                 await drained.wait()  # set by the last hold's release
             await self._repo.unload(name, reason=NOT_LOADED)  # drains any other run
+            self._uncollected = True
         finally:
             self._evicting.discard(name)
             self._drained.pop(name, None)
@@ -200,7 +253,9 @@ class OnDemandLoader:
                 pinned=self._pinned(name),
             )
             for name in self._repo.loaded_names()
-            if name != exclude
+            # Never an ensemble: it holds no weights, and draining one whose request
+            # waits in a step for this very load would wait out the load's deadline.
+            if name != exclude and not self._repo.is_loaded_ensemble(name)
         ]
 
     # -- idle eviction ---------------------------------------------------------------
@@ -222,14 +277,10 @@ class OnDemandLoader:
     async def evict_idle(self) -> None:
         """One pass: unload each model idle for --evict-idle-secs that nothing holds."""
         async with self._one_load:
-            evicted = False
             for name in self._policy.idle(self._residents()):
                 # Checked again: an earlier unload in this pass let requests in.
                 if name not in self._holds and not self._repo.model_busy(name):
-                    await self._evict(name, "idle")
-                    evicted = True
-            if evicted:
-                await self._freed()
+                    await self._evict(name, "idle")  # collected before the next load
 
     async def stop(self) -> None:
         """Stop evicting and starting loads (their waiters are answered UNAVAILABLE); a

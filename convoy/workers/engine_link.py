@@ -27,7 +27,7 @@ from ..api.status import status_code
 from ..errors import Cancelled, ConvoyError, InvalidInput
 from ..heap import PAUSE_BUCKETS
 from ..inference.admission import ANONYMOUS
-from ..inference.caller import Caller
+from ..inference.caller import Caller, deadline_in
 from ..inference.shm import BYTE_SIZE
 from ..pb import grpc_service_pb2 as pb
 from .loopsocket import LoopSocket
@@ -201,7 +201,12 @@ class EngineLink:
             self._count_inputs(request, regions is not None)
             key = head.ab_key
             caller = Caller(
-                "grpc", head.client or ANONYMOUS, head.time_remaining, lambda: key, regions, placed
+                "grpc",
+                head.client or ANONYMOUS,
+                deadline_in(head.time_remaining),  # what the front end's caller had left
+                lambda: key,
+                regions,
+                placed,
             )
             caller.traceparent = head.traceparent
             response = await self._infer(request, caller)
