@@ -35,6 +35,14 @@ def test_codec_cost_measures_every_step(examples_dir: Path) -> None:
     assert all(us > 0 for us in figures.values())
 
 
+def test_capture_cost_times_both_sides_and_writes_every_row(examples_dir: Path) -> None:
+    from loadtests.capture_cost import answered, measure
+
+    items = answered("tiny", 50)
+    loop_us, writer_us = measure(items)
+    assert loop_us > 0 and writer_us > 0
+
+
 def test_batcher_overhead() -> None:
     us, batch = asyncio.run(overhead_us(2000, 8))
     assert us > 0 and 1.0 <= batch <= 8.0
