@@ -393,3 +393,37 @@ def test_an_input_is_kept_by_reference_only_where_its_memory_cannot_change() -> 
     assert kept is not shared and kept[0] == 0.0
     small = np.frombuffer(b"\x00" * 64, np.float32)
     assert kept_input(small) is not small  # a copy costs less than the check
+
+
+def test_requests_sent_without_an_id_get_distinct_ids(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path, flush_s=60)
+    for i in range(5):
+        writer.put(*row(spec, i, request_id="" if i != 2 else "sent"))
+    writer.flush()
+    writer.put(*row(spec, 5, request_id=""))
+    writer.close(30)
+    query = "SELECT request_id FROM '{}'"
+    ids = [r for path in files(tmp_path / "capture")
+           for (r,) in duckdb.connect().execute(query.format(path)).fetchall()]  # fmt: skip
+    assert len(ids) == 6 and len(set(ids)) == 6 and "sent" in ids
+    made = [r for r in ids if r != "sent"]
+    assert all(len(r) == 32 and int(r, 16) >= 0 for r in made)  # as uuid4().hex is written
+
+
+def test_rows_converted_between_flushes_are_written_in_the_flushs_file(tmp_path: Path) -> None:
+    """The writer's thread turns rows into tables every second and writes every
+    --capture-flush-secs: one file per flush, and the bytes held until it is written."""
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = CaptureWriter(CaptureConfig(uri=str(tmp_path / "capture"), flush_s=60))
+    writer.open()  # its thread converts each second, writes at 60 s or close
+    for i in range(3):
+        writer.put(*row(spec, i))
+    writer._convert()
+    assert writer.counts.rows == {} and writer.snapshot()["buffered_bytes"] == 3000
+    writer.put(*row(spec, 3))
+    writer.close(30)
+    (written,) = files(tmp_path / "capture")
+    found = duckdb.connect().execute(f"SELECT request_id FROM '{written}' ORDER BY 1").fetchall()
+    assert [r for (r,) in found] == ["r0", "r1", "r2", "r3"]
+    assert writer.counts.rows == {("m", "1"): 4} and writer.snapshot()["buffered_bytes"] == 0

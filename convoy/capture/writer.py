@@ -39,6 +39,7 @@ SALT_BYTES = 32
 # Columns of few distinct values, worth a Parquet dictionary.
 DICTIONARY_COLUMNS = ("arm", "transport", "status", "error", "client", "kind", "version")
 TENSOR_COLUMNS = ("inputs", "outputs", "shapes")
+CONVERT_S = 1.0  # how often buffered rows become Arrow tables (the writer's thread)
 
 
 class CaptureCounts:
@@ -79,6 +80,9 @@ class CaptureWriter:
         self._labels: deque[CapturedLabel] = deque()
         self._held = 0  # bytes in the buffer
         self._lock = threading.Lock()  # the buffer, between the loop and the thread
+        # Rows already turned into Arrow tables, not yet written: (config, version, parts).
+        self._tables: list[tuple[ModelSpec, str, list[pa.Table]]] = []
+        self._writing = threading.Lock()  # _tables; the writer's side only, never the loop
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,6 +103,7 @@ class CaptureWriter:
             self.salt = self._read_salt()
         except (OSError, ValueError) as exc:
             raise ConfigError(FLAG, self.config.uri, f"cannot write there: {exc}") from None
+        _warm_up()
         self._thread = threading.Thread(target=self._run, name="convoy-capture", daemon=True)
         self._thread.start()
 
@@ -164,11 +169,21 @@ class CaptureWriter:
     # -- the writer's thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        """Every CONVERT_S, the rows buffered so far become Arrow tables; every
+        --capture-flush-secs (or early, when half the budget is held) they are written.
+        Converting as rows come keeps each hold of the GIL short: one conversion of ten
+        seconds' rows held it long enough to cost tiny 7 % of its throughput (x0.93
+        against x0.99 converting each second, 2026-12-07)."""
+        written = time.monotonic()
         while not self._stop.is_set():
-            self._wake.wait(self.config.flush_s)
+            early = self._wake.wait(min(CONVERT_S, self.config.flush_s))
             self._wake.clear()
-            self._pass(self.flush)
-            self._pass(self._prune)
+            if early or time.monotonic() - written >= self.config.flush_s:
+                self._pass(self.flush)
+                self._pass(self._prune)
+                written = time.monotonic()
+            else:
+                self._pass(self._convert)
         self._pass(self.flush)
 
     def _pass(self, step: Callable[[], None]) -> None:
@@ -181,33 +196,65 @@ class CaptureWriter:
     def flush(self) -> None:
         """Write what is buffered now: one file per model, version and hour, and one of
         labels per model and day."""
-        with self._lock:
-            rows, self._rows = self._rows, {}
-            labels, self._labels = self._labels, deque()
-            # What is being written still counts against the budget until it is written:
-            # a slow store must not let the loop buffer a second budget meanwhile.
-            taken = self._held
-        try:
-            self._write_all(rows, labels)
-        finally:
+        with self._writing:
             with self._lock:
-                self._held -= taken
+                rows, self._rows = self._rows, {}
+                labels, self._labels = self._labels, deque()
+                # What is being written still counts against the budget until it is
+                # written: a slow store must not let the loop buffer a second budget
+                # meanwhile. Rows converted earlier are counted here too, and written now.
+                taken = self._held
+            try:
+                self._tabulate(rows)
+                tables, self._tables = self._tables, []
+                self._write_all(tables, labels)
+            finally:
+                with self._lock:
+                    self._held -= taken
+
+    def _convert(self) -> None:
+        """The rows buffered so far as Arrow tables, written at the next flush."""
+        with self._writing:
+            with self._lock:
+                rows, self._rows = self._rows, {}
+            self._tabulate(rows)
+
+    def _tabulate(self, rows: dict[tuple[int, str], PendingRows]) -> None:  # under _writing
+        for pending in rows.values():
+            try:
+                data = table(pending)
+            except Exception:  # a bug in building the table: these rows are lost, counted
+                log.exception(
+                    "capture: rows of %s version %s not converted",
+                    pending.spec.name,
+                    pending.version,
+                )
+                with self._lock:
+                    key = (pending.spec.name, pending.version, "write_error")
+                    self.counts.dropped[key] += len(pending)
+                continue
+            for spec, version, parts in self._tables:
+                if spec is pending.spec and version == pending.version:
+                    parts.append(data)
+                    break
+            else:
+                self._tables.append((pending.spec, pending.version, [data]))
 
     def _write_all(
-        self, rows: dict[tuple[int, str], PendingRows], labels: deque[CapturedLabel]
+        self, tables: list[tuple[ModelSpec, str, list[pa.Table]]], labels: deque[CapturedLabel]
     ) -> None:
         # By the config too: a version reloaded with another config.pbtxt between two
         # flushes has rows of two schemas, each written with its own.
-        for pending in rows.values():
-            model, version = pending.spec.name, pending.version
+        import pyarrow as pa
+
+        for spec, version, parts in tables:
+            model, lost = spec.name, 0
             try:
-                parts = _by_hour(pending)
-            except Exception:  # a bug in building the table: these rows are lost, counted
-                log.exception("capture: rows of %s version %s not converted", model, version)
-                parts, lost = [], len(pending)
-            else:
-                lost = 0
-            for hour, data in parts:
+                hours = _by_hour(pa.concat_tables(parts))
+            except Exception:  # a bug: these rows are lost, counted
+                log.exception("capture: rows of %s version %s not joined", model, version)
+                hours, lost = [], sum(part.num_rows for part in parts)
+            for hour, data in hours:
                 folder = f"requests/model={model}/version={version}/{hour}"
                 if self._write(folder, data):
                     self.counts.rows[(model, version)] += data.num_rows
@@ -310,13 +357,24 @@ class CaptureWriter:
         return {"buffered_bytes": self._held, "files": self.counts.files}
 
 
-def _by_hour(pending: PendingRows) -> list[tuple[str, pa.Table]]:
+def _warm_up() -> None:
+    """Import and run what a flush uses once, at start-up: the first flush imported
+    pyarrow.parquet and pyarrow.compute on the writer's thread, about 0.4 s holding the
+    GIL, during which the event loop answered no one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = pa.table({"timestamp": pa.array([0], pa.timestamp("us", tz="UTC"))})
+    data.column("timestamp").cast(pa.int64()).to_numpy()
+    pq.write_table(data.take([0]), pa.BufferOutputStream(), compression="lz4")
+
+
+def _by_hour(data: pa.Table) -> list[tuple[str, pa.Table]]:
     """The rows' table split by the UTC hour of their timestamps, with the partition path
     `date=<YYYY-MM-DD>/hour=<HH>` of each part (formatted once per part, not per row)."""
     import numpy as np
     import pyarrow as pa
 
-    data = table(pending)
     micros = data.column("timestamp").cast(pa.int64()).to_numpy()
     hours = micros // 3_600_000_000
     first, last = int(hours.min()), int(hours.max())
