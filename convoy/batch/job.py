@@ -106,7 +106,7 @@ class PartScorer:
         errors: dict[int, str],
     ) -> None:
         """One batch; where the model refuses it, each half on its own down to the rows."""
-        request_id = f"batch-{part.first_row + int(positions[0])}-{len(positions)}"
+        request_id = _request_id(part, positions)
         if not self.plan.signature.batched:
             await asyncio.gather(
                 *(
@@ -147,7 +147,7 @@ class PartScorer:
         errors: dict[int, str],
     ) -> None:
         """A refused batch again, then each half on its own, down to the refused rows."""
-        request_id = f"batch-{part.first_row + int(positions[0])}-{len(positions)}"
+        request_id = _request_id(part, positions)
         try:
             scored.append((positions, await self.scorer.score(inputs, request_id)))
             return
@@ -348,3 +348,8 @@ def summary(
 
 def now() -> float:
     return time.perf_counter()
+
+
+def _request_id(part: Part, positions: Array) -> str:
+    """A batch request's id: its first row in the input, and how many rows it holds."""
+    return f"batch-{part.first_row + int(positions[0])}-{len(positions)}"
