@@ -13,7 +13,15 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from .dataset import ExportError, ExportRequest, Instant, export, parse_instant, version_order
+from .dataset import (
+    ExportError,
+    ExportRequest,
+    Instant,
+    export,
+    parse_instant,
+    resolve_window,
+    version_order,
+)
 
 
 def _instant(text: str) -> Instant:
@@ -109,13 +117,13 @@ def run_dataset_command(
 ) -> int:
     """`now`: what an age in --since/--until counts back from."""
     out, err = out or sys.stdout, err or sys.stderr
-    moment = now()
+    since, until = resolve_window(args.since, args.until, now())
     request = ExportRequest(
         model=args.model,
         capture_dir=args.capture_dir,
         out=args.out,
-        since=args.since.resolve(moment) if args.since is not None else None,
-        until=args.until.resolve(moment) if args.until is not None else None,
+        since=since,
+        until=until,
         versions=tuple(sorted(set(args.versions or ()), key=version_order)),
         with_labels=args.with_labels,
         command=command_of(args),

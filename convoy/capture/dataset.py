@@ -71,6 +71,16 @@ class Instant:
         return now - self.age
 
 
+def resolve_window(
+    since: Instant | None, until: Instant | None, now: dt.datetime
+) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """--since and --until as times, ages counted back from one `now` (None: open)."""
+    return (
+        since.resolve(now) if since is not None else None,
+        until.resolve(now) if until is not None else None,
+    )
+
+
 def parse_instant(text: str) -> Instant:
     """ISO 8601 (a date is its midnight; no zone is UTC) or an age: 90s, 30m, 24h, 7d, 2w.
     ValueError saying what is accepted."""

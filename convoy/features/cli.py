@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..arguments import number
-from ..capture.dataset import Instant, iso, parse_instant
+from ..capture.dataset import Instant, iso, parse_instant, resolve_window
 
 if TYPE_CHECKING:
     from .skew import FeatureSkew
@@ -87,9 +87,7 @@ def run_skew(
     from .skew import SkewError, compare, offline, open_features, read_served
 
     out, err = out or sys.stdout, err or sys.stderr
-    moment = now()
-    since = args.since.resolve(moment) if args.since is not None else None
-    until = args.until.resolve(moment) if args.until is not None else None
+    since, until = resolve_window(args.since, args.until, now())
     if since and until and since >= until:
         print(f"convoy skew: --since: {iso(since)} is not before --until {iso(until)}", file=err)
         return 2
