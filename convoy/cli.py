@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "skew":
         return run_skew(args)
     if args.command == "batch":
-        return run_batch(args)
+        return run_batch(args, lower_priority=True)
     if args.command == "build-examples":
         from .repository.examples import build_examples
 

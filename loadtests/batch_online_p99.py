@@ -1,18 +1,25 @@
 """Online callers beside a batch job: their p99 under steady load, alone and while
 `convoy batch --server` scores the same model at background priority.
 
-    python -m loadtests.batch_online_p99 --model tiny --rate 200 --duration 10 --rounds 2
+    python -m loadtests.batch_online_p99 --model tiny --rate 200 --duration 5 --rounds 6
 
 `convoy serve` on the built-in examples; the online load is an open loop (Poisson arrivals
-at --rate, loadtests.bench) of one-row requests; the batch job reads a Parquet file of
-random rows long enough to outlast a round. Rounds alternate: alone, then with the job.
-Prints both p99s, their ratio (target: at most x1.10) and the job's rows/s.
+at --rate, loadtests.bench) of one-row requests; the batch job (`convoy batch --server`,
+its default --cpu-priority idle) reads a Parquet file of random rows long enough to outlast
+the run. The job is started once; each round measures one slice of --duration seconds with
+the job paused (SIGSTOP: its requests in flight are answered first) and one with it
+running (SIGCONT), alternating which comes first. A p99 is the 20th-largest of 2,000
+samples at 10 s and 200 req/s, so the slices of each kind are pooled: printed are the
+pooled p99s alone and beside the job, their ratio (target: at most x1.10), the median of
+the rounds' own ratios, the server's and the job's CPU while the job ran, and its rows/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,8 +31,10 @@ import numpy as np
 
 from loadtests.bare import load_spec
 from loadtests.batch_throughput import examples, write_input
-from loadtests.bench import run_open_loop
-from loadtests.launch import ROOT, start_convoy
+from loadtests.bench import build_request, open_loop_samples
+from loadtests.launch import ROOT, cpu_seconds, start_convoy
+
+JOB_ROWS_PER_S = 25_000  # more than the job scores beside the callers: its input outlasts
 
 
 def start_job(
@@ -43,13 +52,16 @@ def scored_rows(output: Path) -> int:
     return int(json.loads(manifest.read_text())["rows"]) if manifest.exists() else 0
 
 
+def p99(latencies: list[float]) -> float:
+    return float(np.percentile(np.array(latencies) * 1000, 99))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--rate", type=float, default=200.0, help="online requests per second")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=200_000, help="rows of the batch input")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per slice")
+    parser.add_argument("--rounds", type=int, default=6, help="pairs of slices")
     parser.add_argument(
         "--job-args", default="", help="more `convoy batch` flags, e.g. '--concurrency 1'"
     )
@@ -58,38 +70,64 @@ def main() -> None:
     print(f"{args.model}: max_batch_size {spec.max_batch_size}, online {args.rate:g} req/s")
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        source = work / "rows.parquet"
-        write_input(args.model, args.rows, source)
+        source, output = work / "rows.parquet", work / "out"
+        write_input(args.model, int(JOB_ROWS_PER_S * args.duration * (args.rounds + 2)), source)
         server = start_convoy(examples())
-        alone: list[float] = []
-        beside: list[float] = []
+        payload = build_request(server.url, args.model, 1)
+        pooled: dict[str, list[float]] = {"alone": [], "beside": []}
+        ratios: list[float] = []
+        errors = {"alone": 0, "beside": 0}
+        server_cpu = job_cpu = busy_s = 0.0
+        rows = 0
+        job = start_job(args.model, source, output, server.url, args.job_args.split())
         try:
-            run_open_loop(server.url, args.model, args.rate, 2.0)  # warm-up
+            open_loop_samples(server.url, payload, args.rate, 2.0)  # warm-up
+            deadline = time.monotonic() + 120
+            while scored_rows(output) == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)  # the job has loaded and scores
+            if job.poll() is not None or scored_rows(output) == 0:
+                raise SystemExit("the batch job did not start scoring")
             for r in range(args.rounds):
-                quiet = run_open_loop(server.url, args.model, args.rate, args.duration)
-                alone.append(quiet.p99_ms)
-                output = work / f"out-{r}"
-                job = start_job(args.model, source, output, server.url, args.job_args.split())
-                deadline = time.monotonic() + 120
-                while scored_rows(output) == 0 and time.monotonic() < deadline:
-                    time.sleep(0.2)  # the job has loaded and scores
-                before, start = scored_rows(output), time.perf_counter()
-                busy = run_open_loop(server.url, args.model, args.rate, args.duration)
-                rate = (scored_rows(output) - before) / (time.perf_counter() - start)
-                job.kill()
-                job.wait()
-                beside.append(busy.p99_ms)
+                round_p99: dict[str, float] = {}
+                for kind in ("alone", "beside") if r % 2 == 0 else ("beside", "alone"):
+                    os.kill(job.pid, signal.SIGCONT if kind == "beside" else signal.SIGSTOP)
+                    time.sleep(0.5)  # the job's requests in flight answered, or its pace reached
+                    cpu0, jcpu0 = cpu_seconds(server.proc.pid), cpu_seconds(job.pid)
+                    rows0, start = scored_rows(output), time.perf_counter()
+                    latencies, failed = open_loop_samples(
+                        server.url, payload, args.rate, args.duration
+                    )
+                    pooled[kind] += latencies
+                    errors[kind] += failed
+                    round_p99[kind] = p99(latencies)
+                    if kind == "beside":
+                        busy_s += time.perf_counter() - start
+                        server_cpu += cpu_seconds(server.proc.pid) - cpu0
+                        job_cpu += cpu_seconds(job.pid) - jcpu0
+                        rows += scored_rows(output) - rows0
+                ratios.append(round_p99["beside"] / round_p99["alone"])
                 print(
-                    f"round {r + 1}: online p99 alone {quiet.p99_ms:.2f} ms (p50 "
-                    f"{quiet.p50_ms:.2f}), beside the job {busy.p99_ms:.2f} ms (p50 "
-                    f"{busy.p50_ms:.2f}), x{busy.p99_ms / quiet.p99_ms:.2f}; errors "
-                    f"{quiet.errors}/{busy.errors}; the job ~{rate:.0f} rows/s",
+                    f"round {r + 1}: p99 alone {round_p99['alone']:.2f} ms, beside the job "
+                    f"{round_p99['beside']:.2f} ms, x{ratios[-1]:.2f}",
                     flush=True,
                 )
         finally:
+            os.kill(job.pid, signal.SIGCONT)
+            job.kill()
+            job.wait()
             server.stop()
-    ratio = statistics.median(np.array(beside) / np.array(alone))
-    print(f"median p99 ratio x{ratio:.2f} (target <= x1.10)")
+    alone, beside = p99(pooled["alone"]), p99(pooled["beside"])
+    medians = {k: float(np.percentile(np.array(v) * 1000, 50)) for k, v in pooled.items()}
+    print(
+        f"pooled over {args.rounds} x {args.duration:g} s each: online p99 alone {alone:.2f} ms "
+        f"(p50 {medians['alone']:.2f}), beside the job {beside:.2f} ms (p50 "
+        f"{medians['beside']:.2f}): x{beside / alone:.2f} (target <= x1.10); median of the "
+        f"rounds x{statistics.median(ratios):.2f}; errors {errors['alone']}/{errors['beside']}"
+    )
+    print(
+        f"while the job ran: it scored {rows / busy_s:.0f} rows/s; server CPU "
+        f"{server_cpu / busy_s:.2f} cores, the job's {job_cpu / busy_s:.2f} cores"
+    )
 
 
 if __name__ == "__main__":

@@ -325,18 +325,27 @@ def _run_processes(  # type: ignore[no-untyped-def]
     return latencies, errors
 
 
+def open_loop_samples(
+    url: str, payload: bytes, rate: float, duration: float, procs: int = 2
+) -> tuple[list[float], int]:
+    """Each latency (seconds) and the error count of a fixed offered load: for a caller
+    that pools the samples of several runs before taking percentiles."""
+    ctx = mp.get_context("spawn")
+    latencies, errors = _run_processes(
+        ctx, url, payload, [rate / procs] * procs, duration, open_loop=True
+    )
+    return latencies, errors
+
+
 def run_open_loop(
     url: str, model: str, rate: float, duration: float, procs: int = 2, rows: int = 1,
     metadata_url: str | None = None,
 ) -> Result:  # fmt: skip
     """Fixed offered load; the result's `concurrency` field holds the offered req/s."""
     payload = build_request(metadata_url or url, model, rows)
-    ctx = mp.get_context("spawn")
     rows0, batches0 = _server_batches(url, model)
     start = time.perf_counter()
-    latencies, errors = _run_processes(
-        ctx, url, payload, [rate / procs] * procs, duration, open_loop=True
-    )
+    latencies, errors = open_loop_samples(url, payload, rate, duration, procs)
     elapsed = time.perf_counter() - start
     rows1, batches1 = _server_batches(url, model)
     return _summarise(model, int(rate), rows, latencies, errors, duration, elapsed,

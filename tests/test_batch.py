@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from convoy.batch.cli import BatchConfig
 from convoy.batch.engine import JobFailed, ModelSignature, Scorer
 from convoy.batch.job import BatchJob, JobPlan, TooManyErrors
 from convoy.batch.mapping import MappingError, convert, parse_map, plan
 from convoy.batch.sink import Manifest, OutputError, Sink, encode, output_column
 from convoy.batch.source import SourceError, open_source, parts
 from convoy.capture.replay_targets import Backoff, Refused
+from convoy.cli import build_parser
 from convoy.config import TensorSpec
 from convoy.pb import grpc_service_pb2 as pb
 
@@ -330,3 +335,59 @@ def test_the_fast_path_and_the_general_one_agree() -> None:
         }
         assert groups[(0, 2)] == {"F": [[1, 2, 3, 4]] * 2, "V": [[1.0], [4.0]]}
         assert len(groups) == (2 if last is None else 1)
+
+
+PRIORITY_PROBE = """
+import os, sys, threading
+def policy():
+    return os.sched_getscheduler(0) == os.SCHED_IDLE, os.getpriority(os.PRIO_PROCESS, 0)
+seen = {}
+started = threading.Event()
+def before():
+    started.set()
+    lowered.wait()
+    seen["before"] = policy()
+lowered = threading.Event()
+earlier = threading.Thread(target=before)
+earlier.start()  # a thread the job started before lowering: lowered too
+started.wait()
+from convoy.batch.priority import lower_cpu_priority
+applied = lower_cpu_priority(sys.argv[1])
+lowered.set()
+earlier.join()
+later = threading.Thread(target=lambda: seen.update(after=policy()))
+later.start()  # and one started after
+later.join()
+assert seen["before"] == seen["after"] == policy(), seen
+print(applied, *policy())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize(
+    ("priority", "printed"),
+    [
+        ("idle", "idle True 0"),
+        ("low", "low False 19"),
+        ("normal", "normal False 0"),
+    ],
+)
+def test_cpu_priority_applies_to_every_thread_of_the_job(priority: str, printed: str) -> None:
+    """In a process of its own: a lowered priority cannot be raised again unprivileged."""
+    done = subprocess.run(
+        [sys.executable, "-c", PRIORITY_PROBE, priority],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == printed
+
+
+def test_cpu_priority_is_idle_against_a_server_else_normal() -> None:
+    parser = build_parser()
+    common = ["batch", "tiny", "--input", "in.parquet", "--output", "out"]
+    config = BatchConfig.from_args
+    assert config(parser.parse_args(common)).cpu_priority == "normal"
+    assert config(parser.parse_args([*common, "--server", "h:1"])).cpu_priority == "idle"
+    explicit = [*common, "--server", "h:1", "--cpu-priority", "normal"]
+    assert config(parser.parse_args(explicit)).cpu_priority == "normal"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--cpu-priority", "realtime"])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from convoy.batching.batch import Batch
 from convoy.batching.queue import BatchOutcome, ModelQueue
+from convoy.batching.request import InferRequest
 from convoy.config import BatchingConfig, QueuePolicy
 from convoy.errors import DeadlineExceeded, InternalError, Overloaded, Unavailable
 
@@ -480,6 +483,104 @@ def test_background_work_runs_after_every_caller() -> None:
         runner.gate.set()  # type: ignore[union-attr]
         await asyncio.gather(mirror.future, *(r.future for r in callers))
         assert runner.batches == [(0.0,), (2.0,), (3.0,), (1.0,)]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def background(value: float, rows: int = 1) -> InferRequest:
+    request = make_request(rows=rows, value=value)
+    request.background = True
+    return request
+
+
+def test_a_callers_batch_never_holds_background_rows() -> None:
+    """Background rows would make a caller's batch bigger and slower: they run apart."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, _ = make_queue(runner, BatchingConfig(), clock)
+        queue.submit(make_request(value=0))
+        await settle()  # the instance is busy
+        queued = [
+            background(1, rows=2),
+            make_request(value=2),
+            background(3),
+            make_request(value=4),
+        ]
+        for r in queued:
+            queue.submit(r)
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(*(r.future for r in queued))
+        assert runner.batches == [(0.0,), (2.0, 4.0), (1.0, 3.0)]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+@dataclass
+class CountingRunner(FakeRunner):
+    """Also counts the batches of background work running at once."""
+
+    background_running: int = 0
+    background_most: int = 0
+
+    async def _run(self, batch: Batch) -> BatchOutcome:
+        mine = all(r.background for r in batch.requests)
+        self.background_running += mine
+        self.background_most = max(self.background_most, self.background_running)
+        try:
+            return await super()._run(batch)
+        finally:
+            self.background_running -= mine
+
+
+def test_background_leaves_an_instance_free_while_callers_are_about() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), CountingRunner(capacity=2, gate=asyncio.Event())
+        queue, _ = make_queue(runner, None, clock)
+        first = make_request(value=0)
+        queue.submit(first)
+        await settle()
+        jobs = [background(v) for v in (1, 2, 3)]
+        for r in jobs:
+            queue.submit(r)
+        await settle()
+        assert runner.running == 1  # no background batch beside the caller's
+        late = make_request(value=4)
+        queue.submit(late)
+        await settle()
+        assert runner.running == 2  # the late caller found the instance left free
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(first.future, late.future, *(r.future for r in jobs))
+        assert runner.batches[:2] == [(0.0,), (4.0,)]
+        assert runner.background_most == 1  # one instance at a time: the other stays free
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_background_alone_keeps_every_instance_busy() -> None:
+    """An in-process batch job (no callers in the last second) uses all instances."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(capacity=2, gate=asyncio.Event())
+        queue, _ = make_queue(runner, None, clock)
+        caller = make_request(value=0)
+        queue.submit(caller)
+        await settle()
+        runner.gate.set()  # type: ignore[union-attr]
+        await caller.future
+        runner.gate.clear()  # type: ignore[union-attr]
+        clock.advance_us(1_500_000)  # the last caller left 1.5 s ago
+        jobs = [background(v) for v in (1, 2, 3)]
+        for r in jobs:
+            queue.submit(r)
+        await settle()
+        assert runner.running == 2
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(*(r.future for r in jobs))
+        assert runner.max_running == 2
         await queue.close(drain=True)
 
     run(body)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..arguments import number
+from .priority import PRIORITIES, lower_cpu_priority
 
 DONE, STOPPED, USAGE = 0, 1, 2
 TOKEN_ENV = "CONVOY_TOKEN"
@@ -48,6 +49,7 @@ class BatchConfig:
     num_gpus: float = 0.0
     token: str | None = None
     tls_ca: Path | None = None
+    cpu_priority: str = "normal"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BatchConfig:
@@ -72,6 +74,7 @@ class BatchConfig:
             num_gpus=args.num_gpus,
             token=args.token or os.environ.get(TOKEN_ENV),
             tls_ca=args.tls_ca,
+            cpu_priority=args.cpu_priority or ("idle" if args.server else "normal"),
         )
 
 
@@ -200,16 +203,30 @@ def add_batch_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--token", default=None, help=f"bearer token for --server (default: ${TOKEN_ENV}, if set)"
     )
     parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA to verify a TLS --server")
+    parser.add_argument(
+        "--cpu-priority",
+        choices=PRIORITIES,
+        default=None,
+        help="this process's CPU priority: idle (only CPU time nothing else on the host "
+        "wants), low (nice 19) or normal (default: idle with --server, else normal)",
+    )
     return parser
 
 
 def run_batch(
-    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+    args: argparse.Namespace,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    lower_priority: bool = False,
 ) -> int:
+    """The job; with lower_priority (the `convoy batch` command: a process of its own),
+    --cpu-priority is applied to the process first."""
     from .engine import JobFailed  # the model runtimes' side, loaded for a job only
 
     out, err = out or sys.stdout, err or sys.stderr
     config = BatchConfig.from_args(args)
+    if lower_priority:
+        lower_cpu_priority(config.cpu_priority)  # before the job starts its threads
     try:
         if config.engine == "ray":
             from .ray_engine import run_on_ray

@@ -38,6 +38,7 @@ from .slo import SloController
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
+CALLERS_RECENT_NS = 1_000_000_000  # callers are "about" for a second after one arrives
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class ModelQueue:
         self._held: dict[int, Callable[[], None]] = {}
         self._closed = False
         self._refusal: ConvoyError | None = None  # set by stop_accepting()
+        self._caller_seen_ns = -CALLERS_RECENT_NS - 1  # the last caller's (not background) arrival
 
     # -- the frontend's side -------------------------------------------------
 
@@ -160,6 +162,8 @@ class ModelQueue:
         request.queue_level = level
         if request.arrival_ns == 0:
             request.arrival_ns = self._clock()
+        if not request.background:
+            self._caller_seen_ns = request.arrival_ns
         request.deadline_ns = self._deadline(request, policy)
         queue.append(request)
         self._depth += 1
@@ -279,8 +283,27 @@ class ModelQueue:
             self._loop.call_soon(self._pump)
 
     def _pending(self) -> Iterator[InferRequest]:
+        """Queued requests in order, those of the head's kind only: a batch never mixes
+        background work with callers' requests, so no caller's batch computes background
+        rows beside its own (DESIGN §13)."""
+        room = self._room_for_background()
+        background: bool | None = None
         for queue in self._levels:
-            yield from queue
+            for request in queue:
+                if background is None:
+                    if request.background and not room:
+                        continue  # no instance for it now; a late caller's request may go
+                    background = request.background
+                if request.background is background:
+                    yield request
+
+    def _room_for_background(self) -> bool:
+        """While callers are about (one came in the last CALLERS_RECENT_NS), background
+        work never takes the last free instance: a caller's request finds one free. A job
+        alone (in-process `convoy batch`) keeps every instance busy."""
+        if not self._busy or self._clock() - self._caller_seen_ns > CALLERS_RECENT_NS:
+            return True
+        return self._busy < self._runner.capacity - 1
 
     def _pump(self) -> None:
         self._pump_pending = False
