@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..config import CaptureConfig, ModelSpec
@@ -39,6 +39,7 @@ SALT_BYTES = 32
 # Columns of few distinct values, worth a Parquet dictionary.
 DICTIONARY_COLUMNS = ("arm", "transport", "status", "error", "client", "kind", "version")
 TENSOR_COLUMNS = ("inputs", "outputs", "shapes")
+ROW_GROUP_BYTES = 16 << 20  # a row group's size in memory (writer._row_group_rows)
 CONVERT_S = 1.0  # how often buffered rows become Arrow tables (the writer's thread)
 
 
@@ -295,9 +296,10 @@ class CaptureWriter:
                 pq.write_table(
                     data,
                     out,
-                    compression="lz4",
+                    compression=_codecs(data.schema),
                     use_dictionary=dictionary,
                     write_statistics=statistics,
+                    row_group_size=_row_group_rows(data),
                 )
             self._fs.move(temporary, final)
             size = self._fs.get_file_info(final).size or 0
@@ -367,6 +369,39 @@ def _warm_up() -> None:
     data = pa.table({"timestamp": pa.array([0], pa.timestamp("us", tz="UTC"))})
     data.column("timestamp").cast(pa.int64()).to_numpy()
     pq.write_table(data.take([0]), pa.BufferOutputStream(), compression="lz4")
+
+
+def _codecs(schema: pa.Schema) -> dict[str, str]:
+    """LZ4 for every column but floating-point tensor values, stored as they are: LZ4
+    finds next to nothing to shorten in them (52.1 against 51.9 KiB per image row) and
+    cost 7 of 90 µs per row."""
+    return {
+        path: "none" if column in TENSOR_COLUMNS and is_float else "lz4"
+        for column, field in zip(schema.names, schema, strict=True)
+        for path, is_float in _leaves(column, field.type)
+    }
+
+
+def _leaves(path: str, kind: pa.DataType) -> Iterator[tuple[str, bool]]:
+    """Each Parquet leaf column under `path` (the names pyarrow writes: a list's values
+    are `<path>.list.element`), and whether it holds floating-point values."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        for child in kind:
+            yield from _leaves(f"{path}.{child.name}", child.type)
+    elif pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+        yield from _leaves(f"{path}.list.element", kind.value_type)
+    else:
+        yield path, pa.types.is_floating(kind)
+
+
+def _row_group_rows(data: pa.Table) -> int:
+    """Rows per row group for about ROW_GROUP_BYTES each: the encoder holds a whole row
+    group's pages in memory, and ten seconds of image rows in one (about 150 MiB) cost
+    10 % more CPU in fresh pages than groups of 16 MiB reused."""
+    per_row = max(1, data.nbytes // max(1, data.num_rows))
+    return max(1, ROW_GROUP_BYTES // per_row)
 
 
 def _by_hour(data: pa.Table) -> list[tuple[str, pa.Table]]:
