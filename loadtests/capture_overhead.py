@@ -48,7 +48,8 @@ def run_server(repo: Path, captured: bool, args: argparse.Namespace) -> list[Mea
     server = start_convoy(repo, *extra)
     measurements = []
     try:
-        for model, concurrency in CONCURRENCY.items():
+        for model in args.models:
+            concurrency = CONCURRENCY[model]
             payload = build_request(server.url, model, rows=1)
             run_closed_loop(server.url, model, concurrency, args.warmup, args.procs,
                             warmup=0, payload=payload)  # fmt: skip
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each")
     parser.add_argument("--rounds", type=int, default=1, help="off/on pairs of server starts")
+    parser.add_argument("--models", nargs="+", choices=list(CONCURRENCY), default=list(CONCURRENCY))
     args = parser.parse_args(argv)
     measurements: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="convoy-capture-overhead-") as tmp:
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             for captured in (False, True) if i % 2 == 0 else (True, False):
                 measurements += run_server(repo, captured, args)
     print(f"\ncapture on / off, {args.duration:g} s, median [range] over {args.rounds} round(s):")
-    for model in CONCURRENCY:
+    for model in args.models:
         print(summarise(model, measurements))
 
 
