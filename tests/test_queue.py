@@ -512,7 +512,9 @@ def test_a_callers_batch_never_holds_background_rows() -> None:
             queue.submit(r)
         runner.gate.set()  # type: ignore[union-attr]
         await asyncio.gather(*(r.future for r in queued))
-        assert runner.batches == [(0.0,), (2.0, 4.0), (1.0, 3.0)]
+        # While callers are about, a background batch is one request: a caller arriving
+        # behind it waits for that request's rows only.
+        assert runner.batches == [(0.0,), (2.0, 4.0), (1.0,), (3.0,)]
         await queue.close(drain=True)
 
     run(body)
@@ -581,6 +583,24 @@ def test_background_alone_keeps_every_instance_busy() -> None:
         runner.gate.set()  # type: ignore[union-attr]
         await asyncio.gather(*(r.future for r in jobs))
         assert runner.max_running == 2
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_background_batches_are_full_when_no_caller_is_about() -> None:
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, _ = make_queue(runner, BatchingConfig(), clock)
+        first = background(0)
+        queue.submit(first)
+        await settle()  # the instance is busy
+        jobs = [background(v, rows=2) for v in (1, 2, 3)]
+        for r in jobs:
+            queue.submit(r)
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(first.future, *(r.future for r in jobs))
+        assert runner.batches == [(0.0,), (1.0, 2.0, 3.0)]  # 6 rows of 8: one batch
         await queue.close(drain=True)
 
     run(body)

@@ -285,8 +285,11 @@ class ModelQueue:
     def _pending(self) -> Iterator[InferRequest]:
         """Queued requests in order, those of the head's kind only: a batch never mixes
         background work with callers' requests, so no caller's batch computes background
-        rows beside its own (DESIGN §13)."""
-        room = self._room_for_background()
+        rows beside its own (DESIGN §13). While callers are about, a background batch is
+        one request: a caller that arrives behind it waits for that request's rows only,
+        which its sender sizes (`convoy batch --batch-size`)."""
+        callers_about = self._callers_about()
+        room = not callers_about or self._busy == 0 or self._busy < self._runner.capacity - 1
         background: bool | None = None
         for queue in self._levels:
             for request in queue:
@@ -294,16 +297,18 @@ class ModelQueue:
                     if request.background and not room:
                         continue  # no instance for it now; a late caller's request may go
                     background = request.background
+                    if background and callers_about:
+                        yield request
+                        return
                 if request.background is background:
                     yield request
 
-    def _room_for_background(self) -> bool:
-        """While callers are about (one came in the last CALLERS_RECENT_NS), background
-        work never takes the last free instance: a caller's request finds one free. A job
-        alone (in-process `convoy batch`) keeps every instance busy."""
-        if not self._busy or self._clock() - self._caller_seen_ns > CALLERS_RECENT_NS:
-            return True
-        return self._busy < self._runner.capacity - 1
+    def _callers_about(self) -> bool:
+        """A caller's request (not background work) arrived in the last CALLERS_RECENT_NS.
+        While callers are about, background work never takes the last free instance, so a
+        caller's request finds one free; a job alone (in-process `convoy batch`) keeps
+        every instance busy with full batches."""
+        return self._clock() - self._caller_seen_ns <= CALLERS_RECENT_NS
 
     def _pump(self) -> None:
         self._pump_pending = False
