@@ -427,3 +427,34 @@ def test_rows_converted_between_flushes_are_written_in_the_flushs_file(tmp_path:
     found = duckdb.connect().execute(f"SELECT request_id FROM '{written}' ORDER BY 1").fetchall()
     assert [r for (r,) in found] == ["r0", "r1", "r2", "r3"]
     assert writer.counts.rows == {("m", "1"): 4} and writer.snapshot()["buffered_bytes"] == 0
+
+
+def test_float_tensor_values_uncompressed_and_row_groups_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    from convoy.capture import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "ROW_GROUP_BYTES", 4096)  # a few rows a group
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = writer_at(tmp_path, flush_s=60)
+    for i in range(40):
+        assert writer.put(*row(spec, i))
+    writer.flush()
+    (path,) = files(tmp_path / "capture")
+    metadata = pq.ParquetFile(path).metadata
+    codecs = {
+        metadata.row_group(0).column(c).path_in_schema: metadata.row_group(0).column(c).compression
+        for c in range(metadata.num_columns)
+    }
+    assert codecs["inputs.X.list.element.list.element"] == "UNCOMPRESSED"
+    assert codecs["outputs.Y.list.element.list.element"] == "UNCOMPRESSED"
+    assert codecs["inputs.VAR.list.element.list.element"] == "LZ4"  # integers: LZ4
+    assert codecs["inputs.TEXT.list.element.list.element"] == "LZ4"
+    assert codecs["request_id"] == codecs["shapes.X.list.element"] == "LZ4"
+    assert len(codecs) == metadata.num_columns  # every column named: none left to a default
+    assert metadata.num_row_groups > 1 and metadata.num_rows == 40
+    table = duckdb.sql(f"SELECT request_id FROM read_parquet('{path}') ORDER BY 1").fetchall()
+    assert sorted(r for (r,) in table) == sorted(f"r{i}" for i in range(40))
+    writer.close()
