@@ -604,3 +604,100 @@ def test_background_batches_are_full_when_no_caller_is_about() -> None:
         await queue.close(drain=True)
 
     run(body)
+
+
+def test_a_background_deadline_is_kept_behind_callers() -> None:
+    """The deadline timer watches every queued request, background work's too."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        queue, observer = make_queue(runner, BatchingConfig(), clock, max_batch=1)
+        queue.submit(make_request(value=0))
+        await settle()  # the instance is busy, held by the gate
+        job = background(1)
+        job.deadline_ns = clock.now + 3_000
+        queue.submit(job)
+        early = make_request(value=2, deadline_ns=clock.now + 1_000)
+        queue.submit(early)
+        queue.submit(make_request(value=3))
+        clock.advance_us(2)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(early.future, 2)
+        clock.advance_us(5)  # past the job's deadline: its timer was armed too
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(job.future, 2)
+        runner.gate.set()  # type: ignore[union-attr]
+        await queue.close(drain=True)
+        assert ("1", "DeadlineExceeded") in observer.done
+
+    run(body)
+
+
+def test_late_callers_run_before_background_work() -> None:
+    """A caller's request past its DELAY timeout still runs before background work."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner(gate=asyncio.Event())
+        policy = QueuePolicy(timeout_action="DELAY", default_timeout_us=10)
+        queue, _ = make_queue(runner, BatchingConfig(default_queue_policy=policy), clock)
+        queue.submit(make_request(value=0))
+        await settle()
+        late = make_request(value=9)
+        queue.submit(late)
+        clock.advance_us(50)  # `late` is past its timeout: demoted, not refused
+        jobs = [background(v) for v in (1, 2, 3)]
+        for r in jobs:
+            queue.submit(r)
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(late.future, *(r.future for r in jobs))
+        assert runner.batches == [(0.0,), (9.0,), (1.0,), (2.0,), (3.0,)]
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_a_lone_background_request_does_not_wait_for_company() -> None:
+    """While callers are about a background batch is one request: max_queue_delay,
+    which waits for more requests to join, would only delay it."""
+
+    async def body() -> None:
+        clock, runner = FakeClock(), FakeRunner()
+        queue, _ = make_queue(runner, BatchingConfig(max_queue_delay_us=50_000), clock)
+        caller = make_request(value=0)
+        queue.submit(caller)
+        clock.advance_us(60_000)  # its delay passed: it runs
+        await caller.future
+        job = background(1)
+        queue.submit(job)
+        await asyncio.wait_for(job.future, 0.02)  # not 50 ms later
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_the_kept_instance_goes_to_background_work_once_callers_leave(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import convoy.batching.queue as queue_module
+
+    monkeypatch.setattr(queue_module, "CALLERS_RECENT_NS", 20_000_000)  # timers run in real time
+
+    async def body() -> None:
+        clock, runner = FakeClock(), CountingRunner(capacity=2, gate=asyncio.Event())
+        queue, _ = make_queue(runner, None, clock)
+        caller = make_request(value=0)
+        queue.submit(caller)
+        await settle()
+        jobs = [background(1), background(2)]
+        for r in jobs:
+            queue.submit(r)
+        await settle()
+        assert runner.running == 1  # the second instance is kept for callers
+        clock.advance_us(20_001)  # the caller came over 20 ms ago: gone
+        await asyncio.sleep(0.1)  # the queue's timer, armed for then, plans again
+        assert runner.running == 2 and runner.background_most == 1
+        runner.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(caller.future, *(r.future for r in jobs))
+        await queue.close(drain=True)
+
+    run(body)

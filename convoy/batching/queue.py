@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..tensors import Array, Ranked
 from .batch import Batch
-from .policy import BatchLimits, plan_batch
+from .policy import WAIT, BatchLimits, BatchPlan, plan_batch
 from .request import InferRequest, InferResult
 from .slo import SloController
 
@@ -116,9 +116,11 @@ class ModelQueue:
             self.slo = SloController(slo_target_ns, max_batch_size, self._limits.max_delay_ns)
             self._apply_slo()
         levels = max(1, self._batching.priority_levels)
-        # Index 0..levels-1 hold priority 1..levels; the extra last deque holds
-        # DELAY-policy requests whose timeout passed: they run after all others.
-        self._levels: list[deque[InferRequest]] = [deque() for _ in range(levels + 1)]
+        # Index 0..levels-1 hold priority 1..levels; then callers' DELAY-policy requests
+        # whose timeout passed (they run after all other callers'); then background work
+        # (batch jobs, replays, shadow copies), behind every caller's.
+        self._late, self._background = levels, levels + 1
+        self._levels: list[deque[InferRequest]] = [deque() for _ in range(levels + 2)]
         self._depth = 0
         self._busy = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,7 +150,7 @@ class ModelQueue:
         if self._closed or self._loop is None:
             raise Unavailable(f"model '{self.name}' is not accepting requests")
         # Background work waits in the last deque, behind every caller's request.
-        level = len(self._levels) - 1 if request.background else self._level_of(request.priority)
+        level = self._background if request.background else self._level_of(request.priority)
         policy = self._batching.policy_for(level + 1)
         limit = policy.max_queue_size or self._default_max_queue
         if limit and len(self._levels[level]) >= limit:
@@ -156,14 +158,13 @@ class ModelQueue:
             self._sweep(self._clock())
         queue = self._levels[level]
         if limit and len(queue) >= limit:
-            raise Overloaded(
-                f"model '{self.name}': queue for priority {level + 1} is full ({limit} requests)"
-            )
+            which = "background work" if request.background else f"priority {level + 1}"
+            raise Overloaded(f"model '{self.name}': queue for {which} is full ({limit} requests)")
         request.queue_level = level
         if request.arrival_ns == 0:
             request.arrival_ns = self._clock()
         if not request.background:
-            self._caller_seen_ns = request.arrival_ns
+            self._caller_seen_ns = self._clock()  # not arrival_ns: set before a model's load
         request.deadline_ns = self._deadline(request, policy)
         queue.append(request)
         self._depth += 1
@@ -282,33 +283,30 @@ class ModelQueue:
             self._pump_pending = True
             self._loop.call_soon(self._pump)
 
-    def _pending(self) -> Iterator[InferRequest]:
-        """Queued requests in order, those of the head's kind only: a batch never mixes
-        background work with callers' requests, so no caller's batch computes background
-        rows beside its own (DESIGN §13). While callers are about, a background batch is
-        one request: a caller that arrives behind it waits for that request's rows only,
-        which its sender sizes (`convoy batch --batch-size`)."""
-        callers_about = self._callers_about()
-        room = not callers_about or self._busy == 0 or self._busy < self._runner.capacity - 1
-        background: bool | None = None
-        for queue in self._levels:
-            for request in queue:
-                if background is None:
-                    if request.background and not room:
-                        continue  # no instance for it now; a late caller's request may go
-                    background = request.background
-                    if background and callers_about:
-                        yield request
-                        return
-                if request.background is background:
-                    yield request
+    def _callers(self) -> Iterator[InferRequest]:
+        """Callers' queued requests (every deque but background work's), in order."""
+        for queue in self._levels[: self._background]:
+            yield from queue
 
-    def _callers_about(self) -> bool:
-        """A caller's request (not background work) arrived in the last CALLERS_RECENT_NS.
-        While callers are about, background work never takes the last free instance, so a
-        caller's request finds one free; a job alone (in-process `convoy batch`) keeps
-        every instance busy with full batches."""
-        return self._clock() - self._caller_seen_ns <= CALLERS_RECENT_NS
+    def _plan(self, now: int) -> BatchPlan:
+        """The next batch. Callers' requests first, and never beside background work: a
+        caller's batch computes no background rows (DESIGN §13). While callers are about
+        (one came in the last CALLERS_RECENT_NS), background work never takes the last
+        free instance, so a caller's request finds one free, and it runs one request a
+        batch: a caller that arrives behind it waits for that request's rows only, which
+        its sender sizes (`convoy batch --batch-size`). A job alone (in-process `convoy
+        batch`) keeps every instance busy with full batches."""
+        background = self._levels[self._background]
+        if self._depth > len(background):
+            return plan_batch(self._callers(), now, self._limits)
+        if not background:
+            return WAIT
+        callers_until = self._caller_seen_ns + CALLERS_RECENT_NS
+        if now > callers_until:
+            return plan_batch(background, now, self._limits)
+        if self._busy and self._busy >= self._runner.capacity - 1:
+            return BatchPlan(take=(), wake_at_ns=callers_until + 1)  # the instance is theirs
+        return BatchPlan(take=(background[0],))
 
     def _pump(self) -> None:
         self._pump_pending = False
@@ -318,7 +316,7 @@ class ModelQueue:
         while self._depth and self._busy < self._runner.capacity:
             now = self._clock()
             self._sweep(now)
-            plan = plan_batch(self._pending(), now, self._limits)
+            plan = self._plan(now)
             if not plan.take:
                 if plan.wake_at_ns is not None and self._loop is not None:
                     delay = max(0.0, (plan.wake_at_ns - now) / 1e9)
@@ -344,7 +342,7 @@ class ModelQueue:
         self._deadline_timer = None
         self._deadline_at = None
         self._sweep(self._clock())
-        upcoming = [r.deadline_ns for r in self._pending() if r.deadline_ns is not None]
+        upcoming = [r.deadline_ns for q in self._levels for r in q if r.deadline_ns is not None]
         if upcoming:
             self._arm_deadline(min(upcoming))
         self._schedule_pump()
@@ -365,9 +363,9 @@ class ModelQueue:
                 if request.deadline_ns is not None and now >= request.deadline_ns:
                     changed = True
                     policy = self._batching.policy_for(level + 1)
-                    if policy.timeout_action == "DELAY" and level < len(self._levels) - 1:
+                    if policy.timeout_action == "DELAY" and level < self._late:
                         request.deadline_ns = None
-                        self._levels[-1].append(request)
+                        self._levels[self._late].append(request)
                         continue
                     self._settle(
                         request,
