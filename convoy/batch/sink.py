@@ -31,7 +31,7 @@ import numpy as np
 
 from ..capture.writer import open_filesystem
 from ..config import TensorSpec
-from ..tensors import NUMPY_DTYPES, Array, float_to_bf16
+from ..tensors import NUMPY_DTYPES, Array
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -237,10 +237,8 @@ def output_column(spec: TensorSpec, values: Array) -> tuple[pa.Field, pa.Array]:
         leaves = pa.array([v if isinstance(v, bytes) else str(v).encode() for v in flat], kind)
     else:
         dtype = NUMPY_DTYPES.get(spec.datatype, values.dtype)
-        if spec.datatype == "BF16" and values.dtype != np.uint16:
-            # A server's answer arrives widened to float32 (replay's from_response): back to
-            # the bit pattern capture writes, exactly, as the values were bfloat16.
-            values = float_to_bf16(values)
+        if spec.datatype == "BF16":
+            dtype = np.dtype(np.float32)  # answered as float32 (replay's from_response)
         kind = pa.from_numpy_dtype(dtype)
         leaves = pa.array(np.ascontiguousarray(values, dtype=dtype).reshape(-1), kind)
     item = values.shape[1:]
