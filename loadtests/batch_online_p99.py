@@ -61,7 +61,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--rate", type=float, default=200.0, help="online requests per second")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per slice")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=5.0,
+        help="seconds per slice (well under the job's 60 s request timeout: a paused job's "
+        "requests in flight would expire)",
+    )
     parser.add_argument("--rounds", type=int, default=6, help="pairs of slices")
     parser.add_argument(
         "--rows",
@@ -110,6 +116,10 @@ def main() -> None:
                     errors[kind] += failed
                     round_p99[kind] = p99(latencies)
                     if kind == "beside":
+                        if job.poll() is not None or scored_rows(output) == rows0:
+                            raise SystemExit(  # else the slice measured callers alone
+                                "the batch job ended or stopped scoring: give it more --rows"
+                            )
                         busy_s += time.perf_counter() - start
                         server_cpu += cpu_seconds(server.proc.pid) - cpu0
                         job_cpu += cpu_seconds(job.pid) - jcpu0

@@ -226,7 +226,9 @@ def run_batch(
     out, err = out or sys.stdout, err or sys.stderr
     config = BatchConfig.from_args(args)
     if lower_priority:
-        lower_cpu_priority(config.cpu_priority)  # before the job starts its threads
+        applied = lower_cpu_priority(config.cpu_priority)  # before the job starts threads
+        if applied != config.cpu_priority:
+            print(f"convoy batch: --cpu-priority {applied}, not {config.cpu_priority}", file=err)
     try:
         if config.engine == "ray":
             from .ray_engine import run_on_ray

@@ -23,6 +23,8 @@ def lower_cpu_priority(priority: str) -> str:
     """Apply `priority` to every thread of this process (a Linux policy or nice value is
     per thread; threads started later inherit it). Returns what was applied: a platform
     without SCHED_IDLE gets nice 19; one that refuses both keeps "normal" (logged)."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"--cpu-priority: {priority!r} is not one of {', '.join(PRIORITIES)}")
     if priority == "normal":
         return "normal"
     threads = _threads()
@@ -32,8 +34,11 @@ def lower_cpu_priority(priority: str) -> str:
                 with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                     os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             return "idle"
-        except OSError as exc:
+        except OSError as exc:  # refused for the first thread: the rest is unchanged
             log.warning("convoy batch: SCHED_IDLE refused (%s); trying nice %d", exc, LOWEST_NICE)
+    if not hasattr(os, "setpriority"):
+        log.warning("convoy batch: this platform cannot lower a process's CPU priority")
+        return "normal"
     try:
         for tid in threads:
             with contextlib.suppress(ProcessLookupError):
@@ -45,7 +50,7 @@ def lower_cpu_priority(priority: str) -> str:
 
 
 def _threads() -> list[int]:
-    """This process's thread ids (Linux), or 0: the calling thread."""
+    """This process's thread ids (Linux), else [0]: the calling thread."""
     try:
         return [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:
