@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from convoy.batch.cli import BatchConfig
+from convoy.batch.cli import BatchConfig, UsageError
 from convoy.batch.engine import JobFailed, ModelSignature, Scorer
 from convoy.batch.job import BatchJob, JobPlan, TooManyErrors
 from convoy.batch.mapping import MappingError, convert, parse_map, plan
@@ -393,3 +393,32 @@ def test_cpu_priority_is_idle_against_a_server_else_normal() -> None:
     assert config(parser.parse_args(explicit)).cpu_priority == "normal"
     with pytest.raises(SystemExit):
         parser.parse_args([*common, "--cpu-priority", "realtime"])
+
+
+def test_rate_spaces_requests_by_their_rows() -> None:
+    """--rate R: at most R rows a second, a request waiting for its own rows' share."""
+    from convoy.capture.replay_targets import Pacer
+
+    now, slept = [0.0], []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    async def body() -> None:
+        job = scorer(FakeTarget())
+        job.pacer = Pacer(100.0, clock=lambda: now[0], sleep=sleep)
+        for rows in (4, 2, 1):
+            await job.score({"X": np.ones((rows, 1), np.float32)}, "r")
+
+    asyncio.run(body())
+    assert slept == [0.04, 0.02]  # the first goes at once; then 4 rows, 2 rows at 100/s
+
+
+def test_rate_is_refused_on_ray() -> None:
+    from convoy.batch.ray_engine import run_on_ray
+
+    common = ["batch", "tiny", "--input", "in.parquet", "--output", "out", "--engine", "ray"]
+    config = BatchConfig.from_args(build_parser().parse_args([*common, "--rate", "100"]))
+    with pytest.raises(UsageError, match="--rate"):
+        run_on_ray(config, sys.stderr)

@@ -50,6 +50,7 @@ class BatchConfig:
     token: str | None = None
     tls_ca: Path | None = None
     cpu_priority: str = "normal"
+    rate: float | None = None  # rows per second
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BatchConfig:
@@ -75,6 +76,7 @@ class BatchConfig:
             token=args.token or os.environ.get(TOKEN_ENV),
             tls_ca=args.tls_ca,
             cpu_priority=args.cpu_priority or ("idle" if args.server else "normal"),
+            rate=args.rate,
         )
 
 
@@ -204,6 +206,14 @@ def add_batch_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA to verify a TLS --server")
     parser.add_argument(
+        "--rate",
+        type=number(float, 0, strict=True),
+        default=None,
+        metavar="R",
+        help="at most R rows per second, evenly spaced (default: as fast as the model "
+        "answers): against a shared server, what the job may take from online callers",
+    )
+    parser.add_argument(
         "--cpu-priority",
         choices=PRIORITIES,
         default=None,
@@ -256,6 +266,7 @@ class Outcome:
 
 
 async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
+    from ..capture.replay_targets import Pacer
     from .engine import NoSuchVersion, open_in_process, open_server
     from .job import (
         BatchJob,
@@ -289,6 +300,8 @@ async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
             scorer, signature = await open_in_process(root, config.model, config.version)
     except NoSuchVersion as exc:
         raise UsageError(str(exc)) from None
+    if config.rate is not None:
+        scorer.pacer = Pacer(config.rate)
     try:
         plan = make_plan(config, dataset.schema, signature)
         if plan.part_rows == 0:

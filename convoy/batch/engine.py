@@ -22,6 +22,7 @@ import numpy as np
 from ..capture.replay_targets import (
     Backoff,
     InProcessTarget,
+    Pacer,
     Refused,
     ServerTarget,
     UnknownVersion,
@@ -79,17 +80,21 @@ class Scorer:
         signature: ModelSignature,
         backoff: Backoff = BATCH_BACKOFF,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        pacer: Pacer | None = None,
     ) -> None:
         self.target = target
         self.signature = signature
         self._backoff = backoff
         self._sleep = sleep
+        self.pacer = pacer  # --rate: rows per second, evenly spaced
         self.retries = 0  # busy answers tried again (the summary reports them)
 
     async def score(self, inputs: dict[str, Array], request_id: str) -> dict[str, Array]:
         """Outputs of one batch; Refused with a row error code for the rows' own fault,
         JobFailed for anything else."""
         request = to_request(self.signature, inputs, request_id)
+        if self.pacer is not None:
+            await self.pacer.wait(_batch_rows(inputs) if self.signature.max_batch_size else 1)
         delays = self._backoff.delays()
         while True:
             try:
@@ -106,6 +111,12 @@ class Scorer:
 
     async def close(self) -> None:
         await self.target.close()
+
+
+def _batch_rows(inputs: dict[str, Array]) -> int:
+    """The rows of one request of a batching model: its inputs' first dimension."""
+    value = next(iter(inputs.values()), None)
+    return int(value.shape[0]) if value is not None and value.ndim else 1
 
 
 def to_request(

@@ -32,6 +32,8 @@ def run_on_ray(config: BatchConfig, err: TextIO) -> Outcome:
         raise UsageError("--server: --engine ray loads the model in its actors; drop one of them")
     if config.resume:
         raise UsageError("--resume: a job on --engine ray cannot be resumed; run it again")
+    if config.rate is not None:
+        raise UsageError("--rate: paces a job against --server; --engine ray scores in its actors")
     if config.id_column is None:
         raise UsageError("--engine ray needs --id-column: Ray Data keeps no row positions")
     if config.format != "parquet":

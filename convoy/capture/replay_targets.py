@@ -140,7 +140,8 @@ def captured_outputs(row: CapturedRequest, model: TargetModel) -> dict[str, Arra
 
 
 class Pacer:
-    """At most `rate` requests per second (None: no cap), evenly spaced."""
+    """At most `rate` units (requests; a batch job's rows) per second (None: no cap),
+    evenly spaced."""
 
     def __init__(
         self,
@@ -153,14 +154,15 @@ class Pacer:
         self._sleep = sleep
         self._next = 0.0
 
-    async def wait(self) -> None:
+    async def wait(self, units: float = 1.0) -> None:
+        """Until the next `units` may go."""
         if not self._interval:
             return
         now = self._clock()
         if self._next > now:
             await self._sleep(self._next - now)
             now = self._next
-        self._next = now + self._interval
+        self._next = now + self._interval * units
 
 
 @dataclass(frozen=True)
