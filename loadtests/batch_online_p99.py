@@ -70,7 +70,7 @@ def p99(latencies: list[float]) -> float:
     return float(np.percentile(np.array(latencies) * 1000, 99))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--rate", type=float, default=200.0, help="online requests per second")
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument(
         "--job-args", default="", help="more `convoy batch` flags, e.g. '--concurrency 1'"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     spec = load_spec(examples() / args.model)
     print(f"{args.model}: max_batch_size {spec.max_batch_size}, online {args.rate:g} req/s")
     with tempfile.TemporaryDirectory() as scratch:

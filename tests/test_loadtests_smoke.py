@@ -123,3 +123,14 @@ def test_engine_cost_runs_the_engines_path_without_sockets() -> None:
     assert high.calls < low.calls  # a batch's calls shared by more requests
     per_batch, per_request = split(low, high)
     assert per_batch + per_request == pytest.approx(low.best)
+
+
+@pytest.mark.e2e
+def test_batch_online_p99_pauses_and_resumes_a_real_job(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtests.batch_online_p99 import main
+
+    main(["--rounds", "1", "--duration", "1", "--rate", "50", "--rows", "300000",
+          "--job-args", "--rate 20000"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "round 1: p99 alone" in printed and "errors 0/0" in printed
+    assert "while the job ran: it scored" in printed
