@@ -77,3 +77,24 @@ def client(server: ServerProcess) -> Iterator[object]:
     c = grpcclient.InferenceServerClient(server.url)
     yield c
     c.close()
+
+
+@pytest.fixture()
+def s3_query(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An S3-compatible object store (moto's server on loopback) with a bucket `data`:
+    the query that points a pyarrow `s3://data/...` URI at it."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] missing: a test extra")
+    boto3 = pytest.importorskip("boto3")
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)  # this process's and a server's it starts
+    store = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    store.start()
+    try:
+        host, port = store.get_host_and_port()
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="data")
+        yield f"?endpoint_override={host}:{port}&scheme=http"
+    finally:
+        store.stop()

@@ -385,46 +385,30 @@ def test_killed_job_resumes_every_id_exactly_once(repository: Path, tmp_path: Pa
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") and not p.name.startswith(".")]
 
 
-def test_input_and_output_in_an_object_store(
-    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_input_and_output_in_an_object_store(repository: Path, s3_query: str) -> None:
     """s3:// URIs (moto's S3-compatible server on loopback): read, written part by part
     with the manifest, and resumed there."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] missing: a test extra")
-    boto3 = pytest.importorskip("boto3")
     import pyarrow.dataset as ds
 
     from convoy.capture.writer import open_filesystem
 
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    store = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    store.start()
-    try:
-        host, port = store.get_host_and_port()
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="data")
-        query = f"?endpoint_override={host}:{port}&scheme=http"
-        filesystem, _ = open_filesystem(f"s3://data{query}")
-        with filesystem.open_output_stream("data/rows/in.parquet") as out:
-            pq.write_table(lin_table(30, bad=(4,)), out)
-        argv = (
-            "lin", "--input", f"s3://data/rows/in.parquet{query}",
-            "--output", f"s3://data/scored{query}", "--model-repository", str(repository),
-            "--map", "x=X", "--id-column", "id",
-        )  # fmt: skip
-        code, summary, err = batch(*argv)
-        assert code == 0, err
-        assert (summary["rows"], summary["errors"]) == (29, 1)
-        scored = ds.dataset("data/scored", filesystem=filesystem, format="parquet").to_table()
-        assert sorted(scored.column("id").to_pylist()) == sorted(
-            f"row-{i}" for i in range(30) if i != 4
-        )
-        with filesystem.open_input_stream("data/scored/_dead_letter/part-00000.jsonl") as f:
-            assert json.loads(f.read())["id"] == "row-4"
-        code, summary, err = batch(*argv, "--resume")
-        assert code == 0 and summary["rows"] == 0 and summary["total_rows"] == 29, err
-    finally:
-        store.stop()
+    query = s3_query
+    filesystem, _ = open_filesystem(f"s3://data{query}")
+    with filesystem.open_output_stream("data/rows/in.parquet") as out:
+        pq.write_table(lin_table(30, bad=(4,)), out)
+    argv = (
+        "lin", "--input", f"s3://data/rows/in.parquet{query}",
+        "--output", f"s3://data/scored{query}", "--model-repository", str(repository),
+        "--map", "x=X", "--id-column", "id",
+    )  # fmt: skip
+    code, summary, err = batch(*argv)
+    assert code == 0, err
+    assert (summary["rows"], summary["errors"]) == (29, 1)
+    scored = ds.dataset("data/scored", filesystem=filesystem, format="parquet").to_table()
+    assert sorted(scored.column("id").to_pylist()) == sorted(
+        f"row-{i}" for i in range(30) if i != 4
+    )
+    with filesystem.open_input_stream("data/scored/_dead_letter/part-00000.jsonl") as f:
+        assert json.loads(f.read())["id"] == "row-4"
+    code, summary, err = batch(*argv, "--resume")
+    assert code == 0 and summary["rows"] == 0 and summary["total_rows"] == 29, err

@@ -126,37 +126,23 @@ def test_after_kill_9_every_visible_file_is_complete(tmp_path: Path) -> None:
     assert ids == {f"k{i}" for i in range(10)}  # flushed before the kill: all there
 
 
-def test_capture_to_an_object_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_capture_to_an_object_store(tmp_path: Path, s3_query: str) -> None:
     """--capture-dir as an S3 URI (moto's S3-compatible server on loopback): the files
     land as objects, read back with pyarrow over the same URI."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] missing: a test extra")
-    boto3 = pytest.importorskip("boto3")
     import pyarrow.dataset as ds
 
     from convoy.capture.writer import open_filesystem
 
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(key, value)  # this process's and the server's
-    store = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    store.start()
-    try:
-        host, port = store.get_host_and_port()
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="cap")
-        uri = f"s3://cap/serving?endpoint_override={host}:{port}&scheme=http"
-        server = start_server(repository(tmp_path / "repo"), "--capture-dir", uri)
-        client = grpcclient.InferenceServerClient(server.url)
-        for i in range(5):
-            x = grpcclient.InferInput("X", [1, 1], "FP32")
-            x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
-            client.infer("lin", [x], request_id=f"o{i}")
-        client.close()
-        assert server.stop() == 0, server.output()
-        filesystem, base = open_filesystem(uri)
-        files = ds.dataset(f"{base}/requests", filesystem=filesystem, partitioning="hive")
-        ids = sorted(files.to_table(columns=["request_id"]).column(0).to_pylist())
-        assert ids == [f"o{i}" for i in range(5)]
-    finally:
-        store.stop()
+    uri = f"s3://data/serving{s3_query}"
+    server = start_server(repository(tmp_path / "repo"), "--capture-dir", uri)
+    client = grpcclient.InferenceServerClient(server.url)
+    for i in range(5):
+        x = grpcclient.InferInput("X", [1, 1], "FP32")
+        x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
+        client.infer("lin", [x], request_id=f"o{i}")
+    client.close()
+    assert server.stop() == 0, server.output()
+    filesystem, base = open_filesystem(uri)
+    files = ds.dataset(f"{base}/requests", filesystem=filesystem, partitioning="hive")
+    ids = sorted(files.to_table(columns=["request_id"]).column(0).to_pylist())
+    assert ids == [f"o{i}" for i in range(5)]
