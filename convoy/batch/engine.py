@@ -205,36 +205,20 @@ def _signature_of(repository: ModelRepository, model: str, version: str) -> Mode
 # -- a live server --------------------------------------------------------------------------------
 
 
-class BatchServerTarget(ServerTarget):
-    """A live server (replay's target), asked for the model's whole config too."""
-
-    async def model_config(self, version: str) -> Any:
-        """The ModelConfig the server reports; JobFailed where the model is not ready."""
-        import grpc
-
-        try:
-            ready = await self._stub.ModelReady(
-                pb.ModelReadyRequest(name=self.model, version=version),
-                metadata=self._metadata,
-                timeout=self._timeout,
-            )
-            if not ready.ready and version:
-                raise NoSuchVersion(
-                    f"--version {version}: model '{self.model}' version {version} is not "
-                    f"ready on {self.address}"
-                )
-            if not ready.ready:
-                raise JobFailed(f"model '{self.model}' is not ready on {self.address}")
-            reply = await self._stub.ModelConfig(
-                pb.ModelConfigRequest(name=self.model, version=version),
-                metadata=self._metadata,
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            raise JobFailed(
-                f"--server {self.address}: {exc.code().name}: {exc.details()}"
+async def _server_config(target: ServerTarget, version: str) -> Any:
+    """The server's ModelConfig of the model; NoSuchVersion for a --version that is not
+    ready there, JobFailed for a model that is not, or a call that failed."""
+    try:
+        return await target.model_config(version)
+    except UnknownVersion:
+        if version:
+            raise NoSuchVersion(
+                f"--version {version}: model '{target.model}' version {version} is not "
+                f"ready on {target.address}"
             ) from None
-        return reply.config
+        raise JobFailed(f"model '{target.model}' is not ready on {target.address}") from None
+    except Refused as exc:
+        raise JobFailed(f"--server {target.address}: {exc}") from None
 
 
 async def open_server(
@@ -243,9 +227,9 @@ async def open_server(
     """A KServe v2 gRPC server; the model's inputs, outputs and instances from its config."""
     from ..pb import model_config_pb2 as mc
 
-    target = BatchServerTarget(address, model, token, tls_ca)
+    target = ServerTarget(address, model, token, tls_ca)
     try:
-        config = await target.model_config(version)
+        config = await _server_config(target, version)
 
         def tensors(entries: Any) -> tuple[TensorSpec, ...]:
             return tuple(

@@ -337,10 +337,10 @@ class ServerTarget:
         self.address = address
         self._timeout = timeout_s
 
-    async def describe(self, version: str) -> TargetModel:
+    async def model_config(self, version: str) -> Any:
+        """The ModelConfig the server reports for a ready version ("": its default);
+        UnknownVersion where that version is not ready, Refused where a call failed."""
         import grpc
-
-        from ..pb import model_config_pb2 as mc
 
         try:
             ready = await self._stub.ModelReady(
@@ -359,7 +359,12 @@ class ServerTarget:
             )
         except grpc.RpcError as exc:
             raise Refused(_code(exc), _details(exc)) from None
-        config = reply.config
+        return reply.config
+
+    async def describe(self, version: str) -> TargetModel:
+        from ..pb import model_config_pb2 as mc
+
+        config = await self.model_config(version)
 
         def wire(data_type: int) -> str:
             return CONFIG_TO_WIRE.get(mc.DataType.Name(data_type), "")
