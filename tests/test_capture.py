@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from convoy.capture.recorder import CaptureRecorder, kept_input, sampled
+from convoy.capture.arena import Arena, joined
+from convoy.capture.recorder import CaptureRecorder, kept_value, sampled
 from convoy.capture.rows import Row
 from convoy.capture.writer import CaptureWriter
 from convoy.config import CaptureConfig, CaptureSpec, read_model_config, validate_model_config
@@ -382,17 +383,45 @@ def test_rows_of_one_flush_across_an_hour_go_to_each_hours_partition(tmp_path: P
     assert writer.counts.rows == {("m", "1"): 4}
 
 
-def test_an_input_is_kept_by_reference_only_where_its_memory_cannot_change() -> None:
+def test_a_large_value_is_copied_into_its_arena_and_a_small_one_on_its_own() -> None:
     image = np.arange(4096, dtype=np.float32)
-    decoded = np.frombuffer(image.tobytes(), np.float32).reshape(1, 4096)  # gRPC's, HTTP's
-    assert kept_input(decoded) is decoded
     ring = bytearray(image.tobytes())  # a front end's ring, a client's shared memory
-    shared = np.frombuffer(memoryview(ring), np.float32)
-    kept = kept_input(shared)
+    shared = np.frombuffer(memoryview(ring), np.float32).reshape(1, 4096)
+    arena = Arena(np.dtype(np.float32), chunk_bytes=3 * 4096 * 4)
+    kept = kept_value(shared, arena)
     ring[:4] = b"\xff\xff\xff\xff"
-    assert kept is not shared and kept[0] == 0.0
+    assert kept is not shared and kept[0, 0] == 0.0 and kept.shape == (1, 4096)
+    assert isinstance(kept.base, np.ndarray) and kept.base.dtype == np.uint8  # the chunk
     small = np.frombuffer(b"\x00" * 64, np.float32)
-    assert kept_input(small) is not small  # a copy costs less than the check
+    assert kept_value(small, arena).base is None  # a copy of its own: cheaper than slicing
+
+
+def test_an_arena_reuses_a_chunk_only_once_nothing_points_into_it() -> None:
+    arena = Arena(np.dtype(np.float32), chunk_bytes=2 * 16)  # two values of 4 floats
+    values = [np.full(4, i, np.float32) for i in range(6)]
+    kept = [arena.copy(v) for v in values[:2]]
+    first_chunk = id(kept[0].base)  # not the chunk itself: a reference would hold it
+    assert arena.rolled and id(kept[1].base) == first_chunk
+    arena.rolled = False
+    third = arena.copy(values[2])  # the first chunk is full and still read: a new one
+    assert arena.rolled and id(third.base) != first_chunk
+    assert [int(k[0]) for k in kept] == [0, 1]
+    del kept
+    arena.copy(values[3])
+    fifth = arena.copy(values[4])  # the first chunk, free again, is reused
+    assert id(fifth.base) == first_chunk and int(fifth[0]) == 4
+    assert int(third[0]) == 2  # the second, still read, was not
+
+
+def test_values_end_to_end_in_a_chunk_are_joined_without_a_copy() -> None:
+    arena = Arena(np.dtype(np.float32), chunk_bytes=1 << 16)
+    kept = [arena.copy(np.full((1, 1024), i, np.float32)) for i in range(3)]
+    together = joined(kept)
+    assert together is not None and np.shares_memory(together, kept[0])
+    assert together.tolist() == [0.0] * 1024 + [1.0] * 1024 + [2.0] * 1024
+    other = arena.copy(np.full((1, 1024), 9, np.float32))  # another version's row between
+    assert joined([kept[0], kept[1], other]) is None  # not end to end: joined by a copy
+    assert joined([np.zeros(4, np.float32)]) is None  # not an arena's
 
 
 def test_requests_sent_without_an_id_get_distinct_ids(tmp_path: Path) -> None:
@@ -464,3 +493,41 @@ def test_float_tensor_values_uncompressed_and_row_groups_bounded(
     table = duckdb.sql(f"SELECT request_id FROM read_parquet('{path}') ORDER BY 1").fetchall()
     assert sorted(r for (r,) in table) == sorted(f"r{i}" for i in range(40))
     writer.close()
+
+
+@pytest.mark.parametrize("versions", [1, 2])
+def test_image_rows_across_arena_chunks_read_back_as_served(tmp_path: Path, versions: int) -> None:
+    """Rows whose inputs lie end to end in arena chunks (joined without a copy), across
+    chunk ends; with two versions of one config their rows interleave in one arena and
+    are joined by a copy. Either way each row reads back as it was served."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    from loadtests.capture_cost import answered
+
+    items = answered("image_classifier", 200)  # 48 KiB inputs: 2 chunk ends
+    if versions == 2:
+        items = [
+            dataclasses.replace(a, served=dataclasses.replace(a.served, version_label=str(i % 2)))
+            for i, a in enumerate(items)
+        ]
+    writer = writer_at(tmp_path, flush_s=3600, max_bytes=1 << 30)
+    record = CaptureRecorder(writer, status_of=lambda error: "INTERNAL")
+    for item in items:
+        record(item)
+    writer.close(60)
+    name = items[0].served.spec.inputs[0].name
+    got: dict[str, np.ndarray] = {}
+    for path in files(tmp_path / "capture"):
+        data = pq.read_table(path)
+        for rid, value in zip(
+            data.column("request_id").to_pylist(),
+            data.column("inputs").combine_chunks().field(name).to_pylist(),
+            strict=True,
+        ):
+            got[rid] = np.asarray(value, np.float32)
+    assert len(got) == len(items)
+    for item in items:
+        sent = item.request.inputs[name]
+        assert np.array_equal(got[item.request_id].reshape(sent.shape), sent)

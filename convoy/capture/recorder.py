@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import CaptureSpec, ModelSpec
+from ..config import CaptureSpec, ModelSpec, TensorSpec
 from ..errors import ConvoyError
 from ..inference.path import Answered
 from ..repository.model import ModelVersion
+from ..tensors import NUMPY_DTYPES
+from .arena import Arena
 from .rows import hashed
 from .writer import CaptureWriter
 
@@ -47,20 +49,24 @@ class _Plan:
     """What a row of one model config keeps, in the row's order (rows.Row), worked out
     once per config rather than per request."""
 
-    __slots__ = ("inputs", "outputs", "spec")
+    __slots__ = ("arenas", "inputs", "outputs", "spec")
 
-    def __init__(self, spec: ModelSpec, capture: CaptureSpec) -> None:
+    def __init__(self, spec: ModelSpec, capture: CaptureSpec, max_bytes: int) -> None:
         self.spec = spec
 
         def how(name: str) -> int:
             return EXCLUDE if name in capture.exclude else HASH if name in capture.hashed else KEEP
 
-        # (name, how, holds Python objects: BYTES, whose size is summed item by item)
-        self.inputs = tuple(
-            (t.name, how(t.name), t.datatype == "BYTES") for t in spec.captured_inputs
-        )
-        self.outputs = tuple(
-            (t.name, t.datatype == "BYTES") for t in spec.outputs if capture.outputs
+        def arena(tensor: TensorSpec) -> Arena | None:  # None: BYTES, kept as objects
+            if tensor.datatype == "BYTES":
+                return None
+            return Arena(np.dtype(NUMPY_DTYPES[tensor.datatype]), max_bytes=max_bytes)
+
+        # (name, how, its arena: None for BYTES, whose size is summed item by item)
+        self.inputs = tuple((t.name, how(t.name), arena(t)) for t in spec.captured_inputs)
+        self.outputs = tuple((t.name, arena(t)) for t in spec.outputs if capture.outputs)
+        self.arenas = tuple(
+            a for a in (*(i[2] for i in self.inputs), *(o[1] for o in self.outputs)) if a
         )
 
 
@@ -92,7 +98,8 @@ class CaptureRecorder:
         if plan is None or plan.spec is not spec:
             if len(self._plans) > 256:  # configs of versions long unloaded
                 self._plans.clear()
-            plan = self._plans[id(spec)] = _Plan(spec, capture)
+            budget = self._writer.config.max_bytes
+            plan = self._plans[id(spec)] = _Plan(spec, capture, budget)
         return plan
 
     def _put(self, answered: Answered, served: ModelVersion, plan: _Plan) -> bool:
@@ -125,46 +132,48 @@ class CaptureRecorder:
         given = request.inputs if request is not None else {}
         if result is not None and result.added_inputs:  # looked-up features: what the model saw
             given = {**given, **result.added_inputs}
-        for name, how, objects in plan.inputs:
+        for name, how, arena in plan.inputs:
             value = given.get(name)
             if value is None or how == EXCLUDE:
                 keep(None)
                 continue
-            kept = kept_input(value) if how == KEEP else hashed(value, self._writer.salt)
+            if how == HASH:
+                kept = hashed(value, self._writer.salt)
+                nbytes += _objects_size(kept)
+            else:
+                kept = kept_value(value, arena)
+                nbytes += kept.nbytes if arena is not None else _objects_size(kept)
             keep(kept)
-            nbytes += _objects_size(kept) if objects or how == HASH else kept.nbytes
         answers = result.outputs if result is not None else {}
-        for name, objects in plan.outputs:
+        for name, arena in plan.outputs:
             value = answers.get(name)
             if value is None:
                 keep(None)
                 continue
-            kept = value.copy()  # a backend's own code (a Python model) may reuse its buffers
+            # Copied: a backend's own code (a Python model) may reuse its buffers.
+            kept = kept_value(value, arena)
             keep(kept)
-            nbytes += _objects_size(kept) if objects else kept.nbytes
+            nbytes += kept.nbytes if arena is not None else _objects_size(kept)
         if len(plan.outputs) < len(served.spec.outputs):  # capture_outputs: false
             row.extend([None] * len(served.spec.outputs))
-        return self._writer.put(served.spec, served.version_label, tuple(row), nbytes)
+        split = False
+        for arena in plan.arenas:
+            if arena.rolled:
+                split, arena.rolled = True, False
+        return self._writer.put(served.spec, served.version_label, tuple(row), nbytes, split)
 
 
-# Inputs smaller than this are copied whatever holds them: the copy costs less than
-# finding out whether it is needed.
+# Values smaller than this are copied on their own: a plain copy costs less than the
+# arena's slicing (tiny's 64 bytes), and their join on the writer's thread is cheap.
 SMALL_BYTES = 4096
 
 
-def kept_input(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """The input itself where its memory can never change (it lies in a `bytes` object:
-    gRPC's and HTTP's decoded tensors), else a copy (a front end's ring and a client's
-    shared memory are written again once the request is answered). An image's 48 KiB
-    copy was the largest single cost of its row on the loop."""
-    if value.nbytes < SMALL_BYTES or value.dtype.hasobject:
+def kept_value(value: np.ndarray[Any, Any], arena: Arena | None) -> np.ndarray[Any, Any]:
+    """A copy of a tensor the row keeps: in its arena where it is large (arena.py says
+    why even an input lying in `bytes` is copied), else on its own."""
+    if arena is None or value.nbytes < SMALL_BYTES or value.dtype.hasobject:
         return value.copy()
-    base: Any = value
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return value if isinstance(base, bytes) else value.copy()
+    return arena.copy(value)
 
 
 def _objects_size(array: np.ndarray[Any, Any]) -> int:

@@ -25,6 +25,7 @@ class_index, value, class_label) and `value` holds it as a double where it is a 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import uuid
@@ -36,6 +37,7 @@ import numpy as np
 
 from ..config import ModelSpec, TensorSpec
 from ..tensors import NUMPY_DTYPES
+from .arena import joined
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -123,26 +125,41 @@ class PendingRows:
     """One model version's rows (of one config) not yet written: appended on the loop
     under the writer's lock, turned into columns on the writer's thread."""
 
-    __slots__ = ("rows", "spec", "version")
+    __slots__ = ("breaks", "rows", "spec", "version")
 
     def __init__(self, spec: ModelSpec, version: str) -> None:
         self.spec = spec
         self.version = version
         self.rows: list[Row] = []
+        # Where a row's tensors began a new arena chunk: each segment's values lie end
+        # to end in one chunk, and become Arrow columns without a copy (arena.joined).
+        self.breaks: list[int] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
 def table(pending: PendingRows) -> pa.Table:
-    """The rows of one model version as one Arrow table (the writer's thread)."""
+    """The rows of one model version as one Arrow table (the writer's thread): a chunk
+    per segment (PendingRows.breaks)."""
     import pyarrow as pa
 
-    spec = pending.spec
+    rows, breaks = pending.rows, [b for b in pending.breaks if 0 < b < len(pending.rows)]
+    if not breaks:
+        return _table(pending.spec, rows)
+    bounds = [0, *breaks, len(rows)]
+    return pa.concat_tables(
+        [_table(pending.spec, rows[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+    )
+
+
+def _table(spec: ModelSpec, rows: list[Row]) -> pa.Table:
+    import pyarrow as pa
+
     capture = spec.capture
     hashed_names = capture.hashed if capture is not None else frozenset()
     excluded = capture.exclude if capture is not None else frozenset()
-    values = list(zip(*pending.rows, strict=True))  # one tuple per column, in C
+    values = list(zip(*rows, strict=True))  # one tuple per column, in C
     scalars = dict(zip(SCALARS, values, strict=False))
     names = [t.name for t in (*spec.captured_inputs, *spec.outputs)]
     tensors = {n: list(column) for n, column in zip(names, values[len(SCALARS) :], strict=True)}
@@ -257,8 +274,12 @@ def _tensor_column(
 
 
 def _flat(arrays: list[np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
-    """Every value of the arrays in order, in one array: joined along the first dim
-    where the rest agree (no per-row reshape), else flattened one by one."""
+    """Every value of the arrays in order, in one array: the arena chunk they lie in end
+    to end, else joined along the first dim where the rest agree (no per-row reshape),
+    else flattened one by one."""
+    together = joined(arrays)
+    if together is not None:
+        return together
     try:
         return np.concatenate(arrays).reshape(-1)
     except ValueError:  # dims that differ past the first, or a 0-d array

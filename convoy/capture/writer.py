@@ -127,9 +127,12 @@ class CaptureWriter:
 
     # -- the event loop's side -----------------------------------------------------------
 
-    def put(self, spec: ModelSpec, version: str, row: Row, nbytes: int) -> bool:
-        """Buffer a row of a model version (`nbytes`: what it holds in memory); False
-        (dropped, counted) when the budget is full."""
+    def put(
+        self, spec: ModelSpec, version: str, row: Row, nbytes: int, split: bool = False
+    ) -> bool:
+        """Buffer a row of a model version (`nbytes`: what it holds in memory; `split`:
+        its tensors began new arena chunks); False (dropped, counted) when the budget is
+        full."""
         key = (id(spec), version)
         with self._lock:
             if self._held + nbytes > self.config.max_bytes:
@@ -138,6 +141,8 @@ class CaptureWriter:
             pending = self._rows.get(key)
             if pending is None or pending.spec is not spec:
                 pending = self._rows[key] = PendingRows(spec, version)
+            if split:
+                pending.breaks.append(len(pending.rows))
             pending.rows.append(row)
             self._hold(nbytes)
         return True
