@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from convoy.capture.arena import Arena, joined
-from convoy.capture.recorder import CaptureRecorder, kept_value, sampled
+from convoy.capture.recorder import CaptureRecorder, sampled
 from convoy.capture.rows import Row
 from convoy.capture.writer import CaptureWriter
 from convoy.config import CaptureConfig, CaptureSpec, read_model_config, validate_model_config
@@ -383,17 +383,17 @@ def test_rows_of_one_flush_across_an_hour_go_to_each_hours_partition(tmp_path: P
     assert writer.counts.rows == {("m", "1"): 4}
 
 
-def test_a_large_value_is_copied_into_its_arena_and_a_small_one_on_its_own() -> None:
+def test_a_value_is_copied_into_its_arena_whatever_memory_held_it() -> None:
     image = np.arange(4096, dtype=np.float32)
     ring = bytearray(image.tobytes())  # a front end's ring, a client's shared memory
     shared = np.frombuffer(memoryview(ring), np.float32).reshape(1, 4096)
     arena = Arena(np.dtype(np.float32), chunk_bytes=3 * 4096 * 4)
-    kept = kept_value(shared, arena)
+    kept = arena.copy(shared)
     ring[:4] = b"\xff\xff\xff\xff"
     assert kept is not shared and kept[0, 0] == 0.0 and kept.shape == (1, 4096)
     assert isinstance(kept.base, np.ndarray) and kept.base.dtype == np.uint8  # the chunk
-    small = np.frombuffer(b"\x00" * 64, np.float32)
-    assert kept_value(small, arena).base is None  # a copy of its own: cheaper than slicing
+    larger = np.zeros(4 * 4096, np.float32)
+    assert arena.copy(larger).base is None  # larger than a chunk: a copy of its own
 
 
 def test_an_arena_reuses_a_chunk_only_once_nothing_points_into_it() -> None:
