@@ -66,6 +66,8 @@ class ServingLimits:
 
 
 DEFAULT_LIMITS = ServingLimits()
+# Chosen from measurements: inference/background.py says which.
+DEFAULT_BACKGROUND_LOOP_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,9 @@ class ServerConfig:
     slo_config: Path | None = None
     model_control: ModelControl = ModelControl()  # --model-control-mode and its flags
     tracing: TracingConfig | None = None  # --trace-endpoint and its rate; None: off
+    # --background-loop-share: background requests' share of the event loop while callers
+    # are about (inference/background.py)
+    background_loop_share: float = DEFAULT_BACKGROUND_LOOP_SHARE
 
 
 @dataclass(frozen=True)
