@@ -38,9 +38,10 @@ from .config import DEFAULT_POLL_S, ServerConfig
 from .errors import ConfigError, ConvoyError
 from .heap import GcPauses, HeapSettler
 from .inference.admission import DRAIN_SETTLE_MAX_S, RateBudget
+from .inference.background import BackgroundPacing, loop_share
 from .inference.path import InferencePath
 from .inference.tracing import Tracing, open_tracing
-from .metrics import Metrics, PoolReading
+from .metrics import BackgroundReading, Metrics, PoolReading
 from .monitoring.burn import SloTracker
 from .monitoring.exporter import MonitoringCollector
 from .monitoring.objectives import load_objectives
@@ -75,6 +76,10 @@ class ConvoyServer:
         self.config = config
         control = config.model_control
         control.check(config.repository_poll_s)  # ConfigError naming the flag: nothing started
+        try:
+            loop_share(config.background_loop_share)
+        except ValueError as exc:
+            raise ConfigError("--background-loop-share", "share", str(exc)) from None
         self.metrics = Metrics()
         self.repository = ModelRepository(
             repository_root,
@@ -118,7 +123,10 @@ class ConvoyServer:
             cache=self.cache,
             budget=budget,
             tracing=self.tracing,
+            background_share=config.background_loop_share,
         )
+        if self.path.pacing is not None:
+            self.metrics.watch_background(functools.partial(_background_reading, self.path.pacing))
         self.repository.steps = self.path.run_step  # ensemble steps take the same path
         self.slos: SloTracker | None = None
         declared = load_objectives(repository_root, config.slo_config)  # ConfigError: exit 2
@@ -413,6 +421,10 @@ class ConvoyServer:
             await asyncio.to_thread(httpd.shutdown)  # type: ignore[attr-defined]
             httpd.server_close()  # type: ignore[attr-defined]
         log.info("convoy stopped")
+
+
+def _background_reading(pacing: BackgroundPacing) -> BackgroundReading:
+    return BackgroundReading(pacing.waits, pacing.waited_ns / 1e9, pacing.budget.charged_ns / 1e9)
 
 
 def _reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:

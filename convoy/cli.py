@@ -16,6 +16,7 @@ from .cache import CacheConfigError, parse_cache_config
 from .capture.cli import add_dataset_parser, run_dataset_command
 from .capture.replay_cli import add_replay_parser, run_replay
 from .config import (
+    DEFAULT_BACKGROUND_LOOP_SHARE,
     MODEL_CONTROL_MODES,
     CaptureConfig,
     ModelControl,
@@ -25,6 +26,7 @@ from .config import (
 )
 from .cost.cli import add_cost_parser, run_cost
 from .features.cli import add_skew_parser, run_skew
+from .inference.background import parse_loop_share
 from .inference.tracing import parse_endpoint, parse_sample_rate
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .monitoring.slo_cli import add_slo_parser, run_slo
@@ -278,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
         "[...]}}'), besides each <model>/slo.yaml; the server exports their burn rates and "
         "sheds background work while one burns fast (docs/slo.md)",
     )
+    serve.add_argument(
+        "--background-loop-share",
+        type=_argument(parse_loop_share),
+        default=DEFAULT_BACKGROUND_LOOP_SHARE,
+        metavar="S",
+        help="while callers are about (one in the last second), background requests "
+        "(`convoy batch --server`, replays: the request parameter background) may take "
+        f"at most this share of the server's event loop, above 0 and at most 1 (default "
+        f"{DEFAULT_BACKGROUND_LOOP_SHARE:g}); with no caller about, no limit (docs/batch.md)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     security = serve.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS")
@@ -422,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             evict_idle_s=args.evict_idle_secs,
         ),
         tracing=tracing,
+        background_loop_share=args.background_loop_share,
     )
     from .app import run
     from .errors import ConfigError

@@ -138,6 +138,11 @@ class Metrics:
         """Instance-pool counters and failed devices, read at scrape time."""
         self.registry.register(ServingCollector(pools, failed_devices))
 
+    def watch_background(self, read: Callable[[], BackgroundReading]) -> None:
+        """The background loop budget's counters (--background-loop-share), read at
+        scrape time."""
+        self.registry.register(BackgroundCollector(read))
+
 
 @dataclass(frozen=True)
 class SloReading:
@@ -266,6 +271,45 @@ class ServingCollector(Collector):
         for device in sorted(self._failed()):
             failed.add_metric([device], 1)
         yield from (fallbacks, spills, replaced, failed)
+
+
+@dataclass(frozen=True)
+class BackgroundReading:
+    waits: int  # background requests that waited for the loop budget, since start
+    waited_s: float  # their time waiting
+    loop_s: float  # loop time charged to background requests, callers about or not
+
+
+class BackgroundCollector(Collector):
+    """convoy_background_budget_*: how background work was paced beside callers, from
+    the counters the inference path keeps anyway (no metric lock on the loop)."""
+
+    def __init__(self, read: Callable[[], BackgroundReading]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        reading = self._read()
+        waits = CounterMetricFamily(
+            "convoy_background_budget_waits",
+            "Background requests that waited for their share of the event loop "
+            "while callers were about",
+        )
+        waits.add_metric([], reading.waits)
+        waited = CounterMetricFamily(
+            "convoy_background_budget_wait_seconds",
+            "Time background requests waited for their share of the event loop",
+        )
+        waited.add_metric([], reading.waited_s)
+        loop = CounterMetricFamily(
+            "convoy_background_loop_seconds",
+            "Event-loop time charged to background requests (timed parts plus a "
+            "per-request estimate of gRPC's)",
+        )
+        loop.add_metric([], reading.loop_s)
+        yield from (waits, waited, loop)
 
 
 class GpuCollector(Collector):

@@ -5,11 +5,12 @@ pacing's waiters in order, at their deadline, and when the server drains."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from convoy.batching.queue import CALLERS_RECENT_NS
-from convoy.errors import DeadlineExceeded, Unavailable
+from convoy.errors import ConfigError, DeadlineExceeded, Unavailable
 from convoy.inference.admission import Draining
 from convoy.inference.background import (
     BURST_NS,
@@ -110,6 +111,37 @@ def test_a_share_outside_0_to_1_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match=r"must be above 0 and at most 1|is not a number"):
         parse_loop_share(text)
     assert parse_loop_share("1") == 1.0 and parse_loop_share("0.05") == 0.05
+
+
+def test_the_flag_names_itself_when_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from convoy.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--background-loop-share", "0"])
+    assert "--background-loop-share: must be above 0 and at most 1" in capsys.readouterr().err
+    args = build_parser().parse_args(["serve"])
+    assert args.background_loop_share == 0.02
+
+
+def test_a_server_config_with_a_bad_share_does_not_start(tmp_path: Path) -> None:
+    from convoy.app import ConvoyServer
+    from convoy.config import ServerConfig
+
+    with pytest.raises(ConfigError, match="--background-loop-share"):
+        ConvoyServer(ServerConfig(background_loop_share=0.0), tmp_path)
+
+
+def test_the_counters_are_exported_when_scraped() -> None:
+    from prometheus_client import generate_latest
+
+    from convoy.metrics import BackgroundReading, Metrics
+
+    metrics = Metrics(gpus=list)
+    metrics.watch_background(lambda: BackgroundReading(3, 1.5, 0.25))
+    text = generate_latest(metrics.registry).decode()
+    assert "convoy_background_budget_waits_total 3.0" in text
+    assert "convoy_background_budget_wait_seconds_total 1.5" in text
+    assert "convoy_background_loop_seconds_total 0.25" in text
 
 
 # -- the pacing: waiting on the budget -------------------------------------------------------

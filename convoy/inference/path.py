@@ -37,8 +37,15 @@ from ..rollouts.policy import AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
 from ..tensors import Array
 from .admission import Draining, RateBudget
+from .background import BackgroundPacing, LoopBudget
 from .caller import Caller
-from .codec import decode_request, encode_response, shared_outputs, timeout_deadline
+from .codec import (
+    BACKGROUND_PARAMETER,
+    decode_request,
+    encode_response,
+    shared_outputs,
+    timeout_deadline,
+)
 from .cuda_shm import CudaSharedMemoryRegistry, SharedMemory, load_driver
 from .shm import REGION, Leases, SharedMemoryRegistry
 
@@ -86,6 +93,7 @@ class InferencePath:
         shm: SharedMemoryRegistry | None = None,
         cuda_shm: CudaSharedMemoryRegistry | None = None,
         tracing: Tracing | None = None,
+        background_share: float | None = None,
     ) -> None:
         self.repository = repository
         self.limits = limits
@@ -95,6 +103,11 @@ class InferencePath:
         self.budget = budget
         self.tracing = tracing  # None: off (--trace-endpoint not given), nothing imported
         self.draining = Draining()  # on from SIGTERM: new requests UNAVAILABLE
+        # --background-loop-share: background requests' share of this loop while callers
+        # are about; None (a path with no callers: a batch job's, a replay's): no limit.
+        self.pacing: BackgroundPacing | None = None
+        if background_share is not None:
+            self.pacing = BackgroundPacing(LoopBudget(background_share), self.draining)
         self.shm = shm or SharedMemoryRegistry()
         # cuda_shm: tests inject a registry over a fake driver; None is cuda-python's
         # (or the extension off, where cuda-python is not installed).
@@ -119,21 +132,35 @@ class InferencePath:
 
     async def _infer(self, request: pb.ModelInferRequest, caller: Caller) -> pb.ModelInferResponse:
         self.admit(caller)
+        paced = False
+        if self.pacing is not None:
+            if caller.background or _asks_background(request):
+                # Before decoding: the loop time it would take is what the budget guards.
+                _bound_by_timeout(request, caller)  # its `timeout` counts the wait too
+                await self.pacing.turn(request.model_name, caller.deadline_ns)
+                paced = True
+            else:
+                self.pacing.budget.caller_arrived()
         if self.on_demand is None:
-            return await self._route_and_serve(request, caller)
+            return await self._route_and_serve(request, caller, paced)
         _bound_by_timeout(request, caller)  # from the door, not from after the load
         async with self._held(request.model_name, caller):
-            return await self._route_and_serve(request, caller)
+            return await self._route_and_serve(request, caller, paced)
 
     async def _route_and_serve(
-        self, request: pb.ModelInferRequest, caller: Caller
+        self, request: pb.ModelInferRequest, caller: Caller, paced: bool = False
     ) -> pb.ModelInferResponse:
+        """`paced`: a background request that took its turn (pacing): the loop time of
+        its routing, decoding and encoding is charged to the budget."""
+        started = time.perf_counter_ns() if paced else 0
         model = self.route(request.model_name, request.model_version, caller, request.parameters)
         if caller.regions is None and _uses_shared_memory(request):
             return await self._infer_shared(request, caller, model)
         leases = Leases() if caller.regions is not None else None
         try:
             asked = self._decode(model, request, caller, caller.regions, leases)
+            if paced:
+                self._charge(started)
             if model.spec.ensemble:  # its steps route by the same key, past the headers
                 asked.ab_key = _ab_key(request.parameters, caller)
                 asked.transport = caller.transport
@@ -144,10 +171,14 @@ class InferencePath:
                 model, asked, caller, cacheable, owned=leases is None,
                 key=lambda: _ab_key(request.parameters, caller),
             )  # fmt: skip
-            return encode_response(
+            encoding = time.perf_counter_ns() if paced else 0
+            response = encode_response(
                 request, model.spec, model.version, asked, result, model.labels,
                 place=caller.place,
             )  # fmt: skip
+            if paced:
+                self._charge(encoding)
+            return response
         finally:
             if leases is not None:
                 leases.release()
@@ -265,13 +296,22 @@ class InferencePath:
             if self.observers:
                 self._observe(caller, model, request, None, exc, False, key)
             raise
+        # A background request's answer costs the loop what follows: charged to the budget.
+        resumed = time.perf_counter_ns() if request.background and self.pacing is not None else 0
         if model.monitoring is not None:  # a few rows copied; statistics off the loop
             model.monitoring.observe(request.id, request.inputs, result.outputs)
         if mirror and self.shadow is not None and result.outputs:
             self._shadow_run(model, request, result, owned, caller)
         if self.observers:
             self._observe(caller, model, request, result, None, cache_hit, key)
+        if resumed:
+            self._charge(resumed)
         return result
+
+    def _charge(self, since_ns: int) -> None:
+        """A background request's loop time since `since_ns` (time.perf_counter_ns)."""
+        assert self.pacing is not None
+        self.pacing.budget.charge(time.perf_counter_ns() - since_ns)
 
     def _shed(self, name: str) -> None:
         assert self.slos is not None
@@ -507,6 +547,16 @@ def _cache_wanted(request: pb.ModelInferRequest) -> bool:
         return True
     param = request.parameters[BYPASS_PARAMETER]
     return request_uses_cache(param.WhichOneof("parameter_choice"), param.bool_param)
+
+
+def _asks_background(request: pb.ModelInferRequest) -> bool:
+    """The request parameter `background` set true, read before decoding (which refuses
+    a value that is not a bool). Callers mostly send no parameters: one length check."""
+    params = request.parameters
+    if not params or BACKGROUND_PARAMETER not in params:
+        return False
+    param = params[BACKGROUND_PARAMETER]
+    return param.WhichOneof("parameter_choice") == "bool_param" and bool(param.bool_param)
 
 
 def _uses_shared_memory(request: pb.ModelInferRequest) -> bool:
