@@ -35,7 +35,7 @@ Clock = Callable[[], int]  # monotonic nanoseconds
 DEFAULT_LOOP_SHARE = DEFAULT_BACKGROUND_LOOP_SHARE
 # The loop time of one request that the path cannot time: gRPC's parsing, its two tasks
 # per call and its send, the queue's submit and dispatch, the answered future. Measured
-# (2026-12-08, this 2-core machine, `tiny`, one request at a time, the loop thread's CPU
+# (2026-12-07, this 2-core machine, `tiny`, one request at a time, the loop thread's CPU
 # from /proc): 360-380 µs a request, 1 row or 256 alike, of which decoding and encoding
 # 256 rows take ~13 µs timed alone; under load wake-ups are shared (docs/benchmarks.md: an
 # echo server's gRPC alone 146-185 µs a request at c=32). The low end of that, rounded.
