@@ -28,6 +28,7 @@ from .api.monitoring import SERVICE_NAME as MONITORING_SERVICE
 from .api.monitoring import add_monitoring_service
 from .api.servicer import InferenceServicer
 from .api.status import status_code
+from .batching.budget import check_share
 from .cache import ResponseCache
 from .cache.exporter import CacheCollector
 from .capture.exporter import CaptureCollector
@@ -38,7 +39,7 @@ from .config import DEFAULT_POLL_S, ServerConfig
 from .errors import ConfigError, ConvoyError
 from .heap import GcPauses, HeapSettler
 from .inference.admission import DRAIN_SETTLE_MAX_S, RateBudget
-from .inference.background import BackgroundPacing, loop_share
+from .inference.background import BackgroundPacing
 from .inference.path import InferencePath
 from .inference.tracing import Tracing, open_tracing
 from .metrics import BackgroundReading, Metrics, PoolReading
@@ -76,10 +77,16 @@ class ConvoyServer:
         self.config = config
         control = config.model_control
         control.check(config.repository_poll_s)  # ConfigError naming the flag: nothing started
-        try:
-            loop_share(config.background_loop_share)
-        except ValueError as exc:
-            raise ConfigError("--background-loop-share", "share", str(exc)) from None
+        shares = {
+            "--background-loop-share": config.background_loop_share,
+            "--background-compute-share": config.limits.background_compute_share,
+        }
+        for flag, share in shares.items():
+            try:
+                if share is not None:
+                    check_share(share)
+            except ValueError as exc:
+                raise ConfigError(flag, "share", str(exc)) from None
         self.metrics = Metrics()
         self.repository = ModelRepository(
             repository_root,

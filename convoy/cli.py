@@ -12,10 +12,12 @@ from typing import TypeVar
 from . import __version__
 from .arguments import number
 from .batch.cli import add_batch_parser, run_batch
+from .batching.budget import parse_share
 from .cache import CacheConfigError, parse_cache_config
 from .capture.cli import add_dataset_parser, run_dataset_command
 from .capture.replay_cli import add_replay_parser, run_replay
 from .config import (
+    DEFAULT_BACKGROUND_COMPUTE_SHARE,
     DEFAULT_BACKGROUND_LOOP_SHARE,
     MODEL_CONTROL_MODES,
     CaptureConfig,
@@ -26,7 +28,6 @@ from .config import (
 )
 from .cost.cli import add_cost_parser, run_cost
 from .features.cli import add_skew_parser, run_skew
-from .inference.background import parse_loop_share
 from .inference.tracing import parse_endpoint, parse_sample_rate
 from .monitoring.cli import add_monitor_parser, run_monitor
 from .monitoring.slo_cli import add_slo_parser, run_slo
@@ -282,13 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--background-loop-share",
-        type=_argument(parse_loop_share),
+        type=_argument(parse_share),
         default=DEFAULT_BACKGROUND_LOOP_SHARE,
         metavar="S",
         help="while callers are about (one in the last second), background requests "
         "(`convoy batch --server`, replays: the request parameter background) may take "
         f"at most this share of the server's event loop, above 0 and at most 1 (default "
         f"{DEFAULT_BACKGROUND_LOOP_SHARE:g}); with no caller about, no limit (docs/batch.md)",
+    )
+    serve.add_argument(
+        "--background-compute-share",
+        type=_argument(parse_share),
+        default=DEFAULT_BACKGROUND_COMPUTE_SHARE,
+        metavar="S",
+        help="while callers are about, background batches may take at most this share of "
+        f"a model's instance time, above 0 and at most 1 (default "
+        f"{DEFAULT_BACKGROUND_COMPUTE_SHARE:g}); with no caller about, no limit "
+        "(docs/batch.md)",
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     security = serve.add_argument_group("security")
@@ -416,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         auth_tokens=args.auth_tokens,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
-        limits=ServingLimits(max_queue_size=args.max_queue_size, max_elements=args.max_elements),
+        limits=ServingLimits(
+            max_queue_size=args.max_queue_size,
+            max_elements=args.max_elements,
+            background_compute_share=args.background_compute_share,
+        ),
         repository_poll_s=args.repository_poll_secs,
         rollout_state_dir=args.rollout_state_dir,
         max_connection_age_ms=args.max_connection_age_ms,

@@ -57,17 +57,23 @@ class CacheConfig:
     implementation: str = "local"
 
 
+# Chosen from measurements: inference/background.py and batching/queue.py say which.
+DEFAULT_BACKGROUND_LOOP_SHARE = 0.015
+DEFAULT_BACKGROUND_COMPUTE_SHARE = 0.05
+
+
 @dataclass(frozen=True)
 class ServingLimits:
     """Server-wide bounds that keep memory flat under overload."""
 
     max_queue_size: int = 1024  # per model priority level, where config.pbtxt sets none
     max_elements: int = 1 << 28  # tensor elements per request input
+    # While callers are about: the share of a model's instance time background batches
+    # may take (--background-compute-share; batching/budget.py). None: no limit.
+    background_compute_share: float | None = DEFAULT_BACKGROUND_COMPUTE_SHARE
 
 
 DEFAULT_LIMITS = ServingLimits()
-# Chosen from measurements: inference/background.py says which.
-DEFAULT_BACKGROUND_LOOP_SHARE = 0.02
 
 
 @dataclass(frozen=True)

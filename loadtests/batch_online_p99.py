@@ -8,10 +8,11 @@
 at --rate, loadtests.bench) of one-row requests; the batch job (`convoy batch --server`,
 its default --cpu-priority idle) reads a Parquet file of random rows long enough to outlast
 the run. The job is started once; each round measures one slice of --duration seconds with
-the job paused (SIGSTOP: its requests in flight are answered first) and one with it
-running (SIGCONT), alternating which comes first. A p99 is the 20th-largest of 2,000
-samples at 10 s and 200 req/s, so the slices of each kind are pooled: printed are the
-pooled p99s alone and beside the job, their ratio (target: at most x1.10), the median of
+the job paused (SIGSTOP: its requests in flight are answered first, which the server may
+hold for a while, pacing background work) and one with it running (SIGCONT), alternating
+which comes first. A p99 is the 20th-largest of 2,000 samples at 10 s and 200 req/s, so
+the slices of each kind are pooled: printed are the pooled p99s alone and beside the job,
+their ratio (target: at most x1.10), the median of
 the rounds' own ratios, the server's and the job's CPU while the job ran, and its rows/s.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import signal
@@ -61,9 +61,29 @@ def start_job(
     )  # fmt: skip
 
 
-def scored_rows(output: Path) -> int:
-    manifest = output / "_convoy_batch.json"
-    return int(json.loads(manifest.read_text())["rows"]) if manifest.exists() else 0
+def served_rows(url: str, model: str) -> int:
+    """Rows the server has computed for the model, callers' and the job's: the job's
+    progress between two reads, less the callers' one-row requests (its output's
+    manifest moves by whole parts, minutes apart for a job paced beside callers)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(model, as_json=True)
+    return sum(int(m.get("inference_count", 0)) for m in stats.get("model_stats", []))
+
+
+def settle(url: str, model: str) -> None:
+    """Wait until the paused job's requests in flight are answered: the server paces
+    background work while callers are about, so some may wait there for seconds; with
+    no caller about (none now) they are answered at once once the callers' second ends."""
+    time.sleep(1.2)
+    rows = served_rows(url, model)
+    for _ in range(100):
+        time.sleep(0.3)
+        now = served_rows(url, model)
+        if now == rows:
+            return
+        rows = now
 
 
 def p99(latencies: list[float]) -> float:
@@ -92,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--job-args", default="", help="more `convoy batch` flags, e.g. '--concurrency 1'"
     )
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="more `convoy serve` flags, e.g. '--background-loop-share 0.05'",
+    )
     args = parser.parse_args(argv)
     spec = load_spec(examples() / args.model)
     print(f"{args.model}: max_batch_size {spec.max_batch_size}, online {args.rate:g} req/s")
@@ -100,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         source, output = work / "rows", work / "out"
         rows = args.rows or int(JOB_ROWS_PER_S * args.duration * (args.rounds + 2))
         write_repeated_input(args.model, rows, source)
-        server = start_convoy(examples())
+        server = start_convoy(examples(), *args.server_args.split())
         payload = build_request(server.url, args.model, 1)
         pooled: dict[str, list[float]] = {"alone": [], "beside": []}
         ratios: list[float] = []
@@ -110,19 +135,22 @@ def main(argv: list[str] | None = None) -> None:
         job = start_job(args.model, source, output, server.url, args.job_args.split())
         try:
             open_loop_samples(server.url, payload, args.rate, 2.0)  # warm-up
-            deadline = time.monotonic() + 120
-            while scored_rows(output) == 0 and time.monotonic() < deadline:
+            before, deadline = served_rows(server.url, args.model), time.monotonic() + 120
+            while served_rows(server.url, args.model) == before and time.monotonic() < deadline:
                 time.sleep(0.2)  # the job has loaded and scores
-            if job.poll() is not None or scored_rows(output) == 0:
+            if job.poll() is not None or served_rows(server.url, args.model) == before:
                 raise SystemExit("the batch job did not start scoring")
             for r in range(args.rounds):
                 round_p99: dict[str, float] = {}
                 round_rate = 0.0
                 for kind in ("alone", "beside") if r % 2 == 0 else ("beside", "alone"):
                     os.kill(job.pid, signal.SIGCONT if kind == "beside" else signal.SIGSTOP)
-                    time.sleep(0.5)  # the job's requests in flight answered, or its pace reached
+                    if kind == "alone":
+                        settle(server.url, args.model)
+                    else:
+                        time.sleep(0.5)  # the job's pace reached
                     cpu0, jcpu0 = cpu_seconds(server.proc.pid), cpu_seconds(job.pid)
-                    rows0, start = scored_rows(output), time.perf_counter()
+                    rows0, start = served_rows(server.url, args.model), time.perf_counter()
                     latencies, failed = open_loop_samples(
                         server.url, payload, args.rate, args.duration
                     )
@@ -130,15 +158,16 @@ def main(argv: list[str] | None = None) -> None:
                     errors[kind] += failed
                     round_p99[kind] = p99(latencies)
                     if kind == "beside":
-                        if job.poll() is not None or scored_rows(output) == rows0:
+                        rows = served_rows(server.url, args.model) - rows0 - len(latencies)
+                        if job.poll() is not None or rows <= 0:
                             raise SystemExit(  # else the slice measured callers alone
                                 "the batch job ended or stopped scoring: give it more --rows"
                             )
-                        round_rate = (scored_rows(output) - rows0) / (time.perf_counter() - start)
+                        round_rate = rows / (time.perf_counter() - start)
                         busy_s += time.perf_counter() - start
                         server_cpu += cpu_seconds(server.proc.pid) - cpu0
                         job_cpu += cpu_seconds(job.pid) - jcpu0
-                        scored += scored_rows(output) - rows0
+                        scored += rows
                 ratios.append(round_p99["beside"] / round_p99["alone"])
                 print(
                     f"round {r + 1}: p99 alone {round_p99['alone']:.2f} ms, beside the job "

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from convoy.batching.queue import CALLERS_RECENT_NS
+from convoy.batching.budget import CALLERS_RECENT_NS, ShareBudget, parse_share
 from convoy.errors import ConfigError, DeadlineExceeded, Unavailable
 from convoy.inference.admission import Draining
 from convoy.inference.background import (
     BURST_NS,
     BackgroundPacing,
-    LoopBudget,
-    parse_loop_share,
 )
 
 from .fakes import FakeClock
@@ -25,8 +23,8 @@ MS = 1_000_000
 COST = 300_000  # a background request's loop time
 
 
-def budget(share: float = 0.02, clock: FakeClock | None = None) -> LoopBudget:
-    return LoopBudget(share, clock=clock or FakeClock())
+def budget(share: float = 0.02, clock: FakeClock | None = None) -> ShareBudget:
+    return ShareBudget(share, BURST_NS, clock=clock or FakeClock())
 
 
 def test_no_limit_while_no_caller_is_about() -> None:
@@ -109,8 +107,8 @@ def test_charges_are_counted_callers_or_not() -> None:
 @pytest.mark.parametrize("text", ["0", "-0.1", "1.5", "nan", "half"])
 def test_a_share_outside_0_to_1_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match=r"must be above 0 and at most 1|is not a number"):
-        parse_loop_share(text)
-    assert parse_loop_share("1") == 1.0 and parse_loop_share("0.05") == 0.05
+        parse_share(text)
+    assert parse_share("1") == 1.0 and parse_share("0.05") == 0.05
 
 
 def test_the_flag_names_itself_when_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,16 +117,22 @@ def test_the_flag_names_itself_when_refused(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--background-loop-share", "0"])
     assert "--background-loop-share: must be above 0 and at most 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--background-compute-share", "1.5"])
+    assert "--background-compute-share: must be above 0 and at most 1" in (capsys.readouterr().err)
     args = build_parser().parse_args(["serve"])
-    assert args.background_loop_share == 0.02
+    assert args.background_loop_share == 0.015
+    assert args.background_compute_share == 0.05
 
 
 def test_a_server_config_with_a_bad_share_does_not_start(tmp_path: Path) -> None:
     from convoy.app import ConvoyServer
-    from convoy.config import ServerConfig
+    from convoy.config import ServerConfig, ServingLimits
 
     with pytest.raises(ConfigError, match="--background-loop-share"):
         ConvoyServer(ServerConfig(background_loop_share=0.0), tmp_path)
+    with pytest.raises(ConfigError, match="--background-compute-share"):
+        ConvoyServer(ServerConfig(limits=ServingLimits(background_compute_share=2.0)), tmp_path)
 
 
 def test_the_counters_are_exported_when_scraped() -> None:
@@ -165,7 +169,7 @@ def pacing(share: float = 0.02) -> tuple[BackgroundPacing, FakeClock, FakeSleep,
     draining = Draining()
     sleep = FakeSleep(clock)
     return (
-        BackgroundPacing(LoopBudget(share, clock=clock), draining, sleep, COST),
+        BackgroundPacing(ShareBudget(share, BURST_NS, clock=clock), draining, sleep, COST),
         clock,
         sleep,
         draining,
@@ -240,7 +244,9 @@ def test_a_cancelled_waiter_leaves_the_line() -> None:
             await asyncio.Event().wait()
 
         clock = FakeClock()
-        paced = BackgroundPacing(LoopBudget(0.02, clock=clock), Draining(), forever, COST)
+        paced = BackgroundPacing(
+            ShareBudget(0.02, BURST_NS, clock=clock), Draining(), forever, COST
+        )
         paced.budget.caller_arrived()
         paced.budget.charge(BURST_NS + 10 * MS)
         waiters = [asyncio.ensure_future(paced.turn("m", None)) for _ in range(2)]

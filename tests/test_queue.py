@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -698,6 +698,75 @@ def test_the_kept_instance_goes_to_background_work_once_callers_leave(
         assert runner.running == 2 and runner.background_most == 1
         runner.gate.set()  # type: ignore[union-attr]
         await asyncio.gather(caller.future, *(r.future for r in jobs))
+        await queue.close(drain=True)
+
+    run(body)
+
+
+@dataclass
+class TimedRunner(FakeRunner):
+    """Each batch takes `row_us` of the fake clock per row."""
+
+    clock: FakeClock = field(default_factory=FakeClock)
+    row_us: int = 1000
+
+    async def _run(self, batch: Batch) -> BatchOutcome:
+        self.clock.advance_us(self.row_us * batch.rows)
+        return await super()._run(batch)
+
+
+def test_background_batches_take_their_share_of_compute_while_callers_are_about() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        runner = TimedRunner(clock=clock, row_us=10_000)  # 10 ms a row
+        queue = ModelQueue("m", 8, None, runner, RecordingObserver(), clock, background_share=0.1)
+        queue.start()
+        caller = make_request(value=0)
+        queue.submit(caller)
+        await caller.future  # callers are about
+        jobs = [background(v) for v in (1, 2, 3)]
+        for r in jobs:
+            queue.submit(r)
+        await settle()
+        assert runner.batches == [(0.0,), (1.0,)]  # 10 ms spent: 100 ms to pay back at 0.1
+        clock.advance_us(50_000)
+        queue.wake()
+        await settle()
+        assert len(runner.batches) == 2
+        clock.advance_us(50_000)
+        queue.wake()
+        await settle()
+        assert runner.batches[2] == (2.0,)
+        clock.advance_us(1_100_000)  # the callers have gone: no share, no wait
+        queue.wake()
+        await asyncio.gather(*(r.future for r in jobs))
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_background_requests_run_in_pieces_only_while_callers_are_about() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        runner = TimedRunner(clock=clock, row_us=2_000)  # 2 ms a row: 2 rows per 5 ms piece
+        queue = ModelQueue("m", 8, None, runner, RecordingObserver(), clock, background_share=1)
+        queue.start()
+        job = background(0, rows=6)
+        assert queue.piece_rows(job) == 0  # no background row measured yet
+        queue.submit(job)
+        await job.future  # measured: 2 ms a row
+        assert queue.piece_rows(background(1, rows=6)) == 0  # no caller about: whole
+        caller = make_request(value=2)
+        queue.submit(caller)
+        await caller.future
+        assert queue.piece_rows(background(3, rows=6)) == 2
+        assert queue.piece_rows(background(4, rows=2)) == 0  # no larger than a piece
+        assert queue.piece_rows(make_request(rows=6, value=5)) == 0  # a caller's: whole
+        asked = background(6, rows=6)
+        asked.classification = {"y": 1}
+        assert queue.piece_rows(asked) == 0  # ranked outputs are not joined
+        clock.advance_us(1_100_000)
+        assert queue.piece_rows(background(7, rows=6)) == 0  # the callers have gone
         await queue.close(drain=True)
 
     run(body)

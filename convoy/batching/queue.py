@@ -31,6 +31,7 @@ from ..errors import (
 )
 from ..tensors import Array, Ranked
 from .batch import Batch
+from .budget import CALLERS_RECENT_NS, ShareBudget
 from .policy import WAIT, BatchLimits, BatchPlan, plan_batch
 from .request import InferRequest, InferResult
 from .slo import SloController
@@ -38,7 +39,18 @@ from .slo import SloController
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
-CALLERS_RECENT_NS = 1_000_000_000  # callers are "about" for a second after one arrives
+
+
+# The instance time background batches may take at once when callers arrive: none past
+# what they are charged as they finish (a batch runs, then its time is paid back).
+COMPUTE_BURST_NS = 0
+# While callers are about, a background request runs in pieces of about this much
+# compute (piece_rows): a caller's batch beside one on shared cores is slowed for that
+# long at most. image_classifier on 2 cores: 64-row background batches (~80 ms) raised
+# the callers' p99 x2.7 at a 5 % compute share, 4-row ones x0.99 (docs/benchmarks.md).
+PIECE_NS = 5_000_000
+# How much each batch moves the queue's estimate of a row's compute time.
+ROW_NS_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class ModelQueue:
         clock: Clock = time.monotonic_ns,
         slo_target_ns: int | None = None,
         default_max_queue_size: int = 0,
+        background_share: float | None = None,
     ) -> None:
         self.name = name
         self._batching = batching or BatchingConfig()
@@ -140,6 +153,13 @@ class ModelQueue:
         self._closed = False
         self._refusal: ConvoyError | None = None  # set by stop_accepting()
         self._caller_seen_ns = -CALLERS_RECENT_NS - 1  # the last caller's (not background) arrival
+        # While callers are about, background batches take at most this share of the
+        # instances' time: one running beside a caller's slows it (shared cores, a shared
+        # GPU) whatever the order of the queue. None: no limit.
+        self._compute: ShareBudget | None = None
+        if background_share is not None:
+            self._compute = ShareBudget(background_share, COMPUTE_BURST_NS, clock)
+        self._row_ns = 0.0  # a background row's compute time, from those run (0: none yet)
 
     # -- the frontend's side -------------------------------------------------
 
@@ -165,6 +185,8 @@ class ModelQueue:
             request.arrival_ns = self._clock()
         if not request.background:
             self._caller_seen_ns = self._clock()  # not arrival_ns: set before a model's load
+            if self._compute is not None:
+                self._compute.caller_arrived(self._caller_seen_ns)
         request.deadline_ns = self._deadline(request, policy)
         queue.append(request)
         self._depth += 1
@@ -201,6 +223,24 @@ class ModelQueue:
     @property
     def depth(self) -> int:
         return self._depth
+
+    def piece_rows(self, request: InferRequest) -> int:
+        """Rows per piece for a background request while callers are about (0: run it
+        whole): about PIECE_NS of compute each, by the background rows run so far (the
+        first runs whole and is the measure). Only where the
+        background work is budgeted (--background-compute-share), and not for a request
+        asking for classification (its ranked outputs are not joined)."""
+        if (
+            not request.background
+            or self._compute is None
+            or self._limits.max_batch_size <= 0
+            or request.classification
+            or self._row_ns <= 0
+            or self._clock() - self._caller_seen_ns > CALLERS_RECENT_NS
+        ):
+            return 0
+        rows = max(1, int(PIECE_NS // self._row_ns))
+        return rows if rows < request.rows else 0
 
     @property
     def busy(self) -> int:
@@ -306,6 +346,8 @@ class ModelQueue:
             return plan_batch(background, now, self._limits)
         if self._busy and self._busy >= self._runner.capacity - 1:
             return BatchPlan(take=(), wake_at_ns=callers_until + 1)  # the instance is theirs
+        if self._compute is not None and (wait := self._compute.delay_ns(now)):
+            return BatchPlan(take=(), wake_at_ns=now + wait)  # its share of the instances spent
         return BatchPlan(take=(background[0],))
 
     def _pump(self) -> None:
@@ -412,6 +454,16 @@ class ModelQueue:
     def _finished(self, batch: Batch, ticket: int, outcome: BatchOutcome | BaseException) -> None:
         self._running.pop(ticket, None)
         self._busy -= 1
+        first = batch.requests[0] if batch.requests else None
+        if first is not None and first.dispatch_ns:
+            ran = self._clock() - first.dispatch_ns
+            if self._compute is not None and first.background:
+                self._compute.charge(ran)
+                # Background batches only: a caller's one-row batch is mostly the cost of a
+                # batch, and pieces sized by it would be needlessly small.
+                if isinstance(outcome, BatchOutcome):  # a failure's time says nothing
+                    row = ran / max(1, batch.rows)
+                    self._row_ns += ROW_NS_WEIGHT * (row - self._row_ns) if self._row_ns else row
         try:
             answer = self._answer_batch(batch, outcome)
             # A ticket below the release mark was failed by close() while stuck.

@@ -36,6 +36,9 @@ class InferRequest:
     settled: bool = field(default=False, repr=False)  # answered and counted (by the queue)
     # Work of the server's own (a rollout's comparison run): queued behind every caller.
     background: bool = False
+    # A piece of a background request run in pieces (ServedModel.infer): counted once, as
+    # the whole request, not piece by piece.
+    piece: bool = field(default=False, repr=False)
     # An ensemble's A/B key and door, kept for its steps (the headers are gone by then):
     # a step routes by the key, and its captured row names the door.
     ab_key: str | None = field(default=None, repr=False)

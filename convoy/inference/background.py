@@ -6,8 +6,8 @@ more, whatever its rows: gRPC's receive and send, decoding, the queue, the encod
 A caller that arrives meanwhile waits, and the model queue's priority cannot help: that
 time is spent before and after the queue. So while callers are about (one arrived at this
 server in the last CALLERS_RECENT_NS, whatever the model: the loop is shared by all),
-background requests may take at most a share of the loop's wall time. `LoopBudget` is a
-token bucket over loop time, charged what each background request took; `BackgroundPacing`
+background requests may take at most a share of the loop's wall time. A `ShareBudget`
+(batching/budget.py) over loop time is charged what each background request took; `BackgroundPacing`
 makes a background request wait on it before it is decoded. With no caller about there is
 no limit: a job alone on a server runs at full speed. Issue 27.
 """
@@ -15,17 +15,12 @@ no limit: a job alone on a server runs at full speed. Issue 27.
 from __future__ import annotations
 
 import asyncio
-import math
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
-from ..batching.queue import CALLERS_RECENT_NS
+from ..batching.budget import ShareBudget
 from ..config import DEFAULT_BACKGROUND_LOOP_SHARE
 from ..errors import DeadlineExceeded
 from .admission import Draining
-
-Clock = Callable[[], int]  # monotonic nanoseconds
 
 # On two cores beside 200 callers/s of `tiny`, a job at ~39 requests/s (`--rate 10000` rows/s,
 # about 1.5% of the loop at ~0.38 ms a request) left the callers' p99 at x0.99 and one at
@@ -47,72 +42,6 @@ BURST_NS = 2_000_000
 WAIT_SLICE_NS = 50_000_000
 
 
-def loop_share(value: float) -> float:
-    """The share itself, or ValueError saying what it must be (the flag's check)."""
-    if not 0 < value <= 1:  # NaN too
-        raise ValueError(f"must be above 0 and at most 1, got {value:g}")
-    return value
-
-
-def parse_loop_share(text: str) -> float:
-    """`--background-loop-share`'s argparse type."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"'{text}' is not a number") from None
-    return loop_share(value)
-
-
-@dataclass
-class LoopBudget:
-    """A token bucket over the event loop's time, in nanoseconds: it fills at `share` of
-    the wall time while callers are about, up to `burst_ns`, and every background
-    request's loop time is taken from it; in debt, the next background request waits
-    until the debt is paid. No caller about: always full, no wait, no charge. Lives on
-    the loop (no lock)."""
-
-    share: float
-    burst_ns: int = BURST_NS
-    clock: Clock = time.monotonic_ns
-    callers_seen_ns: int = field(default=-CALLERS_RECENT_NS - 1, init=False)
-    level_ns: float = field(default=0.0, init=False)
-    stamp_ns: int = field(default=0, init=False)
-    charged_ns: int = field(default=0, init=False)  # every charge, callers about or not
-
-    def __post_init__(self) -> None:
-        loop_share(self.share)
-        self.level_ns = self.burst_ns
-        self.stamp_ns = self.clock()
-
-    def caller_arrived(self) -> None:
-        """A caller's request (not background): the only per-caller cost, one clock read."""
-        self.callers_seen_ns = self.clock()
-
-    def delay_ns(self) -> int:
-        """How long the next background request should wait: 0 without callers about or
-        without debt; else until the debt is paid, or until the callers have gone."""
-        now = self.clock()
-        if not self._refill(now) or self.level_ns >= 0:
-            return 0
-        owed = math.ceil(-self.level_ns / self.share)
-        return min(owed, self.callers_seen_ns + CALLERS_RECENT_NS + 1 - now)
-
-    def charge(self, loop_ns: int) -> None:
-        """A background request spent `loop_ns` of the loop's time."""
-        self.charged_ns += loop_ns
-        if self._refill(self.clock()):
-            self.level_ns -= loop_ns
-
-    def _refill(self, now: int) -> bool:
-        """Fill up to `now`; False (and full) while no caller is about."""
-        if now - self.callers_seen_ns > CALLERS_RECENT_NS:
-            self.level_ns, self.stamp_ns = self.burst_ns, now
-            return False
-        self.level_ns = min(self.burst_ns, self.level_ns + (now - self.stamp_ns) * self.share)
-        self.stamp_ns = now
-        return True
-
-
 class BackgroundPacing:
     """The path's side of the budget: a background request takes its turn before it is
     decoded. Those that must wait go one at a time, in arrival order, so only the first
@@ -124,7 +53,7 @@ class BackgroundPacing:
 
     def __init__(
         self,
-        budget: LoopBudget,
+        budget: ShareBudget,
         draining: Draining,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         request_ns: int = REQUEST_LOOP_NS,

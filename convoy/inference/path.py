@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..batching.budget import ShareBudget
 from ..batching.request import InferRequest, InferResult
 from ..cache import BYPASS_PARAMETER, ResponseCache, request_key, request_uses_cache
 from ..config import DEFAULT_LIMITS, ServingLimits
@@ -37,7 +38,7 @@ from ..rollouts.policy import AB_KEY_PARAMETER
 from ..rollouts.shadow import ShadowRunner
 from ..tensors import Array
 from .admission import Draining, RateBudget
-from .background import BackgroundPacing, LoopBudget
+from .background import BURST_NS, BackgroundPacing
 from .caller import Caller
 from .codec import (
     BACKGROUND_PARAMETER,
@@ -107,7 +108,7 @@ class InferencePath:
         # are about; None (a path with no callers: a batch job's, a replay's): no limit.
         self.pacing: BackgroundPacing | None = None
         if background_share is not None:
-            self.pacing = BackgroundPacing(LoopBudget(background_share), self.draining)
+            self.pacing = BackgroundPacing(ShareBudget(background_share, BURST_NS), self.draining)
         self.shm = shm or SharedMemoryRegistry()
         # cuda_shm: tests inject a registry over a fake driver; None is cuda-python's
         # (or the extension off, where cuda-python is not installed).

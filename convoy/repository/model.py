@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
+
+import numpy as np
 
 from ..backends.base import ShapeRange, input_bounds
 from ..batching.batch import Batch
@@ -17,6 +20,7 @@ from ..monitoring.registry import ModelMonitoring, Monitors
 from ..pb import model_config_pb2 as mc
 from ..scheduling.pool import InstancePool
 from ..statistics import ModelStatistics
+from ..tensors import Array
 
 # (model, version, error or None, queue ns, compute ns): told of every request's outcome.
 OutcomeSink = Callable[[str, str, ConvoyError | None, int, int], None]
@@ -94,6 +98,7 @@ class ServedModel:
             clock=clock,
             slo_target_ns=spec.latency_slo_ns,
             default_max_queue_size=limits.max_queue_size,
+            background_share=limits.background_compute_share,
         )
 
     @property
@@ -145,6 +150,42 @@ class ServedModel:
 
     async def infer(self, request: InferRequest) -> InferResult:
         """Queue the request and wait for its one answer."""
+        rows = self.queue.piece_rows(request)
+        if rows:
+            return await self._infer_in_pieces(request, rows)
+        return await self._infer(request)
+
+    async def _infer_in_pieces(self, request: InferRequest, rows: int) -> InferResult:
+        """A background request while callers are about, as pieces of `rows` rows run one
+        after another (ModelQueue.piece_rows says why), joined into one answer and
+        counted as one request."""
+        loop = asyncio.get_running_loop()
+        results: list[InferResult] = []
+        dispatched = 0
+        try:
+            for start in range(0, request.rows, rows):
+                end = min(start + rows, request.rows)
+                piece = dataclasses.replace(
+                    request,
+                    inputs={name: value[start:end] for name, value in request.inputs.items()},
+                    rows=end - start,
+                    future=loop.create_future(),
+                    piece=True,
+                )
+                results.append(await self._infer(piece))
+                dispatched = dispatched or piece.dispatch_ns
+        except ConvoyError as exc:
+            request.dispatch_ns = dispatched
+            self.on_request_done(request, exc, self._clock())
+            raise
+        request.dispatch_ns = dispatched
+        result = _joined(results)
+        self.on_request_done(request, None, self._clock())
+        if not request.future.done():
+            request.future.set_result(result)
+        return result
+
+    async def _infer(self, request: InferRequest) -> InferResult:
         try:
             self.queue.submit(request)
         except ConvoyError as exc:
@@ -183,6 +224,8 @@ class ServedModel:
     def on_request_done(
         self, request: InferRequest, error: ConvoyError | None, now_ns: int
     ) -> None:
+        if request.piece:  # counted once, as the whole request (_infer_in_pieces)
+            return
         total = now_ns - request.arrival_ns
         queued = request.dispatch_ns - request.arrival_ns if request.dispatch_ns else None
         reason = None if error is None else type(error).__name__
@@ -193,3 +236,13 @@ class ServedModel:
             # nothing about this version, its compute time and errors do.
             waited = 0 if request.background else queued or 0
             self._outcomes(self.spec.name, self.version_label, error, waited, compute)
+
+
+def _joined(results: list[InferResult]) -> InferResult:
+    """The pieces' answers, in order, as one (every tensor's batch dimension first)."""
+
+    def join(parts: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    added = [r.added_inputs for r in results]
+    return InferResult(join([r.outputs for r in results]), {}, join(added) if added[0] else {})
