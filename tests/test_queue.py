@@ -752,7 +752,7 @@ def test_background_requests_run_in_pieces_only_while_callers_are_about() -> Non
         queue = ModelQueue("m", 8, None, runner, RecordingObserver(), clock, background_share=1)
         queue.start()
         job = background(0, rows=6)
-        assert queue.piece_rows(job) == 0  # no background row measured yet
+        assert queue.piece_rows(job) == 0  # no caller about
         queue.submit(job)
         await job.future  # measured: 2 ms a row
         assert queue.piece_rows(background(1, rows=6)) == 0  # no caller about: whole
@@ -767,6 +767,57 @@ def test_background_requests_run_in_pieces_only_while_callers_are_about() -> Non
         assert queue.piece_rows(asked) == 0  # ranked outputs are not joined
         clock.advance_us(1_100_000)
         assert queue.piece_rows(background(7, rows=6)) == 0  # the callers have gone
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_a_first_background_piece_of_one_row_is_the_measure() -> None:
+    async def body() -> None:
+        clock = FakeClock()
+        runner = TimedRunner(clock=clock)
+        queue = ModelQueue("m", 8, None, runner, RecordingObserver(), clock, background_share=1)
+        queue.start()
+        caller = make_request(value=0)
+        queue.submit(caller)
+        await caller.future
+        assert queue.piece_rows(background(1, rows=6)) == 1
+        assert queue.piece_rows(background(2, rows=1)) == 0
+        await queue.close(drain=True)
+
+    run(body)
+
+
+def test_beside_callers_one_background_batch_runs_at_a_time_and_waits_are_timed() -> None:
+    """No manual wake: the queue's own timer dispatches the next background batch once
+    its share is paid back (the fake clock moved by a task, the timer in real time)."""
+
+    async def body() -> None:
+        clock = FakeClock()
+        runner = TimedRunner(clock=clock, capacity=4, row_us=1_000)
+        queue = ModelQueue("m", 8, None, runner, RecordingObserver(), clock, background_share=0.5)
+        queue.start()
+        caller = make_request(value=0)
+        queue.submit(caller)
+        await caller.future
+        runner.gate = asyncio.Event()
+        jobs = [background(v) for v in (1, 2, 3)]
+        for r in jobs:
+            queue.submit(r)
+        await settle()
+        assert runner.running == 1  # three instances free, one background batch
+        runner.gate.set()
+        await jobs[0].future  # 1 ms charged: 2 ms to wait at a share of 0.5
+
+        async def time_passes() -> None:
+            while True:
+                await asyncio.sleep(0.002)
+                clock.advance_us(2_000)
+
+        ticking = asyncio.ensure_future(time_passes())
+        await asyncio.wait_for(asyncio.gather(*(r.future for r in jobs[1:])), 5)
+        ticking.cancel()
+        assert runner.max_running == 1
         await queue.close(drain=True)
 
     run(body)

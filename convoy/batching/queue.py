@@ -160,6 +160,8 @@ class ModelQueue:
         if background_share is not None:
             self._compute = ShareBudget(background_share, COMPUTE_BURST_NS, clock)
         self._row_ns = 0.0  # a background row's compute time, from those run (0: none yet)
+        self._pieced = 0  # background requests running in pieces (pieces()): a drain waits
+        self._draining = False  # close(drain=True) runs: a pieced request's next piece is taken
 
     # -- the frontend's side -------------------------------------------------
 
@@ -167,7 +169,7 @@ class ModelQueue:
         """Queue an accepted request, or raise at once (Overloaded, Unavailable)."""
         if self._refusal is not None:
             raise self._refusal
-        if self._closed or self._loop is None:
+        if (self._closed and not (request.piece and self._draining)) or self._loop is None:
             raise Unavailable(f"model '{self.name}' is not accepting requests")
         # Background work waits in the last deque, behind every caller's request.
         level = self._background if request.background else self._level_of(request.priority)
@@ -235,12 +237,29 @@ class ModelQueue:
             or self._compute is None
             or self._limits.max_batch_size <= 0
             or request.classification
-            or self._row_ns <= 0
             or self._clock() - self._caller_seen_ns > CALLERS_RECENT_NS
         ):
             return 0
+        if self._row_ns <= 0:  # not measured yet: a first piece of one row is the measure
+            return 1 if request.rows > 1 else 0
         rows = max(1, int(PIECE_NS // self._row_ns))
         return rows if rows < request.rows else 0
+
+    @contextlib.contextmanager
+    def pieces(self) -> Iterator[None]:
+        """Around a background request run in pieces (ServedModel.infer): a drain waits
+        for its last piece, and takes its pieces meanwhile."""
+        self._pieced += 1
+        try:
+            yield
+        finally:
+            self._pieced -= 1
+            if self._idle is not None and not (self._depth or self._busy or self._pieced):
+                self._idle.set()
+
+    def cancelled(self) -> Cancelled:
+        """The error of a request its caller cancelled, as the queue counts it."""
+        return Cancelled(f"model '{self.name}': the caller cancelled the request")
 
     @property
     def busy(self) -> int:
@@ -283,13 +302,16 @@ class ModelQueue:
         self._closed = True
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        if drain and self._idle is not None and (self._depth or self._busy):
+        if drain and self._idle is not None and (self._depth or self._busy or self._pieced):
+            self._draining = True
             try:
                 await asyncio.wait_for(self._drained(), timeout_s)
             except TimeoutError:
                 log.warning(
                     "model '%s': drain passed %.1f s; failing the rest", self.name, timeout_s
                 )
+            finally:
+                self._draining = False
         for timer in (self._timer, self._deadline_timer):
             if timer is not None:
                 timer.cancel()
@@ -311,7 +333,7 @@ class ModelQueue:
 
     async def _drained(self) -> None:
         assert self._idle is not None
-        while self._depth or self._busy:
+        while self._depth or self._busy or self._pieced:
             self._idle.clear()
             self._schedule_pump()
             await self._idle.wait()
@@ -346,8 +368,11 @@ class ModelQueue:
             return plan_batch(background, now, self._limits)
         if self._busy and self._busy >= self._runner.capacity - 1:
             return BatchPlan(take=(), wake_at_ns=callers_until + 1)  # the instance is theirs
-        if self._compute is not None and (wait := self._compute.delay_ns(now)):
-            return BatchPlan(take=(), wake_at_ns=now + wait)  # its share of the instances spent
+        if self._compute is not None:
+            if any(b.requests[0].background for b in self._running.values() if b.requests):
+                return WAIT  # one background batch at a time beside callers; its end pumps
+            if wait := self._compute.delay_ns(now):
+                return BatchPlan(take=(), wake_at_ns=now + wait)  # its share spent
         return BatchPlan(take=(background[0],))
 
     def _pump(self) -> None:
@@ -366,7 +391,7 @@ class ModelQueue:
                 break
             self._remove(plan.take, now)
             self._dispatch(Batch(requests=plan.take, batched=self._limits.max_batch_size > 0))
-        if self._idle is not None and not self._depth and not self._busy:
+        if self._idle is not None and not (self._depth or self._busy or self._pieced):
             self._idle.set()
 
     def _arm_deadline(self, deadline_ns: int) -> None:
@@ -520,7 +545,12 @@ class ModelQueue:
                     self._settle(request, self._cancelled(), now)
                     continue
                 self._settle(request, result, now)
-                if self.slo is not None and not isinstance(result, ConvoyError):
+                # Background work's latency is its waits behind callers: not the callers'.
+                if (
+                    self.slo is not None
+                    and not isinstance(result, ConvoyError)
+                    and not (request.background)
+                ):
                     slo_changed |= self.slo.observe(now - request.arrival_ns)
             if slo_changed:
                 self._apply_slo()
@@ -533,7 +563,7 @@ class ModelQueue:
             self._settle(request, error, now)
 
     def _cancelled(self) -> Cancelled:
-        return Cancelled(f"model '{self.name}': the caller cancelled the request")
+        return self.cancelled()
 
     def _settle(self, request: InferRequest, answer: InferResult | ConvoyError, now: int) -> None:
         """The one place a request is answered and counted: at most once each, however

@@ -289,7 +289,14 @@ class InferencePath:
         try:
             if request.background and self.slos is not None:
                 self._shed(model.spec.name)
-            if cacheable and self.cache is not None and model.spec.response_cache:
+            # Background work neither reads nor joins the cache: a caller joining its
+            # computation in flight would wait out its pacing and pieces.
+            if (
+                cacheable
+                and not request.background
+                and self.cache is not None
+                and model.spec.response_cache
+            ):
                 result, cache_hit = await self._cached(model, request, caller.time_remaining)
             else:
                 result = await model.infer(request)

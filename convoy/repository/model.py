@@ -14,7 +14,7 @@ from ..batching.batch import Batch
 from ..batching.queue import BatchOutcome, Clock, ModelQueue
 from ..batching.request import InferRequest, InferResult
 from ..config import DEFAULT_LIMITS, ModelSpec, ServingLimits
-from ..errors import ConvoyError
+from ..errors import ConvoyError, InternalError
 from ..metrics import ModelMetrics
 from ..monitoring.registry import ModelMonitoring, Monitors
 from ..pb import model_config_pb2 as mc
@@ -100,6 +100,9 @@ class ServedModel:
             default_max_queue_size=limits.max_queue_size,
             background_share=limits.background_compute_share,
         )
+        # A background request may run in pieces (infer) where its outputs join back:
+        # a batch dimension first and fixed dims past it.
+        self._pieceable = spec.max_batch_size > 0 and all(-1 not in t.dims for t in spec.outputs)
 
     @property
     def devices(self) -> list[str]:
@@ -150,7 +153,7 @@ class ServedModel:
 
     async def infer(self, request: InferRequest) -> InferResult:
         """Queue the request and wait for its one answer."""
-        rows = self.queue.piece_rows(request)
+        rows = self.queue.piece_rows(request) if self._pieceable else 0
         if rows:
             return await self._infer_in_pieces(request, rows)
         return await self._infer(request)
@@ -158,28 +161,42 @@ class ServedModel:
     async def _infer_in_pieces(self, request: InferRequest, rows: int) -> InferResult:
         """A background request while callers are about, as pieces of `rows` rows run one
         after another (ModelQueue.piece_rows says why), joined into one answer and
-        counted as one request."""
+        counted as one request. A drain waits for the last piece (ModelQueue.pieces)."""
         loop = asyncio.get_running_loop()
+        request.arrival_ns = request.arrival_ns or self._clock()  # a shadow copy's is 0
+        starts = range(0, request.rows, rows)
         results: list[InferResult] = []
         dispatched = 0
-        try:
-            for start in range(0, request.rows, rows):
-                end = min(start + rows, request.rows)
-                piece = dataclasses.replace(
-                    request,
-                    inputs={name: value[start:end] for name, value in request.inputs.items()},
-                    rows=end - start,
-                    future=loop.create_future(),
-                    piece=True,
-                )
-                results.append(await self._infer(piece))
-                dispatched = dispatched or piece.dispatch_ns
-        except ConvoyError as exc:
-            request.dispatch_ns = dispatched
-            self.on_request_done(request, exc, self._clock())
-            raise
+        with self.queue.pieces():
+            try:
+                for start in starts:
+                    end = min(start + rows, request.rows)
+                    piece = dataclasses.replace(
+                        request,
+                        inputs={name: value[start:end] for name, value in request.inputs.items()},
+                        rows=end - start,
+                        future=loop.create_future(),
+                        piece=True,
+                    )
+                    self.queue.submit(piece)  # refused: shed, as a whole one would be
+                    self.inflight += 1
+                    try:
+                        results.append(await piece.future)
+                    finally:
+                        self.inflight -= 1
+                    dispatched = dispatched or piece.dispatch_ns
+                sizes = [min(rows, request.rows - start) for start in starts]
+                result = _joined(results, sizes)
+            except ConvoyError as exc:
+                if results or dispatched:  # refused at its first piece: shed, not counted
+                    request.dispatch_ns = dispatched
+                    self.on_request_done(request, exc, self._clock())
+                raise
+            except asyncio.CancelledError:
+                request.dispatch_ns = dispatched
+                self.on_request_done(request, self.queue.cancelled(), self._clock())
+                raise
         request.dispatch_ns = dispatched
-        result = _joined(results)
         self.on_request_done(request, None, self._clock())
         if not request.future.done():
             request.future.set_result(result)
@@ -238,11 +255,22 @@ class ServedModel:
             self._outcomes(self.spec.name, self.version_label, error, waited, compute)
 
 
-def _joined(results: list[InferResult]) -> InferResult:
-    """The pieces' answers, in order, as one (every tensor's batch dimension first)."""
+def _joined(results: Sequence[InferResult], rows: Sequence[int]) -> InferResult:
+    """The pieces' answers, in order, as one; InternalError where a piece's tensor does
+    not have the piece's rows first (an output the backend did not batch)."""
 
     def join(parts: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        for part, count in zip(parts, rows, strict=True):
+            for name, value in part.items():
+                if value.ndim == 0 or value.shape[0] != count:
+                    raise InternalError(
+                        f"output '{name}' of a piece of {count} rows has shape "
+                        f"{list(value.shape)}; expected a batch dimension of {count}"
+                    )
+        try:
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        except ValueError as exc:  # dims past the batch dimension differ between pieces
+            raise InternalError(f"the pieces' outputs do not join: {exc}") from None
 
     added = [r.added_inputs for r in results]
     return InferResult(join([r.outputs for r in results]), {}, join(added) if added[0] else {})
