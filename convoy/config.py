@@ -58,7 +58,7 @@ class CacheConfig:
 
 
 # Chosen from measurements: inference/background.py and batching/queue.py say which.
-DEFAULT_BACKGROUND_LOOP_SHARE = 0.015
+DEFAULT_BACKGROUND_LOOP_SHARE = 0.01
 DEFAULT_BACKGROUND_COMPUTE_SHARE = 0.05
 
 

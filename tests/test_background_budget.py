@@ -121,7 +121,7 @@ def test_the_flag_names_itself_when_refused(capsys: pytest.CaptureFixture[str]) 
         build_parser().parse_args(["serve", "--background-compute-share", "1.5"])
     assert "--background-compute-share: must be above 0 and at most 1" in (capsys.readouterr().err)
     args = build_parser().parse_args(["serve"])
-    assert args.background_loop_share == 0.015
+    assert args.background_loop_share == 0.01
     assert args.background_compute_share == 0.05
 
 
