@@ -68,9 +68,6 @@ class ShareBudget:
         (none where the caller has read it)."""
         self.callers_seen_ns = self.clock() if now is None else now
 
-    def callers_about(self, now: int) -> bool:
-        return now - self.callers_seen_ns <= CALLERS_RECENT_NS
-
     def delay_ns(self, now: int | None = None) -> int:
         """How long the next background work should wait: 0 without callers about or
         without debt; else until the debt is paid, or until the callers have gone."""

@@ -228,10 +228,10 @@ class ModelQueue:
 
     def piece_rows(self, request: InferRequest) -> int:
         """Rows per piece for a background request while callers are about (0: run it
-        whole): about PIECE_NS of compute each, by the background rows run so far (the
-        first runs whole and is the measure). Only where the
-        background work is budgeted (--background-compute-share), and not for a request
-        asking for classification (its ranked outputs are not joined)."""
+        whole): about PIECE_NS of compute each, by the background rows run so far (before
+        any, a first piece of one row is the measure). Only where background work is
+        budgeted (--background-compute-share), and not for a request asking for
+        classification (its ranked outputs are not joined)."""
         if (
             not request.background
             or self._compute is None
@@ -549,7 +549,7 @@ class ModelQueue:
                 if (
                     self.slo is not None
                     and not isinstance(result, ConvoyError)
-                    and not (request.background)
+                    and not request.background
                 ):
                     slo_changed |= self.slo.observe(now - request.arrival_ns)
             if slo_changed:

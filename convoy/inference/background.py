@@ -18,17 +18,17 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from ..batching.budget import ShareBudget
-from ..config import DEFAULT_BACKGROUND_LOOP_SHARE
 from ..errors import DeadlineExceeded
 from .admission import Draining
 
-# On two cores beside 200 callers/s of `tiny`, a job at ~39 requests/s (`--rate 10000` rows/s,
-# about 1.5% of the loop at ~0.38 ms a request) left the callers' p99 at x0.99 and one at
+# Why DEFAULT_BACKGROUND_LOOP_SHARE (config.py) is 0.01. On two cores beside 200 callers/s
+# of `tiny`, a job at ~39 requests/s (`--rate 10000` rows/s, about 1.5% of the loop at
+# ~0.38 ms a request) left the callers' p99 at x0.99 and one at
 # ~117 requests/s (about 4.5%) raised it x1.18 (docs/benchmarks.md, 2026-12-07). Paced by
 # the server, a share of 0.02 gave x1.03-1.10 over three runs, 0.015 x0.96-1.10 over four
 # and 0.01 x0.89-1.03 over two (the job at about 5,800 rows of `tiny` a second beside the
 # callers; docs/benchmarks.md): 0.01, for the margin on a machine this noisy.
-DEFAULT_LOOP_SHARE = DEFAULT_BACKGROUND_LOOP_SHARE
+
 # The loop time of one request that the path cannot time: gRPC's parsing, its two tasks
 # per call and its send, the queue's submit and dispatch, the answered future. Measured
 # (2026-12-07, this 2-core machine, `tiny`, one request at a time, the loop thread's CPU

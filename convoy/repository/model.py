@@ -178,12 +178,7 @@ class ServedModel:
                         future=loop.create_future(),
                         piece=True,
                     )
-                    self.queue.submit(piece)  # refused: shed, as a whole one would be
-                    self.inflight += 1
-                    try:
-                        results.append(await piece.future)
-                    finally:
-                        self.inflight -= 1
+                    results.append(await self._infer(piece))  # refused: shed, uncounted
                     dispatched = dispatched or piece.dispatch_ns
                 sizes = [min(rows, request.rows - start) for start in starts]
                 result = _joined(results, sizes)
