@@ -394,10 +394,12 @@ def test_a_value_is_copied_into_its_arena_whatever_memory_held_it() -> None:
     assert isinstance(kept.base, np.ndarray) and kept.base.dtype == np.uint8  # the chunk
     larger = np.zeros(4 * 4096, np.float32)
     assert arena.copy(larger).base is None  # larger than a chunk: a copy of its own
+    small = np.frombuffer(b"\x00" * 64, np.float32)
+    assert arena.copy(small).base is None  # a copy of its own: cheaper than slicing
 
 
 def test_an_arena_reuses_a_chunk_only_once_nothing_points_into_it() -> None:
-    arena = Arena(np.dtype(np.float32), chunk_bytes=2 * 16)  # two values of 4 floats
+    arena = Arena(np.dtype(np.float32), chunk_bytes=2 * 16, small_bytes=0)  # 2 x 4 floats
     values = [np.full(4, i, np.float32) for i in range(6)]
     kept = [arena.copy(v) for v in values[:2]]
     first_chunk = id(kept[0].base)  # not the chunk itself: a reference would hold it

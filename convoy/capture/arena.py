@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 
 CHUNK_BYTES = 4 << 20  # a chunk: about 85 image rows; a value larger is copied on its own
+# Values smaller than this are copied on their own: a plain copy costs less than the
+# arena's slicing (tiny's 64 bytes), and their join on the writer's thread is cheap.
+SMALL_BYTES = 4096
 
 
 def _references(chunks: list[np.ndarray[Any, Any]], i: int) -> int:
@@ -38,12 +41,19 @@ class Arena:
     side with no padding). Used on the event loop only; the writer's thread only drops
     references, which the loop reads when it looks for a spare chunk."""
 
-    __slots__ = ("_chunk", "_chunk_bytes", "_dtype", "_filled", "_max_spare", "_spare", "rolled")
+    __slots__ = (
+        "_chunk", "_chunk_bytes", "_dtype", "_filled", "_max_spare", "_small", "_spare", "rolled",
+    )  # fmt: skip
 
     def __init__(
-        self, dtype: np.dtype[Any], chunk_bytes: int = CHUNK_BYTES, max_bytes: int = 64 << 20
+        self,
+        dtype: np.dtype[Any],
+        chunk_bytes: int = CHUNK_BYTES,
+        max_bytes: int = 64 << 20,
+        small_bytes: int = SMALL_BYTES,
     ) -> None:
         self._dtype = dtype
+        self._small = small_bytes
         self._chunk_bytes = chunk_bytes - chunk_bytes % dtype.itemsize
         self._chunk: np.ndarray[Any, Any] | None = None
         self._filled = 0  # bytes of the current chunk handed out
@@ -56,9 +66,10 @@ class Arena:
         self.rolled = False
 
     def copy(self, value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """The value's copy, in the current chunk where it fits (a view of the chunk)."""
+        """The value's copy: in the current chunk (a view of it) where it is large and
+        fits, else on its own."""
         size = value.nbytes
-        if size > self._chunk_bytes or value.dtype != self._dtype:
+        if size < self._small or size > self._chunk_bytes or value.dtype != self._dtype:
             return value.copy()
         chunk = self._chunk
         if chunk is None or self._filled + size > self._chunk_bytes:

@@ -145,8 +145,8 @@ class CaptureRecorder:
             elif arena is None:  # BYTES
                 kept = value.copy()
                 nbytes += _objects_size(kept)
-            else:  # a large value into its arena (arena.py says why even `bytes`' are)
-                kept = value.copy() if value.nbytes < SMALL_BYTES else arena.copy(value)
+            else:  # copied into its arena (arena.py says why even `bytes`' are)
+                kept = arena.copy(value)
                 nbytes += kept.nbytes
             keep(kept)
         answers = result.outputs if result is not None else {}
@@ -160,7 +160,7 @@ class CaptureRecorder:
                 kept = value.copy()
                 nbytes += _objects_size(kept)
             else:
-                kept = value.copy() if value.nbytes < SMALL_BYTES else arena.copy(value)
+                kept = arena.copy(value)
                 nbytes += kept.nbytes
             keep(kept)
         if plan.padding:
@@ -170,12 +170,6 @@ class CaptureRecorder:
             if arena.rolled:
                 split, arena.rolled = True, False
         return self._writer.put(served.spec, served.version_label, tuple(row), nbytes, split)
-
-
-# Values smaller than this are copied on their own: a plain copy costs less than the
-# arena's slicing (tiny's 64 bytes), and their join on the writer's thread is cheap.
-# Inlined where used: a function call per tensor is 3 % of a tiny row's loop time.
-SMALL_BYTES = 4096
 
 
 def _objects_size(array: np.ndarray[Any, Any]) -> int:

@@ -144,9 +144,7 @@ class CaptureWriter:
             if split:
                 pending.breaks.append(len(pending.rows))
             pending.rows.append(row)
-            self._held += nbytes  # _hold, inlined: a call per row is a tiny row's 3 %
-            if self._held > self.config.max_bytes // 2:
-                self._wake.set()
+            self._hold(nbytes)
         return True
 
     def put_label(
