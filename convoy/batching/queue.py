@@ -187,8 +187,8 @@ class ModelQueue:
             request.arrival_ns = self._clock()
         if not request.background:
             self._caller_seen_ns = self._clock()  # not arrival_ns: set before a model's load
-            if self._compute is not None:
-                self._compute.caller_arrived(self._caller_seen_ns)
+            if self._compute is not None:  # caller_arrived, without a call per caller
+                self._compute.callers_seen_ns = self._caller_seen_ns
         request.deadline_ns = self._deadline(request, policy)
         queue.append(request)
         self._depth += 1

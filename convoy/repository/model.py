@@ -152,11 +152,25 @@ class ServedModel:
         self.monitoring = monitoring if monitoring.active else None
 
     async def infer(self, request: InferRequest) -> InferResult:
-        """Queue the request and wait for its one answer."""
-        rows = self.queue.piece_rows(request) if self._pieceable else 0
-        if rows:
-            return await self._infer_in_pieces(request, rows)
-        return await self._infer(request)
+        """Queue the request and wait for its one answer (a background request beside
+        callers: in pieces). A caller's request passes the pieces at one attribute read:
+        this runs for every request."""
+        if request.background and not request.piece and self._pieceable:
+            rows = self.queue.piece_rows(request)
+            if rows:
+                return await self._infer_in_pieces(request, rows)
+        try:
+            self.queue.submit(request)
+        except ConvoyError as exc:
+            if request.background:  # shed, not a failure of this version
+                raise
+            self.record_rejection(exc)
+            raise
+        self.inflight += 1
+        try:
+            return await request.future
+        finally:
+            self.inflight -= 1
 
     async def _infer_in_pieces(self, request: InferRequest, rows: int) -> InferResult:
         """A background request while callers are about, as pieces of `rows` rows run one
@@ -178,7 +192,7 @@ class ServedModel:
                         future=loop.create_future(),
                         piece=True,
                     )
-                    results.append(await self._infer(piece))  # refused: shed, uncounted
+                    results.append(await self.infer(piece))  # refused: shed, uncounted
                     dispatched = dispatched or piece.dispatch_ns
                 sizes = [min(rows, request.rows - start) for start in starts]
                 result = _joined(results, sizes)
@@ -196,20 +210,6 @@ class ServedModel:
         if not request.future.done():
             request.future.set_result(result)
         return result
-
-    async def _infer(self, request: InferRequest) -> InferResult:
-        try:
-            self.queue.submit(request)
-        except ConvoyError as exc:
-            if request.background:  # shed, not a failure of this version
-                raise
-            self.record_rejection(exc)
-            raise
-        self.inflight += 1
-        try:
-            return await request.future
-        finally:
-            self.inflight -= 1
 
     def record_cached(self, total_ns: int) -> None:
         """A success, as Triton counts cache hits; inference_count is left alone."""
