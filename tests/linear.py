@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 SOURCE = """
 class Model:
@@ -49,3 +50,13 @@ def write_linear_model(
         + extra
     )
     return root
+
+
+def infer_x(client: Any, model: str, value: float, request_id: str) -> Any:
+    """One row, X = value, to a linear model through tritonclient's gRPC client."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    x = grpcclient.InferInput("X", [1, 1], "FP32")
+    x.set_data_from_numpy(np.full((1, 1), value, np.float32))
+    return client.infer(model, [x], request_id=request_id)

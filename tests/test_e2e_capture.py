@@ -21,7 +21,7 @@ from convoy.pb import convoy_admin_pb2 as admin
 from convoy.pb import convoy_admin_pb2_grpc as admin_grpc
 
 from .conftest import ROOT, start_server
-from .linear import linear_source, write_linear_model
+from .linear import infer_x, linear_source, write_linear_model
 
 pytestmark = pytest.mark.e2e
 duckdb = pytest.importorskip("duckdb", reason="duckdb missing: a test extra")
@@ -44,9 +44,7 @@ def test_every_answered_request_is_a_row_after_sigterm(tmp_path: Path) -> None:
         grpc_client = grpcclient.InferenceServerClient(server.url)
         http_client = httpclient.InferenceServerClient(server.http_url)
         for i in range(20):
-            x = grpcclient.InferInput("X", [1, 1], "FP32")
-            x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
-            grpc_client.infer("lin", [x], request_id=f"g{i}")
+            infer_x(grpc_client, "lin", float(i), f"g{i}")
         for i in range(5):
             h = httpclient.InferInput("X", [2, 1], "FP32")
             h.set_data_from_numpy(np.full((2, 1), float(i), np.float32))
@@ -61,9 +59,7 @@ def test_every_answered_request_is_a_row_after_sigterm(tmp_path: Path) -> None:
             spec = admin.RolloutSpec(strategy="shadow", step_interval_s=600, shadow_fraction=1)
             rollouts.Start(admin.StartRolloutRequest(model="lin", version="2", spec=spec))
             for i in range(5):
-                x = grpcclient.InferInput("X", [1, 1], "FP32")
-                x.set_data_from_numpy(np.full((1, 1), 100.0 + i, np.float32))
-                grpc_client.infer("lin", [x], request_id=f"s{i}")
+                infer_x(grpc_client, "lin", 100.0 + i, f"s{i}")
             time.sleep(1.0)  # mirrored runs queue behind callers
         grpc_client.close()
     finally:
@@ -114,9 +110,7 @@ def test_after_kill_9_every_visible_file_is_complete(tmp_path: Path) -> None:
     )
     client = grpcclient.InferenceServerClient(server.url)
     for i in range(10):
-        x = grpcclient.InferInput("X", [1, 1], "FP32")
-        x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
-        client.infer("lin", [x], request_id=f"k{i}")
+        infer_x(client, "lin", float(i), f"k{i}")
     client.close()
     time.sleep(2.0)  # a flush or more has passed
     server.stop(signal.SIGKILL)
@@ -137,9 +131,7 @@ def test_capture_to_an_object_store(tmp_path: Path, s3_query: str) -> None:
     server = start_server(repository(tmp_path / "repo"), "--capture-dir", uri)
     client = grpcclient.InferenceServerClient(server.url)
     for i in range(5):
-        x = grpcclient.InferInput("X", [1, 1], "FP32")
-        x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
-        client.infer("lin", [x], request_id=f"o{i}")
+        infer_x(client, "lin", float(i), f"o{i}")
     client.close()
     assert server.stop() == 0, server.output()
     filesystem, base = open_filesystem(uri)

@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
@@ -20,7 +19,7 @@ from convoy.pb import convoy_monitoring_pb2 as pb
 from convoy.pb import convoy_monitoring_pb2_grpc as pb_grpc
 
 from .conftest import ROOT, start_server
-from .linear import linear_source, write_linear_model
+from .linear import infer_x, linear_source, write_linear_model
 
 pytestmark = pytest.mark.e2e
 duckdb = pytest.importorskip("duckdb", reason="duckdb missing: a test extra")
@@ -56,9 +55,7 @@ def test_labels_from_feedback_and_a_reproducible_dataset(tmp_path: Path) -> None
         client = grpcclient.InferenceServerClient(server.url)
         for model, count in (("lin", 10), ("plain", 2)):
             for i in range(count):
-                x = grpcclient.InferInput("X", [1, 1], "FP32")
-                x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
-                client.infer(model, [x], request_id=f"{model}-{i}")
+                infer_x(client, model, float(i), f"{model}-{i}")
         client.close()
         with grpc.insecure_channel(server.url) as channel:
             feedback = pb_grpc.MonitoringServiceStub(channel).Feedback
@@ -125,9 +122,7 @@ def test_labels_and_rows_through_front_end_processes(tmp_path: Path) -> None:
     try:
         client = grpcclient.InferenceServerClient(server.url)
         for i in range(6):
-            x = grpcclient.InferInput("X", [1, 1], "FP32")
-            x.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
-            client.infer("lin", [x], request_id=f"lin-{i}")
+            infer_x(client, "lin", float(i), f"lin-{i}")
         client.close()
         with grpc.insecure_channel(server.url) as channel:
             feedback = pb_grpc.MonitoringServiceStub(channel).Feedback
