@@ -148,7 +148,7 @@ def test_outputs_equal_the_online_answers(
         "--id-column", "key", "--keep", "note", "--batch-size", "64", *source,
     )  # fmt: skip
     assert code == 0, err
-    assert summary["rows"] == ROWS and summary["errors"] == 0 and summary["rows_per_s"] > 0
+    assert summary["rows"] == ROWS and summary["errors"] == 0 and summary["rows/s"] > 0
     table = read_output(tmp_path / "out").sort_by("key")
     assert table.column_names == ["key", "note", "OUTPUT0"]
     order = np.argsort([f"r{i}" for i in range(ROWS)])

@@ -328,8 +328,8 @@ def rows_per_second(rows: int, seconds: float) -> float:
 def summary(
     progress: Progress, manifest: Manifest, seconds: float, scoring_s: float, retries: int = 0
 ) -> dict[str, Any]:
-    """`seconds` is the whole run, the model's load included; rows_per_s is over the
-    scoring alone (`scoring_seconds`), the rate a longer job keeps up."""
+    """`seconds` is the whole run, the model's load included; `rows/s` (the issue's name
+    for it) is over the scoring alone (`scoring_seconds`), the rate a longer job keeps up."""
     return {
         "model": manifest.model,
         "version": manifest.version,
@@ -338,7 +338,7 @@ def summary(
         "parts": progress.parts,
         "seconds": round(seconds, 3),
         "scoring_seconds": round(scoring_s, 3),
-        "rows_per_s": round(rows_per_second(progress.rows + progress.errors, scoring_s), 1),
+        "rows/s": round(rows_per_second(progress.rows + progress.errors, scoring_s), 1),
         "total_rows": manifest.rows,
         "total_errors": manifest.errors,
         "complete": manifest.complete,

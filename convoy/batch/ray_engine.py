@@ -108,7 +108,7 @@ def run_on_ray(config: BatchConfig, err: TextIO) -> Outcome:
         "errors": refused,
         "seconds": round(seconds, 3),
         "scoring_seconds": round(seconds, 3),  # Ray loads the models as it scores
-        "rows_per_s": round((written + refused) / seconds, 1) if seconds > 0 else 0.0,
+        "rows/s": round((written + refused) / seconds, 1) if seconds > 0 else 0.0,
         "total_rows": written,
         "total_errors": refused,
         "complete": True,
