@@ -41,6 +41,13 @@ DICTIONARY_COLUMNS = ("arm", "transport", "status", "error", "client", "kind", "
 TENSOR_COLUMNS = ("inputs", "outputs", "shapes")
 ROW_GROUP_BYTES = 16 << 20  # a row group's size in memory (writer._row_group_rows)
 CONVERT_S = 1.0  # how often buffered rows become Arrow tables (the writer's thread)
+# How long Arrow's allocator (mimalloc) keeps pages freed before it gives them back to the
+# system. At its default, the pages one flush's Parquet encoder freed went back within
+# milliseconds, and the next flush faulted its buffers in afresh as zeroed 2 MiB pages:
+# 18 % of the writer thread's CPU on image rows (perf, 2026-12-07). Kept 30 s, they are
+# reused flush after flush while capture runs, and given back once it is idle. mimalloc
+# reads this when pyarrow first allocates; a value set in the environment wins.
+ARROW_PAGES_KEPT = ("MIMALLOC_PURGE_DELAY", "30000")  # ms
 
 
 class CaptureCounts:
@@ -75,6 +82,7 @@ class CaptureWriter:
         self.config = config
         self.counts = counts or CaptureCounts()
         self._clock = clock
+        os.environ.setdefault(*ARROW_PAGES_KEPT)  # before pyarrow loads (open_filesystem)
         self._fs, self._base = open_filesystem(config.uri)
         # Rows by (config, version), as columns (rows.PendingRows says why).
         self._rows: dict[tuple[int, str], PendingRows] = {}
