@@ -134,3 +134,27 @@ def test_batch_online_p99_pauses_and_resumes_a_real_job(capsys: pytest.CaptureFi
     printed = capsys.readouterr().out
     assert "round 1: p99 alone" in printed and "errors 0/0" in printed
     assert "while the job ran: it scored" in printed
+
+
+@pytest.mark.e2e
+def test_capture_overhead_pairs_slices_of_two_servers(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtests.capture_overhead import main
+
+    main(["--models", "tiny", "--pairs", "2", "--duration", "1", "--settle", "0.2",
+          "--warmup", "0.5"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed.count("capture off") == printed.count("capture on ") == 2
+    assert "errors 0" in printed and " 0 dropped" in printed
+    assert "tiny: throughput x" in printed and "over 2 pairs" in printed
+
+
+@pytest.mark.e2e
+def test_capture_overhead_aa_runs_two_servers_without_capture(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from loadtests.capture_overhead import main
+
+    main(["--aa", "--models", "tiny", "--pairs", "1", "--duration", "1", "--settle", "0"])
+    printed = capsys.readouterr().out
+    assert "both without capture (A/A)" in printed and "rows written" not in printed
+    assert "first server" in printed and "second server" in printed and "capture on" not in printed
