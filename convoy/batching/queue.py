@@ -425,7 +425,7 @@ class ModelQueue:
             for request in queue:
                 if request.abandoned:
                     changed = True
-                    self._settle(request, self._cancelled(), now)
+                    self._settle(request, self.cancelled(), now)
                     continue
                 if request.deadline_ns is not None and now >= request.deadline_ns:
                     changed = True
@@ -542,7 +542,7 @@ class ModelQueue:
             for request, result in zip(batch.requests, per_request, strict=True):
                 if request.future.cancelled():
                     # The caller left while its batch ran: a cancellation, not a success.
-                    self._settle(request, self._cancelled(), now)
+                    self._settle(request, self.cancelled(), now)
                     continue
                 self._settle(request, result, now)
                 # Background work's latency is its waits behind callers: not the callers'.
@@ -561,9 +561,6 @@ class ModelQueue:
         now = self._clock()
         for request in batch.requests:
             self._settle(request, error, now)
-
-    def _cancelled(self) -> Cancelled:
-        return self.cancelled()
 
     def _settle(self, request: InferRequest, answer: InferResult | ConvoyError, now: int) -> None:
         """The one place a request is answered and counted: at most once each, however
@@ -589,7 +586,7 @@ class ModelQueue:
         for queue in self._levels:
             while queue:
                 request = queue.popleft()
-                self._settle(request, self._cancelled() if request.abandoned else error, now)
+                self._settle(request, self.cancelled() if request.abandoned else error, now)
         self._depth = 0
 
 
