@@ -154,7 +154,7 @@ def decode_request(
         deadline_ns=_deadline(request.parameters, now_ns, caller_deadline_ns),
         priority=_priority(request.parameters, spec),
         classification=classification,
-        background=_background(request.parameters),
+        background=asks_background(request.parameters),
     )
 
 
@@ -359,7 +359,9 @@ def _priority(params: Mapping[str, pb.InferParameter], spec: ModelSpec) -> int:
 BACKGROUND_PARAMETER = "background"
 
 
-def _background(params: Mapping[str, pb.InferParameter]) -> bool:
+def asks_background(params: Mapping[str, pb.InferParameter]) -> bool:
+    """The request parameter `background`; InvalidInput where it is not a bool. Callers
+    mostly send no parameters: one length check."""
     if not params or BACKGROUND_PARAMETER not in params:
         return False
     param = params[BACKGROUND_PARAMETER]

@@ -41,7 +41,7 @@ from .admission import Draining, RateBudget
 from .background import BURST_NS, BackgroundPacing
 from .caller import Caller
 from .codec import (
-    BACKGROUND_PARAMETER,
+    asks_background,
     decode_request,
     encode_response,
     shared_outputs,
@@ -558,13 +558,12 @@ def _cache_wanted(request: pb.ModelInferRequest) -> bool:
 
 
 def _asks_background(request: pb.ModelInferRequest) -> bool:
-    """The request parameter `background` set true, read before decoding (which refuses
-    a value that is not a bool). Callers mostly send no parameters: one length check."""
-    params = request.parameters
-    if not params or BACKGROUND_PARAMETER not in params:
+    """The request parameter `background` set true, read before decoding; a value that
+    is not a bool is left to the decoding, which refuses it as the model's rejection."""
+    try:
+        return asks_background(request.parameters)
+    except InvalidInput:
         return False
-    param = params[BACKGROUND_PARAMETER]
-    return param.WhichOneof("parameter_choice") == "bool_param" and bool(param.bool_param)
 
 
 def _uses_shared_memory(request: pb.ModelInferRequest) -> bool:
