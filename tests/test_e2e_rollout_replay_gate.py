@@ -36,10 +36,15 @@ def rollout(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[st
     )  # fmt: skip
 
 
-def status(server: ServerProcess) -> dict[str, Any]:
+def status(server: ServerProcess, started: bool = True) -> dict[str, Any]:
+    """`rollout status lin --json`; `started=False`: {} while there is no rollout yet
+    (`--json` then prints nothing), as a declared one is before the poll finds it."""
     done = rollout(server, "status", "lin", "--json")
     assert done.returncode == 0, done.stderr
-    document: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    if not lines and not started:
+        return {}
+    document: dict[str, Any] = json.loads(lines[-1])
     return document
 
 
@@ -112,7 +117,7 @@ def test_a_declared_rollout_replays_a_new_version_found_on_disk(tmp_path: Path) 
         (repo / "lin" / "2").mkdir()
         (repo / "lin" / "2" / "model.py").write_text(linear_source(3))
         deadline = time.monotonic() + 60
-        while (shown := status(server)).get("phase") != "refused":
+        while (shown := status(server, started=False)).get("phase") != "refused":
             assert time.monotonic() < deadline, shown
             time.sleep(0.3)
         assert (shown["stable"], shown["candidate"]) == ("1", "2")
