@@ -149,6 +149,22 @@ def test_capture_overhead_pairs_slices_of_two_servers(capsys: pytest.CaptureFixt
 
 
 @pytest.mark.e2e
+def test_capture_overhead_runs_fresh_servers_and_takes_the_median_of_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from loadtests.capture_overhead import main
+
+    main(["--models", "tiny", "--runs", "2", "--pairs", "1", "--duration", "1", "--settle", "0",
+          "--warmup", "0.2"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "run 1/2" in printed and "run 2/2" in printed
+    assert printed.count("capture off") == printed.count("capture on ") == 2
+    assert "over 1 pairs of each of 2 runs" in printed and " 0 dropped" in printed
+    assert "median [range] over 2 runs of each run's median:" in printed
+    assert printed.rstrip().splitlines()[-1].lstrip().startswith("tiny: throughput x")
+
+
+@pytest.mark.e2e
 def test_capture_overhead_aa_runs_two_servers_without_capture(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
