@@ -59,8 +59,8 @@ def answered(model: str, count: int) -> list[Answered]:
         out.append(
             Answered(
                 "grpc", None, request.id, served, "none", request, result, None, False, 3,
-                lambda: None,
-            )  # type: ignore[arg-type]
+                lambda: None, True,
+            )  # type: ignore[arg-type]  # its own inputs, as a gRPC request's
         )  # fmt: skip
     loop.close()
     return out

@@ -577,3 +577,102 @@ def test_image_rows_across_arena_chunks_read_back_as_served(tmp_path: Path, vers
     for item in items:
         sent = item.request.inputs[name]
         assert np.array_equal(got[item.request_id].reshape(sent.shape), sent)
+
+
+TINY = """
+name: "t"
+platform: "onnxruntime_onnx"
+max_batch_size: 256
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 16 ] } ]
+parameters [ { key: "capture_sample_rate" value { string_value: "1" } } ]
+"""
+
+
+def tiny_spec(tmp_path: Path, text: str = TINY) -> Any:
+    folder = tmp_path / "t"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.pbtxt").write_text(text)
+    return validate_model_config(read_model_config(folder), "t/config.pbtxt", "t")
+
+
+def tiny_answered(spec: Any, request_id: str, own: bool, x: Any, y: Any) -> Any:
+    from convoy.batching.request import InferRequest, InferResult
+    from convoy.inference.path import Answered
+
+    served = type("Served", (), {"spec": spec, "version_label": "1"})()
+    request = InferRequest(request_id, {"X": x}, ("Y",), x.shape[0], (), None,  # type: ignore[arg-type]
+                           arrival_ns=1_000, dispatch_ns=5_000)  # fmt: skip
+    return Answered("grpc", "c", request_id, served, "none", request, InferResult({"Y": y}),
+                    None, False, 9_000, lambda: None, own)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_a_request_kept_by_reference_reads_back_as_one_copied(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    writer = CaptureWriter(CaptureConfig(uri=str(tmp_path / "capture")))  # no thread:
+    recorder = CaptureRecorder(writer, lambda e: "INTERNAL", wall_clock_ns=lambda: 7_000_000)
+    x = np.frombuffer(np.arange(32, dtype=np.float32).tobytes(), np.float32).reshape(2, 16)
+    y = x * 2
+    recorder(tiny_answered(spec, "kept", True, x, y))
+    recorder(tiny_answered(spec, "copied", False, x, y))
+    (*_, how), (*_, split) = writer._queue  # flushed below, by hand
+    assert how is None and split is False  # laid out on the writer's thread; on the loop
+    writer.flush()
+    (path,) = files(tmp_path / "capture")
+    found = (
+        duckdb.connect()
+        .execute(
+            f"SELECT request_id, timestamp, queue_us, compute_us, total_us, status, inputs, "
+            f"outputs, shapes FROM '{path}' ORDER BY request_id DESC"
+        )
+        .fetchall()
+    )
+    assert found[0][0] == "kept" and found[1][0] == "copied"
+    assert found[0][1:] == found[1][1:]
+    assert found[0][2:5] == (4, 4, 8)
+    assert found[0][6]["X"][1] == list(range(16, 32))
+    assert found[0][7]["Y"][0] == [2.0 * v for v in range(16)]
+
+
+def test_what_is_kept_by_reference(tmp_path: Path) -> None:
+    from convoy.capture.recorder import _Plan
+
+    def plan(text: str) -> _Plan:
+        spec = tiny_spec(tmp_path, text)
+        assert spec.capture is not None
+        return _Plan(spec, spec.capture, 1 << 20)
+
+    assert plan(TINY).reference_rows == 63  # 64 bytes a row, each tensor under 4 KiB
+    python = TINY.replace('platform: "onnxruntime_onnx"', 'backend: "convoy_python"')
+    assert plan(python).reference_rows == 0  # a Python model may reuse its output buffers
+    outputs_off = python.replace(
+        "parameters [", 'parameters [ { key: "capture_outputs" value { string_value: "false" } },'
+    )
+    assert plan(outputs_off).reference_rows == 63  # its outputs are not kept at all
+    hashed = TINY.replace(
+        "parameters [", 'parameters [ { key: "capture_hash" value { string_value: "X" } },'
+    )
+    assert plan(hashed).reference_rows == 0  # hashed on the loop
+    assert (
+        plan(TINY.replace("dims: [ 16 ] } ]\noutput", "dims: [ -1 ] } ]\noutput")).reference_rows
+        == 0
+    )
+    assert plan(TINY.replace("dims: [ 16 ]", "dims: [ 3, 64, 64 ]", 1)).reference_rows == 0
+    unbatched = TINY.replace("max_batch_size: 256", "max_batch_size: 0")
+    assert plan(unbatched).reference_rows == 1
+
+
+def test_a_python_models_answer_is_copied_before_its_buffers_change(tmp_path: Path) -> None:
+    spec = tiny_spec(
+        tmp_path, TINY.replace('platform: "onnxruntime_onnx"', 'backend: "convoy_python"')
+    )
+    writer = writer_at(tmp_path, flush_s=60)
+    recorder = CaptureRecorder(writer, lambda e: "INTERNAL")
+    x = np.frombuffer(np.ones(16, np.float32).tobytes(), np.float32).reshape(1, 16)
+    reused = np.zeros((1, 16), np.float32)  # the model's own buffer, answered and reused
+    recorder(tiny_answered(spec, "r", True, x, reused))
+    reused[:] = 5.0
+    writer.close(30)
+    (path,) = files(tmp_path / "capture")
+    ((outputs,),) = duckdb.connect().execute(f"SELECT outputs FROM '{path}'").fetchall()
+    assert outputs["Y"] == [[0.0] * 16]

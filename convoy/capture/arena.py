@@ -7,7 +7,9 @@ those bytes until the writer converts them made every next request's 48 KiB land
 fresh pages, 5.7 minor page faults per image request on the loop against 0.29 with
 capture off (perf: PyBytes_FromStringAndSize from the protobuf decoder), about 50 µs of
 the loop's CPU per request. A copy into an already-faulted chunk costs about 4 µs, and the
-request's memory is reused at once, as with capture off.
+request's memory is reused at once, as with capture off. Small values in `bytes` (under
+SMALL_BYTES, tiny's 64) are kept as they are instead (recorder._in_bytes): their memory
+comes from the interpreter's small-object pools, not fresh pages.
 
 A chunk is reused only once nothing points into it (its rows written and their Arrow
 tables gone: checked by reference count), so a row's view never changes under it.

@@ -122,8 +122,8 @@ def hashed(values: np.ndarray[Any, Any], salt: bytes) -> np.ndarray[Any, Any]:
 
 
 class PendingRows:
-    """One model version's rows (of one config) not yet written: appended on the loop
-    under the writer's lock, turned into columns on the writer's thread."""
+    """One model version's rows (of one config) not yet written, gathered by the
+    writer's thread from what the loop put, and turned into columns there."""
 
     __slots__ = ("breaks", "rows", "spec", "version")
 

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A row as the loop puts it: (config, version, row, its bytes, whether it split), or
+# put_kept's (config, version, (expand, kept), its bytes, None).
+Queued = tuple[ModelSpec, str, Any, int, bool | None]
+
 FLAG = "--capture-dir"
 SALT_BYTES = 32
 # Columns of few distinct values, worth a Parquet dictionary.
@@ -84,14 +88,23 @@ class CaptureWriter:
         self._clock = clock
         os.environ.setdefault(*ARROW_PAGES_KEPT)  # before pyarrow loads (open_filesystem)
         self._fs, self._base = open_filesystem(config.uri)
-        # Rows by (config, version), as columns (rows.PendingRows says why).
-        self._rows: dict[tuple[int, str], PendingRows] = {}
-        self._labels: deque[CapturedLabel] = deque()
-        self._held = 0  # bytes in the buffer
-        self._lock = threading.Lock()  # the buffer, between the loop and the thread
-        # Rows already turned into Arrow tables, not yet written: (config, version, parts).
+        # What the loop put, rows and labels in order, for the thread to take: a deque,
+        # whose append (the loop's) and popleft (the thread's) are safe without a lock,
+        # so the loop's put is an append and two additions (DESIGN §12).
+        self._queue: deque[Queued | CapturedLabel] = deque()
+        # The buffer's bytes are _put_bytes - _done_bytes: what the loop put (only the
+        # loop adds to it) less what the thread wrote or gave up (only the thread adds).
+        self._put_bytes = 0
+        self._done_bytes = 0
+        self._early = config.max_bytes // 2  # held past this, the thread writes now
+        self._lock = threading.Lock()  # the counts, shared by the loop and the thread
+        # The thread's own, under _writing: labels taken from the queue and not yet
+        # written, rows already turned into Arrow tables (config, version, parts), and the
+        # bytes of both, which count against the budget until they are written.
+        self._labels: list[CapturedLabel] = []
         self._tables: list[tuple[ModelSpec, str, list[pa.Table]]] = []
-        self._writing = threading.Lock()  # _tables; the writer's side only, never the loop
+        self._taken_bytes = 0
+        self._writing = threading.Lock()  # a pass of the thread (or a flush from outside)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -140,19 +153,33 @@ class CaptureWriter:
     ) -> bool:
         """Buffer a row of a model version (`nbytes`: what it holds in memory; `split`:
         its tensors began new arena chunks); False (dropped, counted) when the budget is
-        full."""
-        key = (id(spec), version)
-        with self._lock:
-            if self._held + nbytes > self.config.max_bytes:
+        full. From one thread only, the event loop's: per request, so no lock."""
+        if self._put_bytes - self._done_bytes + nbytes > self.config.max_bytes:
+            with self._lock:
                 self.counts.dropped[(spec.name, version, "buffer_full")] += 1
-                return False
-            pending = self._rows.get(key)
-            if pending is None or pending.spec is not spec:
-                pending = self._rows[key] = PendingRows(spec, version)
-            if split:
-                pending.breaks.append(len(pending.rows))
-            pending.rows.append(row)
-            self._hold(nbytes)
+            return False
+        self._queue.append((spec, version, row, nbytes, split))
+        self._put_bytes += nbytes
+        self._wake_early()
+        return True
+
+    def put_kept(
+        self,
+        spec: ModelSpec,
+        version: str,
+        expand: Callable[[tuple[Any, ...]], Row],
+        kept: tuple[Any, ...],
+        nbytes: int,
+    ) -> bool:
+        """Buffer a row kept by reference (the recorder's `kept`, values no one changes),
+        laid out as a Row by `expand` on the writer's thread; else as put."""
+        if self._put_bytes - self._done_bytes + nbytes > self.config.max_bytes:
+            with self._lock:
+                self.counts.dropped[(spec.name, version, "buffer_full")] += 1
+            return False
+        self._queue.append((spec, version, (expand, kept), nbytes, None))
+        self._put_bytes += nbytes
+        self._wake_early()
         return True
 
     def put_label(
@@ -165,19 +192,19 @@ class CaptureWriter:
     ) -> bool:
         """Buffer the true label of an earlier request (a class index, a regression value
         or a class label; rows.py says how each is written); False (dropped, counted)
-        when the budget is full."""
+        when the budget is full. From the event loop's thread, as put."""
         item = CapturedLabel.of(model, version, request_id, label, timestamp_us)
-        with self._lock:
-            if self._held + item.nbytes > self.config.max_bytes:
+        if self._put_bytes - self._done_bytes + item.nbytes > self.config.max_bytes:
+            with self._lock:
                 self.counts.labels_dropped[(model, "buffer_full")] += 1
-                return False
-            self._labels.append(item)
-            self._hold(item.nbytes)
+            return False
+        self._queue.append(item)
+        self._put_bytes += item.nbytes
+        self._wake_early()
         return True
 
-    def _hold(self, nbytes: int) -> None:  # under the lock
-        self._held += nbytes
-        if self._held > self.config.max_bytes // 2:
+    def _wake_early(self) -> None:
+        if self._put_bytes - self._done_bytes > self._early and not self._wake.is_set():
             self._wake.set()  # write early rather than drop later
 
     # -- the writer's thread ---------------------------------------------------------------
@@ -211,27 +238,51 @@ class CaptureWriter:
         """Write what is buffered now: one file per model, version and hour, and one of
         labels per model and day."""
         with self._writing:
-            with self._lock:
-                rows, self._rows = self._rows, {}
-                labels, self._labels = self._labels, deque()
-                # What is being written still counts against the budget until it is
-                # written: a slow store must not let the loop buffer a second budget
-                # meanwhile. Rows converted earlier are counted here too, and written now.
-                taken = self._held
             try:
-                self._tabulate(rows)
+                self._tabulate(self._take())
                 tables, self._tables = self._tables, []
+                labels, self._labels = self._labels, []
                 self._write_all(tables, labels)
             finally:
-                with self._lock:
-                    self._held -= taken
+                # Written or counted as dropped: the budget is free again.
+                self._done_bytes += self._taken_bytes
+                self._taken_bytes = 0
 
     def _convert(self) -> None:
         """The rows buffered so far as Arrow tables, written at the next flush."""
         with self._writing:
-            with self._lock:
-                rows, self._rows = self._rows, {}
-            self._tabulate(rows)
+            self._tabulate(self._take())
+
+    def _take(self) -> dict[tuple[int, str], PendingRows]:  # under _writing
+        """What the loop has put so far: rows by config and version (rows.PendingRows),
+        labels into _labels."""
+        rows: dict[tuple[int, str], PendingRows] = {}
+        queue, labels = self._queue, self._labels
+        for _ in range(len(queue)):
+            item = queue.popleft()
+            if isinstance(item, CapturedLabel):
+                labels.append(item)
+                self._taken_bytes += item.nbytes
+                continue
+            spec, version, row, nbytes, split = item
+            self._taken_bytes += nbytes
+            if split is None:  # put_kept's: laid out here, off the loop
+                try:
+                    row = row[0](row[1])
+                except Exception:  # a bug: this row is lost, counted
+                    log.exception(
+                        "capture: a row of %s version %s not laid out", spec.name, version
+                    )
+                    with self._lock:
+                        self.counts.dropped[(spec.name, version, "write_error")] += 1
+                    continue
+            pending = rows.get((id(spec), version))
+            if pending is None:
+                pending = rows[(id(spec), version)] = PendingRows(spec, version)
+            if split:
+                pending.breaks.append(len(pending.rows))
+            pending.rows.append(row)
+        return rows
 
     def _tabulate(self, rows: dict[tuple[int, str], PendingRows]) -> None:  # under _writing
         for pending in rows.values():
@@ -255,7 +306,7 @@ class CaptureWriter:
                 self._tables.append((pending.spec, pending.version, [data]))
 
     def _write_all(
-        self, tables: list[tuple[ModelSpec, str, list[pa.Table]]], labels: deque[CapturedLabel]
+        self, tables: list[tuple[ModelSpec, str, list[pa.Table]]], labels: list[CapturedLabel]
     ) -> None:
         # By the config too: a version reloaded with another config.pbtxt between two
         # flushes has rows of two schemas, each written with its own.
@@ -369,7 +420,7 @@ class CaptureWriter:
                 log.error("capture: the writer did not finish within %s s", timeout_s)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"buffered_bytes": self._held, "files": self.counts.files}
+        return {"buffered_bytes": self._put_bytes - self._done_bytes, "files": self.counts.files}
 
 
 def _warm_up() -> None:

@@ -76,6 +76,10 @@ class Answered:
     cache_hit: bool
     done_ns: int  # monotonic, when answered: with the request's arrival and dispatch
     ab_key: Callable[[], str | None]  # read only by an observer that samples by it
+    # The inputs are what a caller sent, decoded for this request alone: not a front
+    # end's ring, a shared memory region or another model's outputs (an ensemble's step),
+    # so nothing changes them once answered and an observer may keep them as they are.
+    inputs_own: bool = False
 
 
 AnswerObserver = Callable[[Answered], None]
@@ -311,7 +315,8 @@ class InferencePath:
         if mirror and self.shadow is not None and result.outputs:
             self._shadow_run(model, request, result, owned, caller)
         if self.observers:
-            self._observe(caller, model, request, result, None, cache_hit, key)
+            own = owned and caller.client is not None  # client None: an ensemble's step
+            self._observe(caller, model, request, result, None, cache_hit, key, own=own)
         if resumed:
             self._charge(resumed)
         return result
@@ -491,6 +496,7 @@ class InferencePath:
         key: Callable[[], str | None] | None = None,
         arm: str | None = None,
         request_id: str = "",
+        own: bool = False,
     ) -> None:
         if arm is None:
             arm = "none"
@@ -512,6 +518,7 @@ class InferencePath:
             cache_hit,
             time.monotonic_ns(),
             key or caller.header_key,
+            own,
         )
         for observer in self.observers:
             try:
