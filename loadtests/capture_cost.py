@@ -38,6 +38,7 @@ class _Served:
 
     spec: Any
     version_label: str = "1"
+    devices: tuple[str, ...] = ("cpu",)
 
 
 def answered(model: str, count: int) -> list[Answered]:

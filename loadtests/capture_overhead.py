@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=1, help="fresh pairs of servers, one by one")
     parser.add_argument("--models", nargs="+", choices=list(CONCURRENCY), default=list(CONCURRENCY))
     args = parser.parse_args(argv)
+    if args.runs < 1 or args.pairs < 1:
+        parser.error("--runs and --pairs take 1 or more")
     runs: list[list[Measurement]] = []
     written = dropped = 0.0
     for r in range(args.runs):

@@ -600,7 +600,7 @@ def tiny_answered(spec: Any, request_id: str, own: bool, x: Any, y: Any) -> Any:
     from convoy.batching.request import InferRequest, InferResult
     from convoy.inference.path import Answered
 
-    served = type("Served", (), {"spec": spec, "version_label": "1"})()
+    served = type("Served", (), {"spec": spec, "version_label": "1", "devices": ["cpu"]})()
     request = InferRequest(request_id, {"X": x}, ("Y",), x.shape[0], (), None,  # type: ignore[arg-type]
                            arrival_ns=1_000, dispatch_ns=5_000)  # fmt: skip
     return Answered("grpc", "c", request_id, served, "none", request, InferResult({"Y": y}),
@@ -640,8 +640,9 @@ def test_what_is_kept_by_reference(tmp_path: Path) -> None:
     def plan(text: str) -> _Plan:
         spec = tiny_spec(tmp_path, text)
         assert spec.capture is not None
-        return _Plan(spec, spec.capture, 1 << 20)
+        return _Plan(spec, spec.capture, 1 << 20, on_cpu)
 
+    on_cpu = True
     assert plan(TINY).reference_rows == 63  # 64 bytes a row, each tensor under 4 KiB
     python = TINY.replace('platform: "onnxruntime_onnx"', 'backend: "convoy_python"')
     assert plan(python).reference_rows == 0  # a Python model may reuse its output buffers
@@ -660,6 +661,8 @@ def test_what_is_kept_by_reference(tmp_path: Path) -> None:
     assert plan(TINY.replace("dims: [ 16 ]", "dims: [ 3, 64, 64 ]", 1)).reference_rows == 0
     unbatched = TINY.replace("max_batch_size: 256", "max_batch_size: 0")
     assert plan(unbatched).reference_rows == 1
+    on_cpu = False  # a GPU instance's outputs lie in pinned blocks: copied
+    assert plan(TINY).reference_rows == 0 and plan(outputs_off).reference_rows == 63
 
 
 def test_a_python_models_answer_is_copied_before_its_buffers_change(tmp_path: Path) -> None:
@@ -676,3 +679,16 @@ def test_a_python_models_answer_is_copied_before_its_buffers_change(tmp_path: Pa
     (path,) = files(tmp_path / "capture")
     ((outputs,),) = duckdb.connect().execute(f"SELECT outputs FROM '{path}'").fetchall()
     assert outputs["Y"] == [[0.0] * 16]
+
+
+def test_a_kept_answer_counts_its_whole_batch_once(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path)
+    writer = CaptureWriter(CaptureConfig(uri=str(tmp_path / "capture")))  # no thread
+    recorder = CaptureRecorder(writer, lambda e: "INTERNAL")
+    batch = np.zeros((32, 16), np.float32)  # one batch's output, 2 KiB, split by request
+    x = np.frombuffer(bytes(64), np.float32).reshape(1, 16)
+    for i in range(3):
+        recorder(tiny_answered(spec, f"r{i}", True, x, batch[i : i + 1]))
+    held = [nbytes for (*_, nbytes, _) in writer._queue]
+    assert held == [512 + 128 + batch.nbytes, 512 + 128, 512 + 128]
+    assert writer.snapshot()["buffered_bytes"] == sum(held)

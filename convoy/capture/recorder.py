@@ -1,5 +1,5 @@
-"""CaptureRecorder: the inference path's answer observer that samples, copies and
-buffers a row per captured request (on the event loop: a few copies, no I/O).
+"""CaptureRecorder: the inference path's answer observer that samples and buffers a row
+per captured request (on the event loop: references or a few copies, no I/O).
 LabelRecorder: the Feedback RPC's accepted labels, buffered the same way."""
 
 from __future__ import annotations
@@ -57,11 +57,13 @@ class _Plan:
     once per config rather than per request."""
 
     __slots__ = (
-        "arenas", "by_reference", "input_keys", "inputs", "output_keys", "outputs", "padding",
-        "reference_bytes", "reference_rows", "spec",
+        "arenas", "by_reference", "input_keys", "inputs", "last_batches", "output_keys",
+        "outputs", "padding", "reference_bytes", "reference_rows", "spec",
     )  # fmt: skip
 
-    def __init__(self, spec: ModelSpec, capture: CaptureSpec, max_bytes: int) -> None:
+    def __init__(
+        self, spec: ModelSpec, capture: CaptureSpec, max_bytes: int, on_cpu: bool = False
+    ) -> None:
         self.spec = spec
 
         def how(name: str) -> int:
@@ -81,8 +83,8 @@ class _Plan:
             a for a in (*(i[2] for i in self.inputs), *(o[1] for o in self.outputs)) if a
         )
         # A successful request whose inputs are its own (Answered.inputs_own), and whose
-        # tensors are all small, is kept by reference (CaptureRecorder.__call__): its
-        # row is laid out on the writer's thread (expand). Up to reference_rows batch
+        # captured tensors are all small, is kept by reference (CaptureRecorder.__call__):
+        # its row is laid out on the writer's thread (expand). Up to reference_rows batch
         # rows each tensor stays under SMALL_BYTES (large ones go to the arenas: arena.py).
         kept = [t for t in spec.captured_inputs if how(t.name) == KEEP]
         hashed_or_bytes = any(how(t.name) == HASH for t in spec.captured_inputs) or any(
@@ -90,10 +92,13 @@ class _Plan:
         )
         tensors = [*kept, *(spec.outputs if capture.outputs else ())]
         row_bytes = [_row_bytes(t) for t in tensors]
-        fresh = spec.backend in FRESH_OUTPUTS and not spec.ensemble
+        fresh = on_cpu and spec.backend in FRESH_OUTPUTS and not spec.ensemble
         self.by_reference = (
             not hashed_or_bytes and -1 not in row_bytes and (fresh or not capture.outputs)
         )
+        # The batch arrays that kept outputs are views of, each counted once against the
+        # budget (a view holds all of its batch): the last one seen, per output.
+        self.last_batches: list[object] = [None] * len(self.outputs)
         self.reference_rows = min(
             ((SMALL_BYTES - 1) // max(b, 1) for b in row_bytes), default=0
         ) if self.by_reference else 0  # fmt: skip
@@ -101,26 +106,35 @@ class _Plan:
             self.reference_rows = min(self.reference_rows, 1)
         self.reference_bytes = sum(row_bytes) if self.by_reference else 0
         # expand's lookups: an excluded input by a key no dict holds, so it reads None
-        self.input_keys = tuple(_ABSENT if h == EXCLUDE else n for n, h, _ in self.inputs)
+        self.input_keys: tuple[Any, ...] = tuple(
+            _ABSENT if h == EXCLUDE else n for n, h, _ in self.inputs
+        )
         self.output_keys = tuple(name for name, _ in self.outputs)
+
+    def batches_held(self, outputs: tuple[Any, ...]) -> int:
+        """The bytes of the batch arrays these outputs are views of, where not counted
+        already with an earlier request of the same batch."""
+        held = 0
+        for i, value in enumerate(outputs):
+            batch = value.base if value is not None else None
+            if batch is not None and batch is not self.last_batches[i]:
+                self.last_batches[i] = batch
+                held += getattr(batch, "nbytes", 0)
+        return held
 
     def expand(self, kept: tuple[Any, ...]) -> Row:
         """The row of a request kept by reference, on the writer's thread: as _put lays it
         out on the loop for the others."""
-        (request_id, now_ns, arm, transport, arrival, dispatch, done, cache_hit, client,
-         given, answers, added) = kept  # fmt: skip
+        request_id, now_ns, arm, transport, arrival, dispatch, done, cache_hit, client = kept[:9]
         queue_us = compute_us = total_us = None
         if arrival:
             total_us = (done - arrival) // 1000
             if dispatch:
                 queue_us = (dispatch - arrival) // 1000
                 compute_us = (done - dispatch) // 1000
-        if added:
-            given = {**given, **added}
         return (
             request_id, now_ns // 1000, arm, transport, "OK", None, queue_us, compute_us,
-            total_us, cache_hit, client, *map(given.get, self.input_keys),
-            *map(answers.get, self.output_keys), *self.padding,
+            total_us, cache_hit, client, *kept[9:], *self.padding,
         )  # fmt: skip
 
 
@@ -154,34 +168,45 @@ class CaptureRecorder:
             return
         if capture.sample_rate < 1.0 and not sampled(capture, answered, self._draw):
             return
-        plan = self._plan(served.spec, capture)
+        plan = self._plan(served, capture)
         request, result = answered.request, answered.result
-        # Kept by reference: a tuple of what already exists, no copy and no numpy call on
-        # the loop (the copies and the row's layout cost tiny 12-20 µs of the loop's CPU
-        # per request in the server, against 3 µs in-process: the loop's caches are cold).
+        # Kept by reference: a tuple of what already exists, no copy on the loop (the
+        # copies and the row's layout cost tiny 12-20 µs of the loop's CPU per request in
+        # the server, against 3 µs in-process: the loop's caches are cold there).
         if (
             answered.inputs_own
             and result is not None
             and request is not None
             and request.rows <= plan.reference_rows
         ):
+            given = request.inputs
+            if result.added_inputs:  # looked-up features: what the model saw
+                given = {**given, **result.added_inputs}
+            outputs = tuple(map(result.outputs.get, plan.output_keys))
             kept = (
                 answered.request_id, self._now_ns(), answered.arm, answered.transport,
                 request.arrival_ns, request.dispatch_ns, answered.done_ns, answered.cache_hit,
-                answered.client, request.inputs, result.outputs, result.added_inputs,
+                answered.client, *map(given.get, plan.input_keys), *outputs,
             )  # fmt: skip
             nbytes = ROW_OVERHEAD_BYTES + request.rows * plan.reference_bytes
+            if outputs:
+                nbytes += plan.batches_held(outputs)
             self._writer.put_kept(served.spec, served.version_label, plan.expand, kept, nbytes)
             return
         self._put(answered, served, plan)
 
-    def _plan(self, spec: ModelSpec, capture: CaptureSpec) -> _Plan:
+    def _plan(self, served: ModelVersion, capture: CaptureSpec) -> _Plan:
+        spec = served.spec
         plan = self._plans.get(id(spec))
         if plan is None or plan.spec is not spec:
             if len(self._plans) > 256:  # configs of versions long unloaded
                 self._plans.clear()
             budget = self._writer.config.max_bytes
-            plan = self._plans[id(spec)] = _Plan(spec, capture, budget)
+            # A GPU instance's outputs lie in pinned host blocks, kept alive as long as a
+            # view of them is: they are copied. None: not a served model (an ensemble).
+            devices = getattr(served, "devices", None)
+            on_cpu = devices is not None and all(d == "cpu" for d in devices)
+            plan = self._plans[id(spec)] = _Plan(spec, capture, budget, on_cpu)
         return plan
 
     def _put(self, answered: Answered, served: ModelVersion, plan: _Plan) -> bool:

@@ -1,4 +1,4 @@
-"""Captured rows: what is copied on the event loop, and how a batch of them becomes an
+"""Captured rows: what the event loop keeps of a request, and how a batch of them becomes an
 Arrow table (on the writer's thread).
 
 One row per captured request. Its tensors go in two struct columns, `inputs` and

@@ -90,7 +90,7 @@ class CaptureWriter:
         self._fs, self._base = open_filesystem(config.uri)
         # What the loop put, rows and labels in order, for the thread to take: a deque,
         # whose append (the loop's) and popleft (the thread's) are safe without a lock,
-        # so the loop's put is an append and two additions (DESIGN §12).
+        # so the loop's put is a comparison, an append and an addition (DESIGN §12).
         self._queue: deque[Queued | CapturedLabel] = deque()
         # The buffer's bytes are _put_bytes - _done_bytes: what the loop put (only the
         # loop adds to it) less what the thread wrote or gave up (only the thread adds).

@@ -315,7 +315,8 @@ class InferencePath:
         if mirror and self.shadow is not None and result.outputs:
             self._shadow_run(model, request, result, owned, caller)
         if self.observers:
-            own = owned and caller.client is not None  # client None: an ensemble's step
+            # client None: the server's own work (an ensemble's step, a batch or replay row)
+            own = owned and caller.client is not None
             self._observe(caller, model, request, result, None, cache_hit, key, own=own)
         if resumed:
             self._charge(resumed)
