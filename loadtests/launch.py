@@ -65,7 +65,9 @@ def start_convoy(
     ]  # fmt: skip
     if repository is not None:
         cmd += ["--model-repository", str(repository)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    # PYTHONFAULTHANDLER: a server that hangs during start-up is sent SIGABRT, and
+    # prints every thread's stack before it dies (below), for the error to show.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **(env or {}))
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -83,12 +85,16 @@ def start_convoy(
                 ready.set()
         ready.set()
 
-    threading.Thread(target=pump, daemon=True).start()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     deadline = time.monotonic() + timeout
     while not ready.wait(0.1):
         if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start:\n" + "".join(lines))
+            _abort(proc, reader)
+            raise RuntimeError(
+                f"server did not start in {timeout:.0f} s (its threads' stacks at the end):\n"
+                + "".join(lines)
+            )
     if not found:
         raise RuntimeError("server exited during start-up:\n" + "".join(lines))
     metrics = found[0].group(2)
@@ -101,6 +107,18 @@ def start_convoy(
         log=lines,
         http_port=int(http.group(1)) if http and http.group(1) != "off" else None,
     )
+
+
+def _abort(proc: subprocess.Popen[str], reader: threading.Thread) -> None:
+    """Stop a server that hangs during start-up so that it says where: SIGABRT makes
+    faulthandler print every thread's stack; SIGKILL if it is still there after."""
+    proc.send_signal(signal.SIGABRT)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    reader.join(timeout=5)  # the rest of its output
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:

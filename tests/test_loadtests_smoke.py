@@ -9,6 +9,7 @@ import pytest
 
 from loadtests.bare import measure
 from loadtests.bench import run_closed_loop
+from loadtests.launch import start_convoy
 from loadtests.overhead import overhead_us
 
 from .conftest import ServerProcess
@@ -174,3 +175,24 @@ def test_capture_overhead_aa_runs_two_servers_without_capture(
     printed = capsys.readouterr().out
     assert "both without capture (A/A)" in printed and "rows written" not in printed
     assert "first server" in printed and "second server" in printed and "capture on" not in printed
+
+
+def test_a_server_that_hangs_while_starting_is_reported_with_its_stacks(tmp_path: Path) -> None:
+    """start_convoy's timeout: the error shows where every thread of the server was (a
+    start-up that printed nothing for 120 s in CI left nothing to go on)."""
+    model = tmp_path / "repo" / "hangs"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(
+        "import time\n\nclass Model:\n    def __init__(self, config):\n"
+        "        time.sleep(600)\n\n    def __call__(self, inputs):\n        return inputs\n"
+    )
+    (model / "config.pbtxt").write_text(
+        'name: "hangs"\nbackend: "convoy_python"\nmax_batch_size: 0\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    )
+    with pytest.raises(RuntimeError, match="server did not start in 8 s") as raised:
+        start_convoy(tmp_path / "repo", timeout=8)
+    message = str(raised.value)
+    assert "Fatal Python error: Aborted" in message
+    assert f'File "{model / "1" / "model.py"}", line 5 in __init__' in message
