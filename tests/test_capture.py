@@ -396,6 +396,10 @@ def test_a_value_is_copied_into_its_arena_whatever_memory_held_it() -> None:
     assert arena.copy(larger).base is None  # larger than a chunk: a copy of its own
     small = np.frombuffer(b"\x00" * 64, np.float32)
     assert arena.copy(small).base is None  # a copy of its own: cheaper than slicing
+    strided = np.arange(2 * 4096, dtype=np.float32).reshape(4096, 2).T  # not C-contiguous
+    copied = arena.copy(strided)
+    assert copied.base is kept.base and copied.flags.c_contiguous  # the same chunk
+    assert copied.shape == (2, 4096) and np.array_equal(copied, strided)
 
 
 def test_an_arena_reuses_a_chunk_only_once_nothing_points_into_it() -> None:
