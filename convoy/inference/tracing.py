@@ -55,7 +55,7 @@ EXPORT_TIMEOUT_S = 5.0
 # Convoy's own under `convoy.`, in the same lower-case dotted style.
 MODEL = "convoy.model.name"
 VERSION = "convoy.model.version"
-TRANSPORT = "convoy.transport"  # grpc | http (| replay, batch): the door
+TRANSPORT = "convoy.transport"  # the door: grpc | http | batch | replay
 REQUEST_ID = "convoy.request.id"
 ROWS = "convoy.request.rows"  # the request's own batch size
 BATCH_SIZE = "convoy.batch.size"  # rows in the executed batch
