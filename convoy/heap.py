@@ -20,14 +20,19 @@ costs one collection, not one each.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
+import itertools
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -107,28 +112,35 @@ class HeapSettler:
 
 
 PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# The buckets' `le` labels as Prometheus writes them, +Inf last.
+BOUND_LABELS = [floatToGoString(b) for b in (*PAUSE_BUCKETS, math.inf)]  # type: ignore[no-untyped-call]
 
 
 class GcPauses:
     """convoy_gc_pause_seconds{generation}: how long each collection held the
     interpreter (every thread waits, the event loop too), from gc.callbacks.
 
+    The callback only adds to plain lists, and the histogram is made from them when it
+    is scraped (a Collector): a collection can start inside any allocation, and so
+    inside prometheus_client while it holds a lock. In its multiprocess mode every
+    metric shares one lock that is not reentrant. An observe() from the callback then
+    waited for its own thread, and a server hung at start-up (CI, with the mode set by
+    an import of Feast: features/lookup.py).
+
     Collections never overlap (the collector runs under the GIL and refuses to
     re-enter), so one start time is enough. start() and close() belong to the
     server's lifecycle: gc.callbacks is the interpreter's, not ours to leave behind.
     """
 
+    NAME = "convoy_gc_pause_seconds"
+    HELP = "Time each garbage collection stopped the interpreter, by generation"
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        histogram = Histogram(
-            "convoy_gc_pause_seconds",
-            "Time each garbage collection stopped the interpreter, by generation",
-            ["generation"],
-            buckets=PAUSE_BUCKETS,
-            registry=registry,
-        )
-        self._histogram = histogram
-        self._by_generation = {g: histogram.labels(str(g)) for g in range(3)}
+        # Per generation: the pauses in each bucket (not cumulative; the last is +Inf).
+        self._counts = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in range(3)]
+        self._sums = [0.0] * 3
         self._started = 0.0
+        registry.register(self)
 
     def start(self) -> None:
         if self._callback not in gc.callbacks:
@@ -141,24 +153,26 @@ class GcPauses:
     def snapshot(self) -> dict[str, tuple[list[float], float]]:
         """generation -> (cumulative count per bucket in PAUSE_BUCKETS, then +Inf; the
         sum of the pauses): what a front end sends the engine to export."""
-        found: dict[str, tuple[list[float], float]] = {}
-        for metric in self._histogram.collect():
-            counts: dict[str, list[float]] = {}
-            sums: dict[str, float] = {}
-            for sample in metric.samples:
-                generation = sample.labels.get("generation", "")
-                if sample.name.endswith("_bucket"):
-                    counts.setdefault(generation, []).append(sample.value)
-                elif sample.name.endswith("_sum"):
-                    sums[generation] = sample.value
-            for generation, buckets in counts.items():
-                found[generation] = (buckets, sums.get(generation, 0.0))
-        return found
+        return {
+            str(generation): (list(map(float, itertools.accumulate(counts))), total)
+            for generation, (counts, total) in enumerate(zip(self._counts, self._sums, strict=True))
+        }
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.NAME, self.HELP, labels=["generation"])
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.NAME, self.HELP, labels=["generation"])
+        for generation, (counts, total) in self.snapshot().items():
+            family.add_metric([generation], list(zip(BOUND_LABELS, counts, strict=True)), total)
+        yield family
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
             return
-        child = self._by_generation.get(info["generation"])
-        if child is not None:
-            child.observe(time.perf_counter() - self._started)
+        generation = info["generation"]
+        if 0 <= generation < len(self._counts):
+            pause = time.perf_counter() - self._started
+            self._counts[generation][bisect.bisect_left(PAUSE_BUCKETS, pause)] += 1
+            self._sums[generation] += pause

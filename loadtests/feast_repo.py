@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from convoy.features.lookup import import_feast
+
 USERS = 20
 WEIGHTS = (1.0, 10.0, 100.0)  # age, score, clicks
 FEATURES = "user_stats:age,user_stats:score,user_activity:clicks"
@@ -60,9 +62,7 @@ class FeatureRepo:
     now: Any  # pandas Timestamp (UTC): the features' reference time
 
     def store(self) -> Any:
-        from feast import FeatureStore
-
-        return FeatureStore(repo_path=str(self.root))
+        return import_feast().FeatureStore(repo_path=str(self.root))
 
 
 def free_port() -> int:
@@ -82,6 +82,8 @@ def build_feature_repo(
 ) -> FeatureRepo:
     """Apply and materialise the repository; blocking, about a second."""
     import pandas as pd
+
+    import_feast()  # first, so that the environment is left as it was
     from feast import (
         Entity,
         FeatureService,

@@ -419,3 +419,27 @@ def test_skew_refuses_hashed_entity_inputs_naming_the_parameter(
     assert main(["skew", "hashed", *words]) == 2
     err = capsys.readouterr().err
     assert "capture_hash" in err and "USER" in err
+
+
+def test_importing_feast_leaves_prometheus_clients_mode_alone() -> None:
+    """Feast's import sets PROMETHEUS_MULTIPROC_DIR for its own feature server: a front end
+    or server started after it ran prometheus_client in its multiprocess mode (one lock
+    for every metric, in Feast's temporary directory), and a server hung at start-up."""
+    import os
+    import subprocess
+    import sys
+
+    from convoy.features.lookup import FEAST_SETS
+
+    script = (
+        "import os\nfrom convoy.features.lookup import import_feast\n"
+        "feast = import_feast()\nassert feast.FeatureStore\n"
+        f"print([name for name in {FEAST_SETS!r} if name in os.environ])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in FEAST_SETS}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

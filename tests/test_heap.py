@@ -195,3 +195,39 @@ def test_gc_pauses_are_measured_per_generation_until_closed() -> None:
         pauses.close()
     gc.collect()
     assert full_collections() == 2  # closed: the interpreter's callbacks are left as found
+    buckets = pauses.snapshot()["2"][0]
+    assert buckets[-1] == 2 and buckets == sorted(buckets)  # cumulative, +Inf last
+
+
+# A collection may start inside any allocation, so inside prometheus_client while it
+# holds its multiprocess mode's one lock (making a labelled child: json.dumps). The
+# callback must not need that lock: it waited for its own thread, and a server hung.
+MANY_CHILDREN = """
+import gc
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from convoy.heap import GcPauses
+registry = CollectorRegistry()
+pauses = GcPauses(registry)
+pauses.start()
+counter = Counter("children", "labelled children", ["i"], registry=registry)
+gc.set_threshold(1)
+for i in range(3000):
+    counter.labels(str(i)).inc()
+print(generate_latest(registry).decode())
+"""
+
+
+def test_gc_pauses_never_wait_for_prometheus_clients_lock(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", MANY_CHILDREN], env=env, capture_output=True, text=True,
+        timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    counted = [line for line in done.stdout.splitlines()
+               if line.startswith('convoy_gc_pause_seconds_count{generation="0"}')]  # fmt: skip
+    assert counted and float(counted[0].split()[-1]) > 100
+    assert list(tmp_path.glob("counter_*.db"))  # the multiprocess mode was on

@@ -8,6 +8,7 @@ feast_repo: `convoy serve` without one never imports it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,27 @@ def repo_dir(spec: FeatureSpec, model_dir: Path) -> Path:
     return model_dir / spec.repo
 
 
+# Set by Feast's import (feast.metrics, for its own feature server) to a temporary
+# directory of its own. Every process started after it (a front end, or a server that a
+# test starts) then ran prometheus_client in its multiprocess mode, in that directory.
+FEAST_SETS = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
+
+
+def import_feast() -> Any:
+    """The feast package, imported with those variables left as they were (ImportError
+    where it is not installed)."""
+    before = {name: os.environ.get(name) for name in FEAST_SETS}
+    try:
+        import feast
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return feast
+
+
 def open_store(spec: FeatureSpec, model_dir: Path, config_path: str) -> Any:
     """The Feast FeatureStore of `spec`; ConfigError naming feast_repo where it is missing
     or cannot be read."""
@@ -61,13 +83,13 @@ def open_store(spec: FeatureSpec, model_dir: Path, config_path: str) -> Any:
     if not (root / "feature_store.yaml").is_file():
         raise ConfigError(config_path, field, f"no feature_store.yaml in '{root}'")
     try:
-        from feast import FeatureStore
+        feast = import_feast()
     except ImportError as exc:
         raise ConfigError(
             config_path, field, f"Feast is not installed (pip install 'convoy[feast]'): {exc}"
         ) from None
     try:
-        store = FeatureStore(repo_path=str(root))
+        store = feast.FeatureStore(repo_path=str(root))
         store.list_feature_views()  # reads the registry: a broken one fails the load here
     except Exception as exc:
         raise ConfigError(

@@ -24,7 +24,6 @@ starts again from zero (a counter reset, as for any restarted process).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -34,9 +33,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
-from ..heap import PAUSE_BUCKETS
+from ..heap import BOUND_LABELS
 from ..procstat import process_usage
 from .engine_link import EngineLink
 from .supervisor import FrontendSupervisor
@@ -104,7 +102,7 @@ class FrontendCollector(Collector):
             labels=["frontend", "generation"],
         )
         for (index, generation), (counts, total) in sorted(self._gc_pauses().items()):
-            buckets = [(le, c) for le, c in zip(_BOUND_LABELS, counts, strict=True)]
+            buckets = [(le, c) for le, c in zip(BOUND_LABELS, counts, strict=True)]
             pauses.add_metric([str(index), generation], buckets, total)
         yield pauses
 
@@ -124,7 +122,3 @@ class FrontendCollector(Collector):
                     total += seen[1]
                 found[index, generation] = (counts, total)
         return found
-
-
-# Written as prometheus_client writes the engine's own convoy_gc_pause_seconds.
-_BOUND_LABELS = [floatToGoString(b) for b in (*PAUSE_BUCKETS, math.inf)]  # type: ignore[no-untyped-call]
