@@ -7,8 +7,10 @@ pipe) and kept in `log`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -67,7 +69,7 @@ def start_convoy(
         cmd += ["--model-repository", str(repository)]
     # PYTHONFAULTHANDLER: a server that hangs during start-up is sent SIGABRT, and
     # prints every thread's stack before it dies (below), for the error to show.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **(env or {}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -111,7 +113,10 @@ def start_convoy(
 
 def _abort(proc: subprocess.Popen[str], reader: threading.Thread) -> None:
     """Stop a server that hangs during start-up so that it says where: SIGABRT makes
-    faulthandler print every thread's stack; SIGKILL if it is still there after."""
+    faulthandler print every thread's stack; SIGKILL if it is still there after. (Only
+    the engine's stacks: a front end it started is left to notice the engine gone.)"""
+    with contextlib.suppress(OSError):  # no core file of the server where cores are on
+        resource.prlimit(proc.pid, resource.RLIMIT_CORE, (0, 0))
     proc.send_signal(signal.SIGABRT)
     try:
         proc.wait(timeout=10)

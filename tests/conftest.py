@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from convoy.features.lookup import FEAST_SETS
 from convoy.repository.examples import (
     build_classifier,
     build_tiny,
@@ -23,6 +24,18 @@ if cuda_device_count() == 0:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 __all__ = ["ROOT", "ServerProcess", "make_repository", "start_server"]
+
+_ENVIRONMENT_AT_START = {name: os.environ.get(name) for name in FEAST_SETS}
+
+
+@pytest.fixture(autouse=True)
+def _prometheus_client_mode_left_alone() -> Iterator[None]:
+    """No test leaves PROMETHEUS_MULTIPROC_DIR set (Feast's import does, where not made
+    through features.lookup.import_feast): every server started after it inherited it,
+    and ran prometheus_client in its multiprocess mode."""
+    yield
+    now = {name: os.environ.get(name) for name in FEAST_SETS}
+    assert now == _ENVIRONMENT_AT_START, f"the environment was changed: {now}"
 
 
 @pytest.fixture(scope="session")

@@ -432,9 +432,11 @@ def test_importing_feast_leaves_prometheus_clients_mode_alone() -> None:
     from convoy.features.lookup import FEAST_SETS
 
     script = (
-        "import os\nfrom convoy.features.lookup import import_feast\n"
+        "import os, sys\nfrom convoy.features.lookup import import_feast\n"
+        "assert 'prometheus_client' not in sys.modules\n"
         "feast = import_feast()\nassert feast.FeatureStore\n"
-        f"print([name for name in {FEAST_SETS!r} if name in os.environ])\n"
+        "from prometheus_client.values import ValueClass\n"  # the mode it chose
+        f"print(ValueClass.__name__, [name for name in {FEAST_SETS!r} if name in os.environ])\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in FEAST_SETS}
     done = subprocess.run(
@@ -442,4 +444,4 @@ def test_importing_feast_leaves_prometheus_clients_mode_alone() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert done.stdout.strip().splitlines()[-1] == "MutexValue []"

@@ -203,7 +203,8 @@ def test_gc_pauses_are_measured_per_generation_until_closed() -> None:
 # holds its multiprocess mode's one lock (making a labelled child: json.dumps). The
 # callback must not need that lock: it waited for its own thread, and a server hung.
 MANY_CHILDREN = """
-import gc
+import faulthandler, gc
+faulthandler.dump_traceback_later(60, exit=True)  # a hang fails in a minute, with stacks
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from convoy.heap import GcPauses
 registry = CollectorRegistry()

@@ -177,6 +177,7 @@ def test_capture_overhead_aa_runs_two_servers_without_capture(
     assert "first server" in printed and "second server" in printed and "capture on" not in printed
 
 
+@pytest.mark.e2e
 def test_a_server_that_hangs_while_starting_is_reported_with_its_stacks(tmp_path: Path) -> None:
     """start_convoy's timeout: the error shows where every thread of the server was (a
     start-up that printed nothing for 120 s in CI left nothing to go on)."""
@@ -191,8 +192,9 @@ def test_a_server_that_hangs_while_starting_is_reported_with_its_stacks(tmp_path
         'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
         'output [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
     )
-    with pytest.raises(RuntimeError, match="server did not start in 8 s") as raised:
-        start_convoy(tmp_path / "repo", timeout=8)
+    # Time for the interpreter's start and imports on a busy machine, then the model.
+    with pytest.raises(RuntimeError, match="server did not start in 25 s") as raised:
+        start_convoy(tmp_path / "repo", timeout=25)
     message = str(raised.value)
     assert "Fatal Python error: Aborted" in message
     assert f'File "{model / "1" / "model.py"}", line 5 in __init__' in message

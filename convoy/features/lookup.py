@@ -7,8 +7,10 @@ feast_repo: `convoy serve` without one never imports it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +60,31 @@ def repo_dir(spec: FeatureSpec, model_dir: Path) -> Path:
 # directory of its own. Every process started after it (a front end, or a server that a
 # test starts) then ran prometheus_client in its multiprocess mode, in that directory.
 FEAST_SETS = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
+# One import at a time: a second load's snapshot taken while the first's import has the
+# variables set would put Feast's values back for good.
+_IMPORTING = threading.Lock()
 
 
 def import_feast() -> Any:
     """The feast package, imported with those variables left as they were (ImportError
     where it is not installed)."""
-    before = {name: os.environ.get(name) for name in FEAST_SETS}
-    try:
-        import feast
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # prometheus_client picks its mode when first imported: before Feast, so that the
+    # variables seen then are ours, not Feast's.
+    import prometheus_client.values  # noqa: F401
+
+    with _IMPORTING:
+        before = {name: os.environ.get(name) for name in FEAST_SETS}
+        try:
+            import feast
+
+            with contextlib.suppress(ModuleNotFoundError):  # now, not on a later first use
+                import feast.metrics
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return feast
 
 
