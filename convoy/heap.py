@@ -32,6 +32,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class GcPauses:
         self._counts = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in range(3)]
         self._sums = [0.0] * 3
         self._started = 0.0
+        self._created = time.time()  # _created, as prometheus_client's Histogram has it
         registry.register(self)
 
     def start(self) -> None:
@@ -165,6 +167,8 @@ class GcPauses:
         family = HistogramMetricFamily(self.NAME, self.HELP, labels=["generation"])
         for generation, (counts, total) in self.snapshot().items():
             family.add_metric([generation], list(zip(BOUND_LABELS, counts, strict=True)), total)
+            created = {"generation": generation}
+            family.samples.append(Sample(f"{self.NAME}_created", created, self._created))
         yield family
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:

@@ -195,6 +195,7 @@ def test_gc_pauses_are_measured_per_generation_until_closed() -> None:
         pauses.close()
     gc.collect()
     assert full_collections() == 2  # closed: the interpreter's callbacks are left as found
+    assert registry.get_sample_value("convoy_gc_pause_seconds_created", {"generation": "2"})
     buckets = pauses.snapshot()["2"][0]
     assert buckets[-1] == 2 and buckets == sorted(buckets)  # cumulative, +Inf last
 
