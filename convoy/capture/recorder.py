@@ -126,12 +126,7 @@ class _Plan:
         """The row of a request kept by reference, on the writer's thread: as _put lays it
         out on the loop for the others."""
         request_id, now_ns, arm, transport, arrival, dispatch, done, cache_hit, client = kept[:9]
-        queue_us = compute_us = total_us = None
-        if arrival:
-            total_us = (done - arrival) // 1000
-            if dispatch:
-                queue_us = (dispatch - arrival) // 1000
-                compute_us = (done - dispatch) // 1000
+        queue_us, compute_us, total_us = _timings(arrival, dispatch, done)
         return (
             request_id, now_ns // 1000, arm, transport, "OK", None, queue_us, compute_us,
             total_us, cache_hit, client, *kept[9:], *self.padding,
@@ -215,12 +210,9 @@ class CaptureRecorder:
         request, result, error = answered.request, answered.result, answered.error
         queue_us = compute_us = total_us = None
         if request is not None:
-            arrival, dispatch = request.arrival_ns, request.dispatch_ns
-            if arrival:
-                total_us = (answered.done_ns - arrival) // 1000
-                if dispatch:
-                    queue_us = (dispatch - arrival) // 1000
-                    compute_us = (answered.done_ns - dispatch) // 1000
+            queue_us, compute_us, total_us = _timings(
+                request.arrival_ns, request.dispatch_ns, answered.done_ns
+            )
         row: list[Any] = [
             answered.request_id,  # "" gets an id on the writer's thread (rows.table)
             self._now_ns() // 1000,
@@ -278,6 +270,16 @@ class CaptureRecorder:
             if arena.rolled:
                 split, arena.rolled = True, False
         return self._writer.put(served.spec, served.version_label, tuple(row), nbytes, split)
+
+
+def _timings(arrival: int, dispatch: int, done: int) -> tuple[int | None, int | None, int | None]:
+    """(queue_us, compute_us, total_us) from a request's clock readings in ns (0: that
+    point was not reached; None where a span cannot be told)."""
+    if not arrival:
+        return None, None, None
+    if not dispatch:
+        return None, None, (done - arrival) // 1000
+    return (dispatch - arrival) // 1000, (done - dispatch) // 1000, (done - arrival) // 1000
 
 
 def _in_bytes(value: np.ndarray[Any, Any]) -> bool:
