@@ -76,3 +76,31 @@ class ConfigError(ConvoyError):
         self.path = path
         self.field = field
         self.problem = problem
+
+
+# The gRPC status code, by name, a door answers each error with (its nearest class here):
+# api/status.py makes them grpc.StatusCode; capture writes the name where no door is (a
+# batch job in process), in layers that never import a door.
+GRPC_CODE_NAMES: dict[type[ConvoyError], str] = {
+    InvalidInput: "INVALID_ARGUMENT",
+    ConfigError: "INVALID_ARGUMENT",
+    ModelNotFound: "NOT_FOUND",
+    ModelNotReady: "UNAVAILABLE",
+    Overloaded: "RESOURCE_EXHAUSTED",
+    Unavailable: "UNAVAILABLE",
+    DeadlineExceeded: "DEADLINE_EXCEEDED",
+    Cancelled: "CANCELLED",
+    Unimplemented: "UNIMPLEMENTED",
+    InternalError: "INTERNAL",
+    RegionNotFound: "NOT_FOUND",
+    RegionInUse: "FAILED_PRECONDITION",
+    FailedPrecondition: "FAILED_PRECONDITION",
+}
+
+
+def grpc_code_name(error: ConvoyError) -> str:
+    for cls in type(error).__mro__:
+        name = GRPC_CODE_NAMES.get(cls)
+        if name is not None:
+            return name
+    return "INTERNAL"

@@ -1,4 +1,5 @@
-"""The one place where Convoy errors become gRPC status codes and HTTP statuses."""
+"""The one place where Convoy errors become gRPC status codes (by the names in
+errors.GRPC_CODE_NAMES, which layers below the doors use) and HTTP statuses."""
 
 from __future__ import annotations
 
@@ -16,35 +17,14 @@ from ..errors import (
     ModelNotReady,
     Overloaded,
     RateLimited,
-    RegionInUse,
-    RegionNotFound,
     Unavailable,
     Unimplemented,
+    grpc_code_name,
 )
-
-_CODES: dict[type[ConvoyError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
-    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
-    InternalError: grpc.StatusCode.INTERNAL,
-    RegionNotFound: grpc.StatusCode.NOT_FOUND,
-    RegionInUse: grpc.StatusCode.FAILED_PRECONDITION,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-}
 
 
 def status_code(error: ConvoyError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        code = _CODES.get(cls)
-        if code is not None:
-            return code
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[grpc_code_name(error)]
 
 
 # Convoy error -> HTTP status, following Triton's HttpCodeFromError for the
