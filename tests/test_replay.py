@@ -4,6 +4,7 @@ and the command's usage errors."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import json
@@ -605,6 +606,7 @@ def test_the_json_and_html_reports_stand_alone() -> None:
         (["--capture-dir", "X", "--candidate", "2", "--baseline", "2"], "--baseline"),
         (["--capture-dir", "X", "--candidate", "2", "--since", "1h", "--until", "2h"], "--since"),
         (["--capture-dir", "{dir}", "--candidate", "2"], "--capture-dir"),  # nothing captured
+        (["--capture-dir", "X", "--candidate", "2", "--server", "http://h:8000"], "--server"),
     ],
 )
 def test_usage_errors_exit_2_naming_the_flag(
@@ -617,6 +619,17 @@ def test_usage_errors_exit_2_naming_the_flag(
         code = int(exit_.code or 0)
     assert code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_server_takes_host_port_or_a_grpc_url() -> None:
+    from convoy.arguments import grpc_address
+
+    assert grpc_address("127.0.0.1:8001") == "127.0.0.1:8001"
+    assert grpc_address("grpc://triton.internal:8001/") == "triton.internal:8001"
+    assert grpc_address("dns:///triton.internal:8001") == "dns:///triton.internal:8001"
+    for bad in ("http://h:8000", "grpc://", "grpc://h:8001/v2/models"):
+        with pytest.raises(argparse.ArgumentTypeError, match="host:port or grpc://host:port"):
+            grpc_address(bad)
 
 
 def test_over_a_noise_floor_only_a_significant_excess_fails() -> None:

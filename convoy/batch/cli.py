@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..arguments import number
+from ..arguments import grpc_address, number
 from .priority import PRIORITIES, lower_cpu_priority
 
 DONE, STOPPED, USAGE = 0, 1, 2
@@ -119,9 +119,11 @@ def add_batch_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--server",
+        type=grpc_address,
         default=None,
         metavar="URL",
-        help="score against this KServe v2 gRPC server (host:port), at background priority",
+        help="score against this KServe v2 gRPC server (host:port or grpc://host:port), at "
+        "background priority",
     )
     parser.add_argument(
         "--map",

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..arguments import number
+from ..arguments import grpc_address, number
 from .dataset import parse_instant
 
 if TYPE_CHECKING:
@@ -86,9 +86,10 @@ def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(default: the built-in example models)",
     )  # fmt: skip
     where.add_argument(
-        "--server", metavar="HOST:PORT",
-        help="replay against a live server over KServe v2 gRPC instead (both versions "
-        "must be loaded there); requests are background priority and rate-capped",
+        "--server", type=grpc_address, metavar="URL",
+        help="replay against a live server over KServe v2 gRPC instead, at host:port or "
+        "grpc://host:port (both versions must be loaded there); requests are background "
+        "priority and rate-capped",
     )  # fmt: skip
     parser.add_argument(
         "--max-requests", type=number(int, 0, strict=True), default=1000, metavar="K",
