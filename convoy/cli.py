@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--capture-dir",
         metavar="URI",
-        help="capture answered requests to Parquet here (a directory or a pyarrow "
-        "filesystem URI such as s3://bucket/prefix), for the models whose config sets "
+        help="capture answered requests to Parquet here (a directory or a filesystem URI "
+        "such as s3://bucket/prefix: pyarrow's, else fsspec's), for the models whose config sets "
         "capture_sample_rate (docs/capture.md); off when not given",
     )
     serve.add_argument(
@@ -397,14 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     except CacheConfigError as exc:
         print(f"convoy serve: --cache-config: {exc}", file=sys.stderr)
         return 2
-    capture = None
-    if args.capture_dir:
-        capture = CaptureConfig(
-            uri=args.capture_dir,
-            flush_s=args.capture_flush_secs,
-            max_bytes=args.capture_max_mib << 20,
-            retention_days=args.capture_retention_days,
-        )
+    capture = capture_config(args)
     if args.trace_sample_rate is not None and args.trace_endpoint is None:
         print("convoy serve: --trace-sample-rate needs --trace-endpoint", file=sys.stderr)
         return 2
@@ -460,6 +453,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convoy serve: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def capture_config(args: argparse.Namespace) -> CaptureConfig | None:
+    """`convoy serve`'s --capture-* flags; None: capture off (no --capture-dir)."""
+    if not args.capture_dir:
+        return None
+    return CaptureConfig(
+        uri=args.capture_dir,
+        flush_s=args.capture_flush_secs,
+        max_bytes=args.capture_max_mib << 20,
+        retention_days=args.capture_retention_days,
+    )
 
 
 def _mib(value: int | None) -> int | None:

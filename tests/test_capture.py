@@ -286,6 +286,108 @@ def test_an_unwritable_capture_dir_is_refused_naming_the_flag(tmp_path: Path) ->
         writer.open()
 
 
+def test_an_unknown_uri_scheme_is_refused_naming_the_flag() -> None:
+    with pytest.raises(ConfigError, match=r"--capture-dir.*nosuch") as raised:
+        CaptureWriter(CaptureConfig(uri="nosuch://bucket/capture"))
+    assert "fsspec" in raised.value.problem  # both were asked
+
+
+def test_a_uri_only_fsspec_knows_is_written_through_it(tmp_path: Path) -> None:
+    """memory:// is fsspec's alone (pyarrow has no such filesystem): rows land there as
+    complete Parquet files under the same Hive layout, read back through fsspec."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    memory = fsspec.filesystem("memory")
+    writer = CaptureWriter(CaptureConfig(uri="memory://convoy-test/capture", flush_s=60))
+    try:
+        writer.open()
+        for i in range(3):
+            writer.put(*row(spec, i))
+        writer.close(30)
+        found = memory.find("/convoy-test/capture/requests")
+        assert [p.rsplit("/", 2)[0] for p in found] == [
+            "/convoy-test/capture/requests/model=m/version=1/date=2026-12-07"
+        ]
+        assert found[0].endswith(".parquet") and "/hour=05/" in found[0]
+        with memory.open(found[0], "rb") as stream:
+            data = pq.read_table(stream)
+        assert sorted(data.column("request_id").to_pylist()) == ["r0", "r1", "r2"]
+        assert writer.counts.rows == {("m", "1"): 3} and writer.counts.files == 1
+    finally:
+        memory.rm("/convoy-test", recursive=True)
+
+
+def test_random_sampling_draws_once_per_request_at_the_rate() -> None:
+    rng = np.random.default_rng(7)
+    draws = []
+
+    def draw() -> float:
+        draws.append(rng.random())
+        return draws[-1]
+
+    spec = CaptureSpec(0.25, "random")
+    taken = [sampled(spec, _Answer(f"r{i}"), draw) for i in range(4000)]  # type: ignore[arg-type]
+    assert len(draws) == 4000 and taken == [d < 0.25 for d in draws]
+    assert 0.22 < sum(taken) / len(taken) < 0.28
+    # Keyed, but sent without the key: drawn at random rather than all in or all out.
+    keyed = CaptureSpec(0.25, "request_id")
+    unkeyed = [sampled(keyed, _Answer(""), draw) for _ in range(4000)]  # type: ignore[arg-type]
+    assert 0.22 < sum(unkeyed) / len(unkeyed) < 0.28
+    assert all(sampled(CaptureSpec(1.0, "random"), _Answer("x"), never_drawn) for _ in range(9))  # type: ignore[arg-type]
+
+
+def never_drawn() -> float:
+    raise AssertionError("a rate of 1 takes every request without a draw")
+
+
+# A writer killed (SIGKILL) half-way through a file: the encoder's first half is out,
+# the rest never comes. Labels, the smallest rows a writer takes.
+_KILLED_MID_WRITE = """
+import os, signal, sys
+import pyarrow as pa
+import pyarrow.parquet as pq
+from convoy.capture.writer import CaptureWriter
+from convoy.config import CaptureConfig
+
+whole = pq.write_table
+
+def half_then_killed(data, out, **options):
+    encoded = pa.BufferOutputStream()
+    whole(data, encoded, **options)
+    data = encoded.getvalue().to_pybytes()
+    out.write(data[: len(data) // 2])
+    out.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+writer = CaptureWriter(CaptureConfig(uri=sys.argv[1], flush_s=3600))
+writer.open()
+pq.write_table = half_then_killed
+writer.put_label("m", "r1", 3, 1_765_000_000_000_000, "1")
+writer.flush()
+"""
+
+
+def test_a_writer_killed_mid_file_leaves_no_visible_partial_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    capture = tmp_path / "capture"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_WRITE, str(capture)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == -9, done.stderr[-2000:]
+    (partial,) = [p for p in capture.rglob("*") if p.is_file() and p.name != "_salt"]
+    assert partial.name.startswith(".") and partial.name.endswith(".parquet.tmp")
+    assert partial.stat().st_size > 0  # killed mid-write, as meant
+    assert list(capture.rglob("*.parquet")) == []  # a reader's glob finds nothing partial
+
+
 def test_retention_removes_old_date_partitions(tmp_path: Path) -> None:
     now = dt.datetime(2026, 12, 7, 12, tzinfo=dt.UTC).timestamp()
     config = CaptureConfig(uri=str(tmp_path / "capture"), retention_days=2)
@@ -669,6 +771,30 @@ def test_what_is_kept_by_reference(tmp_path: Path) -> None:
     assert plan(TINY).reference_rows == 0 and plan(outputs_off).reference_rows == 63
 
 
+@pytest.mark.parametrize("own", [True, False])
+def test_capture_outputs_false_writes_rows_without_answers(tmp_path: Path, own: bool) -> None:
+    """Kept by reference (own inputs) or copied on the loop: the inputs are written, each
+    output's field is null."""
+    spec = tiny_spec(
+        tmp_path,
+        TINY.replace(
+            "parameters [",
+            'parameters [ { key: "capture_outputs" value { string_value: "false" } },',
+        ),
+    )
+    writer = writer_at(tmp_path, flush_s=60)
+    recorder = CaptureRecorder(writer, lambda e: "INTERNAL")
+    x = np.frombuffer(np.arange(16, dtype=np.float32).tobytes(), np.float32).reshape(1, 16)
+    recorder(tiny_answered(spec, "r", own, x, x * 2))
+    writer.close(30)
+    (path,) = files(tmp_path / "capture")
+    ((inputs, outputs, status),) = (
+        duckdb.connect().execute(f"SELECT inputs, outputs, status FROM '{path}'").fetchall()
+    )
+    assert inputs["X"] == [[float(v) for v in range(16)]] and status == "OK"
+    assert outputs == {"Y": None}
+
+
 def test_a_python_models_answer_is_copied_before_its_buffers_change(tmp_path: Path) -> None:
     spec = tiny_spec(
         tmp_path, TINY.replace('platform: "onnxruntime_onnx"', 'backend: "convoy_python"')
@@ -696,3 +822,23 @@ def test_a_kept_answer_counts_its_whole_batch_once(tmp_path: Path) -> None:
     held = [nbytes for (*_, nbytes, _) in writer._queue]
     assert held == [512 + 128 + batch.nbytes, 512 + 128, 512 + 128]
     assert writer.snapshot()["buffered_bytes"] == sum(held)
+
+
+def test_the_serve_flags_make_the_capture_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from convoy.cli import build_parser, capture_config
+
+    parse = build_parser().parse_args
+    assert capture_config(parse(["serve"])) is None  # off unless --capture-dir is given
+    assert capture_config(parse(["serve", "--capture-dir", "s3://b/p"])) == CaptureConfig(
+        uri="s3://b/p", flush_s=10.0, max_bytes=64 << 20, retention_days=0
+    )
+    given = parse(
+        ["serve", "--capture-dir", "cap", "--capture-flush-secs", "2.5",
+         "--capture-max-mib", "8", "--capture-retention-days", "30"]
+    )  # fmt: skip
+    assert capture_config(given) == CaptureConfig("cap", 2.5, 8 << 20, 30)
+    for flag, value in [("--capture-max-mib", "0"), ("--capture-retention-days", "-1"),
+                        ("--capture-flush-secs", "0")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse(["serve", "--capture-dir", "cap", flag, value])
+        assert flag in capsys.readouterr().err

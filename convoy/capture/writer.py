@@ -7,7 +7,8 @@ written by a thread of its own (DESIGN §12: a full buffer drops and counts, nev
 Rows and labels share one buffer, its budget and the thread. Each file is written under
 a hidden temporary name in its partition and then moved to its final name, so a reader
 (DuckDB, pyarrow.dataset, Spark) never sees a partial file.
-The directory is any pyarrow filesystem URI (a local path, s3://bucket/prefix, ...).
+The directory is a local path or a filesystem URI (s3://bucket/prefix, gs://, memory://,
+...): writer.open_filesystem.
 """
 
 from __future__ import annotations
@@ -67,12 +68,27 @@ class CaptureCounts:
 
 
 def open_filesystem(uri: str) -> tuple[FileSystem, str]:
-    """(filesystem, base path) for a local directory or a pyarrow filesystem URI."""
+    """(filesystem, base path) for a local directory, a URI of a filesystem pyarrow has
+    (file, s3, gs, hdfs, abfs), or else of one fsspec has (memory, ...; gcsfs, adlfs and
+    others where installed), through pyarrow's FSSpecHandler. ValueError naming the URI
+    when neither has one for it."""
+    import pyarrow as pa
     from pyarrow import fs
 
     if "://" not in uri:
         return fs.LocalFileSystem(), os.path.abspath(uri)
-    filesystem, path = fs.FileSystem.from_uri(uri)
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as exc:  # a scheme pyarrow lacks: fsspec's, if it has it
+        import fsspec
+
+        try:
+            other, path = fsspec.core.url_to_fs(uri)
+        except (ValueError, ImportError) as fsspec_exc:  # unknown, or its package missing
+            raise ValueError(
+                f"no filesystem for '{uri}': pyarrow: {exc}; fsspec: {fsspec_exc}"
+            ) from None
+        filesystem = fs.PyFileSystem(fs.FSSpecHandler(other))
     return filesystem, path.rstrip("/")
 
 
@@ -87,7 +103,10 @@ class CaptureWriter:
         self.counts = counts or CaptureCounts()
         self._clock = clock
         os.environ.setdefault(*ARROW_PAGES_KEPT)  # before pyarrow loads (open_filesystem)
-        self._fs, self._base = open_filesystem(config.uri)
+        try:
+            self._fs, self._base = open_filesystem(config.uri)
+        except (OSError, ValueError) as exc:  # an unknown scheme, a bucket's region unknown
+            raise ConfigError(FLAG, config.uri, str(exc)) from None
         # What the loop put, rows and labels in order, for the thread to take: a deque,
         # whose append (the loop's) and popleft (the thread's) are safe without a lock,
         # so the loop's put is a comparison, an append and an addition (DESIGN §12).
