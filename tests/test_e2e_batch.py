@@ -229,6 +229,53 @@ def test_refused_rows_go_to_the_dead_letters(repository: Path, tmp_path: Path) -
     assert y["row-6"] == [2 * 6.5]
 
 
+def test_a_job_in_process_is_captured_as_the_batch_door(tmp_path: Path) -> None:
+    """--capture-dir: each request the job sends is a row with the transport `batch`, the
+    refused ones too (status and error), read back with DuckDB as capture's users do."""
+    duckdb = pytest.importorskip("duckdb", reason="duckdb missing (the test extra has it)")
+    root = write_linear_model(
+        tmp_path / "repo", "cap", {1: LIN.format(delay=0)}, max_batch_size=8,
+        parameters={"capture_sample_rate": "1"},
+    )  # fmt: skip
+    pq.write_table(lin_table(30, bad=(7,)), tmp_path / "in.parquet")
+    capture = tmp_path / "capture"
+    code, summary, err = batch(
+        "cap", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+        "--model-repository", str(root), "--map", "x=X", "--id-column", "id",
+        "--batch-size", "8", "--capture-dir", str(capture),
+    )  # fmt: skip
+    assert code == 0, err
+    assert (summary["rows"], summary["errors"]) == (29, 1)
+    rows = duckdb.sql(
+        f"SELECT request_id, transport, status, error, inputs.X, outputs.Y, version "
+        f"FROM read_parquet('{capture}/requests/**/*.parquet', hive_partitioning = true)"
+    ).fetchall()
+    assert {r[1] for r in rows} == {"batch"} and {str(r[6]) for r in rows} == {"1"}
+    answered = sorted(x[0] for r in rows if r[2] == "OK" for x in r[4])
+    assert answered == sorted(float(i % 50) + 0.5 for i in range(30) if i != 7)
+    ok = [(r[4], r[5]) for r in rows if r[2] == "OK"]
+    assert all(y == [2 * x[0]] for xs, ys in ok for x, y in zip(xs, ys, strict=True))
+    refused = [r for r in rows if r[2] != "OK"]  # the bisection's requests holding row 7
+    assert refused and all(r[2] == "INTERNAL" and "13 is refused" in r[3] for r in refused)
+    assert [[13.0]] in [r[4] for r in refused]  # bisected down to the bad row alone
+
+
+def test_capture_dir_is_for_a_job_in_process(repository: Path, tmp_path: Path) -> None:
+    code, _, err = batch(
+        "lin", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+        "--server", "127.0.0.1:1", "--capture-dir", str(tmp_path / "capture"),
+    )  # fmt: skip
+    assert code == 2 and "--capture-dir: a --server captures" in err
+    pq.write_table(lin_table(4), tmp_path / "in.parquet")
+    (tmp_path / "file").write_text("in the way")
+    code, _, err = batch(
+        "lin", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+        "--model-repository", str(repository), "--map", "x=X",
+        "--capture-dir", str(tmp_path / "file" / "capture"),
+    )  # fmt: skip
+    assert code == 2 and "--capture-dir: " in err, err
+
+
 def test_max_errors_stops_the_job(repository: Path, tmp_path: Path) -> None:
     pq.write_table(lin_table(400, bad=tuple(range(0, 400, 10))), tmp_path / "in.parquet")
     code, summary, err = batch(

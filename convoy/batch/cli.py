@@ -51,6 +51,7 @@ class BatchConfig:
     tls_ca: Path | None = None
     cpu_priority: str = "normal"
     rate: float | None = None  # rows per second
+    capture_dir: str | None = None  # in process: capture what is scored (transport batch)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BatchConfig:
@@ -77,6 +78,7 @@ class BatchConfig:
             tls_ca=args.tls_ca,
             cpu_priority=args.cpu_priority or ("idle" if args.server else "normal"),
             rate=args.rate,
+            capture_dir=args.capture_dir,
         )
 
 
@@ -216,6 +218,14 @@ def add_batch_parser(subparsers: Any) -> argparse.ArgumentParser:
         "answers): against a shared server, what the job may take from online callers",
     )
     parser.add_argument(
+        "--capture-dir",
+        default=None,
+        metavar="URI",
+        help="in process: capture the requests scored to Parquet here, as convoy serve "
+        "--capture-dir does (models whose config sets capture_sample_rate), with the "
+        "transport `batch` (docs/capture.md); a --server captures by its own flag",
+    )
+    parser.add_argument(
         "--cpu-priority",
         choices=PRIORITIES,
         default=None,
@@ -269,6 +279,7 @@ class Outcome:
 
 async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
     from ..capture.replay_targets import Pacer
+    from ..errors import ConfigError
     from .engine import NoSuchVersion, open_in_process, open_server
     from .job import (
         BatchJob,
@@ -280,6 +291,10 @@ async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
     from .sink import Manifest, OutputError, Sink
     from .source import SourceError, open_source
 
+    if config.capture_dir is not None and config.server is not None:
+        raise UsageError(
+            "--capture-dir: a --server captures what it answers by its own --capture-dir"
+        )
     start = now()
     try:
         dataset = open_source(config.input)
@@ -299,9 +314,13 @@ async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
             )
         else:
             root = _repository(config)
-            scorer, signature = await open_in_process(root, config.model, config.version)
+            scorer, signature = await open_in_process(
+                root, config.model, config.version, config.capture_dir
+            )
     except NoSuchVersion as exc:
         raise UsageError(str(exc)) from None
+    except ConfigError as exc:  # --capture-dir
+        raise UsageError(exc.message) from None
     if config.rate is not None:
         scorer.pacer = Pacer(config.rate)
     try:

@@ -166,11 +166,17 @@ class BatchInProcessTarget(InProcessTarget):
             raise Refused(name, exc.message) from None
 
 
-async def open_in_process(root: Path, model: str, version: str) -> tuple[Scorer, ModelSignature]:
+async def open_in_process(
+    root: Path, model: str, version: str, capture_dir: str | None = None
+) -> tuple[Scorer, ModelSignature]:
     """Load the model as `convoy serve` does (the named version beside the others, or
-    the default one). JobFailed naming --version or the model when it is not there."""
+    the default one). JobFailed naming --version or the model when it is not there.
+    With capture_dir, what is scored is captured there as the `batch` door (ConfigError
+    naming --capture-dir where it cannot be written)."""
     target = BatchInProcessTarget.create(root, model)
     try:
+        if capture_dir is not None:
+            await target.capture_to(capture_dir)
         try:
             if version:
                 await target.load(version)

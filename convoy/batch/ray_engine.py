@@ -34,6 +34,8 @@ def run_on_ray(config: BatchConfig, err: TextIO) -> Outcome:
         raise UsageError("--resume: a job on --engine ray cannot be resumed; run it again")
     if config.rate is not None:
         raise UsageError("--rate: paces a job against --server; --engine ray scores in its actors")
+    if config.capture_dir is not None:
+        raise UsageError("--capture-dir: captures a job scored in process (--engine local)")
     if config.id_column is None:
         raise UsageError("--engine ray needs --id-column: Ray Data keeps no row positions")
     if config.format != "parquet":

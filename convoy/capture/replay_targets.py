@@ -41,6 +41,7 @@ from .replay_report import Answer, Replayed
 if TYPE_CHECKING:
     from ..inference.path import InferencePath
     from ..repository.manager import ModelRepository
+    from .writer import CaptureWriter
 
 RETRYABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
 
@@ -242,6 +243,21 @@ class InProcessTarget:
         self.path = path
         self.model = model
         self._steps_loaded = steps_loaded
+        self._capture: CaptureWriter | None = None
+
+    async def capture_to(self, uri: str) -> None:
+        """Capture what this target answers, as `convoy serve --capture-dir` does (the
+        models whose config sets capture_sample_rate), until close. ConfigError naming
+        --capture-dir where it cannot be written."""
+        from ..config import CaptureConfig
+        from ..errors import grpc_code_name
+        from .recorder import CaptureRecorder
+        from .writer import CaptureWriter
+
+        writer = CaptureWriter(CaptureConfig(uri=uri))
+        await asyncio.to_thread(writer.open)
+        self.path.observers.append(CaptureRecorder(writer, grpc_code_name))
+        self._capture = writer
 
     @classmethod
     def create(cls, root: Path, model: str) -> InProcessTarget:
@@ -295,6 +311,8 @@ class InProcessTarget:
     async def close(self) -> None:
         await self.repository.close(30.0)
         self.path.close()
+        if self._capture is not None:  # every request answered: what is buffered is written
+            await asyncio.to_thread(self._capture.close, 60.0)
 
 
 def _status_name(error: ConvoyError) -> str:
