@@ -215,3 +215,74 @@ def test_usage_errors_exit_2_naming_the_flag(
     code, report, output = replay(captured, tmp_path, "lin", *argv)
     assert code == 2, output
     assert flag in output and report == {}
+
+
+CLASSIFIER = """
+import numpy as np
+
+
+class Model:
+    def __init__(self, config):
+        pass
+
+    def __call__(self, inputs):
+        x = np.floor(inputs["X"][:, 0]).astype(np.int64)
+        top = (x + {shift} * (x % 2)) % 3  # shift 1: every odd x's class is wrong
+        scores = np.full((len(x), 3), 0.1, np.float32)
+        scores[np.arange(len(x)), top] = 0.8
+        return {{"SCORES": scores}}
+"""
+CLASSIFIER_CONFIG = """
+name: "cls"
+backend: "convoy_python"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "SCORES" data_type: TYPE_FP32 dims: [ 3 ] } ]
+version_policy: { all { } }
+parameters [
+  { key: "capture_sample_rate" value { string_value: "1" } },
+  { key: "feedback_output" value { string_value: "SCORES" } }
+]
+"""
+
+
+def test_a_worse_classifier_shows_its_accuracy_drop(tmp_path: Path) -> None:
+    """Labels given through the Feedback RPC as class indices, captured by the server;
+    the replay scores both versions' top-1 on them and the accuracy gate fails."""
+    import grpc
+
+    from convoy.pb import convoy_monitoring_pb2 as mpb
+    from convoy.pb import convoy_monitoring_pb2_grpc as mpb_grpc
+
+    repo, capture = tmp_path / "repo", tmp_path / "capture"
+    for version, shift in ((1, 0), (2, 1)):
+        (repo / "cls" / str(version)).mkdir(parents=True)
+        (repo / "cls" / str(version) / "model.py").write_text(CLASSIFIER.format(shift=shift))
+    (repo / "cls" / "config.pbtxt").write_text(CLASSIFIER_CONFIG)
+    server = start_server(repo, "--capture-dir", str(capture), "--capture-flush-secs", "0.5")
+    try:
+        client = grpcclient.InferenceServerClient(server.url)
+        for i in range(12):
+            x = grpcclient.InferInput("X", [1, 1], "FP32")
+            x.set_data_from_numpy(np.full((1, 1), i + 0.25, np.float32))
+            client.infer("cls", [x], model_version="1", request_id=f"cls-{i}")
+        client.close()
+        with grpc.insecure_channel(server.url) as channel:
+            feedback = mpb_grpc.MonitoringServiceStub(channel).Feedback
+            for i in range(12):  # the true class: i % 3, what version 1 answers
+                feedback(mpb.FeedbackRequest(model_name="cls", id=f"cls-{i}", class_index=i % 3))
+    finally:
+        assert server.stop() == 0, server.output()  # SIGTERM writes what is buffered
+    assert list((capture / "labels" / "model=cls").rglob("*.parquet"))
+    done = subprocess.run(
+        [sys.executable, "-m", "convoy.cli", "replay", "cls", "--candidate", "2",
+         "--model-repository", str(repo), "--capture-dir", str(capture),
+         "--max-accuracy-drop", "0.1", "--max-diff-rate", "1", "--report",
+         str(tmp_path / "report.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert report["requests"] == 12 and report["accuracy"] == {"2": 0.5, "1": 1.0}
+    assert report["divergence"]["SCORES"]["top1_change"] == 0.5
+    assert [r for r in report["reasons"] if r.startswith("accuracy 0.5000 is 0.5000 below")]
