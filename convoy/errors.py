@@ -1,7 +1,8 @@
 """One error hierarchy for the whole server.
 
-Core code raises these; the frontend maps each to a gRPC status in exactly one
-place (convoy/api/status.py). Messages name the field or model at fault.
+Core code raises these; each is answered with the gRPC status named in one place
+(GRPC_CODE_NAMES, below), which convoy/api/status.py makes a grpc.StatusCode of. Messages
+name the field or model at fault.
 """
 
 from __future__ import annotations

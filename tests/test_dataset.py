@@ -290,6 +290,19 @@ def test_a_missing_flag_or_capture_dir_exits_2(
     assert code == 2 and "--capture-dir" in capsys.readouterr().err
 
 
+def test_an_out_no_filesystem_writes_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = spec_of(tmp_path, capture_sample_rate="1")
+    writer = capture_dir(tmp_path)
+    writer.put(*row(spec, 0))
+    writer.close(30)
+    code, _ = export(
+        tmp_path, "m", "--capture-dir", str(tmp_path / "capture"), "--out", "nosuch://b/o.parquet"
+    )
+    assert code == 2 and "--out" in capsys.readouterr().err
+
+
 def test_no_matching_rows_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -246,6 +246,7 @@ def test_a_job_in_process_is_captured_as_the_batch_door(tmp_path: Path) -> None:
     )  # fmt: skip
     assert code == 0, err
     assert (summary["rows"], summary["errors"]) == (29, 1)
+    assert summary["capture"]["dropped"] == {} and summary["capture"]["files"] >= 1
     rows = duckdb.sql(
         f"SELECT request_id, transport, status, error, inputs.X, outputs.Y, version "
         f"FROM read_parquet('{capture}/requests/**/*.parquet', hive_partitioning = true)"
@@ -258,6 +259,7 @@ def test_a_job_in_process_is_captured_as_the_batch_door(tmp_path: Path) -> None:
     refused = [r for r in rows if r[2] != "OK"]  # the bisection's requests holding row 7
     assert refused and all(r[2] == "INTERNAL" and "13 is refused" in r[3] for r in refused)
     assert [[13.0]] in [r[4] for r in refused]  # bisected down to the bad row alone
+    assert summary["capture"]["rows"] == len(rows)
 
 
 def test_capture_dir_is_for_a_job_in_process(repository: Path, tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ class BatchConfig:
             tls_ca=args.tls_ca,
             cpu_priority=args.cpu_priority or ("idle" if args.server else "normal"),
             rate=args.rate,
-            capture_dir=args.capture_dir,
+            capture_dir=args.capture_dir or None,  # "" as convoy serve takes it: off
         )
 
 
@@ -353,9 +353,24 @@ async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
             progress, stopped = job.progress, str(exc)
         end = now()
         result = summary(progress, manifest, end - start, end - scoring, scorer.retries)
-        return Outcome(result, stopped)
     finally:
         await scorer.close()
+    counts = getattr(scorer.target, "captured", None)  # closed: every row written or dropped
+    if counts is not None:
+        result["capture"] = _captured(counts, err)
+    return Outcome(result, stopped)
+
+
+def _captured(counts: Any, err: TextIO) -> dict[str, Any]:
+    """The summary's `capture`: requests written, and those dropped by reason (the
+    writer drops rather than waits, as in the server: said on stderr too)."""
+    dropped: dict[str, int] = {}
+    for (_, _, reason), n in counts.dropped.items():
+        dropped[reason] = dropped.get(reason, 0) + n
+    if dropped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items()))
+        print(f"convoy batch: --capture-dir: requests not captured: {reasons}", file=err)
+    return {"rows": sum(counts.rows.values()), "dropped": dropped, "files": counts.files}
 
 
 def make_plan(config: BatchConfig, schema: Any, signature: Any) -> Any:

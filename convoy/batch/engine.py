@@ -150,20 +150,13 @@ class BatchInProcessTarget(InProcessTarget):
     """The repository loaded here (replay's in-process target), as the `batch` door."""
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        from ..errors import InternalError, InvalidInput, Overloaded, Unavailable
+        from ..errors import grpc_code_name
         from ..inference.caller import Caller
 
         try:
             return await self.path.infer(request, Caller("batch", None, background=True))
-        except ConvoyError as exc:
-            code = {
-                InvalidInput: "INVALID_ARGUMENT",
-                InternalError: "INTERNAL",
-                Overloaded: "RESOURCE_EXHAUSTED",
-                Unavailable: "UNAVAILABLE",
-            }
-            name = next((c for k, c in code.items() if isinstance(exc, k)), type(exc).__name__)
-            raise Refused(name, exc.message) from None
+        except ConvoyError as exc:  # the code a server would answer: as with --server
+            raise Refused(grpc_code_name(exc), exc.message) from None
 
 
 async def open_in_process(

@@ -320,9 +320,9 @@ def write(rows: pa.Table, manifest: dict[str, Any], out: str) -> tuple[str, str]
     reader finds the whole file or none, and the manifest only once the rows are there."""
     import pyarrow.parquet as pq
 
-    filesystem, path = open_filesystem(out)
-    folder = path.rsplit("/", 1)[0] if "/" in path else "."
     try:
+        filesystem, path = open_filesystem(out)
+        folder = path.rsplit("/", 1)[0] if "/" in path else "."
         filesystem.create_dir(folder, recursive=True)
         data = f"{folder}/.{uuid.uuid4().hex}.parquet.tmp"
         with filesystem.open_output_stream(data) as stream:
@@ -333,7 +333,7 @@ def write(rows: pa.Table, manifest: dict[str, Any], out: str) -> tuple[str, str]
         with filesystem.open_output_stream(notes) as stream:
             stream.write(text.encode())
         filesystem.move(notes, f"{path}.manifest.json")
-    except OSError as exc:
+    except (OSError, ValueError, NotImplementedError) as exc:  # a URI no filesystem takes
         raise ExportError(f"cannot write '{out}': {exc}", "--out") from None
     return path, f"{path}.manifest.json"
 

@@ -41,7 +41,7 @@ from .replay_report import Answer, Replayed
 if TYPE_CHECKING:
     from ..inference.path import InferencePath
     from ..repository.manager import ModelRepository
-    from .writer import CaptureWriter
+    from .writer import CaptureCounts, CaptureWriter
 
 RETRYABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
 
@@ -256,8 +256,8 @@ class InProcessTarget:
 
         writer = CaptureWriter(CaptureConfig(uri=uri))
         await asyncio.to_thread(writer.open)
+        self._capture = writer  # its thread is running: close stops it, whatever happens
         self.path.observers.append(CaptureRecorder(writer, grpc_code_name))
-        self._capture = writer
 
     @classmethod
     def create(cls, root: Path, model: str) -> InProcessTarget:
@@ -308,11 +308,18 @@ class InProcessTarget:
         except ConvoyError as exc:
             raise Refused(_status_name(exc), exc.message) from None
 
+    @property
+    def captured(self) -> CaptureCounts | None:
+        """What capture_to's writer wrote and dropped; None: not capturing."""
+        return self._capture.counts if self._capture is not None else None
+
     async def close(self) -> None:
-        await self.repository.close(30.0)
-        self.path.close()
-        if self._capture is not None:  # every request answered: what is buffered is written
-            await asyncio.to_thread(self._capture.close, 60.0)
+        try:
+            await self.repository.close(30.0)
+            self.path.close()
+        finally:
+            if self._capture is not None:  # every request answered: the buffer is written
+                await asyncio.to_thread(self._capture.close, 60.0)
 
 
 def _status_name(error: ConvoyError) -> str:

@@ -79,17 +79,26 @@ def open_filesystem(uri: str) -> tuple[FileSystem, str]:
         return fs.LocalFileSystem(), os.path.abspath(uri)
     try:
         filesystem, path = fs.FileSystem.from_uri(uri)
-    except pa.ArrowInvalid as exc:  # a scheme pyarrow lacks: fsspec's, if it has it
+    except pa.ArrowInvalid as exc:
+        # Only a scheme pyarrow lacks goes to fsspec: a URI pyarrow refused for what it
+        # says (s3:/// with no bucket, file://relative) keeps pyarrow's reason.
+        if not str(exc).startswith(_NOT_PYARROWS):
+            raise
         import fsspec
 
         try:
             other, path = fsspec.core.url_to_fs(uri)
-        except (ValueError, ImportError) as fsspec_exc:  # unknown, or its package missing
+        except Exception as fsspec_exc:  # unknown, its package missing, its own refusal
             raise ValueError(
-                f"no filesystem for '{uri}': pyarrow: {exc}; fsspec: {fsspec_exc}"
+                f"no filesystem for '{uri}': pyarrow: {exc}; fsspec: {fsspec_exc!r}"
             ) from None
         filesystem = fs.PyFileSystem(fs.FSSpecHandler(other))
     return filesystem, path.rstrip("/")
+
+
+# pyarrow's refusals of a URI whose scheme it has no filesystem for (or fsspec's
+# chained `a::b` form): those URIs are fsspec's to try.
+_NOT_PYARROWS = ("Unrecognized filesystem type", "Cannot parse URI")
 
 
 class CaptureWriter:
@@ -142,8 +151,9 @@ class CaptureWriter:
                 out.write(b"ok")
             self._fs.delete_file(probe)
             self.salt = self._read_salt()
-        except (OSError, ValueError) as exc:
-            raise ConfigError(FLAG, self.config.uri, f"cannot write there: {exc}") from None
+        except (OSError, ValueError, NotImplementedError) as exc:  # a read-only fsspec one
+            reason = str(exc) or type(exc).__name__  # NotImplementedError says nothing
+            raise ConfigError(FLAG, self.config.uri, f"cannot write there: {reason}") from None
         _warm_up()
         self._thread = threading.Thread(target=self._run, name="convoy-capture", daemon=True)
         self._thread.start()
