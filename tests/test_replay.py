@@ -551,6 +551,13 @@ def test_top1_change_and_accuracy_of_a_classifier_on_labelled_requests() -> None
     unlabelled = build_report("m", "2", "1", replayed, labels={"other": 1})
     assert unlabelled.accuracy == {"2": None, "1": None}
     assert "none of the replayed requests has a label" in unlabelled.reasons[-1]
+    # With no class names to read the answers by (a --server), the labels given as names
+    # are left out, and said so, rather than judged wrong for every version.
+    unnamed = build_report("m", "2", "1", replayed, labels=labels)
+    assert unnamed.labelled == 4 and unnamed.accuracy == {"2": 1.0, "1": 1.0}
+    assert "accuracy: 2 labelled rows give a class name" in " ".join(unnamed.reasons)
+    only_names = build_report("m", "2", "1", replayed, labels={"r1": ["cat", "dog"]})
+    assert only_names.accuracy == {"2": None, "1": None} and only_names.labelled == 0
 
 
 def test_the_json_and_html_reports_stand_alone() -> None:

@@ -327,7 +327,7 @@ def build_report(
     noise_floor = _share(noisy, noise_compared)
     p_value = excess_p_value(differing, compared, noisy, noise_compared)
 
-    labelled, accuracy = _accuracy(
+    labelled, accuracy, unnamed = _accuracy(
         replayed, versions, labels, batched, label_output, class_names, tolerance
     )
     passed, reasons = judge(
@@ -341,6 +341,7 @@ def build_report(
         labelled=labelled,
         labels_found=labels is not None,
         gates=gates,
+        unnamed=unnamed,
     )
     return ReplayReport(
         model=model,
@@ -375,27 +376,44 @@ def _accuracy(
     label_output: str | None,
     class_names: Sequence[str] | None,
     tolerance: Tolerance,
-) -> tuple[int, dict[str, float | None]]:
+) -> tuple[int, dict[str, float | None], int]:
+    """(labelled rows judged, accuracy per version, labelled rows not judged: class
+    names with none to read a classifier's answer by)."""
     candidate, baseline = versions
     if not labels:
-        return 0, {v: None for v in versions}
-    rows = 0
+        return 0, {v: None for v in versions}, 0
+    rows = unnamed = 0
     right = dict.fromkeys(versions, 0)
     for r in replayed:
         label = labels.get(r.request.request_id)
         if label is None:
             continue
         n = _rows_of(r.request, batched)
+        output = label_output or _first_output(r)
+        if output is not None and class_names is None:
+            if any(_names_a_class(a, output, label, batched) for a in (r.baseline, r.candidate)):
+                unnamed += n  # compared with no names, every version would read 0
+                continue
         rows += n
         for version, answer in ((candidate, r.candidate), (baseline, r.baseline)):
-            output = label_output or _first_output(r)
             if output is not None:
                 right[version] += correct_rows(
                     answer, label, output, batched, class_names, tolerance, n
                 )
     if not rows:
-        return 0, {v: None for v in versions}
-    return rows, {v: right[v] / rows for v in versions}
+        return 0, {v: None for v in versions}, unnamed
+    return rows, {v: right[v] / rows for v in versions}, unnamed
+
+
+def _names_a_class(answer: Answer, output: str, label: Any, batched: bool) -> bool:
+    """Whether the label is a class name (not an index) for a classifier's answer."""
+    if answer.outputs is None or output not in answer.outputs:
+        return False
+    value = np.asarray(answer.outputs[output])
+    if value.size // max(1, len(predictions(value, batched))) < 2:
+        return False
+    labels = label if isinstance(label, list | tuple) else [label]
+    return any(_as_index(x) is None for x in labels)
 
 
 def judge(
@@ -410,6 +428,7 @@ def judge(
     labelled: int,
     labels_found: bool,
     gates: Gates,
+    unnamed: int = 0,
 ) -> tuple[bool, list[str]]:
     """(passed, reasons): a reason for every gate that failed or could not be judged."""
     failed: list[str] = []
@@ -437,6 +456,12 @@ def judge(
                 f"answered ({failed_share:.4f} > max_diff_rate {gates.max_diff_rate:g})"
             )
     base_accuracy, cand_accuracy = accuracy
+    if unnamed:
+        notes.append(
+            f"accuracy: {unnamed} labelled rows give a class name, and the target gave no "
+            "class names to read the answers by (the output has no label file, or a --server "
+            "keeps it): not counted"
+        )
     if not labels_found:
         notes.append("accuracy: no labels folder in the capture directory; gate skipped")
     elif not labelled or base_accuracy is None or cand_accuracy is None:
