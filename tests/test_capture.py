@@ -291,7 +291,7 @@ def test_an_unwritable_capture_dir_is_refused_naming_the_flag(tmp_path: Path) ->
     [
         ("nosuch://bucket/capture", "fsspec: ValueError('Protocol not known: nosuch')"),
         ("s3:///capture", "Missing bucket name"),  # pyarrow's own reason, fsspec not asked
-        ("http://127.0.0.1:9/capture", "cannot write there: NotImplementedError"),  # read-only
+        ("http://127.0.0.1:9/capture", "cannot write there: http: a read-only filesystem"),
     ],
 )
 def test_a_uri_no_filesystem_writes_is_refused_naming_the_flag(uri: str, says: str) -> None:

@@ -278,6 +278,21 @@ def test_capture_dir_is_for_a_job_in_process(repository: Path, tmp_path: Path) -
     assert code == 2 and "--capture-dir: " in err, err
 
 
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_row(
+    where: str, repository: Path, tmp_path: Path
+) -> None:
+    tiny_input(tmp_path / "in.parquet", 8)
+    (tmp_path / "file").write_text("in the way")
+    out = str(tmp_path / "file" / "out") if where == "under a file" else "http://127.0.0.1:9/out"
+    code, summary, err = batch(
+        "tiny", "--input", str(tmp_path / "in.parquet"), "--output", out,
+        "--model-repository", str(repository),
+    )  # fmt: skip
+    assert code == 2 and summary == {}
+    assert f"convoy batch: --output {out}: cannot write there: " in err
+
+
 def test_max_errors_stops_the_job(repository: Path, tmp_path: Path) -> None:
     pq.write_table(lin_table(400, bad=tuple(range(0, 400, 10))), tmp_path / "in.parquet")
     code, summary, err = batch(

@@ -351,6 +351,8 @@ async def run_local(config: BatchConfig, err: TextIO) -> Outcome:
             progress = await job.run(dataset)
         except TooManyErrors as exc:
             progress, stopped = job.progress, str(exc)
+        except OutputError as exc:  # Sink.prepare, before any row: nothing scored
+            raise UsageError(str(exc)) from None
         end = now()
         result = summary(progress, manifest, end - start, end - scoring, scorer.retries)
     finally:

@@ -139,9 +139,15 @@ class Sink:
                 ) from None
 
     def prepare(self) -> None:
+        """The directories made, and the output proven writable before any row is
+        scored (a filesystem may make directories it cannot write in: http://)."""
         try:
             self._fs.create_dir(self._base, recursive=True)
             self._dead_fs.create_dir(self._dead, recursive=True)
+            probe = f"{self._base}/.convoy-probe-{uuid.uuid4().hex}"
+            with self._fs.open_output_stream(probe) as out:
+                out.write(b"ok")
+            self._fs.delete_file(probe)
         except OSError as exc:
             raise OutputError(f"--output {self.output}: cannot write there: {exc}") from None
 

@@ -333,7 +333,7 @@ def write(rows: pa.Table, manifest: dict[str, Any], out: str) -> tuple[str, str]
         with filesystem.open_output_stream(notes) as stream:
             stream.write(text.encode())
         filesystem.move(notes, f"{path}.manifest.json")
-    except (OSError, ValueError, NotImplementedError) as exc:  # a URI no filesystem takes
+    except (OSError, ValueError) as exc:  # ValueError: a URI no filesystem takes
         raise ExportError(f"cannot write '{out}': {exc}", "--out") from None
     return path, f"{path}.manifest.json"
 

@@ -86,13 +86,15 @@ def open_filesystem(uri: str) -> tuple[FileSystem, str]:
             raise
         import fsspec
 
+        from .fsspec_files import FsspecFiles
+
         try:
             other, path = fsspec.core.url_to_fs(uri)
         except Exception as fsspec_exc:  # unknown, its package missing, its own refusal
             raise ValueError(
                 f"no filesystem for '{uri}': pyarrow: {exc}; fsspec: {fsspec_exc!r}"
             ) from None
-        filesystem = fs.PyFileSystem(fs.FSSpecHandler(other))
+        filesystem = fs.PyFileSystem(FsspecFiles(other))
     return filesystem, path.rstrip("/")
 
 
@@ -151,9 +153,8 @@ class CaptureWriter:
                 out.write(b"ok")
             self._fs.delete_file(probe)
             self.salt = self._read_salt()
-        except (OSError, ValueError, NotImplementedError) as exc:  # a read-only fsspec one
-            reason = str(exc) or type(exc).__name__  # NotImplementedError says nothing
-            raise ConfigError(FLAG, self.config.uri, f"cannot write there: {reason}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(FLAG, self.config.uri, f"cannot write there: {exc}") from None
         _warm_up()
         self._thread = threading.Thread(target=self._run, name="convoy-capture", daemon=True)
         self._thread.start()
