@@ -27,7 +27,6 @@ from .api.http import HttpFrontend, server_ssl_context
 from .api.monitoring import SERVICE_NAME as MONITORING_SERVICE
 from .api.monitoring import add_monitoring_service
 from .api.servicer import InferenceServicer
-from .api.status import status_code
 from .batching.budget import check_share
 from .cache import ResponseCache
 from .cache.exporter import CacheCollector
@@ -36,7 +35,7 @@ from .capture.gate import ServerReplay
 from .capture.recorder import CaptureRecorder, LabelRecorder
 from .capture.writer import CaptureWriter
 from .config import DEFAULT_POLL_S, ServerConfig
-from .errors import ConfigError, ConvoyError
+from .errors import ConfigError, ConvoyError, grpc_code_name
 from .heap import GcPauses, HeapSettler
 from .inference.admission import DRAIN_SETTLE_MAX_S, RateBudget
 from .inference.background import BackgroundPacing
@@ -120,7 +119,7 @@ class ConvoyServer:
         )
         self.tracing: Tracing | None = None
         if config.tracing is not None:  # only now is OpenTelemetry imported
-            self.tracing = open_tracing(config.tracing, lambda error: status_code(error).name)
+            self.tracing = open_tracing(config.tracing, grpc_code_name)
             self.repository.batch_tracing = self.tracing.batches
         self.path = InferencePath(
             self.repository,
@@ -165,9 +164,7 @@ class ConvoyServer:
         if config.capture is not None:
             self.capture = CaptureWriter(config.capture)
             self.metrics.registry.register(CaptureCollector(self.capture.counts))
-            self.path.observers.append(
-                CaptureRecorder(self.capture, lambda error: status_code(error).name)
-            )
+            self.path.observers.append(CaptureRecorder(self.capture, grpc_code_name))
             self.labels = LabelRecorder(self.capture, lambda m, v: self.repository.get(m, v).spec)
             # A rollout's replay gate replays this capture on the server's own path.
             self.rollouts.replay = ServerReplay(self.repository, self.path, config.capture.uri)

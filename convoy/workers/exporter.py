@@ -102,7 +102,7 @@ class FrontendCollector(Collector):
             labels=["frontend", "generation"],
         )
         for (index, generation), (counts, total) in sorted(self._gc_pauses().items()):
-            buckets = [(le, c) for le, c in zip(BOUND_LABELS, counts, strict=True)]
+            buckets = list(zip(BOUND_LABELS, counts, strict=True))
             pauses.add_metric([str(index), generation], buckets, total)
         yield pauses
 
